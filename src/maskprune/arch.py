@@ -1,0 +1,239 @@
+"""Architecture adapters: the only place Hugging Face attribute names appear.
+
+An adapter tells the rest of maskprune where a decoder's layers, attention and FFN projections are,
+and :class:`UnitLayout` declares, once, which rows and columns move together when a unit is cut.
+Masks, hooks, parameter accounting and the export all read the same layout.
+
+Units (see METHOD.md, "Units and parameter counts"). A mask of one kind in one layer has shape
+``[rows, units_per_row]``; the sparsity ``s`` counts units cut *per row*, so every row of every
+layer keeps the same number of units:
+
+* FFN: one row of ``intermediate_size`` channels; a channel is a gate/up row and a down column.
+* MHA (``num_key_value_heads == num_attention_heads``): one row of heads; a head is its q, k, v rows
+  and its o_proj columns (both GQA policies reduce to this).
+* GQA, ``query`` policy: ``num_key_value_heads`` rows of ``r`` query heads each; a unit is one query
+  head (q rows, o_proj columns). Every KV group keeps the same number of query heads.
+* GQA, ``kv_group`` policy: one row of ``num_key_value_heads`` groups; a unit is a KV group with its
+  k, v rows, its ``r`` query heads and their o_proj columns.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Literal
+
+import torch
+from torch import nn
+
+from .errors import UnsupportedModelError
+
+__all__ = [
+    "GQAPolicy",
+    "UnitLayout",
+    "HeadLayout",
+    "FFNLayout",
+    "DecoderAdapter",
+    "get_adapter",
+    "SUPPORTED_MODEL_TYPES",
+    "count_parameters",
+]
+
+GQAPolicy = Literal["query", "kv_group"]
+
+
+@dataclass(frozen=True)
+class UnitLayout:
+    """Shape of one kind of mask in one layer and what one unit costs in parameters."""
+
+    kind: str
+    rows: int
+    units_per_row: int
+    params_per_unit: int
+
+    @property
+    def units(self) -> int:
+        return self.rows * self.units_per_row
+
+
+@dataclass(frozen=True)
+class HeadLayout(UnitLayout):
+    """Attention units: how a ``[rows, units_per_row]`` mask maps onto query and KV heads."""
+
+    num_attention_heads: int = 0
+    num_key_value_heads: int = 0
+    head_dim: int = 0
+    policy: str = "query"
+
+    @property
+    def group_size(self) -> int:
+        """Query heads per KV head (``r``)."""
+        return self.num_attention_heads // self.num_key_value_heads
+
+    @property
+    def unit_is_kv_group(self) -> bool:
+        """True where a unit owns whole KV heads (MHA, or GQA under ``kv_group``)."""
+        return self.group_size == 1 or self.policy == "kv_group"
+
+    def query_head_mask(self, mask: torch.Tensor) -> torch.Tensor:
+        """Expand a unit mask ``[..., rows, units_per_row]`` to ``[..., num_attention_heads]``.
+
+        Query head ``h`` belongs to KV head ``h // r`` (transformers' ``repeat_kv`` order).
+        """
+        flat = mask.reshape(*mask.shape[:-2], self.units)  # [..., rows * units_per_row]
+        if self.group_size > 1 and self.policy == "kv_group":
+            return flat.repeat_interleave(self.group_size, dim=-1)  # [..., n_kv * r]
+        return flat
+
+    def kept_heads(self, kept_units: torch.Tensor) -> tuple[list[int], list[int]]:
+        """Query and KV head indices kept, given kept unit indices ``[rows, k]`` (sorted).
+
+        Returns ``(query_heads, kv_heads)`` in ascending order, so grouped order is preserved.
+        """
+        r = self.group_size
+        if self.group_size == 1:
+            heads = sorted(int(u) for u in kept_units.reshape(-1))
+            return heads, heads
+        if self.policy == "kv_group":
+            groups = sorted(int(u) for u in kept_units.reshape(-1))
+            return [g * r + i for g in groups for i in range(r)], groups
+        query = sorted(int(g * r + u) for g in range(self.rows) for u in kept_units[g])
+        return query, list(range(self.num_key_value_heads))
+
+
+@dataclass(frozen=True)
+class FFNLayout(UnitLayout):
+    """FFN channels: one row of ``intermediate_size`` units."""
+
+
+def _linear_params(module: nn.Module, rows: int) -> int:
+    """Weights plus bias entries that ``rows`` output rows of a linear layer own."""
+    weight = module.weight
+    per_row = weight.shape[1]
+    bias = getattr(module, "bias", None)
+    return rows * (per_row + (1 if bias is not None else 0))
+
+
+def count_parameters(model: nn.Module) -> int:
+    """Every parameter once; a tied embedding and LM head count once."""
+    return sum(p.numel() for p in model.parameters())
+
+
+@dataclass(frozen=True)
+class DecoderAdapter:
+    """Llama-style decoder: separate q/k/v/o projections and a gated FFN (gate, up, down).
+
+    Attribute names are parameters so that a family with other names gets its own instance in
+    the registry rather than a fork of the code.
+    """
+
+    model_type: str
+    layers_path: str = "model.layers"
+    attn_name: str = "self_attn"
+    mlp_name: str = "mlp"
+    q_name: str = "q_proj"
+    k_name: str = "k_proj"
+    v_name: str = "v_proj"
+    o_name: str = "o_proj"
+    gate_name: str = "gate_proj"
+    up_name: str = "up_proj"
+    down_name: str = "down_proj"
+
+    # ---- navigation -------------------------------------------------------------------------
+    def layers(self, model: nn.Module) -> nn.ModuleList:
+        """The decoder layers of a causal LM (unwraps a peft model)."""
+        base = model.get_base_model() if hasattr(model, "get_base_model") else model
+        obj: object = base
+        for part in self.layers_path.split("."):
+            obj = getattr(obj, part)
+        assert isinstance(obj, nn.ModuleList)
+        return obj
+
+    def attn(self, layer: nn.Module) -> nn.Module:
+        return getattr(layer, self.attn_name)
+
+    def mlp(self, layer: nn.Module) -> nn.Module:
+        return getattr(layer, self.mlp_name)
+
+    def proj(self, layer: nn.Module, name: str) -> nn.Module:
+        """A projection by role: one of q, k, v, o, gate, up, down."""
+        owner = self.mlp(layer) if name in ("gate", "up", "down") else self.attn(layer)
+        return getattr(owner, getattr(self, f"{name}_name"))
+
+    def head_mask_site(self, layer: nn.Module) -> nn.Module:
+        """Module whose *input* is the concatenated per-head attention output (o_proj)."""
+        return self.proj(layer, "o")
+
+    def ffn_mask_site(self, layer: nn.Module) -> nn.Module:
+        """Module whose *input* is the FFN's intermediate activation (down_proj)."""
+        return self.proj(layer, "down")
+
+    def lora_target_names(self) -> list[str]:
+        return [self.q_name, self.k_name, self.v_name, self.o_name, self.gate_name, self.up_name,
+                self.down_name]
+
+    # ---- structure --------------------------------------------------------------------------
+    def head_layout(self, model: nn.Module, policy: GQAPolicy) -> HeadLayout:
+        cfg = model.config
+        n_heads = int(cfg.num_attention_heads)
+        n_kv = int(getattr(cfg, "num_key_value_heads", None) or n_heads)
+        hidden = int(cfg.hidden_size)
+        head_dim = int(getattr(cfg, "head_dim", None) or hidden // n_heads)
+        layer = self.layers(model)[0]
+        q, k, v, o = (_base_linear(self.proj(layer, n)) for n in ("q", "k", "v", "o"))
+        q_head = _linear_params(q, head_dim) + o.weight.shape[0] * head_dim  # q rows + o columns
+        kv_head = _linear_params(k, head_dim) + _linear_params(v, head_dim)
+        r = n_heads // n_kv
+        if r == 1:
+            rows, per_row, ppu = 1, n_heads, q_head + kv_head
+        elif policy == "query":
+            rows, per_row, ppu = n_kv, r, q_head
+        elif policy == "kv_group":
+            rows, per_row, ppu = 1, n_kv, r * q_head + kv_head
+        else:  # pragma: no cover - config validation rejects this earlier
+            raise ValueError(f"unknown GQA policy {policy!r}")
+        return HeadLayout(kind="head", rows=rows, units_per_row=per_row, params_per_unit=ppu,
+                          num_attention_heads=n_heads, num_key_value_heads=n_kv,
+                          head_dim=head_dim, policy=policy)
+
+    def ffn_layout(self, model: nn.Module) -> FFNLayout:
+        layer = self.layers(model)[0]
+        gate, up, down = (_base_linear(self.proj(layer, n)) for n in ("gate", "up", "down"))
+        d_ff = int(up.weight.shape[0])
+        ppu = _linear_params(gate, 1) + _linear_params(up, 1) + down.weight.shape[0]
+        return FFNLayout(kind="ffn", rows=1, units_per_row=d_ff, params_per_unit=ppu)
+
+
+def _base_linear(module: nn.Module) -> nn.Linear:
+    """The stock ``nn.Linear`` under a peft wrapper, or the module itself."""
+    base = getattr(module, "base_layer", module)
+    if not isinstance(base, nn.Linear):
+        raise UnsupportedModelError(
+            "maskprune can only prune plain linear projections",
+            expected="torch.nn.Linear (fp32/bf16/fp16 weights)",
+            found=type(base).__name__,
+            fix="load the model unquantized (maskprune dequantizes GGUF files itself)",
+        )
+    return base
+
+
+_REGISTRY: dict[str, Callable[[], DecoderAdapter]] = {
+    "llama": lambda: DecoderAdapter("llama"),
+    "mistral": lambda: DecoderAdapter("mistral"),
+    "qwen2": lambda: DecoderAdapter("qwen2"),
+    "qwen3": lambda: DecoderAdapter("qwen3"),
+}
+SUPPORTED_MODEL_TYPES: tuple[str, ...] = tuple(sorted(_REGISTRY))
+
+
+def get_adapter(model_type: str) -> DecoderAdapter:
+    """The adapter for a ``config.model_type``; a clear error for anything else."""
+    try:
+        return _REGISTRY[model_type]()
+    except KeyError:
+        raise UnsupportedModelError(
+            f"model_type {model_type!r} is not supported",
+            expected=f"one of {', '.join(SUPPORTED_MODEL_TYPES)}",
+            found=repr(model_type),
+            fix="use a Llama-, Mistral- or Qwen2-style decoder; other families need an adapter "
+                "in maskprune/arch.py",
+        ) from None

@@ -1,0 +1,167 @@
+"""Command line: parses arguments and calls the library; nothing else.
+
+    maskprune prune [MODEL] [--sparsity 0.5] [--out DIR] [--config run.yaml] [--steps N] ...
+    maskprune eval MODEL [--seq-len 2048,128] [--limit N] [--out results.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import ast
+import dataclasses
+import json
+import logging
+import sys
+import typing
+from pathlib import Path
+from typing import Any, Sequence
+
+from .config import PruneConfig, load_config
+from .errors import MaskPruneError
+
+__all__ = ["main", "build_parser"]
+
+log = logging.getLogger("maskprune")
+
+
+def _field_docs() -> dict[str, str]:
+    """Attribute docstrings of PruneConfig (the string right after each field) for --help."""
+    import inspect
+
+    src = inspect.getsource(PruneConfig)
+    tree = ast.parse(src).body[0]
+    docs: dict[str, str] = {}
+    body = tree.body  # type: ignore[attr-defined]
+    for node, nxt in zip(body, body[1:] + [None]):
+        if isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name):
+            if isinstance(nxt, ast.Expr) and isinstance(getattr(nxt, "value", None), ast.Constant):
+                docs[node.target.id] = " ".join(str(nxt.value.value).split())
+    return docs
+
+
+def _add_config_flags(p: argparse.ArgumentParser) -> None:
+    docs = _field_docs()
+    hints = typing.get_type_hints(PruneConfig)
+    for f in dataclasses.fields(PruneConfig):
+        if f.name == "model":
+            continue
+        flag = "--" + f.name.replace("_", "-")
+        hint = hints[f.name]
+        help_ = f"{docs.get(f.name, '')} (default: {f.default!r})".strip()
+        if hint is bool:
+            p.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction, default=None, help=help_)
+        else:
+            p.add_argument(flag, dest=f.name, type=_parse_value, default=None, metavar="VALUE", help=help_)
+
+
+def _parse_value(text: str) -> Any:
+    """Flags arrive as text; numbers become numbers so the config's type check can judge them."""
+    for conv in (int, float):
+        try:
+            return conv(text)
+        except ValueError:
+            pass
+    if text.lower() in ("none", "null"):
+        return None
+    return text
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="maskprune", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    parser.add_argument("-q", "--quiet", action="store_true", help="warnings only, no progress bar")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("prune", help="learn layer-uniform masks and export a smaller checkpoint")
+    p.add_argument("model", nargs="?", default=None,
+                   help="HF folder, hub id, .gguf file, or smollm2-135m (default)")
+    p.add_argument("--config", type=Path, default=None, help="YAML file of config keys")
+    _add_config_flags(p)
+
+    e = sub.add_parser("eval", help="WikiText-2 perplexity of a causal LM")
+    e.add_argument("model", help="HF folder, hub id, .gguf file, or smollm2-135m")
+    e.add_argument("--ppl-data", default="default",
+                   help="WikiText-2 raw test: default (shipped), hub, or a wiki.test.raw path")
+    e.add_argument("--seq-len", default="2048,128", help="comma-separated window lengths")
+    e.add_argument("--limit", type=int, default=None, help="evaluate only the first N windows")
+    e.add_argument("--batch-size", type=int, default=4)
+    e.add_argument("--dtype", choices=["fp32", "bf16", "fp16"], default="fp32")
+    e.add_argument("--device", default="auto")
+    e.add_argument("--out", type=Path, default=None, help="write results JSON here")
+    e.add_argument("--trust-remote-code", action="store_true")
+    return parser
+
+
+def _run_prune(args: argparse.Namespace, progress: bool) -> int:
+    from .pipeline import prune
+
+    overrides = {f.name: getattr(args, f.name) for f in dataclasses.fields(PruneConfig)
+                 if f.name != "model" and getattr(args, f.name, None) is not None}
+    if args.model is not None:
+        overrides["model"] = args.model
+    cfg = load_config(args.config, overrides)
+    report = prune(cfg, progress=progress)
+    p = report["params"]
+    ppl = report["perplexity"]
+    summary = {"out": report["out"], "params_dense": p["dense"], "params_exported": p["exported"],
+               "sparsity": round(p["sparsity"], 4), "shape": {k: report["shape"][k] for k in
+                                                              ("num_attention_heads", "num_key_value_heads",
+                                                               "intermediate_size", "head_dim")},
+               "ppl": {k: (v["ppl"] if v else None) for k, v in ppl.items() if k != "protocol"}}
+    sys.stdout.write(json.dumps(summary, indent=1) + "\n")
+    return 0
+
+
+def _run_eval(args: argparse.Namespace, progress: bool) -> int:
+    import datetime
+
+    from .data import wikitext2_test_text
+    from .evaluate import perplexity, tokenize_windows
+    from .learner import autocast_dtype
+    from .models import load_model
+    from .pipeline import _machine, resolve_device
+
+    try:
+        seq_lens = [int(s) for s in str(args.seq_len).split(",") if s.strip()]
+    except ValueError:
+        raise MaskPruneError(f"--seq-len {args.seq_len!r} is not a list of integers",
+                             expected="e.g. 2048,128") from None
+    device = resolve_device(args.device)
+    loaded = load_model(args.model, trust_remote_code=args.trust_remote_code, device=device)
+    text = wikitext2_test_text(args.ppl_data)
+    results = {"model": args.model, "params": sum(p.numel() for p in loaded.model.parameters()),
+               "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+               "machine": _machine(device), "perplexity": {}}
+    for n in seq_lens:
+        windows, bos = tokenize_windows(text, loaded.tokenizer, n)
+        r = perplexity(loaded.model, windows, batch_size=args.batch_size, max_windows=args.limit,
+                       autocast_dtype=autocast_dtype(args.dtype), bos=bos, progress=progress,
+                       desc=f"wikitext2@{n}")
+        results["perplexity"][str(n)] = r.to_dict()
+    text_out = json.dumps(results, indent=1)
+    if args.out:
+        args.out.write_text(text_out + "\n")
+    sys.stdout.write(text_out + "\n")
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    level = logging.DEBUG if args.verbose else logging.WARNING if args.quiet else logging.INFO
+    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    for noisy in ("httpx", "urllib3", "filelock"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+    progress = not args.quiet
+    try:
+        if args.command == "prune":
+            return _run_prune(args, progress)
+        return _run_eval(args, progress)
+    except MaskPruneError as exc:
+        log.error("%s", exc)
+        sys.stderr.write(f"maskprune: error: {exc}\n")
+        return 2
+    except KeyboardInterrupt:
+        sys.stderr.write("maskprune: interrupted\n")
+        return 130

@@ -1,0 +1,234 @@
+"""One typed, validated configuration for a prune run.
+
+Values come from defaults, then a YAML file (``--config``), then command-line flags. Unknown keys
+and values of the wrong type are errors, and every problem is reported at once.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Mapping
+
+import yaml
+
+from .errors import MaskPruneError
+
+__all__ = ["PruneConfig", "load_config", "DEFAULT_MODEL"]
+
+DEFAULT_MODEL = "smollm2-135m"
+
+
+@dataclass(frozen=True)
+class PruneConfig:
+    """Everything a prune run needs. Field docs are the CLI help."""
+
+    model: str = DEFAULT_MODEL
+    """Local HF folder, hub id, ``.gguf`` file, or ``smollm2-135m`` (the embedded default)."""
+    gguf_file: str | None = None
+    """GGUF file name inside ``model`` when ``model`` is a folder or hub repo holding GGUF files."""
+    out: str | None = None
+    """Output folder for the pruned checkpoint (default: runs/<model>-<sparsity>)."""
+    overwrite: bool = False
+    """Replace ``out`` if it exists."""
+    sparsity: float | None = 0.2
+    """Target share of all parameters removed, 1 - M_pruned / M_dense, in (0, 1)."""
+    budget_params: int | None = None
+    """Absolute parameter budget; overrides ``sparsity`` when given."""
+    gqa_policy: Literal["query", "kv_group"] = "query"
+    """GQA unit: one query head per KV group (``query``) or a whole KV group (``kv_group``)."""
+
+    calib: str = "default"
+    """Calibration text: ``default`` (shipped C4 sample), a .txt/.jsonl/.json(.gz) file or folder, or
+    a hub dataset id (``allenai/c4``)."""
+    calib_config: str | None = None
+    """Hub dataset configuration name (e.g. ``en`` for allenai/c4)."""
+    calib_samples: int = 256
+    """Number of token windows packed from the calibration text."""
+    seq_len: int = 256
+    """Tokens per calibration window."""
+    batch_size: int = 4
+    """Windows per learning step."""
+    steps: int = 150
+    """Learning steps (the paper: 7 epochs of 20k x 512 tokens at batch 16)."""
+    seed: int = 0
+
+    mask_lr: float = 1e-2
+    lora_lr: float = 1e-3
+    lora: bool = True
+    """Train LoRA adapters with the masks (merged into the weights at export)."""
+    lora_rank: int = 8
+    lora_alpha: float = 16.0
+    lora_targets: tuple[str, ...] = ("q", "k", "v", "o", "gate", "up", "down")
+    """Projections that get LoRA, by role: q, k, v, o, gate, up, down."""
+
+    eta1: float = 1.0
+    """Proximal decay rate: the ceil(s) smallest masks are scaled by 1 / (1 + 2 eta1 y)."""
+    eta2: float = 0.02
+    """Rate of the straight-through step on the sparsity fractions."""
+    eta3: float = 2.0
+    """Ascent rate of the sparsity multiplier y."""
+    eta4: float = 2.0
+    """Ascent rate of the resource multiplier z (size measured as a share of the dense size)."""
+    warmup_share: float = 0.7
+    """Share of the steps over which the budget falls from the dense size to the target."""
+    ffn_prox_start: int = 10
+    ffn_prox_end: int = 1
+    """The FFN proximal step is taken every k steps, k falling linearly from start to end."""
+    alpha: float = 0.0
+    """Weight of the layer-wise hidden-state MSE in the distillation loss."""
+    kl_direction: Literal["student_teacher", "teacher_student"] = "student_teacher"
+    """KL(p_s || p_t) as the paper writes it, or KL(p_t || p_s)."""
+    ce_weight: float = 0.0
+    """Weight of an added language-modelling cross-entropy term."""
+
+    head_multiple: int = 1
+    """Round the kept head count (per KV group under ``query``) to a multiple of this."""
+    ffn_multiple: int = 1
+    """Round the kept FFN width to a multiple of this (8 or 64 for fast kernels)."""
+
+    dtype: Literal["bf16", "fp16", "fp32"] = "bf16"
+    """Autocast dtype of the forward passes; masks, s, y, z and optimizer state stay fp32."""
+    device: str = "auto"
+    """``auto`` (cuda if available), ``cpu`` or ``cuda[:N]``."""
+    threads: int | None = None
+    """torch CPU threads (default: torch's choice)."""
+    gradient_checkpointing: bool = False
+
+    eval_data: str = "default"
+    """WikiText-2 raw test: ``default`` (shipped copy), a local wiki.test.raw, ``hub``, or ``none``."""
+    eval_seq_len: int = 512
+    """Perplexity window during prune (before / just before cut / after export)."""
+    eval_max_windows: int | None = 16
+    """Windows evaluated during prune (None: all). ``maskprune eval`` measures the full protocol."""
+
+    trust_remote_code: bool = False
+    log_every: int = 1
+
+    # ---- derived ---------------------------------------------------------------------------
+    def budget_for(self, dense_params: int) -> int:
+        if self.budget_params is not None:
+            return int(self.budget_params)
+        assert self.sparsity is not None
+        return int(math.floor(dense_params * (1.0 - self.sparsity)))
+
+    def to_dict(self) -> dict[str, Any]:
+        d = dataclasses.asdict(self)
+        d["lora_targets"] = list(self.lora_targets)
+        return d
+
+    def validate(self) -> "PruneConfig":
+        problems: list[str] = []
+        if self.budget_params is None:
+            if self.sparsity is None or not (0.0 < self.sparsity < 1.0):
+                problems.append(f"sparsity must be in (0, 1) (the share of parameters removed), "
+                                f"found {self.sparsity!r}: pass e.g. --sparsity 0.5")
+        elif self.budget_params <= 0:
+            problems.append(f"budget_params must be a positive parameter count, found {self.budget_params}")
+        for name in ("calib_samples", "seq_len", "batch_size", "steps", "lora_rank", "head_multiple",
+                     "ffn_multiple", "eval_seq_len", "log_every", "ffn_prox_start", "ffn_prox_end"):
+            v = getattr(self, name)
+            if v < 1:
+                problems.append(f"{name} must be >= 1, found {v}")
+        for name in ("mask_lr", "lora_lr", "eta1", "eta2", "eta3", "eta4", "alpha", "ce_weight"):
+            v = getattr(self, name)
+            if not (v >= 0.0 and math.isfinite(v)):
+                problems.append(f"{name} must be a finite number >= 0, found {v}")
+        if not 0.0 < self.warmup_share <= 1.0:
+            problems.append(f"warmup_share must be in (0, 1], found {self.warmup_share}")
+        bad_targets = set(self.lora_targets) - {"q", "k", "v", "o", "gate", "up", "down"}
+        if bad_targets:
+            problems.append(f"lora_targets has unknown roles {sorted(bad_targets)}; use q, k, v, o, "
+                            "gate, up, down")
+        if self.eval_max_windows is not None and self.eval_max_windows < 1:
+            problems.append(f"eval_max_windows must be >= 1 or null, found {self.eval_max_windows}")
+        if problems:
+            raise MaskPruneError("invalid configuration: " + "; ".join(problems))
+        return self
+
+
+def _check_type(name: str, value: Any, hint: Any) -> tuple[Any, str | None]:
+    """Coerce ``value`` to ``hint`` where it is lossless (int -> float, list -> tuple); else explain."""
+    origin = typing.get_origin(hint)
+    args = typing.get_args(hint)
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None, None
+        errors = []
+        for a in args:
+            if a is type(None):
+                continue
+            v, err = _check_type(name, value, a)
+            if err is None:
+                return v, None
+            errors.append(err)
+        return value, errors[0]
+    if origin is Literal:
+        if value in args:
+            return value, None
+        return value, f"{name} must be one of {', '.join(map(repr, args))}, found {value!r}"
+    if origin is tuple:
+        if isinstance(value, str):
+            value = [v.strip() for v in value.split(",") if v.strip()]
+        if isinstance(value, (list, tuple)) and all(isinstance(v, str) for v in value):
+            return tuple(value), None
+        return value, f"{name} must be a list of strings, found {value!r}"
+    if hint is bool:
+        if isinstance(value, bool):
+            return value, None
+        return value, f"{name} must be true or false, found {value!r}"
+    if hint is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value, None
+        return value, f"{name} must be an integer, found {value!r} ({type(value).__name__})"
+    if hint is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value), None
+        return value, f"{name} must be a number, found {value!r} ({type(value).__name__})"
+    if hint is str:
+        if isinstance(value, str):
+            return value, None
+        return value, f"{name} must be a string, found {value!r} ({type(value).__name__})"
+    return value, None
+
+
+def load_config(file: str | Path | None = None, overrides: Mapping[str, Any] | None = None) -> PruneConfig:
+    """Defaults, then the YAML ``file``, then ``overrides`` (flags). Validated; errors all at once."""
+    values: dict[str, Any] = {}
+    if file is not None:
+        path = Path(file)
+        if not path.is_file():
+            raise MaskPruneError(f"config file {str(path)!r} does not exist",
+                                 fix="pass the path of a YAML file to --config")
+        try:
+            loaded = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as exc:
+            raise MaskPruneError(f"config file {str(path)!r} is not valid YAML: {exc}") from None
+        if not isinstance(loaded, dict):
+            raise MaskPruneError(f"config file {str(path)!r} must hold a mapping of keys to values",
+                                 found=type(loaded).__name__)
+        values.update(loaded)
+    values.update({k: v for k, v in (overrides or {}).items() if v is not None})
+    hints = typing.get_type_hints(PruneConfig)
+    known = {f.name for f in dataclasses.fields(PruneConfig)}
+    problems: list[str] = []
+    unknown = sorted(set(values) - known)
+    if unknown:
+        problems.append(f"unknown config keys {unknown}; known keys: {', '.join(sorted(known))}")
+    clean: dict[str, Any] = {}
+    for k, v in values.items():
+        if k not in known:
+            continue
+        v, err = _check_type(k, v, hints[k])
+        if err:
+            problems.append(err)
+        clean[k] = v
+    if problems:
+        raise MaskPruneError("invalid configuration: " + "; ".join(problems))
+    if "budget_params" in clean and clean["budget_params"] is not None and "sparsity" not in clean:
+        clean["sparsity"] = None
+    return PruneConfig(**clean).validate()

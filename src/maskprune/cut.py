@@ -1,0 +1,109 @@
+"""The uniform cut: integer unit counts that honour the budget, and the units each layer keeps.
+
+Pure functions of the learned state; nothing here touches a model.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from .errors import MaskPruneError
+from .masks import Structure
+from .optim import num_cut
+
+__all__ = ["CutPlan", "plan_cut", "kept_indices", "hard_masks", "cut_mass_share"]
+
+
+@dataclass(frozen=True)
+class CutPlan:
+    """How many units every row of every layer loses, and the resulting size."""
+
+    k_head: int
+    k_ffn: int
+    params: int
+    budget: int
+
+    def to_dict(self) -> dict[str, int]:
+        return {"k_head": self.k_head, "k_ffn": self.k_ffn, "params": self.params,
+                "budget": self.budget}
+
+
+def plan_cut(structure: Structure, *, sigma_head: float, budget: int,
+             head_multiple: int = 1, ffn_multiple: int = 1) -> CutPlan:
+    """Integer counts from the learned fractions, adjusted so the exported size meets the budget.
+
+    Heads take ``ceil(sigma_head * U)`` (the learned head sparsity); FFN channels, the finest unit,
+    then fill the budget: the fewest channels cut such that the size is at or under ``budget``.
+    Hence ``budget - unit < params <= budget`` with ``unit`` = one FFN step across all layers
+    (``ffn_multiple`` channels per layer): the budget, not ``sigma_ffn``, sets the FFN count, since
+    the budget is the contract. If no FFN count fits, one more head per row is cut. Kept counts are
+    rounded to multiples of ``head_multiple`` / ``ffn_multiple`` when asked.
+
+    Raises :class:`MaskPruneError` if no uniform cut reaches the budget.
+    """
+    s = structure
+    u_h = s.head.units_per_row
+    k_head = num_cut(sigma_head, u_h)
+    k_head = _round_cut(k_head, u_h, head_multiple)
+    for k_h in range(k_head, u_h):
+        if head_multiple > 1 and (u_h - k_h) % head_multiple:
+            continue
+        k_f = _fill(s, k_h, budget, ffn_multiple)
+        if k_f is not None:
+            return CutPlan(k_h, k_f, int(s.params_after(k_h, k_f)), budget)
+    raise MaskPruneError(
+        "no layer-uniform cut reaches the parameter budget",
+        expected=f"a budget of at least {s.min_params():,} parameters (one unit of each kind left "
+                 "per layer)",
+        found=f"budget {budget:,}",
+        fix="ask for a lower --sparsity",
+    )
+
+
+def _round_cut(k: int, units: int, multiple: int) -> int:
+    """Smallest cut >= k whose kept count is a multiple of ``multiple`` (if one exists)."""
+    if multiple <= 1:
+        return k
+    for kk in range(k, units):
+        if (units - kk) % multiple == 0:
+            return kk
+    return k
+
+
+def _fill(s: Structure, k_head: int, budget: int, multiple: int) -> int | None:
+    """Fewest FFN channels to cut per layer (kept count a multiple of ``multiple``) to meet budget."""
+    u_f = s.ffn.units_per_row
+    per_channel = s.num_layers * s.ffn.rows * s.ffn.params_per_unit
+    excess = s.params_after(k_head, 0) - budget
+    k = max(0, -(-int(excess) // per_channel)) if excess > 0 else 0
+    k = _round_cut(k, u_f, multiple)
+    if k > u_f - 1 or (multiple > 1 and (u_f - k) % multiple):
+        return None
+    return k
+
+
+def kept_indices(mask: torch.Tensor, k: int) -> torch.Tensor:
+    """Per row, the indices of the ``U - k`` largest-magnitude entries, ascending.
+
+    mask: ``[L, rows, U]``; returns ``[L, rows, U - k]`` (long).
+    """
+    u = mask.shape[-1]
+    order = torch.sort(mask.detach().abs(), dim=-1, stable=True).indices  # [L, rows, U]
+    return torch.sort(order[..., k:], dim=-1).values  # [L, rows, U - k]
+
+
+def hard_masks(mask: torch.Tensor, kept: torch.Tensor) -> torch.Tensor:
+    """The mask with every cut unit at 0 and kept units at their learned values."""
+    keep = torch.zeros_like(mask, dtype=torch.bool).scatter_(-1, kept, True)
+    return torch.where(keep, mask.detach(), torch.zeros_like(mask))
+
+
+def cut_mass_share(mask: torch.Tensor, kept: torch.Tensor) -> float:
+    """``sum |m| over cut units / sum |m|`` (METHOD.md invariant 6)."""
+    total = float(mask.detach().abs().sum())
+    if total == 0.0:
+        return 0.0
+    kept_mass = float(torch.gather(mask.detach().abs(), -1, kept).sum())
+    return (total - kept_mass) / total

@@ -1,0 +1,156 @@
+"""Merge LoRA, fold the kept masks into weights that are linear in them, slice, and save a stock
+Hugging Face checkpoint; then reload it with plain ``from_pretrained`` and verify parity.
+
+Folding (METHOD.md, "The cut and the export"): a head's mask goes into its o_proj input columns
+(valid for every policy: o_proj is linear in each head's output), an FFN channel's mask into its
+down_proj column (never gate_proj, whose output passes through the activation).
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from .arch import DecoderAdapter, HeadLayout
+from .cut import CutPlan, hard_masks, kept_indices
+from .errors import ParityError
+from .masks import MaskSet
+
+__all__ = ["KeptUnits", "select_units", "masked_logits", "fold_and_slice_", "save_and_verify",
+           "ParityReport"]
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class KeptUnits:
+    """Per layer, the unit indices kept: head ``[L, rows, U_h - k_h]``, ffn ``[L, 1, U_f - k_f]``."""
+
+    head: torch.Tensor
+    ffn: torch.Tensor
+
+    def to_lists(self) -> dict[str, list]:
+        return {"head": self.head.tolist(), "ffn": self.ffn[:, 0].tolist()}
+
+
+@dataclass(frozen=True)
+class ParityReport:
+    max_abs_diff: float
+    ref_max_abs: float
+    tolerance: float
+
+    def to_dict(self) -> dict[str, float]:
+        return {"max_abs_diff": self.max_abs_diff, "ref_max_abs": self.ref_max_abs,
+                "tolerance": self.tolerance}
+
+
+def select_units(masks: MaskSet, plan: CutPlan) -> KeptUnits:
+    return KeptUnits(kept_indices(masks.head, plan.k_head), kept_indices(masks.ffn, plan.k_ffn))
+
+
+@torch.no_grad()
+def harden_(masks: MaskSet, kept: KeptUnits) -> None:
+    """Set every cut unit's mask to 0 (kept units keep their learned values)."""
+    masks.head.copy_(hard_masks(masks.head, kept.head))
+    masks.ffn.copy_(hard_masks(masks.ffn, kept.ffn))
+
+
+@torch.no_grad()
+def masked_logits(model: nn.Module, probe: torch.Tensor) -> torch.Tensor:
+    """fp32 logits ``[B, T, V]`` of ``model`` as it stands (hooks on), for the parity check."""
+    device = next(model.parameters()).device
+    return model(input_ids=probe.to(device), use_cache=False).logits.float().cpu()
+
+
+def _sliced_linear(old: nn.Linear, weight: torch.Tensor, bias: torch.Tensor | None) -> nn.Linear:
+    new = nn.Linear(weight.shape[1], weight.shape[0], bias=bias is not None,
+                    device=weight.device, dtype=weight.dtype)
+    new.weight.data.copy_(weight)
+    if bias is not None:
+        new.bias.data.copy_(bias)
+    new.requires_grad_(old.weight.requires_grad)
+    return new
+
+
+def _rows(heads: list[int], head_dim: int, device: torch.device) -> torch.Tensor:
+    """Row indices of whole heads in a ``[heads * head_dim, ...]`` projection."""
+    return torch.tensor([h * head_dim + i for h in heads for i in range(head_dim)], device=device)
+
+
+@torch.no_grad()
+def fold_and_slice_(model: nn.Module, adapter: DecoderAdapter, layout: HeadLayout,
+                    head_masks: torch.Tensor, ffn_masks: torch.Tensor, kept: KeptUnits) -> None:
+    """In place on a stock (LoRA-merged, hook-free) model: fold masks, slice, update the config.
+
+    head_masks ``[L, rows, U_h]``, ffn_masks ``[L, 1, U_f]``: the learned values (cut units are
+    dropped whatever their value).
+    """
+    d = layout.head_dim
+    n_q = n_kv = d_ff = 0
+    for li, layer in enumerate(adapter.layers(model)):
+        attn, mlp = adapter.attn(layer), adapter.mlp(layer)
+        q, k, v, o = (adapter.proj(layer, r) for r in ("q", "k", "v", "o"))
+        dev = o.weight.device
+        q_keep, kv_keep = layout.kept_heads(kept.head[li])
+        qmask = layout.query_head_mask(head_masks[li]).to(o.weight.dtype).to(dev)  # [n_heads]
+        col_scale = qmask.repeat_interleave(d)  # [n_heads * d]
+        q_rows, kv_rows = _rows(q_keep, d, dev), _rows(kv_keep, d, dev)
+        o_w = (o.weight * col_scale[None, :])[:, q_rows]  # [hidden, n_q' * d]
+        setattr(attn, adapter.o_name, _sliced_linear(o, o_w, o.bias))
+        for name, mod, rows in ((adapter.q_name, q, q_rows), (adapter.k_name, k, kv_rows),
+                                (adapter.v_name, v, kv_rows)):
+            setattr(attn, name, _sliced_linear(mod, mod.weight[rows],
+                                               mod.bias[rows] if mod.bias is not None else None))
+        if hasattr(attn, "num_key_value_groups"):
+            attn.num_key_value_groups = len(q_keep) // len(kv_keep)
+
+        gate, up, down = (adapter.proj(layer, r) for r in ("gate", "up", "down"))
+        ch = kept.ffn[li, 0].to(down.weight.device)  # [d_ff']
+        fm = ffn_masks[li, 0].to(down.weight.dtype).to(down.weight.device)  # [d_ff]
+        down_w = (down.weight * fm[None, :])[:, ch]  # [hidden, d_ff']
+        setattr(mlp, adapter.down_name, _sliced_linear(down, down_w, down.bias))
+        for name, mod in ((adapter.gate_name, gate), (adapter.up_name, up)):
+            setattr(mlp, name, _sliced_linear(mod, mod.weight[ch],
+                                              mod.bias[ch] if mod.bias is not None else None))
+        if hasattr(mlp, "intermediate_size"):
+            mlp.intermediate_size = int(ch.numel())
+        n_q, n_kv, d_ff = len(q_keep), len(kv_keep), int(ch.numel())
+    cfg = model.config
+    cfg.num_attention_heads = n_q
+    cfg.num_key_value_heads = n_kv
+    cfg.intermediate_size = d_ff
+    cfg.head_dim = d  # explicit: transformers would otherwise recompute hidden // heads
+    if hasattr(cfg, "quantization_config"):
+        delattr(cfg, "quantization_config")
+
+
+def save_and_verify(model: nn.Module, tokenizer, folder: Path, probe: torch.Tensor,
+                    reference: torch.Tensor, *, tolerance: float = 1e-4) -> ParityReport:
+    """Save stock weights + tokenizer to ``folder``, reload with ``AutoModelForCausalLM``, compare.
+
+    Raises :class:`ParityError` if the reloaded model's logits drift beyond
+    ``tolerance * max(1, max|reference|)``.
+    """
+    from transformers import AutoModelForCausalLM
+
+    model.save_pretrained(folder)
+    if tokenizer is not None:
+        tokenizer.save_pretrained(folder)
+    reloaded = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
+    reloaded.eval()
+    out = masked_logits(reloaded, probe)
+    ref_max = float(reference.abs().max())
+    diff = float((out - reference).abs().max())
+    report = ParityReport(diff, ref_max, tolerance * max(1.0, ref_max))
+    del reloaded
+    if not diff <= report.tolerance:
+        raise ParityError("the exported checkpoint does not reproduce the masked model",
+                          expected=f"max |logit difference| <= {report.tolerance:.3g}",
+                          found=f"{diff:.3g}",
+                          fix="this is a maskprune bug: please report it with the model type")
+    log.info("parity verified: max |logit diff| %.3g (tolerance %.3g)", diff, report.tolerance)
+    return report

@@ -1,0 +1,175 @@
+"""The mask-learning loop (METHOD.md, "The objective" steps 1-6). No file I/O in here.
+
+Per step: teacher forward (masks and LoRA off, no grad) and student forward; one AdamW step on masks
+and LoRA, masks clamped to [0, 1]; the proximal step (heads every step, FFN every k steps with k
+falling 10 -> 1); the straight-through step on sigma; the ascent on y and z.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Callable
+
+import torch
+from torch import nn
+
+from . import optim as F
+from .config import PruneConfig
+from .errors import NonFiniteError
+from .losses import distillation_loss
+from .masks import MaskSet, Structure, bypass
+
+__all__ = ["LearnState", "Learner", "attach_lora", "autocast_dtype"]
+
+_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": None}
+
+
+def autocast_dtype(name: str) -> torch.dtype | None:
+    return _DTYPES[name]
+
+
+@dataclass
+class LearnState:
+    """The minimax variables besides the masks (see :mod:`maskprune.optim` for the symbols)."""
+
+    step: int = 0
+    sigma: dict[str, float] = field(default_factory=lambda: {"head": 0.0, "ffn": 0.0})
+    y: float = 0.0
+    z: float = 0.0
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def attach_lora(model: nn.Module, roles: tuple[str, ...], *, rank: int, alpha: float,
+                adapter_names: dict[str, str]) -> nn.Module:
+    """Wrap the chosen projections with peft LoRA (zero-initialised B, so the function is unchanged)."""
+    from peft import LoraConfig, get_peft_model
+
+    targets = sorted({adapter_names[r] for r in roles})
+    cfg = LoraConfig(r=rank, lora_alpha=alpha, lora_dropout=0.0, target_modules=targets, bias="none",
+                     task_type="CAUSAL_LM")
+    return get_peft_model(model, cfg)
+
+
+class Learner:
+    """Learns masks (and LoRA) on ``windows`` ``[N, seq_len]`` toward ``budget`` parameters."""
+
+    def __init__(self, model: nn.Module, masks: MaskSet, windows: torch.Tensor, cfg: PruneConfig,
+                 budget: int, *, on_step: Callable[[dict], None] | None = None) -> None:
+        self.model = model
+        self.masks = masks
+        self.windows = windows
+        self.cfg = cfg
+        self.structure: Structure = masks.structure
+        self.budget = budget
+        self.final_ratio = budget / self.structure.dense_params
+        self.state = LearnState()
+        self.on_step = on_step
+        self.device = next(model.parameters()).device
+        self.amp = autocast_dtype(cfg.dtype)
+        lora_params = [p for n, p in model.named_parameters() if "lora_" in n and p.requires_grad]
+        groups = [{"params": list(masks.parameters()), "lr": cfg.mask_lr, "weight_decay": 0.0}]
+        if lora_params:
+            groups.append({"params": lora_params, "lr": cfg.lora_lr, "weight_decay": 0.0})
+        self.optimizer = torch.optim.AdamW(groups)
+
+    # ---- data ---------------------------------------------------------------------------------
+    def batch_indices(self, step: int) -> torch.Tensor:
+        """Window indices of ``step``: epochs over a seeded permutation (pure function of step)."""
+        n, b = self.windows.shape[0], self.cfg.batch_size
+        per_epoch = max(1, n // b)
+        epoch, pos = divmod(step, per_epoch)
+        gen = torch.Generator().manual_seed(self.cfg.seed * 1_000_003 + epoch)
+        order = torch.randperm(n, generator=gen)
+        return order[pos * b: pos * b + b] if n >= b else order
+
+    # ---- one step -----------------------------------------------------------------------------
+    def step(self) -> dict:
+        cfg, st, s = self.cfg, self.state, self.structure
+        t, total = st.step, cfg.steps
+        t0 = time.perf_counter()
+        batch = self.windows[self.batch_indices(t)].to(self.device)  # [B, T]
+        want_hidden = cfg.alpha > 0.0
+        with torch.autocast(self.device.type, dtype=self.amp or torch.float32, enabled=self.amp is not None):
+            with torch.no_grad(), bypass(self.model, self.masks):
+                teacher = self.model(input_ids=batch, output_hidden_states=want_hidden, use_cache=False)
+            student = self.model(input_ids=batch, output_hidden_states=want_hidden, use_cache=False)
+            terms = distillation_loss(
+                student.logits, teacher.logits,
+                student_hidden=student.hidden_states[1:] if want_hidden else None,
+                teacher_hidden=teacher.hidden_states[1:] if want_hidden else None,
+                alpha=cfg.alpha, direction=cfg.kl_direction, labels=batch, ce_weight=cfg.ce_weight)
+        loss = terms["loss"]
+        if not torch.isfinite(loss):
+            raise NonFiniteError(f"the loss became {float(loss)} at step {t}",
+                                 fix="lower mask_lr / lora_lr or use --dtype fp32; the last "
+                                     "checkpoint is intact")
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        self.optimizer.step()
+        self.masks.clamp_()
+
+        # proximal step on the masks just produced (heads every step, FFN every k steps)
+        k_cut = {kind: F.num_cut(st.sigma[kind], lay.units_per_row)
+                 for kind, lay in (("head", s.head), ("ffn", s.ffn))}
+        interval = F.ffn_prox_interval(t, total, cfg.ffn_prox_start, cfg.ffn_prox_end)
+        prox = {"head": True, "ffn": t % interval == 0}
+        with torch.no_grad():
+            for kind, param in self.masks.by_kind().items():
+                if prox[kind]:
+                    param.copy_(F.proximal_step(param, k_cut[kind], cfg.eta1, st.y))
+
+        # straight-through sigma step, then y and z ascent
+        target = F.budget_ratio(t, total, self.final_ratio, cfg.warmup_share)
+        for kind, param in self.masks.by_kind().items():
+            lay = s.head if kind == "head" else s.ffn
+            st.sigma[kind] = F.sigma_step(
+                st.sigma[kind], y=st.y, z=st.z,
+                next_sq_mean=float(F.next_smallest_sq(param, k_cut[kind]).mean()),
+                share=s.share(kind), eta2=cfg.eta2, sigma_max=(lay.units_per_row - 1) / lay.units_per_row)
+        k_new = {kind: F.num_cut(st.sigma[kind], lay.units_per_row)
+                 for kind, lay in (("head", s.head), ("ffn", s.ffn))}
+        violation = sum(F.sparsity_violation(p, k_new[kind]) for kind, p in self.masks.by_kind().items())
+        st.y = F.y_step(st.y, violation=violation, eta3=cfg.eta3)
+        size = s.params_after(st.sigma["head"] * s.head.units_per_row,
+                              st.sigma["ffn"] * s.ffn.units_per_row)
+        st.z = F.z_step(st.z, size_ratio=size / s.dense_params, target_ratio=target, eta4=cfg.eta4)
+        self._check_finite(t)
+        st.step += 1
+
+        dt = time.perf_counter() - t0
+        metrics = {
+            "step": t, **{k: float(v.detach()) for k, v in terms.items()},
+            "sigma_head": st.sigma["head"], "sigma_ffn": st.sigma["ffn"],
+            "k_head": k_new["head"], "k_ffn": k_new["ffn"], "y": st.y, "z": st.z,
+            "size_ratio": size / s.dense_params, "target_ratio": target,
+            "size_at_cut": s.params_after(k_new["head"], k_new["ffn"]),
+            "violation": violation, "prox_head": prox["head"], "prox_ffn": prox["ffn"],
+            "ffn_prox_interval": interval,
+            "mask_mean_head": float(self.masks.head.mean()), "mask_mean_ffn": float(self.masks.ffn.mean()),
+            "lr_mask": self.optimizer.param_groups[0]["lr"],
+            "lr_lora": self.optimizer.param_groups[1]["lr"] if len(self.optimizer.param_groups) > 1 else 0.0,
+            "seconds": dt, "tokens_per_s": batch.numel() / dt,
+        }
+        if self.on_step is not None:
+            self.on_step(metrics)
+        return metrics
+
+    def _check_finite(self, t: int) -> None:
+        st = self.state
+        bad = [name for name, v in (("y", st.y), ("z", st.z), ("sigma_head", st.sigma["head"]),
+                                    ("sigma_ffn", st.sigma["ffn"])) if not math.isfinite(v)]
+        bad += [f"{k} mask" for k, p in self.masks.by_kind().items() if not torch.isfinite(p).all()]
+        if bad:
+            raise NonFiniteError(f"non-finite values ({', '.join(bad)}) at step {t}",
+                                 fix="lower eta1..eta4 or the learning rates")
+
+    def run(self) -> LearnState:
+        self.model.train()
+        while self.state.step < self.cfg.steps:
+            self.step()
+        self.model.eval()
+        return self.state

@@ -1,0 +1,72 @@
+"""Distillation losses (paper section 3.3): logits and hidden states in, a scalar out. Pure."""
+
+from __future__ import annotations
+
+from typing import Literal, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
+
+__all__ = ["KLDirection", "kl_divergence", "layer_mse", "distillation_loss"]
+
+KLDirection = Literal["student_teacher", "teacher_student"]
+
+
+def _kl_chunk(student: torch.Tensor, teacher: torch.Tensor, reverse: bool) -> torch.Tensor:
+    """Summed KL over the rows of one chunk. student, teacher: ``[n, V]``."""
+    log_s = F.log_softmax(student.float(), dim=-1)  # [n, V] fp32
+    log_t = F.log_softmax(teacher.float(), dim=-1)  # [n, V] fp32
+    if reverse:  # KL(p_s || p_t) = sum p_s (log p_s - log p_t)
+        return (log_s.exp() * (log_s - log_t)).sum()
+    return (log_t.exp() * (log_t - log_s)).sum()  # KL(p_t || p_s)
+
+
+def kl_divergence(student_logits: torch.Tensor, teacher_logits: torch.Tensor, *,
+                  direction: KLDirection = "student_teacher", chunk_tokens: int = 512) -> torch.Tensor:
+    """Mean per-token KL between student and teacher next-token distributions.
+
+    Logits ``[B, T, V]`` in any float dtype. ``direction="student_teacher"`` is the paper's
+    ``KL(p_s || p_t)``. The vocabulary-wide fp32 work is done ``chunk_tokens`` rows at a time under
+    activation checkpointing, so at most one chunk of full-vocabulary fp32 tensors is alive.
+    """
+    s = student_logits.reshape(-1, student_logits.shape[-1])  # [B*T, V]
+    t = teacher_logits.reshape(-1, teacher_logits.shape[-1]).detach()  # [B*T, V]
+    reverse = direction == "student_teacher"
+    total = s.new_zeros((), dtype=torch.float32)
+    for start in range(0, s.shape[0], chunk_tokens):
+        sc, tc = s[start:start + chunk_tokens], t[start:start + chunk_tokens]
+        if torch.is_grad_enabled() and sc.requires_grad:
+            total = total + checkpoint(_kl_chunk, sc, tc, reverse, use_reentrant=False)
+        else:
+            total = total + _kl_chunk(sc, tc, reverse)
+    return total / s.shape[0]
+
+
+def layer_mse(student_hidden: Sequence[torch.Tensor], teacher_hidden: Sequence[torch.Tensor]) -> torch.Tensor:
+    """``sum_l MSE(h_s^l, h_t^l)`` over the layers given (each ``[B, T, hidden]``)."""
+    if len(student_hidden) != len(teacher_hidden):
+        raise ValueError(f"{len(student_hidden)} student vs {len(teacher_hidden)} teacher hidden states")
+    terms = [F.mse_loss(hs.float(), ht.detach().float()) for hs, ht in zip(student_hidden, teacher_hidden)]
+    return torch.stack(terms).sum()
+
+
+def distillation_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, *,
+                      student_hidden: Sequence[torch.Tensor] | None = None,
+                      teacher_hidden: Sequence[torch.Tensor] | None = None, alpha: float = 0.0,
+                      direction: KLDirection = "student_teacher", labels: torch.Tensor | None = None,
+                      ce_weight: float = 0.0, chunk_tokens: int = 512) -> dict[str, torch.Tensor]:
+    """``KL + alpha * layer MSE (+ ce_weight * LM cross-entropy)``; returns every term and ``loss``."""
+    out: dict[str, torch.Tensor] = {}
+    out["kl"] = kl_divergence(student_logits, teacher_logits, direction=direction,
+                              chunk_tokens=chunk_tokens)
+    loss = out["kl"]
+    if alpha > 0.0 and student_hidden is not None and teacher_hidden is not None:
+        out["layer_mse"] = layer_mse(student_hidden, teacher_hidden)
+        loss = loss + alpha * out["layer_mse"]
+    if ce_weight > 0.0 and labels is not None:
+        logits = student_logits[:, :-1].reshape(-1, student_logits.shape[-1]).float()
+        out["ce"] = F.cross_entropy(logits, labels[:, 1:].reshape(-1))
+        loss = loss + ce_weight * out["ce"]
+    out["loss"] = loss
+    return out

