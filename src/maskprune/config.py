@@ -66,13 +66,13 @@ class PruneConfig:
     lora_targets: tuple[str, ...] = ("q", "k", "v", "o", "gate", "up", "down")
     """Projections that get LoRA, by role: q, k, v, o, gate, up, down."""
 
-    eta1: float = 1.0
+    eta1: float = 0.5
     """Proximal decay rate: the ceil(s) smallest masks are scaled by 1 / (1 + 2 eta1 y)."""
     eta2: float = 0.02
     """Rate of the straight-through step on the sparsity fractions."""
-    eta3: float = 2.0
+    eta3: float = 0.5
     """Ascent rate of the sparsity multiplier y."""
-    eta4: float = 2.0
+    eta4: float = 5.0
     """Ascent rate of the resource multiplier z (size measured as a share of the dense size)."""
     warmup_share: float = 0.7
     """Share of the steps over which the budget falls from the dense size to the target."""

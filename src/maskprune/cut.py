@@ -38,28 +38,38 @@ def plan_cut(structure: Structure, *, sigma_head: float, budget: int,
     then fill the budget: the fewest channels cut such that the size is at or under ``budget``.
     Hence ``budget - unit < params <= budget`` with ``unit`` = one FFN step across all layers
     (``ffn_multiple`` channels per layer): the budget, not ``sigma_ffn``, sets the FFN count, since
-    the budget is the contract. If no FFN count fits, one more head per row is cut. Kept counts are
-    rounded to multiples of ``head_multiple`` / ``ffn_multiple`` when asked.
+    the budget is the contract. If no FFN count fits with that head count (too few heads cut), or
+    the heads alone overshoot the budget by more than a unit (too many cut), the nearest head count
+    that lands within one unit is used. Kept counts are rounded to multiples of ``head_multiple`` /
+    ``ffn_multiple`` when asked.
 
     Raises :class:`MaskPruneError` if no uniform cut reaches the budget.
     """
     s = structure
     u_h = s.head.units_per_row
-    k_head = num_cut(sigma_head, u_h)
-    k_head = _round_cut(k_head, u_h, head_multiple)
-    for k_h in range(k_head, u_h):
+    k0 = _round_cut(num_cut(sigma_head, u_h), u_h, head_multiple)
+    unit = s.num_layers * s.ffn.rows * s.ffn.params_per_unit * max(1, ffn_multiple)
+    feasible: list[CutPlan] = []
+    for k_h in range(u_h):
         if head_multiple > 1 and (u_h - k_h) % head_multiple:
             continue
         k_f = _fill(s, k_h, budget, ffn_multiple)
         if k_f is not None:
-            return CutPlan(k_h, k_f, int(s.params_after(k_h, k_f)), budget)
-    raise MaskPruneError(
-        "no layer-uniform cut reaches the parameter budget",
-        expected=f"a budget of at least {s.min_params():,} parameters (one unit of each kind left "
-                 "per layer)",
-        found=f"budget {budget:,}",
-        fix="ask for a lower --sparsity",
-    )
+            feasible.append(CutPlan(k_h, k_f, int(s.params_after(k_h, k_f)), budget))
+    if not feasible:
+        raise MaskPruneError(
+            "no layer-uniform cut reaches the parameter budget",
+            expected=f"a budget of at least {s.min_params():,} parameters (one unit of each kind left "
+                     "per layer)",
+            found=f"budget {budget:,}",
+            fix="ask for a lower --sparsity",
+        )
+    # Within one unit of the budget, the head count nearest the learned one (ties: more heads cut);
+    # if none is that close (rounding), the smallest slack.
+    tight = [p for p in feasible if budget - p.params < unit]
+    if tight:
+        return min(tight, key=lambda p: (abs(p.k_head - k0), -p.k_head))
+    return min(feasible, key=lambda p: (budget - p.params, abs(p.k_head - k0)))
 
 
 def _round_cut(k: int, units: int, multiple: int) -> int:

@@ -129,7 +129,7 @@ class Learner:
             st.sigma[kind] = F.sigma_step(
                 st.sigma[kind], y=st.y, z=st.z,
                 next_sq_mean=float(F.next_smallest_sq(param, k_cut[kind]).mean()),
-                share=s.share(kind), eta2=cfg.eta2, sigma_max=(lay.units_per_row - 1) / lay.units_per_row)
+                unit_cost=s.unit_cost(kind), eta2=cfg.eta2, sigma_max=(lay.units_per_row - 1) / lay.units_per_row)
         k_new = {kind: F.num_cut(st.sigma[kind], lay.units_per_row)
                  for kind, lay in (("head", s.head), ("ffn", s.ffn))}
         violation = sum(F.sparsity_violation(p, k_new[kind]) for kind, p in self.masks.by_kind().items())
@@ -149,7 +149,8 @@ class Learner:
             "size_at_cut": s.params_after(k_new["head"], k_new["ffn"]),
             "violation": violation, "prox_head": prox["head"], "prox_ffn": prox["ffn"],
             "ffn_prox_interval": interval,
-            "mask_mean_head": float(self.masks.head.mean()), "mask_mean_ffn": float(self.masks.ffn.mean()),
+            "mask_mean_head": float(self.masks.head.detach().mean()),
+            "mask_mean_ffn": float(self.masks.ffn.detach().mean()),
             "lr_mask": self.optimizer.param_groups[0]["lr"],
             "lr_lora": self.optimizer.param_groups[1]["lr"] if len(self.optimizer.param_groups) > 1 else 0.0,
             "seconds": dt, "tokens_per_s": batch.numel() / dt,

@@ -50,10 +50,11 @@ class Structure:
                                      + self.ffn.rows * k_ffn * self.ffn.params_per_unit)
         return self.dense_params - removed
 
-    def share(self, kind: str) -> float:
-        """``-dM/dsigma / M`` for one kind: the dense-size share held by its prunable units."""
+    def unit_cost(self, kind: str) -> float:
+        """Parameters of one unit of ``kind`` over the mean parameters of all prunable units."""
         lay = self.head if kind == "head" else self.ffn
-        return self.num_layers * lay.units * lay.params_per_unit / self.dense_params
+        mean = self.prunable_params / (self.num_layers * (self.head.units + self.ffn.units))
+        return lay.params_per_unit / mean
 
     def min_params(self) -> int:
         """Smallest size the uniform cut can reach (one unit left per row of every kind)."""

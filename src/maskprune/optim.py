@@ -19,17 +19,21 @@ paper                  code
                        ``rho(t)`` is the kept-size ratio the budget asks for at step t.
 ``eta1``               decay rate of the proximal step: ``m <- m / (1 + 2 eta1 y)`` on the k smallest
 ``eta2``               rate of the straight-through ``sigma`` step (:func:`sigma_step`):
-                       ``sigma -= eta2 * (y * a - z * share)``, where ``a`` = mean over layers and
+                       ``sigma -= eta2 * (y * a - z * c)``, where ``a`` = mean over layers and
                        rows of the squared (k+1)-th smallest mask (the paper's proxy
-                       ``m^2_{least-min(Dim(m), s+1)}``) and ``share`` = -dM/dsigma / M, the share of
-                       the dense size that this kind's prunable units hold.
+                       ``m^2_{least-min(Dim(m), s+1)}``) and ``c`` = the parameters one unit of
+                       this kind holds divided by the mean over all prunable units (a head is worth
+                       ~40 FFN channels in a Llama).
 ``eta3``, ``eta4``     ascent rates of ``y`` and ``z``
 =====================  ===========================================================================
 
-The paper's ``s``-gradient ``y * sum_l m^2_{(s+1)}`` becomes ``y * a`` here (a mean, not a sum, so
-it does not grow with the layer count) and its ``z * dM/ds`` becomes ``z * share``. Rescaling a
-multiplier by a positive constant does not move the saddle point; it only changes which rates are
-sane, and these are sane across model sizes.
+Mapping: the paper's gradient with respect to the count ``s`` of one kind is
+``y * sum_rows m^2_(s+1) - z * L * rows * c_unit`` (``c_unit`` parameters per unit). Dividing it by
+the number of rows (a positive per-kind preconditioner) and measuring ``z`` in units of
+``M / c_mean`` gives ``y * a - z * c`` above. Neither rescaling moves the saddle point, where
+``y * a_kind = z * c_kind`` for every kind: the kind whose next unit carries the least mask mass per
+parameter is cut first, as in the paper. They only make one set of rates sane across model sizes,
+where the raw form would need rates differing by factors of 1e3 (units) and 1e9 (parameters).
 """
 
 from __future__ import annotations
@@ -112,14 +116,14 @@ def sparsity_violation(mask: torch.Tensor, k: int) -> float:
     return float(cut_mass(mask, k).mean()) / mask.shape[-1]
 
 
-def sigma_step(sigma: float, *, y: float, z: float, next_sq_mean: float, share: float, eta2: float,
+def sigma_step(sigma: float, *, y: float, z: float, next_sq_mean: float, unit_cost: float, eta2: float,
                sigma_max: float) -> float:
     """Straight-through step on the sparsity fraction of one unit kind, clipped to [0, sigma_max].
 
     ``next_sq_mean``: mean over rows of :func:`next_smallest_sq` (the sparsity term's gradient proxy);
-    ``share``: the dense-size share of this kind's prunable units (``-dM/dsigma / M``, > 0).
+    ``unit_cost``: parameters of one unit of this kind over the mean of all prunable units (> 0).
     """
-    grad = y * next_sq_mean - z * share
+    grad = y * next_sq_mean - z * unit_cost
     return min(max(sigma - eta2 * grad, 0.0), sigma_max)
 
 

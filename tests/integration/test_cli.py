@@ -1,0 +1,150 @@
+"""The CLI in-process: a short prune end to end, and every refusal (clear message, exit 2, nothing written)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from maskprune.cli import main
+
+import tiny
+
+FAST = ["--seq-len", "32", "--calib-samples", "16", "--batch-size", "4", "--eval-seq-len", "64",
+        "--eval-max-windows", "2", "--dtype", "fp32", "-q"]
+
+
+@pytest.fixture(scope="module")
+def tiny_dir(tmp_path_factory) -> Path:
+    return tiny.save_tiny(tmp_path_factory.mktemp("m") / "tiny-llama", "llama_gqa")
+
+
+@pytest.fixture(scope="module")
+def calib(tmp_path_factory) -> Path:
+    return tiny.write_calib(tmp_path_factory.mktemp("c") / "calib.jsonl")
+
+
+def _run(args, capsys):
+    quiet = ["-q"] if "-q" in args else []  # a top-level flag: it goes before the subcommand
+    code = main(quiet + [a for a in args if a != "-q"])
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+def test_prune_end_to_end_writes_a_stock_checkpoint_and_report(tiny_dir, calib, tmp_path, capsys):
+    from transformers import AutoModelForCausalLM
+
+    out = tmp_path / "pruned"
+    code, stdout, err = _run(["prune", str(tiny_dir), "--sparsity", "0.3", "--steps", "60", "--out", str(out),
+                              "--calib", str(calib), *FAST], capsys)
+    assert code == 0, err
+    summary = json.loads(stdout)
+    assert summary["sparsity"] >= 0.3 - 1e-9
+    report = json.loads((out / "maskprune_report.json").read_text())
+    p = report["params"]
+    assert p["exported"] <= p["budget"] and p["budget"] - p["exported"] < report["shape"]["unit_layout"]["ffn"]["params_per_unit"] * 2
+    assert report["perplexity"]["dense"]["ppl"] > 1 and report["perplexity"]["exported"]["ppl"] > 1
+    assert report["parity"]["max_abs_diff"] <= report["parity"]["tolerance"]
+    assert set(report["seconds"]) >= {"load", "learn", "cut", "export", "total"}
+    assert len(report["kept_units"]["ffn"]) == 2
+    assert len({len(k) for k in report["kept_units"]["ffn"]}) == 1  # uniform
+    lines = (out / "metrics.jsonl").read_text().splitlines()
+    assert len(lines) == 60 and {"loss", "kl", "sigma_head", "sigma_ffn", "y", "z"} <= set(json.loads(lines[-1]))
+    model = AutoModelForCausalLM.from_pretrained(out)
+    assert sum(q.numel() for q in model.parameters()) == p["exported"]
+    ids = torch.tensor([[3, 4, 5, 6]])
+    gen = model.generate(ids, max_new_tokens=4, do_sample=False)
+    assert gen.shape == (1, 8)
+    assert not any(x.name.startswith(".pruned") for x in tmp_path.iterdir())  # no staging leftovers
+
+
+def test_config_file_and_flags_merge(tiny_dir, calib, tmp_path, capsys):
+    cfg = tmp_path / "run.yaml"
+    cfg.write_text(f"sparsity: 0.25\nsteps: 5\ncalib: {calib}\ngqa_policy: kv_group\n")
+    out = tmp_path / "o"
+    code, stdout, err = _run(["prune", str(tiny_dir), "--config", str(cfg), "--steps", "4", "--out", str(out),
+                              *FAST], capsys)
+    assert code == 0, err
+    report = json.loads((out / "maskprune_report.json").read_text())
+    assert report["config"]["steps"] == 4 and report["config"]["sparsity"] == 0.25
+    assert report["config"]["gqa_policy"] == "kv_group"
+
+
+def _assert_refused(args, capsys, *needles, out: Path | None = None):
+    code, stdout, err = _run(args, capsys)
+    assert code == 2, (code, err)
+    for n in needles:
+        assert n in err, err
+    if out is not None:
+        assert not out.exists()
+        assert not any(p.name.startswith(f".{out.name}") for p in out.parent.iterdir())
+
+
+def test_unknown_model_type_is_refused_naming_it_and_the_supported(tmp_path, capsys):
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    d = tmp_path / "gpt2"
+    GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=64)).save_pretrained(d)
+    out = tmp_path / "o"
+    _assert_refused(["prune", str(d), "--out", str(out), "-q"], capsys, "'gpt2'", "llama", "mistral",
+                    "qwen2", out=out)
+
+
+@pytest.mark.parametrize("value", ["0", "1", "-0.1", "1.5"])
+def test_sparsity_outside_0_1_is_refused(tiny_dir, tmp_path, capsys, value):
+    out = tmp_path / "o"
+    _assert_refused(["prune", str(tiny_dir), "--sparsity", value, "--out", str(out), "-q"], capsys,
+                    "sparsity must be in (0, 1)", out=out)
+
+
+def test_budget_that_removes_every_unit_is_refused(tiny_dir, calib, tmp_path, capsys):
+    out = tmp_path / "o"
+    _assert_refused(["prune", str(tiny_dir), "--sparsity", "0.95", "--out", str(out), "--calib", str(calib),
+                     *FAST], capsys, "below what a layer-uniform cut can reach", "lower --sparsity", out=out)
+
+
+def test_empty_calibration_data_is_refused(tiny_dir, tmp_path, capsys):
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("")
+    out = tmp_path / "o"
+    _assert_refused(["prune", str(tiny_dir), "--calib", str(empty), "--out", str(out), *FAST], capsys,
+                    "calibration data is empty", out=out)
+
+
+def test_missing_calibration_data_is_refused(tiny_dir, tmp_path, capsys):
+    out = tmp_path / "o"
+    _assert_refused(["prune", str(tiny_dir), "--calib", str(tmp_path / "nope.jsonl"), "--out", str(out), *FAST],
+                    capsys, "does not exist", out=out)
+
+
+def test_existing_output_folder_is_refused_and_kept(tiny_dir, tmp_path, capsys):
+    out = tmp_path / "exists"
+    out.mkdir()
+    (out / "keep.txt").write_text("mine")
+    _assert_refused(["prune", str(tiny_dir), "--out", str(out), "-q"], capsys, "already exists", "--overwrite")
+    assert (out / "keep.txt").read_text() == "mine"
+
+
+def test_missing_model_path_and_unknown_key_and_wrong_type(tmp_path, capsys):
+    _assert_refused(["prune", str(tmp_path / "nowhere"), "-q"], capsys, "does not exist")
+    cfg = tmp_path / "bad.yaml"
+    cfg.write_text("sparsity: 0.5\nstepz: 3\nseq_len: long\n")
+    _assert_refused(["prune", "--config", str(cfg), "-q"], capsys, "unknown config keys ['stepz']",
+                    "seq_len must be an integer")
+
+
+def test_seq_len_above_context_is_refused(tiny_dir, tmp_path, capsys):
+    _assert_refused(["prune", str(tiny_dir), "--seq-len", "100000", "--out", str(tmp_path / "o"), "-q"], capsys,
+                    "above the model's context")
+
+
+def test_eval_perplexity_command(tiny_dir, tmp_path, capsys):
+    out = tmp_path / "r.json"
+    code, stdout, err = _run(["eval", str(tiny_dir), "--seq-len", "64,32", "--limit", "3", "--out", str(out), "-q"],
+                             capsys)
+    assert code == 0, err
+    res = json.loads(out.read_text())
+    assert set(res["perplexity"]) == {"64", "32"}
+    assert res["perplexity"]["64"]["windows"] == 3 and res["perplexity"]["64"]["tokens_scored"] == 3 * 63

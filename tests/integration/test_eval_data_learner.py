@@ -1,0 +1,87 @@
+"""Perplexity by hand, data packing, and a short learner run that reaches the budget uniformly."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from maskprune.arch import get_adapter
+from maskprune.config import load_config
+from maskprune.cut import plan_cut
+from maskprune.data import iter_texts, pack_windows, wikitext2_test_text
+from maskprune.errors import MaskPruneError
+from maskprune.evaluate import perplexity, tokenize_windows
+from maskprune.learner import Learner
+from maskprune.masks import MaskSet, Structure
+
+import tiny
+
+
+def test_perplexity_is_exp_mean_token_nll_over_windows():
+    model = tiny.make_model("llama_gqa")
+    tok = tiny.make_tokenizer()
+    windows, bos = tokenize_windows(tiny.TEXT, tok, 16)
+    n_tokens = len(tok(tiny.TEXT)["input_ids"])
+    assert windows.shape == (n_tokens // 16, 16)  # remainder dropped
+    res = perplexity(model, windows, batch_size=3, max_windows=5, progress=False)
+    nll, count = 0.0, 0
+    with torch.no_grad():
+        for w in windows[:5]:
+            logits = model(input_ids=w[None]).logits[0]
+            nll += float(F.cross_entropy(logits[:-1], w[1:], reduction="sum"))
+            count += 15
+    assert res.tokens_scored == count and res.windows == 5 and res.total_windows == windows.shape[0]
+    assert math.isclose(res.ppl, math.exp(nll / count), rel_tol=1e-5)
+    assert bos == "none added"
+
+
+def test_shipped_wikitext_matches_the_hf_loader_layout():
+    text = wikitext2_test_text("default")
+    rows = text.split("\n\n")
+    assert text.startswith("\n\n = Robert Boulter = \n\n\n\n")  # rows "", " = Robert Boulter = \n", ""
+    assert len(text) > 1_200_000 and rows[0] == ""
+
+
+def test_pack_windows_and_errors(tmp_path):
+    tok = tiny.make_tokenizer()
+    w = pack_windows(iter([tiny.TEXT, "", tiny.TEXT]), tok, seq_len=20, num_windows=4)
+    assert w.shape == (4, 20) and w.dtype == torch.long
+    with pytest.raises(MaskPruneError, match="shorter than one window"):
+        pack_windows(iter(["hi"]), tok, seq_len=64, num_windows=2)
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"txt": "no text field"}\n')
+    with pytest.raises(MaskPruneError, match="no string field 'text'"):
+        list(iter_texts(str(bad)))
+    txt = tmp_path / "a.txt"
+    txt.write_text("para one\nline\n\npara two\n")
+    assert list(iter_texts(str(txt))) == ["para one\nline\n", "para two\n"]
+    assert next(iter_texts("default")).startswith("Beginners BBQ Class")
+
+
+@pytest.mark.parametrize("kind,policy", [("llama_gqa", "query"), ("qwen2", "kv_group"), ("llama_mha", "query")])
+def test_short_learner_run_tracks_the_budget_and_cuts_uniformly(kind, policy):
+    torch.manual_seed(0)
+    model = tiny.make_model(kind, layers=3)
+    adapter = get_adapter(model.config.model_type)
+    structure = Structure.of(model, adapter, policy)
+    cfg = load_config(overrides=dict(steps=120, batch_size=4, dtype="fp32", lora=False, sparsity=0.3,
+                                      gqa_policy=policy))
+    budget = cfg.budget_for(structure.dense_params)
+    masks = MaskSet(structure).attach(model)
+    windows = torch.randint(0, tiny.VOCAB, (16, 24), generator=torch.Generator().manual_seed(0))
+    seen = []
+    state = Learner(model, masks, windows, cfg, budget, on_step=seen.append).run()
+    assert len(seen) == 120 and state.step == 120
+    last = seen[-1]
+    assert abs(last["size_ratio"] - last["target_ratio"]) < 0.05  # the multipliers track the budget
+    assert state.y > 0
+    plan = plan_cut(structure, sigma_head=state.sigma["head"], budget=budget)
+    assert plan.params <= budget
+    assert (masks.head.detach() >= 0).all() and (masks.ffn.detach() <= 1).all()
+    # the masks of the units the cut removes have been driven down
+    from maskprune.cut import cut_mass_share, kept_indices
+
+    assert cut_mass_share(masks.ffn, kept_indices(masks.ffn, plan.k_ffn)) < 0.15

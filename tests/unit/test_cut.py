@@ -1,0 +1,60 @@
+"""The uniform cut: budget within one unit, kept units by magnitude."""
+
+import pytest
+import torch
+
+from maskprune.arch import FFNLayout, HeadLayout, get_adapter
+from maskprune.cut import cut_mass_share, hard_masks, kept_indices, plan_cut
+from maskprune.errors import MaskPruneError
+from maskprune.masks import Structure
+
+
+def _structure(ffn_units=96, heads=4, kv=2, policy="query", layers=3, dense=100_000):
+    head = HeadLayout(kind="head", rows=kv if policy == "query" else 1,
+                      units_per_row=heads // kv if policy == "query" else kv, params_per_unit=2048,
+                      num_attention_heads=heads, num_key_value_heads=kv, head_dim=16, policy=policy)
+    ffn = FFNLayout(kind="ffn", rows=1, units_per_row=ffn_units, params_per_unit=192)
+    return Structure(get_adapter("llama"), head, ffn, layers, dense)
+
+
+@pytest.mark.parametrize("ratio", [0.95, 0.8, 0.7, 0.55])
+@pytest.mark.parametrize("sigma_head", [0.0, 0.5])
+def test_plan_meets_budget_within_one_unit(ratio, sigma_head):
+    s = _structure()
+    budget = int(s.dense_params * ratio)
+    plan = plan_cut(s, sigma_head=sigma_head, budget=budget)
+    unit = s.num_layers * s.ffn.params_per_unit
+    assert plan.params <= budget
+    assert budget - plan.params < unit
+    assert plan.params == s.params_after(plan.k_head, plan.k_ffn)
+
+
+def test_plan_cuts_more_heads_when_ffn_alone_cannot_reach():
+    s = _structure()
+    budget = int(s.params_after(0, s.ffn.units_per_row - 1)) - 10  # beyond what FFN can remove
+    plan = plan_cut(s, sigma_head=0.0, budget=budget)
+    assert plan.k_head == 1 and plan.params <= budget
+
+
+def test_plan_rounds_kept_counts_to_multiples():
+    s = _structure()
+    plan = plan_cut(s, sigma_head=0.0, budget=int(s.dense_params * 0.8), ffn_multiple=8)
+    assert (s.ffn.units_per_row - plan.k_ffn) % 8 == 0
+    assert plan.params <= plan.budget
+    assert plan.budget - plan.params < 8 * s.num_layers * s.ffn.params_per_unit
+
+
+def test_unreachable_budget_is_refused_with_the_floor():
+    s = _structure()
+    with pytest.raises(MaskPruneError, match="at least .* parameters"):
+        plan_cut(s, sigma_head=0.0, budget=s.min_params() - 1)
+
+
+def test_kept_indices_keep_the_largest_and_hard_masks_zero_the_rest():
+    m = torch.tensor([[[0.9, 0.1, 0.5, 0.3]], [[0.0, 1.0, 0.2, 0.6]]])  # [L=2, rows=1, U=4]
+    kept = kept_indices(m, 2)
+    assert kept.tolist() == [[[0, 2]], [[1, 3]]]
+    hard = hard_masks(m, kept)
+    assert torch.allclose(hard, torch.tensor([[[0.9, 0.0, 0.5, 0.0]], [[0.0, 1.0, 0.0, 0.6]]]))
+    share = cut_mass_share(m, kept)
+    assert share == pytest.approx((0.1 + 0.3 + 0.0 + 0.2) / (1.8 + 1.8))
