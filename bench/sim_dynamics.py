@@ -46,7 +46,7 @@ def simulate(steps: int, sparsity: float, eta1: float, eta2: float, eta3: float,
         target = F.budget_ratio(t, steps, final, warmup)
         for kd, m in masks.items():
             sigma[kd] = F.sigma_step(sigma[kd], y=y, z=z, next_sq_mean=float(F.next_smallest_sq(m, k[kd]).mean()),
-                                     unit_cost=S.unit_cost(kd), eta2=eta2,
+                                     weight=S.resource_weight(kd, "share"), eta2=eta2,
                                      sigma_max=(lay[kd].units_per_row - 1) / lay[kd].units_per_row)
         k = {kd: F.num_cut(sigma[kd], lay[kd].units_per_row) for kd in masks}
         y = F.y_step(y, violation=sum(F.sparsity_violation(m, k[kd]) for kd, m in masks.items()), eta3=eta3)

@@ -74,6 +74,9 @@ class PruneConfig:
     """Ascent rate of the sparsity multiplier y."""
     eta4: float = 5.0
     """Ascent rate of the resource multiplier z (size measured as a share of the dense size)."""
+    resource_weight: Literal["share", "unit", "flat"] = "share"
+    """How the resource term pushes each kind's sparsity: by its share of the model (``share``), per
+    parameter of one unit as the paper's raw gradient (``unit``: heads first), or equally (``flat``)."""
     warmup_share: float = 0.7
     """Share of the steps over which the budget falls from the dense size to the target."""
     ffn_prox_start: int = 10

@@ -129,7 +129,7 @@ class Learner:
             st.sigma[kind] = F.sigma_step(
                 st.sigma[kind], y=st.y, z=st.z,
                 next_sq_mean=float(F.next_smallest_sq(param, k_cut[kind]).mean()),
-                unit_cost=s.unit_cost(kind), eta2=cfg.eta2, sigma_max=(lay.units_per_row - 1) / lay.units_per_row)
+                weight=s.resource_weight(kind, cfg.resource_weight), eta2=cfg.eta2, sigma_max=(lay.units_per_row - 1) / lay.units_per_row)
         k_new = {kind: F.num_cut(st.sigma[kind], lay.units_per_row)
                  for kind, lay in (("head", s.head), ("ffn", s.ffn))}
         violation = sum(F.sparsity_violation(p, k_new[kind]) for kind, p in self.masks.by_kind().items())

@@ -50,11 +50,24 @@ class Structure:
                                      + self.ffn.rows * k_ffn * self.ffn.params_per_unit)
         return self.dense_params - removed
 
-    def unit_cost(self, kind: str) -> float:
-        """Parameters of one unit of ``kind`` over the mean parameters of all prunable units."""
+    def resource_weight(self, kind: str, mode: str) -> float:
+        """Weight ``c`` of the resource term in the ``sigma`` step of one kind (see ``optim``).
+
+        ``share``: the share of the dense size that this kind's prunable units hold
+        (``-dM/dsigma / M``), so a kind that holds more of the model shrinks faster;
+        ``unit``: one unit's parameters over the mean of all prunable units (the paper's
+        per-parameter gradient, which cuts big units, heads, first); ``flat``: 1 for every kind
+        (kinds compete on mask values alone).
+        """
         lay = self.head if kind == "head" else self.ffn
-        mean = self.prunable_params / (self.num_layers * (self.head.units + self.ffn.units))
-        return lay.params_per_unit / mean
+        if mode == "share":
+            return self.num_layers * lay.units * lay.params_per_unit / self.dense_params
+        if mode == "unit":
+            mean = self.prunable_params / (self.num_layers * (self.head.units + self.ffn.units))
+            return lay.params_per_unit / mean
+        if mode == "flat":
+            return 1.0
+        raise ValueError(f"unknown resource weighting {mode!r}")
 
     def min_params(self) -> int:
         """Smallest size the uniform cut can reach (one unit left per row of every kind)."""

@@ -21,19 +21,21 @@ paper                  code
 ``eta2``               rate of the straight-through ``sigma`` step (:func:`sigma_step`):
                        ``sigma -= eta2 * (y * a - z * c)``, where ``a`` = mean over layers and
                        rows of the squared (k+1)-th smallest mask (the paper's proxy
-                       ``m^2_{least-min(Dim(m), s+1)}``) and ``c`` = the parameters one unit of
-                       this kind holds divided by the mean over all prunable units (a head is worth
-                       ~40 FFN channels in a Llama).
+                       ``m^2_{least-min(Dim(m), s+1)}``) and ``c`` the resource weight of the
+                       kind (``Structure.resource_weight``; ``--resource-weight``): by default
+                       its share of the dense size, ``-dM/dsigma / M``.
 ``eta3``, ``eta4``     ascent rates of ``y`` and ``z``
 =====================  ===========================================================================
 
 Mapping: the paper's gradient with respect to the count ``s`` of one kind is
-``y * sum_rows m^2_(s+1) - z * L * rows * c_unit`` (``c_unit`` parameters per unit). Dividing it by
-the number of rows (a positive per-kind preconditioner) and measuring ``z`` in units of
-``M / c_mean`` gives ``y * a - z * c`` above. Neither rescaling moves the saddle point, where
-``y * a_kind = z * c_kind`` for every kind: the kind whose next unit carries the least mask mass per
-parameter is cut first, as in the paper. They only make one set of rates sane across model sizes,
-where the raw form would need rates differing by factors of 1e3 (units) and 1e9 (parameters).
+``y * sum_rows m^2_(s+1) - z * L * rows * c_unit`` (``c_unit`` parameters per unit). In fractions,
+``d/dsigma = U * d/ds``; we divide the sparsity part by the number of rows (so it does not grow with
+depth) and measure ``z`` in units of ``M``, which turns ``z * dM/dsigma`` into ``z * share``. A
+per-kind positive rescaling of the two terms against each other moves where the kinds balance
+(``y * a_head / c_head = y * a_ffn / c_ffn``), i.e. how the budget is split between heads and FFN.
+The paper's literal form (``unit``: balance per parameter, with a mask term that counts a head like
+one channel) cuts heads first, and on SmolLM2 took 6 of 9 heads for a 20% budget before any FFN
+channel, with a loss 10x that of ``share``; see bench/results for the measurements.
 """
 
 from __future__ import annotations
@@ -116,14 +118,14 @@ def sparsity_violation(mask: torch.Tensor, k: int) -> float:
     return float(cut_mass(mask, k).mean()) / mask.shape[-1]
 
 
-def sigma_step(sigma: float, *, y: float, z: float, next_sq_mean: float, unit_cost: float, eta2: float,
+def sigma_step(sigma: float, *, y: float, z: float, next_sq_mean: float, weight: float, eta2: float,
                sigma_max: float) -> float:
     """Straight-through step on the sparsity fraction of one unit kind, clipped to [0, sigma_max].
 
     ``next_sq_mean``: mean over rows of :func:`next_smallest_sq` (the sparsity term's gradient proxy);
-    ``unit_cost``: parameters of one unit of this kind over the mean of all prunable units (> 0).
+    ``weight``: the kind's resource weight ``c`` (> 0), e.g. its share of the dense size.
     """
-    grad = y * next_sq_mean - z * unit_cost
+    grad = y * next_sq_mean - z * weight
     return min(max(sigma - eta2 * grad, 0.0), sigma_max)
 
 
