@@ -79,16 +79,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--config", type=Path, default=None, help="YAML file of config keys")
     _add_config_flags(p)
 
-    e = sub.add_parser("eval", help="WikiText-2 perplexity of a causal LM")
-    e.add_argument("model", help="HF folder, hub id, .gguf file, or smollm2-135m")
+    e = sub.add_parser("eval", help="WikiText-2 perplexity and zero-shot accuracy (lm-eval) of causal LMs")
+    e.add_argument("model", nargs="*", help="HF folder, hub id, .gguf file, or smollm2-135m")
+    e.add_argument("--compare", nargs=2, metavar=("DENSE", "PRUNED"), default=None,
+                   help="evaluate two models side by side with the share of dense retained")
+    e.add_argument("--ppl", choices=["wikitext2", "none"], default="wikitext2")
     e.add_argument("--ppl-data", default="default",
                    help="WikiText-2 raw test: default (shipped), hub, or a wiki.test.raw path")
     e.add_argument("--seq-len", default="2048,128", help="comma-separated window lengths")
-    e.add_argument("--limit", type=int, default=None, help="evaluate only the first N windows")
+    e.add_argument("--tasks", default="", help="comma-separated lm-eval tasks, or 'paper' for all seven")
+    e.add_argument("--data-dir", default=None, help="local task data (offline); see maskprune.zeroshot")
+    e.add_argument("--limit", type=int, default=None,
+                   help="only the first N perplexity windows and N examples per task (quick looks)")
     e.add_argument("--batch-size", type=int, default=4)
     e.add_argument("--dtype", choices=["fp32", "bf16", "fp16"], default="fp32")
     e.add_argument("--device", default="auto")
-    e.add_argument("--out", type=Path, default=None, help="write results JSON here")
+    e.add_argument("--out", type=Path, default=None, help="write results JSON here (and a .md table beside it)")
     e.add_argument("--trust-remote-code", action="store_true")
     return parser
 
@@ -116,33 +122,40 @@ def _run_prune(args: argparse.Namespace, progress: bool) -> int:
 def _run_eval(args: argparse.Namespace, progress: bool) -> int:
     import datetime
 
-    from .data import wikitext2_test_text
-    from .evaluate import perplexity, tokenize_windows
+    from .evaluate import evaluate_model, format_table
     from .learner import autocast_dtype
     from .models import load_model
     from .pipeline import _machine, resolve_device
+    from .zeroshot import resolve_tasks
 
+    models = list(args.compare) if args.compare else list(args.model)
+    if not models:
+        raise MaskPruneError("no model to evaluate", expected="maskprune eval MODEL or --compare DENSE PRUNED")
     try:
-        seq_lens = [int(s) for s in str(args.seq_len).split(",") if s.strip()]
+        seq_lens = [int(s) for s in str(args.seq_len).split(",") if s.strip()] if args.ppl != "none" else []
     except ValueError:
         raise MaskPruneError(f"--seq-len {args.seq_len!r} is not a list of integers",
                              expected="e.g. 2048,128") from None
+    tasks = resolve_tasks(args.tasks) if args.tasks else []
+    if args.data_dir is not None and not Path(args.data_dir).is_dir():
+        raise MaskPruneError(f"--data-dir {args.data_dir!r} is not a folder")
     device = resolve_device(args.device)
-    loaded = load_model(args.model, trust_remote_code=args.trust_remote_code, device=device)
-    text = wikitext2_test_text(args.ppl_data)
-    results = {"model": args.model, "params": sum(p.numel() for p in loaded.model.parameters()),
-               "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-               "machine": _machine(device), "perplexity": {}}
-    for n in seq_lens:
-        windows, bos = tokenize_windows(text, loaded.tokenizer, n)
-        r = perplexity(loaded.model, windows, batch_size=args.batch_size, max_windows=args.limit,
-                       autocast_dtype=autocast_dtype(args.dtype), bos=bos, progress=progress,
-                       desc=f"wikitext2@{n}")
-        results["perplexity"][str(n)] = r.to_dict()
-    text_out = json.dumps(results, indent=1)
+    results: dict = {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+                     "machine": _machine(device), "dtype": args.dtype, "limit": args.limit, "models": {}}
+    for spec in models:
+        loaded = load_model(spec, trust_remote_code=args.trust_remote_code, device=device)
+        results["models"][spec] = evaluate_model(
+            loaded.model, loaded.tokenizer, seq_lens=seq_lens, ppl_data=args.ppl_data, tasks=tasks,
+            data_dir=args.data_dir, limit=args.limit, batch_size=args.batch_size,
+            autocast_dtype=autocast_dtype(args.dtype), progress=progress)
+        del loaded
+    table = format_table(results["models"], dense_key=models[0] if args.compare else None)
+    results["table"] = table
     if args.out:
-        args.out.write_text(text_out + "\n")
-    sys.stdout.write(text_out + "\n")
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps(results, indent=1) + "\n")
+        args.out.with_suffix(".md").write_text(table + "\n")
+    sys.stdout.write(table + "\n")
     return 0
 
 

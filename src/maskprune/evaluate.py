@@ -77,3 +77,83 @@ def perplexity(model: torch.nn.Module, windows: torch.Tensor, *, batch_size: int
                             windows=int(use.shape[0]), total_windows=int(total),
                             tokens_scored=count, bos=bos, dtype=dtype,
                             seconds=time.perf_counter() - start)
+
+
+# ---- the full protocol: perplexity at several window lengths + zero-shot tasks --------------------
+PAPER_COLUMNS = (("boolq", "BoolQ"), ("piqa", "PIQA"), ("hellaswag", "HellaSwag"), ("winogrande", "WinoGrande"),
+                 ("arc_easy", "ARC-e"), ("arc_challenge", "ARC-c"), ("openbookqa", "OBQA"))
+
+
+def evaluate_model(model: torch.nn.Module, tokenizer, *, seq_lens: list[int], ppl_data: str = "default",
+                   tasks: list[str] | None = None, data_dir: str | None = None, limit: int | None = None,
+                   batch_size: int = 4, autocast_dtype: torch.dtype | None = None,
+                   progress: bool = True) -> dict:
+    """Perplexity (WikiText-2 raw test) at every ``seq_len`` and zero-shot ``tasks`` via lm-eval.
+
+    ``limit`` caps both the perplexity windows and the examples per task (quick looks only).
+    """
+    from .data import wikitext2_test_text
+
+    out: dict = {"params": sum(p.numel() for p in model.parameters()),
+                 "shape": {k: getattr(model.config, k, None) for k in
+                           ("num_hidden_layers", "num_attention_heads", "num_key_value_heads", "head_dim",
+                            "intermediate_size", "hidden_size")},
+                 "perplexity": {}, "zeroshot": None}
+    if seq_lens:
+        text = wikitext2_test_text(ppl_data)
+        out["perplexity_protocol"] = {"data": f"WikiText-2 raw test ({ppl_data})", "join": "rows joined with \\n\\n",
+                                      "windows": "non-overlapping, remainder dropped",
+                                      "metric": "exp(mean token NLL)"}
+        for n in seq_lens:
+            windows, bos = tokenize_windows(text, tokenizer, n)
+            out["perplexity"][str(n)] = perplexity(model, windows, batch_size=max(1, batch_size * 512 // max(n, 512)),
+                                                   max_windows=limit, autocast_dtype=autocast_dtype, bos=bos,
+                                                   progress=progress, desc=f"wikitext2@{n}").to_dict()
+    if tasks:
+        from .zeroshot import run_zeroshot
+
+        out["zeroshot"] = run_zeroshot(model, tokenizer, tasks, data_dir=data_dir, limit=limit,
+                                       batch_size=batch_size, progress=progress)
+    return out
+
+
+def format_table(results: dict[str, dict], dense_key: str | None = None) -> str:
+    """The paper's table layout (markdown) for one or more evaluated models; with ``dense_key``,
+    a row of the share of the dense model's score that each other model retains."""
+    ppl_lens = sorted({int(k) for r in results.values() for k in r.get("perplexity", {})}, reverse=True)
+    tasks = [(t, name) for t, name in PAPER_COLUMNS
+             if any((r.get("zeroshot") or {}).get("tasks", {}).get(t) for r in results.values())]
+    head = ["model", "params"] + [f"WikiText2@{n}" for n in ppl_lens] + [name for _, name in tasks]
+    if tasks:
+        head.append("Avg")
+    lines = ["| " + " | ".join(head) + " |", "|" + " --- |" * len(head)]
+
+    def cells(r: dict) -> list[float | None]:
+        vals: list[float | None] = [r.get("perplexity", {}).get(str(n), {}).get("ppl") for n in ppl_lens]
+        zs = (r.get("zeroshot") or {}).get("tasks", {})
+        for t, _ in tasks:
+            e = zs.get(t)
+            vals.append(100 * e[e["average_uses"]] if e and e.get(e["average_uses"]) is not None else None)
+        if tasks:
+            av = (r.get("zeroshot") or {}).get("average")
+            vals.append(100 * av if av is not None else None)
+        return vals
+
+    for name, r in results.items():
+        lines.append("| " + " | ".join([name, f"{r['params'] / 1e6:.1f}M"] +
+                                        [f"{v:.2f}" if v is not None else "-" for v in cells(r)]) + " |")
+    if dense_key and dense_key in results:
+        base = cells(results[dense_key])
+        for name, r in results.items():
+            if name == dense_key:
+                continue
+            share = []
+            for i, (b, v) in enumerate(zip(base, cells(r))):
+                if b is None or v is None:
+                    share.append("-")
+                elif i < len(ppl_lens):
+                    share.append(f"{b / v:.0%}")  # perplexity: lower is better, dense / pruned
+                else:
+                    share.append(f"{v / b:.0%}")
+            lines.append("| " + " | ".join([f"{name} / dense retained", f"{r['params'] / results[dense_key]['params']:.0%}"] + share) + " |")
+    return "\n".join(lines)

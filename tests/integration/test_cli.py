@@ -52,6 +52,8 @@ def test_prune_end_to_end_writes_a_stock_checkpoint_and_report(tiny_dir, calib, 
     assert len({len(k) for k in report["kept_units"]["ffn"]}) == 1  # uniform
     lines = (out / "metrics.jsonl").read_text().splitlines()
     assert len(lines) == 60 and {"loss", "kl", "sigma_head", "sigma_ffn", "y", "z"} <= set(json.loads(lines[-1]))
+    card = (out / "README.md").read_text()
+    assert "base_model:" in card and f"{p['exported']:,}" in card and "Reproduce" in card
     model = AutoModelForCausalLM.from_pretrained(out)
     assert sum(q.numel() for q in model.parameters()) == p["exported"]
     ids = torch.tensor([[3, 4, 5, 6]])
@@ -145,6 +147,7 @@ def test_eval_perplexity_command(tiny_dir, tmp_path, capsys):
     code, stdout, err = _run(["eval", str(tiny_dir), "--seq-len", "64,32", "--limit", "3", "--out", str(out), "-q"],
                              capsys)
     assert code == 0, err
-    res = json.loads(out.read_text())
+    res = json.loads(out.read_text())["models"][str(tiny_dir)]
     assert set(res["perplexity"]) == {"64", "32"}
     assert res["perplexity"]["64"]["windows"] == 3 and res["perplexity"]["64"]["tokens_scored"] == 3 * 63
+    assert "WikiText2@64" in stdout and out.with_suffix(".md").is_file()

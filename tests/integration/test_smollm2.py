@@ -38,6 +38,7 @@ def test_smollm2_prune_20_percent_export_reload_generate(tmp_path, capsys):
         assert math.isfinite(report["perplexity"][key]["ppl"])
     assert report["perplexity"]["dense"]["ppl"] < 60  # the dequantized model is a working LM
 
+    assert "license: apache-2.0" in (out / "README.md").read_text()  # carried over from the GGUF
     model = AutoModelForCausalLM.from_pretrained(out)
     tok = AutoTokenizer.from_pretrained(out)
     assert sum(q.numel() for q in model.parameters()) == p["exported"]

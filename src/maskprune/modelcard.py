@@ -1,0 +1,122 @@
+"""The model card (README.md) written into every exported checkpoint."""
+
+from __future__ import annotations
+
+import shlex
+import shutil
+import sys
+from pathlib import Path
+
+__all__ = ["write_model_card", "copy_license"]
+
+_LICENSE_FILES = ("LICENSE", "LICENSE.txt", "LICENSE.md", "license.txt", "USE_POLICY.md")
+
+
+def copy_license(source_dir: str | Path, dest: Path) -> list[str]:
+    """Copy the base model's license files (if it is a local folder) into ``dest``."""
+    copied = []
+    src = Path(source_dir)
+    if src.is_dir():
+        for name in _LICENSE_FILES:
+            if (src / name).is_file():
+                shutil.copy2(src / name, dest / name)
+                copied.append(name)
+    return copied
+
+
+def _base_license(source_dir: str | Path) -> str | None:
+    """The ``license:`` of the base model's card front matter, if it has one."""
+    card = Path(source_dir) / "README.md"
+    if not card.is_file():
+        return None
+    lines = card.read_text(encoding="utf-8", errors="replace").splitlines()
+    if not lines or lines[0].strip() != "---":
+        return None
+    for line in lines[1:]:
+        if line.strip() == "---":
+            break
+        if line.startswith("license:"):
+            return line.split(":", 1)[1].strip()
+    return None
+
+
+def write_model_card(folder: Path, report: dict, command: list[str] | None = None) -> Path:
+    """Write ``folder/README.md`` from the run report."""
+    cfg, p, shape = report["config"], report["params"], report["shape"]
+    base = report["model"]["source"]
+    license_ = _base_license(report["model"]["path"]) or "same as the base model"
+    copied = copy_license(report["model"]["path"], folder)
+    cmd = " ".join(shlex.quote(a) for a in (command or ["maskprune", *sys.argv[1:]]))
+    ppl = report.get("perplexity", {})
+    rows = []
+    for key in ("dense", "before_cut", "after_cut", "exported"):
+        r = ppl.get(key)
+        if r:
+            rows.append(f"| {key.replace('_', ' ')} | {r['ppl']:.3f} | {r['seq_len']} | {r['windows']} of "
+                        f"{r['total_windows']} | {r['dtype']} | {r['bos']} |")
+    ppl_table = ("| model | WikiText-2 ppl | seq_len | windows | dtype | BOS |\n| --- | --- | --- | --- | --- | --- |\n"
+                 + "\n".join(rows)) if rows else "Not evaluated during the run."
+    dense = shape["dense"]
+    text = f"""---
+license: {license_}
+base_model: {base}
+tags: [pruned, structured-pruning, maskprune]
+library_name: transformers
+---
+
+# {folder.name if not folder.name.startswith('.') else 'pruned model'}: {base} pruned by {100 * p['sparsity']:.1f}% with maskprune
+
+A layer-uniform structured pruning of **{base}** made with
+[maskprune](https://github.com/) (MaskPrune, arXiv 2502.14008): masks on attention heads and FFN
+channels learned by the minimax method with LoRA and distillation from the unpruned model, then the
+same units cut from every layer. It is a stock `{report['model']['model_type']}` checkpoint:
+
+```python
+from transformers import AutoModelForCausalLM, AutoTokenizer
+model = AutoModelForCausalLM.from_pretrained("PATH")
+```
+
+## Shape and size
+
+| | dense | pruned |
+| --- | --- | --- |
+| parameters (all, tied counted once) | {p['dense']:,} | {p['exported']:,} |
+| prunable parameters (heads + FFN) | {p['prunable_dense']:,} | {p['prunable_exported']:,} |
+| num_attention_heads | {dense['num_attention_heads']} | {shape['num_attention_heads']} |
+| num_key_value_heads | {dense['num_key_value_heads']} | {shape['num_key_value_heads']} |
+| intermediate_size | {dense['intermediate_size']} | {shape['intermediate_size']} |
+| head_dim | {shape['head_dim']} | {shape['head_dim']} |
+| layers | {shape['num_hidden_layers']} | {shape['num_hidden_layers']} (every one the same shape) |
+
+Sparsity: {100 * p['sparsity']:.2f}% of all parameters, {100 * p['prunable_sparsity']:.2f}% of the
+prunable ones; budget {p['budget']:,} parameters.
+
+## Method and settings
+
+GQA policy `{cfg['gqa_policy']}`; {cfg['steps']} steps of {cfg['batch_size']} x {cfg['seq_len']} tokens
+from `{cfg['calib']}`; mask lr {cfg['mask_lr']}, LoRA {'rank ' + str(cfg['lora_rank']) + ', lr ' + str(cfg['lora_lr']) if cfg['lora'] else 'off'};
+eta1..eta4 = {cfg['eta1']}, {cfg['eta2']}, {cfg['eta3']}, {cfg['eta4']}; budget warm-up over
+{cfg['warmup_share']:.0%} of the steps; distillation KL ({cfg['kl_direction']}) + {cfg['alpha']} x layer MSE;
+autocast {cfg['dtype']}. No fine-tuning after the cut. Parity of this checkpoint with the masked model
+was verified at export (max |logit difference| {report['parity']['max_abs_diff']:.2e}).
+
+## Evaluation
+
+Protocol: {ppl.get('protocol', 'n/a')}.
+
+{ppl_table}
+
+## Reproduce
+
+```bash
+{cmd}
+```
+
+## License
+
+{license_}{' (license files copied: ' + ', '.join(copied) + ')' if copied else ''}. The pruned weights
+are a derivative of the base model and carry its license.
+"""
+    out = folder / "README.md"
+    out.write_text(text, encoding="utf-8")
+    return out
