@@ -18,6 +18,7 @@ from typing import Any, Sequence
 
 from .config import PruneConfig, load_config
 from .errors import MaskPruneError
+from .learner import Interrupted
 
 __all__ = ["main", "build_parser"]
 
@@ -49,9 +50,11 @@ def _add_config_flags(p: argparse.ArgumentParser) -> None:
         hint = hints[f.name]
         help_ = f"{docs.get(f.name, '')} (default: {f.default!r})".strip()
         if hint is bool:
-            p.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction, default=None, help=help_)
+            p.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction, default=argparse.SUPPRESS,
+                           help=help_)
         else:
-            p.add_argument(flag, dest=f.name, type=_parse_value, default=None, metavar="VALUE", help=help_)
+            p.add_argument(flag, dest=f.name, type=_parse_value, default=argparse.SUPPRESS, metavar="VALUE",
+                           help=help_)
 
 
 def _parse_value(text: str) -> Any:
@@ -61,7 +64,7 @@ def _parse_value(text: str) -> Any:
             return conv(text)
         except ValueError:
             pass
-    if text.lower() in ("none", "null"):
+    if text.lower() == "null":  # as in YAML: "none" stays a word (e.g. --eval-data none)
         return None
     return text
 
@@ -103,7 +106,7 @@ def _run_prune(args: argparse.Namespace, progress: bool) -> int:
     from .pipeline import prune
 
     overrides = {f.name: getattr(args, f.name) for f in dataclasses.fields(PruneConfig)
-                 if f.name != "model" and getattr(args, f.name, None) is not None}
+                 if f.name != "model" and hasattr(args, f.name)}
     if args.model is not None:
         overrides["model"] = args.model
     cfg = load_config(args.config, overrides)
@@ -175,6 +178,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         log.error("%s", exc)
         sys.stderr.write(f"maskprune: error: {exc}\n")
         return 2
+    except Interrupted as exc:
+        sys.stderr.write(f"maskprune: interrupted at step {exc.step}; a checkpoint was written. Run the same "
+                         "command with --resume to continue.\n")
+        return 130
     except KeyboardInterrupt:
         sys.stderr.write("maskprune: interrupted\n")
         return 130

@@ -109,7 +109,15 @@ class PruneConfig:
     eval_max_windows: int | None = 16
     """Windows evaluated during prune (None: all). ``maskprune eval`` measures the full protocol."""
 
+    resume: bool = False
+    """Continue from the newest valid checkpoint in ``<out>.checkpoints``."""
+    checkpoint_every: int = 25
+    """Write a learner checkpoint every N steps (and on SIGINT / SIGTERM); 0 disables periodic ones."""
+    keep_checkpoints: int = 2
+    """How many of the newest checkpoints to keep."""
+
     trust_remote_code: bool = False
+    """Allow model code from the hub (off: only stock transformers classes run)."""
     log_every: int = 1
 
     # ---- derived ---------------------------------------------------------------------------
@@ -132,7 +140,9 @@ class PruneConfig:
                                 f"found {self.sparsity!r}: pass e.g. --sparsity 0.5")
         elif self.budget_params <= 0:
             problems.append(f"budget_params must be a positive parameter count, found {self.budget_params}")
-        for name in ("calib_samples", "seq_len", "batch_size", "steps", "lora_rank", "head_multiple",
+        if self.checkpoint_every < 0:
+            problems.append(f"checkpoint_every must be >= 0, found {self.checkpoint_every}")
+        for name in ("calib_samples", "seq_len", "batch_size", "steps", "lora_rank", "head_multiple", "keep_checkpoints",
                      "ffn_multiple", "eval_seq_len", "log_every", "ffn_prox_start", "ffn_prox_end"):
             v = getattr(self, name)
             if v < 1:
@@ -215,7 +225,7 @@ def load_config(file: str | Path | None = None, overrides: Mapping[str, Any] | N
             raise MaskPruneError(f"config file {str(path)!r} must hold a mapping of keys to values",
                                  found=type(loaded).__name__)
         values.update(loaded)
-    values.update({k: v for k, v in (overrides or {}).items() if v is not None})
+    values.update(overrides or {})
     hints = typing.get_type_hints(PruneConfig)
     known = {f.name for f in dataclasses.fields(PruneConfig)}
     problems: list[str] = []

@@ -21,7 +21,7 @@ from .errors import NonFiniteError
 from .losses import distillation_loss
 from .masks import MaskSet, Structure, bypass
 
-__all__ = ["LearnState", "Learner", "attach_lora", "autocast_dtype"]
+__all__ = ["LearnState", "Learner", "Interrupted", "attach_lora", "autocast_dtype"]
 
 _DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": None}
 
@@ -104,7 +104,7 @@ class Learner:
                 alpha=cfg.alpha, direction=cfg.kl_direction, labels=batch, ce_weight=cfg.ce_weight)
         loss = terms["loss"]
         if not torch.isfinite(loss):
-            raise NonFiniteError(f"the loss became {float(loss)} at step {t}",
+            raise NonFiniteError(f"the loss became {float(loss.detach())} at step {t}",
                                  fix="lower mask_lr / lora_lr or use --dtype fp32; the last "
                                      "checkpoint is intact")
         self.optimizer.zero_grad(set_to_none=True)
@@ -168,9 +168,55 @@ class Learner:
             raise NonFiniteError(f"non-finite values ({', '.join(bad)}) at step {t}",
                                  fix="lower eta1..eta4 or the learning rates")
 
-    def run(self) -> LearnState:
+    # ---- checkpoint state --------------------------------------------------------------------
+    def _lora_params(self) -> dict[str, torch.Tensor]:
+        return {n: p for n, p in self.model.named_parameters() if "lora_" in n and p.requires_grad}
+
+    def state_dict(self) -> dict:
+        """Everything the next step depends on (the data position is a function of the step)."""
+        return {"state": self.state.to_dict(),
+                "masks": {k: p.detach().cpu().clone() for k, p in self.masks.by_kind().items()},
+                "lora": {n: p.detach().cpu().clone() for n, p in self._lora_params().items()},
+                "optimizer": self.optimizer.state_dict(),
+                "rng": torch.get_rng_state()}
+
+    @torch.no_grad()
+    def load_state_dict(self, payload: dict) -> None:
+        st = payload["state"]
+        self.state = LearnState(step=int(st["step"]), sigma=dict(st["sigma"]), y=float(st["y"]), z=float(st["z"]))
+        for k, p in self.masks.by_kind().items():
+            p.copy_(payload["masks"][k].to(p.device))
+        lora = self._lora_params()
+        if set(lora) != set(payload["lora"]):
+            raise ValueError("the checkpoint's LoRA parameters do not match this model's")
+        for n, p in lora.items():
+            p.copy_(payload["lora"][n].to(p.device))
+        self.optimizer.load_state_dict(payload["optimizer"])
+        torch.set_rng_state(payload["rng"])
+
+    def run(self, *, checkpoint: Callable[["Learner"], None] | None = None, every: int = 0,
+            should_stop: Callable[[], bool] | None = None) -> LearnState:
+        """Step until ``cfg.steps``. ``checkpoint(self)`` is called every ``every`` steps and, when
+        ``should_stop()`` turns true (a signal), once more before :class:`Interrupted` is raised."""
         self.model.train()
-        while self.state.step < self.cfg.steps:
-            self.step()
-        self.model.eval()
+        try:
+            while self.state.step < self.cfg.steps:
+                self.step()
+                if should_stop is not None and should_stop():
+                    if checkpoint is not None:
+                        checkpoint(self)
+                    raise Interrupted(self.state.step)
+                if checkpoint is not None and every and self.state.step % every == 0 \
+                        and self.state.step < self.cfg.steps:
+                    checkpoint(self)
+        finally:
+            self.model.eval()
         return self.state
+
+
+class Interrupted(Exception):
+    """Learning stopped on request (SIGINT / SIGTERM) after a checkpoint was written."""
+
+    def __init__(self, step: int) -> None:
+        super().__init__(f"stopped at step {step}")
+        self.step = step

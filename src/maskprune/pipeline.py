@@ -11,7 +11,9 @@ import logging
 import os
 import platform
 import shutil
+import signal
 import tempfile
+import threading
 import time
 from contextlib import contextmanager
 from dataclasses import replace
@@ -23,6 +25,7 @@ from tqdm.auto import tqdm
 
 from . import __version__
 from .arch import count_parameters, get_adapter
+from .checkpoint import config_fingerprint, list_checkpoints, load_latest, save_checkpoint
 from .config import PruneConfig
 from .cut import cut_mass_share, plan_cut
 from .data import calibration_windows, wikitext2_test_text
@@ -110,6 +113,7 @@ def prune(cfg: PruneConfig, *, progress: bool = True) -> dict:
     cfg.validate()
     out = Path(cfg.out) if cfg.out else default_out(cfg)
     check_output_path(out, cfg.overwrite)
+    _check_checkpoints(out, cfg)
     device = resolve_device(cfg.device)
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
@@ -157,8 +161,11 @@ def prune(cfg: PruneConfig, *, progress: bool = True) -> dict:
                     "machine": _machine(device)}
     ppl_dense = ppl(model, "dense")
 
+    ckpt_dir = checkpoint_dir(out)
     with _staging(out, cfg.overwrite) as tmp:
-        metrics_file = open(tmp / "metrics.jsonl", "w", encoding="utf-8")
+        metrics_path = ckpt_dir / "metrics.jsonl"
+        ckpt_dir.mkdir(parents=True, exist_ok=True)
+        metrics_file = open(metrics_path, "a", encoding="utf-8")
         try:
             if cfg.lora:
                 model = attach_lora(model, cfg.lora_targets, rank=cfg.lora_rank, alpha=cfg.lora_alpha,
@@ -179,11 +186,24 @@ def prune(cfg: PruneConfig, *, progress: bool = True) -> dict:
                                     size=f"{m['size_at_cut'] / 1e6:.1f}M/{budget / 1e6:.1f}M")
 
             learner = Learner(model, masks, windows, cfg, budget, on_step=on_step)
-            with phases("learn"):
-                state = learner.run()
+            if cfg.resume:
+                _resume(learner, ckpt_dir, cfg, metrics_path, metrics_file)
+                bar.update(learner.state.step)
+
+            def write_checkpoint(lrn: Learner) -> None:
+                metrics_file.flush()
+                os.fsync(metrics_file.fileno())
+                payload = {**lrn.state_dict(), "config": config_fingerprint(cfg.to_dict()), "budget": budget}
+                path = save_checkpoint(ckpt_dir, payload, lrn.state.step, cfg.keep_checkpoints)
+                log.info("checkpoint %s", path)
+
+            with phases("learn"), _stop_on_signals() as stop:
+                state = learner.run(checkpoint=write_checkpoint, every=cfg.checkpoint_every,
+                                    should_stop=lambda: stop["requested"])
             bar.close()
         finally:
             metrics_file.close()
+        shutil.copy2(metrics_path, tmp / "metrics.jsonl")
 
         with phases("cut"):
             plan = plan_cut(structure, sigma_head=state.sigma["head"], budget=budget,
@@ -241,11 +261,77 @@ def prune(cfg: PruneConfig, *, progress: bool = True) -> dict:
         (tmp / "maskprune_report.json").write_text(json.dumps(report, indent=1))
         write_model_card(tmp, report)
         torch.save({"head": soft_head, "ffn": soft_ffn}, tmp / "masks.pt")
+    shutil.rmtree(ckpt_dir, ignore_errors=True)  # the run is complete; its checkpoints are spent
     log.info("wrote %s: %d -> %d parameters (%.1f%% removed), %d heads / %d KV / FFN %d per layer",
              out, structure.dense_params, exported, 100 * report["params"]["sparsity"],
              base.config.num_attention_heads, base.config.num_key_value_heads, base.config.intermediate_size)
     report["out"] = str(out)
     return report
+
+
+def checkpoint_dir(out: Path) -> Path:
+    """Where a run keeps its checkpoints and metrics until it completes: ``<out>.checkpoints``."""
+    return out.with_name(out.name + ".checkpoints")
+
+
+def _check_checkpoints(out: Path, cfg: PruneConfig) -> None:
+    """Refuse to silently mix runs: resume needs a checkpoint, a fresh run needs none (or --overwrite)."""
+    ckpt_dir = checkpoint_dir(out)
+    found = list_checkpoints(ckpt_dir)
+    if cfg.resume and not found:
+        raise MaskPruneError(f"--resume: no checkpoint in {str(ckpt_dir)!r}",
+                             fix="run without --resume to start, or pass the same --out as the interrupted run")
+    if not cfg.resume and ckpt_dir.exists():
+        if not cfg.overwrite:
+            raise MaskPruneError(f"an earlier, unfinished run left checkpoints in {str(ckpt_dir)!r}",
+                                 fix="pass --resume to continue it, or --overwrite to start over")
+        shutil.rmtree(ckpt_dir)
+
+
+def _resume(learner: Learner, ckpt_dir: Path, cfg: PruneConfig, metrics_path: Path, metrics_file) -> None:
+    loaded = load_latest(ckpt_dir)
+    if loaded is None:
+        raise MaskPruneError(f"--resume: every checkpoint in {str(ckpt_dir)!r} is unreadable",
+                             fix="pass --overwrite to start over")
+    payload, path = loaded
+    mine, theirs = config_fingerprint(cfg.to_dict()), payload.get("config", {})
+    diff = sorted(k for k in set(mine) | set(theirs) if mine.get(k) != theirs.get(k))
+    if diff:
+        raise MaskPruneError("--resume: the configuration differs from the interrupted run's",
+                             found=", ".join(f"{k}: {theirs.get(k)!r} -> {mine.get(k)!r}" for k in diff),
+                             fix="resume with the same settings, or --overwrite to start over")
+    learner.load_state_dict(payload)
+    step = learner.state.step
+    # keep the metrics of the steps the checkpoint covers, drop any written after it
+    metrics_file.flush()
+    lines = metrics_path.read_text(encoding="utf-8").splitlines(keepends=True)
+    kept = [ln for ln in lines if ln.strip() and json.loads(ln)["step"] < step]
+    metrics_file.seek(0)
+    metrics_file.truncate()
+    metrics_file.writelines(kept)
+    log.info("resumed from %s at step %d", path.name, step)
+
+
+@contextmanager
+def _stop_on_signals() -> Iterator[dict]:
+    """SIGINT / SIGTERM ask the learner to checkpoint and stop after the current step."""
+    flag = {"requested": False}
+
+    def handler(signum, _frame) -> None:
+        if flag["requested"]:  # a second signal: stop now
+            raise KeyboardInterrupt
+        flag["requested"] = True
+        log.warning("signal %d: writing a checkpoint after this step, then stopping", signum)
+
+    if threading.current_thread() is not threading.main_thread():
+        yield flag
+        return
+    old = {sig: signal.signal(sig, handler) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield flag
+    finally:
+        for sig, h in old.items():
+            signal.signal(sig, h)
 
 
 def _summary(t: torch.Tensor) -> dict:
