@@ -99,6 +99,8 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--device", default="auto")
     e.add_argument("--out", type=Path, default=None, help="write results JSON here (and a .md table beside it)")
     e.add_argument("--trust-remote-code", action="store_true")
+    r = sub.add_parser("report", help="figures and an HTML page for a finished prune run")
+    r.add_argument("run_dir", type=Path, help="the --out folder of `maskprune prune`")
     return parser
 
 
@@ -173,6 +175,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         if args.command == "prune":
             return _run_prune(args, progress)
+        if args.command == "report":
+            from .report import make_report
+
+            sys.stdout.write(f"{make_report(args.run_dir)}\n")
+            return 0
         return _run_eval(args, progress)
     except MaskPruneError as exc:
         log.error("%s", exc)

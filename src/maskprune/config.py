@@ -109,6 +109,8 @@ class PruneConfig:
     eval_max_windows: int | None = 16
     """Windows evaluated during prune (None: all). ``maskprune eval`` measures the full protocol."""
 
+    report: bool = True
+    """Draw the report figures and HTML page into ``<out>/report`` at the end."""
     resume: bool = False
     """Continue from the newest valid checkpoint in ``<out>.checkpoints``."""
     checkpoint_every: int = 25

@@ -149,6 +149,7 @@ class Learner:
             "size_at_cut": s.params_after(k_new["head"], k_new["ffn"]),
             "violation": violation, "prox_head": prox["head"], "prox_ffn": prox["ffn"],
             "ffn_prox_interval": interval,
+            "ffn_alive_std": float((self.masks.ffn.detach() > 0.05).sum(dim=(1, 2)).float().std()),
             "mask_mean_head": float(self.masks.head.detach().mean()),
             "mask_mean_ffn": float(self.masks.ffn.detach().mean()),
             "lr_mask": self.optimizer.param_groups[0]["lr"],

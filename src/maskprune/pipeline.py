@@ -35,6 +35,7 @@ from .export import fold_and_slice_, harden_, masked_logits, save_and_verify, se
 from .learner import Learner, attach_lora, autocast_dtype
 from .masks import MaskSet, Structure
 from .modelcard import write_model_card
+from .report import make_report
 from .models import load_model
 
 __all__ = ["prune", "check_output_path", "resolve_device"]
@@ -259,8 +260,11 @@ def prune(cfg: PruneConfig, *, progress: bool = True) -> dict:
             "seconds": {**phases.seconds, "total": round(time.perf_counter() - t_start, 3)},
         })
         (tmp / "maskprune_report.json").write_text(json.dumps(report, indent=1))
-        write_model_card(tmp, report)
         torch.save({"head": soft_head, "ffn": soft_ffn}, tmp / "masks.pt")
+        write_model_card(tmp, report)
+        if cfg.report:
+            with phases("report"):
+                make_report(tmp)
     shutil.rmtree(ckpt_dir, ignore_errors=True)  # the run is complete; its checkpoints are spent
     log.info("wrote %s: %d -> %d parameters (%.1f%% removed), %d heads / %d KV / FFN %d per layer",
              out, structure.dense_params, exported, 100 * report["params"]["sparsity"],

@@ -151,3 +151,27 @@ def test_eval_perplexity_command(tiny_dir, tmp_path, capsys):
     assert set(res["perplexity"]) == {"64", "32"}
     assert res["perplexity"]["64"]["windows"] == 3 and res["perplexity"]["64"]["tokens_scored"] == 3 * 63
     assert "WikiText2@64" in stdout and out.with_suffix(".md").is_file()
+
+
+def test_report_figures_are_valid_images_of_the_expected_size(tiny_dir, calib, tmp_path, capsys):
+    from PIL import Image
+
+    from maskprune.report import FIG_SIZE_PX, FIGURES
+
+    out = tmp_path / "run"
+    code, _, err = _run(["prune", str(tiny_dir), "--steps", "12", "--out", str(out), "--calib", str(calib),
+                         "--no-report", *FAST], capsys)
+    assert code == 0, err
+    assert not (out / "report").exists()
+    code, stdout, err = _run(["report", str(out), "-q"], capsys)
+    assert code == 0, err
+    for name in FIGURES:
+        path = out / "report" / f"{name}.png"
+        with Image.open(path) as im:
+            im.verify()
+        with Image.open(path) as im:
+            assert im.format == "PNG" and im.size == FIG_SIZE_PX, name
+            assert len(set(im.convert("L").getdata())) > 10, f"{name} looks blank"
+    page = (out / "report" / "index.html").read_text()
+    assert page.count("data:image/png;base64,") == len(FIGURES)
+    _assert_refused(["report", str(tmp_path / "nope"), "-q"], capsys, "not a complete maskprune run folder")
