@@ -111,6 +111,12 @@ class PruneConfig:
 
     report: bool = True
     """Draw the report figures and HTML page into ``<out>/report`` at the end."""
+    eval_tasks: str = ""
+    """Zero-shot lm-eval tasks run on the dense and the exported model (comma-separated, or ``paper``)."""
+    eval_data_dir: str | None = None
+    """Local task data for ``eval_tasks`` (offline); see ``maskprune eval --data-dir``."""
+    eval_limit: int | None = None
+    """Examples per zero-shot task (None: all)."""
     resume: bool = False
     """Continue from the newest valid checkpoint in ``<out>.checkpoints``."""
     checkpoint_every: int = 25

@@ -36,6 +36,7 @@ from .learner import Learner, attach_lora, autocast_dtype
 from .masks import MaskSet, Structure
 from .modelcard import write_model_card
 from .report import make_report
+from .zeroshot import resolve_tasks, run_zeroshot
 from .models import load_model
 
 __all__ = ["prune", "check_output_path", "resolve_device"]
@@ -115,6 +116,13 @@ def prune(cfg: PruneConfig, *, progress: bool = True) -> dict:
     out = Path(cfg.out) if cfg.out else default_out(cfg)
     check_output_path(out, cfg.overwrite)
     _check_checkpoints(out, cfg)
+    if cfg.eval_tasks:
+        resolve_tasks(cfg.eval_tasks)
+        if cfg.eval_data_dir is not None:
+            from .zeroshot import load_local_rows
+
+            for t in resolve_tasks(cfg.eval_tasks):
+                load_local_rows(t, cfg.eval_data_dir)  # a missing or malformed file fails now, not after learning
     device = resolve_device(cfg.device)
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
@@ -161,6 +169,16 @@ def prune(cfg: PruneConfig, *, progress: bool = True) -> dict:
                               "model_type": model.config.model_type},
                     "machine": _machine(device)}
     ppl_dense = ppl(model, "dense")
+    tasks = resolve_tasks(cfg.eval_tasks) if cfg.eval_tasks else []
+
+    def zeroshot(m: torch.nn.Module, desc: str) -> dict | None:
+        if not tasks:
+            return None
+        with phases(f"zeroshot_{desc}"):
+            return run_zeroshot(m, tok, tasks, data_dir=cfg.eval_data_dir, limit=cfg.eval_limit,
+                                batch_size=cfg.batch_size, progress=progress)
+
+    zs_dense = zeroshot(model, "dense")
 
     ckpt_dir = checkpoint_dir(out)
     with _staging(out, cfg.overwrite) as tmp:
@@ -229,6 +247,7 @@ def prune(cfg: PruneConfig, *, progress: bool = True) -> dict:
             raise MaskPruneError("internal accounting error: exported parameter count differs from the plan",
                                  expected=str(plan.params), found=str(exported))
         ppl_exported = ppl(base, "exported")
+        zs_exported = zeroshot(base, "exported")
         prunable_kept = structure.prunable_params - (structure.dense_params - exported)
         report.update({
             "params": {"dense": structure.dense_params, "budget": budget, "exported": exported,
@@ -256,6 +275,7 @@ def prune(cfg: PruneConfig, *, progress: bool = True) -> dict:
             "perplexity": {"protocol": "WikiText-2 raw test, non-overlapping windows, exp(mean NLL)",
                            "dense": ppl_dense, "before_cut": ppl_before_cut, "after_cut": ppl_after_cut,
                            "exported": ppl_exported},
+            "zeroshot": {"dense": zs_dense, "exported": zs_exported} if tasks else None,
             "parity": parity.to_dict(),
             "seconds": {**phases.seconds, "total": round(time.perf_counter() - t_start, 3)},
         })

@@ -104,3 +104,22 @@ def test_real_piqa_on_smollm2_with_limit():
                        batch_size=8, progress=False)
     e = res["tasks"]["piqa"]
     assert e["n"] == 40 and 0.4 <= e["acc"] <= 1.0  # a working 135M model is above chance on PIQA
+
+
+def test_prune_evaluates_dense_and_exported_with_the_same_machinery(tmp_path, capsys):
+    from maskprune.cli import main
+
+    root = write_all_formats(tmp_path / "data")
+    model = tiny.save_tiny(tmp_path / "m", "llama_gqa")
+    calib = tiny.write_calib(tmp_path / "c.jsonl")
+    out = tmp_path / "o"
+    args = ["-q", "prune", str(model), "--steps", "4", "--seq-len", "32", "--calib-samples", "8", "--calib", str(calib),
+            "--eval-seq-len", "64", "--eval-max-windows", "2", "--dtype", "fp32", "--no-report",
+            "--eval-tasks", "piqa,boolq", "--eval-data-dir", str(root), "--out", str(out)]
+    assert main(args) == 0, capsys.readouterr().err
+    zs = json.loads((out / "maskprune_report.json").read_text())["zeroshot"]
+    assert set(zs["dense"]["tasks"]) == set(zs["exported"]["tasks"]) == {"piqa", "boolq"}
+    # a missing task file is refused before any learning
+    bad = tmp_path / "o2"
+    assert main([*args[:-1], str(bad), "--eval-tasks", "hellaswag", "--eval-data-dir", str(tmp_path)]) == 2
+    assert "hellaswag: no data file found" in capsys.readouterr().err and not bad.exists()
