@@ -196,8 +196,16 @@ def prune(cfg: PruneConfig, *, progress: bool = True) -> dict:
             masks = MaskSet(structure).to(device).attach(model)
             bar = tqdm(total=cfg.steps, desc="learn masks", disable=not progress, dynamic_ncols=True)
 
+            learn_start = [time.perf_counter(), 0]
+
             def on_step(m: dict) -> None:
                 metrics_file.write(json.dumps(m) + "\n")
+                learn_start[1] += 1
+                if learn_start[1] == 3:  # say up front how long this will take
+                    per_step = (time.perf_counter() - learn_start[0]) / 3
+                    remaining = per_step * (cfg.steps - m["step"] - 1)
+                    log.info("mask learning: %.1f s/step, about %.0f min left for %d steps (then cut, export, eval)",
+                             per_step, remaining / 60, cfg.steps)
                 bar.update(1)
                 if m["step"] % cfg.log_every == 0:
                     bar.set_postfix(loss=f"{m['loss']:.3f}", s_head=f"{m['sigma_head']:.2f}",

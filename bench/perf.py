@@ -1,0 +1,315 @@
+"""Performance of maskprune on this machine, as ratios measured in one run.
+
+1. Step throughput: tokens/s of the mask-learning step on SmolLM2-135M against the bound set by its
+   matmul FLOPs (teacher forward + student forward and backward, counted from the shapes) divided
+   by this machine's bf16 matmul rate on the model's own GEMM shapes, both measured here.
+2. Memory: peak RSS of mask learning vs the same loop without the teacher (fresh processes).
+3. Payoff: exported models vs dense in stock transformers: prefill (1 x 512, 8 x 128) and decode
+   (128 new tokens, KV cache) tokens/s, against the ideal given by per-token matmul FLOPs; and a
+   non-uniform model with the same budget (FFN widths spread over layers) for comparison.
+4. Evaluation: WikiText-2 perplexity time vs a bare batched forward loop over the same windows.
+
+    python bench/perf.py --pruned runs/smollm2-135m-s20 runs/smollm2-135m-s50 [--steps 6]
+
+Writes bench/results/<date>-perf.{json,md}.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import resource
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parent
+
+
+def _timeit(fn, repeat: int = 3, warmup: int = 1) -> float:
+    for _ in range(warmup):
+        fn()
+    best = float("inf")
+    for _ in range(repeat):
+        t = time.perf_counter()
+        fn()
+        best = min(best, time.perf_counter() - t)
+    return best
+
+
+def linear_shapes(model) -> list[tuple[int, int]]:
+    """(in, out) of every matmul a token goes through: all nn.Linear layers (LM head included)."""
+    return [(m.in_features, m.out_features) for m in model.modules() if isinstance(m, torch.nn.Linear)]
+
+
+def matmul_flops_per_token(model, seq_len: int) -> float:
+    """2 * (linear weights) + attention scores and values (4 * T * H * D per layer, causal half)."""
+    lin = sum(2 * i * o for i, o in linear_shapes(model))
+    cfg = model.config
+    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+    attn = cfg.num_hidden_layers * 4 * cfg.num_attention_heads * head_dim * seq_len / 2
+    return lin + attn
+
+
+def bf16_matmul_rate(model, tokens: int) -> float:
+    """FLOP/s of bf16 matmuls on the model's own GEMM shapes with ``tokens`` rows."""
+    shapes = sorted(set(linear_shapes(model)))
+    total_flops, total_s = 0.0, 0.0
+    for i, o in shapes:
+        a = torch.randn(tokens, i, dtype=torch.bfloat16)
+        w = torch.randn(o, i, dtype=torch.bfloat16)
+        s = _timeit(lambda: torch.nn.functional.linear(a, w), repeat=5)
+        count = sum(1 for x in linear_shapes(model) if x == (i, o))
+        total_flops += 2 * tokens * i * o * count
+        total_s += s * count
+    return total_flops / total_s
+
+
+def step_throughput(args) -> dict:
+    from maskprune import load_config
+    from maskprune.arch import get_adapter
+    from maskprune.data import calibration_windows
+    from maskprune.learner import Learner, attach_lora
+    from maskprune.masks import MaskSet, Structure
+    from maskprune.models import load_model
+
+    loaded = load_model("smollm2-135m")
+    model, tok = loaded.model, loaded.tokenizer
+    tokens = args.batch_size * args.seq_len
+    rate = bf16_matmul_rate(model, tokens)
+    flops_tok = matmul_flops_per_token(model, args.seq_len)
+    cfg = load_config(overrides=dict(steps=args.steps + 2, seq_len=args.seq_len, batch_size=args.batch_size,
+                                      sparsity=0.5, dtype="bf16"))
+    adapter = get_adapter("llama")
+    structure = Structure.of(model, adapter, "query")
+    model = attach_lora(model, cfg.lora_targets, rank=cfg.lora_rank, alpha=cfg.lora_alpha,
+                        adapter_names={r: getattr(adapter, f"{r}_name") for r in cfg.lora_targets})
+    masks = MaskSet(structure).attach(model)
+    windows = calibration_windows("default", tok, seq_len=args.seq_len, num_windows=64)
+    learner = Learner(model, masks, windows, cfg, cfg.budget_for(structure.dense_params))
+    model.train()
+    learner.step()
+    learner.step()  # warm-up
+    times = []
+    for _ in range(args.steps):
+        t = time.perf_counter()
+        learner.step()
+        times.append(time.perf_counter() - t)
+    step_s = sorted(times)[len(times) // 2]
+    # teacher forward (2F) + student forward (2F) + student backward to activations (2F); LoRA and
+    # mask gradients are negligible next to the frozen weights' activation gradients.
+    step_flops = 3 * flops_tok * tokens
+    bound_s = step_flops / rate
+    return {"tokens_per_step": tokens, "step_seconds_median": step_s, "tokens_per_s": tokens / step_s,
+            "bf16_matmul_tflops": rate / 1e12, "flops_per_step": step_flops, "bound_seconds": bound_s,
+            "bound_tokens_per_s": tokens / bound_s, "fraction_of_bound": bound_s / step_s}
+
+
+_MEM_CHILD = r"""
+import resource, sys
+from maskprune import load_config
+from maskprune.arch import get_adapter
+from maskprune.data import calibration_windows
+from maskprune.learner import Learner, attach_lora
+from maskprune.masks import MaskSet, Structure
+from maskprune.models import load_model
+loaded = load_model("smollm2-135m"); model, tok = loaded.model, loaded.tokenizer
+cfg = load_config(overrides=dict(steps=10, seq_len=int(sys.argv[2]), batch_size=int(sys.argv[3]), sparsity=0.5))
+ad = get_adapter("llama"); st = Structure.of(model, ad, "query")
+model = attach_lora(model, cfg.lora_targets, rank=8, alpha=16, adapter_names={r: getattr(ad, f"{r}_name") for r in cfg.lora_targets})
+masks = MaskSet(st).attach(model)
+w = calibration_windows("default", tok, seq_len=cfg.seq_len, num_windows=32)
+lrn = Learner(model, masks, w, cfg, cfg.budget_for(st.dense_params))
+model.train()
+for _ in range(3):
+    lrn.step()
+print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
+"""
+
+
+def peak_rss_mb(teacher: bool, seq_len: int, batch: int) -> float:
+    code = _MEM_CHILD if teacher else _MEM_CHILD_NO_TEACHER
+    out = subprocess.run([sys.executable, "-c", code, "1" if teacher else "0", str(seq_len), str(batch)],
+                         capture_output=True, text=True, check=True, env={**os.environ, "TQDM_DISABLE": "1"})
+    return int(out.stdout.strip().splitlines()[-1]) / 1024
+
+
+_MEM_CHILD_NO_TEACHER = r"""
+import resource, sys, torch
+from maskprune import load_config
+from maskprune.arch import get_adapter
+from maskprune.data import calibration_windows
+from maskprune.learner import attach_lora
+from maskprune.losses import distillation_loss
+from maskprune.masks import MaskSet, Structure
+from maskprune.models import load_model
+loaded = load_model("smollm2-135m"); model, tok = loaded.model, loaded.tokenizer
+seq, bs = int(sys.argv[2]), int(sys.argv[3])
+ad = get_adapter("llama"); st = Structure.of(model, ad, "query")
+model = attach_lora(model, ("q","k","v","o","gate","up","down"), rank=8, alpha=16, adapter_names={r: getattr(ad, f"{r}_name") for r in ("q","k","v","o","gate","up","down")})
+masks = MaskSet(st).attach(model)
+w = calibration_windows("default", tok, seq_len=seq, num_windows=32)
+params = list(masks.parameters()) + [p for n, p in model.named_parameters() if "lora_" in n]
+opt = torch.optim.AdamW(params, lr=1e-3)
+model.train()
+for i in range(3):
+    batch = w[i * bs:(i + 1) * bs]
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = model(input_ids=batch, use_cache=False)
+        target = out.logits.detach()  # stands in for the teacher's logits: no teacher pass
+        loss = distillation_loss(out.logits, target)["loss"] + out.logits.float().mean() * 0
+    opt.zero_grad(); loss.backward(); opt.step()
+print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
+"""
+
+
+def throughput(model, batch: int, seq: int, new_tokens: int = 0) -> float:
+    ids = torch.randint(100, 40000, (batch, seq))
+    with torch.no_grad():
+        if new_tokens == 0:
+            s = _timeit(lambda: model(input_ids=ids, use_cache=False), repeat=3)
+            return batch * seq / s
+        gen = dict(max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False, use_cache=True)
+        prefill = _timeit(lambda: model(input_ids=ids, use_cache=False), repeat=2)
+        s = _timeit(lambda: model.generate(ids, **gen), repeat=2)
+        return batch * new_tokens / max(s - prefill, 1e-9)
+
+
+def nonuniform_like(model, widths: list[int]):
+    """A copy of ``model`` whose FFN widths per layer are ``widths`` (same total): in memory only,
+    since stock configs cannot express it (the point of layer-uniform pruning)."""
+    import copy
+
+    m = copy.deepcopy(model)
+    for layer, w in zip(m.model.layers, widths):
+        mlp = layer.mlp
+        for name in ("gate_proj", "up_proj"):
+            old = getattr(mlp, name)
+            setattr(mlp, name, torch.nn.Linear(old.in_features, w, bias=False, dtype=old.weight.dtype))
+        old = mlp.down_proj
+        mlp.down_proj = torch.nn.Linear(w, old.out_features, bias=False, dtype=old.weight.dtype)
+    return m.eval()
+
+
+def payoff(pruned: list[str]) -> dict:
+    from transformers import AutoModelForCausalLM
+
+    from maskprune.models import default_model_dir
+
+    dense = AutoModelForCausalLM.from_pretrained(default_model_dir(), dtype=torch.bfloat16).eval()
+    models = {"dense": dense}
+    for p in pruned:
+        models[Path(p).name] = AutoModelForCausalLM.from_pretrained(p, dtype=torch.bfloat16).eval()
+    # same budget as the last pruned model, FFN widths spread linearly from 0.5x to 1.5x the mean
+    last = models[Path(pruned[-1]).name]
+    L, mean = last.config.num_hidden_layers, last.config.intermediate_size
+    raw = [0.5 + i / (L - 1) for i in range(L)]
+    widths = [max(1, round(mean * r)) for r in raw]
+    widths[-1] += mean * L - sum(widths)
+    models[f"{Path(pruned[-1]).name}-nonuniform"] = nonuniform_like(last, widths)
+    rows = {}
+    for name, m in models.items():
+        row = {"params": sum(p.numel() for p in m.parameters()),
+               "flops_per_token_512": matmul_flops_per_token(m, 512),
+               "flops_per_token_128": matmul_flops_per_token(m, 128),
+               "prefill_1x512": throughput(m, 1, 512), "prefill_8x128": throughput(m, 8, 128),
+               "decode_1x128": throughput(m, 1, 16, new_tokens=128)}
+        rows[name] = row
+    d = rows["dense"]
+    for name, r in rows.items():
+        r["speedup"] = {k: r[k] / d[k] for k in ("prefill_1x512", "prefill_8x128", "decode_1x128")}
+        ideal = {"prefill_1x512": d["flops_per_token_512"] / r["flops_per_token_512"],
+                 "prefill_8x128": d["flops_per_token_128"] / r["flops_per_token_128"],
+                 "decode_1x128": d["flops_per_token_128"] / r["flops_per_token_128"]}
+        r["ideal"] = ideal
+        r["fraction_of_ideal"] = {k: r["speedup"][k] / ideal[k] for k in ideal}
+    return rows
+
+
+def eval_overhead(limit: int) -> dict:
+    from maskprune.data import wikitext2_test_text
+    from maskprune.evaluate import perplexity, tokenize_windows
+    from maskprune.models import load_model
+
+    loaded = load_model("smollm2-135m")
+    model = loaded.model
+    windows, bos = tokenize_windows(wikitext2_test_text(), loaded.tokenizer, 2048)
+    windows = windows[:limit]
+
+    def bare() -> None:
+        with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+            for i in range(0, windows.shape[0], 2):
+                model(input_ids=windows[i:i + 2], use_cache=False)
+
+    t_bare = _timeit(bare, repeat=1, warmup=1)
+    t_ppl = _timeit(lambda: perplexity(model, windows, batch_size=2, autocast_dtype=torch.bfloat16, progress=False),
+                    repeat=1, warmup=0)
+    return {"windows": int(windows.shape[0]), "seq_len": 2048, "bare_forward_s": t_bare, "perplexity_s": t_ppl,
+            "ratio": t_ppl / t_bare}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--pruned", nargs="*", default=[])
+    ap.add_argument("--steps", type=int, default=6)
+    ap.add_argument("--seq-len", type=int, default=128)
+    ap.add_argument("--batch-size", type=int, default=4)
+    ap.add_argument("--eval-windows", type=int, default=8)
+    ap.add_argument("--skip", nargs="*", default=[], choices=["step", "memory", "payoff", "eval"])
+    a = ap.parse_args()
+    res: dict = {"command": "python bench/perf.py " + " ".join(sys.argv[1:]),
+                 "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+                 "machine": {"platform": platform.platform(), "cpus": os.cpu_count(), "torch": torch.__version__,
+                             "threads": torch.get_num_threads()}}
+    if "step" not in a.skip:
+        res["step"] = step_throughput(a)
+        print(json.dumps(res["step"]), flush=True)
+    if "memory" not in a.skip:
+        with_t = peak_rss_mb(True, a.seq_len, a.batch_size)
+        without = peak_rss_mb(False, a.seq_len, a.batch_size)
+        res["memory"] = {"peak_rss_mb_with_teacher": with_t, "peak_rss_mb_without_teacher": without,
+                         "ratio": with_t / without}
+        print(json.dumps(res["memory"]), flush=True)
+    if "payoff" not in a.skip and a.pruned:
+        res["payoff"] = payoff(a.pruned)
+        print(json.dumps(res["payoff"]), flush=True)
+    if "eval" not in a.skip:
+        res["eval"] = eval_overhead(a.eval_windows)
+        print(json.dumps(res["eval"]), flush=True)
+    date = datetime.date.today().isoformat()
+    out = ROOT / "results" / f"{date}-perf.json"
+    out.write_text(json.dumps(res, indent=1))
+    lines = [f"# Performance ({res['date']})", "", f"`{res['command']}`", "", f"Machine: {res['machine']}", ""]
+    if "step" in res:
+        s = res["step"]
+        lines += ["## Mask-learning step", "", "| tokens/step | step s | tokens/s | bf16 matmul TFLOP/s | bound tokens/s | fraction of bound |",
+                  "| --- | --- | --- | --- | --- | --- |",
+                  f"| {s['tokens_per_step']} | {s['step_seconds_median']:.2f} | {s['tokens_per_s']:.0f} | "
+                  f"{s['bf16_matmul_tflops']:.3f} | {s['bound_tokens_per_s']:.0f} | {s['fraction_of_bound']:.2f} |", ""]
+    if "memory" in res:
+        m = res["memory"]
+        lines += ["## Memory", "", f"Peak RSS with teacher {m['peak_rss_mb_with_teacher']:.0f} MB, without "
+                  f"{m['peak_rss_mb_without_teacher']:.0f} MB: ratio {m['ratio']:.3f}.", ""]
+    if "payoff" in res:
+        lines += ["## Exported models vs dense (bf16, stock transformers)", "",
+                  "| model | params | prefill 1x512 speedup (ideal) | prefill 8x128 speedup (ideal) | decode speedup (ideal) |",
+                  "| --- | --- | --- | --- | --- |"]
+        for n, r in res["payoff"].items():
+            cells = [f"{r['speedup'][k]:.2f} ({r['ideal'][k]:.2f})" for k in ("prefill_1x512", "prefill_8x128", "decode_1x128")]
+            lines.append(f"| {n} | {r['params'] / 1e6:.1f}M | " + " | ".join(cells) + " |")
+        lines.append("")
+    if "eval" in res:
+        e = res["eval"]
+        lines += ["## Evaluation", "", f"Perplexity over {e['windows']} windows of {e['seq_len']}: {e['perplexity_s']:.1f} s; "
+                  f"bare forward loop {e['bare_forward_s']:.1f} s; ratio {e['ratio']:.3f}.", ""]
+    out.with_suffix(".md").write_text("\n".join(lines) + "\n")
+
+
+if __name__ == "__main__":
+    main()
