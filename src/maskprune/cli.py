@@ -113,6 +113,8 @@ def _run_prune(args: argparse.Namespace, progress: bool) -> int:
         overrides["model"] = args.model
     cfg = load_config(args.config, overrides)
     report = prune(cfg, progress=progress)
+    if "params" not in report:  # a secondary process of a distributed run: rank 0 reports
+        return 0
     p = report["params"]
     ppl = report["perplexity"]
     summary = {"out": report["out"], "params_dense": p["dense"], "params_exported": p["exported"],

@@ -117,6 +117,8 @@ class PruneConfig:
     """Local task data for ``eval_tasks`` (offline); see ``maskprune eval --data-dir``."""
     eval_limit: int | None = None
     """Examples per zero-shot task (None: all)."""
+    sync_check_every: int = 10
+    """With several processes: compare masks, s, y and z across ranks every N steps."""
     resume: bool = False
     """Continue from the newest valid checkpoint in ``<out>.checkpoints``."""
     checkpoint_every: int = 25
@@ -151,7 +153,7 @@ class PruneConfig:
         if self.checkpoint_every < 0:
             problems.append(f"checkpoint_every must be >= 0, found {self.checkpoint_every}")
         for name in ("calib_samples", "seq_len", "batch_size", "steps", "lora_rank", "head_multiple", "keep_checkpoints",
-                     "ffn_multiple", "eval_seq_len", "log_every", "ffn_prox_start", "ffn_prox_end"):
+                     "ffn_multiple", "eval_seq_len", "log_every", "sync_check_every", "ffn_prox_start", "ffn_prox_end"):
             v = getattr(self, name)
             if v < 1:
                 problems.append(f"{name} must be >= 1, found {v}")

@@ -15,9 +15,10 @@ from typing import Callable
 import torch
 from torch import nn
 
+from . import distributed as D
 from . import optim as F
 from .config import PruneConfig
-from .errors import NonFiniteError
+from .errors import MaskPruneError, NonFiniteError
 from .losses import distillation_loss
 from .masks import MaskSet, Structure, bypass
 
@@ -75,16 +76,24 @@ class Learner:
         if lora_params:
             groups.append({"params": lora_params, "lr": cfg.lora_lr, "weight_decay": 0.0})
         self.optimizer = torch.optim.AdamW(groups)
+        self._trainable = [p for g in groups for p in g["params"]]
+        if cfg.batch_size % D.world():
+            raise MaskPruneError(f"batch_size {cfg.batch_size} does not split over {D.world()} processes",
+                                 fix="use a global --batch-size that is a multiple of the process count")
 
     # ---- data ---------------------------------------------------------------------------------
     def batch_indices(self, step: int) -> torch.Tensor:
-        """Window indices of ``step``: epochs over a seeded permutation (pure function of step)."""
+        """Window indices of ``step`` for this process: epochs over a seeded permutation (a pure
+        function of the step), the global batch of ``batch_size`` split evenly over processes."""
         n, b = self.windows.shape[0], self.cfg.batch_size
         per_epoch = max(1, n // b)
         epoch, pos = divmod(step, per_epoch)
         gen = torch.Generator().manual_seed(self.cfg.seed * 1_000_003 + epoch)
         order = torch.randperm(n, generator=gen)
-        return order[pos * b: pos * b + b] if n >= b else order
+        batch = order[pos * b: pos * b + b] if n >= b else order
+        w, r = D.world(), D.rank()
+        share = batch.numel() // w
+        return batch[r * share: (r + 1) * share]
 
     # ---- one step -----------------------------------------------------------------------------
     def step(self) -> dict:
@@ -109,6 +118,7 @@ class Learner:
                                      "checkpoint is intact")
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
+        D.all_reduce_grads(self._trainable)
         self.optimizer.step()
         self.masks.clamp_()
 
@@ -138,11 +148,14 @@ class Learner:
                               st.sigma["ffn"] * s.ffn.units_per_row)
         st.z = F.z_step(st.z, size_ratio=size / s.dense_params, target_ratio=target, eta4=cfg.eta4)
         self._check_finite(t)
+        if D.world() > 1 and (t % self.cfg.sync_check_every == 0 or t == total - 1):
+            D.check_consistent({"y": st.y, "z": st.z, **{f"sigma_{k}": v for k, v in st.sigma.items()}},
+                               dict(self.masks.by_kind()), t)
         st.step += 1
 
         dt = time.perf_counter() - t0
         metrics = {
-            "step": t, **{k: float(v.detach()) for k, v in terms.items()},
+            "step": t, **D.all_reduce_mean({k: float(v.detach()) for k, v in terms.items()}, self.device),
             "sigma_head": st.sigma["head"], "sigma_ffn": st.sigma["ffn"],
             "k_head": k_new["head"], "k_ffn": k_new["ffn"], "y": st.y, "z": st.z,
             "size_ratio": size / s.dense_params, "target_ratio": target,
@@ -203,7 +216,7 @@ class Learner:
         try:
             while self.state.step < self.cfg.steps:
                 self.step()
-                if should_stop is not None and should_stop():
+                if should_stop is not None and D.any_true(should_stop(), self.device):
                     if checkpoint is not None:
                         checkpoint(self)
                     raise Interrupted(self.state.step)

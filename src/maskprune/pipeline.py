@@ -6,6 +6,7 @@ step, the parity check included, has passed; a failure leaves no folder that loo
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -24,6 +25,7 @@ import torch
 from tqdm.auto import tqdm
 
 from . import __version__
+from . import distributed as D
 from .arch import count_parameters, get_adapter
 from .checkpoint import config_fingerprint, list_checkpoints, load_latest, save_checkpoint
 from .config import PruneConfig
@@ -114,8 +116,13 @@ def prune(cfg: PruneConfig, *, progress: bool = True) -> dict:
     """Run the whole pipeline; return the report (also written as ``maskprune_report.json``)."""
     cfg.validate()
     out = Path(cfg.out) if cfg.out else default_out(cfg)
+    device = resolve_device(cfg.device)
+    D.init_from_env(device)
+    main = D.is_main()
     check_output_path(out, cfg.overwrite)
-    _check_checkpoints(out, cfg)
+    if main:
+        _check_checkpoints(out, cfg)
+    D.barrier()
     if cfg.eval_tasks:
         resolve_tasks(cfg.eval_tasks)
         if cfg.eval_data_dir is not None:
@@ -123,7 +130,6 @@ def prune(cfg: PruneConfig, *, progress: bool = True) -> dict:
 
             for t in resolve_tasks(cfg.eval_tasks):
                 load_local_rows(t, cfg.eval_data_dir)  # a missing or malformed file fails now, not after learning
-    device = resolve_device(cfg.device)
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     torch.manual_seed(cfg.seed)
@@ -158,7 +164,7 @@ def prune(cfg: PruneConfig, *, progress: bool = True) -> dict:
              windows.shape[0], cfg.seq_len, cfg.steps, cfg.batch_size)
 
     def ppl(m: torch.nn.Module, desc: str) -> dict | None:
-        if eval_windows is None:
+        if eval_windows is None or not main:
             return None
         with phases(f"eval_{desc}"):
             return perplexity(m, eval_windows, batch_size=cfg.batch_size, max_windows=cfg.eval_max_windows,
@@ -167,12 +173,12 @@ def prune(cfg: PruneConfig, *, progress: bool = True) -> dict:
     report: dict = {"maskprune_version": __version__, "config": cfg.to_dict(),
                     "model": {"source": loaded.source, "path": loaded.path,
                               "model_type": model.config.model_type},
-                    "machine": _machine(device)}
+                    "machine": {**_machine(device), "processes": D.world()}}
     ppl_dense = ppl(model, "dense")
     tasks = resolve_tasks(cfg.eval_tasks) if cfg.eval_tasks else []
 
     def zeroshot(m: torch.nn.Module, desc: str) -> dict | None:
-        if not tasks:
+        if not tasks or not main:
             return None
         with phases(f"zeroshot_{desc}"):
             return run_zeroshot(m, tok, tasks, data_dir=cfg.eval_data_dir, limit=cfg.eval_limit,
@@ -181,10 +187,11 @@ def prune(cfg: PruneConfig, *, progress: bool = True) -> dict:
     zs_dense = zeroshot(model, "dense")
 
     ckpt_dir = checkpoint_dir(out)
-    with _staging(out, cfg.overwrite) as tmp:
+    with (_staging(out, cfg.overwrite) if main else contextlib.nullcontext(None)) as tmp:
         metrics_path = ckpt_dir / "metrics.jsonl"
-        ckpt_dir.mkdir(parents=True, exist_ok=True)
-        metrics_file = open(metrics_path, "a", encoding="utf-8")
+        if main:
+            ckpt_dir.mkdir(parents=True, exist_ok=True)
+        metrics_file = open(metrics_path if main else os.devnull, "a", encoding="utf-8")
         try:
             if cfg.lora:
                 model = attach_lora(model, cfg.lora_targets, rank=cfg.lora_rank, alpha=cfg.lora_alpha,
@@ -194,7 +201,7 @@ def prune(cfg: PruneConfig, *, progress: bool = True) -> dict:
                 model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
                 model.enable_input_require_grads()
             masks = MaskSet(structure).to(device).attach(model)
-            bar = tqdm(total=cfg.steps, desc="learn masks", disable=not progress, dynamic_ncols=True)
+            bar = tqdm(total=cfg.steps, desc="learn masks", disable=not (progress and main), dynamic_ncols=True)
 
             learn_start = [time.perf_counter(), 0]
 
@@ -214,10 +221,12 @@ def prune(cfg: PruneConfig, *, progress: bool = True) -> dict:
 
             learner = Learner(model, masks, windows, cfg, budget, on_step=on_step)
             if cfg.resume:
-                _resume(learner, ckpt_dir, cfg, metrics_path, metrics_file)
+                _resume(learner, ckpt_dir, cfg, metrics_path if main else None, metrics_file)
                 bar.update(learner.state.step)
 
             def write_checkpoint(lrn: Learner) -> None:
+                if not main:
+                    return
                 metrics_file.flush()
                 os.fsync(metrics_file.fileno())
                 payload = {**lrn.state_dict(), "config": config_fingerprint(cfg.to_dict()), "budget": budget}
@@ -230,6 +239,9 @@ def prune(cfg: PruneConfig, *, progress: bool = True) -> dict:
             bar.close()
         finally:
             metrics_file.close()
+        if not main:  # rank 0 alone cuts, exports, evaluates and writes
+            log.info("rank %d done learning", D.rank())
+            return {"rank": D.rank(), "final_state": state.to_dict()}
         shutil.copy2(metrics_path, tmp / "metrics.jsonl")
 
         with phases("cut"):
@@ -320,7 +332,7 @@ def _check_checkpoints(out: Path, cfg: PruneConfig) -> None:
         shutil.rmtree(ckpt_dir)
 
 
-def _resume(learner: Learner, ckpt_dir: Path, cfg: PruneConfig, metrics_path: Path, metrics_file) -> None:
+def _resume(learner: Learner, ckpt_dir: Path, cfg: PruneConfig, metrics_path: Path | None, metrics_file) -> None:
     loaded = load_latest(ckpt_dir)
     if loaded is None:
         raise MaskPruneError(f"--resume: every checkpoint in {str(ckpt_dir)!r} is unreadable",
@@ -334,6 +346,8 @@ def _resume(learner: Learner, ckpt_dir: Path, cfg: PruneConfig, metrics_path: Pa
                              fix="resume with the same settings, or --overwrite to start over")
     learner.load_state_dict(payload)
     step = learner.state.step
+    if metrics_path is None:
+        return
     # keep the metrics of the steps the checkpoint covers, drop any written after it
     metrics_file.flush()
     lines = metrics_path.read_text(encoding="utf-8").splitlines(keepends=True)
