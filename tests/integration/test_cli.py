@@ -175,3 +175,32 @@ def test_report_figures_are_valid_images_of_the_expected_size(tiny_dir, calib, t
     page = (out / "report" / "index.html").read_text()
     assert page.count("data:image/png;base64,") == len(FIGURES)
     _assert_refused(["report", str(tmp_path / "nope"), "-q"], capsys, "not a complete maskprune run folder")
+
+
+def test_corrupt_weights_missing_tokenizer_and_bad_gguf_are_refused(tiny_dir, tmp_path, capsys):
+    import shutil
+
+    broken = tmp_path / "broken"
+    shutil.copytree(tiny_dir, broken)
+    st = broken / "model.safetensors"
+    st.write_bytes(st.read_bytes()[: st.stat().st_size // 2])  # truncated download
+    out = tmp_path / "o"
+    _assert_refused(["prune", str(broken), "--out", str(out), "-q"], capsys, "cannot load the weights",
+                    "complete safetensors", out=out)
+    notok = tmp_path / "notok"
+    shutil.copytree(tiny_dir, notok)
+    for f in notok.glob("tokenizer*"):
+        f.unlink()
+    (notok / "special_tokens_map.json").unlink(missing_ok=True)
+    _assert_refused(["prune", str(notok), "--out", str(out), "-q"], capsys, "cannot load a tokenizer", out=out)
+    gguf = tmp_path / "model.gguf"
+    gguf.write_bytes(b"GGUF" + b"\x00" * 64)
+    _assert_refused(["prune", str(gguf), "--out", str(out), "-q"], capsys, "model.gguf", out=out)
+
+
+def test_out_that_is_a_file_or_not_a_folder_is_refused(tiny_dir, tmp_path, capsys):
+    f = tmp_path / "file"
+    f.write_text("x")
+    _assert_refused(["prune", str(tiny_dir), "--out", str(f), "-q"], capsys, "is a file")
+    _assert_refused(["prune", str(tiny_dir), "--out", str(f / "sub"), "-q"], capsys, "not a writable folder")
+    assert f.read_text() == "x"
