@@ -108,9 +108,11 @@ def _check_architecture(src: Source, trust_remote_code: bool) -> None:
     try:
         cfg = AutoConfig.from_pretrained(src.location, gguf_file=src.gguf_file,
                                          trust_remote_code=trust_remote_code)
-    except (OSError, ValueError, KeyError) as exc:
-        raise MaskPruneError(f"cannot read the model config of {src.location!r}: {exc}",
-                             expected="a readable config.json or GGUF metadata") from None
+    except Exception as exc:  # json, GGUF (struct, numpy) and hub errors all mean "unreadable"
+        what = f"GGUF file {src.gguf_file!r} in {src.location!r}" if src.gguf_file else repr(src.location)
+        raise MaskPruneError(f"cannot read the model config of {what}: {type(exc).__name__}: {exc}",
+                             expected="a readable config.json, or a complete GGUF file",
+                             fix="re-download or re-export the model") from None
     get_adapter(getattr(cfg, "model_type", "unknown"))
 
 

@@ -204,3 +204,10 @@ def test_out_that_is_a_file_or_not_a_folder_is_refused(tiny_dir, tmp_path, capsy
     _assert_refused(["prune", str(tiny_dir), "--out", str(f), "-q"], capsys, "is a file")
     _assert_refused(["prune", str(tiny_dir), "--out", str(f / "sub"), "-q"], capsys, "not a writable folder")
     assert f.read_text() == "x"
+
+
+def test_truncated_gguf_is_refused(tmp_path, capsys):
+    gguf = tmp_path / "t.gguf"
+    gguf.write_bytes(b"GGUF\x03\x00\x00\x00")
+    _assert_refused(["prune", str(gguf), "--out", str(tmp_path / "o"), "-q"], capsys, "GGUF file 't.gguf'",
+                    "complete GGUF file", out=tmp_path / "o")
