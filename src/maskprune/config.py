@@ -96,6 +96,8 @@ class PruneConfig:
 
     dtype: Literal["bf16", "fp16", "fp32"] = "bf16"
     """Autocast dtype of the forward passes; masks, s, y, z and optimizer state stay fp32."""
+    weight_dtype: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
+    """Dtype of the frozen base weights: ``auto`` is fp32 on CPU, bf16 on CUDA (half the memory)."""
     device: str = "auto"
     """``auto`` (cuda if available), ``cpu`` or ``cuda[:N]``."""
     threads: int | None = None

@@ -140,7 +140,8 @@ def save_and_verify(model: nn.Module, tokenizer, folder: Path, probe: torch.Tens
     model.save_pretrained(folder)
     if tokenizer is not None:
         tokenizer.save_pretrained(folder)
-    reloaded = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
+    dtype = next(model.parameters()).dtype
+    reloaded = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype).to(next(model.parameters()).device)
     reloaded.eval()
     out = masked_logits(reloaded, probe)
     ref_max = float(reference.abs().max())

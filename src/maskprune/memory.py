@@ -1,0 +1,83 @@
+"""Memory accounting for mask learning: what one process holds at its peak, by component.
+
+The same accounting serves the performance benchmark (checked against the measured peak on
+SmolLM2) and the README's projections for 7B / 13B models. Activation bytes follow the tensors a
+Llama-style block keeps for its backward pass under bf16 autocast (see :func:`activation_bytes_per_token`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+__all__ = ["ModelShape", "activation_bytes_per_token", "estimate_learning_memory", "LLAMA2_7B", "LLAMA2_13B",
+           "shape_of"]
+
+
+@dataclass(frozen=True)
+class ModelShape:
+    params: int
+    layers: int
+    hidden: int
+    intermediate: int
+    heads: int
+    kv_heads: int
+    head_dim: int
+    vocab: int
+
+
+LLAMA2_7B = ModelShape(6_738_415_616, 32, 4096, 11008, 32, 32, 128, 32000)
+LLAMA2_13B = ModelShape(13_015_864_320, 40, 5120, 13824, 40, 40, 128, 32000)
+
+
+def shape_of(model) -> ModelShape:
+    c = model.config
+    return ModelShape(sum(p.numel() for p in model.parameters()), c.num_hidden_layers, c.hidden_size,
+                      c.intermediate_size, c.num_attention_heads, getattr(c, "num_key_value_heads", None) or c.num_attention_heads,
+                      getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads, c.vocab_size)
+
+
+def activation_bytes_per_token(s: ModelShape, act_bytes: int = 2) -> int:
+    """Bytes one token keeps per layer for the student's backward (no checkpointing).
+
+    Saved: 4 inputs of width ``hidden`` (q/k/v, o via the mask hook, gate/up, residual), q/k/v outputs
+    and the attention output (also its masked copy), six FFN-width tensors (gate, up, act(gate),
+    product, its masked copy, down's input), and two RMSNorm inputs kept in fp32.
+    """
+    qkv = (s.heads + 2 * s.kv_heads) * s.head_dim
+    attn_out = s.heads * s.head_dim
+    return act_bytes * (4 * s.hidden + qkv + 2 * attn_out + 6 * s.intermediate) + 2 * 4 * s.hidden
+
+
+def lora_params(s: ModelShape, rank: int) -> int:
+    qd, kvd = s.heads * s.head_dim, s.kv_heads * s.head_dim
+    per_layer = rank * ((s.hidden + qd) + 2 * (s.hidden + kvd) + (qd + s.hidden)
+                        + 2 * (s.hidden + s.intermediate) + (s.intermediate + s.hidden))
+    return per_layer * s.layers
+
+
+def estimate_learning_memory(s: ModelShape, *, batch_tokens: int, weight_bytes: int, lora_rank: int = 8,
+                             gradient_checkpointing: bool = False, layer_mse: bool = False,
+                             kl_chunk_tokens: int = 512) -> dict[str, float]:
+    """Peak bytes of one mask-learning process, by component (teacher shares the weights)."""
+    act = activation_bytes_per_token(s)
+    if gradient_checkpointing:  # layer inputs kept, one layer's activations rebuilt at a time
+        activations = batch_tokens * (s.layers * 2 * s.hidden + act)
+    else:
+        activations = batch_tokens * s.layers * act
+    n_lora = lora_params(s, lora_rank)
+    masks = s.layers * (s.heads + s.intermediate)
+    out = {
+        "weights": s.params * weight_bytes,
+        "lora_and_masks_with_grads_and_adam": (n_lora + masks) * 4 * 4,
+        "student_activations": activations,
+        "logits_student_and_teacher_bf16": 2 * batch_tokens * s.vocab * 2,
+        "kl_chunk_fp32": 3 * min(batch_tokens, kl_chunk_tokens) * s.vocab * 4,
+        "teacher_hidden_states": (s.layers * batch_tokens * s.hidden * 2) if layer_mse else 0,
+    }
+    out["total"] = sum(out.values())
+    out["teacher_share"] = (batch_tokens * s.vocab * 2 + out["teacher_hidden_states"]) / out["total"]
+    return out
+
+
+def describe(s: ModelShape) -> dict:
+    return asdict(s)
