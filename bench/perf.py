@@ -71,7 +71,7 @@ def bf16_matmul_rate(model, tokens: int) -> float:
     return total_flops / total_s
 
 
-def step_throughput(args) -> dict:
+def step_throughput(args, weight_dtype: str = "fp32", dtype: str = "bf16") -> dict:
     from maskprune import load_config
     from maskprune.arch import get_adapter
     from maskprune.data import calibration_windows
@@ -79,13 +79,14 @@ def step_throughput(args) -> dict:
     from maskprune.masks import MaskSet, Structure
     from maskprune.models import load_model
 
-    loaded = load_model("smollm2-135m")
+    wd = {"fp32": torch.float32, "bf16": torch.bfloat16}[weight_dtype]
+    loaded = load_model("smollm2-135m", dtype=wd)
     model, tok = loaded.model, loaded.tokenizer
     tokens = args.batch_size * args.seq_len
     rate = bf16_matmul_rate(model, tokens)
     flops_tok = matmul_flops_per_token(model, args.seq_len)
     cfg = load_config(overrides=dict(steps=args.steps + 2, seq_len=args.seq_len, batch_size=args.batch_size,
-                                      sparsity=0.5, dtype="bf16"))
+                                      sparsity=0.5, dtype=dtype))
     adapter = get_adapter("llama")
     structure = Structure.of(model, adapter, "query")
     model = attach_lora(model, cfg.lora_targets, rank=cfg.lora_rank, alpha=cfg.lora_alpha,
@@ -106,7 +107,7 @@ def step_throughput(args) -> dict:
     # mask gradients are negligible next to the frozen weights' activation gradients.
     step_flops = 3 * flops_tok * tokens
     bound_s = step_flops / rate
-    return {"tokens_per_step": tokens, "step_seconds_median": step_s, "tokens_per_s": tokens / step_s,
+    return {"weight_dtype": weight_dtype, "autocast": dtype, "tokens_per_step": tokens, "step_seconds_median": step_s, "tokens_per_s": tokens / step_s,
             "bf16_matmul_tflops": rate / 1e12, "flops_per_step": step_flops, "bound_seconds": bound_s,
             "bound_tokens_per_s": tokens / bound_s, "fraction_of_bound": bound_s / step_s}
 
@@ -268,8 +269,10 @@ def main() -> None:
                  "machine": {"platform": platform.platform(), "cpus": os.cpu_count(), "torch": torch.__version__,
                              "threads": torch.get_num_threads()}}
     if "step" not in a.skip:
-        res["step"] = step_throughput(a)
+        res["step"] = step_throughput(a, "fp32", "bf16")
         print(json.dumps(res["step"]), flush=True)
+        res["step_variants"] = [step_throughput(a, "bf16", "bf16"), step_throughput(a, "fp32", "fp32")]
+        print(json.dumps(res["step_variants"]), flush=True)
     if "memory" not in a.skip:
         with_t = peak_rss_mb(True, a.seq_len, a.batch_size)
         without = peak_rss_mb(False, a.seq_len, a.batch_size)
@@ -291,7 +294,11 @@ def main() -> None:
         lines += ["## Mask-learning step", "", "| tokens/step | step s | tokens/s | bf16 matmul TFLOP/s | bound tokens/s | fraction of bound |",
                   "| --- | --- | --- | --- | --- | --- |",
                   f"| {s['tokens_per_step']} | {s['step_seconds_median']:.2f} | {s['tokens_per_s']:.0f} | "
-                  f"{s['bf16_matmul_tflops']:.3f} | {s['bound_tokens_per_s']:.0f} | {s['fraction_of_bound']:.2f} |", ""]
+                  f"{s['bf16_matmul_tflops']:.3f} | {s['bound_tokens_per_s']:.0f} | {s['fraction_of_bound']:.2f} |", "",
+                  "| weights | autocast | tokens/s | vs default |", "| --- | --- | --- | --- |"]
+        for v in res.get("step_variants", []):
+            lines.append(f"| {v['weight_dtype']} | {v['autocast']} | {v['tokens_per_s']:.0f} | {v['tokens_per_s'] / s['tokens_per_s']:.2f}x |")
+        lines.append("")
     if "memory" in res:
         m = res["memory"]
         lines += ["## Memory", "", f"Peak RSS with teacher {m['peak_rss_mb_with_teacher']:.0f} MB, without "

@@ -53,7 +53,7 @@ def main() -> None:
         metrics = [json.loads(x) for x in Path(r["out"], "metrics.jsonl").read_text().splitlines()]
         tail = metrics[-10:]
         results["cells"][label] = {
-            "overrides": json.loads(js or "{}"),
+            "overrides": json.loads(js or "{}"), "command": results["command"],
             "ppl_dense": r["perplexity"]["dense"]["ppl"], "ppl_before_cut": r["perplexity"]["before_cut"]["ppl"],
             "ppl_exported": r["perplexity"]["exported"]["ppl"],
             "final_kl": sum(m["kl"] for m in tail) / len(tail), "cut": r["cut"],
@@ -61,7 +61,9 @@ def main() -> None:
             "seconds": round(time.time() - t, 1)}
         out_json.parent.mkdir(parents=True, exist_ok=True)
         out_json.write_text(json.dumps(results, indent=1))
-        lines = [f"# Tuning {a.name} ({date})", "", f"`{results['command']}`", "", f"Machine: {results['machine']}", "",
+        commands = sorted({c.get("command", results["command"]) for c in results["cells"].values()})
+        lines = [f"# Tuning {a.name} ({date})", "", "Commands (cells were added by these runs):", "",
+                 *[f"- `{c}`" for c in commands], "", f"Machine: {results['machine']}", "",
                  "| setting | ppl dense | ppl before cut | ppl exported | ratio | KL (last 10) | k_head | k_ffn | cut mass (ffn) | seconds |",
                  "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
         for lab, c in results["cells"].items():
