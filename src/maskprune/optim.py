@@ -35,7 +35,7 @@ per-kind positive rescaling of the two terms against each other moves where the 
 (``y * a_head / c_head = y * a_ffn / c_ffn``), i.e. how the budget is split between heads and FFN.
 The paper's literal form (``unit``: balance per parameter, with a mask term that counts a head like
 one channel) cuts heads first, and on SmolLM2 took 6 of 9 heads for a 20% budget before any FFN
-channel, with a loss 10x that of ``share``; see bench/results for the measurements.
+channel, its loss 3x that of ``share`` at the same step; see bench/results for the measurements.
 """
 
 from __future__ import annotations
