@@ -39,6 +39,7 @@ def main() -> None:
     ap.add_argument("--seq-len", default="2048,128")
     ap.add_argument("--piqa", action="store_true", help="also full PIQA (1838 questions) from ../shared/data")
     ap.add_argument("--work", default="runs/proof")
+    ap.add_argument("--eval-dtype", default="bf16", choices=["bf16", "fp32"], help="autocast dtype of the evaluation")
     a = ap.parse_args()
     date = datetime.date.today().isoformat()
     out = ROOT / "results" / f"{date}-smollm2-{a.name}.json"
@@ -53,7 +54,7 @@ def main() -> None:
         if label in res["cells"] and "eval" in res["cells"][label]:
             return
         path = work / f"eval-{a.name}-{label}.json"
-        secs = run([*MASKPRUNE, "-q", "eval", model, "--seq-len", a.seq_len, "--dtype", "fp32", "--batch-size", "2",
+        secs = run([*MASKPRUNE, "-q", "eval", model, "--seq-len", a.seq_len, "--dtype", a.eval_dtype, "--batch-size", "2",
                     "--out", str(path), *eval_extra])
         r = json.loads(path.read_text())["models"][model]
         res["cells"].setdefault(label, {})["eval"] = r
@@ -65,7 +66,7 @@ def main() -> None:
         lines = [f"# SmolLM2-135M: dense vs maskprune ({a.name}, {date})", "", f"`{res['command']}`", "",
                  f"Machine: {res['machine']}", "",
                  "Perplexity: WikiText-2 raw test (shipped copy), rows joined with \\n\\n, non-overlapping windows, "
-                 "remainder dropped, exp(mean NLL), fp32, no BOS added (the tokenizer adds none).", "",
+                 f"remainder dropped, exp(mean NLL), {a.eval_dtype} autocast over fp32 weights, no BOS added (the tokenizer adds none).", "",
                  "| model | params | sparsity | heads / KV / FFN per layer | ppl@2048 | ppl@128 | PIQA acc | PIQA acc_norm | prune wall time |",
                  "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
         for label, c in res["cells"].items():

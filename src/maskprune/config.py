@@ -39,6 +39,10 @@ class PruneConfig:
     """Target share of all parameters removed, 1 - M_pruned / M_dense, in (0, 1)."""
     budget_params: int | None = None
     """Absolute parameter budget; overrides ``sparsity`` when given."""
+    method: Literal["maskprune", "magnitude", "taylor", "wanda-sp", "flap"] = "maskprune"
+    """``maskprune`` (learned masks) or a one-shot metric baseline through the same uniform cut."""
+    baseline_head_sparsity: float = 0.0
+    """Baselines only: share of head units cut per row (FFN channels fill the rest of the budget)."""
     gqa_policy: Literal["query", "kv_group"] = "query"
     """GQA unit: one query head per KV group (``query``) or a whole KV group (``kv_group``)."""
 

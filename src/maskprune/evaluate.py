@@ -106,7 +106,7 @@ def evaluate_model(model: torch.nn.Module, tokenizer, *, seq_lens: list[int], pp
                                       "metric": "exp(mean token NLL)"}
         for n in seq_lens:
             windows, bos = tokenize_windows(text, tokenizer, n)
-            out["perplexity"][str(n)] = perplexity(model, windows, batch_size=max(1, batch_size * 512 // max(n, 512)),
+            out["perplexity"][str(n)] = perplexity(model, windows, batch_size=max(1, batch_size * 512 // n),
                                                    max_windows=limit, autocast_dtype=autocast_dtype, bos=bos,
                                                    progress=progress, desc=f"wikitext2@{n}").to_dict()
     if tasks:

@@ -29,11 +29,12 @@ from . import distributed as D
 from .arch import count_parameters, get_adapter
 from .checkpoint import config_fingerprint, list_checkpoints, load_latest, save_checkpoint
 from .config import PruneConfig
-from .cut import cut_mass_share, plan_cut
+from .baselines import unit_scores
+from .cut import cut_mass_share, kept_indices, plan_cut
 from .data import calibration_windows, wikitext2_test_text
 from .errors import MaskPruneError
 from .evaluate import perplexity, tokenize_windows
-from .export import fold_and_slice_, harden_, masked_logits, save_and_verify, select_units
+from .export import KeptUnits, fold_and_slice_, harden_, masked_logits, save_and_verify, select_units
 from .learner import Learner, attach_lora, autocast_dtype
 from .masks import MaskSet, Structure
 from .modelcard import write_model_card
@@ -193,63 +194,17 @@ def prune(cfg: PruneConfig, *, progress: bool = True) -> dict:
         metrics_path = ckpt_dir / "metrics.jsonl"
         if main:
             ckpt_dir.mkdir(parents=True, exist_ok=True)
-        metrics_file = open(metrics_path if main else os.devnull, "a", encoding="utf-8")
-        try:
-            if cfg.lora:
-                model = attach_lora(model, cfg.lora_targets, rank=cfg.lora_rank, alpha=cfg.lora_alpha,
-                                    adapter_names={r: getattr(adapter, f"{r}_name") for r in
-                                                   ("q", "k", "v", "o", "gate", "up", "down")})
-            if cfg.gradient_checkpointing:
-                model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-                model.enable_input_require_grads()
-            masks = MaskSet(structure).to(device).attach(model)
-            bar = tqdm(total=cfg.steps, desc="learn masks", disable=not (progress and main), dynamic_ncols=True)
-
-            learn_start = [time.perf_counter(), 0]
-
-            def on_step(m: dict) -> None:
-                metrics_file.write(json.dumps(m) + "\n")
-                learn_start[1] += 1
-                if learn_start[1] == 3:  # say up front how long this will take
-                    per_step = (time.perf_counter() - learn_start[0]) / 3
-                    remaining = per_step * (cfg.steps - m["step"] - 1)
-                    log.info("mask learning: %.1f s/step, about %.0f min left for %d steps (then cut, export, eval)",
-                             per_step, remaining / 60, cfg.steps)
-                bar.update(1)
-                if m["step"] % cfg.log_every == 0:
-                    bar.set_postfix(loss=f"{m['loss']:.3f}", s_head=f"{m['sigma_head']:.2f}",
-                                    s_ffn=f"{m['sigma_ffn']:.2f}", y=f"{m['y']:.2g}", z=f"{m['z']:.2g}",
-                                    size=f"{m['size_at_cut'] / 1e6:.1f}M/{budget / 1e6:.1f}M")
-
-            learner = Learner(model, masks, windows, cfg, budget, on_step=on_step)
-            if cfg.resume:
-                _resume(learner, ckpt_dir, cfg, metrics_path if main else None, metrics_file)
-                bar.update(learner.state.step)
-
-            def write_checkpoint(lrn: Learner) -> None:
-                if not main:
-                    return
-                metrics_file.flush()
-                os.fsync(metrics_file.fileno())
-                payload = {**lrn.state_dict(), "config": config_fingerprint(cfg.to_dict()), "budget": budget}
-                path = save_checkpoint(ckpt_dir, payload, lrn.state.step, cfg.keep_checkpoints)
-                log.info("checkpoint %s", path)
-
-            with phases("learn"), _stop_on_signals() as stop:
-                state = learner.run(checkpoint=write_checkpoint, every=cfg.checkpoint_every,
-                                    should_stop=lambda: stop["requested"])
-            bar.close()
-        finally:
-            metrics_file.close()
-        if not main:  # rank 0 alone cuts, exports, evaluates and writes
-            log.info("rank %d done learning", D.rank())
-            return {"rank": D.rank(), "final_state": state.to_dict()}
-        shutil.copy2(metrics_path, tmp / "metrics.jsonl")
-
+        if cfg.method == "maskprune":
+            model, masks, state, plan, kept = _learn_and_plan(
+                cfg, model, adapter, structure, windows, budget, device, main, progress, phases, ckpt_dir, metrics_path)
+            if not main:  # rank 0 alone cuts, exports, evaluates and writes
+                log.info("rank %d done learning", D.rank())
+                return {"rank": D.rank(), "final_state": state.to_dict()}
+            shutil.copy2(metrics_path, tmp / "metrics.jsonl")
+        else:
+            model, masks, state, plan, kept = _score_and_plan(cfg, model, adapter, structure, windows, budget,
+                                                              device, phases)
         with phases("cut"):
-            plan = plan_cut(structure, sigma_head=state.sigma["head"], budget=budget,
-                            head_multiple=cfg.head_multiple, ffn_multiple=cfg.ffn_multiple)
-            kept = select_units(masks, plan)
             soft_head, soft_ffn = masks.head.detach().clone(), masks.ffn.detach().clone()
             mass = {"head": cut_mass_share(soft_head, kept.head), "ffn": cut_mass_share(soft_ffn, kept.ffn)}
         ppl_before_cut = ppl(model, "before_cut")
@@ -260,7 +215,7 @@ def prune(cfg: PruneConfig, *, progress: bool = True) -> dict:
 
         with phases("export"):
             masks.detach()
-            base = model.merge_and_unload() if cfg.lora else model
+            base = model.merge_and_unload() if hasattr(model, "merge_and_unload") else model
             fold_and_slice_(base, adapter, structure.head, soft_head, soft_ffn, kept)
             base.config.dtype = wdtype
             # fp32 weights: a tight check; half-precision weights round the merged LoRA and folded masks
@@ -293,7 +248,9 @@ def prune(cfg: PruneConfig, *, progress: bool = True) -> dict:
                                   "params_per_unit": structure.ffn.params_per_unit}}},
             "cut": plan.to_dict(),
             "kept_units": kept.to_lists(),
-            "final_state": {"sigma": state.sigma, "y": state.y, "z": state.z, "steps": state.step},
+            "method": cfg.method,
+            "final_state": ({"sigma": state.sigma, "y": state.y, "z": state.z, "steps": state.step}
+                            if state is not None else None),
             "cut_mask_mass_share": mass,
             "masks": {"head": soft_head[:, :, :].tolist(), "ffn_summary": _summary(soft_ffn)},
             "perplexity": {"protocol": "WikiText-2 raw test, non-overlapping windows, exp(mean NLL)",
@@ -306,7 +263,7 @@ def prune(cfg: PruneConfig, *, progress: bool = True) -> dict:
         (tmp / "maskprune_report.json").write_text(json.dumps(report, indent=1))
         torch.save({"head": soft_head, "ffn": soft_ffn}, tmp / "masks.pt")
         write_model_card(tmp, report)
-        if cfg.report:
+        if cfg.report and cfg.method == "maskprune":  # the figures are of the learning run
             with phases("report"):
                 make_report(tmp)
     shutil.rmtree(ckpt_dir, ignore_errors=True)  # the run is complete; its checkpoints are spent
@@ -315,6 +272,77 @@ def prune(cfg: PruneConfig, *, progress: bool = True) -> dict:
              base.config.num_attention_heads, base.config.num_key_value_heads, base.config.intermediate_size)
     report["out"] = str(out)
     return report
+
+
+
+def _learn_and_plan(cfg: PruneConfig, model, adapter, structure: Structure, windows: torch.Tensor, budget: int,
+                    device: torch.device, main: bool, progress: bool, phases: "_Phases", ckpt_dir: Path,
+                    metrics_path: Path):
+    """MaskPrune: LoRA + masks learned by the minimax loop; the cut plan from the learned s."""
+    metrics_file = open(metrics_path if main else os.devnull, "a", encoding="utf-8")
+    try:
+        if cfg.lora:
+            model = attach_lora(model, cfg.lora_targets, rank=cfg.lora_rank, alpha=cfg.lora_alpha,
+                                adapter_names={r: getattr(adapter, f"{r}_name") for r in
+                                               ("q", "k", "v", "o", "gate", "up", "down")})
+        if cfg.gradient_checkpointing:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            model.enable_input_require_grads()
+        masks = MaskSet(structure).to(device).attach(model)
+        bar = tqdm(total=cfg.steps, desc="learn masks", disable=not (progress and main), dynamic_ncols=True)
+
+        learn_start = [time.perf_counter(), 0]
+
+        def on_step(m: dict) -> None:
+            metrics_file.write(json.dumps(m) + "\n")
+            learn_start[1] += 1
+            if learn_start[1] == 3:  # say up front how long this will take
+                per_step = (time.perf_counter() - learn_start[0]) / 3
+                remaining = per_step * (cfg.steps - m["step"] - 1)
+                log.info("mask learning: %.1f s/step, about %.0f min left for %d steps (then cut, export, eval)",
+                         per_step, remaining / 60, cfg.steps)
+            bar.update(1)
+            if m["step"] % cfg.log_every == 0:
+                bar.set_postfix(loss=f"{m['loss']:.3f}", s_head=f"{m['sigma_head']:.2f}",
+                                s_ffn=f"{m['sigma_ffn']:.2f}", y=f"{m['y']:.2g}", z=f"{m['z']:.2g}",
+                                size=f"{m['size_at_cut'] / 1e6:.1f}M/{budget / 1e6:.1f}M")
+
+        learner = Learner(model, masks, windows, cfg, budget, on_step=on_step)
+        if cfg.resume:
+            _resume(learner, ckpt_dir, cfg, metrics_path if main else None, metrics_file)
+            bar.update(learner.state.step)
+
+        def write_checkpoint(lrn: Learner) -> None:
+            if not main:
+                return
+            metrics_file.flush()
+            os.fsync(metrics_file.fileno())
+            payload = {**lrn.state_dict(), "config": config_fingerprint(cfg.to_dict()), "budget": budget}
+            path = save_checkpoint(ckpt_dir, payload, lrn.state.step, cfg.keep_checkpoints)
+            log.info("checkpoint %s", path)
+
+        with phases("learn"), _stop_on_signals() as stop:
+            state = learner.run(checkpoint=write_checkpoint, every=cfg.checkpoint_every,
+                                should_stop=lambda: stop["requested"])
+        bar.close()
+    finally:
+        metrics_file.close()
+    plan = plan_cut(structure, sigma_head=state.sigma["head"], budget=budget,
+                    head_multiple=cfg.head_multiple, ffn_multiple=cfg.ffn_multiple)
+    return model, masks, state, plan, select_units(masks, plan)
+
+
+def _score_and_plan(cfg: PruneConfig, model, adapter, structure: Structure, windows: torch.Tensor, budget: int,
+                    device: torch.device, phases: "_Phases"):
+    """A one-shot baseline: unit scores on the calibration windows, the same uniform cut."""
+    with phases("score"):
+        head_scores, ffn_scores = unit_scores(cfg.method, model, adapter, structure,
+                                              windows[: cfg.calib_samples], batch_size=cfg.batch_size)
+    plan = plan_cut(structure, sigma_head=cfg.baseline_head_sparsity, budget=budget,
+                    head_multiple=cfg.head_multiple, ffn_multiple=cfg.ffn_multiple)
+    kept = KeptUnits(kept_indices(head_scores, plan.k_head), kept_indices(ffn_scores, plan.k_ffn))
+    masks = MaskSet(structure).to(device).attach(model)  # all ones: nothing to fold
+    return model, masks, None, plan, kept
 
 
 def checkpoint_dir(out: Path) -> Path:

@@ -1,0 +1,186 @@
+"""One-shot, metric-based baselines behind one interface: a score per unit, then the same uniform cut.
+
+Each method maps (model, calibration windows) to importance scores shaped like the masks
+(head ``[L, rows, U_h]``, FFN ``[L, 1, U_f]``); the pipeline keeps the highest-scoring units of every
+row with the same integer counts as MaskPrune's cut (``cut.plan_cut``), folds nothing and exports
+through the same code. Nothing in the export knows which method ran.
+
+- ``magnitude``: L2 norm of every weight a unit owns (q/k/v rows, o_proj columns; gate/up rows,
+  down_proj column).
+- ``taylor``: LLM-Pruner's first-order group importance ``|sum_w w * dL/dw|`` over the unit's
+  weights, with the language-modelling loss on the calibration windows.
+- ``wanda-sp``: ``sum |W_out[:, unit]| * ||x_unit||_2``: the output projection's input columns
+  weighted by the input activation norms (structured Wanda, as FLAP's paper defines it).
+- ``flap``: FLAP's fluctuation metric ``sum Var(x_unit) * ||W_out[:, unit]||^2`` over the unit's input
+  columns of the output projection. FLAP's bias compensation is left out: Llama's o_proj and
+  down_proj have no bias in the stock config, and adding one would change the architecture.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .arch import DecoderAdapter, HeadLayout
+from .masks import Structure
+
+__all__ = ["BASELINES", "unit_scores"]
+
+
+def _head_column_scores(layout: HeadLayout, per_column: torch.Tensor) -> torch.Tensor:
+    """Sum per-column scores ``[n_heads * head_dim]`` into unit scores ``[rows, U]``."""
+    per_head = per_column.view(layout.num_attention_heads, layout.head_dim).sum(-1)  # [n_heads]
+    if layout.group_size > 1 and layout.policy == "kv_group":
+        per_unit = per_head.view(layout.num_key_value_heads, layout.group_size).sum(-1)  # [n_kv]
+        return per_unit.view(layout.rows, layout.units_per_row)
+    return per_head.view(layout.rows, layout.units_per_row)
+
+
+def _row_norm_sq(w: torch.Tensor, heads: int, head_dim: int) -> torch.Tensor:
+    """Squared norm of the rows of each head of a ``[heads * head_dim, in]`` projection -> ``[heads]``."""
+    return (w.float() ** 2).sum(-1).view(heads, head_dim).sum(-1)
+
+
+def _magnitude(model: nn.Module, adapter: DecoderAdapter, s: Structure, _stats) -> tuple[torch.Tensor, torch.Tensor]:
+    lay = s.head
+    heads, ffns = [], []
+    for layer in adapter.layers(model):
+        q, k, v, o = (adapter.proj(layer, r).weight for r in ("q", "k", "v", "o"))
+        per_q = _row_norm_sq(q, lay.num_attention_heads, lay.head_dim) + \
+            (o.float() ** 2).sum(0).view(lay.num_attention_heads, lay.head_dim).sum(-1)  # [n_heads]
+        kv = _row_norm_sq(k, lay.num_key_value_heads, lay.head_dim) + _row_norm_sq(v, lay.num_key_value_heads, lay.head_dim)
+        if lay.unit_is_kv_group:
+            unit = per_q.view(lay.num_key_value_heads, lay.group_size).sum(-1) + kv  # [n_kv] (r = 1: per head)
+        else:
+            unit = per_q
+        heads.append(unit.sqrt().view(lay.rows, lay.units_per_row))
+        g, u, d = (adapter.proj(layer, r).weight.float() for r in ("gate", "up", "down"))
+        ffns.append(((g ** 2).sum(1) + (u ** 2).sum(1) + (d ** 2).sum(0)).sqrt().view(1, -1))
+    return torch.stack(heads), torch.stack(ffns)
+
+
+def _taylor(model: nn.Module, adapter: DecoderAdapter, s: Structure, stats) -> tuple[torch.Tensor, torch.Tensor]:
+    lay = s.head
+    grads = stats["grads"]
+    heads, ffns = [], []
+    for li, layer in enumerate(adapter.layers(model)):
+        def wg(role: str) -> torch.Tensor:
+            return adapter.proj(layer, role).weight.float() * grads[(li, role)]
+
+        q, k, v, o = wg("q"), wg("k"), wg("v"), wg("o")
+        per_q = q.sum(-1).view(lay.num_attention_heads, lay.head_dim).sum(-1) + \
+            o.sum(0).view(lay.num_attention_heads, lay.head_dim).sum(-1)  # [n_heads], signed
+        kv = k.sum(-1).view(lay.num_key_value_heads, lay.head_dim).sum(-1) + \
+            v.sum(-1).view(lay.num_key_value_heads, lay.head_dim).sum(-1)
+        if lay.unit_is_kv_group:
+            unit = per_q.view(lay.num_key_value_heads, lay.group_size).sum(-1) + kv
+        else:
+            unit = per_q
+        heads.append(unit.abs().view(lay.rows, lay.units_per_row))
+        g, u, d = wg("gate"), wg("up"), wg("down")
+        ffns.append((g.sum(1) + u.sum(1) + d.sum(0)).abs().view(1, -1))
+    return torch.stack(heads), torch.stack(ffns)
+
+
+def _wanda_sp(model: nn.Module, adapter: DecoderAdapter, s: Structure, stats) -> tuple[torch.Tensor, torch.Tensor]:
+    heads, ffns = [], []
+    for li, layer in enumerate(adapter.layers(model)):
+        o, d = adapter.proj(layer, "o").weight.float(), adapter.proj(layer, "down").weight.float()
+        o_norm = stats["sumsq"][(li, "o")].sqrt()  # [n_heads * head_dim]
+        d_norm = stats["sumsq"][(li, "down")].sqrt()  # [d_ff]
+        heads.append(_head_column_scores(s.head, o.abs().sum(0) * o_norm))
+        ffns.append((d.abs().sum(0) * d_norm).view(1, -1))
+    return torch.stack(heads), torch.stack(ffns)
+
+
+def _flap(model: nn.Module, adapter: DecoderAdapter, s: Structure, stats) -> tuple[torch.Tensor, torch.Tensor]:
+    heads, ffns = [], []
+    n = stats["count"]
+    for li, layer in enumerate(adapter.layers(model)):
+        o, d = adapter.proj(layer, "o").weight.float(), adapter.proj(layer, "down").weight.float()
+
+        def var(role: str) -> torch.Tensor:
+            mean = stats["sum"][(li, role)] / n
+            return (stats["sumsq"][(li, role)] / n - mean ** 2).clamp_min(0)
+
+        heads.append(_head_column_scores(s.head, var("o") * (o ** 2).sum(0)))
+        ffns.append((var("down") * (d ** 2).sum(0)).view(1, -1))
+    return torch.stack(heads), torch.stack(ffns)
+
+
+_Scorer = Callable[[nn.Module, DecoderAdapter, Structure, dict], tuple[torch.Tensor, torch.Tensor]]
+BASELINES: dict[str, tuple[_Scorer, str]] = {
+    "magnitude": (_magnitude, "none"),
+    "taylor": (_taylor, "grads"),
+    "wanda-sp": (_wanda_sp, "activations"),
+    "flap": (_flap, "activations"),
+}
+
+
+def _activation_stats(model: nn.Module, adapter: DecoderAdapter, windows: torch.Tensor, batch_size: int) -> dict:
+    """Per-channel sum and sum of squares of o_proj's and down_proj's inputs over all tokens."""
+    stats: dict = {"sum": {}, "sumsq": {}, "count": 0}
+    handles = []
+
+    def hook(key):
+        def fn(_m, args):
+            x = args[0].detach().float().reshape(-1, args[0].shape[-1])  # [tokens, width]
+            stats["sum"][key] = stats["sum"].get(key, 0) + x.sum(0)
+            stats["sumsq"][key] = stats["sumsq"].get(key, 0) + (x ** 2).sum(0)
+        return fn
+
+    for li, layer in enumerate(adapter.layers(model)):
+        handles.append(adapter.proj(layer, "o").register_forward_pre_hook(hook((li, "o"))))
+        handles.append(adapter.proj(layer, "down").register_forward_pre_hook(hook((li, "down"))))
+    device = next(model.parameters()).device
+    try:
+        with torch.no_grad():
+            for i in range(0, windows.shape[0], batch_size):
+                batch = windows[i: i + batch_size].to(device)
+                model(input_ids=batch, use_cache=False)
+                stats["count"] += batch.numel()
+    finally:
+        for h in handles:
+            h.remove()
+    return stats
+
+
+def _weight_grads(model: nn.Module, adapter: DecoderAdapter, windows: torch.Tensor, batch_size: int) -> dict:
+    """Accumulated dL/dW of every projection for the LM loss on ``windows`` (weights frozen after)."""
+    device = next(model.parameters()).device
+    params = {(li, r): adapter.proj(layer, r).weight for li, layer in enumerate(adapter.layers(model))
+              for r in ("q", "k", "v", "o", "gate", "up", "down")}
+    was = {id(p): (p, p.requires_grad) for p in model.parameters()}
+    for p in model.parameters():  # only the projection weights get gradients
+        p.requires_grad_(False)
+    for p in params.values():
+        p.requires_grad_(True)
+        p.grad = None
+    try:
+        for i in range(0, windows.shape[0], batch_size):
+            batch = windows[i: i + batch_size].to(device)
+            logits = model(input_ids=batch, use_cache=False).logits
+            loss = F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]).float(), batch[:, 1:].reshape(-1))
+            loss.backward()
+        grads = {k: p.grad.detach().float().clone() for k, p in params.items()}
+    finally:
+        for p, flag in was.values():
+            p.grad = None
+            p.requires_grad_(flag)
+    return {"grads": grads}
+
+
+def unit_scores(method: str, model: nn.Module, adapter: DecoderAdapter, structure: Structure,
+                windows: torch.Tensor, batch_size: int = 4) -> tuple[torch.Tensor, torch.Tensor]:
+    """Importance of every head unit ``[L, rows, U_h]`` and FFN channel ``[L, 1, U_f]`` (higher = keep)."""
+    scorer, needs = BASELINES[method]
+    if needs == "activations":
+        stats = _activation_stats(model, adapter, windows, batch_size)
+    elif needs == "grads":
+        stats = _weight_grads(model, adapter, windows, batch_size)
+    else:
+        stats = {}
+    return scorer(model, adapter, structure, stats)
