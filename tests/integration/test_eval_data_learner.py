@@ -67,7 +67,7 @@ def test_short_learner_run_tracks_the_budget_and_cuts_uniformly(kind, policy):
     model = tiny.make_model(kind, layers=3)
     adapter = get_adapter(model.config.model_type)
     structure = Structure.of(model, adapter, policy)
-    cfg = load_config(overrides=dict(steps=120, batch_size=4, dtype="fp32", lora=False, sparsity=0.3,
+    cfg = load_config(overrides=dict(steps=120, batch_size=4, dtype="fp32", lora=False, sparsity=0.3, eta1=0.5,
                                       gqa_policy=policy))
     budget = cfg.budget_for(structure.dense_params)
     masks = MaskSet(structure).attach(model)
