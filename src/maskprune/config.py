@@ -126,6 +126,8 @@ class PruneConfig:
     """Examples per zero-shot task (None: all)."""
     sync_check_every: int = 10
     """With several processes: compare masks, s, y and z across ranks every N steps."""
+    trackers: tuple[str, ...] = ()
+    """Optional metric trackers besides metrics.jsonl: tensorboard, wandb (each needs its package)."""
     resume: bool = False
     """Continue from the newest valid checkpoint in ``<out>.checkpoints``."""
     checkpoint_every: int = 25

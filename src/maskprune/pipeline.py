@@ -39,6 +39,7 @@ from .learner import Learner, attach_lora, autocast_dtype
 from .masks import MaskSet, Structure
 from .modelcard import write_model_card
 from .report import make_report
+from .sinks import ExtraSinks
 from .zeroshot import resolve_tasks, run_zeroshot
 from .models import load_model
 
@@ -121,6 +122,7 @@ def prune(cfg: PruneConfig, *, progress: bool = True) -> dict:
     D.init_from_env(device)
     main = D.is_main()
     check_output_path(out, cfg.overwrite)
+    ExtraSinks.check(cfg.trackers)
     if main:
         _check_checkpoints(out, cfg)
     D.barrier()
@@ -280,6 +282,7 @@ def _learn_and_plan(cfg: PruneConfig, model, adapter, structure: Structure, wind
                     metrics_path: Path):
     """MaskPrune: LoRA + masks learned by the minimax loop; the cut plan from the learned s."""
     metrics_file = open(metrics_path if main else os.devnull, "a", encoding="utf-8")
+    trackers = ExtraSinks(cfg.trackers if main else (), str(ckpt_dir / "tensorboard"), cfg.to_dict())
     try:
         if cfg.lora:
             model = attach_lora(model, cfg.lora_targets, rank=cfg.lora_rank, alpha=cfg.lora_alpha,
@@ -295,6 +298,7 @@ def _learn_and_plan(cfg: PruneConfig, model, adapter, structure: Structure, wind
 
         def on_step(m: dict) -> None:
             metrics_file.write(json.dumps(m) + "\n")
+            trackers.write(m)
             learn_start[1] += 1
             if learn_start[1] == 3:  # say up front how long this will take
                 per_step = (time.perf_counter() - learn_start[0]) / 3
@@ -327,6 +331,7 @@ def _learn_and_plan(cfg: PruneConfig, model, adapter, structure: Structure, wind
         bar.close()
     finally:
         metrics_file.close()
+        trackers.close()
     plan = plan_cut(structure, sigma_head=state.sigma["head"], budget=budget,
                     head_multiple=cfg.head_multiple, ffn_multiple=cfg.ffn_multiple)
     return model, masks, state, plan, select_units(masks, plan)

@@ -211,3 +211,20 @@ def test_truncated_gguf_is_refused(tmp_path, capsys):
     gguf.write_bytes(b"GGUF\x03\x00\x00\x00")
     _assert_refused(["prune", str(gguf), "--out", str(tmp_path / "o"), "-q"], capsys, "GGUF file 't.gguf'",
                     "complete GGUF file", out=tmp_path / "o")
+
+
+def test_optional_tracker_without_its_package_is_refused_clearly(tiny_dir, calib, tmp_path, capsys, monkeypatch):
+    import builtins
+
+    real_import = builtins.__import__
+
+    def no_wandb(name, *a, **k):
+        if name == "wandb":
+            raise ImportError("No module named 'wandb'")
+        return real_import(name, *a, **k)
+
+    monkeypatch.setattr(builtins, "__import__", no_wandb)
+    out = tmp_path / "o"
+    _assert_refused(["prune", str(tiny_dir), "--trackers", "wandb", "--steps", "2", "--out", str(out), "--calib",
+                     str(calib), *FAST], capsys, "needs the wandb package", out=out)
+    assert not out.with_name("o.checkpoints").exists()  # refused before anything was written
