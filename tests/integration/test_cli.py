@@ -228,3 +228,10 @@ def test_optional_tracker_without_its_package_is_refused_clearly(tiny_dir, calib
     _assert_refused(["prune", str(tiny_dir), "--trackers", "wandb", "--steps", "2", "--out", str(out), "--calib",
                      str(calib), *FAST], capsys, "needs the wandb package", out=out)
     assert not out.with_name("o.checkpoints").exists()  # refused before anything was written
+
+
+def test_eval_errors_missing_model_unknown_task_and_bad_data_dir(tmp_path, capsys):
+    _assert_refused(["eval", str(tmp_path / "nope"), "-q"], capsys, "does not exist")
+    _assert_refused(["eval", str(tmp_path), "--tasks", "piqa,mmlu", "-q"], capsys, "unknown task 'mmlu'", "boolq")
+    _assert_refused(["eval", str(tmp_path), "--tasks", "piqa", "--data-dir", str(tmp_path / "nodir"), "-q"], capsys,
+                    "is not a folder")
