@@ -82,6 +82,10 @@ class PruneConfig:
     resource_weight: Literal["share", "unit", "flat"] = "share"
     """How the resource term pushes each kind's sparsity: by its share of the model (``share``), per
     parameter of one unit as the paper's raw gradient (``unit``: heads first), or equally (``flat``)."""
+    y_init: float = 0.0
+    """Initial sparsity multiplier y (with eta3 = 0: a fixed multiplier, the ablation of the ascent)."""
+    z_init: float = 0.0
+    """Initial resource multiplier z (with eta4 = 0: fixed)."""
     warmup_share: float = 0.7
     """Share of the steps over which the budget falls from the dense size to the target."""
     ffn_prox_start: int = 10
@@ -166,7 +170,7 @@ class PruneConfig:
             v = getattr(self, name)
             if v < 1:
                 problems.append(f"{name} must be >= 1, found {v}")
-        for name in ("mask_lr", "lora_lr", "eta1", "eta2", "eta3", "eta4", "alpha", "ce_weight"):
+        for name in ("mask_lr", "lora_lr", "eta1", "eta2", "eta3", "eta4", "alpha", "ce_weight", "y_init", "z_init"):
             v = getattr(self, name)
             if not (v >= 0.0 and math.isfinite(v)):
                 problems.append(f"{name} must be a finite number >= 0, found {v}")
