@@ -99,7 +99,6 @@ def kept_indices(mask: torch.Tensor, k: int) -> torch.Tensor:
 
     mask: ``[L, rows, U]``; returns ``[L, rows, U - k]`` (long).
     """
-    u = mask.shape[-1]
     order = torch.sort(mask.detach().abs(), dim=-1, stable=True).indices  # [L, rows, U]
     return torch.sort(order[..., k:], dim=-1).values  # [L, rows, U - k]
 

@@ -2,7 +2,6 @@
 
 import math
 
-import pytest
 import torch
 
 from maskprune import optim as F
