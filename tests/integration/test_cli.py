@@ -171,7 +171,8 @@ def test_report_figures_are_valid_images_of_the_expected_size(tiny_dir, calib, t
             im.verify()
         with Image.open(path) as im:
             assert im.format == "PNG" and im.size == FIG_SIZE_PX, name
-            assert len(set(im.convert("L").getdata())) > 10, f"{name} looks blank"
+            lo, hi = im.convert("L").getextrema()
+            assert hi - lo > 50, f"{name} looks blank"
     page = (out / "report" / "index.html").read_text()
     assert page.count("data:image/png;base64,") == len(FIGURES)
     _assert_refused(["report", str(tmp_path / "nope"), "-q"], capsys, "not a complete maskprune run folder")
