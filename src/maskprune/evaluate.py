@@ -47,8 +47,14 @@ def tokenize_windows(text: str, tokenizer, seq_len: int) -> tuple[torch.Tensor, 
 @torch.no_grad()
 def perplexity(model: torch.nn.Module, windows: torch.Tensor, *, batch_size: int = 4,
                max_windows: int | None = None, autocast_dtype: torch.dtype | None = None,
-               bos: str = "", progress: bool = True, desc: str = "ppl") -> PerplexityResult:
-    """exp(mean token NLL) of ``model`` over ``windows`` ``[n, seq_len]`` (first ``max_windows``)."""
+               bos: str = "", progress: bool = True, desc: str = "ppl",
+               chunk_tokens: int = 1024) -> PerplexityResult:
+    """exp(mean token NLL) of ``model`` over ``windows`` ``[n, seq_len]`` (first ``max_windows``).
+
+    The output head and the cross-entropy run ``chunk_tokens`` positions at a time on the decoder's
+    hidden states (:func:`_window_nll`), so no full ``[b, T, V]`` logits tensor, let alone an fp32
+    copy of it, is ever built.
+    """
     total = windows.shape[0]
     if total == 0:
         raise ValueError("no evaluation window: the text is shorter than seq_len")
@@ -64,10 +70,7 @@ def perplexity(model: torch.nn.Module, windows: torch.Tensor, *, batch_size: int
             batch = use[i: i + batch_size].to(device)  # [b, T]
             with torch.autocast(device.type, dtype=autocast_dtype or torch.float32,
                                 enabled=autocast_dtype is not None):
-                logits = model(input_ids=batch, use_cache=False).logits  # [b, T, V]
-            loss = F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]).float(),
-                                   batch[:, 1:].reshape(-1), reduction="sum")
-            nll_sum += float(loss)
+                nll_sum += float(_window_nll(model, batch, chunk_tokens))
             count += batch[:, 1:].numel()
     finally:
         model.train(was_training)
@@ -77,6 +80,45 @@ def perplexity(model: torch.nn.Module, windows: torch.Tensor, *, batch_size: int
                             windows=int(use.shape[0]), total_windows=int(total),
                             tokens_scored=count, bos=bos, dtype=dtype,
                             seconds=time.perf_counter() - start)
+
+
+def _split_head(model: torch.nn.Module) -> tuple[torch.nn.Module, torch.nn.Module] | None:
+    """``(decoder, output head)`` of a plain causal LM whose logits are ``head(decoder(x))``, or None
+    when the model post-processes its logits (soft-capping, scaling) or does not expose the parts."""
+    cfg = getattr(model, "config", None)
+    if cfg is None or getattr(cfg, "final_logit_softcapping", None) or getattr(cfg, "logit_scale", None):
+        return None
+    get_dec, get_head = getattr(model, "get_decoder", None), getattr(model, "get_output_embeddings", None)
+    if get_dec is None or get_head is None:
+        return None
+    try:
+        decoder, head = get_dec(), get_head()
+    except (AttributeError, NotImplementedError):
+        return None
+    if decoder is None or head is None or decoder is model:
+        return None
+    return decoder, head
+
+
+def _window_nll(model: torch.nn.Module, batch: torch.Tensor, chunk_tokens: int) -> torch.Tensor:
+    """Summed next-token NLL of ``batch`` ``[b, T]``: decoder once, then head + cross-entropy in chunks
+    of ``chunk_tokens`` positions (fp32 only per chunk). Falls back to full logits when the model's
+    head cannot be separated."""
+    parts = _split_head(model)
+    targets = batch[:, 1:]  # [b, T-1]
+    if parts is None:
+        logits = model(input_ids=batch, use_cache=False).logits  # [b, T, V]
+        return F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]).float(),
+                               targets.reshape(-1), reduction="sum")
+    decoder, head = parts
+    hidden = decoder(input_ids=batch, use_cache=False).last_hidden_state[:, :-1]  # [b, T-1, H]
+    hidden = hidden.reshape(-1, hidden.shape[-1])  # [b*(T-1), H]
+    flat = targets.reshape(-1)
+    total = hidden.new_zeros((), dtype=torch.float32)
+    for start in range(0, hidden.shape[0], chunk_tokens):
+        logits = head(hidden[start:start + chunk_tokens])  # [n, V]
+        total = total + F.cross_entropy(logits.float(), flat[start:start + chunk_tokens], reduction="sum")
+    return total
 
 
 # ---- the full protocol: perplexity at several window lengths + zero-shot tasks --------------------

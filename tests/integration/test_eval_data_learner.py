@@ -20,17 +20,30 @@ from maskprune.masks import MaskSet, Structure
 import tiny
 
 
-def test_perplexity_is_exp_mean_token_nll_over_windows():
-    model = tiny.make_model("llama_gqa")
+class _NoSplit(torch.nn.Module):
+    """A causal LM whose head cannot be separated from its decoder: perplexity takes full logits."""
+
+    def __init__(self, inner: torch.nn.Module) -> None:
+        super().__init__()
+        self.inner = inner
+
+    def forward(self, **kw):
+        return self.inner(**kw)
+
+
+@pytest.mark.parametrize("wrap,chunk", [(False, 7), (False, 4096), (True, 1024)])
+def test_perplexity_is_exp_mean_token_nll_over_windows(wrap, chunk):
+    inner = tiny.make_model("llama_gqa")
+    model = _NoSplit(inner) if wrap else inner
     tok = tiny.make_tokenizer()
     windows, bos = tokenize_windows(tiny.TEXT, tok, 16)
     n_tokens = len(tok(tiny.TEXT)["input_ids"])
     assert windows.shape == (n_tokens // 16, 16)  # remainder dropped
-    res = perplexity(model, windows, batch_size=3, max_windows=5, progress=False)
+    res = perplexity(model, windows, batch_size=3, max_windows=5, progress=False, chunk_tokens=chunk)
     nll, count = 0.0, 0
     with torch.no_grad():
         for w in windows[:5]:
-            logits = model(input_ids=w[None]).logits[0]
+            logits = inner(input_ids=w[None]).logits[0]
             nll += float(F.cross_entropy(logits[:-1], w[1:], reduction="sum"))
             count += 15
     assert res.tokens_scored == count and res.windows == 5 and res.total_windows == windows.shape[0]
