@@ -43,6 +43,9 @@ class PruneConfig:
     """``maskprune`` (learned masks) or a one-shot metric baseline through the same uniform cut."""
     baseline_head_sparsity: float = 0.0
     """Baselines only: share of head units cut per row (FFN channels fill the rest of the budget)."""
+    mask_type: Literal["uniform", "l0", "polarization"] = "uniform"
+    """Mask parametrisation inside the same minimax loop: MaskPrune's [0, 1] masks (``uniform``),
+    hard-concrete L0 gates, or GDP polarization gates (the paper's table 3 comparison)."""
     gqa_policy: Literal["query", "kv_group"] = "query"
     """GQA unit: one query head per KV group (``query``) or a whole KV group (``kv_group``)."""
 
@@ -180,6 +183,9 @@ class PruneConfig:
         if bad_targets:
             problems.append(f"lora_targets has unknown roles {sorted(bad_targets)}; use q, k, v, o, "
                             "gate, up, down")
+        if self.mask_type != "uniform" and self.method != "maskprune":
+            problems.append(f"mask_type {self.mask_type!r} applies to the learned method only, found method "
+                            f"{self.method!r}: drop --mask-type or use --method maskprune")
         if self.eval_max_windows is not None and self.eval_max_windows < 1:
             problems.append(f"eval_max_windows must be >= 1 or null, found {self.eval_max_windows}")
         if problems:

@@ -20,7 +20,7 @@ from . import optim as F
 from .config import PruneConfig
 from .errors import MaskPruneError, NonFiniteError
 from .losses import distillation_loss
-from .masks import MaskSet, Structure, bypass
+from .masks import POLARIZATION_EPS, MaskSet, Structure, bypass
 
 __all__ = ["LearnState", "Learner", "Interrupted", "attach_lora", "autocast_dtype"]
 
@@ -111,6 +111,13 @@ class Learner:
                 student_hidden=student.hidden_states[1:] if want_hidden else None,
                 teacher_hidden=teacher.hidden_states[1:] if want_hidden else None,
                 alpha=cfg.alpha, direction=cfg.kl_direction, labels=batch, ce_weight=cfg.ce_weight)
+        k_cut = {kind: F.num_cut(st.sigma[kind], lay.units_per_row)
+                 for kind, lay in (("head", s.head), ("ffn", s.ffn))}
+        if self.masks.mask_type == "l0" and st.y > 0.0:
+            # no closed-form prox for hard-concrete gates: the Lagrangian's sparsity term enters the loss
+            terms["sparsity_penalty"] = sum(F.sparsity_penalty(self.masks.values(kind), k_cut[kind])
+                                            for kind in ("head", "ffn"))
+            terms["loss"] = terms["loss"] + st.y * terms["sparsity_penalty"]
         loss = terms["loss"]
         if not torch.isfinite(loss):
             raise NonFiniteError(f"the loss became {float(loss.detach())} at step {t}",
@@ -122,27 +129,32 @@ class Learner:
         self.optimizer.step()
         self.masks.clamp_()
 
-        # proximal step on the masks just produced (heads every step, FFN every k steps)
-        k_cut = {kind: F.num_cut(st.sigma[kind], lay.units_per_row)
-                 for kind, lay in (("head", s.head), ("ffn", s.ffn))}
+        # proximal step on the parameters just produced (heads every step, FFN every k steps); for
+        # polarization gates it shrinks theta, which shrinks the same smallest gates; L0 has none
         interval = F.ffn_prox_interval(t, total, cfg.ffn_prox_start, cfg.ffn_prox_end)
         prox = {"head": True, "ffn": t % interval == 0}
+        if self.masks.mask_type == "l0":
+            prox = {"head": False, "ffn": False}
         with torch.no_grad():
             for kind, param in self.masks.by_kind().items():
                 if prox[kind]:
                     param.copy_(F.proximal_step(param, k_cut[kind], cfg.eta1, st.y))
+        if self.masks.mask_type == "polarization":
+            self.masks.eps = F.geometric_schedule(t + 1, total, *POLARIZATION_EPS)
 
-        # straight-through sigma step, then y and z ascent
+        # straight-through sigma step, then y and z ascent, all on the mask values
+        with torch.no_grad():
+            values = {kind: self.masks.values(kind) for kind in ("head", "ffn")}
         target = F.budget_ratio(t, total, self.final_ratio, cfg.warmup_share)
-        for kind, param in self.masks.by_kind().items():
+        for kind, val in values.items():
             lay = s.head if kind == "head" else s.ffn
             st.sigma[kind] = F.sigma_step(
                 st.sigma[kind], y=st.y, z=st.z,
-                next_sq_mean=float(F.next_smallest_sq(param, k_cut[kind]).mean()),
+                next_sq_mean=float(F.next_smallest_sq(val, k_cut[kind]).mean()),
                 weight=s.resource_weight(kind, cfg.resource_weight), eta2=cfg.eta2, sigma_max=(lay.units_per_row - 1) / lay.units_per_row)
         k_new = {kind: F.num_cut(st.sigma[kind], lay.units_per_row)
                  for kind, lay in (("head", s.head), ("ffn", s.ffn))}
-        violation = sum(F.sparsity_violation(p, k_new[kind]) for kind, p in self.masks.by_kind().items())
+        violation = sum(F.sparsity_violation(v, k_new[kind]) for kind, v in values.items())
         st.y = F.y_step(st.y, violation=violation, eta3=cfg.eta3)
         size = s.params_after(st.sigma["head"] * s.head.units_per_row,
                               st.sigma["ffn"] * s.ffn.units_per_row)
@@ -162,9 +174,9 @@ class Learner:
             "size_at_cut": s.params_after(k_new["head"], k_new["ffn"]),
             "violation": violation, "prox_head": prox["head"], "prox_ffn": prox["ffn"],
             "ffn_prox_interval": interval,
-            "ffn_alive_std": float((self.masks.ffn.detach() > 0.05).sum(dim=(1, 2)).float().std()),
-            "mask_mean_head": float(self.masks.head.detach().mean()),
-            "mask_mean_ffn": float(self.masks.ffn.detach().mean()),
+            "ffn_alive_std": float((values["ffn"] > 0.05).sum(dim=(1, 2)).float().std()),
+            "mask_mean_head": float(values["head"].mean()),
+            "mask_mean_ffn": float(values["ffn"].mean()),
             "lr_mask": self.optimizer.param_groups[0]["lr"],
             "lr_lora": self.optimizer.param_groups[1]["lr"] if len(self.optimizer.param_groups) > 1 else 0.0,
             "seconds": dt, "tokens_per_s": batch.numel() / dt,
@@ -200,6 +212,8 @@ class Learner:
         self.state = LearnState(step=int(st["step"]), sigma=dict(st["sigma"]), y=float(st["y"]), z=float(st["z"]))
         for k, p in self.masks.by_kind().items():
             p.copy_(payload["masks"][k].to(p.device))
+        if self.masks.mask_type == "polarization":
+            self.masks.eps = F.geometric_schedule(self.state.step, self.cfg.steps, *POLARIZATION_EPS)
         lora = self._lora_params()
         if set(lora) != set(payload["lora"]):
             raise ValueError("the checkpoint's LoRA parameters do not match this model's")
@@ -213,6 +227,7 @@ class Learner:
         """Step until ``cfg.steps``. ``checkpoint(self)`` is called every ``every`` steps and, when
         ``should_stop()`` turns true (a signal), once more before :class:`Interrupted` is raised."""
         self.model.train()
+        self.masks.train()
         try:
             while self.state.step < self.cfg.steps:
                 self.step()
@@ -225,6 +240,7 @@ class Learner:
                     checkpoint(self)
         finally:
             self.model.eval()
+            self.masks.eval()
         return self.state
 
 

@@ -52,6 +52,8 @@ __all__ = [
     "cut_mass",
     "next_smallest_sq",
     "sparsity_violation",
+    "sparsity_penalty",
+    "geometric_schedule",
     "sigma_step",
     "y_step",
     "z_step",
@@ -116,6 +118,23 @@ def next_smallest_sq(mask: torch.Tensor, k: int) -> torch.Tensor:
 def sparsity_violation(mask: torch.Tensor, k: int) -> float:
     """Mean over all rows of ``||m||^2_k / U``: 0 when the units to cut are already at 0."""
     return float(cut_mass(mask, k).mean()) / mask.shape[-1]
+
+
+def sparsity_penalty(values: torch.Tensor, k: int) -> torch.Tensor:
+    """Differentiable ``mean over rows of ||m||^2_k / U`` (the quantity :func:`sparsity_violation`
+    measures), for mask types without a closed-form proximal step (L0): ``y`` times it enters the
+    loss, so the gradient step does what the proximal step does for the uniform masks."""
+    if k == 0:
+        return values.sum() * 0.0
+    idx = smallest_indices(values, k)  # [..., k], chosen on the detached values
+    return (torch.gather(values, -1, idx) ** 2).sum(-1).mean() / values.shape[-1]
+
+
+def geometric_schedule(step: int, total_steps: int, start: float, end: float) -> float:
+    """``start * (end / start) ** (step / (total_steps - 1))``: a log-linear fall from start to end."""
+    if total_steps <= 1:
+        return end
+    return start * (end / start) ** (min(step, total_steps - 1) / (total_steps - 1))
 
 
 def sigma_step(sigma: float, *, y: float, z: float, next_sq_mean: float, weight: float, eta2: float,

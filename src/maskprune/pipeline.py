@@ -290,7 +290,7 @@ def _learn_and_plan(cfg: PruneConfig, model, adapter, structure: Structure, wind
         if cfg.gradient_checkpointing:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
             model.enable_input_require_grads()
-        masks = MaskSet(structure).to(device).attach(model)
+        masks = MaskSet(structure, cfg.mask_type).to(device).attach(model)
         bar = tqdm(total=cfg.steps, desc="learn masks", disable=not (progress and main), dynamic_ncols=True)
 
         learn_start = [time.perf_counter(), 0]
@@ -331,6 +331,7 @@ def _learn_and_plan(cfg: PruneConfig, model, adapter, structure: Structure, wind
     finally:
         metrics_file.close()
         trackers.close()
+    masks.materialize_()  # L0 / polarization parameters -> their deterministic mask values
     plan = plan_cut(structure, sigma_head=state.sigma["head"], budget=budget,
                     head_multiple=cfg.head_multiple, ffn_multiple=cfg.ffn_multiple)
     return model, masks, state, plan, select_units(masks, plan)
