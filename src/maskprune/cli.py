@@ -94,6 +94,9 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--data-dir", default=None, help="local task data (offline); see maskprune.zeroshot")
     e.add_argument("--limit", type=int, default=None,
                    help="only the first N perplexity windows and N examples per task (quick looks)")
+    e.add_argument("--ppl-tokens", type=int, default=None,
+                   help="score only the first N tokens of WikiText-2 at every window length (overrides --limit "
+                        "for perplexity)")
     e.add_argument("--batch-size", type=int, default=4)
     e.add_argument("--dtype", choices=["fp32", "bf16", "fp16"], default="fp32")
     e.add_argument("--device", default="auto")
@@ -146,15 +149,18 @@ def _run_eval(args: argparse.Namespace, progress: bool) -> int:
     tasks = resolve_tasks(args.tasks) if args.tasks else []
     if args.data_dir is not None and not Path(args.data_dir).is_dir():
         raise MaskPruneError(f"--data-dir {args.data_dir!r} is not a folder")
+    if args.ppl_tokens is not None and args.ppl_tokens < 1:
+        raise MaskPruneError(f"--ppl-tokens must be a positive token count, found {args.ppl_tokens}")
     device = resolve_device(args.device)
     results: dict = {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-                     "machine": _machine(device), "dtype": args.dtype, "limit": args.limit, "models": {}}
+                     "machine": _machine(device), "dtype": args.dtype, "limit": args.limit,
+                     "ppl_tokens": args.ppl_tokens, "models": {}}
     for spec in models:
         loaded = load_model(spec, trust_remote_code=args.trust_remote_code, device=device)
         results["models"][spec] = evaluate_model(
             loaded.model, loaded.tokenizer, seq_lens=seq_lens, ppl_data=args.ppl_data, tasks=tasks,
             data_dir=args.data_dir, limit=args.limit, batch_size=args.batch_size,
-            autocast_dtype=autocast_dtype(args.dtype), progress=progress)
+            autocast_dtype=autocast_dtype(args.dtype), progress=progress, ppl_tokens=args.ppl_tokens)
         del loaded
     table = format_table(results["models"], dense_key=models[0] if args.compare else None)
     results["table"] = table

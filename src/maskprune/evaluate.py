@@ -129,10 +129,12 @@ PAPER_COLUMNS = (("boolq", "BoolQ"), ("piqa", "PIQA"), ("hellaswag", "HellaSwag"
 def evaluate_model(model: torch.nn.Module, tokenizer, *, seq_lens: list[int], ppl_data: str = "default",
                    tasks: list[str] | None = None, data_dir: str | None = None, limit: int | None = None,
                    batch_size: int = 4, autocast_dtype: torch.dtype | None = None,
-                   progress: bool = True) -> dict:
+                   progress: bool = True, ppl_tokens: int | None = None) -> dict:
     """Perplexity (WikiText-2 raw test) at every ``seq_len`` and zero-shot ``tasks`` via lm-eval.
 
     ``limit`` caps both the perplexity windows and the examples per task (quick looks only).
+    ``ppl_tokens`` instead scores the first ``ppl_tokens`` tokens of the text at every window length
+    (``ppl_tokens // seq_len`` windows), so every length sees the same text.
     """
     from .data import wikitext2_test_text
 
@@ -148,8 +150,9 @@ def evaluate_model(model: torch.nn.Module, tokenizer, *, seq_lens: list[int], pp
                                       "metric": "exp(mean token NLL)"}
         for n in seq_lens:
             windows, bos = tokenize_windows(text, tokenizer, n)
+            cap = max(1, ppl_tokens // n) if ppl_tokens else limit
             out["perplexity"][str(n)] = perplexity(model, windows, batch_size=max(1, batch_size * 512 // n),
-                                                   max_windows=limit, autocast_dtype=autocast_dtype, bos=bos,
+                                                   max_windows=cap, autocast_dtype=autocast_dtype, bos=bos,
                                                    progress=progress, desc=f"wikitext2@{n}").to_dict()
     if tasks:
         from .zeroshot import run_zeroshot

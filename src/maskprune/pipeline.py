@@ -219,9 +219,12 @@ def prune(cfg: PruneConfig, *, progress: bool = True) -> dict:
             base = model.merge_and_unload() if hasattr(model, "merge_and_unload") else model
             fold_and_slice_(base, adapter, structure.head, soft_head, soft_ffn, kept)
             base.config.dtype = wdtype
-            # fp32 weights: a tight check; half-precision weights round the merged LoRA and folded masks
+            # fp32 weights: merging LoRA and folding masks reorder fp32 sums; through SmolLM2's 30 layers
+            # (activation outliers ~1e2) that measured up to 1.2e-4 of the largest logit (L0 masks, whose
+            # sampled gates grow LoRA more). 1e-3 stays far below what a folding bug does (a wrong head or
+            # channel moves logits by O(1)). Half-precision weights round the merged values themselves.
             parity = save_and_verify(base, tok, tmp, probe, reference,
-                                     tolerance=1e-4 if wdtype == torch.float32 else 3e-2)
+                                     tolerance=1e-3 if wdtype == torch.float32 else 3e-2)
         exported = count_parameters(base)
         if exported != plan.params:
             raise MaskPruneError("internal accounting error: exported parameter count differs from the plan",

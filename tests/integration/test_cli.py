@@ -151,6 +151,12 @@ def test_eval_perplexity_command(tiny_dir, tmp_path, capsys):
     assert set(res["perplexity"]) == {"64", "32"}
     assert res["perplexity"]["64"]["windows"] == 3 and res["perplexity"]["64"]["tokens_scored"] == 3 * 63
     assert "WikiText2@64" in stdout and out.with_suffix(".md").is_file()
+    # --ppl-tokens: the same text at every length
+    code, _, err = _run(["eval", str(tiny_dir), "--seq-len", "64,32", "--ppl-tokens", "256", "--out", str(out), "-q"],
+                        capsys)
+    assert code == 0, err
+    res = json.loads(out.read_text())["models"][str(tiny_dir)]
+    assert res["perplexity"]["64"]["windows"] == 4 and res["perplexity"]["32"]["windows"] == 8
 
 
 def test_report_figures_are_valid_images_of_the_expected_size(tiny_dir, calib, tmp_path, capsys):

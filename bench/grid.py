@@ -1,0 +1,279 @@
+"""The comparison grid of issue 4: methods x sparsities (and ablations) on SmolLM2-135M, every cell through
+the same `maskprune prune` (same calibration data, steps, budget, uniform cut and export) and the same
+`maskprune eval` (WikiText-2 at 2048 and 128 on the same text, zero-shot tasks from --data-dir).
+
+    python bench/grid.py --group main            # 7 methods x 20/25/50 %
+    python bench/grid.py --group ablations       # decay rate, prox schedule, multipliers, LoRA, KL+MSE, GQA, split
+    python bench/grid.py --group all --dry-run   # list the cells and what is already done
+
+Unattended and resumable: a cell whose evaluation JSON exists is skipped; a cell whose pruned model exists
+is only evaluated; a prune interrupted half way resumes from its last checkpoint (`--resume`). After
+every cell `bench/results/<date>-smollm2.{json,md}` and the plots are rewritten from all finished cells.
+Long: run it in the background, e.g. `nohup python bench/grid.py --group main > grid.log 2>&1 &`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import math
+import os
+import platform
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent
+REPO = ROOT.parent
+METHODS = {  # label -> prune flags
+    "MaskPrune": [],
+    "MaskPrune-L0": ["--mask-type", "l0"],
+    "MaskPrune-polarization": ["--mask-type", "polarization"],
+    "Magnitude": ["--method", "magnitude"],
+    "Taylor (LLM-Pruner)": ["--method", "taylor"],
+    "Wanda-sp": ["--method", "wanda-sp"],
+    "FLAP": ["--method", "flap"],
+}
+ABLATIONS = {  # label -> prune flags, at 20 % (figures 4-6, the rest of issue 4's list)
+    "eta1=0.01": ["--eta1", "0.01"],
+    "eta1=1.0": ["--eta1", "1.0"],
+    "ffn prox fixed 1": ["--ffn-prox-start", "1", "--ffn-prox-end", "1"],
+    "ffn prox fixed 10": ["--ffn-prox-start", "10", "--ffn-prox-end", "10"],
+    "fixed y, z": ["--y-init", "2.0", "--z-init", "1.0", "--eta3", "0", "--eta4", "0"],
+    "no LoRA": ["--no-lora"],
+    "KL + layer MSE": ["--alpha", "1.0"],
+    "GQA kv_group": ["--gqa-policy", "kv_group"],
+    "resource weight flat": ["--resource-weight", "flat"],
+}
+
+
+@dataclass
+class Cell:
+    name: str  # folder-safe id
+    label: str
+    group: str
+    sparsity: float | None  # None: the dense model
+    flags: list[str] = field(default_factory=list)
+
+    @property
+    def learned(self) -> bool:
+        return "--method" not in self.flags
+
+
+def _slug(text: str) -> str:
+    return "".join(c if c.isalnum() else "-" for c in text.lower()).strip("-").replace("--", "-")
+
+
+def cells(group: str, sparsities: list[float]) -> list[Cell]:
+    out = [Cell("dense", "Dense", "dense", None)]
+    if group in ("main", "all"):
+        for sp in sparsities:  # sparsity-major: a half-finished grid has every method at the first sparsities
+            out += [Cell(f"{_slug(m)}-s{round(sp * 100)}", m, "main", sp, f) for m, f in METHODS.items()]
+    if group in ("ablations", "all"):
+        out += [Cell(f"abl-{_slug(a)}-s20", a, "ablations", 0.2, f) for a, f in ABLATIONS.items()]
+    return out
+
+
+def run(cmd: list[str], log: Path) -> float:
+    """Run ``cmd`` with its output appended to ``log``; raise on failure; return seconds."""
+    t = time.perf_counter()
+    with open(log, "a", encoding="utf-8") as fh:
+        fh.write(f"\n$ {' '.join(cmd)}\n")
+        fh.flush()
+        code = subprocess.call(cmd, stdout=fh, stderr=subprocess.STDOUT, cwd=REPO)
+    if code != 0:
+        raise RuntimeError(f"exit {code}: {' '.join(cmd)} (see {log})")
+    return time.perf_counter() - t
+
+
+def do_cell(c: Cell, a: argparse.Namespace, work: Path) -> dict:
+    res_path = work / f"{c.name}.eval.json"
+    meta_path = work / f"{c.name}.cell.json"
+    if res_path.exists() and meta_path.exists():
+        return json.loads(meta_path.read_text())
+    log = work / f"{c.name}.log"
+    exe = [sys.executable, "-m", "maskprune", "-q"]
+    meta: dict = {"name": c.name, "label": c.label, "group": c.group, "sparsity": c.sparsity, "flags": c.flags}
+    model = "smollm2-135m"
+    if c.sparsity is not None:
+        out = work / c.name
+        if not (out / "maskprune_report.json").exists():
+            common = ["--steps", str(a.steps), "--seq-len", str(a.seq_len), "--batch-size", str(a.batch_size),
+                      "--calib-samples", str(a.calib_samples), "--eval-max-windows", "4", "--no-report",
+                      "--threads", str(a.threads)]
+            resume = ["--resume"] if (work / f"{c.name}.checkpoints").exists() else []
+            meta["prune_seconds"] = run(exe + ["prune", "smollm2-135m", "--sparsity", str(c.sparsity), "--out",
+                                               str(out), "--overwrite", *common, *c.flags, *resume], log)
+        rep = json.loads((out / "maskprune_report.json").read_text())
+        meta["prune_seconds"] = meta.get("prune_seconds") or rep.get("seconds", {}).get("total")
+        meta.update(params=rep["params"], cut=rep["cut"], shape=rep["shape"],
+                    cut_mass_share=rep.get("cut_mask_mass_share"), final_state=rep.get("final_state"),
+                    ppl_during=rep.get("perplexity"))
+        model = str(out)
+    ev = ["eval", model, "--seq-len", "2048,128", "--ppl-tokens", str(a.ppl_tokens), "--dtype", "bf16",
+          "--out", str(res_path)]
+    if a.tasks:
+        ev += ["--tasks", a.tasks, "--data-dir", a.data_dir, "--limit", str(a.task_limit)]
+    meta["eval_seconds"] = run(exe + ev, log)
+    meta_path.write_text(json.dumps(meta, indent=1))
+    return meta
+
+
+def _row(meta: dict, ev: dict) -> dict:
+    m = next(iter(ev["models"].values()))
+    zs = (m.get("zeroshot") or {}).get("tasks", {})
+    row = {"label": meta["label"], "group": meta["group"], "sparsity": meta["sparsity"], "params": m["params"],
+           "ppl2048": m["perplexity"]["2048"]["ppl"], "ppl128": m["perplexity"]["128"]["ppl"],
+           "tasks": {t: {"acc": v.get("acc"), "acc_norm": v.get("acc_norm"), "n": v.get("n"),
+                         "acc_stderr": v.get("acc_stderr")} for t, v in zs.items()},
+           "shape": {k: m["shape"].get(k) for k in ("num_attention_heads", "num_key_value_heads",
+                                                    "intermediate_size")},
+           "prune_seconds": meta.get("prune_seconds"), "eval_seconds": meta.get("eval_seconds"),
+           "cut_mass_share": meta.get("cut_mass_share"), "cut": meta.get("cut")}
+    return row
+
+
+def write_results(rows: list[dict], a: argparse.Namespace, date: str) -> None:
+    res = {"command": "python bench/grid.py " + " ".join(sys.argv[1:]), "date": date,
+           "machine": {"platform": platform.platform(), "cpus": os.cpu_count(), "python": platform.python_version()},
+           "protocol": {"steps": a.steps, "seq_len": a.seq_len, "batch_size": a.batch_size,
+                        "calib_samples": a.calib_samples, "calib": "shipped C4 sample (same windows every cell)",
+                        "ppl_tokens": a.ppl_tokens, "tasks": a.tasks, "task_limit": a.task_limit,
+                        "eval_dtype": "bf16 autocast"},
+           "rows": rows}
+    (ROOT / "results" / f"{date}-smollm2.json").write_text(json.dumps(res, indent=1) + "\n")
+    tasks = sorted({t for r in rows for t in r["tasks"]})
+    head = ["method", "params", "heads/KV/FFN", "WikiText2@2048", "WikiText2@128"] + \
+           [f"{t} acc" for t in tasks] + [f"{t} acc_norm" for t in tasks] + ["prune s"]
+    lines = [f"# SmolLM2-135M: MaskPrune vs baselines ({date})", "",
+             f"`{res['command']}`", "", f"Machine: {res['machine']}", "",
+             f"Protocol: {json.dumps(res['protocol'])}", ""]
+    for group, title in (("main", "Methods x sparsity"), ("ablations", "Ablations (20 %)")):
+        sps = sorted({r["sparsity"] for r in rows if r["group"] == group})
+        for sp in sps:
+            sel = [r for r in rows if r["group"] == "dense"] + \
+                  [r for r in rows if r["group"] == group and r["sparsity"] == sp]
+            lines += [f"## {title}: {round(sp * 100)} %", "", "| " + " | ".join(head) + " |",
+                      "|" + " --- |" * len(head)]
+            for r in sel:
+                sh = r["shape"]
+                cells_ = [r["label"], f"{r['params'] / 1e6:.1f}M",
+                          f"{sh['num_attention_heads']}/{sh['num_key_value_heads']}/{sh['intermediate_size']}",
+                          f"{r['ppl2048']:.2f}", f"{r['ppl128']:.2f}"]
+                cells_ += [f"{100 * r['tasks'][t]['acc']:.1f}" if t in r["tasks"] else "-" for t in tasks]
+                cells_ += [f"{100 * r['tasks'][t]['acc_norm']:.1f}" if t in r["tasks"] and
+                           r["tasks"][t]["acc_norm"] is not None else "-" for t in tasks]
+                cells_.append(f"{r['prune_seconds']:.0f}" if r.get("prune_seconds") else "-")
+                lines.append("| " + " | ".join(cells_) + " |")
+            lines.append("")
+    (ROOT / "results" / f"{date}-smollm2.md").write_text("\n".join(lines) + "\n")
+    _plots(rows, ROOT / "results" / f"{date}-smollm2")
+
+
+def _plots(rows: list[dict], folder: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    folder.mkdir(parents=True, exist_ok=True)
+    dense = next((r for r in rows if r["group"] == "dense"), None)
+    main = [r for r in rows if r["group"] == "main"]
+    if main:
+        fig, axes = plt.subplots(1, 2, figsize=(11, 4.5))
+        for label in dict.fromkeys(r["label"] for r in main):
+            pts = sorted((r["sparsity"], r) for r in main if r["label"] == label)
+            xs = [100 * p for p, _ in pts]
+            axes[0].plot(xs, [r["ppl128"] for _, r in pts], marker="o", label=label)
+            acc = [r["tasks"].get("piqa", {}).get("acc") for _, r in pts]
+            if all(v is not None for v in acc):
+                axes[1].plot(xs, [100 * v for v in acc], marker="o", label=label)
+        if dense:
+            axes[0].axhline(dense["ppl128"], color="k", ls="--", lw=1, label="dense")
+            if "piqa" in dense["tasks"]:
+                axes[1].axhline(100 * dense["tasks"]["piqa"]["acc"], color="k", ls="--", lw=1)
+        axes[0].set(xscale="log", xlabel="sparsity (%)", ylabel="WikiText-2 ppl @128 (log)",
+                    title="Perplexity vs sparsity")
+        axes[1].set(xlabel="sparsity (%)", ylabel="PIQA acc (%)", title="PIQA vs sparsity")
+        axes[0].legend(fontsize=7)
+        fig.tight_layout()
+        fig.savefig(folder / "quality_vs_sparsity.png", dpi=100)
+        plt.close(fig)
+    abl = [r for r in rows if r["group"] == "ablations"]
+    base = next((r for r in main if r["label"] == "MaskPrune" and r["sparsity"] == 0.2), None)
+    if abl:
+        items = ([base | {"label": "MaskPrune (default)"}] if base else []) + abl
+        fig, ax = plt.subplots(figsize=(9, 4.5))
+        ax.barh([r["label"] for r in items], [r["ppl128"] for r in items],
+                color=["tab:green" if r is items[0] and base else "tab:blue" for r in items])
+        ax.set(xlabel="WikiText-2 ppl @128 at 20 % (lower is better)", title="Ablations")
+        ax.invert_yaxis()
+        fig.tight_layout()
+        fig.savefig(folder / "ablations.png", dpi=100)
+        plt.close(fig)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--group", choices=["main", "ablations", "all"], default="main")
+    ap.add_argument("--sparsities", default="0.2,0.25,0.5")
+    ap.add_argument("--steps", type=int, default=150, help="learning steps per learned cell (all cells the same)")
+    ap.add_argument("--seq-len", type=int, default=128)
+    ap.add_argument("--batch-size", type=int, default=4)
+    ap.add_argument("--calib-samples", type=int, default=1024)
+    ap.add_argument("--ppl-tokens", type=int, default=32768, help="WikiText-2 tokens scored at each length")
+    ap.add_argument("--tasks", default="piqa")
+    ap.add_argument("--data-dir", default=str(REPO.parent / "shared" / "data"))
+    ap.add_argument("--task-limit", type=int, default=300, help="examples per zero-shot task")
+    ap.add_argument("--threads", type=int, default=os.cpu_count() or 1)
+    ap.add_argument("--work", default=str(REPO / "runs" / "grid"), help="pruned models and per-cell results")
+    ap.add_argument("--date", default=datetime.date.today().isoformat(), help="results file date (resume: keep it)")
+    ap.add_argument("--only", default=None, help="run only cells whose id contains this text")
+    ap.add_argument("--dry-run", action="store_true")
+    a = ap.parse_args()
+    if a.tasks and not Path(a.data_dir).is_dir():
+        sys.exit(f"--data-dir {a.data_dir} is not a folder (the zero-shot data); pass --tasks '' to skip tasks")
+    work = Path(a.work)
+    work.mkdir(parents=True, exist_ok=True)
+    todo = cells(a.group, [float(s) for s in a.sparsities.split(",")])
+    if a.only:
+        todo = [c for c in todo if a.only in c.name]
+    if a.dry_run:
+        for c in todo:
+            done = (work / f"{c.name}.cell.json").exists()
+            print(f"{'done' if done else 'todo'}  {c.name:40s} {' '.join(c.flags)}")
+        return
+    rows: list[dict] = []
+    for i, c in enumerate(todo):
+        t = time.perf_counter()
+        try:
+            meta = do_cell(c, a, work)
+        except RuntimeError as exc:  # one failed cell is reported, the grid goes on
+            print(f"[{i + 1}/{len(todo)}] {c.name} FAILED: {exc}", flush=True)
+            continue
+        ev = json.loads((work / f"{c.name}.eval.json").read_text())
+        rows = [r for r in rows if not (r["label"] == c.label and r["sparsity"] == c.sparsity
+                                        and r["group"] == c.group)] + [_row(meta, ev)]
+        write_results(_all_rows(work), a, a.date)
+        r = rows[-1]
+        print(f"[{i + 1}/{len(todo)}] {c.name}: ppl {r['ppl2048']:.2f} / {r['ppl128']:.2f}  "
+              f"piqa {r['tasks'].get('piqa', {}).get('acc', math.nan):.3f}  ({time.perf_counter() - t:.0f} s)",
+              flush=True)
+
+
+def _all_rows(work: Path) -> list[dict]:
+    """Rows of every finished cell in ``work`` (so the main grid and the ablations share one file)."""
+    rows = []
+    order = {c.name: i for i, c in enumerate(cells("all", [0.2, 0.25, 0.5]))}
+    for meta_path in sorted(work.glob("*.cell.json"), key=lambda p: order.get(p.name[:-10], 1 << 30)):
+        ev_path = work / meta_path.name.replace(".cell.json", ".eval.json")
+        if ev_path.exists():
+            rows.append(_row(json.loads(meta_path.read_text()), json.loads(ev_path.read_text())))
+    return rows
+
+
+if __name__ == "__main__":
+    main()
