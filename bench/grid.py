@@ -38,6 +38,8 @@ METHODS = {  # label -> prune flags
     "FLAP": ["--method", "flap"],
 }
 ABLATIONS = {  # label -> prune flags, at 20 % (figures 4-6, the rest of issue 4's list)
+    "resource weight flat": ["--resource-weight", "flat"],
+    "no LoRA": ["--no-lora"],
     "eta1=0.01": ["--eta1", "0.01"],
     "eta1=1.0": ["--eta1", "1.0"],
     "ffn prox fixed 1": ["--ffn-prox-start", "1", "--ffn-prox-end", "1"],
@@ -46,8 +48,8 @@ ABLATIONS = {  # label -> prune flags, at 20 % (figures 4-6, the rest of issue 4
     "no LoRA": ["--no-lora"],
     "KL + layer MSE": ["--alpha", "1.0"],
     "GQA kv_group": ["--gqa-policy", "kv_group"],
-    "resource weight flat": ["--resource-weight", "flat"],
 }
+ABLATIONS_50 = {"resource weight flat": ["--resource-weight", "flat"]}  # the head/FFN split at 50 %
 
 
 @dataclass
@@ -73,6 +75,7 @@ def cells(group: str, sparsities: list[float]) -> list[Cell]:
         for sp in sparsities:  # sparsity-major: a half-finished grid has every method at the first sparsities
             out += [Cell(f"{_slug(m)}-s{round(sp * 100)}", m, "main", sp, f) for m, f in METHODS.items()]
     if group in ("ablations", "all"):
+        out += [Cell(f"abl-{_slug(a)}-s50", a, "ablations", 0.5, f) for a, f in ABLATIONS_50.items()]
         out += [Cell(f"abl-{_slug(a)}-s20", a, "ablations", 0.2, f) for a, f in ABLATIONS.items()]
     return out
 
@@ -151,11 +154,14 @@ def write_results(rows: list[dict], a: argparse.Namespace, date: str) -> None:
     lines = [f"# SmolLM2-135M: MaskPrune vs baselines ({date})", "",
              f"`{res['command']}`", "", f"Machine: {res['machine']}", "",
              f"Protocol: {json.dumps(res['protocol'])}", ""]
-    for group, title in (("main", "Methods x sparsity"), ("ablations", "Ablations (20 %)")):
+    for group, title in (("main", "Methods x sparsity"), ("ablations", "Ablations")):
         sps = sorted({r["sparsity"] for r in rows if r["group"] == group})
         for sp in sps:
-            sel = [r for r in rows if r["group"] == "dense"] + \
-                  [r for r in rows if r["group"] == group and r["sparsity"] == sp]
+            sel = [r for r in rows if r["group"] == "dense"]
+            if group == "ablations":  # the default it is compared with
+                sel += [r | {"label": "MaskPrune (default)"} for r in rows
+                        if r["group"] == "main" and r["label"] == "MaskPrune" and r["sparsity"] == sp]
+            sel += [r for r in rows if r["group"] == group and r["sparsity"] == sp]
             lines += [f"## {title}: {round(sp * 100)} %", "", "| " + " | ".join(head) + " |",
                       "|" + " --- |" * len(head)]
             for r in sel:
@@ -202,7 +208,7 @@ def _plots(rows: list[dict], folder: Path) -> None:
         fig.tight_layout()
         fig.savefig(folder / "quality_vs_sparsity.png", dpi=100)
         plt.close(fig)
-    abl = [r for r in rows if r["group"] == "ablations"]
+    abl = [r for r in rows if r["group"] == "ablations" and r["sparsity"] == 0.2]
     base = next((r for r in main if r["label"] == "MaskPrune" and r["sparsity"] == 0.2), None)
     if abl:
         items = ([base | {"label": "MaskPrune (default)"}] if base else []) + abl

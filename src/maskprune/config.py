@@ -115,6 +115,10 @@ class PruneConfig:
     threads: int | None = None
     """torch CPU threads (default: torch's choice)."""
     gradient_checkpointing: bool = False
+    fsdp: bool = False
+    """With several processes: shard base weights, LoRA and optimizer state with torch FSDP2 (one unit per
+    decoder layer) instead of replicating them; masks stay replicated. Rank 0 reloads the model whole
+    for the export."""
 
     eval_data: str = "default"
     """WikiText-2 raw test: ``default`` (shipped copy), a local wiki.test.raw, ``hub``, or ``none``."""

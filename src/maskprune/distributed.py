@@ -18,7 +18,7 @@ import torch.distributed as dist
 from .errors import MaskPruneError
 
 __all__ = ["init_from_env", "world", "rank", "is_main", "all_reduce_grads", "all_reduce_mean", "any_true",
-           "check_consistent", "RankDesyncError", "barrier"]
+           "check_consistent", "RankDesyncError", "barrier", "is_sharded", "shard_fsdp", "full", "like"]
 
 log = logging.getLogger(__name__)
 
@@ -58,11 +58,48 @@ def barrier() -> None:
         dist.barrier()
 
 
+def is_sharded(t: torch.Tensor) -> bool:
+    """True for a DTensor (a parameter or state sharded by FSDP2)."""
+    try:
+        from torch.distributed.tensor import DTensor
+    except ImportError:  # pragma: no cover - torch without the distributed package
+        return False
+    return isinstance(t, DTensor)
+
+
+def shard_fsdp(model: torch.nn.Module, layers: Iterable[torch.nn.Module]) -> torch.nn.Module:
+    """Shard ``model`` over all processes with torch FSDP2: one unit per decoder layer, then the root
+    (embeddings, norm, head). Frozen base weights and LoRA weights are sharded alike; FSDP all-gathers
+    a layer for its forward and backward and reduce-scatters (averages) the LoRA gradients. The masks
+    live outside the model, replicated, and are averaged by :func:`all_reduce_grads`."""
+    from torch.distributed.fsdp import fully_shard
+
+    for layer in layers:
+        fully_shard(layer)
+    fully_shard(model)
+    return model
+
+
+def full(t: torch.Tensor) -> torch.Tensor:
+    """The whole tensor: gathered from every process for a DTensor (a collective), else ``t``."""
+    return t.full_tensor() if is_sharded(t) else t
+
+
+def like(value: torch.Tensor, ref: torch.Tensor) -> torch.Tensor:
+    """``value`` (a whole tensor) laid out like ``ref``: sharded the same way when ``ref`` is a DTensor."""
+    if not is_sharded(ref):
+        return value.to(ref.device)
+    from torch.distributed.tensor import distribute_tensor
+
+    return distribute_tensor(value.to(ref.device), ref.device_mesh, ref.placements)
+
+
 def all_reduce_grads(params: Iterable[torch.nn.Parameter]) -> None:
-    """Average the gradients of ``params`` over processes (one flat all-reduce)."""
+    """Average the gradients of ``params`` over processes (one flat all-reduce). Sharded (FSDP)
+    parameters are skipped: FSDP has already reduce-scattered their gradients."""
     if world() == 1:
         return
-    grads = [p.grad for p in params if p.grad is not None]
+    grads = [p.grad for p in params if p.grad is not None and not is_sharded(p)]
     if not grads:
         return
     flat = torch.cat([g.reshape(-1).float() for g in grads])

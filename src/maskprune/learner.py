@@ -199,11 +199,18 @@ class Learner:
         return {n: p for n, p in self.model.named_parameters() if "lora_" in n and p.requires_grad}
 
     def state_dict(self) -> dict:
-        """Everything the next step depends on (the data position is a function of the step)."""
+        """Everything the next step depends on (the data position is a function of the step).
+
+        Sharded (FSDP) LoRA weights and their optimizer state are gathered whole, so the checkpoint
+        is the same file with or without FSDP; every process must call this (it is a collective then).
+        """
+        opt = self.optimizer.state_dict()
+        opt["state"] = {i: {k: (D.full(v).detach().cpu().clone() if torch.is_tensor(v) else v)
+                            for k, v in st.items()} for i, st in opt["state"].items()}
         return {"state": self.state.to_dict(),
                 "masks": {k: p.detach().cpu().clone() for k, p in self.masks.by_kind().items()},
-                "lora": {n: p.detach().cpu().clone() for n, p in self._lora_params().items()},
-                "optimizer": self.optimizer.state_dict(),
+                "lora": {n: D.full(p.detach()).cpu().clone() for n, p in self._lora_params().items()},
+                "optimizer": opt,
                 "rng": torch.get_rng_state()}
 
     @torch.no_grad()
@@ -218,8 +225,12 @@ class Learner:
         if set(lora) != set(payload["lora"]):
             raise ValueError("the checkpoint's LoRA parameters do not match this model's")
         for n, p in lora.items():
-            p.copy_(payload["lora"][n].to(p.device))
-        self.optimizer.load_state_dict(payload["optimizer"])
+            p.copy_(D.like(payload["lora"][n].to(p.dtype), p))
+        opt = payload["optimizer"]
+        params = [p for g in self.optimizer.param_groups for p in g["params"]]
+        opt = {**opt, "state": {i: {k: (D.like(v, params[int(i)]) if torch.is_tensor(v) and v.dim() > 0 else v)
+                                    for k, v in st.items()} for i, st in opt["state"].items()}}
+        self.optimizer.load_state_dict(opt)
         torch.set_rng_state(payload["rng"])
 
     def run(self, *, checkpoint: Callable[["Learner"], None] | None = None, every: int = 0,

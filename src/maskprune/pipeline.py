@@ -139,8 +139,7 @@ def prune(cfg: PruneConfig, *, progress: bool = True) -> dict:
     t_start = time.perf_counter()
 
     with phases("load"):
-        wdtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}.get(
-            cfg.weight_dtype, torch.bfloat16 if device.type == "cuda" else torch.float32)
+        wdtype = _weight_dtype(cfg, device)
         loaded = load_model(cfg.model, gguf_file=cfg.gguf_file, trust_remote_code=cfg.trust_remote_code,
                             device=device, dtype=wdtype)
     model, tok = loaded.model, loaded.tokenizer
@@ -177,7 +176,8 @@ def prune(cfg: PruneConfig, *, progress: bool = True) -> dict:
     report: dict = {"maskprune_version": __version__, "config": cfg.to_dict(),
                     "model": {"source": loaded.source, "path": loaded.path,
                               "model_type": model.config.model_type},
-                    "machine": {**_machine(device), "processes": D.world()}}
+                    "machine": {**_machine(device), "processes": D.world(),
+                                "sharding": "fsdp2" if cfg.fsdp and D.world() > 1 else "replicated"}}
     ppl_dense = ppl(model, "dense")
     tasks = resolve_tasks(cfg.eval_tasks) if cfg.eval_tasks else []
 
@@ -293,6 +293,9 @@ def _learn_and_plan(cfg: PruneConfig, model, adapter, structure: Structure, wind
         if cfg.gradient_checkpointing:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
             model.enable_input_require_grads()
+        sharded = cfg.fsdp and D.world() > 1
+        if sharded:
+            D.shard_fsdp(model, adapter.layers(model))
         masks = MaskSet(structure, cfg.mask_type).to(device).attach(model)
         bar = tqdm(total=cfg.steps, desc="learn masks", disable=not (progress and main), dynamic_ncols=True)
 
@@ -319,11 +322,12 @@ def _learn_and_plan(cfg: PruneConfig, model, adapter, structure: Structure, wind
             bar.update(learner.state.step)
 
         def write_checkpoint(lrn: Learner) -> None:
+            state_dict = lrn.state_dict()  # every process: a collective when FSDP shards LoRA
             if not main:
                 return
             metrics_file.flush()
             os.fsync(metrics_file.fileno())
-            payload = {**lrn.state_dict(), "config": config_fingerprint(cfg.to_dict()), "budget": budget}
+            payload = {**state_dict, "config": config_fingerprint(cfg.to_dict()), "budget": budget}
             path = save_checkpoint(ckpt_dir, payload, lrn.state.step, cfg.keep_checkpoints)
             log.info("checkpoint %s", path)
 
@@ -335,9 +339,47 @@ def _learn_and_plan(cfg: PruneConfig, model, adapter, structure: Structure, wind
         metrics_file.close()
         trackers.close()
     masks.materialize_()  # L0 / polarization parameters -> their deterministic mask values
+    if sharded:
+        model, masks = _unshard_for_export(cfg, model, adapter, structure, masks, device, main)
     plan = plan_cut(structure, sigma_head=state.sigma["head"], budget=budget,
                     head_multiple=cfg.head_multiple, ffn_multiple=cfg.ffn_multiple)
     return model, masks, state, plan, select_units(masks, plan)
+
+
+def _unshard_for_export(cfg: PruneConfig, model, adapter, structure: Structure, masks: MaskSet,
+                        device: torch.device, main: bool):
+    """After FSDP learning: gather the LoRA weights whole (every process takes part), then on rank 0
+    rebuild an unsharded model (base weights reloaded from the source, the same LoRA attached and
+    filled, the learned masks attached) for the cut, the export and the evaluations, which are then
+    exactly those of a single-process run. Other ranks get ``(None, masks)``."""
+    lora = {n: D.full(p.detach()).cpu() for n, p in model.named_parameters() if "lora_" in n}
+    if not main:
+        return None, masks
+    del model
+    wdtype = _weight_dtype(cfg, device)
+    fresh = load_model(cfg.model, gguf_file=cfg.gguf_file, trust_remote_code=cfg.trust_remote_code,
+                       device=device, dtype=wdtype).model
+    if cfg.lora:
+        fresh = attach_lora(fresh, cfg.lora_targets, rank=cfg.lora_rank, alpha=cfg.lora_alpha,
+                            adapter_names={r: getattr(adapter, f"{r}_name") for r in
+                                           ("q", "k", "v", "o", "gate", "up", "down")})
+    params = dict(fresh.named_parameters())
+    if set(lora) != {n for n in params if "lora_" in n}:
+        raise MaskPruneError("internal error: the gathered LoRA weights do not match the rebuilt model")
+    with torch.no_grad():
+        for n, t in lora.items():
+            params[n].copy_(t.to(params[n].dtype))
+    unsharded = MaskSet(structure).to(device)
+    with torch.no_grad():
+        for kind, p in unsharded.by_kind().items():
+            p.copy_(masks.by_kind()[kind])
+    fresh.eval()
+    return fresh, unsharded.attach(fresh)
+
+
+def _weight_dtype(cfg: PruneConfig, device: torch.device) -> torch.dtype:
+    return {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}.get(
+        cfg.weight_dtype, torch.bfloat16 if device.type == "cuda" else torch.float32)
 
 
 def _score_and_plan(cfg: PruneConfig, model, adapter, structure: Structure, windows: torch.Tensor, budget: int,
