@@ -45,7 +45,6 @@ ABLATIONS = {  # label -> prune flags, at 20 % (figures 4-6, the rest of issue 4
     "ffn prox fixed 1": ["--ffn-prox-start", "1", "--ffn-prox-end", "1"],
     "ffn prox fixed 10": ["--ffn-prox-start", "10", "--ffn-prox-end", "10"],
     "fixed y, z": ["--y-init", "2.0", "--z-init", "1.0", "--eta3", "0", "--eta4", "0"],
-    "no LoRA": ["--no-lora"],
     "KL + layer MSE": ["--alpha", "1.0"],
     "GQA kv_group": ["--gqa-policy", "kv_group"],
 }
