@@ -10,7 +10,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 
 __all__ = ["ModelShape", "activation_bytes_per_token", "estimate_learning_memory", "LLAMA2_7B", "LLAMA2_13B",
-           "shape_of"]
+           "LLAMA3_8B", "LLAMA3_70B", "shape_of"]
 
 
 @dataclass(frozen=True)
@@ -27,6 +27,8 @@ class ModelShape:
 
 LLAMA2_7B = ModelShape(6_738_415_616, 32, 4096, 11008, 32, 32, 128, 32000)
 LLAMA2_13B = ModelShape(13_015_864_320, 40, 5120, 13824, 40, 40, 128, 32000)
+LLAMA3_8B = ModelShape(8_030_261_248, 32, 4096, 14336, 32, 8, 128, 128256)
+LLAMA3_70B = ModelShape(70_553_706_496, 80, 8192, 28672, 64, 8, 128, 128256)
 
 
 def shape_of(model) -> ModelShape:
@@ -57,8 +59,13 @@ def lora_params(s: ModelShape, rank: int) -> int:
 
 def estimate_learning_memory(s: ModelShape, *, batch_tokens: int, weight_bytes: int, lora_rank: int = 8,
                              gradient_checkpointing: bool = False, layer_mse: bool = False,
-                             kl_chunk_tokens: int = 512) -> dict[str, float]:
-    """Peak bytes of one mask-learning process, by component (teacher shares the weights)."""
+                             kl_chunk_tokens: int = 512, shards: int = 1) -> dict[str, float]:
+    """Peak bytes of one mask-learning process, by component (teacher shares the weights).
+
+    ``batch_tokens`` is this process's share of the batch. ``shards`` > 1: FSDP over that many
+    processes: each holds ``1/shards`` of the weights, LoRA and Adam state, plus two whole decoder
+    layers gathered at a time (the one computing and the one prefetched); masks stay replicated.
+    """
     act = activation_bytes_per_token(s)
     if gradient_checkpointing:  # layer inputs kept, one layer's activations rebuilt at a time
         activations = batch_tokens * (s.layers * 2 * s.hidden + act)
@@ -66,9 +73,12 @@ def estimate_learning_memory(s: ModelShape, *, batch_tokens: int, weight_bytes: 
         activations = batch_tokens * s.layers * act
     n_lora = lora_params(s, lora_rank)
     masks = s.layers * (s.heads + s.intermediate)
+    layer_params = (s.params - 2 * s.vocab * s.hidden) / s.layers
+    weights = s.params * weight_bytes if shards == 1 else \
+        s.params * weight_bytes / shards + 2 * layer_params * weight_bytes
     out = {
-        "weights": s.params * weight_bytes,
-        "lora_and_masks_with_grads_and_adam": (n_lora + masks) * 4 * 4,
+        "weights": weights,
+        "lora_and_masks_with_grads_and_adam": (n_lora / shards + masks) * 4 * 4,
         "student_activations": activations,
         "logits_student_and_teacher_bf16": 2 * batch_tokens * s.vocab * 2,
         "kl_chunk_fp32": 3 * min(batch_tokens, kl_chunk_tokens) * s.vocab * 4,

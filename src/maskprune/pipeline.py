@@ -141,7 +141,9 @@ def prune(cfg: PruneConfig, *, progress: bool = True) -> dict:
     with phases("load"):
         wdtype = _weight_dtype(cfg, device)
         loaded = load_model(cfg.model, gguf_file=cfg.gguf_file, trust_remote_code=cfg.trust_remote_code,
-                            device=device, dtype=wdtype)
+                            device=torch.device("cpu") if cfg.fsdp and D.world() > 1 else device, dtype=wdtype)
+        # under FSDP the whole model stays in host memory until fully_shard moves each process's shard to
+        # its device; the dense evaluation then runs on rank 0 before sharding, on the host
     model, tok = loaded.model, loaded.tokenizer
     adapter = get_adapter(model.config.model_type)
     structure = Structure.of(model, adapter, cfg.gqa_policy)
@@ -350,15 +352,16 @@ def _unshard_for_export(cfg: PruneConfig, model, adapter, structure: Structure, 
                         device: torch.device, main: bool):
     """After FSDP learning: gather the LoRA weights whole (every process takes part), then on rank 0
     rebuild an unsharded model (base weights reloaded from the source, the same LoRA attached and
-    filled, the learned masks attached) for the cut, the export and the evaluations, which are then
-    exactly those of a single-process run. Other ranks get ``(None, masks)``."""
+    filled, the learned masks attached) in host memory for the cut, the export and the evaluations,
+    which are then exactly those of a single-process run. Other ranks get ``(None, masks)``."""
     lora = {n: D.full(p.detach()).cpu() for n, p in model.named_parameters() if "lora_" in n}
     if not main:
         return None, masks
     del model
     wdtype = _weight_dtype(cfg, device)
+    host = torch.device("cpu")  # a model that needed sharding need not fit one device whole
     fresh = load_model(cfg.model, gguf_file=cfg.gguf_file, trust_remote_code=cfg.trust_remote_code,
-                       device=device, dtype=wdtype).model
+                       device=host, dtype=wdtype).model
     if cfg.lora:
         fresh = attach_lora(fresh, cfg.lora_targets, rank=cfg.lora_rank, alpha=cfg.lora_alpha,
                             adapter_names={r: getattr(adapter, f"{r}_name") for r in
@@ -369,10 +372,10 @@ def _unshard_for_export(cfg: PruneConfig, model, adapter, structure: Structure, 
     with torch.no_grad():
         for n, t in lora.items():
             params[n].copy_(t.to(params[n].dtype))
-    unsharded = MaskSet(structure).to(device)
+    unsharded = MaskSet(structure)
     with torch.no_grad():
         for kind, p in unsharded.by_kind().items():
-            p.copy_(masks.by_kind()[kind])
+            p.copy_(masks.by_kind()[kind].cpu())
     fresh.eval()
     return fresh, unsharded.attach(fresh)
 
