@@ -105,7 +105,7 @@ def do_cell(c: Cell, a: argparse.Namespace, work: Path) -> dict:
         if not (out / "maskprune_report.json").exists():
             common = ["--steps", str(a.steps), "--seq-len", str(a.seq_len), "--batch-size", str(a.batch_size),
                       "--calib-samples", str(a.calib_samples), "--eval-max-windows", "4", "--no-report",
-                      "--threads", str(a.threads)]
+                      "--threads", str(a.threads), "--weight-dtype", a.weight_dtype, "--dtype", "bf16"]
             resume = ["--resume"] if (work / f"{c.name}.checkpoints").exists() else []
             meta["prune_seconds"] = run(exe + ["prune", "smollm2-135m", "--sparsity", str(c.sparsity), "--out",
                                                str(out), "--overwrite", *common, *c.flags, *resume], log)
@@ -142,7 +142,7 @@ def write_results(rows: list[dict], a: argparse.Namespace, date: str) -> None:
     res = {"command": "python bench/grid.py " + " ".join(sys.argv[1:]), "date": date,
            "machine": {"platform": platform.platform(), "cpus": os.cpu_count(), "python": platform.python_version()},
            "protocol": {"steps": a.steps, "seq_len": a.seq_len, "batch_size": a.batch_size,
-                        "calib_samples": a.calib_samples, "calib": "shipped C4 sample (same windows every cell)",
+                        "calib_samples": a.calib_samples, "weight_dtype": a.weight_dtype, "calib": "shipped C4 sample (same windows every cell)",
                         "ppl_tokens": a.ppl_tokens, "tasks": a.tasks, "task_limit": a.task_limit,
                         "eval_dtype": "bf16 autocast"},
            "rows": rows}
@@ -233,6 +233,7 @@ def main() -> None:
     ap.add_argument("--tasks", default="piqa")
     ap.add_argument("--data-dir", default=str(REPO.parent / "shared" / "data"))
     ap.add_argument("--task-limit", type=int, default=300, help="examples per zero-shot task")
+    ap.add_argument("--weight-dtype", default="fp32", help="base weights during learning (same for every cell)")
     ap.add_argument("--threads", type=int, default=os.cpu_count() or 1)
     ap.add_argument("--work", default=str(REPO / "runs" / "grid"), help="pruned models and per-cell results")
     ap.add_argument("--date", default=datetime.date.today().isoformat(), help="results file date (resume: keep it)")

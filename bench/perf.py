@@ -113,6 +113,14 @@ def step_throughput(args, weight_dtype: str = "fp32", dtype: str = "bf16") -> di
 
 _MEM_CHILD = r"""
 import resource, sys
+def _reset_peak():
+    open("/proc/self/clear_refs", "w").write("5")  # resets VmHWM to the current RSS (Linux)
+    return _status("VmRSS")
+def _status(key):
+    for line in open("/proc/self/status"):
+        if line.startswith(key + ":"):
+            return int(line.split()[1])  # kB
+
 from maskprune import load_config
 from maskprune.arch import get_adapter
 from maskprune.data import calibration_windows
@@ -127,21 +135,34 @@ masks = MaskSet(st).attach(model)
 w = calibration_windows("default", tok, seq_len=cfg.seq_len, num_windows=32)
 lrn = Learner(model, masks, w, cfg, cfg.budget_for(st.dense_params))
 model.train()
+lrn.step()  # first step allocates the optimizer state; then measure the loop alone
+before = _reset_peak()
 for _ in range(3):
     lrn.step()
-print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
+print(before, _status("VmHWM"))
 """
 
 
-def peak_rss_mb(teacher: bool, seq_len: int, batch: int) -> float:
+def peak_rss_mb(teacher: bool, seq_len: int, batch: int) -> dict:
+    """Peak RSS of three learning steps (the high-water mark reset after loading and the first step, so
+    the loading peak is not what is measured), and the RSS just before them, in MB; separate process."""
     code = _MEM_CHILD if teacher else _MEM_CHILD_NO_TEACHER
     out = subprocess.run([sys.executable, "-c", code, "1" if teacher else "0", str(seq_len), str(batch)],
                          capture_output=True, text=True, check=True, env={**os.environ, "TQDM_DISABLE": "1"})
-    return int(out.stdout.strip().splitlines()[-1]) / 1024
+    before, peak = (int(x) / 1024 for x in out.stdout.strip().splitlines()[-1].split())
+    return {"rss_before_loop_mb": before, "peak_rss_in_loop_mb": peak, "loop_increment_mb": peak - before}
 
 
 _MEM_CHILD_NO_TEACHER = r"""
 import resource, sys, torch
+def _reset_peak():
+    open("/proc/self/clear_refs", "w").write("5")  # resets VmHWM to the current RSS (Linux)
+    return _status("VmRSS")
+def _status(key):
+    for line in open("/proc/self/status"):
+        if line.startswith(key + ":"):
+            return int(line.split()[1])  # kB
+
 from maskprune import load_config
 from maskprune.arch import get_adapter
 from maskprune.data import calibration_windows
@@ -158,14 +179,17 @@ w = calibration_windows("default", tok, seq_len=seq, num_windows=32)
 params = list(masks.parameters()) + [p for n, p in model.named_parameters() if "lora_" in n]
 opt = torch.optim.AdamW(params, lr=1e-3)
 model.train()
-for i in range(3):
+before = None
+for i in range(4):
+    if i == 1:
+        before = _reset_peak()
     batch = w[i * bs:(i + 1) * bs]
     with torch.autocast("cpu", dtype=torch.bfloat16):
         out = model(input_ids=batch, use_cache=False)
         target = out.logits.detach()  # stands in for the teacher's logits: no teacher pass
         loss = distillation_loss(out.logits, target)["loss"] + out.logits.float().mean() * 0
     opt.zero_grad(); loss.backward(); opt.step()
-print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
+print(before, _status("VmHWM"))
 """
 
 
@@ -273,17 +297,23 @@ def main() -> None:
         res["step_variants"] = [step_throughput(a, "bf16", "bf16"), step_throughput(a, "fp32", "fp32")]
         print(json.dumps(res["step_variants"]), flush=True)
     if "memory" not in a.skip:
-        with_t = peak_rss_mb(True, a.seq_len, a.batch_size)
-        without = peak_rss_mb(False, a.seq_len, a.batch_size)
-        from maskprune.memory import estimate_learning_memory, shape_of
+        from maskprune.memory import LLAMA2_7B, estimate_learning_memory, shape_of
         from maskprune.models import load_model
 
-        est = estimate_learning_memory(shape_of(load_model("smollm2-135m").model), batch_tokens=a.seq_len * a.batch_size,
-                                       weight_bytes=4)
-        res["memory"] = {"peak_rss_mb_with_teacher": with_t, "peak_rss_mb_without_teacher": without,
-                         "ratio": with_t / without,
-                         "accounting_mb": {k: v / 2**20 for k, v in est.items() if k != "teacher_share"}}
-        print(json.dumps(res["memory"]), flush=True)
+        shape = shape_of(load_model("smollm2-135m").model)
+        res["memory"] = []
+        for seq, bs in ((a.seq_len, a.batch_size), (512, 8)):  # the default step, and one where activations weigh
+            with_t, without = peak_rss_mb(True, seq, bs), peak_rss_mb(False, seq, bs)
+            est = estimate_learning_memory(shape, batch_tokens=seq * bs, weight_bytes=4)
+            res["memory"].append({"seq_len": seq, "batch_size": bs, "with_teacher": with_t, "without_teacher": without,
+                                  "ratio": with_t["peak_rss_in_loop_mb"] / without["peak_rss_in_loop_mb"],
+                                  "increment_ratio": with_t["loop_increment_mb"] / max(1e-9, without["loop_increment_mb"]),
+                                  "accounting_mb": {k: v / 2**20 for k, v in est.items() if k != "teacher_share"},
+                                  "accounting_teacher_share": est["teacher_share"]})
+            print(json.dumps(res["memory"][-1]), flush=True)
+        est7 = estimate_learning_memory(LLAMA2_7B, batch_tokens=16 * 512, weight_bytes=2)
+        res["memory_projection_llama2_7b_one_gpu_gib"] = {k: (v / 2**30 if k != "teacher_share" else v)
+                                                          for k, v in est7.items()}
     if "payoff" not in a.skip and a.pruned:
         res["payoff"] = payoff(a.pruned)
         print(json.dumps(res["payoff"]), flush=True)
@@ -305,11 +335,19 @@ def main() -> None:
             lines.append(f"| {v['weight_dtype']} | {v['autocast']} | {v['tokens_per_s']:.0f} | {v['tokens_per_s'] / s['tokens_per_s']:.2f}x |")
         lines.append("")
     if "memory" in res:
-        m = res["memory"]
-        lines += ["## Memory", "", f"Peak RSS with teacher {m['peak_rss_mb_with_teacher']:.0f} MB, without "
-                  f"{m['peak_rss_mb_without_teacher']:.0f} MB: ratio {m['ratio']:.3f}. The accounting of "
-                  f"`maskprune.memory` predicts {m['accounting_mb']['total']:.0f} MB of tensors for this setting "
-                  "(the process adds the Python, torch and tokenizer footprint).", ""]
+        lines += ["## Memory", "", "Peak RSS during three learning steps (high-water mark reset after loading and the "
+                  "first step; separate processes), with the teacher pass vs the same loop without it:", "",
+                  "| tokens/step | RSS before loop MB | peak with teacher MB | peak without MB | ratio | loop increment with / without MB | accounting MB (teacher share) |",
+                  "| --- | --- | --- | --- | --- | --- | --- |"]
+        for m in res["memory"]:
+            w, wo = m["with_teacher"], m["without_teacher"]
+            lines.append(f"| {m['seq_len']}x{m['batch_size']} | {w['rss_before_loop_mb']:.0f} | {w['peak_rss_in_loop_mb']:.0f} | "
+                         f"{wo['peak_rss_in_loop_mb']:.0f} | {m['ratio']:.3f} | {w['loop_increment_mb']:.0f} / "
+                         f"{wo['loop_increment_mb']:.0f} | {m['accounting_mb']['total']:.0f} "
+                         f"({100 * m['accounting_teacher_share']:.1f}%) |")
+        p7 = res["memory_projection_llama2_7b_one_gpu_gib"]
+        lines += ["", f"Projected for Llama-2-7B on one GPU (bf16 weights, 16 x 512 tokens, same accounting): "
+                  f"{p7['total']:.1f} GiB, teacher share {100 * p7['teacher_share']:.1f}%.", ""]
     if "payoff" in res:
         lines += ["## Exported models vs dense (bf16, stock transformers)", "",
                   "| model | params | prefill 1x512 speedup (ideal) | prefill 8x128 speedup (ideal) | decode speedup (ideal) |",
