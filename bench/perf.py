@@ -237,6 +237,12 @@ def payoff(pruned: list[str]) -> dict:
     widths = [max(1, round(mean * r)) for r in raw]
     widths[-1] += mean * L - sum(widths)
     models[f"{Path(pruned[-1]).name}-nonuniform"] = nonuniform_like(last, widths)
+    # what `--ffn-multiple 64` buys: the same models with the FFN width rounded down to a multiple of 64
+    for p in pruned:
+        m = models[Path(p).name]
+        w = m.config.intermediate_size
+        if w % 64 and w > 64:
+            models[f"{Path(p).name}-ffn{w // 64 * 64}"] = nonuniform_like(m, [w // 64 * 64] * m.config.num_hidden_layers)
     rows = {}
     for name, m in models.items():
         row = {"params": sum(p.numel() for p in m.parameters()),
