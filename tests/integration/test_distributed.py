@@ -144,3 +144,21 @@ def test_fsdp_killed_and_resumed_ends_where_the_uninterrupted_fsdp_run_ends(runs
     wa, wb = load_file(str(root / "fsdp" / "model.safetensors")), load_file(str(out / "model.safetensors"))
     for k in wa:
         assert torch.allclose(wa[k], wb[k], atol=1e-5), k
+
+
+def test_accelerate_launch_runs_the_same_cli(runs, tmp_path):
+    """`accelerate launch` is only the launcher (it hands over to torchrun): the same CLI, 2 processes,
+    the same result as the 1-process run. `--multi_gpu` is accelerate's name for its torchrun launcher;
+    on this CPU machine the processes join over gloo."""
+    root, model, calib = runs
+    accelerate = Path(sys.executable).with_name("accelerate")
+    out = tmp_path / "acc"
+    proc = subprocess.run([str(accelerate), "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
+                           "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(_port()),
+                           "-m", "maskprune", "-q", "prune", str(model), "--calib", str(calib), *ARGS, "--out", str(out)],
+                          env=_env(), capture_output=True, text=True, timeout=400)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    a = json.loads((root / "one" / "maskprune_report.json").read_text())
+    b = json.loads((out / "maskprune_report.json").read_text())
+    assert b["machine"]["processes"] == 2
+    assert a["kept_units"] == b["kept_units"]
