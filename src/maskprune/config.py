@@ -110,6 +110,9 @@ class PruneConfig:
     """Autocast dtype of the forward passes; masks, s, y, z and optimizer state stay fp32."""
     weight_dtype: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
     """Dtype of the frozen base weights: ``auto`` is fp32 on CPU, bf16 on CUDA (half the memory)."""
+    export_dtype: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
+    """Dtype of the saved checkpoint (``auto``: that of the base weights while learning). Merge, fold and the
+    parity check always run in fp32; only the finished model is cast."""
     device: str = "auto"
     """``auto`` (cuda if available), ``cpu`` or ``cuda[:N]``."""
     threads: int | None = None

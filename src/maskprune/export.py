@@ -128,6 +128,23 @@ def fold_and_slice_(model: nn.Module, adapter: DecoderAdapter, layout: HeadLayou
         delattr(cfg, "quantization_config")
 
 
+def verify_parity(model: nn.Module, probe: torch.Tensor, reference: torch.Tensor, *,
+                  tolerance: float = 1e-4, what: str = "the folded and sliced model") -> ParityReport:
+    """Logits of ``model`` (in memory) against ``reference``; :class:`ParityError` beyond
+    ``tolerance * max(1, max|reference|)``."""
+    out = masked_logits(model, probe)
+    ref_max = float(reference.abs().max())
+    diff = float((out - reference).abs().max())
+    report = ParityReport(diff, ref_max, tolerance * max(1.0, ref_max))
+    if not diff <= report.tolerance:
+        raise ParityError(f"{what} does not reproduce the masked model",
+                          expected=f"max |logit difference| <= {report.tolerance:.3g}",
+                          found=f"{diff:.3g}",
+                          fix="this is a maskprune bug: please report it with the model type")
+    log.info("parity verified (%s): max |logit diff| %.3g (tolerance %.3g)", what, diff, report.tolerance)
+    return report
+
+
 def save_and_verify(model: nn.Module, tokenizer, folder: Path, probe: torch.Tensor,
                     reference: torch.Tensor, *, tolerance: float = 1e-4) -> ParityReport:
     """Save stock weights + tokenizer to ``folder``, reload with ``AutoModelForCausalLM``, compare.
@@ -143,15 +160,9 @@ def save_and_verify(model: nn.Module, tokenizer, folder: Path, probe: torch.Tens
     dtype = next(model.parameters()).dtype
     reloaded = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype).to(next(model.parameters()).device)
     reloaded.eval()
-    out = masked_logits(reloaded, probe)
-    ref_max = float(reference.abs().max())
-    diff = float((out - reference).abs().max())
-    report = ParityReport(diff, ref_max, tolerance * max(1.0, ref_max))
-    del reloaded
-    if not diff <= report.tolerance:
-        raise ParityError("the exported checkpoint does not reproduce the masked model",
-                          expected=f"max |logit difference| <= {report.tolerance:.3g}",
-                          found=f"{diff:.3g}",
-                          fix="this is a maskprune bug: please report it with the model type")
-    log.info("parity verified: max |logit diff| %.3g (tolerance %.3g)", diff, report.tolerance)
+    try:
+        report = verify_parity(reloaded, probe, reference, tolerance=tolerance,
+                               what="the exported checkpoint")
+    finally:
+        del reloaded
     return report
