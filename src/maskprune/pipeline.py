@@ -445,6 +445,9 @@ def _resume(learner: Learner, ckpt_dir: Path, cfg: PruneConfig, metrics_path: Pa
                              fix="pass --overwrite to start over")
     payload, path = loaded
     mine, theirs = config_fingerprint(cfg.to_dict()), payload.get("config", {})
+    # a key the checkpoint does not know was added to maskprune since; it matches if left at its default
+    defaults = config_fingerprint(PruneConfig().to_dict())
+    theirs = {**{k: defaults[k] for k in mine if k not in theirs and k in defaults}, **theirs}
     diff = sorted(k for k in set(mine) | set(theirs) if mine.get(k) != theirs.get(k))
     if diff:
         raise MaskPruneError("--resume: the configuration differs from the interrupted run's",

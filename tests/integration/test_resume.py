@@ -152,3 +152,21 @@ def test_non_finite_loss_stops_with_the_step_and_keeps_the_last_checkpoint(tmp_p
     assert not out.exists()
     payload, path = load_latest(out.with_name("o.checkpoints"))
     assert payload["state"]["step"] == 4 and torch.isfinite(payload["masks"]["ffn"]).all()
+
+
+def test_a_checkpoint_from_before_a_new_setting_resumes_when_it_is_left_at_its_default(setup, tmp_path):
+    root, model, calib, ref = setup
+    out = tmp_path / "o"
+    ckpt = out.with_name(out.name + ".checkpoints")
+    proc = subprocess.Popen(_cmd(model, calib, out), env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    deadline = time.time() + 240
+    while time.time() < deadline and not list_checkpoints(ckpt) and proc.poll() is None:
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    newest = list_checkpoints(ckpt)[0]
+    payload = torch.load(newest, weights_only=False)
+    del payload["config"]["export_dtype"]  # as written by a maskprune that had no such setting
+    torch.save(payload, newest)
+    r = subprocess.run(_cmd(model, calib, out, "--resume"), env=_env(), capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
