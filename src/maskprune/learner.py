@@ -144,7 +144,7 @@ class Learner:
 
         # straight-through sigma step, then y and z ascent, all on the mask values
         with torch.no_grad():
-            values = {kind: self.masks.values(kind) for kind in ("head", "ffn")}
+            values = {kind: self.masks.values(kind).detach() for kind in ("head", "ffn")}
         target = F.budget_ratio(t, total, self.final_ratio, cfg.warmup_share)
         for kind, val in values.items():
             lay = s.head if kind == "head" else s.ffn
