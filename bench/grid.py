@@ -46,6 +46,7 @@ ABLATIONS = {  # label -> prune flags, at 20 % (figures 4-6, the rest of issue 4
     "ffn prox fixed 10": ["--ffn-prox-start", "10", "--ffn-prox-end", "10"],
     "fixed y, z": ["--y-init", "2.0", "--z-init", "1.0", "--eta3", "0", "--eta4", "0"],
     "KL + layer MSE": ["--alpha", "1.0"],
+    "no distillation (LM CE only)": ["--no-distill"],
     "GQA kv_group": ["--gqa-policy", "kv_group"],
 }
 ABLATIONS_50 = {"resource weight flat": ["--resource-weight", "flat"]}  # the head/FFN split at 50 %

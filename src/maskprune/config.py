@@ -94,6 +94,9 @@ class PruneConfig:
     ffn_prox_start: int = 10
     ffn_prox_end: int = 1
     """The FFN proximal step is taken every k steps, k falling linearly from start to end."""
+    distill: bool = True
+    """Distil from the unpruned model (teacher forward every step). Off (``--no-distill``): the loss is
+    the language-modelling cross-entropy on the calibration text alone and no teacher forward runs."""
     alpha: float = 0.0
     """Weight of the layer-wise hidden-state MSE in the distillation loss."""
     kl_direction: Literal["student_teacher", "teacher_student"] = "teacher_student"
@@ -193,6 +196,10 @@ class PruneConfig:
         if self.mask_type != "uniform" and self.method != "maskprune":
             problems.append(f"mask_type {self.mask_type!r} applies to the learned method only, found method "
                             f"{self.method!r}: drop --mask-type or use --method maskprune")
+        if not self.distill and (self.alpha > 0.0 or self.ce_weight > 0.0):
+            problems.append(f"distill is off, so there is no teacher for alpha={self.alpha} (layer MSE) and the "
+                            f"loss is the cross-entropy alone (ce_weight={self.ce_weight} is implied): drop "
+                            "--alpha/--ce-weight or drop --no-distill")
         if self.eval_max_windows is not None and self.eval_max_windows < 1:
             problems.append(f"eval_max_windows must be >= 1 or null, found {self.eval_max_windows}")
         if problems:

@@ -101,13 +101,15 @@ class Learner:
         t, total = st.step, cfg.steps
         t0 = time.perf_counter()
         batch = self.windows[self.batch_indices(t)].to(self.device)  # [B, T]
-        want_hidden = cfg.alpha > 0.0
+        want_hidden = cfg.alpha > 0.0 and cfg.distill
         with torch.autocast(self.device.type, dtype=self.amp or torch.float32, enabled=self.amp is not None):
-            with torch.no_grad(), bypass(self.model, self.masks):
-                teacher = self.model(input_ids=batch, output_hidden_states=want_hidden, use_cache=False)
+            teacher = None
+            if cfg.distill:
+                with torch.no_grad(), bypass(self.model, self.masks):
+                    teacher = self.model(input_ids=batch, output_hidden_states=want_hidden, use_cache=False)
             student = self.model(input_ids=batch, output_hidden_states=want_hidden, use_cache=False)
             terms = distillation_loss(
-                student.logits, teacher.logits,
+                student.logits, teacher.logits if teacher is not None else None,
                 student_hidden=student.hidden_states[1:] if want_hidden else None,
                 teacher_hidden=teacher.hidden_states[1:] if want_hidden else None,
                 alpha=cfg.alpha, direction=cfg.kl_direction, labels=batch, ce_weight=cfg.ce_weight)

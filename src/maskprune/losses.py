@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
-__all__ = ["KLDirection", "kl_divergence", "layer_mse", "distillation_loss"]
+__all__ = ["KLDirection", "kl_divergence", "layer_mse", "lm_cross_entropy", "distillation_loss"]
 
 KLDirection = Literal["student_teacher", "teacher_student"]
 
@@ -51,13 +51,28 @@ def layer_mse(student_hidden: Sequence[torch.Tensor], teacher_hidden: Sequence[t
     return torch.stack(terms).sum()
 
 
-def distillation_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, *,
+def lm_cross_entropy(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Mean next-token cross-entropy of ``logits [B, T, V]`` against ``labels [B, T]`` (fp32)."""
+    flat = logits[:, :-1].reshape(-1, logits.shape[-1]).float()  # [B*(T-1), V]
+    return F.cross_entropy(flat, labels[:, 1:].reshape(-1))
+
+
+def distillation_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor | None, *,
                       student_hidden: Sequence[torch.Tensor] | None = None,
                       teacher_hidden: Sequence[torch.Tensor] | None = None, alpha: float = 0.0,
                       direction: KLDirection = "student_teacher", labels: torch.Tensor | None = None,
                       ce_weight: float = 0.0, chunk_tokens: int = 512) -> dict[str, torch.Tensor]:
-    """``KL + alpha * layer MSE (+ ce_weight * LM cross-entropy)``; returns every term and ``loss``."""
+    """``KL + alpha * layer MSE (+ ce_weight * LM cross-entropy)``; returns every term and ``loss``.
+
+    ``teacher_logits=None`` (distillation off): the loss is the cross-entropy alone, ``labels`` required.
+    """
     out: dict[str, torch.Tensor] = {}
+    if teacher_logits is None:
+        if labels is None:
+            raise ValueError("without a teacher the loss is the LM cross-entropy, which needs labels")
+        out["ce"] = lm_cross_entropy(student_logits, labels)
+        out["loss"] = out["ce"]
+        return out
     out["kl"] = kl_divergence(student_logits, teacher_logits, direction=direction,
                               chunk_tokens=chunk_tokens)
     loss = out["kl"]
@@ -65,8 +80,7 @@ def distillation_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor
         out["layer_mse"] = layer_mse(student_hidden, teacher_hidden)
         loss = loss + alpha * out["layer_mse"]
     if ce_weight > 0.0 and labels is not None:
-        logits = student_logits[:, :-1].reshape(-1, student_logits.shape[-1]).float()
-        out["ce"] = F.cross_entropy(logits, labels[:, 1:].reshape(-1))
+        out["ce"] = lm_cross_entropy(student_logits, labels)
         loss = loss + ce_weight * out["ce"]
     out["loss"] = loss
     return out

@@ -95,7 +95,9 @@ def make_report(run_dir: str | Path) -> Path:
     # fig. 5: training loss and the proximal schedule
     f, ax = fig("loss")
     ax.plot(steps, [m["loss"] for m in metrics], label="loss (total)", color="tab:red")
-    ax.plot(steps, [m["kl"] for m in metrics], label="KL", color="tab:pink", alpha=0.7)
+    for key, label, color in (("kl", "KL", "tab:pink"), ("ce", "LM cross-entropy", "tab:olive")):
+        if key in metrics[0]:
+            ax.plot(steps, [m[key] for m in metrics], label=label, color=color, alpha=0.7)
     if "layer_mse" in metrics[0]:
         ax.plot(steps, [m["layer_mse"] for m in metrics], label="layer MSE", color="tab:purple", alpha=0.7)
     ax.set_xlabel("step")
