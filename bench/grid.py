@@ -4,6 +4,7 @@ the same `maskprune prune` (same calibration data, steps, budget, uniform cut an
 
     python bench/grid.py --group main            # 7 methods x 20/25/50 %
     python bench/grid.py --group ablations       # decay rate, prox schedule, multipliers, LoRA, KL+MSE, GQA, split
+    python bench/grid.py --group steps           # MaskPrune at 20 % with 2x and 4x the steps
     python bench/grid.py --group all --dry-run   # list the cells and what is already done
 
 Unattended and resumable: a cell whose evaluation JSON exists is skipped; a cell whose pruned model exists
@@ -50,6 +51,10 @@ ABLATIONS = {  # label -> prune flags, at 20 % (figures 4-6, the rest of issue 4
     "GQA kv_group": ["--gqa-policy", "kv_group"],
 }
 ABLATIONS_50 = {"resource weight flat": ["--resource-weight", "flat"]}  # the head/FFN split at 50 %
+STEPS = {  # MaskPrune at 20 % with more learning (the cell's --steps comes last, so it wins): is 150 too few?
+    "MaskPrune, 300 steps": ["--steps", "300"],
+    "MaskPrune, 600 steps": ["--steps", "600"],
+}
 
 
 @dataclass
@@ -77,6 +82,8 @@ def cells(group: str, sparsities: list[float]) -> list[Cell]:
     if group in ("ablations", "all"):
         out += [Cell(f"abl-{_slug(a)}-s50", a, "ablations", 0.5, f) for a, f in ABLATIONS_50.items()]
         out += [Cell(f"abl-{_slug(a)}-s20", a, "ablations", 0.2, f) for a, f in ABLATIONS.items()]
+    if group in ("steps", "all"):
+        out += [Cell(f"steps-{f[-1]}-s20", a, "steps", 0.2, f) for a, f in STEPS.items()]
     return out
 
 
@@ -154,14 +161,18 @@ def write_results(rows: list[dict], a: argparse.Namespace, date: str) -> None:
     lines = [f"# SmolLM2-135M: MaskPrune vs baselines ({date})", "",
              f"`{res['command']}`", "", f"Machine: {res['machine']}", "",
              f"Protocol: {json.dumps(res['protocol'])}", ""]
-    for group, title in (("main", "Methods x sparsity"), ("ablations", "Ablations")):
+    for group, title in (("main", "Methods x sparsity"), ("ablations", "Ablations"),
+                         ("steps", "More learning steps")):
         sps = sorted({r["sparsity"] for r in rows if r["group"] == group})
         for sp in sps:
             sel = [r for r in rows if r["group"] == "dense"]
-            if group == "ablations":  # the default it is compared with
-                sel += [r | {"label": "MaskPrune (default)"} for r in rows
+            if group in ("ablations", "steps"):  # the default it is compared with
+                sel += [r | {"label": f"MaskPrune (default, {a.steps} steps)"} for r in rows
                         if r["group"] == "main" and r["label"] == "MaskPrune" and r["sparsity"] == sp]
             sel += [r for r in rows if r["group"] == group and r["sparsity"] == sp]
+            if group == "steps":  # the best one-shot baselines at the same sparsity
+                sel += [r for r in rows if r["group"] == "main" and r["label"] in ("Wanda-sp", "FLAP")
+                        and r["sparsity"] == sp]
             lines += [f"## {title}: {round(sp * 100)} %", "", "| " + " | ".join(head) + " |",
                       "|" + " --- |" * len(head)]
             for r in sel:
@@ -224,7 +235,7 @@ def _plots(rows: list[dict], folder: Path) -> None:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--group", choices=["main", "ablations", "all"], default="main")
+    ap.add_argument("--group", choices=["main", "ablations", "steps", "all"], default="main")
     ap.add_argument("--sparsities", default="0.2,0.25,0.5")
     ap.add_argument("--steps", type=int, default=150, help="learning steps per learned cell (all cells the same)")
     ap.add_argument("--seq-len", type=int, default=128)
