@@ -5,6 +5,7 @@ the same `maskprune prune` (same calibration data, steps, budget, uniform cut an
     python bench/grid.py --group main            # 7 methods x 20/25/50 %
     python bench/grid.py --group ablations       # decay rate, prox schedule, multipliers, LoRA, KL+MSE, GQA, split
     python bench/grid.py --group steps           # MaskPrune at 20 % with 2x and 4x the steps
+    python bench/grid.py --group numerics        # MaskPrune at 20 %: fp32 path and bf16 weights vs the default
     python bench/grid.py --group all --dry-run   # list the cells and what is already done
 
 Unattended and resumable: a cell whose evaluation JSON exists is skipped; a cell whose pruned model exists
@@ -55,6 +56,10 @@ STEPS = {  # MaskPrune at 20 % with more learning (the cell's --steps comes last
     "MaskPrune, 300 steps": ["--steps", "300"],
     "MaskPrune, 600 steps": ["--steps", "600"],
 }
+NUMERICS = {  # issue 7: the fast paths must not lower quality; the default cell is bf16 autocast on fp32 weights
+    "MaskPrune, fp32 (no autocast)": ["--dtype", "fp32"],
+    "MaskPrune, bf16 base weights": ["--weight-dtype", "bf16"],
+}
 
 
 @dataclass
@@ -84,6 +89,8 @@ def cells(group: str, sparsities: list[float]) -> list[Cell]:
         out += [Cell(f"abl-{_slug(a)}-s20", a, "ablations", 0.2, f) for a, f in ABLATIONS.items()]
     if group in ("steps", "all"):
         out += [Cell(f"steps-{f[-1]}-s20", a, "steps", 0.2, f) for a, f in STEPS.items()]
+    if group in ("numerics", "all"):
+        out += [Cell(f"num-{_slug(f[0])}-{f[-1]}-s20", a, "numerics", 0.2, f) for a, f in NUMERICS.items()]
     return out
 
 
@@ -162,11 +169,11 @@ def write_results(rows: list[dict], a: argparse.Namespace, date: str) -> None:
              f"`{res['command']}`", "", f"Machine: {res['machine']}", "",
              f"Protocol: {json.dumps(res['protocol'])}", ""]
     for group, title in (("main", "Methods x sparsity"), ("ablations", "Ablations"),
-                         ("steps", "More learning steps")):
+                         ("steps", "More learning steps"), ("numerics", "Numerics (issue 7)")):
         sps = sorted({r["sparsity"] for r in rows if r["group"] == group})
         for sp in sps:
             sel = [r for r in rows if r["group"] == "dense"]
-            if group in ("ablations", "steps"):  # the default it is compared with
+            if group in ("ablations", "steps", "numerics"):  # the default it is compared with
                 sel += [r | {"label": f"MaskPrune (default, {a.steps} steps)"} for r in rows
                         if r["group"] == "main" and r["label"] == "MaskPrune" and r["sparsity"] == sp]
             sel += [r for r in rows if r["group"] == group and r["sparsity"] == sp]
@@ -235,7 +242,7 @@ def _plots(rows: list[dict], folder: Path) -> None:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--group", choices=["main", "ablations", "steps", "all"], default="main")
+    ap.add_argument("--group", choices=["main", "ablations", "steps", "numerics", "all"], default="main")
     ap.add_argument("--sparsities", default="0.2,0.25,0.5")
     ap.add_argument("--steps", type=int, default=150, help="learning steps per learned cell (all cells the same)")
     ap.add_argument("--seq-len", type=int, default=128)
