@@ -47,7 +47,9 @@ ABLATIONS = {  # label -> prune flags, at 20 % (figures 4-6, the rest of issue 4
     "ffn prox fixed 1": ["--ffn-prox-start", "1", "--ffn-prox-end", "1"],
     "ffn prox fixed 10": ["--ffn-prox-start", "10", "--ffn-prox-end", "10"],
     "fixed y, z": ["--y-init", "2.0", "--z-init", "1.0", "--eta3", "0", "--eta4", "0"],
-    "KL + layer MSE": ["--alpha", "1.0"],
+    "KL + layer MSE (raw, as the paper)": ["--alpha", "1.0", "--layer-mse-norm", "none"],
+    "KL + layer MSE (normalised), alpha 1": ["--alpha", "1.0"],
+    "KL + layer MSE (normalised), alpha 0.1": ["--alpha", "0.1"],
     "no distillation (LM CE only)": ["--no-distill"],
     "GQA kv_group": ["--gqa-policy", "kv_group"],
 }

@@ -99,6 +99,8 @@ class PruneConfig:
     the language-modelling cross-entropy on the calibration text alone and no teacher forward runs."""
     alpha: float = 0.0
     """Weight of the layer-wise hidden-state MSE in the distillation loss."""
+    layer_mse_norm: Literal["teacher", "none"] = "teacher"
+    """Each layer's MSE divided by the teacher's mean square there (scale-free), or raw as the paper writes it."""
     kl_direction: Literal["student_teacher", "teacher_student"] = "teacher_student"
     """KL(p_t || p_s) (measured better: bench/results/*-tune-s20.md), or KL(p_s || p_t) as the paper writes it."""
     ce_weight: float = 0.0

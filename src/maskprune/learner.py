@@ -112,7 +112,8 @@ class Learner:
                 student.logits, teacher.logits if teacher is not None else None,
                 student_hidden=student.hidden_states[1:] if want_hidden else None,
                 teacher_hidden=teacher.hidden_states[1:] if want_hidden else None,
-                alpha=cfg.alpha, direction=cfg.kl_direction, labels=batch, ce_weight=cfg.ce_weight)
+                alpha=cfg.alpha, direction=cfg.kl_direction, labels=batch, ce_weight=cfg.ce_weight,
+                layer_mse_norm=cfg.layer_mse_norm)
         k_cut = {kind: F.num_cut(st.sigma[kind], lay.units_per_row)
                  for kind, lay in (("head", s.head), ("ffn", s.ffn))}
         if self.masks.mask_type == "l0" and st.y > 0.0:

@@ -8,9 +8,10 @@ import torch
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
-__all__ = ["KLDirection", "kl_divergence", "layer_mse", "lm_cross_entropy", "distillation_loss"]
+__all__ = ["KLDirection", "LayerMSENorm", "kl_divergence", "layer_mse", "lm_cross_entropy", "distillation_loss"]
 
 KLDirection = Literal["student_teacher", "teacher_student"]
+LayerMSENorm = Literal["teacher", "none"]
 
 
 def _kl_chunk(student: torch.Tensor, teacher: torch.Tensor, reverse: bool) -> torch.Tensor:
@@ -43,11 +44,24 @@ def kl_divergence(student_logits: torch.Tensor, teacher_logits: torch.Tensor, *,
     return total / s.shape[0]
 
 
-def layer_mse(student_hidden: Sequence[torch.Tensor], teacher_hidden: Sequence[torch.Tensor]) -> torch.Tensor:
-    """``sum_l MSE(h_s^l, h_t^l)`` over the layers given (each ``[B, T, hidden]``)."""
+def layer_mse(student_hidden: Sequence[torch.Tensor], teacher_hidden: Sequence[torch.Tensor], *,
+              norm: LayerMSENorm = "teacher") -> torch.Tensor:
+    """``sum_l MSE(h_s^l, h_t^l)`` over the layers given (each ``[B, T, hidden]``).
+
+    ``norm="teacher"`` divides each layer's MSE by the teacher's mean square at that layer (a constant,
+    no gradient), so the term is scale-free: models with massive activations (hidden states in the
+    hundreds) otherwise give raw MSEs 1e4 times the KL and no single ``alpha`` fits (measured on
+    SmolLM2, bench/results/2026-11-23-smollm2.md). ``norm="none"`` is the paper's raw sum.
+    """
     if len(student_hidden) != len(teacher_hidden):
         raise ValueError(f"{len(student_hidden)} student vs {len(teacher_hidden)} teacher hidden states")
-    terms = [F.mse_loss(hs.float(), ht.detach().float()) for hs, ht in zip(student_hidden, teacher_hidden)]
+    terms = []
+    for hs, ht in zip(student_hidden, teacher_hidden):
+        ht = ht.detach().float()
+        term = F.mse_loss(hs.float(), ht)
+        if norm == "teacher":
+            term = term / ht.pow(2).mean().clamp_min(1e-12)
+        terms.append(term)
     return torch.stack(terms).sum()
 
 
@@ -61,7 +75,8 @@ def distillation_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor
                       student_hidden: Sequence[torch.Tensor] | None = None,
                       teacher_hidden: Sequence[torch.Tensor] | None = None, alpha: float = 0.0,
                       direction: KLDirection = "student_teacher", labels: torch.Tensor | None = None,
-                      ce_weight: float = 0.0, chunk_tokens: int = 512) -> dict[str, torch.Tensor]:
+                      ce_weight: float = 0.0, chunk_tokens: int = 512,
+                      layer_mse_norm: LayerMSENorm = "teacher") -> dict[str, torch.Tensor]:
     """``KL + alpha * layer MSE (+ ce_weight * LM cross-entropy)``; returns every term and ``loss``.
 
     ``teacher_logits=None`` (distillation off): the loss is the cross-entropy alone, ``labels`` required.
@@ -77,7 +92,7 @@ def distillation_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor
                               chunk_tokens=chunk_tokens)
     loss = out["kl"]
     if alpha > 0.0 and student_hidden is not None and teacher_hidden is not None:
-        out["layer_mse"] = layer_mse(student_hidden, teacher_hidden)
+        out["layer_mse"] = layer_mse(student_hidden, teacher_hidden, norm=layer_mse_norm)
         loss = loss + alpha * out["layer_mse"]
     if ce_weight > 0.0 and labels is not None:
         out["ce"] = lm_cross_entropy(student_logits, labels)

@@ -1,5 +1,5 @@
-"""Distillation off (issue 4's ablation): the loss is the LM cross-entropy alone and no teacher
-forward runs; settings that need a teacher are refused."""
+"""Distillation options (issue 4's ablations): distillation off (the LM cross-entropy alone, no teacher
+forward; settings that need a teacher refused) and the scale-free layer MSE."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import torch
 
 from maskprune import learner as learner_mod
 from maskprune.cli import main
-from maskprune.losses import distillation_loss
+from maskprune.losses import distillation_loss, layer_mse
 
 import tiny
 
@@ -51,3 +51,19 @@ def test_no_distill_refuses_teacher_terms(tmp_path, capsys):
     err = capsys.readouterr().err
     assert code == 2 and "distill is off" in err and "--alpha" in err
     assert not (tmp_path / "o").exists()
+
+
+def test_teacher_normalised_layer_mse_is_scale_free_and_raw_is_the_plain_sum():
+    torch.manual_seed(0)
+    t = [torch.randn(2, 3, 8), 300 * torch.randn(2, 3, 8)]  # the second layer: massive activations
+    s = [x + 0.1 * torch.randn_like(x) for x in t]
+    raw = layer_mse(s, t, norm="none")
+    assert torch.allclose(raw, sum(((a - b) ** 2).mean() for a, b in zip(s, t)))
+    rel = layer_mse(s, t, norm="teacher")
+    assert torch.allclose(rel, sum(((a - b) ** 2).mean() / (b ** 2).mean() for a, b in zip(s, t)))
+    # scaling every hidden state by 100 multiplies the raw term by 1e4 and leaves the normalised one
+    assert torch.allclose(layer_mse([100 * x for x in s], [100 * x for x in t], norm="teacher"), rel, rtol=1e-4)
+    assert torch.allclose(layer_mse([100 * x for x in s], [100 * x for x in t], norm="none"), 1e4 * raw, rtol=1e-4)
+    sg = [x.clone().requires_grad_() for x in s]
+    layer_mse(sg, [x.requires_grad_() for x in t], norm="teacher").backward()
+    assert t[0].grad is None and sg[0].grad is not None  # the teacher's scale is a constant
