@@ -166,7 +166,7 @@ def write_results(rows: list[dict], a: argparse.Namespace, date: str) -> None:
     (ROOT / "results" / f"{date}-smollm2.json").write_text(json.dumps(res, indent=1) + "\n")
     tasks = sorted({t for r in rows for t in r["tasks"]})
     head = ["method", "params", "heads/KV/FFN", "WikiText2@2048", "WikiText2@128"] + \
-           [f"{t} acc" for t in tasks] + [f"{t} acc_norm" for t in tasks] + ["prune s"]
+           [f"{t} acc" for t in tasks] + [f"{t} acc_norm" for t in tasks] + ["mask mass on cut units (heads / FFN)", "prune s"]
     lines = [f"# SmolLM2-135M: MaskPrune vs baselines ({date})", "",
              f"`{res['command']}`", "", f"Machine: {res['machine']}", "",
              f"Protocol: {json.dumps(res['protocol'])}", ""]
@@ -192,9 +192,14 @@ def write_results(rows: list[dict], a: argparse.Namespace, date: str) -> None:
                 cells_ += [f"{100 * r['tasks'][t]['acc']:.1f}" if t in r["tasks"] else "-" for t in tasks]
                 cells_ += [f"{100 * r['tasks'][t]['acc_norm']:.1f}" if t in r["tasks"] and
                            r["tasks"][t]["acc_norm"] is not None else "-" for t in tasks]
+                cm = r.get("cut_mass_share")
+                cells_.append(f"{cm['head']:.3f} / {cm['ffn']:.3f}" if cm else "-")
                 cells_.append(f"{r['prune_seconds']:.0f}" if r.get("prune_seconds") else "-")
                 lines.append("| " + " | ".join(cells_) + " |")
             lines.append("")
+    reading = ROOT / "results" / f"{date}-smollm2-reading.md"  # the hand-written reading, kept across reruns
+    if reading.exists():
+        lines += [reading.read_text().rstrip(), ""]
     (ROOT / "results" / f"{date}-smollm2.md").write_text("\n".join(lines) + "\n")
     _plots(rows, ROOT / "results" / f"{date}-smollm2")
 
