@@ -18,9 +18,11 @@ import torch.distributed as dist
 from .errors import MaskPruneError
 
 __all__ = ["init_from_env", "world", "rank", "is_main", "all_reduce_grads", "all_reduce_mean", "any_true",
-           "check_consistent", "RankDesyncError", "barrier", "is_sharded", "shard_fsdp", "full", "like"]
+           "check_consistent", "RankDesyncError", "barrier", "is_sharded", "shard_fsdp", "full", "like", "shutdown"]
 
 log = logging.getLogger(__name__)
+
+_OWNED = False  # True when init_from_env created the process group (then shutdown destroys it)
 
 
 class RankDesyncError(MaskPruneError):
@@ -33,12 +35,26 @@ def init_from_env(device: torch.device) -> bool:
         return True
     if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
         return False
+    global _OWNED
     backend = "nccl" if device.type == "cuda" else "gloo"
     dist.init_process_group(backend=backend)
+    _OWNED = True
     if device.type == "cuda":
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
     log.info("rank %d of %d joined (%s)", rank(), world(), backend)
     return True
+
+
+def shutdown() -> None:
+    """Destroy the process group :func:`init_from_env` created (a group the caller made is left alone).
+
+    A process that exits with a live gloo group can abort at interpreter teardown ("terminate called
+    without an active exception", SIGABRT): gloo worker threads still hold work objects then. Seen in CI
+    on the non-writing rank of an FSDP run, which finishes first."""
+    global _OWNED
+    if _OWNED and dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+    _OWNED = False
 
 
 def world() -> int:

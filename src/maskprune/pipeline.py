@@ -115,7 +115,17 @@ class _Phases:
 
 
 def prune(cfg: PruneConfig, *, progress: bool = True) -> dict:
-    """Run the whole pipeline; return the report (also written as ``maskprune_report.json``)."""
+    """Run the whole pipeline; return the report (also written as ``maskprune_report.json``).
+
+    Under a launcher (``torchrun``, ``accelerate launch``) every process calls this; the process group it
+    joins is destroyed before it returns or raises (a group the caller created is left alone)."""
+    try:
+        return _prune(cfg, progress=progress)
+    finally:
+        D.shutdown()
+
+
+def _prune(cfg: PruneConfig, *, progress: bool = True) -> dict:
     cfg.validate()
     out = Path(cfg.out) if cfg.out else default_out(cfg)
     device = resolve_device(cfg.device)
