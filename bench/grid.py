@@ -6,6 +6,7 @@ the same `maskprune prune` (same calibration data, steps, budget, uniform cut an
     python bench/grid.py --group ablations       # decay rate, prox schedule, multipliers, LoRA, KL+MSE, GQA, split
     python bench/grid.py --group steps           # MaskPrune at 20 % with 2x and 4x the steps
     python bench/grid.py --group numerics        # MaskPrune at 20 %: fp32 path and bf16 weights vs the default
+    python bench/grid.py --group seeds           # MaskPrune at 20 % with two more seeds: the run-to-run spread
     python bench/grid.py --group all --dry-run   # list the cells and what is already done
 
 Unattended and resumable: a cell whose evaluation JSON exists is skipped; a cell whose pruned model exists
@@ -62,6 +63,10 @@ NUMERICS = {  # issue 7: the fast paths must not lower quality; the default cell
     "MaskPrune, fp32 (no autocast)": ["--dtype", "fp32"],
     "MaskPrune, bf16 base weights": ["--weight-dtype", "bf16"],
 }
+SEEDS = {  # the same cell with other seeds (batch order, LoRA init; the calibration windows stay the same):
+    "MaskPrune, seed 1": ["--seed", "1"],  # how far apart two runs of one setting land, to read the rest by
+    "MaskPrune, seed 2": ["--seed", "2"],
+}
 
 
 @dataclass
@@ -93,6 +98,8 @@ def cells(group: str, sparsities: list[float]) -> list[Cell]:
         out += [Cell(f"steps-{f[-1]}-s20", a, "steps", 0.2, f) for a, f in STEPS.items()]
     if group in ("numerics", "all"):
         out += [Cell(f"num-{_slug(f[0])}-{f[-1]}-s20", a, "numerics", 0.2, f) for a, f in NUMERICS.items()]
+    if group in ("seeds", "all"):
+        out += [Cell(f"seed-{f[-1]}-s20", a, "seeds", 0.2, f) for a, f in SEEDS.items()]
     return out
 
 
@@ -171,11 +178,12 @@ def write_results(rows: list[dict], a: argparse.Namespace, date: str) -> None:
              f"`{res['command']}`", "", f"Machine: {res['machine']}", "",
              f"Protocol: {json.dumps(res['protocol'])}", ""]
     for group, title in (("main", "Methods x sparsity"), ("ablations", "Ablations"),
-                         ("steps", "More learning steps"), ("numerics", "Numerics (issue 7)")):
+                         ("steps", "More learning steps"), ("numerics", "Numerics (issue 7)"),
+                         ("seeds", "Run-to-run spread (seeds)")):
         sps = sorted({r["sparsity"] for r in rows if r["group"] == group})
         for sp in sps:
             sel = [r for r in rows if r["group"] == "dense"]
-            if group in ("ablations", "steps", "numerics"):  # the default it is compared with
+            if group in ("ablations", "steps", "numerics", "seeds"):  # the default it is compared with
                 sel += [r | {"label": f"MaskPrune (default, {a.steps} steps)"} for r in rows
                         if r["group"] == "main" and r["label"] == "MaskPrune" and r["sparsity"] == sp]
             sel += [r for r in rows if r["group"] == group and r["sparsity"] == sp]
@@ -249,7 +257,7 @@ def _plots(rows: list[dict], folder: Path) -> None:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--group", choices=["main", "ablations", "steps", "numerics", "all"], default="main")
+    ap.add_argument("--group", choices=["main", "ablations", "steps", "numerics", "seeds", "all"], default="main")
     ap.add_argument("--sparsities", default="0.2,0.25,0.5")
     ap.add_argument("--steps", type=int, default=150, help="learning steps per learned cell (all cells the same)")
     ap.add_argument("--seq-len", type=int, default=128)
