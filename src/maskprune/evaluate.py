@@ -12,8 +12,9 @@ import time
 from dataclasses import asdict, dataclass
 
 import torch
-import torch.nn.functional as F
 from tqdm.auto import tqdm
+
+from .losses import summed_nll
 
 __all__ = ["PerplexityResult", "tokenize_windows", "perplexity"]
 
@@ -108,8 +109,7 @@ def _window_nll(model: torch.nn.Module, batch: torch.Tensor, chunk_tokens: int) 
     targets = batch[:, 1:]  # [b, T-1]
     if parts is None:
         logits = model(input_ids=batch, use_cache=False).logits  # [b, T, V]
-        return F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]).float(),
-                               targets.reshape(-1), reduction="sum")
+        return summed_nll(logits[:, :-1].reshape(-1, logits.shape[-1]), targets.reshape(-1))
     decoder, head = parts
     hidden = decoder(input_ids=batch, use_cache=False).last_hidden_state[:, :-1]  # [b, T-1, H]
     hidden = hidden.reshape(-1, hidden.shape[-1])  # [b*(T-1), H]
@@ -117,7 +117,7 @@ def _window_nll(model: torch.nn.Module, batch: torch.Tensor, chunk_tokens: int) 
     total = hidden.new_zeros((), dtype=torch.float32)
     for start in range(0, hidden.shape[0], chunk_tokens):
         logits = head(hidden[start:start + chunk_tokens])  # [n, V]
-        total = total + F.cross_entropy(logits.float(), flat[start:start + chunk_tokens], reduction="sum")
+        total = total + summed_nll(logits, flat[start:start + chunk_tokens])
     return total
 
 
