@@ -248,6 +248,12 @@ def _plots(rows: list[dict], folder: Path) -> None:
         fig, ax = plt.subplots(figsize=(9, 4.5))
         ax.barh([r["label"] for r in items], [r["ppl128"] for r in items],
                 color=["tab:green" if r is items[0] and base else "tab:blue" for r in items])
+        seeds = ([base["ppl128"]] if base else []) + [r["ppl128"] for r in rows
+                                                        if r["group"] == "seeds" and r["sparsity"] == 0.2]
+        if len(seeds) > 1:  # how far the default setting alone moves between seeds
+            ax.axvspan(min(seeds), max(seeds), color="tab:green", alpha=0.15,
+                       label=f"default, {len(seeds)} seeds: range")
+            ax.legend(fontsize=8, loc="lower right")
         ax.set(xlabel="WikiText-2 ppl @128 at 20 % (lower is better)", title="Ablations")
         ax.invert_yaxis()
         fig.tight_layout()
