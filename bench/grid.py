@@ -148,7 +148,23 @@ def do_cell(c: Cell, a: argparse.Namespace, work: Path) -> dict:
     return meta
 
 
-def _row(meta: dict, ev: dict) -> dict:
+def _training(metrics: Path) -> dict | None:
+    """What the learning loop logged (``metrics.jsonl``): the curves for the figure 5/6 plot and a summary:
+    the distillation loss over the last 10 % of steps (the paper's figure 5 reads the final training
+    loss) and the spread across layers of the alive FFN channel counts (figure 6 reads its variance)."""
+    if not metrics.exists():
+        return None
+    recs = [json.loads(x) for x in metrics.read_text().splitlines() if x.strip()]
+    recs = [r for r in recs if "kl" in r and "step" in r]
+    if not recs:
+        return None
+    k = max(1, len(recs) // 10)
+    std = [r.get("ffn_alive_std", math.nan) for r in recs]
+    return {"kl_last10": sum(r["kl"] for r in recs[-k:]) / k, "ffn_std_peak": max(std), "ffn_std_final": std[-1],
+            "curve": {"step": [r["step"] for r in recs], "kl": [r["kl"] for r in recs], "ffn_std": std}}
+
+
+def _row(meta: dict, ev: dict, work: Path | None = None) -> dict:
     m = next(iter(ev["models"].values()))
     zs = (m.get("zeroshot") or {}).get("tasks", {})
     row = {"label": meta["label"], "group": meta["group"], "sparsity": meta["sparsity"], "params": m["params"],
@@ -158,7 +174,8 @@ def _row(meta: dict, ev: dict) -> dict:
            "shape": {k: m["shape"].get(k) for k in ("num_attention_heads", "num_key_value_heads",
                                                     "intermediate_size")},
            "prune_seconds": meta.get("prune_seconds"), "eval_seconds": meta.get("eval_seconds"),
-           "cut_mass_share": meta.get("cut_mass_share"), "cut": meta.get("cut")}
+           "cut_mass_share": meta.get("cut_mass_share"), "cut": meta.get("cut"),
+           "train": _training(work / meta["name"] / "metrics.jsonl") if work and meta.get("name") else None}
     return row
 
 
@@ -169,11 +186,12 @@ def write_results(rows: list[dict], a: argparse.Namespace, date: str) -> None:
                         "calib_samples": a.calib_samples, "weight_dtype": a.weight_dtype, "calib": "shipped C4 sample (same windows every cell)",
                         "ppl_tokens": a.ppl_tokens, "tasks": a.tasks, "task_limit": a.task_limit,
                         "eval_dtype": "bf16 autocast"},
-           "rows": rows}
+           "rows": [r | {"train": {k: v for k, v in r["train"].items() if k != "curve"}} if r.get("train") else r
+                    for r in rows]}
     (ROOT / "results" / f"{date}-smollm2.json").write_text(json.dumps(res, indent=1) + "\n")
     tasks = sorted({t for r in rows for t in r["tasks"]})
     head = ["method", "params", "heads/KV/FFN", "WikiText2@2048", "WikiText2@128"] + \
-           [f"{t} acc" for t in tasks] + [f"{t} acc_norm" for t in tasks] + ["mask mass on cut units (heads / FFN)", "prune s"]
+           [f"{t} acc" for t in tasks] + [f"{t} acc_norm" for t in tasks] + ["mask mass on cut units (heads / FFN)", "train KL (last 10 %)", "prune s"]
     lines = [f"# SmolLM2-135M: MaskPrune vs baselines ({date})", "",
              f"`{res['command']}`", "", f"Machine: {res['machine']}", "",
              f"Protocol: {json.dumps(res['protocol'])}", ""]
@@ -202,6 +220,8 @@ def write_results(rows: list[dict], a: argparse.Namespace, date: str) -> None:
                            r["tasks"][t]["acc_norm"] is not None else "-" for t in tasks]
                 cm = r.get("cut_mass_share")
                 cells_.append(f"{cm['head']:.3f} / {cm['ffn']:.3f}" if cm else "-")
+                tr = r.get("train")
+                cells_.append(f"{tr['kl_last10']:.3f}" if tr else "-")
                 cells_.append(f"{r['prune_seconds']:.0f}" if r.get("prune_seconds") else "-")
                 lines.append("| " + " | ".join(cells_) + " |")
             lines.append("")
@@ -259,6 +279,27 @@ def _plots(rows: list[dict], folder: Path) -> None:
         fig.tight_layout()
         fig.savefig(folder / "ablations.png", dpi=100)
         plt.close(fig)
+    # the paper's figures 4-6 read the learning itself: training loss and the spread across layers of the
+    # alive FFN channels, for the proximal interval schedules (figs 5, 6) and the decay rates (fig 4)
+    curves = [(base | {"label": "default: prox 10 -> 1, eta1 0.1"}) if base else None] + \
+        [r for r in abl if r["label"].startswith(("ffn prox", "eta1"))]
+    curves = [r for r in curves if r and r.get("train")]
+    if len(curves) > 1:
+        fig, axes = plt.subplots(1, 2, figsize=(11, 4.5))
+        for r in curves:
+            c = r["train"]["curve"]
+            w = max(1, len(c["kl"]) // 15)  # running mean: one step is 4 windows, too noisy to read raw
+            kl = [sum(c["kl"][max(0, i - w + 1):i + 1]) / len(c["kl"][max(0, i - w + 1):i + 1])
+                  for i in range(len(c["kl"]))]
+            axes[0].plot(c["step"], kl, label=f"{r['label']} (ppl@128 {r['ppl128']:.0f})")
+            axes[1].plot(c["step"], c["ffn_std"], label=r["label"])
+        axes[0].set(xlabel="step", ylabel="distillation KL (running mean)", title="Training loss (paper fig. 5)")
+        axes[1].set(xlabel="step", ylabel="std across layers of alive FFN channels",
+                    title="Layer uniformity (paper fig. 6)")
+        axes[0].legend(fontsize=7)
+        fig.tight_layout()
+        fig.savefig(folder / "training.png", dpi=100)
+        plt.close(fig)
 
 
 def main() -> None:
@@ -302,7 +343,7 @@ def main() -> None:
             continue
         ev = json.loads((work / f"{c.name}.eval.json").read_text())
         rows = [r for r in rows if not (r["label"] == c.label and r["sparsity"] == c.sparsity
-                                        and r["group"] == c.group)] + [_row(meta, ev)]
+                                        and r["group"] == c.group)] + [_row(meta, ev, work)]
         write_results(_all_rows(work), a, a.date)
         r = rows[-1]
         print(f"[{i + 1}/{len(todo)}] {c.name}: ppl {r['ppl2048']:.2f} / {r['ppl128']:.2f}  "
@@ -317,7 +358,7 @@ def _all_rows(work: Path) -> list[dict]:
     for meta_path in sorted(work.glob("*.cell.json"), key=lambda p: order.get(p.name[:-10], 1 << 30)):
         ev_path = work / meta_path.name.replace(".cell.json", ".eval.json")
         if ev_path.exists():
-            rows.append(_row(json.loads(meta_path.read_text()), json.loads(ev_path.read_text())))
+            rows.append(_row(json.loads(meta_path.read_text()), json.loads(ev_path.read_text()), work))
     return rows
 
 
