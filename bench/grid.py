@@ -164,6 +164,14 @@ def _training(metrics: Path) -> dict | None:
             "curve": {"step": [r["step"] for r in recs], "kl": [r["kl"] for r in recs], "ffn_std": std}}
 
 
+def _cut_jump(during: dict | None) -> tuple[float, float] | None:
+    """Perplexity of the masked model just before the cut and just after it (invariant 6 of METHOD.md),
+    as the prune command measured it on a few WikiText-2 windows: the damage the cut itself does."""
+    if not during or "before_cut" not in during or "after_cut" not in during:
+        return None
+    return during["before_cut"]["ppl"], during["after_cut"]["ppl"]
+
+
 def _row(meta: dict, ev: dict, work: Path | None = None) -> dict:
     m = next(iter(ev["models"].values()))
     zs = (m.get("zeroshot") or {}).get("tasks", {})
@@ -175,6 +183,7 @@ def _row(meta: dict, ev: dict, work: Path | None = None) -> dict:
                                                     "intermediate_size")},
            "prune_seconds": meta.get("prune_seconds"), "eval_seconds": meta.get("eval_seconds"),
            "cut_mass_share": meta.get("cut_mass_share"), "cut": meta.get("cut"),
+           "cut_jump": _cut_jump(meta.get("ppl_during")),
            "train": _training(work / meta["name"] / "metrics.jsonl") if work and meta.get("name") else None}
     return row
 
@@ -191,10 +200,17 @@ def write_results(rows: list[dict], a: argparse.Namespace, date: str) -> None:
     (ROOT / "results" / f"{date}-smollm2.json").write_text(json.dumps(res, indent=1) + "\n")
     tasks = sorted({t for r in rows for t in r["tasks"]})
     head = ["method", "params", "heads/KV/FFN", "WikiText2@2048", "WikiText2@128"] + \
-           [f"{t} acc" for t in tasks] + [f"{t} acc_norm" for t in tasks] + ["mask mass on cut units (heads / FFN)", "train KL (last 10 %)", "prune s"]
+           [f"{t} acc" for t in tasks] + [f"{t} acc_norm" for t in tasks] + ["mask mass on cut units (heads / FFN)", "train KL (last 10 %)", "ppl before -> after cut", "prune s"]
     lines = [f"# SmolLM2-135M: MaskPrune vs baselines ({date})", "",
              f"`{res['command']}`", "", f"Machine: {res['machine']}", "",
-             f"Protocol: {json.dumps(res['protocol'])}", ""]
+             f"Protocol: {json.dumps(res['protocol'])}", "",
+             "Columns: perplexity on WikiText-2 raw test (32k tokens per length); PIQA on its first "
+             f"{a.task_limit} dev examples (stderr about 2.8 points); mask mass on cut units = sum |m| over the "
+             "units the cut removes / sum |m| (one-shot methods: their importance scores); train KL = the "
+             "distillation loss of the masked model over the last 10 % of the learning steps; ppl before -> after "
+             "cut = the masked model just before and just after the cut, WikiText-2 at 512 tokens on 4 windows "
+             "only (a rough reading of the damage the cut itself does); prune s = wall time (cells ran beside "
+             "other work, so not a timing).", ""]
     for group, title in (("main", "Methods x sparsity"), ("ablations", "Ablations"),
                          ("steps", "More learning steps"), ("numerics", "Numerics (issue 7)"),
                          ("seeds", "Run-to-run spread (seeds)")):
@@ -222,6 +238,8 @@ def write_results(rows: list[dict], a: argparse.Namespace, date: str) -> None:
                 cells_.append(f"{cm['head']:.3f} / {cm['ffn']:.3f}" if cm else "-")
                 tr = r.get("train")
                 cells_.append(f"{tr['kl_last10']:.3f}" if tr else "-")
+                cj = r.get("cut_jump")
+                cells_.append(f"{cj[0]:.0f} -> {cj[1]:.0f}" if cj else "-")
                 cells_.append(f"{r['prune_seconds']:.0f}" if r.get("prune_seconds") else "-")
                 lines.append("| " + " | ".join(cells_) + " |")
             lines.append("")
