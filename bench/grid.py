@@ -62,6 +62,7 @@ STEPS = {  # MaskPrune at 20 % with more learning (the cell's --steps comes last
 NUMERICS = {  # issue 7: the fast paths must not lower quality; the default cell is bf16 autocast on fp32 weights
     "MaskPrune, fp32 (no autocast)": ["--dtype", "fp32"],
     "MaskPrune, bf16 base weights": ["--weight-dtype", "bf16"],
+    "MaskPrune, torch.compile": ["--compile"],
 }
 SEEDS = {  # the same cell with other seeds (batch order, LoRA init; the calibration windows stay the same):
     "MaskPrune, seed 1": ["--seed", "1"],  # how far apart two runs of one setting land, to read the rest by
@@ -97,7 +98,8 @@ def cells(group: str, sparsities: list[float]) -> list[Cell]:
     if group in ("steps", "all"):
         out += [Cell(f"steps-{f[-1]}-s20", a, "steps", 0.2, f) for a, f in STEPS.items()]
     if group in ("numerics", "all"):
-        out += [Cell(f"num-{_slug(f[0])}-{f[-1]}-s20", a, "numerics", 0.2, f) for a, f in NUMERICS.items()]
+        out += [Cell(f"num-{_slug(f[0])}{'-' + f[-1] if len(f) > 1 else ''}-s20", a, "numerics", 0.2, f)
+                for a, f in NUMERICS.items()]
     if group in ("seeds", "all"):
         out += [Cell(f"seed-{f[-1]}-s20", a, "seeds", 0.2, f) for a, f in SEEDS.items()]
     return out

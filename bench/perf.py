@@ -70,7 +70,7 @@ def bf16_matmul_rate(model, tokens: int) -> float:
     return total_flops / total_s
 
 
-def step_throughput(args, weight_dtype: str = "fp32", dtype: str = "bf16") -> dict:
+def step_throughput(args, weight_dtype: str = "fp32", dtype: str = "bf16", compile_: bool = False) -> dict:
     from maskprune import load_config
     from maskprune.arch import get_adapter
     from maskprune.data import calibration_windows
@@ -85,7 +85,7 @@ def step_throughput(args, weight_dtype: str = "fp32", dtype: str = "bf16") -> di
     rate = bf16_matmul_rate(model, tokens)
     flops_tok = matmul_flops_per_token(model, args.seq_len)
     cfg = load_config(overrides=dict(steps=args.steps + 2, seq_len=args.seq_len, batch_size=args.batch_size,
-                                      sparsity=0.5, dtype=dtype))
+                                      sparsity=0.5, dtype=dtype, compile=compile_))
     adapter = get_adapter("llama")
     structure = Structure.of(model, adapter, "query")
     model = attach_lora(model, cfg.lora_targets, rank=cfg.lora_rank, alpha=cfg.lora_alpha,
@@ -94,8 +94,10 @@ def step_throughput(args, weight_dtype: str = "fp32", dtype: str = "bf16") -> di
     windows = calibration_windows("default", tok, seq_len=args.seq_len, num_windows=64)
     learner = Learner(model, masks, windows, cfg, cfg.budget_for(structure.dense_params))
     model.train()
+    t_warm = time.perf_counter()
     learner.step()
-    learner.step()  # warm-up
+    learner.step()  # warm-up (with compile: the teacher and student graphs are compiled here)
+    warm_s = time.perf_counter() - t_warm
     times = []
     for _ in range(args.steps):
         t = time.perf_counter()
@@ -106,7 +108,8 @@ def step_throughput(args, weight_dtype: str = "fp32", dtype: str = "bf16") -> di
     # mask gradients are negligible next to the frozen weights' activation gradients.
     step_flops = 3 * flops_tok * tokens
     bound_s = step_flops / rate
-    return {"weight_dtype": weight_dtype, "autocast": dtype, "tokens_per_step": tokens, "step_seconds_median": step_s, "tokens_per_s": tokens / step_s,
+    return {"weight_dtype": weight_dtype, "autocast": dtype, "compile": compile_, "first_two_steps_s": warm_s,
+            "tokens_per_step": tokens, "step_seconds_median": step_s, "tokens_per_s": tokens / step_s,
             "bf16_matmul_tflops": rate / 1e12, "flops_per_step": step_flops, "bound_seconds": bound_s,
             "bound_tokens_per_s": tokens / bound_s, "fraction_of_bound": bound_s / step_s}
 
@@ -305,7 +308,8 @@ def main() -> None:
     if "step" not in a.skip:
         res["step"] = step_throughput(a, "fp32", "bf16")
         print(json.dumps(res["step"]), flush=True)
-        res["step_variants"] = [step_throughput(a, "bf16", "bf16"), step_throughput(a, "fp32", "fp32")]
+        res["step_variants"] = [step_throughput(a, "bf16", "bf16"), step_throughput(a, "fp32", "fp32"),
+                                step_throughput(a, "fp32", "bf16", compile_=True)]
         print(json.dumps(res["step_variants"]), flush=True)
     if "memory" not in a.skip:
         from maskprune.memory import LLAMA2_7B, estimate_learning_memory, shape_of
@@ -345,9 +349,13 @@ def main() -> None:
                   "| --- | --- | --- | --- | --- | --- |",
                   f"| {s['tokens_per_step']} | {s['step_seconds_median']:.2f} | {s['tokens_per_s']:.0f} | "
                   f"{s['bf16_matmul_tflops']:.3f} | {s['bound_tokens_per_s']:.0f} | {s['fraction_of_bound']:.2f} |", "",
-                  "| weights | autocast | tokens/s | vs default |", "| --- | --- | --- | --- |"]
-        for v in res.get("step_variants", []):
-            lines.append(f"| {v['weight_dtype']} | {v['autocast']} | {v['tokens_per_s']:.0f} | {v['tokens_per_s'] / s['tokens_per_s']:.2f}x |")
+                  "| weights | autocast | compile | tokens/s | vs default | fraction of bound | first two steps s |",
+                  "| --- | --- | --- | --- | --- | --- | --- |"]
+        for v in [s] + res.get("step_variants", []):
+            warm = f"{v['first_two_steps_s']:.0f}" if "first_two_steps_s" in v else "-"
+            lines.append(f"| {v['weight_dtype']} | {v['autocast']} | {'yes' if v.get('compile') else 'no'} | "
+                         f"{v['tokens_per_s']:.0f} | {v['tokens_per_s'] / s['tokens_per_s']:.2f}x | "
+                         f"{v['fraction_of_bound']:.2f} | {warm} |")
         lines.append("")
     if "memory" in res:
         lines += ["## Memory", "", "Peak RSS during three learning steps (high-water mark reset after loading and the "

@@ -123,6 +123,12 @@ class PruneConfig:
     threads: int | None = None
     """torch CPU threads (default: torch's choice)."""
     gradient_checkpointing: bool = False
+    compile: bool = False
+    """Run the learning step's teacher and student forward passes through ``torch.compile`` (inductor):
+    elementwise work (mask hooks, LoRA scaling, RMSNorm, rotary) is fused. One process only. It costs a
+    one-off compile (about 160 s for SmolLM2 on 2 CPU cores) and gives about 1.2x per step there
+    (bench/results/2026-11-24-perf.md), so it pays from a few hundred steps on; the rest of the run (cut,
+    export, evaluation) stays eager."""
     fsdp: bool = False
     """With several processes: shard base weights, LoRA and optimizer state with torch FSDP2 (one unit per
     decoder layer) instead of replicating them; masks stay replicated. Rank 0 reloads the model whole

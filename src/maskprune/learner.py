@@ -10,7 +10,7 @@ from __future__ import annotations
 import math
 import time
 from dataclasses import asdict, dataclass, field
-from typing import Callable
+from typing import Any, Callable
 
 import torch
 from torch import nn
@@ -77,6 +77,14 @@ class Learner:
             groups.append({"params": lora_params, "lr": cfg.lora_lr, "weight_decay": 0.0})
         self.optimizer = torch.optim.AdamW(groups)
         self._trainable = [p for g in groups for p in g["params"]]
+        # the module the step calls: compiled if asked (the same parameters, hooks and adapters; masks and
+        # LoRA toggled by bypass() select between two cached graphs, teacher and student)
+        self._forward: Callable[..., Any] = model
+        if cfg.compile:
+            if D.world() > 1:
+                raise MaskPruneError("compile is supported with one process only",
+                                     fix="drop --compile when running under torchrun / accelerate")
+            self._forward = torch.compile(model)
         if cfg.batch_size % D.world():
             raise MaskPruneError(f"batch_size {cfg.batch_size} does not split over {D.world()} processes",
                                  fix="use a global --batch-size that is a multiple of the process count")
@@ -106,8 +114,8 @@ class Learner:
             teacher = None
             if cfg.distill:
                 with torch.no_grad(), bypass(self.model, self.masks):
-                    teacher = self.model(input_ids=batch, output_hidden_states=want_hidden, use_cache=False)
-            student = self.model(input_ids=batch, output_hidden_states=want_hidden, use_cache=False)
+                    teacher = self._forward(input_ids=batch, output_hidden_states=want_hidden, use_cache=False)
+            student = self._forward(input_ids=batch, output_hidden_states=want_hidden, use_cache=False)
             terms = distillation_loss(
                 student.logits, teacher.logits if teacher is not None else None,
                 student_hidden=student.hidden_states[1:] if want_hidden else None,

@@ -325,7 +325,9 @@ def _learn_and_plan(cfg: PruneConfig, model, adapter, structure: Structure, wind
             metrics_file.write(json.dumps(m) + "\n")
             trackers.write(m)
             learn_start[1] += 1
-            if learn_start[1] == 3:  # say up front how long this will take
+            if cfg.compile and learn_start[1] == 3:  # the first steps compiled; time the next three
+                learn_start[0] = time.perf_counter()
+            if learn_start[1] == (6 if cfg.compile else 3):  # say up front how long this will take
                 per_step = (time.perf_counter() - learn_start[0]) / 3
                 remaining = per_step * (cfg.steps - m["step"] - 1)
                 log.info("mask learning: %.1f s/step, about %.0f min left for %d steps (then cut, export, eval)",
