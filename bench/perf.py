@@ -339,10 +339,14 @@ def main() -> None:
     out = ROOT / "results" / f"{date}-perf.json"
     if a.skip and out.exists():  # a partial rerun updates the day's file instead of replacing it
         old = json.loads(out.read_text())
-        old.setdefault("partial_reruns", []).append({"command": res["command"], "date": res["date"]})
+        if set(a.skip) != {"step", "memory", "payoff", "eval"}:  # all skipped: only the md is rewritten
+            old.setdefault("partial_reruns", []).append({"command": res["command"], "date": res["date"]})
         res = {**old, **{k: v for k, v in res.items() if k not in ("command", "date")}}
     out.write_text(json.dumps(res, indent=1))
-    lines = [f"# Performance ({res['date']})", "", f"`{res['command']}`", "", f"Machine: {res['machine']}", ""]
+    lines = [f"# Performance ({res['date']})", "", f"`{res['command']}`", ""]
+    lines += [f"Partial rerun {r['date']}, its sections replacing the first run's: `{r['command']}`"
+              for r in res.get("partial_reruns", [])]
+    lines += ["", f"Machine: {res['machine']}", ""]
     if "step" in res:
         s = res["step"]
         lines += ["## Mask-learning step", "", "| tokens/step | step s | tokens/s | bf16 matmul TFLOP/s | bound tokens/s | fraction of bound |",
