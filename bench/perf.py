@@ -29,6 +29,7 @@ from pathlib import Path
 import torch
 
 ROOT = Path(__file__).resolve().parent
+SECTIONS = ("step", "memory", "payoff", "eval")
 
 
 def _timeit(fn, repeat: int = 3, warmup: int = 1) -> float:
@@ -299,7 +300,7 @@ def main() -> None:
     ap.add_argument("--seq-len", type=int, default=128)
     ap.add_argument("--batch-size", type=int, default=4)
     ap.add_argument("--eval-windows", type=int, default=8)
-    ap.add_argument("--skip", nargs="*", default=[], choices=["step", "memory", "payoff", "eval"])
+    ap.add_argument("--skip", nargs="*", default=[], choices=SECTIONS)
     a = ap.parse_args()
     res: dict = {"command": "python bench/perf.py " + " ".join(sys.argv[1:]),
                  "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
@@ -339,7 +340,7 @@ def main() -> None:
     out = ROOT / "results" / f"{date}-perf.json"
     if a.skip and out.exists():  # a partial rerun updates the day's file instead of replacing it
         old = json.loads(out.read_text())
-        if set(a.skip) != {"step", "memory", "payoff", "eval"}:  # all skipped: only the md is rewritten
+        if set(a.skip) != set(SECTIONS):  # all skipped: only the md is rewritten
             old.setdefault("partial_reruns", []).append({"command": res["command"], "date": res["date"]})
         res = {**old, **{k: v for k, v in res.items() if k not in ("command", "date")}}
     out.write_text(json.dumps(res, indent=1))

@@ -126,7 +126,7 @@ class PruneConfig:
     compile: bool = False
     """Run the learning step's teacher and student forward passes through ``torch.compile`` (inductor):
     elementwise work (mask hooks, LoRA scaling, RMSNorm, rotary) is fused. One process only. It costs a
-    one-off compile (133-160 s for SmolLM2 on 2 CPU cores from a cold cache) and gives 1.2-1.5x per step there
+    one-off compile (133-160 s for SmolLM2 on 2 CPU cores from a cold cache) and gives about 1.5x per step there
     (bench/results/2026-11-24-perf.md), so it pays from a few hundred steps on; the rest of the run (cut,
     export, evaluation) stays eager."""
     fsdp: bool = False

@@ -72,7 +72,7 @@ def summed_nll(logits: torch.Tensor, targets: torch.Tensor, *, rows: int = 16) -
     logits: ``[n, V]`` any float dtype; targets: ``[n]``. The fp32 work runs ``rows`` rows at a time: a
     16 x 49k fp32 block (3 MB) stays in cache through the cast, the max, the exp-sum and the gather,
     where ``F.cross_entropy(logits.float())`` streams the whole ``[n, V]`` fp32 copy through memory
-    several times (3.5x slower on a 2-core CPU for 2048 x 49152, bench note in the README). Same
+    several times (3.5x slower on a 2-core CPU for 2048 x 49152; bench/results/2026-11-24-perf-reading.md). Same
     value up to fp32 summation order.
     """
     if logits.dim() != 2 or targets.shape != logits.shape[:1]:

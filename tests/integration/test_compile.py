@@ -20,12 +20,12 @@ from maskprune.masks import MaskSet, Structure, bypass
 import tiny
 
 
-def _learner(compile_: bool) -> Learner:
+def _learner() -> Learner:
     torch.manual_seed(0)
     model = tiny.make_model("llama_gqa", layers=2)
     adapter = get_adapter(model.config.model_type)
     structure = Structure.of(model, adapter, "query")
-    cfg = load_config(overrides=dict(steps=4, batch_size=2, dtype="fp32", sparsity=0.3, compile=compile_))
+    cfg = load_config(overrides=dict(steps=4, batch_size=2, dtype="fp32", sparsity=0.3, compile=True))
     model = attach_lora(model, cfg.lora_targets, rank=cfg.lora_rank, alpha=cfg.lora_alpha,
                         adapter_names={r: getattr(adapter, f"{r}_name") for r in cfg.lora_targets})
     masks = MaskSet(structure).attach(model)
@@ -48,7 +48,7 @@ def _loss_and_grads(lrn: Learner, forward, batch: torch.Tensor):
 
 def test_compiled_forward_and_backward_match_eager():
     torch._dynamo.reset()
-    lrn = _learner(True)
+    lrn = _learner()
     assert lrn.model is not lrn._forward  # the model itself stays eager for cut, export and evaluation
     g = torch.Generator().manual_seed(1)
     with torch.no_grad():  # away from masks = 1, LoRA = 0, where the loss and its gradients vanish
@@ -70,7 +70,7 @@ def test_compiled_forward_and_backward_match_eager():
 
 
 def test_compiled_learner_steps_and_reaches_finite_state():
-    lrn = _learner(True)
+    lrn = _learner()
     for _ in range(4):
         m = lrn.step()
     assert lrn.state.step == 4 and m["loss"] == m["loss"]  # finite, not NaN
@@ -81,4 +81,4 @@ def test_compile_refuses_several_processes(monkeypatch):
 
     monkeypatch.setattr(D, "world", lambda: 2)
     with pytest.raises(MaskPruneError, match="one process only"):
-        _learner(True)
+        _learner()
