@@ -6,7 +6,6 @@ from typing import Literal, Sequence
 
 import torch
 import torch.nn.functional as F
-from torch.utils.checkpoint import checkpoint
 
 __all__ = ["KLDirection", "LayerMSENorm", "kl_divergence", "layer_mse", "lm_cross_entropy", "summed_nll",
            "distillation_loss"]
@@ -15,34 +14,87 @@ KLDirection = Literal["student_teacher", "teacher_student"]
 LayerMSENorm = Literal["teacher", "none"]
 
 
-def _kl_chunk(student: torch.Tensor, teacher: torch.Tensor, reverse: bool) -> torch.Tensor:
-    """Summed KL over the rows of one chunk. student, teacher: ``[n, V]``."""
-    log_s = F.log_softmax(student.float(), dim=-1)  # [n, V] fp32
-    log_t = F.log_softmax(teacher.float(), dim=-1)  # [n, V] fp32
-    if reverse:  # KL(p_s || p_t) = sum p_s (log p_s - log p_t)
-        return (log_s.exp() * (log_s - log_t)).sum()
-    return (log_t.exp() * (log_t - log_s)).sum()  # KL(p_t || p_s)
+def _softmax_lse_(x: torch.Tensor) -> torch.Tensor:
+    """Turn the fp32 block ``x`` into ``softmax(x)`` in place (one ``exp``); return ``logsumexp(x)`` ``[r]``."""
+    m = x.amax(dim=-1, keepdim=True)  # [r, 1]
+    z = x.sub_(m).exp_().sum(dim=-1, keepdim=True)  # [r, 1]
+    x.div_(z)
+    return (m + z.log())[:, 0]
+
+
+def _kl_block_(s: torch.Tensor, t: torch.Tensor, d: torch.Tensor, reverse: bool) -> torch.Tensor:
+    """Per-row KL ``[r]`` of one block; ``s``, ``t``: fp32 logits ``[r, V]``, overwritten (``s`` ends as the
+    gradient with respect to the student logits); ``d``: workspace of the same shape.
+
+    With ``log p = x - lse(x)`` and ``d = s - t``: forward ``KL(p_t || p_s) = lse_s - lse_t - sum p_t d``,
+    gradient ``p_s - p_t``; reverse ``KL(p_s || p_t) = a - lse_s + lse_t`` with ``a = sum p_s d``, gradient
+    ``p_s (d - a)``. One ``exp`` per side, no autograd graph, no allocation of ``[r, V]`` tensors.
+    """
+    torch.sub(s, t, out=d)
+    lse_s = _softmax_lse_(s)  # s = p_s
+    lse_t = _softmax_lse_(t)  # t = p_t
+    if reverse:
+        a = torch.mul(s, d, out=t).sum(-1)  # [r]
+        s.mul_(d.sub_(a[:, None]))
+        return a - lse_s + lse_t
+    kl = lse_s - lse_t - d.mul_(t).sum(-1)  # [r]
+    s.sub_(t)
+    return kl
+
+
+class _BlockedKL(torch.autograd.Function):
+    """Summed KL over rows, computed ``rows`` rows at a time in three reused fp32 buffers; the gradient is
+    formed in the same pass and kept in the student logits' dtype, so backward is one multiply (no
+    recomputation, no fp32 ``[n, V]`` tensor, no per-block allocation)."""
+
+    @staticmethod
+    def forward(ctx, student: torch.Tensor, teacher: torch.Tensor, reverse: bool, rows: int) -> torch.Tensor:
+        n, v = student.shape
+        need_grad = ctx.needs_input_grad[0]
+        grad = torch.empty_like(student) if need_grad else None  # [n, V]
+        total = torch.zeros((), dtype=torch.float32, device=student.device)
+        s_buf, t_buf, d_buf = (torch.empty(min(rows, n), v, dtype=torch.float32, device=student.device)
+                               for _ in range(3))
+        with torch.autocast(student.device.type, enabled=False):  # fp32 by construction, not autocast's choice
+            for start in range(0, n, rows):
+                r = min(rows, n - start)
+                s, t, d = s_buf[:r], t_buf[:r], d_buf[:r]
+                s.copy_(student[start:start + r])
+                t.copy_(teacher[start:start + r])
+                total += _kl_block_(s, t, d, reverse).sum()
+                if grad is not None:
+                    grad[start:start + r].copy_(s)
+        ctx.save_for_backward(*([grad] if grad is not None else []))
+        return total
+
+    @staticmethod
+    def backward(ctx, grad_out: torch.Tensor):
+        (grad,) = ctx.saved_tensors
+        return grad * grad_out.to(grad.dtype), None, None, None
+
+
+def _default_rows(device: torch.device) -> int:
+    # CPU: a 16 x V fp32 block (3 MB at V = 49k) stays in cache through every elementwise op (the eval
+    # measurement of summed_nll, 3.5x over whole-tensor ops); GPU: blocks large enough to fill the device.
+    return 16 if device.type == "cpu" else 256
 
 
 def kl_divergence(student_logits: torch.Tensor, teacher_logits: torch.Tensor, *,
-                  direction: KLDirection = "student_teacher", chunk_tokens: int = 512) -> torch.Tensor:
+                  direction: KLDirection = "student_teacher", chunk_tokens: int | None = None) -> torch.Tensor:
     """Mean per-token KL between student and teacher next-token distributions.
 
     Logits ``[B, T, V]`` in any float dtype. ``direction="student_teacher"`` is the paper's
-    ``KL(p_s || p_t)``. The vocabulary-wide fp32 work is done ``chunk_tokens`` rows at a time under
-    activation checkpointing, so at most one chunk of full-vocabulary fp32 tensors is alive.
+    ``KL(p_s || p_t)``. The vocabulary-wide work is done in fp32, ``chunk_tokens`` rows at a time
+    (default: 16 on CPU, 256 on GPU), and the gradient with respect to the student logits is formed in
+    the same pass (:class:`_BlockedKL`): at most one block of full-vocabulary fp32 tensors is alive, each
+    side's log-softmax is taken once, and backward does no recomputation. The teacher gets no gradient.
     """
     s = student_logits.reshape(-1, student_logits.shape[-1])  # [B*T, V]
     t = teacher_logits.reshape(-1, teacher_logits.shape[-1]).detach()  # [B*T, V]
-    reverse = direction == "student_teacher"
-    total = s.new_zeros((), dtype=torch.float32)
-    for start in range(0, s.shape[0], chunk_tokens):
-        sc, tc = s[start:start + chunk_tokens], t[start:start + chunk_tokens]
-        if torch.is_grad_enabled() and sc.requires_grad:
-            total = total + checkpoint(_kl_chunk, sc, tc, reverse, use_reentrant=False)
-        else:
-            total = total + _kl_chunk(sc, tc, reverse)
-    return total / s.shape[0]
+    if s.shape != t.shape:
+        raise ValueError(f"student logits {tuple(student_logits.shape)} vs teacher {tuple(teacher_logits.shape)}")
+    rows = chunk_tokens or _default_rows(s.device)
+    return _BlockedKL.apply(s, t, direction == "student_teacher", rows) / s.shape[0]
 
 
 def layer_mse(student_hidden: Sequence[torch.Tensor], teacher_hidden: Sequence[torch.Tensor], *,
@@ -95,7 +147,7 @@ def distillation_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor
                       student_hidden: Sequence[torch.Tensor] | None = None,
                       teacher_hidden: Sequence[torch.Tensor] | None = None, alpha: float = 0.0,
                       direction: KLDirection = "student_teacher", labels: torch.Tensor | None = None,
-                      ce_weight: float = 0.0, chunk_tokens: int = 512,
+                      ce_weight: float = 0.0, chunk_tokens: int | None = None,
                       layer_mse_norm: LayerMSENorm = "teacher") -> dict[str, torch.Tensor]:
     """``KL + alpha * layer MSE (+ ce_weight * LM cross-entropy)``; returns every term and ``loss``.
 

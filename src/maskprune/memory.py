@@ -59,7 +59,7 @@ def lora_params(s: ModelShape, rank: int) -> int:
 
 def estimate_learning_memory(s: ModelShape, *, batch_tokens: int, weight_bytes: int, lora_rank: int = 8,
                              gradient_checkpointing: bool = False, layer_mse: bool = False,
-                             kl_chunk_tokens: int = 512, shards: int = 1) -> dict[str, float]:
+                             kl_rows: int = 256, shards: int = 1) -> dict[str, float]:
     """Peak bytes of one mask-learning process, by component (teacher shares the weights).
 
     ``batch_tokens`` is this process's share of the batch. ``shards`` > 1: FSDP over that many
@@ -81,7 +81,9 @@ def estimate_learning_memory(s: ModelShape, *, batch_tokens: int, weight_bytes: 
         "lora_and_masks_with_grads_and_adam": (n_lora / shards + masks) * 4 * 4,
         "student_activations": activations,
         "logits_student_and_teacher_bf16": 2 * batch_tokens * s.vocab * 2,
-        "kl_chunk_fp32": 3 * min(batch_tokens, kl_chunk_tokens) * s.vocab * 4,
+        # losses._BlockedKL: three fp32 row blocks, and the student-logit gradient it keeps for backward
+        "kl_blocks_fp32": 3 * min(batch_tokens, kl_rows) * s.vocab * 4,
+        "kl_gradient_bf16": batch_tokens * s.vocab * 2,
         "teacher_hidden_states": (s.layers * batch_tokens * s.hidden * 2) if layer_mse else 0,
     }
     out["total"] = sum(out.values())
