@@ -43,6 +43,8 @@ class LoadedModel:
     """What the user asked for."""
     path: str
     """Where the weights were read from (a local folder, or the hub id)."""
+    source_dtype: torch.dtype | None = None
+    """The dtype the checkpoint declares (config ``dtype`` / ``torch_dtype``); ``None`` if it declares none."""
 
 
 @dataclass(frozen=True)
@@ -203,4 +205,17 @@ def load_model(spec: str, *, gguf_file: str | None = None, trust_remote_code: bo
                              fix="re-download or re-export the checkpoint") from None
     model.to(device)
     model.eval()
-    return LoadedModel(model=model, tokenizer=tokenizer, source=spec, path=location)
+    return LoadedModel(model=model, tokenizer=tokenizer, source=spec, path=location,
+                       source_dtype=_declared_dtype(location, trust_remote_code))
+
+
+def _declared_dtype(location: str, trust_remote_code: bool) -> torch.dtype | None:
+    """The dtype a checkpoint's config declares, read without loading weights (cached for hub ids)."""
+    try:
+        cfg = AutoConfig.from_pretrained(location, trust_remote_code=trust_remote_code)
+    except Exception:  # the weights loaded, so the config did too; be lenient with odd configs anyway
+        return None
+    value = getattr(cfg, "dtype", None) or getattr(cfg, "torch_dtype", None)
+    if isinstance(value, str):
+        value = getattr(torch, value, None)
+    return value if isinstance(value, torch.dtype) else None

@@ -150,7 +150,7 @@ def _prune(cfg: PruneConfig, *, progress: bool = True) -> dict:
     t_start = time.perf_counter()
 
     with phases("load"):
-        wdtype = _weight_dtype(cfg, device)
+        wdtype = _weight_dtype(cfg)
         loaded = load_model(cfg.model, gguf_file=cfg.gguf_file, trust_remote_code=cfg.trust_remote_code,
                             device=torch.device("cpu") if cfg.fsdp and D.world() > 1 else device, dtype=wdtype)
         # under FSDP the whole model stays in host memory until fully_shard moves each process's shard to
@@ -240,7 +240,7 @@ def _prune(cfg: PruneConfig, *, progress: bool = True) -> dict:
             # logits by O(1)). Then the finished model is cast to the export dtype, saved, reloaded with
             # plain from_pretrained and compared with itself in memory.
             parity = verify_parity(base, probe, reference, tolerance=1e-3)
-            edtype = _export_dtype(cfg, device)
+            edtype = _export_dtype(cfg, loaded.source_dtype)
             for prm in base.parameters():  # parameters only: buffers (rotary inv_freq) stay as from_pretrained builds them
                 prm.data = prm.data.to(edtype)
             base.config.dtype = edtype
@@ -361,7 +361,7 @@ def _learn_and_plan(cfg: PruneConfig, model, adapter, structure: Structure, wind
         metrics_file.close()
         trackers.close()
     masks.materialize_()  # L0 / polarization parameters -> their deterministic mask values
-    if sharded or _weight_dtype(cfg, device) != torch.float32:
+    if sharded or _weight_dtype(cfg) != torch.float32:
         model, masks = _rebuild_for_export(cfg, model, adapter, structure, masks, device, main)
     plan = plan_cut(structure, sigma_head=state.sigma["head"], budget=budget,
                     head_multiple=cfg.head_multiple, ffn_multiple=cfg.ffn_multiple)
@@ -406,16 +406,24 @@ def _rebuild_for_export(cfg: PruneConfig, model, adapter, structure: Structure, 
     return fresh, rebuilt.attach(fresh)
 
 
-def _export_dtype(cfg: PruneConfig, device: torch.device) -> torch.dtype:
-    """The saved checkpoint's dtype: ``auto`` is the dtype the base weights had while learning."""
+_DTYPE_NAMES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def _export_dtype(cfg: PruneConfig, source_dtype: torch.dtype | None) -> torch.dtype:
+    """The saved checkpoint's dtype: ``auto`` is the dtype the source checkpoint declares (fp32 when it
+    declares none or another), so a bf16 model comes out bf16 and an fp32 one fp32 whatever learning used."""
     if cfg.export_dtype == "auto":
-        return _weight_dtype(cfg, device)
-    return {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[cfg.export_dtype]
+        return source_dtype if source_dtype in _DTYPE_NAMES.values() else torch.float32
+    return _DTYPE_NAMES[cfg.export_dtype]
 
 
-def _weight_dtype(cfg: PruneConfig, device: torch.device) -> torch.dtype:
-    return {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}.get(
-        cfg.weight_dtype, torch.bfloat16 if device.type == "cuda" else torch.float32)
+def _weight_dtype(cfg: PruneConfig) -> torch.dtype:
+    """Dtype of the frozen base weights while learning: ``auto`` is the autocast dtype (bf16 by default, on
+    CPU and GPU alike: no per-forward cast of every frozen weight, half the memory; the export reloads the
+    source in fp32 for the merge and the fold, see :func:`_rebuild_for_export`), fp32 when autocast is off."""
+    if cfg.weight_dtype != "auto":
+        return _DTYPE_NAMES[cfg.weight_dtype]
+    return autocast_dtype(cfg.dtype) or torch.float32
 
 
 def _score_and_plan(cfg: PruneConfig, model, adapter, structure: Structure, windows: torch.Tensor, budget: int,
