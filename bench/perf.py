@@ -71,7 +71,11 @@ def bf16_matmul_rate(model, tokens: int) -> float:
     return total_flops / total_s
 
 
-def step_throughput(args, weight_dtype: str = "fp32", dtype: str = "bf16", compile_: bool = False) -> dict:
+def step_throughput(args, weight_dtype: str = "fp32", dtype: str = "bf16", compile_: bool = False,
+                    before: bool = False) -> dict:
+    """Median seconds of the learning step and its distance to the matmul bound. ``before``: the step as
+    maskprune ran it until 2026-11-24 (fp32 weights; KL by autograd under checkpointing, see
+    :func:`kl_blocked_vs_autograd`; peft casting each LoRA input to fp32), for before/after in one run."""
     from maskprune import load_config
     from maskprune.arch import get_adapter
     from maskprune.data import calibration_windows
@@ -94,6 +98,17 @@ def step_throughput(args, weight_dtype: str = "fp32", dtype: str = "bf16", compi
     masks = MaskSet(structure).attach(model)
     windows = calibration_windows("default", tok, seq_len=args.seq_len, num_windows=64)
     learner = Learner(model, masks, windows, cfg, cfg.budget_for(structure.dense_params))
+    restore = lambda: None  # noqa: E731
+    if before:
+        import maskprune.losses as losses_mod
+        from peft.tuners.tuners_utils import BaseTunerLayer
+
+        for m in model.modules():
+            if isinstance(m, BaseTunerLayer):
+                m.cast_input_dtype_enabled = True
+        blocked = losses_mod.kl_divergence
+        losses_mod.kl_divergence = lambda s, t, direction, chunk_tokens=None: _autograd_kl(s, t, direction)
+        restore = lambda: setattr(losses_mod, "kl_divergence", blocked)  # noqa: E731
     model.train()
     t_warm = time.perf_counter()
     learner.step()
@@ -105,38 +120,47 @@ def step_throughput(args, weight_dtype: str = "fp32", dtype: str = "bf16", compi
         learner.step()
         times.append(time.perf_counter() - t)
     step_s = sorted(times)[len(times) // 2]
+    restore()
     # teacher forward (2F) + student forward (2F) + student backward to activations (2F); LoRA and
     # mask gradients are negligible next to the frozen weights' activation gradients.
     step_flops = 3 * flops_tok * tokens
     bound_s = step_flops / rate
-    return {"weight_dtype": weight_dtype, "autocast": dtype, "compile": compile_, "first_two_steps_s": warm_s,
+    return {"weight_dtype": weight_dtype, "autocast": dtype, "compile": compile_, "before_2026_11_24": before,
+            "first_two_steps_s": warm_s,
             "tokens_per_step": tokens, "step_seconds_median": step_s, "tokens_per_s": tokens / step_s,
             "bf16_matmul_tflops": rate / 1e12, "flops_per_step": step_flops, "bound_seconds": bound_s,
             "bound_tokens_per_s": tokens / bound_s, "fraction_of_bound": bound_s / step_s}
+
+
+def _autograd_kl(student: torch.Tensor, teacher: torch.Tensor, direction: str) -> torch.Tensor:
+    """maskprune's KL until 2026-11-24: fp32 log-softmax of both sides by autograd, chunks of 512 rows
+    under activation checkpointing (the chunk is recomputed in backward)."""
+    import torch.nn.functional as Fn
+    from torch.utils.checkpoint import checkpoint
+
+    def chunk(s, t):
+        log_s, log_t = Fn.log_softmax(s.float(), -1), Fn.log_softmax(t.float(), -1)
+        if direction == "student_teacher":
+            return (log_s.exp() * (log_s - log_t)).sum()
+        return (log_t.exp() * (log_t - log_s)).sum()
+
+    s = student.reshape(-1, student.shape[-1])
+    t = teacher.reshape(-1, teacher.shape[-1]).detach()
+    return sum(checkpoint(chunk, s[i:i + 512], t[i:i + 512], use_reentrant=False)
+               for i in range(0, s.shape[0], 512)) / s.shape[0]
 
 
 def kl_blocked_vs_autograd(tokens: int, vocab: int = 49152) -> dict:
     """Forward + backward seconds of the learner's KL (``losses.kl_divergence``: row blocks, gradient formed
     in the forward) against the plain autograd definition (fp32 log-softmax of both sides, chunks of 512
     rows under activation checkpointing, maskprune's KL until 2026-11-24), bf16 logits ``[tokens, vocab]``."""
-    import torch.nn.functional as Fn
-    from torch.utils.checkpoint import checkpoint
-
     from maskprune.losses import kl_divergence
-
-    def chunk(s, t):
-        log_s, log_t = Fn.log_softmax(s.float(), -1), Fn.log_softmax(t.float(), -1)
-        return (log_t.exp() * (log_t - log_s)).sum()
-
-    def autograd_kl(s, t):
-        return sum(checkpoint(chunk, s[i:i + 512], t[i:i + 512], use_reentrant=False)
-                   for i in range(0, s.shape[0], 512)) / s.shape[0]
 
     g = torch.Generator().manual_seed(0)
     base = torch.randn(tokens, vocab, generator=g) * 3
     teacher = (base + torch.randn(tokens, vocab, generator=g)).bfloat16()
     out = {"tokens": tokens, "vocab": vocab}
-    for name, fn in (("autograd_checkpointed", autograd_kl),
+    for name, fn in (("autograd_checkpointed", lambda s, t: _autograd_kl(s, t, "teacher_student")),
                      ("blocked", lambda s, t: kl_divergence(s, t, direction="teacher_student"))):
         def run() -> None:
             s = base.bfloat16().requires_grad_(True)
@@ -229,7 +253,7 @@ print(before, _status("VmHWM"))
 
 
 def throughput(model, batch: int, seq: int, new_tokens: int = 0) -> float:
-    ids = torch.randint(100, 40000, (batch, seq))
+    ids = torch.randint(100, min(40000, model.config.vocab_size), (batch, seq))
     with torch.no_grad():
         if new_tokens == 0:
             s = _timeit(lambda: model(input_ids=ids, use_cache=False), repeat=3)
@@ -278,23 +302,54 @@ def payoff(pruned: list[str]) -> dict:
         w = m.config.intermediate_size
         if w % 64 and w > 64:
             models[f"{Path(p).name}-ffn{w // 64 * 64}"] = nonuniform_like(m, [w // 64 * 64] * m.config.num_hidden_layers)
+    return _speedups(models)
+
+
+def _speedups(models: dict) -> dict:
+    """Throughput of each model (prefill 1x512, 8x128, decode 128 tokens), speedup over ``models["dense"]``,
+    the ideal speedup from per-token matmul FLOPs, and the fraction of it reached."""
     rows = {}
     for name, m in models.items():
-        row = {"params": sum(p.numel() for p in m.parameters()),
-               "flops_per_token_512": matmul_flops_per_token(m, 512),
-               "flops_per_token_128": matmul_flops_per_token(m, 128),
-               "prefill_1x512": throughput(m, 1, 512), "prefill_8x128": throughput(m, 8, 128),
-               "decode_1x128": throughput(m, 1, 16, new_tokens=128)}
-        rows[name] = row
+        rows[name] = {"params": sum(p.numel() for p in m.parameters()),
+                      "flops_per_token_512": matmul_flops_per_token(m, 512),
+                      "flops_per_token_128": matmul_flops_per_token(m, 128),
+                      "prefill_1x512": throughput(m, 1, 512), "prefill_8x128": throughput(m, 8, 128),
+                      "decode_1x128": throughput(m, 1, 16, new_tokens=128)}
     d = rows["dense"]
-    for name, r in rows.items():
+    for r in rows.values():
         r["speedup"] = {k: r[k] / d[k] for k in ("prefill_1x512", "prefill_8x128", "decode_1x128")}
-        ideal = {"prefill_1x512": d["flops_per_token_512"] / r["flops_per_token_512"],
-                 "prefill_8x128": d["flops_per_token_128"] / r["flops_per_token_128"],
-                 "decode_1x128": d["flops_per_token_128"] / r["flops_per_token_128"]}
-        r["ideal"] = ideal
-        r["fraction_of_ideal"] = {k: r["speedup"][k] / ideal[k] for k in ideal}
+        r["ideal"] = {"prefill_1x512": d["flops_per_token_512"] / r["flops_per_token_512"],
+                      "prefill_8x128": d["flops_per_token_128"] / r["flops_per_token_128"],
+                      "decode_1x128": d["flops_per_token_128"] / r["flops_per_token_128"]}
+        r["fraction_of_ideal"] = {k: r["speedup"][k] / r["ideal"][k] for k in r["ideal"]}
     return rows
+
+
+WIDE = dict(hidden_size=2048, intermediate_size=5632, num_attention_heads=32, num_key_value_heads=4, head_dim=64,
+            num_hidden_layers=8, vocab_size=32000)
+"""TinyLlama-1.1B's layer shapes (8 of its 22 layers): where the matmuls, not the per-layer fixed work, are
+most of a token's time, as in the 7B-13B models users prune."""
+
+
+def payoff_wide(sparsities: tuple[float, ...] = (0.2, 0.5)) -> dict:
+    """The uniform cut's payoff on a wider shape (random bf16 weights; speed does not depend on the values):
+    dense vs the same architecture with the FFN width cut to remove ``sparsity`` of all parameters, the split
+    maskprune's learned budget chose on SmolLM2 at 20 and 50 % (FFN channels only)."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from maskprune.models import default_model_dir
+
+    base = AutoConfig.from_pretrained(default_model_dir())
+    torch.manual_seed(0)
+    fields = {k: v for k, v in base.to_dict().items() if k not in ("model_type", "architectures")}
+    dense = AutoModelForCausalLM.from_config(AutoConfig.for_model(base.model_type, **{**fields, **WIDE}),
+                                             dtype=torch.bfloat16).eval()
+    total = sum(p.numel() for p in dense.parameters())
+    models = {"dense": dense}
+    for sp in sparsities:
+        width = WIDE["intermediate_size"] - round(sp * total / (3 * WIDE["hidden_size"] * WIDE["num_hidden_layers"]))
+        models[f"ffn{width} (-{sp:.0%})"] = nonuniform_like(dense, [width] * WIDE["num_hidden_layers"])
+    return _speedups(models)
 
 
 def eval_overhead(limit: int) -> dict:
@@ -324,6 +379,23 @@ def eval_overhead(limit: int) -> dict:
             "ratio": t_ppl / t_bare}
 
 
+def _common_bound(res: dict) -> None:
+    """Give every step row the same bound: the best bf16 matmul rate measured in this run (each row measures
+    it before its own steps; the first measurement of a process often comes out low, and one machine has one
+    limit). Each row keeps its own measurement as ``bf16_matmul_tflops_measured``."""
+    rows = [r for r in [res.get("step"), *res.get("step_variants", [])] if r]
+    if not rows:
+        return
+    for r in rows:
+        r.setdefault("bf16_matmul_tflops_measured", r["bf16_matmul_tflops"])
+    rate = max(r["bf16_matmul_tflops_measured"] for r in rows) * 1e12
+    for r in rows:
+        r["bf16_matmul_tflops"] = rate / 1e12
+        r["bound_seconds"] = r["flops_per_step"] / rate
+        r["bound_tokens_per_s"] = r["tokens_per_step"] / r["bound_seconds"]
+        r["fraction_of_bound"] = r["bound_seconds"] / r["step_seconds_median"]
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--pruned", nargs="*", default=[])
@@ -340,7 +412,8 @@ def main() -> None:
     if "step" not in a.skip:
         res["step"] = step_throughput(a, "bf16", "bf16")  # the default: learning weights in the autocast dtype
         print(json.dumps(res["step"]), flush=True)
-        res["step_variants"] = [step_throughput(a, "fp32", "bf16"), step_throughput(a, "fp32", "fp32"),
+        res["step_variants"] = [step_throughput(a, "fp32", "bf16", before=True), step_throughput(a, "fp32", "bf16"),
+                                step_throughput(a, "fp32", "fp32"),
                                 step_throughput(a, "bf16", "bf16", compile_=True)]
         res["kl"] = kl_blocked_vs_autograd(a.batch_size * a.seq_len)
         print(json.dumps(res["kl"]), flush=True)
@@ -366,6 +439,8 @@ def main() -> None:
     if "payoff" not in a.skip and a.pruned:
         res["payoff"] = payoff(a.pruned)
         print(json.dumps(res["payoff"]), flush=True)
+        res["payoff_wide"] = payoff_wide()
+        print(json.dumps(res["payoff_wide"]), flush=True)
     if "eval" not in a.skip:
         res["eval"] = eval_overhead(a.eval_windows)
         print(json.dumps(res["eval"]), flush=True)
@@ -376,6 +451,7 @@ def main() -> None:
         if set(a.skip) != set(SECTIONS):  # all skipped: only the md is rewritten
             old.setdefault("partial_reruns", []).append({"command": res["command"], "date": res["date"]})
         res = {**old, **{k: v for k, v in res.items() if k not in ("command", "date")}}
+    _common_bound(res)
     out.write_text(json.dumps(res, indent=1))
     lines = [f"# Performance ({res['date']})", "", f"`{res['command']}`", ""]
     lines += [f"Partial rerun {r['date']}, its sections replacing the first run's: `{r['command']}`"
@@ -383,15 +459,16 @@ def main() -> None:
     lines += ["", f"Machine: {res['machine']}", ""]
     if "step" in res:
         s = res["step"]
-        lines += ["## Mask-learning step", "", "| tokens/step | step s | tokens/s | bf16 matmul TFLOP/s | bound tokens/s | fraction of bound |",
+        lines += ["## Mask-learning step", "", "| tokens/step | step s | tokens/s | bf16 matmul TFLOP/s (best in this run) | bound tokens/s | fraction of bound |",
                   "| --- | --- | --- | --- | --- | --- |",
                   f"| {s['tokens_per_step']} | {s['step_seconds_median']:.2f} | {s['tokens_per_s']:.0f} | "
                   f"{s['bf16_matmul_tflops']:.3f} | {s['bound_tokens_per_s']:.0f} | {s['fraction_of_bound']:.2f} |", "",
-                  "| weights | autocast | compile | tokens/s | vs default | fraction of bound | first two steps s |",
-                  "| --- | --- | --- | --- | --- | --- | --- |"]
+                  "| code | weights | autocast | compile | tokens/s | vs default | fraction of bound | first two steps s |",
+                  "| --- | --- | --- | --- | --- | --- | --- | --- |"]
         for v in [s] + res.get("step_variants", []):
             warm = f"{v['first_two_steps_s']:.0f}" if "first_two_steps_s" in v else "-"
-            lines.append(f"| {v['weight_dtype']} | {v['autocast']} | {'yes' if v.get('compile') else 'no'} | "
+            code = "before 2026-11-24" if v.get("before_2026_11_24") else "now"
+            lines.append(f"| {code} | {v['weight_dtype']} | {v['autocast']} | {'yes' if v.get('compile') else 'no'} | "
                          f"{v['tokens_per_s']:.0f} | {v['tokens_per_s'] / s['tokens_per_s']:.2f}x | "
                          f"{v['fraction_of_bound']:.2f} | {warm} |")
         lines.append("")
@@ -422,6 +499,14 @@ def main() -> None:
             cells = [f"{r['speedup'][k]:.2f} ({r['ideal'][k]:.2f})" for k in ("prefill_1x512", "prefill_8x128", "decode_1x128")]
             lines.append(f"| {n} | {r['params'] / 1e6:.1f}M | " + " | ".join(cells) + " |")
         lines.append("")
+        if "payoff_wide" in res:
+            lines += ["The same uniform FFN cut on a wider shape (random bf16 weights, TinyLlama-1.1B layer shapes: "
+                      f"{WIDE}):", "", "| model | params | prefill 1x512 speedup (ideal) | prefill 8x128 speedup (ideal) | decode speedup (ideal) |",
+                      "| --- | --- | --- | --- | --- |"]
+            for n, r in res["payoff_wide"].items():
+                cells = [f"{r['speedup'][k]:.2f} ({r['ideal'][k]:.2f})" for k in ("prefill_1x512", "prefill_8x128", "decode_1x128")]
+                lines.append(f"| {n} | {r['params'] / 1e6:.1f}M | " + " | ".join(cells) + " |")
+            lines.append("")
     if "eval" in res:
         e = res["eval"]
         lines += ["## Evaluation", "", f"Perplexity over {e['windows']} windows of {e['seq_len']}: {e['perplexity_s']:.1f} s; "
