@@ -115,7 +115,7 @@ class PruneConfig:
     """Autocast dtype of the forward passes; masks, s, y, z and optimizer state stay fp32."""
     weight_dtype: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
     """Dtype of the frozen base weights while learning: ``auto`` is the autocast ``dtype`` (bf16 by default, CPU
-    and GPU: half the memory and no per-forward cast of every frozen weight, 1.3x per step on SmolLM2 on CPU,
+    and GPU: half the memory and no per-forward cast of every frozen weight, 1.18x per step on SmolLM2 on CPU,
     bench/results/2026-11-24-perf.md), fp32 when autocast is fp32. Learning weights never reach the
     checkpoint: the export reloads the source in fp32 for the merge and the fold."""
     export_dtype: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
@@ -129,8 +129,8 @@ class PruneConfig:
     compile: bool = False
     """Run the learning step's teacher and student forward passes through ``torch.compile`` (inductor):
     elementwise work (mask hooks, LoRA scaling, RMSNorm, rotary) is fused. One process only. It costs a
-    one-off compile (133-160 s for SmolLM2 on 2 CPU cores from a cold cache) and gives about 1.5x per step there
-    (bench/results/2026-11-24-perf.md), so it pays from a few hundred steps on; the rest of the run (cut,
+    one-off compile (133-160 s for SmolLM2 on 2 CPU cores from a cold cache) and gives 1.3x per step there over
+    the eager default (bench/results/2026-11-24-perf.md), so it pays from about 600 steps on; the rest of the run (cut,
     export, evaluation) stays eager."""
     fsdp: bool = False
     """With several processes: shard base weights, LoRA and optimizer state with torch FSDP2 (one unit per
