@@ -98,3 +98,43 @@ def test_short_learner_run_tracks_the_budget_and_cuts_uniformly(kind, policy):
     from maskprune.cut import cut_mass_share, kept_indices
 
     assert cut_mass_share(masks.ffn, kept_indices(masks.ffn, plan.k_ffn)) < 0.15
+
+
+def test_learner_under_autocast_skips_peft_input_casts_without_changing_the_forward():
+    """peft casts each LoRA input to the adapter's fp32 dtype; under autocast that copy is cast straight back,
+    so the learner turns it off: the student's logits must be the same bits either way."""
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    from maskprune.learner import attach_lora
+
+    torch.manual_seed(0)
+    base = tiny.make_model("llama_gqa", layers=2).to(torch.bfloat16)
+    adapter = get_adapter(base.config.model_type)
+    structure = Structure.of(base, adapter, "query")
+    model = attach_lora(base, ("q", "k", "v", "o", "gate", "up", "down"), rank=4, alpha=8.0,
+                        adapter_names={r: getattr(adapter, f"{r}_name") for r in ("q", "k", "v", "o", "gate", "up", "down")})
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if "lora_B" in n:
+                p.normal_(0, 0.1)
+    masks = MaskSet(structure).attach(model)
+    windows = torch.randint(0, tiny.VOCAB, (8, 16), generator=torch.Generator().manual_seed(0))
+    layers = [m for m in model.modules() if isinstance(m, BaseTunerLayer)]
+    assert layers and all(m.lora_A["default"].weight.dtype == torch.float32 for m in layers)
+
+    def logits() -> torch.Tensor:
+        with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+            return model(input_ids=windows[:2]).logits
+
+    with_cast = logits()
+    cfg = load_config(overrides=dict(steps=2, batch_size=2, dtype="bf16", sparsity=0.3))
+    learner = Learner(model, masks, windows, cfg, cfg.budget_for(structure.dense_params))
+    assert not any(m.cast_input_dtype_enabled for m in layers)
+    assert torch.equal(logits(), with_cast)
+    learner.run()  # and learning runs with LoRA inputs in bf16 (fp32 adapter weights, cast by autocast)
+    assert all(m.lora_A["default"].weight.dtype == torch.float32 for m in layers)
+    fp32_cfg = load_config(overrides=dict(steps=1, batch_size=2, dtype="fp32", sparsity=0.3))
+    for m in layers:
+        m.cast_input_dtype_enabled = True
+    Learner(model, masks, windows, fp32_cfg, fp32_cfg.budget_for(structure.dense_params))
+    assert all(m.cast_input_dtype_enabled for m in layers)  # without autocast peft's cast is needed and kept
