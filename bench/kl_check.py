@@ -1,6 +1,6 @@
 """The learner's KL against the autograd definition it replaced, on SmolLM2's real learning step.
 
-    python bench/kl_check.py            # prints JSON; about 30 s on 2 CPU cores
+    python bench/kl_check.py    # writes bench/results/<date>-kl-check.json; about 30 s on 2 CPU cores
 
 Two readings (bench/results/2026-11-24-numerics-smollm2-reading.md):
 
@@ -15,7 +15,10 @@ Two readings (bench/results/2026-11-24-numerics-smollm2-reading.md):
 
 from __future__ import annotations
 
+import datetime
 import json
+import os
+import platform
 import sys
 from pathlib import Path
 
@@ -92,6 +95,11 @@ def main() -> None:
         start[f"mask_grad_max_abs_{name}"] = float(m.abs().max())
         start[f"mask_grad_nonzero_share_{name}"] = float((m != 0).float().mean())
     out["at_start_student_equals_teacher"] = start
+    out = {"command": "python bench/kl_check.py",
+           "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+           "machine": {"platform": platform.platform(), "cpus": os.cpu_count(), "torch": torch.__version__}, **out}
+    dest = Path(__file__).resolve().parent / "results" / f"{datetime.date.today().isoformat()}-kl-check.json"
+    dest.write_text(json.dumps(out, indent=1) + "\n")
     print(json.dumps(out, indent=1))
 
 
