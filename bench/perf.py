@@ -79,11 +79,11 @@ def step_throughput(args, weight_dtype: str = "fp32", dtype: str = "bf16", compi
     from maskprune import load_config
     from maskprune.arch import get_adapter
     from maskprune.data import calibration_windows
-    from maskprune.learner import Learner, attach_lora
+    from maskprune.learner import DTYPES, Learner, attach_lora
     from maskprune.masks import MaskSet, Structure
     from maskprune.models import load_model
 
-    wd = {"fp32": torch.float32, "bf16": torch.bfloat16}[weight_dtype]
+    wd = DTYPES[weight_dtype]
     loaded = load_model("smollm2-135m", dtype=wd)
     model, tok = loaded.model, loaded.tokenizer
     tokens = args.batch_size * args.seq_len

@@ -22,13 +22,15 @@ from .errors import MaskPruneError, NonFiniteError
 from .losses import distillation_loss
 from .masks import POLARIZATION_EPS, MaskSet, Structure, bypass
 
-__all__ = ["LearnState", "Learner", "Interrupted", "attach_lora", "autocast_dtype"]
+__all__ = ["DTYPES", "LearnState", "Learner", "Interrupted", "attach_lora", "autocast_dtype"]
 
-_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": None}
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+"""The dtype names the config and the CLI use."""
 
 
 def autocast_dtype(name: str) -> torch.dtype | None:
-    return _DTYPES[name]
+    """The autocast dtype of a config ``dtype`` name; ``None`` for fp32 (autocast off)."""
+    return None if name == "fp32" else DTYPES[name]
 
 
 @dataclass

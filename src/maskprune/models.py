@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PretrainedConfig, PreTrainedModel
 
 from .arch import get_adapter
 from .errors import MaskPruneError
@@ -106,7 +106,8 @@ def resolve_source(spec: str, gguf_file: str | None = None) -> Source:
                          fix="check the path")
 
 
-def _check_architecture(src: Source, trust_remote_code: bool) -> None:
+def _check_architecture(src: Source, trust_remote_code: bool) -> PretrainedConfig:
+    """Read the config (no weights) and refuse an architecture maskprune has no adapter for; return it."""
     try:
         cfg = AutoConfig.from_pretrained(src.location, gguf_file=src.gguf_file,
                                          trust_remote_code=trust_remote_code)
@@ -116,6 +117,7 @@ def _check_architecture(src: Source, trust_remote_code: bool) -> None:
                              expected="a readable config.json, or a complete GGUF file",
                              fix="re-download or re-export the model") from None
     get_adapter(getattr(cfg, "model_type", "unknown"))
+    return cfg
 
 
 def _converted_gguf(gguf: Path, name: str | None = None) -> Path:
@@ -179,7 +181,7 @@ def load_model(spec: str, *, gguf_file: str | None = None, trust_remote_code: bo
                dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu") -> LoadedModel:
     """Load model and tokenizer; refuse unsupported architectures before reading weights."""
     src = resolve_source(spec, gguf_file)
-    _check_architecture(src, trust_remote_code)
+    declared = _declared_dtype(_check_architecture(src, trust_remote_code))
     location, gguf = src.location, src.gguf_file
     if gguf is not None:
         if not src.is_local:
@@ -206,15 +208,11 @@ def load_model(spec: str, *, gguf_file: str | None = None, trust_remote_code: bo
     model.to(device)
     model.eval()
     return LoadedModel(model=model, tokenizer=tokenizer, source=spec, path=location,
-                       source_dtype=_declared_dtype(location, trust_remote_code))
+                       source_dtype=declared)
 
 
-def _declared_dtype(location: str, trust_remote_code: bool) -> torch.dtype | None:
-    """The dtype a checkpoint's config declares, read without loading weights (cached for hub ids)."""
-    try:
-        cfg = AutoConfig.from_pretrained(location, trust_remote_code=trust_remote_code)
-    except Exception:  # the weights loaded, so the config did too; be lenient with odd configs anyway
-        return None
+def _declared_dtype(cfg: PretrainedConfig) -> torch.dtype | None:
+    """The dtype a config declares (``dtype``, or ``torch_dtype`` in older files); ``None`` if none."""
     value = getattr(cfg, "dtype", None) or getattr(cfg, "torch_dtype", None)
     if isinstance(value, str):
         value = getattr(torch, value, None)

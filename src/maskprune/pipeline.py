@@ -35,7 +35,7 @@ from .errors import MaskPruneError
 from .evaluate import perplexity, tokenize_windows
 from .export import (KeptUnits, fold_and_slice_, harden_, masked_logits, save_and_verify, select_units,
                      verify_parity)
-from .learner import Learner, attach_lora, autocast_dtype
+from .learner import DTYPES, Learner, attach_lora, autocast_dtype
 from .masks import MaskSet, Structure
 from .modelcard import write_model_card
 from .report import make_report
@@ -406,15 +406,12 @@ def _rebuild_for_export(cfg: PruneConfig, model, adapter, structure: Structure, 
     return fresh, rebuilt.attach(fresh)
 
 
-_DTYPE_NAMES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
-
-
 def _export_dtype(cfg: PruneConfig, source_dtype: torch.dtype | None) -> torch.dtype:
     """The saved checkpoint's dtype: ``auto`` is the dtype the source checkpoint declares (fp32 when it
     declares none or another), so a bf16 model comes out bf16 and an fp32 one fp32 whatever learning used."""
     if cfg.export_dtype == "auto":
-        return source_dtype if source_dtype in _DTYPE_NAMES.values() else torch.float32
-    return _DTYPE_NAMES[cfg.export_dtype]
+        return source_dtype if source_dtype in DTYPES.values() else torch.float32
+    return DTYPES[cfg.export_dtype]
 
 
 def _weight_dtype(cfg: PruneConfig) -> torch.dtype:
@@ -422,7 +419,7 @@ def _weight_dtype(cfg: PruneConfig) -> torch.dtype:
     CPU and GPU alike: no per-forward cast of every frozen weight, half the memory; the export reloads the
     source in fp32 for the merge and the fold, see :func:`_rebuild_for_export`), fp32 when autocast is off."""
     if cfg.weight_dtype != "auto":
-        return _DTYPE_NAMES[cfg.weight_dtype]
+        return DTYPES[cfg.weight_dtype]
     return autocast_dtype(cfg.dtype) or torch.float32
 
 
