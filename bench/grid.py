@@ -67,6 +67,8 @@ NUMERICS = {  # issue 7: the fast paths must not lower quality; the default cell
 SEEDS = {  # the same cell with other seeds (batch order, LoRA init; the calibration windows stay the same):
     "MaskPrune, seed 1": ["--seed", "1"],  # how far apart two runs of one setting land, to read the rest by
     "MaskPrune, seed 2": ["--seed", "2"],
+    "MaskPrune, seed 3": ["--seed", "3"],
+    "MaskPrune, seed 4": ["--seed", "4"],
 }
 
 
