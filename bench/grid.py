@@ -7,6 +7,8 @@ the same `maskprune prune` (same calibration data, steps, budget, uniform cut an
     python bench/grid.py --group steps           # MaskPrune at 20 % with 2x and 4x the steps
     python bench/grid.py --group numerics        # MaskPrune at 20 %: fp32 path and bf16 weights vs the default
     python bench/grid.py --group seeds           # MaskPrune at 20 % with two more seeds: the run-to-run spread
+    python bench/grid.py --group quality --steps 0 --task-limit 0 --weight-dtype auto --work runs/quality
+                                                 # issue 15: the default recipe (3 seeds) vs the one-shot methods
     python bench/grid.py --group all --dry-run   # list the cells and what is already done
 
 Unattended and resumable: a cell whose evaluation JSON exists is skipped; a cell whose pruned model exists
@@ -70,6 +72,8 @@ SEEDS = {  # the same cell with other seeds (batch order, LoRA init; the calibra
     "MaskPrune, seed 3": ["--seed", "3"],
     "MaskPrune, seed 4": ["--seed", "4"],
 }
+QUALITY_ONESHOT = ["wanda-sp", "flap", "taylor", "magnitude"]  # deterministic given the windows: one run each
+QUALITY_SEEDS = [0, 1, 2]  # the default recipe ("maskprune", no flags) at three seeds
 
 
 @dataclass
@@ -104,6 +108,12 @@ def cells(group: str, sparsities: list[float]) -> list[Cell]:
                 for a, f in NUMERICS.items()]
     if group in ("seeds", "all"):
         out += [Cell(f"seed-{f[-1]}-s20", a, "seeds", 0.2, f) for a, f in SEEDS.items()]
+    if group == "quality":  # not in "all": its protocol (default steps, full PIQA) differs from the 2026-11-23 grid
+        for sp in sparsities:
+            tag = f"s{round(sp * 100)}"
+            out += [Cell(f"q-{m}-{tag}", m, "quality", sp, ["--method", m]) for m in QUALITY_ONESHOT]
+            out += [Cell(f"q-maskprune-seed{k}-{tag}", "maskprune", "quality", sp, ["--seed", str(k)])
+                    for k in QUALITY_SEEDS]
     return out
 
 
@@ -131,7 +141,7 @@ def do_cell(c: Cell, a: argparse.Namespace, work: Path) -> dict:
     if c.sparsity is not None:
         out = work / c.name
         if not (out / "maskprune_report.json").exists():
-            common = ["--steps", str(a.steps), "--seq-len", str(a.seq_len), "--batch-size", str(a.batch_size),
+            common = (["--steps", str(a.steps)] if a.steps > 0 else []) + ["--seq-len", str(a.seq_len), "--batch-size", str(a.batch_size),
                       "--calib-samples", str(a.calib_samples), "--eval-max-windows", "4", "--no-report",
                       "--threads", str(a.threads), "--weight-dtype", a.weight_dtype, "--dtype", "bf16"]
             resume = ["--resume"] if (work / f"{c.name}.checkpoints").exists() else []
@@ -146,7 +156,7 @@ def do_cell(c: Cell, a: argparse.Namespace, work: Path) -> dict:
     ev = ["eval", model, "--seq-len", "2048,128", "--ppl-tokens", str(a.ppl_tokens), "--dtype", "bf16",
           "--out", str(res_path)]
     if a.tasks:
-        ev += ["--tasks", a.tasks, "--data-dir", a.data_dir, "--limit", str(a.task_limit)]
+        ev += ["--tasks", a.tasks, "--data-dir", a.data_dir] + (["--limit", str(a.task_limit)] if a.task_limit > 0 else [])
     meta["eval_seconds"] = run(exe + ev, log)
     meta_path.write_text(json.dumps(meta, indent=1))
     return meta
@@ -186,6 +196,7 @@ def _row(meta: dict, ev: dict, work: Path | None = None) -> dict:
            "shape": {k: m["shape"].get(k) for k in ("num_attention_heads", "num_key_value_heads",
                                                     "intermediate_size")},
            "prune_seconds": meta.get("prune_seconds"), "eval_seconds": meta.get("eval_seconds"),
+           "flags": meta.get("flags", []),
            "cut_mass_share": meta.get("cut_mass_share"), "cut": meta.get("cut"),
            "cut_jump": _cut_jump(meta.get("ppl_during")),
            "train": _training(work / meta["name"] / "metrics.jsonl") if work and meta.get("name") else None}
@@ -252,6 +263,62 @@ def write_results(rows: list[dict], a: argparse.Namespace, date: str) -> None:
         lines += [reading.read_text().rstrip(), ""]
     (ROOT / "results" / f"{date}-smollm2.md").write_text("\n".join(lines) + "\n")
     _plots(rows, ROOT / "results" / f"{date}-smollm2")
+
+
+def write_quality(rows: list[dict], a: argparse.Namespace, date: str) -> None:
+    """Issue 15's table: ``bench/results/<date>-quality.{json,md}``, one cell per (method, sparsity, seed),
+    medians and spreads in the markdown; anyone can recompute them from the JSON."""
+    import statistics
+
+    cells_ = []
+    for r in rows:
+        seed = int(r["flags"][r["flags"].index("--seed") + 1]) if "--seed" in r.get("flags", []) else 0
+        piqa = r["tasks"].get("piqa", {})
+        cells_.append({"method": "dense" if r["group"] == "dense" else r["label"], "sparsity": r["sparsity"] or 0.0,
+                       "seed": seed, "params": r["params"], "ppl_2048": r["ppl2048"], "ppl_128": r["ppl128"],
+                       "piqa_acc": piqa.get("acc"), "piqa_acc_norm": piqa.get("acc_norm"),
+                       "piqa_stderr": piqa.get("acc_stderr"), "piqa_n": piqa.get("n"), "shape": r["shape"],
+                       "prune_seconds": r.get("prune_seconds"), "cut_jump": r.get("cut_jump")})
+    res = {"command": "python bench/grid.py " + " ".join(sys.argv[1:]), "date": date,
+           "machine": {"platform": platform.platform(), "cpus": os.cpu_count(), "python": platform.python_version()},
+           "protocol": {"prune": "maskprune prune smollm2-135m with the recipe defaults (steps, windows, batch) "
+                                 "and --threads " + str(a.threads),
+                        "ppl": f"WikiText-2 raw test, {a.ppl_tokens} tokens per window length, bf16 autocast",
+                        "tasks": a.tasks, "task_limit": a.task_limit or "all"},
+           "cells": cells_}
+    (ROOT / "results" / f"{date}-quality.json").write_text(json.dumps(res, indent=1) + "\n")
+    lines = [f"# SmolLM2-135M: default recipe vs one-shot methods ({date})", "", f"`{res['command']}`", "",
+             f"Machine: {res['machine']}", "", f"Protocol: {json.dumps(res['protocol'])}", "",
+             "Median over seeds (one-shot methods are deterministic on the fixed windows: one run), [min, max]; "
+             "spread = max / min ppl@2048.", ""]
+    dense = [c for c in cells_ if c["method"] == "dense"]
+    if dense:
+        d = dense[0]
+        lines += [f"Dense: ppl@2048 {d['ppl_2048']:.2f}, ppl@128 {d['ppl_128']:.2f}, PIQA "
+                  f"{100 * (d['piqa_acc'] or float('nan')):.1f}", ""]
+    head = ["method", "seeds", "params", "heads/KV/FFN", "ppl@2048 median [min, max]", "spread", "ppl@128 median",
+            "PIQA acc median (stderr)", "prune s median"]
+    for sp in sorted({c["sparsity"] for c in cells_ if c["method"] != "dense"}):
+        lines += [f"## {round(sp * 100)} %", "", "| " + " | ".join(head) + " |", "|" + " --- |" * len(head)]
+        for m in dict.fromkeys(c["method"] for c in cells_ if c["sparsity"] == sp):
+            sel = [c for c in cells_ if c["sparsity"] == sp and c["method"] == m]
+            p = [c["ppl_2048"] for c in sel]
+            acc = [c["piqa_acc"] for c in sel if c["piqa_acc"] is not None]
+            se = [c["piqa_stderr"] for c in sel if c["piqa_stderr"] is not None]
+            secs = [c["prune_seconds"] for c in sel if c["prune_seconds"]]
+            sh = sel[0]["shape"]
+            lines.append("| " + " | ".join([
+                m, ",".join(str(c["seed"]) for c in sel), f"{sel[0]['params'] / 1e6:.2f}M",
+                f"{sh['num_attention_heads']}/{sh['num_key_value_heads']}/{sh['intermediate_size']}",
+                f"{statistics.median(p):.2f} [{min(p):.2f}, {max(p):.2f}]", f"{max(p) / min(p):.3f}",
+                f"{statistics.median(c['ppl_128'] for c in sel):.2f}",
+                f"{100 * statistics.median(acc):.1f} ({100 * statistics.median(se):.1f})" if acc else "-",
+                f"{statistics.median(secs):.0f}" if secs else "-"]) + " |")
+        lines.append("")
+    reading = ROOT / "results" / f"{date}-quality-reading.md"
+    if reading.exists():
+        lines += [reading.read_text().rstrip(), ""]
+    (ROOT / "results" / f"{date}-quality.md").write_text("\n".join(lines) + "\n")
 
 
 def _plots(rows: list[dict], folder: Path) -> None:
@@ -326,16 +393,16 @@ def _plots(rows: list[dict], folder: Path) -> None:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--group", choices=["main", "ablations", "steps", "numerics", "seeds", "all"], default="main")
+    ap.add_argument("--group", choices=["main", "ablations", "steps", "numerics", "seeds", "quality", "all"], default="main")
     ap.add_argument("--sparsities", default="0.2,0.25,0.5")
-    ap.add_argument("--steps", type=int, default=150, help="learning steps per learned cell (all cells the same)")
+    ap.add_argument("--steps", type=int, default=150, help="learning steps per learned cell (all cells the same; 0: the recipe's default)")
     ap.add_argument("--seq-len", type=int, default=128)
     ap.add_argument("--batch-size", type=int, default=4)
     ap.add_argument("--calib-samples", type=int, default=1024)
     ap.add_argument("--ppl-tokens", type=int, default=32768, help="WikiText-2 tokens scored at each length")
     ap.add_argument("--tasks", default="piqa")
     ap.add_argument("--data-dir", default=str(REPO.parent / "shared" / "data"))
-    ap.add_argument("--task-limit", type=int, default=300, help="examples per zero-shot task")
+    ap.add_argument("--task-limit", type=int, default=300, help="examples per zero-shot task (0: all)")
     ap.add_argument("--weight-dtype", default="fp32", help="base weights during learning (same for every cell)")
     ap.add_argument("--threads", type=int, default=os.cpu_count() or 1)
     ap.add_argument("--work", default=str(REPO / "runs" / "grid"), help="pruned models and per-cell results")
@@ -366,7 +433,7 @@ def main() -> None:
         ev = json.loads((work / f"{c.name}.eval.json").read_text())
         rows = [r for r in rows if not (r["label"] == c.label and r["sparsity"] == c.sparsity
                                         and r["group"] == c.group)] + [_row(meta, ev, work)]
-        write_results(_all_rows(work), a, a.date)
+        (write_quality if a.group == "quality" else write_results)(_all_rows(work), a, a.date)
         r = rows[-1]
         print(f"[{i + 1}/{len(todo)}] {c.name}: ppl {r['ppl2048']:.2f} / {r['ppl128']:.2f}  "
               f"piqa {r['tasks'].get('piqa', {}).get('acc', math.nan):.3f}  ({time.perf_counter() - t:.0f} s)",

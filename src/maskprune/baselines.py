@@ -7,8 +7,9 @@ through the same code. Nothing in the export knows which method ran.
 
 - ``magnitude``: L2 norm of every weight a unit owns (q/k/v rows, o_proj columns; gate/up rows,
   down_proj column).
-- ``taylor``: LLM-Pruner's first-order group importance ``|sum_w w * dL/dw|`` over the unit's
-  weights, with the language-modelling loss on the calibration windows.
+- ``taylor``: LLM-Pruner's default first-order importance (``--taylor param_first``): the per-weight
+  salience ``|w * dL/dw|`` summed over every weight the unit owns, with the language-modelling loss on
+  the calibration windows.
 - ``wanda-sp``: ``sum |W_out[:, unit]| * ||x_unit||_2``: the output projection's input columns
   weighted by the input activation norms (structured Wanda, as FLAP's paper defines it).
 - ``flap``: FLAP's fluctuation metric ``sum Var(x_unit) * ||W_out[:, unit]||^2`` over the unit's input
@@ -68,11 +69,11 @@ def _taylor(model: nn.Module, adapter: DecoderAdapter, s: Structure, stats) -> t
     heads, ffns = [], []
     for li, layer in enumerate(adapter.layers(model)):
         def wg(role: str) -> torch.Tensor:
-            return adapter.proj(layer, role).weight.float() * grads[(li, role)]
+            return (adapter.proj(layer, role).weight.float() * grads[(li, role)]).abs()  # per-weight salience
 
         q, k, v, o = wg("q"), wg("k"), wg("v"), wg("o")
         per_q = q.sum(-1).view(lay.num_attention_heads, lay.head_dim).sum(-1) + \
-            o.sum(0).view(lay.num_attention_heads, lay.head_dim).sum(-1)  # [n_heads], signed
+            o.sum(0).view(lay.num_attention_heads, lay.head_dim).sum(-1)  # [n_heads]
         kv = k.sum(-1).view(lay.num_key_value_heads, lay.head_dim).sum(-1) + \
             v.sum(-1).view(lay.num_key_value_heads, lay.head_dim).sum(-1)
         if lay.unit_is_kv_group:
