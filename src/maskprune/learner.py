@@ -18,8 +18,10 @@ from torch import nn
 from . import distributed as D
 from . import optim as F
 from .config import PruneConfig
+from .cut import plan_cut
 from .errors import MaskPruneError, NonFiniteError
 from .losses import distillation_loss
+from .mask_optim import LayerAdam, cosine_factor
 from .masks import POLARIZATION_EPS, MaskSet, Structure, bypass
 
 __all__ = ["DTYPES", "LearnState", "Learner", "Interrupted", "attach_lora", "autocast_dtype"]
@@ -41,6 +43,8 @@ class LearnState:
     sigma: dict[str, float] = field(default_factory=lambda: {"head": 0.0, "ffn": 0.0})
     y: float = 0.0
     z: float = 0.0
+    frozen_at: int | None = None
+    """The step at which the selection was frozen (hard 0/1 masks from then on), or None."""
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -87,11 +91,14 @@ class Learner:
         if self.amp is not None:
             _disable_lora_input_cast(model)
         lora_params = [p for n, p in model.named_parameters() if "lora_" in n and p.requires_grad]
-        groups = [{"params": list(masks.parameters()), "lr": cfg.mask_lr, "weight_decay": 0.0}]
-        if lora_params:
-            groups.append({"params": lora_params, "lr": cfg.lora_lr, "weight_decay": 0.0})
-        self.optimizer = torch.optim.AdamW(groups)
-        self._trainable = [p for g in groups for p in g["params"]]
+        mask_params = list(masks.parameters())
+        self.mask_optimizer: torch.optim.Optimizer = (
+            LayerAdam(mask_params, lr=cfg.mask_lr) if cfg.mask_optimizer == "layer-adam"
+            else torch.optim.AdamW(mask_params, lr=cfg.mask_lr, weight_decay=0.0))
+        self.optimizer: torch.optim.Optimizer | None = (
+            torch.optim.AdamW(lora_params, lr=cfg.lora_lr, weight_decay=0.0) if lora_params else None)
+        self._trainable = mask_params + lora_params
+        self.freeze_step = round(cfg.freeze_share * cfg.steps) if cfg.freeze_share < 1.0 else None
         # the module the step calls: compiled if asked (the same parameters, hooks and adapters; masks and
         # LoRA toggled by bypass() select between two cached graphs, teacher and student)
         self._forward: Callable[..., Any] = model
@@ -119,10 +126,43 @@ class Learner:
         return batch[r * share: (r + 1) * share]
 
     # ---- one step -----------------------------------------------------------------------------
+    def mask_lr(self, step: int) -> float:
+        """The mask learning rate at ``step``: ``mask_lr``, or half a cosine to 0 over the selection phase."""
+        if self.cfg.mask_lr_schedule == "constant":
+            return self.cfg.mask_lr
+        return self.cfg.mask_lr * cosine_factor(step, self.freeze_step if self.freeze_step is not None else self.cfg.steps)
+
+    @torch.no_grad()
+    def freeze(self) -> None:
+        """Freeze the selection: plan the uniform cut from the learned state, keep the planned number of
+        units with the largest masks in every row at 1, set the rest to 0, and stop learning the masks.
+        ``sigma`` becomes the planned fractions, so the final cut is this one."""
+        cfg, st, s = self.cfg, self.state, self.structure
+        self.masks.materialize_()
+        plan = plan_cut(s, sigma_head=st.sigma["head"], budget=self.budget, head_multiple=cfg.head_multiple,
+                        ffn_multiple=cfg.ffn_multiple)
+        for kind, k, lay in (("head", plan.k_head, s.head), ("ffn", plan.k_ffn, s.ffn)):
+            p = self.masks.by_kind()[kind]
+            hard = torch.ones_like(p)
+            if k:
+                hard.scatter_(-1, F.smallest_indices(p, k), 0.0)
+            p.copy_(hard)
+            st.sigma[kind] = k / lay.units_per_row
+        self._stop_mask_learning()
+        st.frozen_at = st.step
+
+    def _stop_mask_learning(self) -> None:
+        for p in self.masks.parameters():
+            p.requires_grad_(False)
+            p.grad = None
+
     def step(self) -> dict:
         cfg, st, s = self.cfg, self.state, self.structure
         t, total = st.step, cfg.steps
         t0 = time.perf_counter()
+        if self.freeze_step is not None and st.frozen_at is None and t >= self.freeze_step:
+            self.freeze()
+        frozen = st.frozen_at is not None
         batch = self.windows[self.batch_indices(t)].to(self.device)  # [B, T]
         want_hidden = cfg.alpha > 0.0 and cfg.distill
         with torch.autocast(self.device.type, dtype=self.amp or torch.float32, enabled=self.amp is not None):
@@ -139,7 +179,7 @@ class Learner:
                 layer_mse_norm=cfg.layer_mse_norm)
         k_cut = {kind: F.num_cut(st.sigma[kind], lay.units_per_row)
                  for kind, lay in (("head", s.head), ("ffn", s.ffn))}
-        if self.masks.mask_type == "l0" and st.y > 0.0:
+        if self.masks.mask_type == "l0" and st.y > 0.0 and not frozen:
             # no closed-form prox for hard-concrete gates: the Lagrangian's sparsity term enters the loss
             terms["sparsity_penalty"] = sum(F.sparsity_penalty(self.masks.values(kind), k_cut[kind])
                                             for kind in ("head", "ffn"))
@@ -149,10 +189,18 @@ class Learner:
             raise NonFiniteError(f"the loss became {float(loss.detach())} at step {t}",
                                  fix="lower mask_lr / lora_lr or use --dtype fp32; the last "
                                      "checkpoint is intact")
-        self.optimizer.zero_grad(set_to_none=True)
-        loss.backward()
+        optimizers = [o for o in (self.mask_optimizer, self.optimizer) if o is not None]
+        for o in optimizers:
+            o.zero_grad(set_to_none=True)
+        if loss.requires_grad:  # no LoRA and a frozen selection: nothing left to learn
+            loss.backward()
         D.all_reduce_grads(self._trainable)
-        self.optimizer.step()
+        for g in self.mask_optimizer.param_groups:
+            g["lr"] = self.mask_lr(t)
+        for o in optimizers:
+            o.step()
+        if frozen:
+            return self._finish_step(t, t0, batch, terms, k_cut, {"head": False, "ffn": False}, 0, 0.0)
         self.masks.clamp_()
 
         # proximal step on the parameters just produced (heads every step, FFN every k steps); for
@@ -185,26 +233,35 @@ class Learner:
         size = s.params_after(st.sigma["head"] * s.head.units_per_row,
                               st.sigma["ffn"] * s.ffn.units_per_row)
         st.z = F.z_step(st.z, size_ratio=size / s.dense_params, target_ratio=target, eta4=cfg.eta4)
+        return self._finish_step(t, t0, batch, terms, k_new, prox, interval, violation)
+
+    def _finish_step(self, t: int, t0: float, batch: torch.Tensor, terms: dict, k_new: dict, prox: dict,
+                     interval: int, violation: float) -> dict:
+        """Checks, the step counter, and the step's metrics (the same keys before and after the freeze)."""
+        st, s = self.state, self.structure
         self._check_finite(t)
-        if D.world() > 1 and (t % self.cfg.sync_check_every == 0 or t == total - 1):
+        if D.world() > 1 and (t % self.cfg.sync_check_every == 0 or t == self.cfg.steps - 1):
             D.check_consistent({"y": st.y, "z": st.z, **{f"sigma_{k}": v for k, v in st.sigma.items()}},
                                dict(self.masks.by_kind()), t)
         st.step += 1
-
+        with torch.no_grad():
+            values = {kind: self.masks.values(kind).detach() for kind in ("head", "ffn")}
+        size = s.params_after(st.sigma["head"] * s.head.units_per_row, st.sigma["ffn"] * s.ffn.units_per_row)
         dt = time.perf_counter() - t0
         metrics = {
             "step": t, **D.all_reduce_mean({k: float(v.detach()) for k, v in terms.items()}, self.device),
             "sigma_head": st.sigma["head"], "sigma_ffn": st.sigma["ffn"],
             "k_head": k_new["head"], "k_ffn": k_new["ffn"], "y": st.y, "z": st.z,
-            "size_ratio": size / s.dense_params, "target_ratio": target,
+            "size_ratio": size / s.dense_params,
+            "target_ratio": F.budget_ratio(t, self.cfg.steps, self.final_ratio, self.cfg.warmup_share),
             "size_at_cut": s.params_after(k_new["head"], k_new["ffn"]),
             "violation": violation, "prox_head": prox["head"], "prox_ffn": prox["ffn"],
-            "ffn_prox_interval": interval,
+            "ffn_prox_interval": interval, "frozen": st.frozen_at is not None,
             "ffn_alive_std": float((values["ffn"] > 0.05).sum(dim=(1, 2)).float().std()),
             "mask_mean_head": float(values["head"].mean()),
             "mask_mean_ffn": float(values["ffn"].mean()),
-            "lr_mask": self.optimizer.param_groups[0]["lr"],
-            "lr_lora": self.optimizer.param_groups[1]["lr"] if len(self.optimizer.param_groups) > 1 else 0.0,
+            "lr_mask": self.mask_optimizer.param_groups[0]["lr"] if st.frozen_at is None else 0.0,
+            "lr_lora": self.optimizer.param_groups[0]["lr"] if self.optimizer is not None else 0.0,
             "seconds": dt, "tokens_per_s": batch.numel() / dt,
         }
         if self.on_step is not None:
@@ -230,19 +287,28 @@ class Learner:
         Sharded (FSDP) LoRA weights and their optimizer state are gathered whole, so the checkpoint
         is the same file with or without FSDP; every process must call this (it is a collective then).
         """
-        opt = self.optimizer.state_dict()
-        opt["state"] = {i: {k: (D.full(v).detach().cpu().clone() if torch.is_tensor(v) else v)
-                            for k, v in st.items()} for i, st in opt["state"].items()}
+        def gathered(o: torch.optim.Optimizer | None) -> dict | None:
+            if o is None:
+                return None
+            opt = o.state_dict()
+            opt["state"] = {i: {k: (D.full(v).detach().cpu().clone() if torch.is_tensor(v) else v)
+                                for k, v in st.items()} for i, st in opt["state"].items()}
+            return opt
+
         return {"state": self.state.to_dict(),
                 "masks": {k: p.detach().cpu().clone() for k, p in self.masks.by_kind().items()},
                 "lora": {n: D.full(p.detach()).cpu().clone() for n, p in self._lora_params().items()},
-                "optimizer": opt,
+                "optimizer": gathered(self.optimizer), "mask_optimizer": gathered(self.mask_optimizer),
                 "rng": torch.get_rng_state()}
 
     @torch.no_grad()
     def load_state_dict(self, payload: dict) -> None:
         st = payload["state"]
-        self.state = LearnState(step=int(st["step"]), sigma=dict(st["sigma"]), y=float(st["y"]), z=float(st["z"]))
+        self.state = LearnState(step=int(st["step"]), sigma=dict(st["sigma"]), y=float(st["y"]), z=float(st["z"]),
+                                frozen_at=st.get("frozen_at"))
+        if self.state.frozen_at is not None:  # the checkpoint holds the hard 0/1 mask values
+            self.masks.mask_type = "uniform"
+            self._stop_mask_learning()
         for k, p in self.masks.by_kind().items():
             p.copy_(payload["masks"][k].to(p.device))
         if self.masks.mask_type == "polarization":
@@ -252,11 +318,13 @@ class Learner:
             raise ValueError("the checkpoint's LoRA parameters do not match this model's")
         for n, p in lora.items():
             p.copy_(D.like(payload["lora"][n].to(p.dtype), p))
-        opt = payload["optimizer"]
-        params = [p for g in self.optimizer.param_groups for p in g["params"]]
-        opt = {**opt, "state": {i: {k: (D.like(v, params[int(i)]) if torch.is_tensor(v) and v.dim() > 0 else v)
-                                    for k, v in st.items()} for i, st in opt["state"].items()}}
-        self.optimizer.load_state_dict(opt)
+        for o, opt in ((self.optimizer, payload["optimizer"]), (self.mask_optimizer, payload["mask_optimizer"])):
+            if o is None:
+                continue
+            params = [p for g in o.param_groups for p in g["params"]]
+            opt = {**opt, "state": {i: {k: (D.like(v, params[int(i)]) if torch.is_tensor(v) and v.dim() > 0 else v)
+                                        for k, v in st.items()} for i, st in opt["state"].items()}}
+            o.load_state_dict(opt)
         torch.set_rng_state(payload["rng"])
 
     def run(self, *, checkpoint: Callable[["Learner"], None] | None = None, every: int = 0,

@@ -160,6 +160,17 @@ class MaskSet(nn.Module):
             p.clamp_(lo, hi)
 
     @torch.no_grad()
+    def set_values_(self, kind: str, values: torch.Tensor) -> None:
+        """Set the parameters of one kind so that its deterministic mask values are ``values`` (in [0, 1])."""
+        v = values.to(self.by_kind()[kind].device, torch.float32).clamp(0.0, 1.0)
+        if self.mask_type == "l0":  # invert hard_concrete_mean (values at 1 map to the start value)
+            u = ((v - L0_GAMMA) / (L0_ZETA - L0_GAMMA)).clamp(1e-6, 1 - 1e-6)
+            v = torch.minimum(torch.log(u) - torch.log1p(-u), torch.full_like(v, L0_INIT))
+        elif self.mask_type == "polarization":  # invert theta^2 / (theta^2 + eps), theta <= 1
+            v = torch.where(v >= 1.0, torch.ones_like(v), (v * self.eps / (1.0 - v).clamp_min(1e-12)).sqrt())
+        self.by_kind()[kind].copy_(v)
+
+    @torch.no_grad()
     def materialize_(self) -> None:
         """Replace the parameters by their deterministic mask values and become ``uniform``."""
         if self.mask_type == "uniform":

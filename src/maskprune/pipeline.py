@@ -36,6 +36,7 @@ from .evaluate import perplexity, tokenize_windows
 from .export import (KeptUnits, fold_and_slice_, harden_, masked_logits, save_and_verify, select_units,
                      verify_parity)
 from .learner import DTYPES, Learner, attach_lora, autocast_dtype
+from .mask_optim import prior_masks
 from .masks import MaskSet, Structure
 from .modelcard import write_model_card
 from .report import make_report
@@ -306,6 +307,10 @@ def _learn_and_plan(cfg: PruneConfig, model, adapter, structure: Structure, wind
     metrics_file = open(metrics_path if main else os.devnull, "a", encoding="utf-8")
     trackers = ExtraSinks(cfg.trackers if main else (), str(ckpt_dir / "tensorboard"), cfg.to_dict())
     try:
+        prior = None
+        if cfg.mask_init != "ones" and not cfg.resume:  # a resumed run takes its masks from the checkpoint
+            with phases("prior"):
+                prior = unit_scores(cfg.mask_init, model, adapter, structure, windows, batch_size=cfg.batch_size)
         if cfg.lora:
             model = attach_lora(model, cfg.lora_targets, rank=cfg.lora_rank, alpha=cfg.lora_alpha,
                                 adapter_names={r: getattr(adapter, f"{r}_name") for r in
@@ -317,6 +322,9 @@ def _learn_and_plan(cfg: PruneConfig, model, adapter, structure: Structure, wind
         if sharded:
             D.shard_fsdp(model, adapter.layers(model))
         masks = MaskSet(structure, cfg.mask_type).to(device).attach(model)
+        if prior is not None:
+            for kind, scores in zip(("head", "ffn"), prior):
+                masks.set_values_(kind, prior_masks(scores, cfg.mask_init_spread))
         bar = tqdm(total=cfg.steps, desc="learn masks", disable=not (progress and main), dynamic_ncols=True)
 
         learn_start = [time.perf_counter(), 0]
