@@ -154,8 +154,9 @@ def do_cell(c: Cell, a: argparse.Namespace, work: Path) -> dict:
                     ppl_during=rep.get("perplexity"))
         model = str(out)
     ev = ["eval", model, "--seq-len", "2048,128", "--ppl-tokens", str(a.ppl_tokens), "--dtype", "bf16",
-          "--out", str(res_path)]
-    if a.tasks:
+          "--batch-size", str(a.eval_batch_size), "--out", str(res_path)]
+    skip_tasks = any(m and m in c.flags for m in a.no_tasks_for.split(","))
+    if a.tasks and not skip_tasks:
         ev += ["--tasks", a.tasks, "--data-dir", a.data_dir] + (["--limit", str(a.task_limit)] if a.task_limit > 0 else [])
     meta["eval_seconds"] = run(exe + ev, log)
     meta_path.write_text(json.dumps(meta, indent=1))
@@ -403,6 +404,8 @@ def main() -> None:
     ap.add_argument("--tasks", default="piqa")
     ap.add_argument("--data-dir", default=str(REPO.parent / "shared" / "data"))
     ap.add_argument("--task-limit", type=int, default=300, help="examples per zero-shot task (0: all)")
+    ap.add_argument("--eval-batch-size", type=int, default=4, help="windows / lm-eval requests per forward")
+    ap.add_argument("--no-tasks-for", default="", help="comma-separated --method names evaluated on perplexity only")
     ap.add_argument("--weight-dtype", default="fp32", help="base weights during learning (same for every cell)")
     ap.add_argument("--threads", type=int, default=os.cpu_count() or 1)
     ap.add_argument("--work", default=str(REPO / "runs" / "grid"), help="pruned models and per-cell results")

@@ -107,13 +107,23 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _run_prune(args: argparse.Namespace, progress: bool) -> int:
-    from .pipeline import prune
-
+def _overrides(args: argparse.Namespace) -> dict[str, Any]:
     overrides = {f.name: getattr(args, f.name) for f in dataclasses.fields(PruneConfig)
                  if f.name != "model" and hasattr(args, f.name)}
     if args.model is not None:
         overrides["model"] = args.model
+    return overrides
+
+
+def parse_prune_overrides(argv: Sequence[str]) -> dict[str, Any]:
+    """The config keys that ``maskprune prune ARGV`` sets explicitly (for scripts that build a config)."""
+    return _overrides(build_parser().parse_args(["prune", *argv]))
+
+
+def _run_prune(args: argparse.Namespace, progress: bool) -> int:
+    from .pipeline import prune
+
+    overrides = _overrides(args)
     cfg = load_config(args.config, overrides)
     report = prune(cfg, progress=progress)
     if "params" not in report:  # a secondary process of a distributed run: rank 0 reports

@@ -83,6 +83,8 @@ class PruneConfig:
     ``--method`` baselines ignore it."""
     mask_init_spread: float = 0.1
     """Range of the initial masks under a one-shot prior, in [0, 1)."""
+    prior_samples: int = 256
+    """Calibration windows the one-shot prior is scored on (the first ones; at most ``calib_samples``)."""
     mask_optimizer: Literal["layer-adam", "adamw"] = "layer-adam"
     """Mask optimizer: Adam with one second moment per layer (a unit's step follows its gradient's size
     relative to its layer's), or AdamW per mask (the paper: every mask moves about lr per step)."""
@@ -218,7 +220,7 @@ class PruneConfig:
             problems.append(f"budget_params must be a positive parameter count, found {self.budget_params}")
         if self.checkpoint_every < 0:
             problems.append(f"checkpoint_every must be >= 0, found {self.checkpoint_every}")
-        for name in ("calib_samples", "seq_len", "batch_size", "steps", "lora_rank", "head_multiple", "keep_checkpoints",
+        for name in ("calib_samples", "prior_samples", "seq_len", "batch_size", "steps", "lora_rank", "head_multiple", "keep_checkpoints",
                      "ffn_multiple", "eval_seq_len", "log_every", "sync_check_every", "ffn_prox_start", "ffn_prox_end"):
             v = getattr(self, name)
             if v < 1:

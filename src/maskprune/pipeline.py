@@ -310,7 +310,8 @@ def _learn_and_plan(cfg: PruneConfig, model, adapter, structure: Structure, wind
         prior = None
         if cfg.mask_init != "ones" and not cfg.resume:  # a resumed run takes its masks from the checkpoint
             with phases("prior"):
-                prior = unit_scores(cfg.mask_init, model, adapter, structure, windows, batch_size=cfg.batch_size)
+                prior = unit_scores(cfg.mask_init, model, adapter, structure, windows[: cfg.prior_samples],
+                                    batch_size=cfg.batch_size)
         if cfg.lora:
             model = attach_lora(model, cfg.lora_targets, rank=cfg.lora_rank, alpha=cfg.lora_alpha,
                                 adapter_names={r: getattr(adapter, f"{r}_name") for r in

@@ -81,7 +81,7 @@ def test_short_learner_run_tracks_the_budget_and_cuts_uniformly(kind, policy):
     adapter = get_adapter(model.config.model_type)
     structure = Structure.of(model, adapter, policy)
     cfg = load_config(overrides=dict(steps=120, batch_size=4, dtype="fp32", lora=False, sparsity=0.3, eta1=0.5,
-                                      gqa_policy=policy))
+                                      gqa_policy=policy, freeze_share=1.0))  # the minimax loop to the end
     budget = cfg.budget_for(structure.dense_params)
     masks = MaskSet(structure).attach(model)
     windows = torch.randint(0, tiny.VOCAB, (16, 24), generator=torch.Generator().manual_seed(0))
@@ -138,3 +138,43 @@ def test_learner_under_autocast_skips_peft_input_casts_without_changing_the_forw
         m.cast_input_dtype_enabled = True
     Learner(model, masks, windows, fp32_cfg, fp32_cfg.budget_for(structure.dense_params))
     assert all(m.cast_input_dtype_enabled for m in layers)  # without autocast peft's cast is needed and kept
+
+
+@pytest.mark.parametrize("kind,policy,mask_type", [("llama_gqa", "query", "uniform"), ("qwen2", "kv_group", "uniform"),
+                                                   ("llama_mha", "query", "l0")])
+def test_frozen_selection_is_the_planned_cut_and_only_lora_learns_after(kind, policy, mask_type):
+    from maskprune.learner import attach_lora
+
+    torch.manual_seed(0)
+    model = tiny.make_model(kind, layers=3)
+    adapter = get_adapter(model.config.model_type)
+    structure = Structure.of(model, adapter, policy)
+    cfg = load_config(overrides=dict(steps=30, batch_size=4, dtype="fp32", sparsity=0.3, gqa_policy=policy,
+                                      freeze_share=0.5, warmup_share=0.3, mask_type=mask_type))
+    budget = cfg.budget_for(structure.dense_params)
+    model = attach_lora(model, cfg.lora_targets, rank=4, alpha=8.0,
+                        adapter_names={r: getattr(adapter, f"{r}_name") for r in cfg.lora_targets})
+    masks = MaskSet(structure, mask_type).attach(model)
+    windows = torch.randint(0, tiny.VOCAB, (16, 24), generator=torch.Generator().manual_seed(0))
+    seen, snap = [], {}
+
+    def on_step(m):
+        seen.append(m)
+        if m["step"] == 15:  # the first step after the freeze
+            snap["masks"] = {k: p.detach().clone() for k, p in masks.by_kind().items()}
+            snap["lora"] = {n: p.detach().clone() for n, p in model.named_parameters() if "lora_B" in n}
+
+    learner = Learner(model, masks, windows, cfg, budget, on_step=on_step)
+    state = learner.run()
+    assert state.frozen_at == 15 and [m["frozen"] for m in seen] == [False] * 15 + [True] * 15
+    plan = plan_cut(structure, sigma_head=state.sigma["head"], budget=budget)
+    assert plan.params <= budget
+    for kind, k in (("head", plan.k_head), ("ffn", plan.k_ffn)):
+        p = masks.by_kind()[kind].detach()
+        assert set(p.unique().tolist()) <= {0.0, 1.0}
+        assert ((p == 0).sum(-1) == k).all(), kind  # exactly the planned count in every row
+        assert torch.equal(p, snap["masks"][kind])  # unchanged after the freeze
+        assert not masks.by_kind()[kind].requires_grad
+    lora_now = {n: p.detach() for n, p in model.named_parameters() if "lora_B" in n}
+    assert any(not torch.equal(lora_now[n], snap["lora"][n]) for n in lora_now)  # LoRA still learns
+    assert all(m["lr_mask"] == 0.0 for m in seen[15:]) and seen[0]["lr_mask"] == cfg.mask_lr

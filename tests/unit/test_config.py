@@ -1,0 +1,49 @@
+"""Config validation and the recipe presets."""
+
+import pytest
+
+from maskprune.config import PAPER_RECIPE, PruneConfig, load_config
+from maskprune.errors import MaskPruneError
+
+
+def test_default_recipe_and_paper_preset():
+    d = load_config()
+    assert (d.recipe, d.mask_init, d.mask_optimizer, d.mask_lr_schedule) == ("maskprune", "wanda-sp", "layer-adam",
+                                                                              "cosine")
+    assert d.freeze_share < 1.0
+    p = load_config(overrides={"recipe": "paper"})
+    for k, v in PAPER_RECIPE.items():
+        assert getattr(p, k) == v, k
+    # a key given explicitly wins over the preset
+    assert load_config(overrides={"recipe": "paper", "mask_lr": 0.1}).mask_lr == 0.1
+
+
+def test_recipe_preset_applies_from_a_yaml_file_and_flags_still_win(tmp_path):
+    f = tmp_path / "run.yaml"
+    f.write_text("recipe: paper\nfreeze_share: 0.5\n")
+    c = load_config(f, overrides={"mask_init": "flap"})
+    assert (c.mask_optimizer, c.freeze_share, c.mask_init) == ("adamw", 0.5, "flap")
+
+
+@pytest.mark.parametrize("overrides, words", [
+    ({"freeze_share": 1.5}, "freeze_share must be in [0, 1]"),
+    ({"mask_init_spread": 1.0}, "mask_init_spread must be in [0, 1)"),
+    ({"mask_init": "random"}, "mask_init must be one of"),
+    ({"mask_optimizer": "sgd"}, "mask_optimizer must be one of"),
+    ({"recipe": "fast"}, "recipe must be one of"),
+])
+def test_bad_values_are_named(overrides, words):
+    with pytest.raises(MaskPruneError, match="invalid configuration") as e:
+        load_config(overrides=overrides)
+    assert words in str(e.value)
+
+
+def test_all_problems_reported_together():
+    with pytest.raises(MaskPruneError) as e:
+        load_config(overrides={"freeze_share": -1.0, "steps": 0, "sparsity": 2.0})
+    msg = str(e.value)
+    assert "freeze_share" in msg and "steps must be >= 1" in msg and "sparsity must be in (0, 1)" in msg
+
+
+def test_baselines_ignore_the_mask_prior():
+    assert PruneConfig(method="wanda-sp").validate().mask_init == "wanda-sp"  # accepted, unused
