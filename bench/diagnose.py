@@ -58,7 +58,8 @@ def run_seed(seed: int, sparsity: float, flags: str, ppl_tokens: int, seq_len: i
 
     cfg = load_config(overrides={**_flags_to_overrides(flags), "sparsity": sparsity, "seed": seed})
     torch.manual_seed(seed)
-    loaded = load_model(cfg.model, dtype=torch.bfloat16)
+    amp = autocast_dtype(cfg.dtype)
+    loaded = load_model(cfg.model, dtype=amp or torch.float32)
     model, tok = loaded.model, loaded.tokenizer
     adapter = get_adapter(model.config.model_type)
     structure = Structure.of(model, adapter, cfg.gqa_policy)
@@ -66,7 +67,6 @@ def run_seed(seed: int, sparsity: float, flags: str, ppl_tokens: int, seq_len: i
     windows = calibration_windows(cfg.calib, tok, seq_len=cfg.seq_len, num_windows=cfg.calib_samples)
     ev, _ = tokenize_windows(wikitext2_test_text("default"), tok, seq_len)
     ev = ev[: max(1, ppl_tokens // seq_len)]
-    amp = autocast_dtype(cfg.dtype)
     scores = {m: unit_scores(m, model, adapter, structure, windows, batch_size=cfg.batch_size)
               for m in ("wanda-sp", "flap")}
     prior = (unit_scores(cfg.mask_init, model, adapter, structure, windows[: cfg.prior_samples],
@@ -146,7 +146,7 @@ def main() -> None:
            "machine": {"platform": platform.platform(), "cpus": os.cpu_count(), "threads": a.threads},
            "recipe_flags": a.flags, "sparsity": a.sparsity,
            "protocol": f"WikiText-2 raw test, {a.ppl_tokens} tokens in windows of {a.seq_len}, masked model "
-                       "with hooks, bf16 weights and autocast", "runs": runs}
+                       "with hooks, weights and autocast in the run's dtype", "runs": runs}
     stem = ROOT / "results" / f"{date}-diagnose-s{round(a.sparsity * 100)}{a.tag}"
     stem.with_suffix(".json").write_text(json.dumps(res, indent=1) + "\n")
     lines = [f"# Diagnostics of the learned selection, {round(a.sparsity * 100)} % ({date})", "",

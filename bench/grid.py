@@ -7,7 +7,8 @@ the same `maskprune prune` (same calibration data, steps, budget, uniform cut an
     python bench/grid.py --group steps           # MaskPrune at 20 % with 2x and 4x the steps
     python bench/grid.py --group numerics        # MaskPrune at 20 %: fp32 path and bf16 weights vs the default
     python bench/grid.py --group seeds           # MaskPrune at 20 % with two more seeds: the run-to-run spread
-    python bench/grid.py --group quality --steps 0 --task-limit 0 --weight-dtype auto --work runs/quality
+    python bench/grid.py --group quality --steps 0 --task-limit 0 --weight-dtype auto --dtype auto --eval-dtype fp32 \
+        --eval-batch-size 16 --work runs/quality
                                                  # issue 15: the default recipe (3 seeds) vs the one-shot methods
     python bench/grid.py --group all --dry-run   # list the cells and what is already done
 
@@ -143,7 +144,7 @@ def do_cell(c: Cell, a: argparse.Namespace, work: Path) -> dict:
         if not (out / "maskprune_report.json").exists():
             common = (["--steps", str(a.steps)] if a.steps > 0 else []) + ["--seq-len", str(a.seq_len), "--batch-size", str(a.batch_size),
                       "--calib-samples", str(a.calib_samples), "--eval-max-windows", "4", "--no-report",
-                      "--threads", str(a.threads), "--weight-dtype", a.weight_dtype, "--dtype", "bf16"]
+                      "--threads", str(a.threads), "--weight-dtype", a.weight_dtype, "--dtype", a.dtype]
             resume = ["--resume"] if (work / f"{c.name}.checkpoints").exists() else []
             meta["prune_seconds"] = run(exe + ["prune", "smollm2-135m", "--sparsity", str(c.sparsity), "--out",
                                                str(out), "--overwrite", *common, *c.flags, *resume], log)
@@ -153,7 +154,7 @@ def do_cell(c: Cell, a: argparse.Namespace, work: Path) -> dict:
                     cut_mass_share=rep.get("cut_mask_mass_share"), final_state=rep.get("final_state"),
                     ppl_during=rep.get("perplexity"))
         model = str(out)
-    ev = ["eval", model, "--seq-len", "2048,128", "--ppl-tokens", str(a.ppl_tokens), "--dtype", "bf16",
+    ev = ["eval", model, "--seq-len", "2048,128", "--ppl-tokens", str(a.ppl_tokens), "--dtype", a.eval_dtype,
           "--batch-size", str(a.eval_batch_size), "--out", str(res_path)]
     skip_tasks = any(m and m in c.flags for m in a.no_tasks_for.split(","))
     if a.tasks and not skip_tasks:
@@ -284,7 +285,7 @@ def write_quality(rows: list[dict], a: argparse.Namespace, date: str) -> None:
            "machine": {"platform": platform.platform(), "cpus": os.cpu_count(), "python": platform.python_version()},
            "protocol": {"prune": "maskprune prune smollm2-135m with the recipe defaults (steps, windows, batch) "
                                  "and --threads " + str(a.threads),
-                        "ppl": f"WikiText-2 raw test, {a.ppl_tokens} tokens per window length, bf16 autocast",
+                        "ppl": f"WikiText-2 raw test, {a.ppl_tokens} tokens per window length, {a.eval_dtype}",
                         "tasks": a.tasks, "task_limit": a.task_limit or "all"},
            "cells": cells_}
     (ROOT / "results" / f"{date}-quality.json").write_text(json.dumps(res, indent=1) + "\n")
@@ -404,6 +405,8 @@ def main() -> None:
     ap.add_argument("--tasks", default="piqa")
     ap.add_argument("--data-dir", default=str(REPO.parent / "shared" / "data"))
     ap.add_argument("--task-limit", type=int, default=300, help="examples per zero-shot task (0: all)")
+    ap.add_argument("--dtype", default="bf16", help="prune --dtype of every cell (auto: bf16 where the hardware has it)")
+    ap.add_argument("--eval-dtype", default="bf16", choices=["bf16", "fp32"], help="eval --dtype of every cell")
     ap.add_argument("--eval-batch-size", type=int, default=4, help="windows / lm-eval requests per forward")
     ap.add_argument("--no-tasks-for", default="", help="comma-separated --method names evaluated on perplexity only")
     ap.add_argument("--weight-dtype", default="fp32", help="base weights during learning (same for every cell)")

@@ -142,13 +142,13 @@ class PruneConfig:
     ffn_multiple: int = 1
     """Round the kept FFN width to a multiple of this (8 or 64 for fast kernels)."""
 
-    dtype: Literal["bf16", "fp16", "fp32"] = "bf16"
-    """Autocast dtype of the forward passes; masks, s, y, z and optimizer state stay fp32."""
+    dtype: Literal["auto", "bf16", "fp16", "fp32"] = "auto"
+    """Autocast dtype of the forward passes (masks, s, y, z and optimizer state stay fp32). ``auto``: bf16 where
+    the hardware computes it natively (CUDA with bf16; a CPU with AVX512-BF16 or AMX), fp32 elsewhere."""
     weight_dtype: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
-    """Dtype of the frozen base weights while learning: ``auto`` is the autocast ``dtype`` (bf16 by default, CPU
-    and GPU: half the memory and no per-forward cast of every frozen weight, 1.18x per step on SmolLM2 on CPU,
-    bench/results/2026-11-24-perf.md), fp32 when autocast is fp32. Learning weights never reach the
-    checkpoint: the export reloads the source in fp32 for the merge and the fold."""
+    """Dtype of the frozen base weights while learning: ``auto`` is the autocast dtype (half the memory and no
+    per-forward cast of every frozen weight under bf16), fp32 when autocast is off. Learning weights never
+    reach the checkpoint: the export reloads the source in fp32 for the merge and the fold."""
     export_dtype: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
     """Dtype of the saved checkpoint (``auto``: the dtype the source checkpoint declares, fp32 if none). Merge,
     fold and the parity check always run in fp32; only the finished model is cast."""

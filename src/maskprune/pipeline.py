@@ -7,6 +7,7 @@ step, the parity check included, has passed; a failure leaves no folder that loo
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import logging
 import os
@@ -35,7 +36,7 @@ from .errors import MaskPruneError
 from .evaluate import perplexity, tokenize_windows
 from .export import (KeptUnits, fold_and_slice_, harden_, masked_logits, save_and_verify, select_units,
                      verify_parity)
-from .learner import DTYPES, Learner, attach_lora, autocast_dtype
+from .learner import DTYPES, Learner, attach_lora, autocast_dtype, resolve_dtype
 from .mask_optim import prior_masks
 from .masks import MaskSet, Structure
 from .modelcard import write_model_card
@@ -130,6 +131,8 @@ def _prune(cfg: PruneConfig, *, progress: bool = True) -> dict:
     cfg.validate()
     out = Path(cfg.out) if cfg.out else default_out(cfg)
     device = resolve_device(cfg.device)
+    if cfg.dtype == "auto":  # settled once, so the report, checkpoints and every phase see the same dtype
+        cfg = dataclasses.replace(cfg, dtype=resolve_dtype(cfg.dtype, device))
     D.init_from_env(device)
     main = D.is_main()
     check_output_path(out, cfg.overwrite)
