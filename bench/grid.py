@@ -75,6 +75,13 @@ SEEDS = {  # the same cell with other seeds (batch order, LoRA init; the calibra
 }
 QUALITY_ONESHOT = ["wanda-sp", "flap", "taylor", "magnitude"]  # deterministic given the windows: one run each
 QUALITY_SEEDS = [0, 1, 2]  # the default recipe ("maskprune", no flags) at three seeds
+QUALITY_CONTROLS = {  # seed 0 only: the recipe that shipped before 2026-11-30, the paper's, and the one-shot
+    # selection with all the steps spent on recovery (does learning the selection buy anything?)
+    "old-default": ["--mask-init", "ones", "--mask-optimizer", "adamw", "--mask-lr", "0.1", "--mask-lr-schedule",
+                    "constant", "--freeze-share", "1", "--warmup-share", "0.7", "--kl-direction", "teacher_student"],
+    "paper": ["--recipe", "paper"],
+    "wanda-sp+recovery": ["--freeze-share", "0"],
+}
 
 
 @dataclass
@@ -115,6 +122,7 @@ def cells(group: str, sparsities: list[float]) -> list[Cell]:
             out += [Cell(f"q-{m}-{tag}", m, "quality", sp, ["--method", m]) for m in QUALITY_ONESHOT]
             out += [Cell(f"q-maskprune-seed{k}-{tag}", "maskprune", "quality", sp, ["--seed", str(k)])
                     for k in QUALITY_SEEDS]
+            out += [Cell(f"q-{m}-{tag}", m, "quality", sp, f + ["--seed", "0"]) for m, f in QUALITY_CONTROLS.items()]
     return out
 
 
@@ -154,7 +162,7 @@ def do_cell(c: Cell, a: argparse.Namespace, work: Path) -> dict:
                     cut_mass_share=rep.get("cut_mask_mass_share"), final_state=rep.get("final_state"),
                     ppl_during=rep.get("perplexity"))
         model = str(out)
-    ev = ["eval", model, "--seq-len", "2048,128", "--ppl-tokens", str(a.ppl_tokens), "--dtype", a.eval_dtype,
+    ev = ["eval", model, "--seq-len", a.eval_seq_lens, "--ppl-tokens", str(a.ppl_tokens), "--dtype", a.eval_dtype,
           "--batch-size", str(a.eval_batch_size), "--out", str(res_path)]
     skip_tasks = any(m and m in c.flags for m in a.no_tasks_for.split(","))
     if a.tasks and not skip_tasks:
@@ -192,7 +200,7 @@ def _row(meta: dict, ev: dict, work: Path | None = None) -> dict:
     m = next(iter(ev["models"].values()))
     zs = (m.get("zeroshot") or {}).get("tasks", {})
     row = {"label": meta["label"], "group": meta["group"], "sparsity": meta["sparsity"], "params": m["params"],
-           "ppl2048": m["perplexity"]["2048"]["ppl"], "ppl128": m["perplexity"]["128"]["ppl"],
+           "ppl2048": m["perplexity"]["2048"]["ppl"], "ppl128": m["perplexity"].get("128", {}).get("ppl", math.nan),
            "tasks": {t: {"acc": v.get("acc"), "acc_norm": v.get("acc_norm"), "n": v.get("n"),
                          "acc_stderr": v.get("acc_stderr")} for t, v in zs.items()},
            "shape": {k: m["shape"].get(k) for k in ("num_attention_heads", "num_key_value_heads",
@@ -277,7 +285,8 @@ def write_quality(rows: list[dict], a: argparse.Namespace, date: str) -> None:
         seed = int(r["flags"][r["flags"].index("--seed") + 1]) if "--seed" in r.get("flags", []) else 0
         piqa = r["tasks"].get("piqa", {})
         cells_.append({"method": "dense" if r["group"] == "dense" else r["label"], "sparsity": r["sparsity"] or 0.0,
-                       "seed": seed, "params": r["params"], "ppl_2048": r["ppl2048"], "ppl_128": r["ppl128"],
+                       "seed": seed, "params": r["params"], "ppl_2048": r["ppl2048"],
+                       "ppl_128": None if math.isnan(r["ppl128"]) else r["ppl128"],
                        "piqa_acc": piqa.get("acc"), "piqa_acc_norm": piqa.get("acc_norm"),
                        "piqa_stderr": piqa.get("acc_stderr"), "piqa_n": piqa.get("n"), "shape": r["shape"],
                        "prune_seconds": r.get("prune_seconds"), "cut_jump": r.get("cut_jump")})
@@ -296,7 +305,7 @@ def write_quality(rows: list[dict], a: argparse.Namespace, date: str) -> None:
     dense = [c for c in cells_ if c["method"] == "dense"]
     if dense:
         d = dense[0]
-        lines += [f"Dense: ppl@2048 {d['ppl_2048']:.2f}, ppl@128 {d['ppl_128']:.2f}, PIQA "
+        lines += [f"Dense: ppl@2048 {d['ppl_2048']:.2f}, ppl@128 {d['ppl_128'] or float('nan'):.2f}, PIQA "
                   f"{100 * (d['piqa_acc'] or float('nan')):.1f}", ""]
     head = ["method", "seeds", "params", "heads/KV/FFN", "ppl@2048 median [min, max]", "spread", "ppl@128 median",
             "PIQA acc median (stderr)", "prune s median"]
@@ -313,7 +322,7 @@ def write_quality(rows: list[dict], a: argparse.Namespace, date: str) -> None:
                 m, ",".join(str(c["seed"]) for c in sel), f"{sel[0]['params'] / 1e6:.2f}M",
                 f"{sh['num_attention_heads']}/{sh['num_key_value_heads']}/{sh['intermediate_size']}",
                 f"{statistics.median(p):.2f} [{min(p):.2f}, {max(p):.2f}]", f"{max(p) / min(p):.3f}",
-                f"{statistics.median(c['ppl_128'] for c in sel):.2f}",
+                f"{statistics.median(c['ppl_128'] for c in sel):.2f}" if sel[0]["ppl_128"] is not None else "-",
                 f"{100 * statistics.median(acc):.1f} ({100 * statistics.median(se):.1f})" if acc else "-",
                 f"{statistics.median(secs):.0f}" if secs else "-"]) + " |")
         lines.append("")
@@ -407,6 +416,7 @@ def main() -> None:
     ap.add_argument("--task-limit", type=int, default=300, help="examples per zero-shot task (0: all)")
     ap.add_argument("--dtype", default="bf16", help="prune --dtype of every cell (auto: bf16 where the hardware has it)")
     ap.add_argument("--eval-dtype", default="bf16", choices=["bf16", "fp32"], help="eval --dtype of every cell")
+    ap.add_argument("--eval-seq-lens", default="2048,128", help="WikiText-2 window lengths scored per cell")
     ap.add_argument("--eval-batch-size", type=int, default=4, help="windows / lm-eval requests per forward")
     ap.add_argument("--no-tasks-for", default="", help="comma-separated --method names evaluated on perplexity only")
     ap.add_argument("--weight-dtype", default="fp32", help="base weights during learning (same for every cell)")

@@ -83,8 +83,8 @@ class PruneConfig:
     ``--method`` baselines ignore it."""
     mask_init_spread: float = 0.1
     """Range of the initial masks under a one-shot prior, in [0, 1)."""
-    prior_samples: int = 256
-    """Calibration windows the one-shot prior is scored on (the first ones; at most ``calib_samples``)."""
+    prior_samples: int = 128
+    """Calibration windows the one-shot prior is scored on (the first ones; at most ``calib_samples``): 16k tokens at the default window length."""
     mask_optimizer: Literal["layer-adam", "adamw"] = "layer-adam"
     """Mask optimizer: Adam with one second moment per layer (a unit's step follows its gradient's size
     relative to its layer's), or AdamW per mask (the paper: every mask moves about lr per step)."""

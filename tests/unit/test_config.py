@@ -47,3 +47,19 @@ def test_all_problems_reported_together():
 
 def test_baselines_ignore_the_mask_prior():
     assert PruneConfig(method="wanda-sp").validate().mask_init == "wanda-sp"  # accepted, unused
+
+
+def test_dtype_auto_is_bf16_only_where_the_cpu_has_it(monkeypatch):
+    import torch
+
+    from maskprune.learner import autocast_dtype, resolve_dtype
+
+    assert load_config().dtype == "auto"
+    assert resolve_dtype("fp32") == "fp32" and resolve_dtype("bf16") == "bf16"
+    for native, expected in ((False, "fp32"), (True, "bf16")):
+        monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda n=native: n)
+        monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: False)
+        assert resolve_dtype("auto", "cpu") == expected
+    assert autocast_dtype("auto", "cpu") == torch.bfloat16
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: False)
+    assert autocast_dtype("auto", "cpu") is None
