@@ -12,9 +12,10 @@ import dataclasses
 import json
 import logging
 import sys
+import types
 import typing
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Literal, Sequence
 
 from .config import PruneConfig, load_config
 from .errors import MaskPruneError
@@ -53,8 +54,23 @@ def _add_config_flags(p: argparse.ArgumentParser) -> None:
             p.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction, default=argparse.SUPPRESS,
                            help=help_)
         else:
-            p.add_argument(flag, dest=f.name, type=_parse_value, default=argparse.SUPPRESS, metavar="VALUE",
+            p.add_argument(flag, dest=f.name, type=_parse_value, default=argparse.SUPPRESS, metavar=_metavar(hint),
                            help=help_)
+
+
+def _metavar(hint: Any) -> str:
+    """What a flag takes, for --help: the allowed words of a Literal ({a,b,c}), else its type (INT, FLOAT,
+    TEXT, A,B,..., with |null where None is allowed)."""
+    args = [a for a in typing.get_args(hint) if a is not type(None)]
+    nullable = len(args) < len(typing.get_args(hint))
+    base = args[0] if typing.get_origin(hint) in (typing.Union, types.UnionType) and len(args) == 1 else hint
+    if typing.get_origin(base) is Literal:
+        text = "{" + ",".join(map(str, typing.get_args(base))) + "}"
+    elif typing.get_origin(base) is tuple:
+        text = "A,B,..."
+    else:
+        text = {int: "INT", float: "FLOAT", str: "TEXT"}.get(base, "VALUE")
+    return text + ("|null" if nullable else "")
 
 
 def _parse_value(text: str) -> Any:

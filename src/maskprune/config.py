@@ -70,6 +70,7 @@ class PruneConfig:
     steps: int = 400
     """Learning steps (the paper: 7 epochs of 20k x 512 tokens at batch 16)."""
     seed: int = 0
+    """Seed of the batch order and the LoRA initialisation (the calibration windows do not depend on it)."""
 
     recipe: Literal["maskprune", "paper"] = "maskprune"
     """``maskprune``: the measured default (masks start from a one-shot prior, a per-layer second moment,
@@ -88,8 +89,10 @@ class PruneConfig:
     mask_optimizer: Literal["layer-adam", "adamw"] = "layer-adam"
     """Mask optimizer: Adam with one second moment per layer (a unit's step follows its gradient's size
     relative to its layer's), or AdamW per mask (the paper: every mask moves about lr per step)."""
-    mask_lr: float = 0.1
-    """Mask learning rate (the paper: 1e-2 over ~8750 steps)."""
+    mask_lr: float | None = None
+    """Mask learning rate (the paper: 1e-2). null (default): mask_init_spread / sqrt(selection steps), so the
+    random walk that gradient noise gives the masks over the selection phase stays within the prior's spread
+    while a unit whose gradient keeps its sign can still cross it (docs/method.md)."""
     mask_lr_schedule: Literal["cosine", "constant"] = "cosine"
     """Mask learning rate over the selection phase: half a cosine to 0 at the freeze, or constant."""
     freeze_share: float = 0.4
@@ -97,10 +100,13 @@ class PruneConfig:
     kept masks are set to 1 and cut ones to 0, and the remaining steps train LoRA on that structure.
     1 = never (the paper: masks learned until the cut); 0 = the prior's selection from the start."""
     lora_lr: float = 1e-3
+    """LoRA learning rate (AdamW, no weight decay; the paper: 1e-3)."""
     lora: bool = True
     """Train LoRA adapters with the masks (merged into the weights at export)."""
     lora_rank: int = 8
+    """Rank of every LoRA adapter."""
     lora_alpha: float = 16.0
+    """LoRA scaling numerator: the update is (lora_alpha / lora_rank) * B A."""
     lora_targets: tuple[str, ...] = ("q", "k", "v", "o", "gate", "up", "down")
     """Projections that get LoRA, by role: q, k, v, o, gate, up, down."""
 
@@ -123,8 +129,9 @@ class PruneConfig:
     """Share of the steps over which the budget falls from the dense size to the target (best before
     ``freeze_share``, so the masks hold the target for a while before the selection is frozen)."""
     ffn_prox_start: int = 10
+    """The FFN proximal step is taken every k steps, k falling linearly from this ..."""
     ffn_prox_end: int = 1
-    """The FFN proximal step is taken every k steps, k falling linearly from start to end."""
+    """... to this over the run (the paper: 10 -> 1)."""
     distill: bool = True
     """Distil from the unpruned model (teacher forward every step). Off (``--no-distill``): the loss is
     the language-modelling cross-entropy on the calibration text alone and no teacher forward runs."""
@@ -157,6 +164,7 @@ class PruneConfig:
     threads: int | None = None
     """torch CPU threads (default: torch's choice)."""
     gradient_checkpointing: bool = False
+    """Recompute each layer's activations in the backward pass (less memory, about a third more compute)."""
     compile: bool = False
     """Run the learning step's teacher and student forward passes through ``torch.compile`` (inductor):
     elementwise work (mask hooks, LoRA scaling, RMSNorm, rotary) is fused. One process only. It costs a
@@ -197,6 +205,7 @@ class PruneConfig:
     trust_remote_code: bool = False
     """Allow model code from the hub (off: only stock transformers classes run)."""
     log_every: int = 1
+    """Refresh the progress bar's loss and state every N steps (metrics.jsonl gets every step)."""
 
     # ---- derived ---------------------------------------------------------------------------
     def budget_for(self, dense_params: int) -> int:
@@ -204,6 +213,18 @@ class PruneConfig:
             return int(self.budget_params)
         assert self.sparsity is not None
         return int(math.floor(dense_params * (1.0 - self.sparsity)))
+
+    def selection_steps(self) -> int:
+        """Steps on which the masks learn: until the freeze, or every step when the selection is never frozen."""
+        return round(self.freeze_share * self.steps) if self.freeze_share < 1.0 else self.steps
+
+    def resolved_mask_lr(self) -> float:
+        """``mask_lr``, or the automatic rate ``mask_init_spread / sqrt(selection steps)`` (0.1 / sqrt(steps) when
+        the masks start at 1 with no spread)."""
+        if self.mask_lr is not None:
+            return self.mask_lr
+        spread = self.mask_init_spread if self.mask_init != "ones" and self.mask_init_spread > 0 else 0.1
+        return spread / math.sqrt(max(1, self.selection_steps()))
 
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
@@ -225,10 +246,15 @@ class PruneConfig:
             v = getattr(self, name)
             if v < 1:
                 problems.append(f"{name} must be >= 1, found {v}")
-        for name in ("mask_lr", "lora_lr", "eta1", "eta2", "eta3", "eta4", "alpha", "ce_weight", "y_init", "z_init"):
+        if self.mask_lr is not None and not (self.mask_lr > 0.0 and math.isfinite(self.mask_lr)):
+            problems.append(f"mask_lr must be a finite number > 0 or null (automatic), found {self.mask_lr}")
+        for name in ("lora_lr", "eta1", "eta2", "eta3", "eta4", "alpha", "ce_weight", "y_init", "z_init"):
             v = getattr(self, name)
             if not (v >= 0.0 and math.isfinite(v)):
                 problems.append(f"{name} must be a finite number >= 0, found {v}")
+        if self.method == "maskprune" and 1 <= self.calib_samples < self.batch_size:
+            problems.append(f"batch_size {self.batch_size} is larger than calib_samples {self.calib_samples}: every "
+                            "step would see fewer windows than asked; lower --batch-size or raise --calib-samples")
         if not 0.0 < self.warmup_share <= 1.0:
             problems.append(f"warmup_share must be in (0, 1], found {self.warmup_share}")
         if not 0.0 <= self.freeze_share <= 1.0:

@@ -110,8 +110,8 @@ class Learner:
         lora_params = [p for n, p in model.named_parameters() if "lora_" in n and p.requires_grad]
         mask_params = list(masks.parameters())
         self.mask_optimizer: torch.optim.Optimizer = (
-            LayerAdam(mask_params, lr=cfg.mask_lr) if cfg.mask_optimizer == "layer-adam"
-            else torch.optim.AdamW(mask_params, lr=cfg.mask_lr, weight_decay=0.0))
+            LayerAdam(mask_params, lr=cfg.resolved_mask_lr()) if cfg.mask_optimizer == "layer-adam"
+            else torch.optim.AdamW(mask_params, lr=cfg.resolved_mask_lr(), weight_decay=0.0))
         self.optimizer: torch.optim.Optimizer | None = (
             torch.optim.AdamW(lora_params, lr=cfg.lora_lr, weight_decay=0.0) if lora_params else None)
         self._trainable = mask_params + lora_params
@@ -145,22 +145,25 @@ class Learner:
     # ---- one step -----------------------------------------------------------------------------
     def mask_lr(self, step: int) -> float:
         """The mask learning rate at ``step``: ``mask_lr``, or half a cosine to 0 over the selection phase."""
+        lr = self.cfg.resolved_mask_lr()
         if self.cfg.mask_lr_schedule == "constant":
-            return self.cfg.mask_lr
-        return self.cfg.mask_lr * cosine_factor(step, self.freeze_step if self.freeze_step is not None else self.cfg.steps)
+            return lr
+        return lr * cosine_factor(step, self.cfg.selection_steps())
 
     @torch.no_grad()
     def freeze(self) -> None:
-        """Freeze the selection: plan the uniform cut from the learned state, keep the planned number of
-        units with the largest masks in every row at 1, set the rest to 0, and stop learning the masks.
-        ``sigma`` becomes the planned fractions, so the final cut is this one."""
+        """Freeze the selection: plan the uniform cut from the learned state, set the planned number of units
+        with the smallest masks in every row to 0, and stop learning the masks. Kept units keep their learned
+        values (LoRA has learned alongside them, and the export folds them); if no mask step was taken yet (a
+        freeze at step 0: the prior's values are an order, not a learned scale) they are set to 1. ``sigma``
+        becomes the planned fractions, so the final cut is this one."""
         cfg, st, s = self.cfg, self.state, self.structure
         self.masks.materialize_()
         plan = plan_cut(s, sigma_head=st.sigma["head"], budget=self.budget, head_multiple=cfg.head_multiple,
                         ffn_multiple=cfg.ffn_multiple)
         for kind, k, lay in (("head", plan.k_head, s.head), ("ffn", plan.k_ffn, s.ffn)):
             p = self.masks.by_kind()[kind]
-            hard = torch.ones_like(p)
+            hard = p.detach().clone() if st.step > 0 else torch.ones_like(p)
             if k:
                 hard.scatter_(-1, F.smallest_indices(p, k), 0.0)
             p.copy_(hard)

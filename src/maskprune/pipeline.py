@@ -177,6 +177,10 @@ def _prune(cfg: PruneConfig, *, progress: bool = True) -> dict:
         eval_windows, bos = (None, "")
         if cfg.eval_data != "none":
             eval_windows, bos = tokenize_windows(wikitext2_test_text(cfg.eval_data), tok, cfg.eval_seq_len)
+    if cfg.method == "maskprune" and windows.shape[0] < cfg.batch_size:
+        raise MaskPruneError(f"the calibration text gives {windows.shape[0]} windows of {cfg.seq_len} tokens, fewer "
+                             f"than one batch of {cfg.batch_size}",
+                             fix="give more calibration text, or lower --batch-size / --seq-len")
     amp = autocast_dtype(cfg.dtype)
     log.info("model %s: %s layers, %d params; budget %d (%.1f%% removed); %d calibration windows "
              "of %d tokens; %d steps of batch %d", loaded.source, structure.num_layers,

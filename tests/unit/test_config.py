@@ -63,3 +63,20 @@ def test_dtype_auto_is_bf16_only_where_the_cpu_has_it(monkeypatch):
     assert autocast_dtype("auto", "cpu") == torch.bfloat16
     monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: False)
     assert autocast_dtype("auto", "cpu") is None
+
+
+def test_a_batch_larger_than_the_calibration_set_is_refused():
+    with pytest.raises(MaskPruneError, match="batch_size 8 is larger than calib_samples 2"):
+        load_config(overrides={"calib_samples": 2, "batch_size": 8})
+    assert load_config(overrides={"calib_samples": 2, "batch_size": 8, "method": "flap"}).batch_size == 8
+
+
+def test_automatic_mask_lr_keeps_the_noise_walk_inside_the_prior_spread():
+    import math
+
+    c = load_config(overrides={"steps": 400, "freeze_share": 0.4})
+    assert c.mask_lr is None and math.isclose(c.resolved_mask_lr(), 0.1 / math.sqrt(160))
+    assert load_config(overrides={"steps": 400, "freeze_share": 1.0}).selection_steps() == 400
+    assert load_config(overrides={"mask_lr": 0.05}).resolved_mask_lr() == 0.05
+    with pytest.raises(MaskPruneError, match="mask_lr must be a finite number > 0 or null"):
+        load_config(overrides={"mask_lr": 0.0})
