@@ -34,8 +34,10 @@ from pathlib import Path
 import torch
 
 ROOT = Path(__file__).resolve().parent
-OLD_DEFAULT = ("--mask-init ones --mask-optimizer adamw --mask-lr 0.1 --mask-lr-schedule constant --freeze-share 1 "
-               "--warmup-share 0.7 --kl-direction teacher_student")
+OLD_DEFAULT = (
+    "--mask-init ones --mask-optimizer adamw --mask-lr 0.1 --mask-lr-schedule constant --freeze-share 1 "
+    "--warmup-share 0.7 --kl-direction teacher_student"
+)
 
 
 def _flags_to_overrides(flags: str) -> dict:
@@ -67,12 +69,21 @@ def run_seed(seed: int, sparsity: float, flags: str, ppl_tokens: int, seq_len: i
     windows = calibration_windows(cfg.calib, tok, seq_len=cfg.seq_len, num_windows=cfg.calib_samples)
     ev, _ = tokenize_windows(wikitext2_test_text("default"), tok, seq_len)
     ev = ev[: max(1, ppl_tokens // seq_len)]
-    scores = {m: unit_scores(m, model, adapter, structure, windows, batch_size=cfg.batch_size)
-              for m in ("wanda-sp", "flap")}
-    prior = (unit_scores(cfg.mask_init, model, adapter, structure, windows[: cfg.prior_samples],
-                         batch_size=cfg.batch_size) if cfg.mask_init != "ones" else None)
-    model = attach_lora(model, cfg.lora_targets, rank=cfg.lora_rank, alpha=cfg.lora_alpha,
-                        adapter_names={r: getattr(adapter, f"{r}_name") for r in cfg.lora_targets})
+    scores = {
+        m: unit_scores(m, model, adapter, structure, windows, batch_size=cfg.batch_size) for m in ("wanda-sp", "flap")
+    }
+    prior = (
+        unit_scores(cfg.mask_init, model, adapter, structure, windows[: cfg.prior_samples], batch_size=cfg.batch_size)
+        if cfg.mask_init != "ones"
+        else None
+    )
+    model = attach_lora(
+        model,
+        cfg.lora_targets,
+        rank=cfg.lora_rank,
+        alpha=cfg.lora_alpha,
+        adapter_names={r: getattr(adapter, f"{r}_name") for r in cfg.lora_targets},
+    )
     masks = MaskSet(structure).attach(model)
     if prior is not None:
         for kind, sc in zip(("head", "ffn"), prior):
@@ -101,14 +112,15 @@ def run_seed(seed: int, sparsity: float, flags: str, ppl_tokens: int, seq_len: i
 
     rows = {}
     for name, sel, values, lora in (
-            ("(a) learned selection, learned mask values, learned LoRA (the export)", "learned", "learned", True),
-            ("(a) learned selection, kept masks reset to 1, learned LoRA", "learned", "ones", True),
-            ("(a) learned selection, kept masks reset to 1, no LoRA", "learned", "ones", False),
-            ("(a) learned selection, learned mask values, no LoRA", "learned", "learned", False),
-            ("(b) Wanda-sp selection, learned LoRA", "wanda-sp", "ones", True),
-            ("(b) FLAP selection, learned LoRA", "flap", "ones", True),
-            ("(b) Wanda-sp selection, no LoRA (the one-shot baseline)", "wanda-sp", "ones", False),
-            ("(b) FLAP selection, no LoRA (the one-shot baseline)", "flap", "ones", False)):
+        ("(a) learned selection, learned mask values, learned LoRA (the export)", "learned", "learned", True),
+        ("(a) learned selection, kept masks reset to 1, learned LoRA", "learned", "ones", True),
+        ("(a) learned selection, kept masks reset to 1, no LoRA", "learned", "ones", False),
+        ("(a) learned selection, learned mask values, no LoRA", "learned", "learned", False),
+        ("(b) Wanda-sp selection, learned LoRA", "wanda-sp", "ones", True),
+        ("(b) FLAP selection, learned LoRA", "flap", "ones", True),
+        ("(b) Wanda-sp selection, no LoRA (the one-shot baseline)", "wanda-sp", "ones", False),
+        ("(b) FLAP selection, no LoRA (the one-shot baseline)", "flap", "ones", False),
+    ):
         set_masks(sel, values)
         rows[name] = ppl(lora)
         print(f"seed {seed} {name}: {rows[name]:.2f}", flush=True)
@@ -121,12 +133,20 @@ def run_seed(seed: int, sparsity: float, flags: str, ppl_tokens: int, seq_len: i
             out[kind] = inter / x.numel()
         return out
 
-    return {"seed": seed, "ppl": rows, "plan": plan.to_dict(), "learn_seconds": round(learn_s, 1),
-            "kept_overlap": {"learned_vs_wanda-sp": overlap("learned", "wanda-sp"),
-                             "learned_vs_flap": overlap("learned", "flap"),
-                             "wanda-sp_vs_flap": overlap("wanda-sp", "flap")},
-            "kept_mask_mean": {k: float(torch.gather(learned[k], -1, kept["learned"][i]).mean())
-                               for i, k in enumerate(("head", "ffn"))}}
+    return {
+        "seed": seed,
+        "ppl": rows,
+        "plan": plan.to_dict(),
+        "learn_seconds": round(learn_s, 1),
+        "kept_overlap": {
+            "learned_vs_wanda-sp": overlap("learned", "wanda-sp"),
+            "learned_vs_flap": overlap("learned", "flap"),
+            "wanda-sp_vs_flap": overlap("wanda-sp", "flap"),
+        },
+        "kept_mask_mean": {
+            k: float(torch.gather(learned[k], -1, kept["learned"][i]).mean()) for i, k in enumerate(("head", "ffn"))
+        },
+    }
 
 
 def main() -> None:
@@ -142,24 +162,42 @@ def main() -> None:
     torch.set_num_threads(a.threads)
     date = datetime.date.today().isoformat()
     runs = [run_seed(int(s), a.sparsity, a.flags, a.ppl_tokens, a.seq_len) for s in a.seeds.split(",")]
-    res = {"command": "python bench/diagnose.py " + " ".join(shlex.quote(x) for x in sys.argv[1:]), "date": date,
-           "machine": {"platform": platform.platform(), "cpus": os.cpu_count(), "threads": a.threads},
-           "recipe_flags": a.flags, "sparsity": a.sparsity,
-           "protocol": f"WikiText-2 raw test, {a.ppl_tokens} tokens in windows of {a.seq_len}, masked model "
-                       "with hooks, weights and autocast in the run's dtype", "runs": runs}
+    res = {
+        "command": "python bench/diagnose.py " + " ".join(shlex.quote(x) for x in sys.argv[1:]),
+        "date": date,
+        "machine": {"platform": platform.platform(), "cpus": os.cpu_count(), "threads": a.threads},
+        "recipe_flags": a.flags,
+        "sparsity": a.sparsity,
+        "protocol": f"WikiText-2 raw test, {a.ppl_tokens} tokens in windows of {a.seq_len}, masked model "
+        "with hooks, weights and autocast in the run's dtype",
+        "runs": runs,
+    }
     stem = ROOT / "results" / f"{date}-diagnose-s{round(a.sparsity * 100)}{a.tag}"
     stem.with_suffix(".json").write_text(json.dumps(res, indent=1) + "\n")
-    lines = [f"# Diagnostics of the learned selection, {round(a.sparsity * 100)} % ({date})", "",
-             f"`{res['command']}`", "", f"Recipe: `{a.flags}`", "", f"Machine: {res['machine']}", "",
-             f"Protocol: {res['protocol']}", "", "| variant | median ppl | per seed |", "| --- | --- | --- |"]
+    lines = [
+        f"# Diagnostics of the learned selection, {round(a.sparsity * 100)} % ({date})",
+        "",
+        f"`{res['command']}`",
+        "",
+        f"Recipe: `{a.flags}`",
+        "",
+        f"Machine: {res['machine']}",
+        "",
+        f"Protocol: {res['protocol']}",
+        "",
+        "| variant | median ppl | per seed |",
+        "| --- | --- | --- |",
+    ]
     for name in runs[0]["ppl"]:
         vals = [r["ppl"][name] for r in runs]
         lines.append(f"| {name} | {statistics.median(vals):.2f} | {', '.join(f'{v:.2f}' for v in vals)} |")
     lines += ["", "Kept-set overlap (share of kept units in common), per seed:", ""]
     for r in runs:
-        lines.append(f"- seed {r['seed']}: plan {r['plan']}; mean learned value of kept masks "
-                     f"{json.dumps({k: round(v, 3) for k, v in r['kept_mask_mean'].items()})}; overlap "
-                     + json.dumps({k: {kk: round(vv, 3) for kk, vv in v.items()} for k, v in r['kept_overlap'].items()}))
+        lines.append(
+            f"- seed {r['seed']}: plan {r['plan']}; mean learned value of kept masks "
+            f"{json.dumps({k: round(v, 3) for k, v in r['kept_mask_mean'].items()})}; overlap "
+            + json.dumps({k: {kk: round(vv, 3) for kk, vv in v.items()} for k, v in r["kept_overlap"].items()})
+        )
     stem.with_suffix(".md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 

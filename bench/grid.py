@@ -77,8 +77,22 @@ QUALITY_ONESHOT = ["wanda-sp", "flap", "taylor", "magnitude"]  # deterministic g
 QUALITY_SEEDS = [0, 1, 2]  # the default recipe ("maskprune", no flags) at three seeds
 QUALITY_CONTROLS = {  # seed 0 only: the recipe that shipped before 2026-11-30, the paper's, and the one-shot
     # selection with all the steps spent on recovery (does learning the selection buy anything?)
-    "old-default": ["--mask-init", "ones", "--mask-optimizer", "adamw", "--mask-lr", "0.1", "--mask-lr-schedule",
-                    "constant", "--freeze-share", "1", "--warmup-share", "0.7", "--kl-direction", "teacher_student"],
+    "old-default": [
+        "--mask-init",
+        "ones",
+        "--mask-optimizer",
+        "adamw",
+        "--mask-lr",
+        "0.1",
+        "--mask-lr-schedule",
+        "constant",
+        "--freeze-share",
+        "1",
+        "--warmup-share",
+        "0.7",
+        "--kl-direction",
+        "teacher_student",
+    ],
     "paper": ["--recipe", "paper"],
     "wanda-sp+recovery": ["--freeze-share", "0"],
 }
@@ -112,16 +126,20 @@ def cells(group: str, sparsities: list[float]) -> list[Cell]:
     if group in ("steps", "all"):
         out += [Cell(f"steps-{f[-1]}-s20", a, "steps", 0.2, f) for a, f in STEPS.items()]
     if group in ("numerics", "all"):
-        out += [Cell(f"num-{_slug(f[0])}{'-' + f[-1] if len(f) > 1 else ''}-s20", a, "numerics", 0.2, f)
-                for a, f in NUMERICS.items()]
+        out += [
+            Cell(f"num-{_slug(f[0])}{'-' + f[-1] if len(f) > 1 else ''}-s20", a, "numerics", 0.2, f)
+            for a, f in NUMERICS.items()
+        ]
     if group in ("seeds", "all"):
         out += [Cell(f"seed-{f[-1]}-s20", a, "seeds", 0.2, f) for a, f in SEEDS.items()]
     if group == "quality":  # not in "all": its protocol (default steps, full PIQA) differs from the 2026-11-23 grid
         for sp in sparsities:
             tag = f"s{round(sp * 100)}"
             out += [Cell(f"q-{m}-{tag}", m, "quality", sp, ["--method", m]) for m in QUALITY_ONESHOT]
-            out += [Cell(f"q-maskprune-seed{k}-{tag}", "maskprune", "quality", sp, ["--seed", str(k)])
-                    for k in QUALITY_SEEDS]
+            out += [
+                Cell(f"q-maskprune-seed{k}-{tag}", "maskprune", "quality", sp, ["--seed", str(k)])
+                for k in QUALITY_SEEDS
+            ]
             out += [Cell(f"q-{m}-{tag}", m, "quality", sp, f + ["--seed", "0"]) for m, f in QUALITY_CONTROLS.items()]
     return out
 
@@ -150,23 +168,70 @@ def do_cell(c: Cell, a: argparse.Namespace, work: Path) -> dict:
     if c.sparsity is not None:
         out = work / c.name
         if not (out / "maskprune_report.json").exists():
-            common = (["--steps", str(a.steps)] if a.steps > 0 else []) + ["--seq-len", str(a.seq_len), "--batch-size", str(a.batch_size),
-                      "--calib-samples", str(a.calib_samples), "--eval-max-windows", "4", "--no-report",
-                      "--threads", str(a.threads), "--weight-dtype", a.weight_dtype, "--dtype", a.dtype]
+            common = (["--steps", str(a.steps)] if a.steps > 0 else []) + [
+                "--seq-len",
+                str(a.seq_len),
+                "--batch-size",
+                str(a.batch_size),
+                "--calib-samples",
+                str(a.calib_samples),
+                "--eval-max-windows",
+                "4",
+                "--no-report",
+                "--threads",
+                str(a.threads),
+                "--weight-dtype",
+                a.weight_dtype,
+                "--dtype",
+                a.dtype,
+            ]
             resume = ["--resume"] if (work / f"{c.name}.checkpoints").exists() else []
-            meta["prune_seconds"] = run(exe + ["prune", "smollm2-135m", "--sparsity", str(c.sparsity), "--out",
-                                               str(out), "--overwrite", *common, *c.flags, *resume], log)
+            meta["prune_seconds"] = run(
+                exe
+                + [
+                    "prune",
+                    "smollm2-135m",
+                    "--sparsity",
+                    str(c.sparsity),
+                    "--out",
+                    str(out),
+                    "--overwrite",
+                    *common,
+                    *c.flags,
+                    *resume,
+                ],
+                log,
+            )
         rep = json.loads((out / "maskprune_report.json").read_text())
         meta["prune_seconds"] = meta.get("prune_seconds") or rep.get("seconds", {}).get("total")
-        meta.update(params=rep["params"], cut=rep["cut"], shape=rep["shape"],
-                    cut_mass_share=rep.get("cut_mask_mass_share"), final_state=rep.get("final_state"),
-                    ppl_during=rep.get("perplexity"))
+        meta.update(
+            params=rep["params"],
+            cut=rep["cut"],
+            shape=rep["shape"],
+            cut_mass_share=rep.get("cut_mask_mass_share"),
+            final_state=rep.get("final_state"),
+            ppl_during=rep.get("perplexity"),
+        )
         model = str(out)
-    ev = ["eval", model, "--seq-len", a.eval_seq_lens, "--ppl-tokens", str(a.ppl_tokens), "--dtype", a.eval_dtype,
-          "--batch-size", str(a.eval_batch_size), "--out", str(res_path)]
+    ev = [
+        "eval",
+        model,
+        "--seq-len",
+        a.eval_seq_lens,
+        "--ppl-tokens",
+        str(a.ppl_tokens),
+        "--dtype",
+        a.eval_dtype,
+        "--batch-size",
+        str(a.eval_batch_size),
+        "--out",
+        str(res_path),
+    ]
     skip_tasks = any(m and m in c.flags for m in a.no_tasks_for.split(","))
     if a.tasks and not skip_tasks:
-        ev += ["--tasks", a.tasks, "--data-dir", a.data_dir] + (["--limit", str(a.task_limit)] if a.task_limit > 0 else [])
+        ev += ["--tasks", a.tasks, "--data-dir", a.data_dir] + (
+            ["--limit", str(a.task_limit)] if a.task_limit > 0 else []
+        )
     meta["eval_seconds"] = run(exe + ev, log)
     meta_path.write_text(json.dumps(meta, indent=1))
     return meta
@@ -184,8 +249,12 @@ def _training(metrics: Path) -> dict | None:
         return None
     k = max(1, len(recs) // 10)
     std = [r.get("ffn_alive_std", math.nan) for r in recs]
-    return {"kl_last10": sum(r["kl"] for r in recs[-k:]) / k, "ffn_std_peak": max(std), "ffn_std_final": std[-1],
-            "curve": {"step": [r["step"] for r in recs], "kl": [r["kl"] for r in recs], "ffn_std": std}}
+    return {
+        "kl_last10": sum(r["kl"] for r in recs[-k:]) / k,
+        "ffn_std_peak": max(std),
+        "ffn_std_final": std[-1],
+        "curve": {"step": [r["step"] for r in recs], "kl": [r["kl"] for r in recs], "ffn_std": std},
+    }
 
 
 def _cut_jump(during: dict | None) -> tuple[float, float] | None:
@@ -199,66 +268,121 @@ def _cut_jump(during: dict | None) -> tuple[float, float] | None:
 def _row(meta: dict, ev: dict, work: Path | None = None) -> dict:
     m = next(iter(ev["models"].values()))
     zs = (m.get("zeroshot") or {}).get("tasks", {})
-    row = {"label": meta["label"], "group": meta["group"], "sparsity": meta["sparsity"], "params": m["params"],
-           "ppl2048": m["perplexity"]["2048"]["ppl"], "ppl128": m["perplexity"].get("128", {}).get("ppl", math.nan),
-           "tasks": {t: {"acc": v.get("acc"), "acc_norm": v.get("acc_norm"), "n": v.get("n"),
-                         "acc_stderr": v.get("acc_stderr")} for t, v in zs.items()},
-           "shape": {k: m["shape"].get(k) for k in ("num_attention_heads", "num_key_value_heads",
-                                                    "intermediate_size")},
-           "prune_seconds": meta.get("prune_seconds"), "eval_seconds": meta.get("eval_seconds"),
-           "flags": meta.get("flags", []),
-           "cut_mass_share": meta.get("cut_mass_share"), "cut": meta.get("cut"),
-           "cut_jump": _cut_jump(meta.get("ppl_during")),
-           "train": _training(work / meta["name"] / "metrics.jsonl") if work and meta.get("name") else None}
+    row = {
+        "label": meta["label"],
+        "group": meta["group"],
+        "sparsity": meta["sparsity"],
+        "params": m["params"],
+        "ppl2048": m["perplexity"]["2048"]["ppl"],
+        "ppl128": m["perplexity"].get("128", {}).get("ppl", math.nan),
+        "tasks": {
+            t: {"acc": v.get("acc"), "acc_norm": v.get("acc_norm"), "n": v.get("n"), "acc_stderr": v.get("acc_stderr")}
+            for t, v in zs.items()
+        },
+        "shape": {k: m["shape"].get(k) for k in ("num_attention_heads", "num_key_value_heads", "intermediate_size")},
+        "prune_seconds": meta.get("prune_seconds"),
+        "eval_seconds": meta.get("eval_seconds"),
+        "flags": meta.get("flags", []),
+        "cut_mass_share": meta.get("cut_mass_share"),
+        "cut": meta.get("cut"),
+        "cut_jump": _cut_jump(meta.get("ppl_during")),
+        "train": _training(work / meta["name"] / "metrics.jsonl") if work and meta.get("name") else None,
+    }
     return row
 
 
 def write_results(rows: list[dict], a: argparse.Namespace, date: str) -> None:
-    res = {"command": "python bench/grid.py " + " ".join(sys.argv[1:]), "date": date,
-           "machine": {"platform": platform.platform(), "cpus": os.cpu_count(), "python": platform.python_version()},
-           "protocol": {"steps": a.steps, "seq_len": a.seq_len, "batch_size": a.batch_size,
-                        "calib_samples": a.calib_samples, "weight_dtype": a.weight_dtype, "calib": "shipped C4 sample (same windows every cell)",
-                        "ppl_tokens": a.ppl_tokens, "tasks": a.tasks, "task_limit": a.task_limit,
-                        "eval_dtype": "bf16 autocast"},
-           "rows": [r | {"train": {k: v for k, v in r["train"].items() if k != "curve"}} if r.get("train") else r
-                    for r in rows]}
+    res = {
+        "command": "python bench/grid.py " + " ".join(sys.argv[1:]),
+        "date": date,
+        "machine": {"platform": platform.platform(), "cpus": os.cpu_count(), "python": platform.python_version()},
+        "protocol": {
+            "steps": a.steps,
+            "seq_len": a.seq_len,
+            "batch_size": a.batch_size,
+            "calib_samples": a.calib_samples,
+            "weight_dtype": a.weight_dtype,
+            "calib": "shipped C4 sample (same windows every cell)",
+            "ppl_tokens": a.ppl_tokens,
+            "tasks": a.tasks,
+            "task_limit": a.task_limit,
+            "eval_dtype": "bf16 autocast",
+        },
+        "rows": [
+            r | {"train": {k: v for k, v in r["train"].items() if k != "curve"}} if r.get("train") else r for r in rows
+        ],
+    }
     (ROOT / "results" / f"{date}-smollm2.json").write_text(json.dumps(res, indent=1) + "\n")
     tasks = sorted({t for r in rows for t in r["tasks"]})
-    head = ["method", "params", "heads/KV/FFN", "WikiText2@2048", "WikiText2@128"] + \
-           [f"{t} acc" for t in tasks] + [f"{t} acc_norm" for t in tasks] + ["mask mass on cut units (heads / FFN)", "train KL (last 10 %)", "ppl before -> after cut", "prune s"]
-    lines = [f"# SmolLM2-135M: MaskPrune vs baselines ({date})", "",
-             f"`{res['command']}`", "", f"Machine: {res['machine']}", "",
-             f"Protocol: {json.dumps(res['protocol'])}", "",
-             "Columns: perplexity on WikiText-2 raw test (32k tokens per length); PIQA on its first "
-             f"{a.task_limit} dev examples (stderr about 2.8 points); mask mass on cut units = sum |m| over the "
-             "units the cut removes / sum |m| (one-shot methods: their importance scores); train KL = the "
-             "distillation loss of the masked model over the last 10 % of the learning steps; ppl before -> after "
-             "cut = the masked model just before and just after the cut, WikiText-2 at 512 tokens on 4 windows "
-             "only (a rough reading of the damage the cut itself does); prune s = wall time (cells ran beside "
-             "other work, so not a timing).", ""]
-    for group, title in (("main", "Methods x sparsity"), ("ablations", "Ablations"),
-                         ("steps", "More learning steps"), ("numerics", "Numerics (issue 7)"),
-                         ("seeds", "Run-to-run spread (seeds)")):
+    head = (
+        ["method", "params", "heads/KV/FFN", "WikiText2@2048", "WikiText2@128"]
+        + [f"{t} acc" for t in tasks]
+        + [f"{t} acc_norm" for t in tasks]
+        + ["mask mass on cut units (heads / FFN)", "train KL (last 10 %)", "ppl before -> after cut", "prune s"]
+    )
+    lines = [
+        f"# SmolLM2-135M: MaskPrune vs baselines ({date})",
+        "",
+        f"`{res['command']}`",
+        "",
+        f"Machine: {res['machine']}",
+        "",
+        f"Protocol: {json.dumps(res['protocol'])}",
+        "",
+        "Columns: perplexity on WikiText-2 raw test (32k tokens per length); PIQA on its first "
+        f"{a.task_limit} dev examples (stderr about 2.8 points); mask mass on cut units = sum |m| over the "
+        "units the cut removes / sum |m| (one-shot methods: their importance scores); train KL = the "
+        "distillation loss of the masked model over the last 10 % of the learning steps; ppl before -> after "
+        "cut = the masked model just before and just after the cut, WikiText-2 at 512 tokens on 4 windows "
+        "only (a rough reading of the damage the cut itself does); prune s = wall time (cells ran beside "
+        "other work, so not a timing).",
+        "",
+    ]
+    for group, title in (
+        ("main", "Methods x sparsity"),
+        ("ablations", "Ablations"),
+        ("steps", "More learning steps"),
+        ("numerics", "Numerics (issue 7)"),
+        ("seeds", "Run-to-run spread (seeds)"),
+    ):
         sps = sorted({r["sparsity"] for r in rows if r["group"] == group})
         for sp in sps:
             sel = [r for r in rows if r["group"] == "dense"]
             if group in ("ablations", "steps", "numerics", "seeds"):  # the default it is compared with
-                sel += [r | {"label": f"MaskPrune (default, {a.steps} steps)"} for r in rows
-                        if r["group"] == "main" and r["label"] == "MaskPrune" and r["sparsity"] == sp]
+                sel += [
+                    r | {"label": f"MaskPrune (default, {a.steps} steps)"}
+                    for r in rows
+                    if r["group"] == "main" and r["label"] == "MaskPrune" and r["sparsity"] == sp
+                ]
             sel += [r for r in rows if r["group"] == group and r["sparsity"] == sp]
             if group == "steps":  # the best one-shot baselines at the same sparsity
-                sel += [r for r in rows if r["group"] == "main" and r["label"] in ("Wanda-sp", "FLAP")
-                        and r["sparsity"] == sp]
-            lines += [f"## {title}: {round(sp * 100)} %", "", "| " + " | ".join(head) + " |",
-                      "|" + " --- |" * len(head)]
+                sel += [
+                    r
+                    for r in rows
+                    if r["group"] == "main" and r["label"] in ("Wanda-sp", "FLAP") and r["sparsity"] == sp
+                ]
+            lines += [
+                f"## {title}: {round(sp * 100)} %",
+                "",
+                "| " + " | ".join(head) + " |",
+                "|" + " --- |" * len(head),
+            ]
             for r in sel:
                 sh = r["shape"]
-                cells_ = [r["label"], f"{r['params'] / 1e6:.1f}M",
-                          f"{sh['num_attention_heads']}/{sh['num_key_value_heads']}/{sh['intermediate_size']}",
-                          f"{r['ppl2048']:.2f}", f"{r['ppl128']:.2f}"]
+                cells_ = [
+                    r["label"],
+                    f"{r['params'] / 1e6:.1f}M",
+                    f"{sh['num_attention_heads']}/{sh['num_key_value_heads']}/{sh['intermediate_size']}",
+                    f"{r['ppl2048']:.2f}",
+                    f"{r['ppl128']:.2f}",
+                ]
                 cells_ += [f"{100 * r['tasks'][t]['acc']:.1f}" if t in r["tasks"] else "-" for t in tasks]
-                cells_ += [f"{100 * r['tasks'][t]['acc_norm']:.1f}" if t in r["tasks"] and
-                           r["tasks"][t]["acc_norm"] is not None else "-" for t in tasks]
+                cells_ += [
+                    f"{100 * r['tasks'][t]['acc_norm']:.1f}"
+                    if t in r["tasks"] and r["tasks"][t]["acc_norm"] is not None
+                    else "-"
+                    for t in tasks
+                ]
                 cm = r.get("cut_mass_share")
                 cells_.append(f"{cm['head']:.3f} / {cm['ffn']:.3f}" if cm else "-")
                 tr = r.get("train")
@@ -284,31 +408,69 @@ def write_quality(rows: list[dict], a: argparse.Namespace, date: str) -> None:
     for r in rows:
         seed = int(r["flags"][r["flags"].index("--seed") + 1]) if "--seed" in r.get("flags", []) else 0
         piqa = r["tasks"].get("piqa", {})
-        cells_.append({"method": "dense" if r["group"] == "dense" else r["label"], "sparsity": r["sparsity"] or 0.0,
-                       "seed": seed, "params": r["params"], "ppl_2048": r["ppl2048"],
-                       "ppl_128": None if math.isnan(r["ppl128"]) else r["ppl128"],
-                       "piqa_acc": piqa.get("acc"), "piqa_acc_norm": piqa.get("acc_norm"),
-                       "piqa_stderr": piqa.get("acc_stderr"), "piqa_n": piqa.get("n"), "shape": r["shape"],
-                       "prune_seconds": r.get("prune_seconds"), "cut_jump": r.get("cut_jump")})
-    res = {"command": "python bench/grid.py " + " ".join(sys.argv[1:]), "date": date,
-           "machine": {"platform": platform.platform(), "cpus": os.cpu_count(), "python": platform.python_version()},
-           "protocol": {"prune": "maskprune prune smollm2-135m with the recipe defaults (steps, windows, batch) "
-                                 "and --threads " + str(a.threads),
-                        "ppl": f"WikiText-2 raw test, {a.ppl_tokens} tokens per window length, {a.eval_dtype}",
-                        "tasks": a.tasks, "task_limit": a.task_limit or "all"},
-           "cells": cells_}
+        cells_.append(
+            {
+                "method": "dense" if r["group"] == "dense" else r["label"],
+                "sparsity": r["sparsity"] or 0.0,
+                "seed": seed,
+                "params": r["params"],
+                "ppl_2048": r["ppl2048"],
+                "ppl_128": None if math.isnan(r["ppl128"]) else r["ppl128"],
+                "piqa_acc": piqa.get("acc"),
+                "piqa_acc_norm": piqa.get("acc_norm"),
+                "piqa_stderr": piqa.get("acc_stderr"),
+                "piqa_n": piqa.get("n"),
+                "shape": r["shape"],
+                "prune_seconds": r.get("prune_seconds"),
+                "cut_jump": r.get("cut_jump"),
+            }
+        )
+    res = {
+        "command": "python bench/grid.py " + " ".join(sys.argv[1:]),
+        "date": date,
+        "machine": {"platform": platform.platform(), "cpus": os.cpu_count(), "python": platform.python_version()},
+        "protocol": {
+            "prune": "maskprune prune smollm2-135m with the recipe defaults (steps, windows, batch) "
+            "and --threads " + str(a.threads),
+            "ppl": f"WikiText-2 raw test, {a.ppl_tokens} tokens per window length, {a.eval_dtype}",
+            "tasks": a.tasks,
+            "task_limit": a.task_limit or "all",
+        },
+        "cells": cells_,
+    }
     (ROOT / "results" / f"{date}-quality.json").write_text(json.dumps(res, indent=1) + "\n")
-    lines = [f"# SmolLM2-135M: default recipe vs one-shot methods ({date})", "", f"`{res['command']}`", "",
-             f"Machine: {res['machine']}", "", f"Protocol: {json.dumps(res['protocol'])}", "",
-             "Median over seeds (one-shot methods are deterministic on the fixed windows: one run), [min, max]; "
-             "spread = max / min ppl@2048.", ""]
+    lines = [
+        f"# SmolLM2-135M: default recipe vs one-shot methods ({date})",
+        "",
+        f"`{res['command']}`",
+        "",
+        f"Machine: {res['machine']}",
+        "",
+        f"Protocol: {json.dumps(res['protocol'])}",
+        "",
+        "Median over seeds (one-shot methods are deterministic on the fixed windows: one run), [min, max]; "
+        "spread = max / min ppl@2048.",
+        "",
+    ]
     dense = [c for c in cells_ if c["method"] == "dense"]
     if dense:
         d = dense[0]
-        lines += [f"Dense: ppl@2048 {d['ppl_2048']:.2f}, ppl@128 {d['ppl_128'] or float('nan'):.2f}, PIQA "
-                  f"{100 * (d['piqa_acc'] or float('nan')):.1f}", ""]
-    head = ["method", "seeds", "params", "heads/KV/FFN", "ppl@2048 median [min, max]", "spread", "ppl@128 median",
-            "PIQA acc median (stderr)", "prune s median"]
+        lines += [
+            f"Dense: ppl@2048 {d['ppl_2048']:.2f}, ppl@128 {d['ppl_128'] or float('nan'):.2f}, PIQA "
+            f"{100 * (d['piqa_acc'] or float('nan')):.1f}",
+            "",
+        ]
+    head = [
+        "method",
+        "seeds",
+        "params",
+        "heads/KV/FFN",
+        "ppl@2048 median [min, max]",
+        "spread",
+        "ppl@128 median",
+        "PIQA acc median (stderr)",
+        "prune s median",
+    ]
     for sp in sorted({c["sparsity"] for c in cells_ if c["method"] != "dense"}):
         lines += [f"## {round(sp * 100)} %", "", "| " + " | ".join(head) + " |", "|" + " --- |" * len(head)]
         for m in dict.fromkeys(c["method"] for c in cells_ if c["sparsity"] == sp):
@@ -318,13 +480,23 @@ def write_quality(rows: list[dict], a: argparse.Namespace, date: str) -> None:
             se = [c["piqa_stderr"] for c in sel if c["piqa_stderr"] is not None]
             secs = [c["prune_seconds"] for c in sel if c["prune_seconds"]]
             sh = sel[0]["shape"]
-            lines.append("| " + " | ".join([
-                m, ",".join(str(c["seed"]) for c in sel), f"{sel[0]['params'] / 1e6:.2f}M",
-                f"{sh['num_attention_heads']}/{sh['num_key_value_heads']}/{sh['intermediate_size']}",
-                f"{statistics.median(p):.2f} [{min(p):.2f}, {max(p):.2f}]", f"{max(p) / min(p):.3f}",
-                f"{statistics.median(c['ppl_128'] for c in sel):.2f}" if sel[0]["ppl_128"] is not None else "-",
-                f"{100 * statistics.median(acc):.1f} ({100 * statistics.median(se):.1f})" if acc else "-",
-                f"{statistics.median(secs):.0f}" if secs else "-"]) + " |")
+            lines.append(
+                "| "
+                + " | ".join(
+                    [
+                        m,
+                        ",".join(str(c["seed"]) for c in sel),
+                        f"{sel[0]['params'] / 1e6:.2f}M",
+                        f"{sh['num_attention_heads']}/{sh['num_key_value_heads']}/{sh['intermediate_size']}",
+                        f"{statistics.median(p):.2f} [{min(p):.2f}, {max(p):.2f}]",
+                        f"{max(p) / min(p):.3f}",
+                        f"{statistics.median(c['ppl_128'] for c in sel):.2f}" if sel[0]["ppl_128"] is not None else "-",
+                        f"{100 * statistics.median(acc):.1f} ({100 * statistics.median(se):.1f})" if acc else "-",
+                        f"{statistics.median(secs):.0f}" if secs else "-",
+                    ]
+                )
+                + " |"
+            )
         lines.append("")
     reading = ROOT / "results" / f"{date}-quality-reading.md"
     if reading.exists():
@@ -354,8 +526,9 @@ def _plots(rows: list[dict], folder: Path) -> None:
             axes[0].axhline(dense["ppl128"], color="k", ls="--", lw=1, label="dense")
             if "piqa" in dense["tasks"]:
                 axes[1].axhline(100 * dense["tasks"]["piqa"]["acc"], color="k", ls="--", lw=1)
-        axes[0].set(xscale="log", xlabel="sparsity (%)", ylabel="WikiText-2 ppl @128 (log)",
-                    title="Perplexity vs sparsity")
+        axes[0].set(
+            xscale="log", xlabel="sparsity (%)", ylabel="WikiText-2 ppl @128 (log)", title="Perplexity vs sparsity"
+        )
         axes[1].set(xlabel="sparsity (%)", ylabel="PIQA acc (%)", title="PIQA vs sparsity")
         axes[0].legend(fontsize=7)
         fig.tight_layout()
@@ -366,13 +539,18 @@ def _plots(rows: list[dict], folder: Path) -> None:
     if abl:
         items = ([base | {"label": "MaskPrune (default)"}] if base else []) + abl
         fig, ax = plt.subplots(figsize=(9, 4.5))
-        ax.barh([r["label"] for r in items], [r["ppl128"] for r in items],
-                color=["tab:green" if r is items[0] and base else "tab:blue" for r in items])
-        seeds = ([base["ppl128"]] if base else []) + [r["ppl128"] for r in rows
-                                                        if r["group"] == "seeds" and r["sparsity"] == 0.2]
+        ax.barh(
+            [r["label"] for r in items],
+            [r["ppl128"] for r in items],
+            color=["tab:green" if r is items[0] and base else "tab:blue" for r in items],
+        )
+        seeds = ([base["ppl128"]] if base else []) + [
+            r["ppl128"] for r in rows if r["group"] == "seeds" and r["sparsity"] == 0.2
+        ]
         if len(seeds) > 1:  # how far the default setting alone moves between seeds
-            ax.axvspan(min(seeds), max(seeds), color="tab:green", alpha=0.15,
-                       label=f"default, {len(seeds)} seeds: range")
+            ax.axvspan(
+                min(seeds), max(seeds), color="tab:green", alpha=0.15, label=f"default, {len(seeds)} seeds: range"
+            )
             ax.legend(fontsize=8, loc="lower right")
         ax.set(xlabel="WikiText-2 ppl @128 at 20 % (lower is better)", title="Ablations")
         ax.invert_yaxis()
@@ -381,21 +559,25 @@ def _plots(rows: list[dict], folder: Path) -> None:
         plt.close(fig)
     # the paper's figures 4-6 read the learning itself: training loss and the spread across layers of the
     # alive FFN channels, for the proximal interval schedules (figs 5, 6) and the decay rates (fig 4)
-    curves = [(base | {"label": "default: prox 10 -> 1, eta1 0.1"}) if base else None] + \
-        [r for r in abl if r["label"].startswith(("ffn prox", "eta1"))]
+    curves = [(base | {"label": "default: prox 10 -> 1, eta1 0.1"}) if base else None] + [
+        r for r in abl if r["label"].startswith(("ffn prox", "eta1"))
+    ]
     curves = [r for r in curves if r and r.get("train")]
     if len(curves) > 1:
         fig, axes = plt.subplots(1, 2, figsize=(11, 4.5))
         for r in curves:
             c = r["train"]["curve"]
             w = max(1, len(c["kl"]) // 15)  # running mean: one step is 4 windows, too noisy to read raw
-            kl = [sum(c["kl"][max(0, i - w + 1):i + 1]) / len(c["kl"][max(0, i - w + 1):i + 1])
-                  for i in range(len(c["kl"]))]
+            kl = [
+                sum(c["kl"][max(0, i - w + 1) : i + 1]) / len(c["kl"][max(0, i - w + 1) : i + 1])
+                for i in range(len(c["kl"]))
+            ]
             axes[0].plot(c["step"], kl, label=f"{r['label']} (ppl@128 {r['ppl128']:.0f})")
             axes[1].plot(c["step"], c["ffn_std"], label=r["label"])
         axes[0].set(xlabel="step", ylabel="distillation KL (running mean)", title="Training loss (paper fig. 5)")
-        axes[1].set(xlabel="step", ylabel="std across layers of alive FFN channels",
-                    title="Layer uniformity (paper fig. 6)")
+        axes[1].set(
+            xlabel="step", ylabel="std across layers of alive FFN channels", title="Layer uniformity (paper fig. 6)"
+        )
         axes[0].legend(fontsize=7)
         fig.tight_layout()
         fig.savefig(folder / "training.png", dpi=100)
@@ -404,9 +586,16 @@ def _plots(rows: list[dict], folder: Path) -> None:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--group", choices=["main", "ablations", "steps", "numerics", "seeds", "quality", "all"], default="main")
+    ap.add_argument(
+        "--group", choices=["main", "ablations", "steps", "numerics", "seeds", "quality", "all"], default="main"
+    )
     ap.add_argument("--sparsities", default="0.2,0.25,0.5")
-    ap.add_argument("--steps", type=int, default=150, help="learning steps per learned cell (all cells the same; 0: the recipe's default)")
+    ap.add_argument(
+        "--steps",
+        type=int,
+        default=150,
+        help="learning steps per learned cell (all cells the same; 0: the recipe's default)",
+    )
     ap.add_argument("--seq-len", type=int, default=128)
     ap.add_argument("--batch-size", type=int, default=4)
     ap.add_argument("--calib-samples", type=int, default=1024)
@@ -414,7 +603,9 @@ def main() -> None:
     ap.add_argument("--tasks", default="piqa")
     ap.add_argument("--data-dir", default=str(REPO.parent / "shared" / "data"))
     ap.add_argument("--task-limit", type=int, default=300, help="examples per zero-shot task (0: all)")
-    ap.add_argument("--dtype", default="bf16", help="prune --dtype of every cell (auto: bf16 where the hardware has it)")
+    ap.add_argument(
+        "--dtype", default="bf16", help="prune --dtype of every cell (auto: bf16 where the hardware has it)"
+    )
     ap.add_argument("--eval-dtype", default="bf16", choices=["bf16", "fp32"], help="eval --dtype of every cell")
     ap.add_argument("--eval-seq-lens", default="2048,128", help="WikiText-2 window lengths scored per cell")
     ap.add_argument("--eval-batch-size", type=int, default=4, help="windows / lm-eval requests per forward")
@@ -447,13 +638,16 @@ def main() -> None:
             print(f"[{i + 1}/{len(todo)}] {c.name} FAILED: {exc}", flush=True)
             continue
         ev = json.loads((work / f"{c.name}.eval.json").read_text())
-        rows = [r for r in rows if not (r["label"] == c.label and r["sparsity"] == c.sparsity
-                                        and r["group"] == c.group)] + [_row(meta, ev, work)]
+        rows = [
+            r for r in rows if not (r["label"] == c.label and r["sparsity"] == c.sparsity and r["group"] == c.group)
+        ] + [_row(meta, ev, work)]
         (write_quality if a.group == "quality" else write_results)(_all_rows(work), a, a.date)
         r = rows[-1]
-        print(f"[{i + 1}/{len(todo)}] {c.name}: ppl {r['ppl2048']:.2f} / {r['ppl128']:.2f}  "
-              f"piqa {r['tasks'].get('piqa', {}).get('acc', math.nan):.3f}  ({time.perf_counter() - t:.0f} s)",
-              flush=True)
+        print(
+            f"[{i + 1}/{len(todo)}] {c.name}: ppl {r['ppl2048']:.2f} / {r['ppl128']:.2f}  "
+            f"piqa {r['tasks'].get('piqa', {}).get('acc', math.nan):.3f}  ({time.perf_counter() - t:.0f} s)",
+            flush=True,
+        )
 
 
 def _all_rows(work: Path) -> list[dict]:

@@ -26,7 +26,6 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import perf  # noqa: E402  (bench/perf.py: the autograd definition)
-
 from maskprune.arch import get_adapter  # noqa: E402
 from maskprune.data import calibration_windows  # noqa: E402
 from maskprune.learner import attach_lora  # noqa: E402
@@ -48,8 +47,11 @@ def step_gradients(model, masks, batch, kl) -> tuple[float, torch.Tensor, torch.
         student = model(input_ids=batch, use_cache=False).logits
         loss = kl(student, teacher)
     loss.backward()
-    return (float(loss.detach()), torch.cat([masks.ffn.grad.flatten(), masks.head.grad.flatten()]),
-            torch.cat([p.grad.flatten() for p in lora]))
+    return (
+        float(loss.detach()),
+        torch.cat([masks.ffn.grad.flatten(), masks.head.grad.flatten()]),
+        torch.cat([p.grad.flatten() for p in lora]),
+    )
 
 
 def main() -> None:
@@ -57,8 +59,9 @@ def main() -> None:
     loaded = load_model("smollm2-135m", dtype=torch.bfloat16)
     adapter = get_adapter(loaded.model.config.model_type)
     structure = Structure.of(loaded.model, adapter, "query")
-    model = attach_lora(loaded.model, ROLES, rank=8, alpha=16.0,
-                        adapter_names={r: getattr(adapter, f"{r}_name") for r in ROLES})
+    model = attach_lora(
+        loaded.model, ROLES, rank=8, alpha=16.0, adapter_names={r: getattr(adapter, f"{r}_name") for r in ROLES}
+    )
     masks = MaskSet(structure).attach(model)
     batch = calibration_windows("default", loaded.tokenizer, seq_len=128, num_windows=8)[:4]
     blocked = lambda s, t: kl_divergence(s, t, direction="teacher_student")  # noqa: E731
@@ -76,12 +79,16 @@ def main() -> None:
     l_b, m_b, a_b = step_gradients(model, masks, batch, blocked)
     l_c, m_c, a_c = step_gradients(model, masks, batch, autograd)
     out["away_from_start"] = {
-        "loss_autograd": l_a, "loss_blocked": l_b,
+        "loss_autograd": l_a,
+        "loss_blocked": l_b,
         "mask_grad_cosine_blocked_vs_autograd": float(cos(m_a, m_b, dim=0)),
         "mask_grad_cosine_autograd_vs_itself": float(cos(m_a, m_c, dim=0)),
-        "mask_grad_norm_autograd": float(m_a.norm()), "mask_grad_norm_blocked": float(m_b.norm()),
+        "mask_grad_norm_autograd": float(m_a.norm()),
+        "mask_grad_norm_blocked": float(m_b.norm()),
         "lora_a_grad_cosine_blocked_vs_autograd": float(cos(a_a, a_b, dim=0)),
-        "lora_a_grad_norm_autograd": float(a_a.norm()), "lora_a_grad_norm_blocked": float(a_b.norm())}
+        "lora_a_grad_norm_autograd": float(a_a.norm()),
+        "lora_a_grad_norm_blocked": float(a_b.norm()),
+    }
 
     with torch.no_grad():
         masks.ffn.fill_(1.0)
@@ -95,9 +102,12 @@ def main() -> None:
         start[f"mask_grad_max_abs_{name}"] = float(m.abs().max())
         start[f"mask_grad_nonzero_share_{name}"] = float((m != 0).float().mean())
     out["at_start_student_equals_teacher"] = start
-    out = {"command": "python bench/kl_check.py",
-           "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-           "machine": {"platform": platform.platform(), "cpus": os.cpu_count(), "torch": torch.__version__}, **out}
+    out = {
+        "command": "python bench/kl_check.py",
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "machine": {"platform": platform.platform(), "cpus": os.cpu_count(), "torch": torch.__version__},
+        **out,
+    }
     dest = Path(__file__).resolve().parent / "results" / f"{datetime.date.today().isoformat()}-kl-check.json"
     dest.write_text(json.dumps(out, indent=1) + "\n")
     print(json.dumps(out, indent=1))

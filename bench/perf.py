@@ -71,8 +71,9 @@ def bf16_matmul_rate(model, tokens: int) -> float:
     return total_flops / total_s
 
 
-def step_throughput(args, weight_dtype: str = "fp32", dtype: str = "bf16", compile_: bool = False,
-                    before: bool = False) -> dict:
+def step_throughput(
+    args, weight_dtype: str = "fp32", dtype: str = "bf16", compile_: bool = False, before: bool = False
+) -> dict:
     """Median seconds of the learning step and its distance to the matmul bound. ``before``: the step as
     maskprune ran it until 2026-11-24 (fp32 weights; KL by autograd under checkpointing, see
     :func:`kl_blocked_vs_autograd`; peft casting each LoRA input to fp32), for before/after in one run."""
@@ -89,19 +90,33 @@ def step_throughput(args, weight_dtype: str = "fp32", dtype: str = "bf16", compi
     tokens = args.batch_size * args.seq_len
     rate = bf16_matmul_rate(model, tokens)
     flops_tok = matmul_flops_per_token(model, args.seq_len)
-    cfg = load_config(overrides=dict(steps=args.steps + 2, seq_len=args.seq_len, batch_size=args.batch_size,
-                                      sparsity=0.5, dtype=dtype, compile=compile_))
+    cfg = load_config(
+        overrides=dict(
+            steps=args.steps + 2,
+            seq_len=args.seq_len,
+            batch_size=args.batch_size,
+            sparsity=0.5,
+            dtype=dtype,
+            compile=compile_,
+        )
+    )
     adapter = get_adapter("llama")
     structure = Structure.of(model, adapter, "query")
-    model = attach_lora(model, cfg.lora_targets, rank=cfg.lora_rank, alpha=cfg.lora_alpha,
-                        adapter_names={r: getattr(adapter, f"{r}_name") for r in cfg.lora_targets})
+    model = attach_lora(
+        model,
+        cfg.lora_targets,
+        rank=cfg.lora_rank,
+        alpha=cfg.lora_alpha,
+        adapter_names={r: getattr(adapter, f"{r}_name") for r in cfg.lora_targets},
+    )
     masks = MaskSet(structure).attach(model)
     windows = calibration_windows("default", tok, seq_len=args.seq_len, num_windows=64)
     learner = Learner(model, masks, windows, cfg, cfg.budget_for(structure.dense_params))
     restore = lambda: None  # noqa: E731
     if before:
-        import maskprune.losses as losses_mod
         from peft.tuners.tuners_utils import BaseTunerLayer
+
+        import maskprune.losses as losses_mod
 
         for m in model.modules():
             if isinstance(m, BaseTunerLayer):
@@ -125,11 +140,21 @@ def step_throughput(args, weight_dtype: str = "fp32", dtype: str = "bf16", compi
     # mask gradients are negligible next to the frozen weights' activation gradients.
     step_flops = 3 * flops_tok * tokens
     bound_s = step_flops / rate
-    return {"weight_dtype": weight_dtype, "autocast": dtype, "compile": compile_, "before_2026_11_24": before,
-            "first_two_steps_s": warm_s,
-            "tokens_per_step": tokens, "step_seconds_median": step_s, "tokens_per_s": tokens / step_s,
-            "bf16_matmul_tflops": rate / 1e12, "flops_per_step": step_flops, "bound_seconds": bound_s,
-            "bound_tokens_per_s": tokens / bound_s, "fraction_of_bound": bound_s / step_s}
+    return {
+        "weight_dtype": weight_dtype,
+        "autocast": dtype,
+        "compile": compile_,
+        "before_2026_11_24": before,
+        "first_two_steps_s": warm_s,
+        "tokens_per_step": tokens,
+        "step_seconds_median": step_s,
+        "tokens_per_s": tokens / step_s,
+        "bf16_matmul_tflops": rate / 1e12,
+        "flops_per_step": step_flops,
+        "bound_seconds": bound_s,
+        "bound_tokens_per_s": tokens / bound_s,
+        "fraction_of_bound": bound_s / step_s,
+    }
 
 
 def _autograd_kl(student: torch.Tensor, teacher: torch.Tensor, direction: str) -> torch.Tensor:
@@ -146,8 +171,10 @@ def _autograd_kl(student: torch.Tensor, teacher: torch.Tensor, direction: str) -
 
     s = student.reshape(-1, student.shape[-1])
     t = teacher.reshape(-1, teacher.shape[-1]).detach()
-    return sum(checkpoint(chunk, s[i:i + 512], t[i:i + 512], use_reentrant=False)
-               for i in range(0, s.shape[0], 512)) / s.shape[0]
+    return (
+        sum(checkpoint(chunk, s[i : i + 512], t[i : i + 512], use_reentrant=False) for i in range(0, s.shape[0], 512))
+        / s.shape[0]
+    )
 
 
 def kl_blocked_vs_autograd(tokens: int, vocab: int = 49152) -> dict:
@@ -160,11 +187,15 @@ def kl_blocked_vs_autograd(tokens: int, vocab: int = 49152) -> dict:
     base = torch.randn(tokens, vocab, generator=g) * 3
     teacher = (base + torch.randn(tokens, vocab, generator=g)).bfloat16()
     out = {"tokens": tokens, "vocab": vocab}
-    for name, fn in (("autograd_checkpointed", lambda s, t: _autograd_kl(s, t, "teacher_student")),
-                     ("blocked", lambda s, t: kl_divergence(s, t, direction="teacher_student"))):
+    for name, fn in (
+        ("autograd_checkpointed", lambda s, t: _autograd_kl(s, t, "teacher_student")),
+        ("blocked", lambda s, t: kl_divergence(s, t, direction="teacher_student")),
+    ):
+
         def run() -> None:
             s = base.bfloat16().requires_grad_(True)
             fn(s, teacher).backward()
+
         out[f"{name}_s"] = _timeit(run, repeat=5)
     out["speedup"] = out["autograd_checkpointed_s"] / out["blocked_s"]
     return out
@@ -206,8 +237,13 @@ def peak_rss_mb(teacher: bool, seq_len: int, batch: int) -> dict:
     """Peak RSS of three learning steps (the high-water mark reset after loading and the first step, so
     the loading peak is not what is measured), and the RSS just before them, in MB; separate process."""
     code = _MEM_CHILD if teacher else _MEM_CHILD_NO_TEACHER
-    out = subprocess.run([sys.executable, "-c", code, "1" if teacher else "0", str(seq_len), str(batch)],
-                         capture_output=True, text=True, check=True, env={**os.environ, "TQDM_DISABLE": "1"})
+    out = subprocess.run(
+        [sys.executable, "-c", code, "1" if teacher else "0", str(seq_len), str(batch)],
+        capture_output=True,
+        text=True,
+        check=True,
+        env={**os.environ, "TQDM_DISABLE": "1"},
+    )
     before, peak = (int(x) / 1024 for x in out.stdout.strip().splitlines()[-1].split())
     return {"rss_before_loop_mb": before, "peak_rss_in_loop_mb": peak, "loop_increment_mb": peak - before}
 
@@ -303,7 +339,9 @@ def payoff(pruned: list[str]) -> dict:
         m = models[Path(p).name]
         w = m.config.intermediate_size
         if w % 64 and w > 64:
-            models[f"{Path(p).name}-ffn{w // 64 * 64}"] = nonuniform_like(m, [w // 64 * 64] * m.config.num_hidden_layers)
+            models[f"{Path(p).name}-ffn{w // 64 * 64}"] = nonuniform_like(
+                m, [w // 64 * 64] * m.config.num_hidden_layers
+            )
     return _speedups(models)
 
 
@@ -313,10 +351,15 @@ def _speedups(models: dict, rounds: int = 3) -> dict:
     in ``rounds`` interleaved rounds and each keeps its best, so a slow spell of a shared machine does not
     land on one model alone."""
     keys = ("prefill_1x512", "prefill_8x128", "decode_1x128")
-    rows = {name: {"params": sum(p.numel() for p in m.parameters()),
-                   "flops_per_token_512": matmul_flops_per_token(m, 512),
-                   "flops_per_token_128": matmul_flops_per_token(m, 128), **{k: 0.0 for k in keys}}
-            for name, m in models.items()}
+    rows = {
+        name: {
+            "params": sum(p.numel() for p in m.parameters()),
+            "flops_per_token_512": matmul_flops_per_token(m, 512),
+            "flops_per_token_128": matmul_flops_per_token(m, 128),
+            **{k: 0.0 for k in keys},
+        }
+        for name, m in models.items()
+    }
     for _ in range(rounds):
         for name, m in models.items():
             r = rows[name]
@@ -326,15 +369,24 @@ def _speedups(models: dict, rounds: int = 3) -> dict:
     d = rows["dense"]
     for r in rows.values():
         r["speedup"] = {k: r[k] / d[k] for k in keys}
-        r["ideal"] = {"prefill_1x512": d["flops_per_token_512"] / r["flops_per_token_512"],
-                      "prefill_8x128": d["flops_per_token_128"] / r["flops_per_token_128"],
-                      "decode_1x128": d["flops_per_token_128"] / r["flops_per_token_128"]}
+        r["ideal"] = {
+            "prefill_1x512": d["flops_per_token_512"] / r["flops_per_token_512"],
+            "prefill_8x128": d["flops_per_token_128"] / r["flops_per_token_128"],
+            "decode_1x128": d["flops_per_token_128"] / r["flops_per_token_128"],
+        }
         r["fraction_of_ideal"] = {k: r["speedup"][k] / r["ideal"][k] for k in r["ideal"]}
     return rows
 
 
-WIDE = dict(hidden_size=2048, intermediate_size=5632, num_attention_heads=32, num_key_value_heads=4, head_dim=64,
-            num_hidden_layers=8, vocab_size=32000)
+WIDE = dict(
+    hidden_size=2048,
+    intermediate_size=5632,
+    num_attention_heads=32,
+    num_key_value_heads=4,
+    head_dim=64,
+    num_hidden_layers=8,
+    vocab_size=32000,
+)
 """TinyLlama-1.1B's layer shapes (8 of its 22 layers): where the matmuls, not the per-layer fixed work, are
 most of a token's time, as in the 7B-13B models users prune."""
 
@@ -350,8 +402,9 @@ def payoff_wide(sparsities: tuple[float, ...] = (0.2, 0.5)) -> dict:
     base = AutoConfig.from_pretrained(default_model_dir())
     torch.manual_seed(0)
     fields = {k: v for k, v in base.to_dict().items() if k not in ("model_type", "architectures")}
-    dense = AutoModelForCausalLM.from_config(AutoConfig.for_model(base.model_type, **{**fields, **WIDE}),
-                                             dtype=torch.bfloat16).eval()
+    dense = AutoModelForCausalLM.from_config(
+        AutoConfig.for_model(base.model_type, **{**fields, **WIDE}), dtype=torch.bfloat16
+    ).eval()
     total = sum(p.numel() for p in dense.parameters())
     models = {"dense": dense}
     for sp in sparsities:
@@ -373,7 +426,7 @@ def eval_overhead(limit: int) -> dict:
     def bare() -> None:
         with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
             for i in range(0, windows.shape[0], 2):
-                model(input_ids=windows[i:i + 2], use_cache=False)
+                model(input_ids=windows[i : i + 2], use_cache=False)
 
     def ppl() -> None:
         perplexity(model, windows, batch_size=2, autocast_dtype=torch.bfloat16, progress=False)
@@ -383,8 +436,13 @@ def eval_overhead(limit: int) -> dict:
     for _ in range(2):  # interleaved, best of two each: drift on a noisy machine hits both alike
         t_bare = min(t_bare, _timeit(bare, repeat=1, warmup=0))
         t_ppl = min(t_ppl, _timeit(ppl, repeat=1, warmup=0))
-    return {"windows": int(windows.shape[0]), "seq_len": 2048, "bare_forward_s": t_bare, "perplexity_s": t_ppl,
-            "ratio": t_ppl / t_bare}
+    return {
+        "windows": int(windows.shape[0]),
+        "seq_len": 2048,
+        "bare_forward_s": t_bare,
+        "perplexity_s": t_ppl,
+        "ratio": t_ppl / t_bare,
+    }
 
 
 def _common_bound(res: dict) -> None:
@@ -413,16 +471,25 @@ def main() -> None:
     ap.add_argument("--eval-windows", type=int, default=8)
     ap.add_argument("--skip", nargs="*", default=[], choices=SECTIONS)
     a = ap.parse_args()
-    res: dict = {"command": "python bench/perf.py " + " ".join(sys.argv[1:]),
-                 "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-                 "machine": {"platform": platform.platform(), "cpus": os.cpu_count(), "torch": torch.__version__,
-                             "threads": torch.get_num_threads()}}
+    res: dict = {
+        "command": "python bench/perf.py " + " ".join(sys.argv[1:]),
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "machine": {
+            "platform": platform.platform(),
+            "cpus": os.cpu_count(),
+            "torch": torch.__version__,
+            "threads": torch.get_num_threads(),
+        },
+    }
     if "step" not in a.skip:
         res["step"] = step_throughput(a, "bf16", "bf16")  # the default: learning weights in the autocast dtype
         print(json.dumps(res["step"]), flush=True)
-        res["step_variants"] = [step_throughput(a, "fp32", "bf16", before=True), step_throughput(a, "fp32", "bf16"),
-                                step_throughput(a, "fp32", "fp32"),
-                                step_throughput(a, "bf16", "bf16", compile_=True)]
+        res["step_variants"] = [
+            step_throughput(a, "fp32", "bf16", before=True),
+            step_throughput(a, "fp32", "bf16"),
+            step_throughput(a, "fp32", "fp32"),
+            step_throughput(a, "bf16", "bf16", compile_=True),
+        ]
         res["kl"] = kl_blocked_vs_autograd(a.batch_size * a.seq_len)
         print(json.dumps(res["kl"]), flush=True)
         print(json.dumps(res["step_variants"]), flush=True)
@@ -435,15 +502,23 @@ def main() -> None:
         for seq, bs in ((a.seq_len, a.batch_size), (512, 8)):  # the default step, and one where activations weigh
             with_t, without = peak_rss_mb(True, seq, bs), peak_rss_mb(False, seq, bs)
             est = estimate_learning_memory(shape, batch_tokens=seq * bs, weight_bytes=2, kl_rows=16)
-            res["memory"].append({"seq_len": seq, "batch_size": bs, "with_teacher": with_t, "without_teacher": without,
-                                  "ratio": with_t["peak_rss_in_loop_mb"] / without["peak_rss_in_loop_mb"],
-                                  "increment_ratio": with_t["loop_increment_mb"] / max(1e-9, without["loop_increment_mb"]),
-                                  "accounting_mb": {k: v / 2**20 for k, v in est.items() if k != "teacher_share"},
-                                  "accounting_teacher_share": est["teacher_share"]})
+            res["memory"].append(
+                {
+                    "seq_len": seq,
+                    "batch_size": bs,
+                    "with_teacher": with_t,
+                    "without_teacher": without,
+                    "ratio": with_t["peak_rss_in_loop_mb"] / without["peak_rss_in_loop_mb"],
+                    "increment_ratio": with_t["loop_increment_mb"] / max(1e-9, without["loop_increment_mb"]),
+                    "accounting_mb": {k: v / 2**20 for k, v in est.items() if k != "teacher_share"},
+                    "accounting_teacher_share": est["teacher_share"],
+                }
+            )
             print(json.dumps(res["memory"][-1]), flush=True)
         est7 = estimate_learning_memory(LLAMA2_7B, batch_tokens=16 * 512, weight_bytes=2)
-        res["memory_projection_llama2_7b_one_gpu_gib"] = {k: (v / 2**30 if k != "teacher_share" else v)
-                                                          for k, v in est7.items()}
+        res["memory_projection_llama2_7b_one_gpu_gib"] = {
+            k: (v / 2**30 if k != "teacher_share" else v) for k, v in est7.items()
+        }
     if "payoff" not in a.skip and a.pruned:
         res["payoff"] = payoff(a.pruned)
         print(json.dumps(res["payoff"]), flush=True)
@@ -462,63 +537,104 @@ def main() -> None:
     _common_bound(res)
     out.write_text(json.dumps(res, indent=1))
     lines = [f"# Performance ({res['date']})", "", f"`{res['command']}`", ""]
-    lines += [f"Partial rerun {r['date']}, its sections replacing the first run's: `{r['command']}`"
-              for r in res.get("partial_reruns", [])]
+    lines += [
+        f"Partial rerun {r['date']}, its sections replacing the first run's: `{r['command']}`"
+        for r in res.get("partial_reruns", [])
+    ]
     lines += ["", f"Machine: {res['machine']}", ""]
     if "step" in res:
         s = res["step"]
-        lines += ["## Mask-learning step", "", "| tokens/step | step s | tokens/s | bf16 matmul TFLOP/s (best in this run) | bound tokens/s | fraction of bound |",
-                  "| --- | --- | --- | --- | --- | --- |",
-                  f"| {s['tokens_per_step']} | {s['step_seconds_median']:.2f} | {s['tokens_per_s']:.0f} | "
-                  f"{s['bf16_matmul_tflops']:.3f} | {s['bound_tokens_per_s']:.0f} | {s['fraction_of_bound']:.2f} |", "",
-                  "| code | weights | autocast | compile | tokens/s | vs default | fraction of bound | first two steps s |",
-                  "| --- | --- | --- | --- | --- | --- | --- | --- |"]
+        lines += [
+            "## Mask-learning step",
+            "",
+            "| tokens/step | step s | tokens/s | bf16 matmul TFLOP/s (best in this run) | bound tokens/s | fraction of bound |",
+            "| --- | --- | --- | --- | --- | --- |",
+            f"| {s['tokens_per_step']} | {s['step_seconds_median']:.2f} | {s['tokens_per_s']:.0f} | "
+            f"{s['bf16_matmul_tflops']:.3f} | {s['bound_tokens_per_s']:.0f} | {s['fraction_of_bound']:.2f} |",
+            "",
+            "| code | weights | autocast | compile | tokens/s | vs default | fraction of bound | first two steps s |",
+            "| --- | --- | --- | --- | --- | --- | --- | --- |",
+        ]
         for v in [s] + res.get("step_variants", []):
             warm = f"{v['first_two_steps_s']:.0f}" if "first_two_steps_s" in v else "-"
             code = "before 2026-11-24" if v.get("before_2026_11_24") else "now"
-            lines.append(f"| {code} | {v['weight_dtype']} | {v['autocast']} | {'yes' if v.get('compile') else 'no'} | "
-                         f"{v['tokens_per_s']:.0f} | {v['tokens_per_s'] / s['tokens_per_s']:.2f}x | "
-                         f"{v['fraction_of_bound']:.2f} | {warm} |")
+            lines.append(
+                f"| {code} | {v['weight_dtype']} | {v['autocast']} | {'yes' if v.get('compile') else 'no'} | "
+                f"{v['tokens_per_s']:.0f} | {v['tokens_per_s'] / s['tokens_per_s']:.2f}x | "
+                f"{v['fraction_of_bound']:.2f} | {warm} |"
+            )
         lines.append("")
         if "kl" in res:
             k = res["kl"]
-            lines += [f"KL forward + backward on bf16 logits {k['tokens']} x {k['vocab']}: blocked with the gradient "
-                      f"formed in the forward {k['blocked_s']:.3f} s, autograd definition under checkpointing "
-                      f"{k['autograd_checkpointed_s']:.3f} s ({k['speedup']:.1f}x).", ""]
+            lines += [
+                f"KL forward + backward on bf16 logits {k['tokens']} x {k['vocab']}: blocked with the gradient "
+                f"formed in the forward {k['blocked_s']:.3f} s, autograd definition under checkpointing "
+                f"{k['autograd_checkpointed_s']:.3f} s ({k['speedup']:.1f}x).",
+                "",
+            ]
     if "memory" in res:
-        lines += ["## Memory", "", "Peak RSS during three learning steps (bf16 learning weights, the default; high-water mark reset after loading and the "
-                  "first step; separate processes), with the teacher pass vs the same loop without it:", "",
-                  "| tokens/step | RSS before loop MB | peak with teacher MB | peak without MB | ratio | loop increment with / without MB | accounting MB (teacher share) |",
-                  "| --- | --- | --- | --- | --- | --- | --- |"]
+        lines += [
+            "## Memory",
+            "",
+            "Peak RSS during three learning steps (bf16 learning weights, the default; high-water mark reset after loading and the "
+            "first step; separate processes), with the teacher pass vs the same loop without it:",
+            "",
+            "| tokens/step | RSS before loop MB | peak with teacher MB | peak without MB | ratio | loop increment with / without MB | accounting MB (teacher share) |",
+            "| --- | --- | --- | --- | --- | --- | --- |",
+        ]
         for m in res["memory"]:
             w, wo = m["with_teacher"], m["without_teacher"]
-            lines.append(f"| {m['seq_len']}x{m['batch_size']} | {w['rss_before_loop_mb']:.0f} | {w['peak_rss_in_loop_mb']:.0f} | "
-                         f"{wo['peak_rss_in_loop_mb']:.0f} | {m['ratio']:.3f} | {w['loop_increment_mb']:.0f} / "
-                         f"{wo['loop_increment_mb']:.0f} | {m['accounting_mb']['total']:.0f} "
-                         f"({100 * m['accounting_teacher_share']:.1f}%) |")
+            lines.append(
+                f"| {m['seq_len']}x{m['batch_size']} | {w['rss_before_loop_mb']:.0f} | {w['peak_rss_in_loop_mb']:.0f} | "
+                f"{wo['peak_rss_in_loop_mb']:.0f} | {m['ratio']:.3f} | {w['loop_increment_mb']:.0f} / "
+                f"{wo['loop_increment_mb']:.0f} | {m['accounting_mb']['total']:.0f} "
+                f"({100 * m['accounting_teacher_share']:.1f}%) |"
+            )
         p7 = res["memory_projection_llama2_7b_one_gpu_gib"]
-        lines += ["", f"Projected for Llama-2-7B on one GPU (bf16 weights, 16 x 512 tokens, same accounting): "
-                  f"{p7['total']:.1f} GiB, teacher share {100 * p7['teacher_share']:.1f}%.", ""]
+        lines += [
+            "",
+            f"Projected for Llama-2-7B on one GPU (bf16 weights, 16 x 512 tokens, same accounting): "
+            f"{p7['total']:.1f} GiB, teacher share {100 * p7['teacher_share']:.1f}%.",
+            "",
+        ]
     if "payoff" in res:
-        lines += ["## Exported models vs dense (bf16, stock transformers)", "",
-                  "| model | params | prefill 1x512 speedup (ideal) | prefill 8x128 speedup (ideal) | decode speedup (ideal) |",
-                  "| --- | --- | --- | --- | --- |"]
+        lines += [
+            "## Exported models vs dense (bf16, stock transformers)",
+            "",
+            "| model | params | prefill 1x512 speedup (ideal) | prefill 8x128 speedup (ideal) | decode speedup (ideal) |",
+            "| --- | --- | --- | --- | --- |",
+        ]
         for n, r in res["payoff"].items():
-            cells = [f"{r['speedup'][k]:.2f} ({r['ideal'][k]:.2f})" for k in ("prefill_1x512", "prefill_8x128", "decode_1x128")]
+            cells = [
+                f"{r['speedup'][k]:.2f} ({r['ideal'][k]:.2f})"
+                for k in ("prefill_1x512", "prefill_8x128", "decode_1x128")
+            ]
             lines.append(f"| {n} | {r['params'] / 1e6:.1f}M | " + " | ".join(cells) + " |")
         lines.append("")
         if "payoff_wide" in res:
-            lines += ["The same uniform FFN cut on a wider shape (random bf16 weights, TinyLlama-1.1B layer shapes: "
-                      f"{WIDE}):", "", "| model | params | prefill 1x512 speedup (ideal) | prefill 8x128 speedup (ideal) | decode speedup (ideal) |",
-                      "| --- | --- | --- | --- | --- |"]
+            lines += [
+                "The same uniform FFN cut on a wider shape (random bf16 weights, TinyLlama-1.1B layer shapes: "
+                f"{WIDE}):",
+                "",
+                "| model | params | prefill 1x512 speedup (ideal) | prefill 8x128 speedup (ideal) | decode speedup (ideal) |",
+                "| --- | --- | --- | --- | --- |",
+            ]
             for n, r in res["payoff_wide"].items():
-                cells = [f"{r['speedup'][k]:.2f} ({r['ideal'][k]:.2f})" for k in ("prefill_1x512", "prefill_8x128", "decode_1x128")]
+                cells = [
+                    f"{r['speedup'][k]:.2f} ({r['ideal'][k]:.2f})"
+                    for k in ("prefill_1x512", "prefill_8x128", "decode_1x128")
+                ]
                 lines.append(f"| {n} | {r['params'] / 1e6:.1f}M | " + " | ".join(cells) + " |")
             lines.append("")
     if "eval" in res:
         e = res["eval"]
-        lines += ["## Evaluation", "", f"Perplexity over {e['windows']} windows of {e['seq_len']}: {e['perplexity_s']:.1f} s; "
-                  f"bare forward loop {e['bare_forward_s']:.1f} s; ratio {e['ratio']:.3f}.", ""]
+        lines += [
+            "## Evaluation",
+            "",
+            f"Perplexity over {e['windows']} windows of {e['seq_len']}: {e['perplexity_s']:.1f} s; "
+            f"bare forward loop {e['bare_forward_s']:.1f} s; ratio {e['ratio']:.3f}.",
+            "",
+        ]
     reading = out.with_name(f"{date}-perf-reading.md")  # the hand-written reading, kept across reruns
     if reading.exists():
         lines += [reading.read_text().rstrip(), ""]

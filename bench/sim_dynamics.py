@@ -21,14 +21,31 @@ from maskprune.cut import cut_mass_share, kept_indices, plan_cut
 from maskprune.masks import Structure
 
 # SmolLM2-135M: 30 layers, 9 query / 3 KV heads (query policy: 3 rows of 3), FFN 1536, hidden 576.
-HEAD = HeadLayout(kind="head", rows=3, units_per_row=3, params_per_unit=2 * 576 * 64,
-                  num_attention_heads=9, num_key_value_heads=3, head_dim=64, policy="query")
+HEAD = HeadLayout(
+    kind="head",
+    rows=3,
+    units_per_row=3,
+    params_per_unit=2 * 576 * 64,
+    num_attention_heads=9,
+    num_key_value_heads=3,
+    head_dim=64,
+    policy="query",
+)
 FFN = FFNLayout(kind="ffn", rows=1, units_per_row=1536, params_per_unit=3 * 576)
 S = Structure(get_adapter("llama"), HEAD, FFN, 30, 134_515_008)
 
 
-def simulate(steps: int, sparsity: float, eta1: float, eta2: float, eta3: float, eta4: float,
-             warmup: float = 0.7, noise: float = 0.01, seed: int = 0) -> dict:
+def simulate(
+    steps: int,
+    sparsity: float,
+    eta1: float,
+    eta2: float,
+    eta3: float,
+    eta4: float,
+    warmup: float = 0.7,
+    noise: float = 0.01,
+    seed: int = 0,
+) -> dict:
     g = torch.Generator().manual_seed(seed)
     masks = {"head": torch.ones(30, 3, 3), "ffn": torch.ones(30, 1, 1536)}
     sigma, y, z = {"head": 0.0, "ffn": 0.0}, 0.0, 0.0
@@ -45,9 +62,15 @@ def simulate(steps: int, sparsity: float, eta1: float, eta2: float, eta3: float,
                 masks[kd] = F.proximal_step(m, k[kd], eta1, y)
         target = F.budget_ratio(t, steps, final, warmup)
         for kd, m in masks.items():
-            sigma[kd] = F.sigma_step(sigma[kd], y=y, z=z, next_sq_mean=float(F.next_smallest_sq(m, k[kd]).mean()),
-                                     weight=S.resource_weight(kd, "share"), eta2=eta2,
-                                     sigma_max=(lay[kd].units_per_row - 1) / lay[kd].units_per_row)
+            sigma[kd] = F.sigma_step(
+                sigma[kd],
+                y=y,
+                z=z,
+                next_sq_mean=float(F.next_smallest_sq(m, k[kd]).mean()),
+                weight=S.resource_weight(kd, "share"),
+                eta2=eta2,
+                sigma_max=(lay[kd].units_per_row - 1) / lay[kd].units_per_row,
+            )
         k = {kd: F.num_cut(sigma[kd], lay[kd].units_per_row) for kd in masks}
         y = F.y_step(y, violation=sum(F.sparsity_violation(m, k[kd]) for kd, m in masks.items()), eta3=eta3)
         size = S.params_after(sigma["head"] * 3, sigma["ffn"] * 1536) / S.dense_params
@@ -55,10 +78,16 @@ def simulate(steps: int, sparsity: float, eta1: float, eta2: float, eta3: float,
         err.append(size - target)
     plan = plan_cut(S, sigma_head=sigma["head"], budget=int(S.dense_params * final))
     mass = {kd: cut_mass_share(masks[kd], kept_indices(masks[kd], getattr(plan, f"k_{kd}"))) for kd in masks}
-    return {"eta": [eta1, eta2, eta3, eta4], "sigma": {k: round(v, 3) for k, v in sigma.items()},
-            "y": round(y, 2), "z": round(z, 2), "k": [plan.k_head, plan.k_ffn],
-            "track_final": round(err[-1], 4), "track_max": round(max(abs(e) for e in err), 4),
-            "mass": {k: round(v, 3) for k, v in mass.items()}}
+    return {
+        "eta": [eta1, eta2, eta3, eta4],
+        "sigma": {k: round(v, 3) for k, v in sigma.items()},
+        "y": round(y, 2),
+        "z": round(z, 2),
+        "k": [plan.k_head, plan.k_ffn],
+        "track_final": round(err[-1], 4),
+        "track_max": round(max(abs(e) for e in err), 4),
+        "mass": {k: round(v, 3) for k, v in mass.items()},
+    }
 
 
 def main() -> None:

@@ -5,8 +5,14 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
-from transformers import (AutoModelForCausalLM, LlamaConfig, MistralConfig, PreTrainedTokenizerFast,
-                          Qwen2Config, Qwen3Config)
+from transformers import (
+    AutoModelForCausalLM,
+    LlamaConfig,
+    MistralConfig,
+    PreTrainedTokenizerFast,
+    Qwen2Config,
+    Qwen3Config,
+)
 
 TEXT = (
     "The quick brown fox jumps over the lazy dog. A pruned model keeps the same shape in every layer. "
@@ -24,25 +30,35 @@ def make_tokenizer() -> PreTrainedTokenizerFast:
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=VOCAB, special_tokens=["<eos>", "<bos>"],
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-                                  show_progress=False)
+    trainer = trainers.BpeTrainer(
+        vocab_size=VOCAB,
+        special_tokens=["<eos>", "<bos>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
     tok.train_from_iterator([TEXT], trainer=trainer)
     fast = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<eos>", bos_token="<bos>")
     return fast
 
 
 def config_for(kind: str, *, tied: bool = False, layers: int = 2):
-    common = dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=96, num_hidden_layers=layers,
-                  max_position_embeddings=256, tie_word_embeddings=tied, eos_token_id=0,
-                  bos_token_id=1, pad_token_id=0)
+    common = dict(
+        vocab_size=VOCAB,
+        hidden_size=64,
+        intermediate_size=96,
+        num_hidden_layers=layers,
+        max_position_embeddings=256,
+        tie_word_embeddings=tied,
+        eos_token_id=0,
+        bos_token_id=1,
+        pad_token_id=0,
+    )
     if kind == "llama_mha":
         return LlamaConfig(num_attention_heads=4, num_key_value_heads=4, **common)
     if kind == "llama_gqa":
         return LlamaConfig(num_attention_heads=4, num_key_value_heads=2, **common)
     if kind == "llama_bias":
-        return LlamaConfig(num_attention_heads=4, num_key_value_heads=2, attention_bias=True,
-                           mlp_bias=True, **common)
+        return LlamaConfig(num_attention_heads=4, num_key_value_heads=2, attention_bias=True, mlp_bias=True, **common)
     if kind == "mistral":
         return MistralConfig(num_attention_heads=4, num_key_value_heads=2, sliding_window=None, **common)
     if kind == "qwen2":
@@ -77,5 +93,5 @@ def write_calib(path: Path, docs: int = 40) -> Path:
 
     with open(path, "w") as fh:
         for i in range(docs):
-            fh.write(json.dumps({"text": f"Document {i}. " + TEXT[(i * 37) % 200:]}) + "\n")
+            fh.write(json.dumps({"text": f"Document {i}. " + TEXT[(i * 37) % 200 :]}) + "\n")
     return path

@@ -168,8 +168,7 @@ class DecoderAdapter:
         return self.proj(layer, "down")
 
     def lora_target_names(self) -> list[str]:
-        return [self.q_name, self.k_name, self.v_name, self.o_name, self.gate_name, self.up_name,
-                self.down_name]
+        return [self.q_name, self.k_name, self.v_name, self.o_name, self.gate_name, self.up_name, self.down_name]
 
     # ---- structure --------------------------------------------------------------------------
     def head_layout(self, model: nn.Module, policy: GQAPolicy) -> HeadLayout:
@@ -191,9 +190,16 @@ class DecoderAdapter:
             rows, per_row, ppu = 1, n_kv, r * q_head + kv_head
         else:  # pragma: no cover - config validation rejects this earlier
             raise ValueError(f"unknown GQA policy {policy!r}")
-        return HeadLayout(kind="head", rows=rows, units_per_row=per_row, params_per_unit=ppu,
-                          num_attention_heads=n_heads, num_key_value_heads=n_kv,
-                          head_dim=head_dim, policy=policy)
+        return HeadLayout(
+            kind="head",
+            rows=rows,
+            units_per_row=per_row,
+            params_per_unit=ppu,
+            num_attention_heads=n_heads,
+            num_key_value_heads=n_kv,
+            head_dim=head_dim,
+            policy=policy,
+        )
 
     def ffn_layout(self, model: nn.Module) -> FFNLayout:
         layer = self.layers(model)[0]
@@ -234,6 +240,5 @@ def get_adapter(model_type: str) -> DecoderAdapter:
             f"model_type {model_type!r} is not supported",
             expected=f"one of {', '.join(SUPPORTED_MODEL_TYPES)}",
             found=repr(model_type),
-            fix="use a Llama-, Mistral- or Qwen2-style decoder; other families need an adapter "
-                "in maskprune/arch.py",
+            fix="use a Llama-, Mistral- or Qwen2-style decoder; other families need an adapter in maskprune/arch.py",
         ) from None

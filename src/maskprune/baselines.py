@@ -50,16 +50,19 @@ def _magnitude(model: nn.Module, adapter: DecoderAdapter, s: Structure, _stats) 
     heads, ffns = [], []
     for layer in adapter.layers(model):
         q, k, v, o = (adapter.proj(layer, r).weight for r in ("q", "k", "v", "o"))
-        per_q = _row_norm_sq(q, lay.num_attention_heads, lay.head_dim) + \
-            (o.float() ** 2).sum(0).view(lay.num_attention_heads, lay.head_dim).sum(-1)  # [n_heads]
-        kv = _row_norm_sq(k, lay.num_key_value_heads, lay.head_dim) + _row_norm_sq(v, lay.num_key_value_heads, lay.head_dim)
+        per_q = _row_norm_sq(q, lay.num_attention_heads, lay.head_dim) + (o.float() ** 2).sum(0).view(
+            lay.num_attention_heads, lay.head_dim
+        ).sum(-1)  # [n_heads]
+        kv = _row_norm_sq(k, lay.num_key_value_heads, lay.head_dim) + _row_norm_sq(
+            v, lay.num_key_value_heads, lay.head_dim
+        )
         if lay.unit_is_kv_group:
             unit = per_q.view(lay.num_key_value_heads, lay.group_size).sum(-1) + kv  # [n_kv] (r = 1: per head)
         else:
             unit = per_q
         heads.append(unit.sqrt().view(lay.rows, lay.units_per_row))
         g, u, d = (adapter.proj(layer, r).weight.float() for r in ("gate", "up", "down"))
-        ffns.append(((g ** 2).sum(1) + (u ** 2).sum(1) + (d ** 2).sum(0)).sqrt().view(1, -1))
+        ffns.append(((g**2).sum(1) + (u**2).sum(1) + (d**2).sum(0)).sqrt().view(1, -1))
     return torch.stack(heads), torch.stack(ffns)
 
 
@@ -68,14 +71,17 @@ def _taylor(model: nn.Module, adapter: DecoderAdapter, s: Structure, stats) -> t
     grads = stats["grads"]
     heads, ffns = [], []
     for li, layer in enumerate(adapter.layers(model)):
+
         def wg(role: str) -> torch.Tensor:
             return (adapter.proj(layer, role).weight.float() * grads[(li, role)]).abs()  # per-weight salience
 
         q, k, v, o = wg("q"), wg("k"), wg("v"), wg("o")
-        per_q = q.sum(-1).view(lay.num_attention_heads, lay.head_dim).sum(-1) + \
-            o.sum(0).view(lay.num_attention_heads, lay.head_dim).sum(-1)  # [n_heads]
-        kv = k.sum(-1).view(lay.num_key_value_heads, lay.head_dim).sum(-1) + \
-            v.sum(-1).view(lay.num_key_value_heads, lay.head_dim).sum(-1)
+        per_q = q.sum(-1).view(lay.num_attention_heads, lay.head_dim).sum(-1) + o.sum(0).view(
+            lay.num_attention_heads, lay.head_dim
+        ).sum(-1)  # [n_heads]
+        kv = k.sum(-1).view(lay.num_key_value_heads, lay.head_dim).sum(-1) + v.sum(-1).view(
+            lay.num_key_value_heads, lay.head_dim
+        ).sum(-1)
         if lay.unit_is_kv_group:
             unit = per_q.view(lay.num_key_value_heads, lay.group_size).sum(-1) + kv
         else:
@@ -105,10 +111,10 @@ def _flap(model: nn.Module, adapter: DecoderAdapter, s: Structure, stats) -> tup
 
         def var(role: str) -> torch.Tensor:
             mean = stats["sum"][(li, role)] / n
-            return (stats["sumsq"][(li, role)] / n - mean ** 2).clamp_min(0)
+            return (stats["sumsq"][(li, role)] / n - mean**2).clamp_min(0)
 
-        heads.append(_head_column_scores(s.head, var("o") * (o ** 2).sum(0)))
-        ffns.append((var("down") * (d ** 2).sum(0)).view(1, -1))
+        heads.append(_head_column_scores(s.head, var("o") * (o**2).sum(0)))
+        ffns.append((var("down") * (d**2).sum(0)).view(1, -1))
     return torch.stack(heads), torch.stack(ffns)
 
 
@@ -130,7 +136,8 @@ def _activation_stats(model: nn.Module, adapter: DecoderAdapter, windows: torch.
         def fn(_m, args):
             x = args[0].detach().float().reshape(-1, args[0].shape[-1])  # [tokens, width]
             stats["sum"][key] = stats["sum"].get(key, 0) + x.sum(0)
-            stats["sumsq"][key] = stats["sumsq"].get(key, 0) + (x ** 2).sum(0)
+            stats["sumsq"][key] = stats["sumsq"].get(key, 0) + (x**2).sum(0)
+
         return fn
 
     for li, layer in enumerate(adapter.layers(model)):
@@ -140,7 +147,7 @@ def _activation_stats(model: nn.Module, adapter: DecoderAdapter, windows: torch.
     try:
         with torch.no_grad():
             for i in range(0, windows.shape[0], batch_size):
-                batch = windows[i: i + batch_size].to(device)
+                batch = windows[i : i + batch_size].to(device)
                 model(input_ids=batch, use_cache=False)
                 stats["count"] += batch.numel()
     finally:
@@ -152,8 +159,11 @@ def _activation_stats(model: nn.Module, adapter: DecoderAdapter, windows: torch.
 def _weight_grads(model: nn.Module, adapter: DecoderAdapter, windows: torch.Tensor, batch_size: int) -> dict:
     """Accumulated dL/dW of every projection for the LM loss on ``windows`` (weights frozen after)."""
     device = next(model.parameters()).device
-    params = {(li, r): adapter.proj(layer, r).weight for li, layer in enumerate(adapter.layers(model))
-              for r in ("q", "k", "v", "o", "gate", "up", "down")}
+    params = {
+        (li, r): adapter.proj(layer, r).weight
+        for li, layer in enumerate(adapter.layers(model))
+        for r in ("q", "k", "v", "o", "gate", "up", "down")
+    }
     was = {id(p): (p, p.requires_grad) for p in model.parameters()}
     for p in model.parameters():  # only the projection weights get gradients
         p.requires_grad_(False)
@@ -162,7 +172,7 @@ def _weight_grads(model: nn.Module, adapter: DecoderAdapter, windows: torch.Tens
         p.grad = None
     try:
         for i in range(0, windows.shape[0], batch_size):
-            batch = windows[i: i + batch_size].to(device)
+            batch = windows[i : i + batch_size].to(device)
             logits = model(input_ids=batch, use_cache=False).logits
             loss = F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]).float(), batch[:, 1:].reshape(-1))
             loss.backward()
@@ -174,8 +184,14 @@ def _weight_grads(model: nn.Module, adapter: DecoderAdapter, windows: torch.Tens
     return {"grads": grads}
 
 
-def unit_scores(method: str, model: nn.Module, adapter: DecoderAdapter, structure: Structure,
-                windows: torch.Tensor, batch_size: int = 4) -> tuple[torch.Tensor, torch.Tensor]:
+def unit_scores(
+    method: str,
+    model: nn.Module,
+    adapter: DecoderAdapter,
+    structure: Structure,
+    windows: torch.Tensor,
+    batch_size: int = 4,
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Importance of every head unit ``[L, rows, U_h]`` and FFN channel ``[L, 1, U_f]`` (higher = keep)."""
     scorer, needs = BASELINES[method]
     if needs == "activations":

@@ -23,9 +23,22 @@ log = logging.getLogger(__name__)
 _NAME = re.compile(r"^ckpt-(\d{8})\.pt$")
 
 # Config keys that may differ between the interrupted run and its resumption.
-RESUME_KEYS_FREE = frozenset({"out", "overwrite", "resume", "threads", "log_every", "eval_data",
-                              "eval_seq_len", "eval_max_windows", "checkpoint_every", "keep_checkpoints",
-                              "device", "compile"})
+RESUME_KEYS_FREE = frozenset(
+    {
+        "out",
+        "overwrite",
+        "resume",
+        "threads",
+        "log_every",
+        "eval_data",
+        "eval_seq_len",
+        "eval_max_windows",
+        "checkpoint_every",
+        "keep_checkpoints",
+        "device",
+        "compile",
+    }
+)
 
 
 def config_fingerprint(cfg: dict[str, Any]) -> dict[str, Any]:

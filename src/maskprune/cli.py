@@ -1,7 +1,7 @@
 """Command line: parses arguments and calls the library; nothing else.
 
-    maskprune prune [MODEL] [--sparsity 0.5] [--out DIR] [--config run.yaml] [--steps N] ...
-    maskprune eval MODEL [--seq-len 2048,128] [--limit N] [--out results.json]
+maskprune prune [MODEL] [--sparsity 0.5] [--out DIR] [--config run.yaml] [--steps N] ...
+maskprune eval MODEL [--seq-len 2048,128] [--limit N] [--out results.json]
 """
 
 from __future__ import annotations
@@ -51,11 +51,13 @@ def _add_config_flags(p: argparse.ArgumentParser) -> None:
         hint = hints[f.name]
         help_ = f"{docs.get(f.name, '')} (default: {f.default!r})".strip()
         if hint is bool:
-            p.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction, default=argparse.SUPPRESS,
-                           help=help_)
+            p.add_argument(
+                flag, dest=f.name, action=argparse.BooleanOptionalAction, default=argparse.SUPPRESS, help=help_
+            )
         else:
-            p.add_argument(flag, dest=f.name, type=_parse_value, default=argparse.SUPPRESS, metavar=_metavar(hint),
-                           help=help_)
+            p.add_argument(
+                flag, dest=f.name, type=_parse_value, default=argparse.SUPPRESS, metavar=_metavar(hint), help=help_
+            )
 
 
 def _metavar(hint: Any) -> str:
@@ -86,33 +88,46 @@ def _parse_value(text: str) -> Any:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="maskprune", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="maskprune", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     parser.add_argument("-q", "--quiet", action="store_true", help="warnings only, no progress bar")
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("prune", help="learn layer-uniform masks and export a smaller checkpoint")
-    p.add_argument("model", nargs="?", default=None,
-                   help="HF folder, hub id, .gguf file, or smollm2-135m (default)")
+    p.add_argument("model", nargs="?", default=None, help="HF folder, hub id, .gguf file, or smollm2-135m (default)")
     p.add_argument("--config", type=Path, default=None, help="YAML file of config keys")
     _add_config_flags(p)
 
     e = sub.add_parser("eval", help="WikiText-2 perplexity and zero-shot accuracy (lm-eval) of causal LMs")
     e.add_argument("model", nargs="*", help="HF folder, hub id, .gguf file, or smollm2-135m")
-    e.add_argument("--compare", nargs=2, metavar=("DENSE", "PRUNED"), default=None,
-                   help="evaluate two models side by side with the share of dense retained")
+    e.add_argument(
+        "--compare",
+        nargs=2,
+        metavar=("DENSE", "PRUNED"),
+        default=None,
+        help="evaluate two models side by side with the share of dense retained",
+    )
     e.add_argument("--ppl", choices=["wikitext2", "none"], default="wikitext2")
-    e.add_argument("--ppl-data", default="default",
-                   help="WikiText-2 raw test: default (shipped), hub, or a wiki.test.raw path")
+    e.add_argument(
+        "--ppl-data", default="default", help="WikiText-2 raw test: default (shipped), hub, or a wiki.test.raw path"
+    )
     e.add_argument("--seq-len", default="2048,128", help="comma-separated window lengths")
     e.add_argument("--tasks", default="", help="comma-separated lm-eval tasks, or 'paper' for all seven")
     e.add_argument("--data-dir", default=None, help="local task data (offline); see maskprune.zeroshot")
-    e.add_argument("--limit", type=int, default=None,
-                   help="only the first N perplexity windows and N examples per task (quick looks)")
-    e.add_argument("--ppl-tokens", type=int, default=None,
-                   help="score only the first N tokens of WikiText-2 at every window length (overrides --limit "
-                        "for perplexity)")
+    e.add_argument(
+        "--limit",
+        type=int,
+        default=None,
+        help="only the first N perplexity windows and N examples per task (quick looks)",
+    )
+    e.add_argument(
+        "--ppl-tokens",
+        type=int,
+        default=None,
+        help="score only the first N tokens of WikiText-2 at every window length (overrides --limit for perplexity)",
+    )
     e.add_argument("--batch-size", type=int, default=4)
     e.add_argument("--dtype", choices=["fp32", "bf16", "fp16"], default="fp32")
     e.add_argument("--device", default="auto")
@@ -124,8 +139,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _overrides(args: argparse.Namespace) -> dict[str, Any]:
-    overrides = {f.name: getattr(args, f.name) for f in dataclasses.fields(PruneConfig)
-                 if f.name != "model" and hasattr(args, f.name)}
+    overrides = {
+        f.name: getattr(args, f.name)
+        for f in dataclasses.fields(PruneConfig)
+        if f.name != "model" and hasattr(args, f.name)
+    }
     if args.model is not None:
         overrides["model"] = args.model
     return overrides
@@ -146,11 +164,17 @@ def _run_prune(args: argparse.Namespace, progress: bool) -> int:
         return 0
     p = report["params"]
     ppl = report["perplexity"]
-    summary = {"out": report["out"], "params_dense": p["dense"], "params_exported": p["exported"],
-               "sparsity": round(p["sparsity"], 4), "shape": {k: report["shape"][k] for k in
-                                                              ("num_attention_heads", "num_key_value_heads",
-                                                               "intermediate_size", "head_dim")},
-               "ppl": {k: (v["ppl"] if v else None) for k, v in ppl.items() if k != "protocol"}}
+    summary = {
+        "out": report["out"],
+        "params_dense": p["dense"],
+        "params_exported": p["exported"],
+        "sparsity": round(p["sparsity"], 4),
+        "shape": {
+            k: report["shape"][k]
+            for k in ("num_attention_heads", "num_key_value_heads", "intermediate_size", "head_dim")
+        },
+        "ppl": {k: (v["ppl"] if v else None) for k, v in ppl.items() if k != "protocol"},
+    }
     sys.stdout.write(json.dumps(summary, indent=1) + "\n")
     return 0
 
@@ -170,23 +194,38 @@ def _run_eval(args: argparse.Namespace, progress: bool) -> int:
     try:
         seq_lens = [int(s) for s in str(args.seq_len).split(",") if s.strip()] if args.ppl != "none" else []
     except ValueError:
-        raise MaskPruneError(f"--seq-len {args.seq_len!r} is not a list of integers",
-                             expected="e.g. 2048,128") from None
+        raise MaskPruneError(
+            f"--seq-len {args.seq_len!r} is not a list of integers", expected="e.g. 2048,128"
+        ) from None
     tasks = resolve_tasks(args.tasks) if args.tasks else []
     if args.data_dir is not None and not Path(args.data_dir).is_dir():
         raise MaskPruneError(f"--data-dir {args.data_dir!r} is not a folder")
     if args.ppl_tokens is not None and args.ppl_tokens < 1:
         raise MaskPruneError(f"--ppl-tokens must be a positive token count, found {args.ppl_tokens}")
     device = resolve_device(args.device)
-    results: dict = {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-                     "machine": _machine(device), "dtype": args.dtype, "limit": args.limit,
-                     "ppl_tokens": args.ppl_tokens, "models": {}}
+    results: dict = {
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "machine": _machine(device),
+        "dtype": args.dtype,
+        "limit": args.limit,
+        "ppl_tokens": args.ppl_tokens,
+        "models": {},
+    }
     for spec in models:
         loaded = load_model(spec, trust_remote_code=args.trust_remote_code, device=device)
         results["models"][spec] = evaluate_model(
-            loaded.model, loaded.tokenizer, seq_lens=seq_lens, ppl_data=args.ppl_data, tasks=tasks,
-            data_dir=args.data_dir, limit=args.limit, batch_size=args.batch_size,
-            autocast_dtype=autocast_dtype(args.dtype), progress=progress, ppl_tokens=args.ppl_tokens)
+            loaded.model,
+            loaded.tokenizer,
+            seq_lens=seq_lens,
+            ppl_data=args.ppl_data,
+            tasks=tasks,
+            data_dir=args.data_dir,
+            limit=args.limit,
+            batch_size=args.batch_size,
+            autocast_dtype=autocast_dtype(args.dtype),
+            progress=progress,
+            ppl_tokens=args.ppl_tokens,
+        )
         del loaded
     table = format_table(results["models"], dense_key=models[0] if args.compare else None)
     results["table"] = table
@@ -220,8 +259,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         sys.stderr.write(f"maskprune: error: {exc}\n")
         return 2
     except Interrupted as exc:
-        sys.stderr.write(f"maskprune: interrupted at step {exc.step}; a checkpoint was written. Run the same "
-                         "command with --resume to continue.\n")
+        sys.stderr.write(
+            f"maskprune: interrupted at step {exc.step}; a checkpoint was written. Run the same "
+            "command with --resume to continue.\n"
+        )
         return 130
     except KeyboardInterrupt:
         sys.stderr.write("maskprune: interrupted\n")

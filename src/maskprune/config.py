@@ -23,8 +23,13 @@ __all__ = ["PruneConfig", "load_config", "DEFAULT_MODEL", "PAPER_RECIPE"]
 DEFAULT_MODEL = "smollm2-135m"
 
 PAPER_RECIPE: dict[str, Any] = {
-    "mask_init": "ones", "mask_optimizer": "adamw", "mask_lr": 1e-2, "mask_lr_schedule": "constant",
-    "freeze_share": 1.0, "warmup_share": 0.7, "kl_direction": "student_teacher",
+    "mask_init": "ones",
+    "mask_optimizer": "adamw",
+    "mask_lr": 1e-2,
+    "mask_lr_schedule": "constant",
+    "freeze_share": 1.0,
+    "warmup_share": 0.7,
+    "kl_direction": "student_teacher",
 }
 """``recipe: paper``: the method as the paper writes it (masks start at 1, AdamW at lr 1e-2 with no
 schedule, the selection learned until the cut, KL(p_s || p_t)). Keys given explicitly still win."""
@@ -85,7 +90,8 @@ class PruneConfig:
     mask_init_spread: float = 0.1
     """Range of the initial masks under a one-shot prior, in [0, 1)."""
     prior_samples: int = 128
-    """Calibration windows the one-shot prior is scored on (the first ones; at most ``calib_samples``): 16k tokens at the default window length."""
+    """Calibration windows the one-shot prior is scored on (the first ones; at most ``calib_samples``): 16k
+    tokens at the default window length."""
     mask_optimizer: Literal["layer-adam", "adamw"] = "layer-adam"
     """Mask optimizer: Adam with one second moment per layer (a unit's step follows its gradient's size
     relative to its layer's), or AdamW per mask (the paper: every mask moves about lr per step)."""
@@ -235,14 +241,30 @@ class PruneConfig:
         problems: list[str] = []
         if self.budget_params is None:
             if self.sparsity is None or not (0.0 < self.sparsity < 1.0):
-                problems.append(f"sparsity must be in (0, 1) (the share of parameters removed), "
-                                f"found {self.sparsity!r}: pass e.g. --sparsity 0.5")
+                problems.append(
+                    f"sparsity must be in (0, 1) (the share of parameters removed), "
+                    f"found {self.sparsity!r}: pass e.g. --sparsity 0.5"
+                )
         elif self.budget_params <= 0:
             problems.append(f"budget_params must be a positive parameter count, found {self.budget_params}")
         if self.checkpoint_every < 0:
             problems.append(f"checkpoint_every must be >= 0, found {self.checkpoint_every}")
-        for name in ("calib_samples", "prior_samples", "seq_len", "batch_size", "steps", "lora_rank", "head_multiple", "keep_checkpoints",
-                     "ffn_multiple", "eval_seq_len", "log_every", "sync_check_every", "ffn_prox_start", "ffn_prox_end"):
+        for name in (
+            "calib_samples",
+            "prior_samples",
+            "seq_len",
+            "batch_size",
+            "steps",
+            "lora_rank",
+            "head_multiple",
+            "keep_checkpoints",
+            "ffn_multiple",
+            "eval_seq_len",
+            "log_every",
+            "sync_check_every",
+            "ffn_prox_start",
+            "ffn_prox_end",
+        ):
             v = getattr(self, name)
             if v < 1:
                 problems.append(f"{name} must be >= 1, found {v}")
@@ -253,8 +275,10 @@ class PruneConfig:
             if not (v >= 0.0 and math.isfinite(v)):
                 problems.append(f"{name} must be a finite number >= 0, found {v}")
         if self.method == "maskprune" and 1 <= self.calib_samples < self.batch_size:
-            problems.append(f"batch_size {self.batch_size} is larger than calib_samples {self.calib_samples}: every "
-                            "step would see fewer windows than asked; lower --batch-size or raise --calib-samples")
+            problems.append(
+                f"batch_size {self.batch_size} is larger than calib_samples {self.calib_samples}: every "
+                "step would see fewer windows than asked; lower --batch-size or raise --calib-samples"
+            )
         if not 0.0 < self.warmup_share <= 1.0:
             problems.append(f"warmup_share must be in (0, 1], found {self.warmup_share}")
         if not 0.0 <= self.freeze_share <= 1.0:
@@ -262,12 +286,16 @@ class PruneConfig:
         if not 0.0 <= self.mask_init_spread < 1.0:
             problems.append(f"mask_init_spread must be in [0, 1), found {self.mask_init_spread}")
         if self.mask_type != "uniform" and self.method != "maskprune":
-            problems.append(f"mask_type {self.mask_type!r} applies to the learned method only, found method "
-                            f"{self.method!r}: drop --mask-type or use --method maskprune")
+            problems.append(
+                f"mask_type {self.mask_type!r} applies to the learned method only, found method "
+                f"{self.method!r}: drop --mask-type or use --method maskprune"
+            )
         if not self.distill and (self.alpha > 0.0 or self.ce_weight > 0.0):
-            problems.append(f"distill is off, so there is no teacher for alpha={self.alpha} (layer MSE) and the "
-                            f"loss is the cross-entropy alone (ce_weight={self.ce_weight} is implied): drop "
-                            "--alpha/--ce-weight or drop --no-distill")
+            problems.append(
+                f"distill is off, so there is no teacher for alpha={self.alpha} (layer MSE) and the "
+                f"loss is the cross-entropy alone (ce_weight={self.ce_weight} is implied): drop "
+                "--alpha/--ce-weight or drop --no-distill"
+            )
         if self.eval_max_windows is not None and self.eval_max_windows < 1:
             problems.append(f"eval_max_windows must be >= 1 or null, found {self.eval_max_windows}")
         if problems:
@@ -326,15 +354,17 @@ def load_config(file: str | Path | None = None, overrides: Mapping[str, Any] | N
     if file is not None:
         path = Path(file)
         if not path.is_file():
-            raise MaskPruneError(f"config file {str(path)!r} does not exist",
-                                 fix="pass the path of a YAML file to --config")
+            raise MaskPruneError(
+                f"config file {str(path)!r} does not exist", fix="pass the path of a YAML file to --config"
+            )
         try:
             loaded = yaml.safe_load(path.read_text()) or {}
         except yaml.YAMLError as exc:
             raise MaskPruneError(f"config file {str(path)!r} is not valid YAML: {exc}") from None
         if not isinstance(loaded, dict):
-            raise MaskPruneError(f"config file {str(path)!r} must hold a mapping of keys to values",
-                                 found=type(loaded).__name__)
+            raise MaskPruneError(
+                f"config file {str(path)!r} must hold a mapping of keys to values", found=type(loaded).__name__
+            )
         values.update(loaded)
     values.update(overrides or {})
     if values.get("recipe") == "paper":

@@ -26,12 +26,12 @@ class CutPlan:
     budget: int
 
     def to_dict(self) -> dict[str, int]:
-        return {"k_head": self.k_head, "k_ffn": self.k_ffn, "params": self.params,
-                "budget": self.budget}
+        return {"k_head": self.k_head, "k_ffn": self.k_ffn, "params": self.params, "budget": self.budget}
 
 
-def plan_cut(structure: Structure, *, sigma_head: float, budget: int,
-             head_multiple: int = 1, ffn_multiple: int = 1) -> CutPlan:
+def plan_cut(
+    structure: Structure, *, sigma_head: float, budget: int, head_multiple: int = 1, ffn_multiple: int = 1
+) -> CutPlan:
     """Integer counts from the learned fractions, adjusted so the exported size meets the budget.
 
     Heads take ``ceil(sigma_head * U)`` (the learned head sparsity); FFN channels, the finest unit,
@@ -59,8 +59,7 @@ def plan_cut(structure: Structure, *, sigma_head: float, budget: int,
     if not feasible:
         raise MaskPruneError(
             "no layer-uniform cut reaches the parameter budget",
-            expected=f"a budget of at least {s.min_params():,} parameters (one unit of each kind left "
-                     "per layer)",
+            expected=f"a budget of at least {s.min_params():,} parameters (one unit of each kind left per layer)",
             found=f"budget {budget:,}",
             fix="ask for a lower --sparsity",
         )

@@ -50,13 +50,16 @@ def _iter_file(path: Path, text_field: str) -> Iterator[str]:
                 try:
                     row = json.loads(line)
                 except json.JSONDecodeError as exc:
-                    raise MaskPruneError(f"{path}:{lineno} is not valid JSON ({exc.msg})",
-                                         expected="one JSON object per line with a "
-                                                  f"{text_field!r} field") from None
+                    raise MaskPruneError(
+                        f"{path}:{lineno} is not valid JSON ({exc.msg})",
+                        expected=f"one JSON object per line with a {text_field!r} field",
+                    ) from None
                 if not isinstance(row, dict) or not isinstance(row.get(text_field), str):
-                    raise MaskPruneError(f"{path}:{lineno} has no string field {text_field!r}",
-                                         expected=f'lines like {{"{text_field}": "..."}}',
-                                         found=line[:80])
+                    raise MaskPruneError(
+                        f"{path}:{lineno} has no string field {text_field!r}",
+                        expected=f'lines like {{"{text_field}": "..."}}',
+                        found=line[:80],
+                    )
                 yield row[text_field]
         else:  # plain text: paragraphs separated by blank lines are documents
             buf: list[str] = []
@@ -78,25 +81,30 @@ def iter_texts(source: str, *, config: str | None = None, text_field: str = "tex
     path = Path(source).expanduser()
     if path.is_file():
         if _base_suffix(path) not in _SUFFIXES:
-            raise MaskPruneError(f"calibration file {source!r} has an unknown type",
-                                 expected=f"one of {', '.join(_SUFFIXES)} (optionally .gz)")
+            raise MaskPruneError(
+                f"calibration file {source!r} has an unknown type",
+                expected=f"one of {', '.join(_SUFFIXES)} (optionally .gz)",
+            )
         yield from _iter_file(path, text_field)
         return
     if path.is_dir():
         files = sorted(p for p in path.rglob("*") if p.is_file() and _base_suffix(p) in _SUFFIXES)
         if not files:
-            raise MaskPruneError(f"calibration folder {source!r} holds no text files",
-                                 expected=f"files ending in {', '.join(_SUFFIXES)} (optionally .gz)")
+            raise MaskPruneError(
+                f"calibration folder {source!r} holds no text files",
+                expected=f"files ending in {', '.join(_SUFFIXES)} (optionally .gz)",
+            )
         for f in files:
             yield from _iter_file(f, text_field)
         return
     if "/" in source and not source.startswith((".", "/", "~")) and not path.suffix:
         yield from _iter_hub(source, config, text_field)
         return
-    raise MaskPruneError(f"calibration data {source!r} does not exist",
-                         expected="'default', a .txt/.jsonl/.json(.gz) file or folder, or a hub "
-                                  "dataset id like allenai/c4",
-                         fix="check the --calib path")
+    raise MaskPruneError(
+        f"calibration data {source!r} does not exist",
+        expected="'default', a .txt/.jsonl/.json(.gz) file or folder, or a hub dataset id like allenai/c4",
+        fix="check the --calib path",
+    )
 
 
 def _iter_hub(name: str, config: str | None, text_field: str) -> Iterator[str]:  # pragma: no cover
@@ -129,20 +137,23 @@ def pack_windows(texts: Iterable[str], tokenizer, *, seq_len: int, num_windows: 
             break
     n = min(num_windows, len(ids) // seq_len)
     if n == 0:
-        raise MaskPruneError("calibration data is empty or shorter than one window",
-                             expected=f"at least {seq_len} tokens (one window of seq_len)",
-                             found=f"{len(ids)} tokens in {docs} documents",
-                             fix="give more text with --calib or a smaller --seq-len")
+        raise MaskPruneError(
+            "calibration data is empty or shorter than one window",
+            expected=f"at least {seq_len} tokens (one window of seq_len)",
+            found=f"{len(ids)} tokens in {docs} documents",
+            fix="give more text with --calib or a smaller --seq-len",
+        )
     if n < num_windows:
-        log.warning("calibration data gave %d windows of %d tokens, fewer than the %d asked for",
-                    n, seq_len, num_windows)
+        log.warning(
+            "calibration data gave %d windows of %d tokens, fewer than the %d asked for", n, seq_len, num_windows
+        )
     return torch.tensor(ids[: n * seq_len], dtype=torch.long).view(n, seq_len)  # [n, seq_len]
 
 
-def calibration_windows(source: str, tokenizer, *, seq_len: int, num_windows: int,
-                        config: str | None = None) -> torch.Tensor:
-    return pack_windows(iter_texts(source, config=config), tokenizer, seq_len=seq_len,
-                        num_windows=num_windows)
+def calibration_windows(
+    source: str, tokenizer, *, seq_len: int, num_windows: int, config: str | None = None
+) -> torch.Tensor:
+    return pack_windows(iter_texts(source, config=config), tokenizer, seq_len=seq_len, num_windows=num_windows)
 
 
 def wikitext2_test_text(source: str = "default") -> str:
@@ -157,8 +168,9 @@ def wikitext2_test_text(source: str = "default") -> str:
         return "\n\n".join(rows)
     path = _resource("wikitext-2-raw-test.raw.gz") if source == "default" else Path(source).expanduser()
     if not path.is_file():
-        raise MaskPruneError(f"WikiText-2 file {source!r} does not exist",
-                             expected="'default', 'hub', or the path of wiki.test.raw")
+        raise MaskPruneError(
+            f"WikiText-2 file {source!r} does not exist", expected="'default', 'hub', or the path of wiki.test.raw"
+        )
     with _open_text(path) as fh:
         # Each line keeps its newline; a line of only white space becomes "" (the HF loader's rows).
         rows = [line if line.strip() else "" for line in fh]

@@ -17,8 +17,23 @@ import torch.distributed as dist
 
 from .errors import MaskPruneError
 
-__all__ = ["init_from_env", "world", "rank", "is_main", "all_reduce_grads", "all_reduce_mean", "any_true",
-           "check_consistent", "RankDesyncError", "barrier", "is_sharded", "shard_fsdp", "full", "like", "shutdown"]
+__all__ = [
+    "init_from_env",
+    "world",
+    "rank",
+    "is_main",
+    "all_reduce_grads",
+    "all_reduce_mean",
+    "any_true",
+    "check_consistent",
+    "RankDesyncError",
+    "barrier",
+    "is_sharded",
+    "shard_fsdp",
+    "full",
+    "like",
+    "shutdown",
+]
 
 log = logging.getLogger(__name__)
 
@@ -124,7 +139,7 @@ def all_reduce_grads(params: Iterable[torch.nn.Parameter]) -> None:
     offset = 0
     for g in grads:
         n = g.numel()
-        g.copy_(flat[offset: offset + n].view_as(g))
+        g.copy_(flat[offset : offset + n].view_as(g))
         offset += n
 
 
@@ -161,6 +176,8 @@ def check_consistent(state: dict[str, float], tensors: dict[str, torch.Tensor], 
     dist.all_reduce(hi, op=dist.ReduceOp.MAX)
     bad = [n for n, a, b in zip(names, lo.tolist(), hi.tolist()) if a != b]
     if bad:
-        raise RankDesyncError(f"processes disagree at step {step} on {', '.join(bad)}",
-                              expected="identical masks, s, y and z on every rank",
-                              fix="a bug or a non-deterministic kernel: rerun; report it if it persists")
+        raise RankDesyncError(
+            f"processes disagree at step {step} on {', '.join(bad)}",
+            expected="identical masks, s, y and z on every rank",
+            fix="a bug or a non-deterministic kernel: rerun; report it if it persists",
+        )

@@ -12,8 +12,9 @@ __all__ = ["MaskPruneError", "UnsupportedModelError", "ParityError", "NonFiniteE
 class MaskPruneError(ValueError):
     """Bad input or a broken promise, with a message written for the user."""
 
-    def __init__(self, what: str, *, expected: str | None = None, found: str | None = None,
-                 fix: str | None = None) -> None:
+    def __init__(
+        self, what: str, *, expected: str | None = None, found: str | None = None, fix: str | None = None
+    ) -> None:
         parts = [what]
         if expected:
             parts.append(f"expected: {expected}")

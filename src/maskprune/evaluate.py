@@ -39,17 +39,28 @@ def tokenize_windows(text: str, tokenizer, seq_len: int) -> tuple[torch.Tensor, 
     """``([n, seq_len] long, bos description)``; remainder tokens are dropped."""
     ids = tokenizer(text, return_tensors="pt")["input_ids"][0]  # [N]
     bos_id = tokenizer.bos_token_id
-    bos = "prepended once at the start of the text" if (bos_id is not None and len(ids) and
-                                                         int(ids[0]) == bos_id) else "none added"
+    bos = (
+        "prepended once at the start of the text"
+        if (bos_id is not None and len(ids) and int(ids[0]) == bos_id)
+        else "none added"
+    )
     n = ids.numel() // seq_len
     return ids[: n * seq_len].view(n, seq_len), bos  # [n, seq_len]
 
 
 @torch.no_grad()
-def perplexity(model: torch.nn.Module, windows: torch.Tensor, *, batch_size: int = 4,
-               max_windows: int | None = None, autocast_dtype: torch.dtype | None = None,
-               bos: str = "", progress: bool = True, desc: str = "ppl",
-               chunk_tokens: int = 1024) -> PerplexityResult:
+def perplexity(
+    model: torch.nn.Module,
+    windows: torch.Tensor,
+    *,
+    batch_size: int = 4,
+    max_windows: int | None = None,
+    autocast_dtype: torch.dtype | None = None,
+    bos: str = "",
+    progress: bool = True,
+    desc: str = "ppl",
+    chunk_tokens: int = 1024,
+) -> PerplexityResult:
     """exp(mean token NLL) of ``model`` over ``windows`` ``[n, seq_len]`` (first ``max_windows``).
 
     The output head and the cross-entropy run ``chunk_tokens`` positions at a time on the decoder's
@@ -59,28 +70,33 @@ def perplexity(model: torch.nn.Module, windows: torch.Tensor, *, batch_size: int
     total = windows.shape[0]
     if total == 0:
         raise ValueError("no evaluation window: the text is shorter than seq_len")
-    use = windows[: max_windows] if max_windows else windows
+    use = windows[:max_windows] if max_windows else windows
     device = next(model.parameters()).device
     nll_sum, count = 0.0, 0
     start = time.perf_counter()
     was_training = model.training
     model.eval()
     try:
-        for i in tqdm(range(0, use.shape[0], batch_size), desc=desc, disable=not progress,
-                      leave=False):
-            batch = use[i: i + batch_size].to(device)  # [b, T]
-            with torch.autocast(device.type, dtype=autocast_dtype or torch.float32,
-                                enabled=autocast_dtype is not None):
+        for i in tqdm(range(0, use.shape[0], batch_size), desc=desc, disable=not progress, leave=False):
+            batch = use[i : i + batch_size].to(device)  # [b, T]
+            with torch.autocast(device.type, dtype=autocast_dtype or torch.float32, enabled=autocast_dtype is not None):
                 nll_sum += float(_window_nll(model, batch, chunk_tokens))
             count += batch[:, 1:].numel()
     finally:
         model.train(was_training)
     nll = nll_sum / count
     dtype = str(autocast_dtype or next(model.parameters()).dtype).replace("torch.", "")
-    return PerplexityResult(ppl=math.exp(nll), nll=nll, seq_len=int(use.shape[1]),
-                            windows=int(use.shape[0]), total_windows=int(total),
-                            tokens_scored=count, bos=bos, dtype=dtype,
-                            seconds=time.perf_counter() - start)
+    return PerplexityResult(
+        ppl=math.exp(nll),
+        nll=nll,
+        seq_len=int(use.shape[1]),
+        windows=int(use.shape[0]),
+        total_windows=int(total),
+        tokens_scored=count,
+        bos=bos,
+        dtype=dtype,
+        seconds=time.perf_counter() - start,
+    )
 
 
 def _split_head(model: torch.nn.Module) -> tuple[torch.nn.Module, torch.nn.Module] | None:
@@ -116,20 +132,37 @@ def _window_nll(model: torch.nn.Module, batch: torch.Tensor, chunk_tokens: int) 
     flat = targets.reshape(-1)
     total = hidden.new_zeros((), dtype=torch.float32)
     for start in range(0, hidden.shape[0], chunk_tokens):
-        logits = head(hidden[start:start + chunk_tokens])  # [n, V]
-        total = total + summed_nll(logits, flat[start:start + chunk_tokens])
+        logits = head(hidden[start : start + chunk_tokens])  # [n, V]
+        total = total + summed_nll(logits, flat[start : start + chunk_tokens])
     return total
 
 
 # ---- the full protocol: perplexity at several window lengths + zero-shot tasks --------------------
-PAPER_COLUMNS = (("boolq", "BoolQ"), ("piqa", "PIQA"), ("hellaswag", "HellaSwag"), ("winogrande", "WinoGrande"),
-                 ("arc_easy", "ARC-e"), ("arc_challenge", "ARC-c"), ("openbookqa", "OBQA"))
+PAPER_COLUMNS = (
+    ("boolq", "BoolQ"),
+    ("piqa", "PIQA"),
+    ("hellaswag", "HellaSwag"),
+    ("winogrande", "WinoGrande"),
+    ("arc_easy", "ARC-e"),
+    ("arc_challenge", "ARC-c"),
+    ("openbookqa", "OBQA"),
+)
 
 
-def evaluate_model(model: torch.nn.Module, tokenizer, *, seq_lens: list[int], ppl_data: str = "default",
-                   tasks: list[str] | None = None, data_dir: str | None = None, limit: int | None = None,
-                   batch_size: int = 4, autocast_dtype: torch.dtype | None = None,
-                   progress: bool = True, ppl_tokens: int | None = None) -> dict:
+def evaluate_model(
+    model: torch.nn.Module,
+    tokenizer,
+    *,
+    seq_lens: list[int],
+    ppl_data: str = "default",
+    tasks: list[str] | None = None,
+    data_dir: str | None = None,
+    limit: int | None = None,
+    batch_size: int = 4,
+    autocast_dtype: torch.dtype | None = None,
+    progress: bool = True,
+    ppl_tokens: int | None = None,
+) -> dict:
     """Perplexity (WikiText-2 raw test) at every ``seq_len`` and zero-shot ``tasks`` via lm-eval.
 
     ``limit`` caps both the perplexity windows and the examples per task (quick looks only).
@@ -138,27 +171,49 @@ def evaluate_model(model: torch.nn.Module, tokenizer, *, seq_lens: list[int], pp
     """
     from .data import wikitext2_test_text
 
-    out: dict = {"params": sum(p.numel() for p in model.parameters()),
-                 "shape": {k: getattr(model.config, k, None) for k in
-                           ("num_hidden_layers", "num_attention_heads", "num_key_value_heads", "head_dim",
-                            "intermediate_size", "hidden_size")},
-                 "perplexity": {}, "zeroshot": None}
+    out: dict = {
+        "params": sum(p.numel() for p in model.parameters()),
+        "shape": {
+            k: getattr(model.config, k, None)
+            for k in (
+                "num_hidden_layers",
+                "num_attention_heads",
+                "num_key_value_heads",
+                "head_dim",
+                "intermediate_size",
+                "hidden_size",
+            )
+        },
+        "perplexity": {},
+        "zeroshot": None,
+    }
     if seq_lens:
         text = wikitext2_test_text(ppl_data)
-        out["perplexity_protocol"] = {"data": f"WikiText-2 raw test ({ppl_data})", "join": "rows joined with \\n\\n",
-                                      "windows": "non-overlapping, remainder dropped",
-                                      "metric": "exp(mean token NLL)"}
+        out["perplexity_protocol"] = {
+            "data": f"WikiText-2 raw test ({ppl_data})",
+            "join": "rows joined with \\n\\n",
+            "windows": "non-overlapping, remainder dropped",
+            "metric": "exp(mean token NLL)",
+        }
         for n in seq_lens:
             windows, bos = tokenize_windows(text, tokenizer, n)
             cap = max(1, ppl_tokens // n) if ppl_tokens else limit
-            out["perplexity"][str(n)] = perplexity(model, windows, batch_size=max(1, batch_size * 512 // n),
-                                                   max_windows=cap, autocast_dtype=autocast_dtype, bos=bos,
-                                                   progress=progress, desc=f"wikitext2@{n}").to_dict()
+            out["perplexity"][str(n)] = perplexity(
+                model,
+                windows,
+                batch_size=max(1, batch_size * 512 // n),
+                max_windows=cap,
+                autocast_dtype=autocast_dtype,
+                bos=bos,
+                progress=progress,
+                desc=f"wikitext2@{n}",
+            ).to_dict()
     if tasks:
         from .zeroshot import run_zeroshot
 
-        out["zeroshot"] = run_zeroshot(model, tokenizer, tasks, data_dir=data_dir, limit=limit,
-                                       batch_size=batch_size, progress=progress)
+        out["zeroshot"] = run_zeroshot(
+            model, tokenizer, tasks, data_dir=data_dir, limit=limit, batch_size=batch_size, progress=progress
+        )
     return out
 
 
@@ -166,8 +221,11 @@ def format_table(results: dict[str, dict], dense_key: str | None = None) -> str:
     """The paper's table layout (markdown) for one or more evaluated models; with ``dense_key``,
     a row of the share of the dense model's score that each other model retains."""
     ppl_lens = sorted({int(k) for r in results.values() for k in r.get("perplexity", {})}, reverse=True)
-    tasks = [(t, name) for t, name in PAPER_COLUMNS
-             if any((r.get("zeroshot") or {}).get("tasks", {}).get(t) for r in results.values())]
+    tasks = [
+        (t, name)
+        for t, name in PAPER_COLUMNS
+        if any((r.get("zeroshot") or {}).get("tasks", {}).get(t) for r in results.values())
+    ]
     head = ["model", "params"] + [f"WikiText2@{n}" for n in ppl_lens] + [name for _, name in tasks]
     if tasks:
         head.append("Avg")
@@ -185,8 +243,11 @@ def format_table(results: dict[str, dict], dense_key: str | None = None) -> str:
         return vals
 
     for name, r in results.items():
-        lines.append("| " + " | ".join([name, f"{r['params'] / 1e6:.1f}M"] +
-                                        [f"{v:.2f}" if v is not None else "-" for v in cells(r)]) + " |")
+        lines.append(
+            "| "
+            + " | ".join([name, f"{r['params'] / 1e6:.1f}M"] + [f"{v:.2f}" if v is not None else "-" for v in cells(r)])
+            + " |"
+        )
     if dense_key and dense_key in results:
         base = cells(results[dense_key])
         for name, r in results.items():
@@ -200,5 +261,9 @@ def format_table(results: dict[str, dict], dense_key: str | None = None) -> str:
                     share.append(f"{b / v:.0%}")  # perplexity: lower is better, dense / pruned
                 else:
                     share.append(f"{v / b:.0%}")
-            lines.append("| " + " | ".join([f"{name} / dense retained", f"{r['params'] / results[dense_key]['params']:.0%}"] + share) + " |")
+            lines.append(
+                "| "
+                + " | ".join([f"{name} / dense retained", f"{r['params'] / results[dense_key]['params']:.0%}"] + share)
+                + " |"
+            )
     return "\n".join(lines)

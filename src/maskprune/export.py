@@ -20,8 +20,7 @@ from .cut import CutPlan, hard_masks, kept_indices
 from .errors import ParityError
 from .masks import MaskSet
 
-__all__ = ["KeptUnits", "select_units", "masked_logits", "fold_and_slice_", "save_and_verify",
-           "ParityReport"]
+__all__ = ["KeptUnits", "select_units", "masked_logits", "fold_and_slice_", "save_and_verify", "ParityReport"]
 
 log = logging.getLogger(__name__)
 
@@ -44,8 +43,7 @@ class ParityReport:
     tolerance: float
 
     def to_dict(self) -> dict[str, float]:
-        return {"max_abs_diff": self.max_abs_diff, "ref_max_abs": self.ref_max_abs,
-                "tolerance": self.tolerance}
+        return {"max_abs_diff": self.max_abs_diff, "ref_max_abs": self.ref_max_abs, "tolerance": self.tolerance}
 
 
 def select_units(masks: MaskSet, plan: CutPlan) -> KeptUnits:
@@ -67,8 +65,7 @@ def masked_logits(model: nn.Module, probe: torch.Tensor) -> torch.Tensor:
 
 
 def _sliced_linear(old: nn.Linear, weight: torch.Tensor, bias: torch.Tensor | None) -> nn.Linear:
-    new = nn.Linear(weight.shape[1], weight.shape[0], bias=bias is not None,
-                    device=weight.device, dtype=weight.dtype)
+    new = nn.Linear(weight.shape[1], weight.shape[0], bias=bias is not None, device=weight.device, dtype=weight.dtype)
     new.weight.data.copy_(weight)
     if bias is not None:
         new.bias.data.copy_(bias)
@@ -82,8 +79,14 @@ def _rows(heads: list[int], head_dim: int, device: torch.device) -> torch.Tensor
 
 
 @torch.no_grad()
-def fold_and_slice_(model: nn.Module, adapter: DecoderAdapter, layout: HeadLayout,
-                    head_masks: torch.Tensor, ffn_masks: torch.Tensor, kept: KeptUnits) -> None:
+def fold_and_slice_(
+    model: nn.Module,
+    adapter: DecoderAdapter,
+    layout: HeadLayout,
+    head_masks: torch.Tensor,
+    ffn_masks: torch.Tensor,
+    kept: KeptUnits,
+) -> None:
     """In place on a stock (LoRA-merged, hook-free) model: fold masks, slice, update the config.
 
     head_masks ``[L, rows, U_h]``, ffn_masks ``[L, 1, U_f]``: the learned values (cut units are
@@ -101,10 +104,12 @@ def fold_and_slice_(model: nn.Module, adapter: DecoderAdapter, layout: HeadLayou
         q_rows, kv_rows = _rows(q_keep, d, dev), _rows(kv_keep, d, dev)
         o_w = (o.weight * col_scale[None, :])[:, q_rows]  # [hidden, n_q' * d]
         setattr(attn, adapter.o_name, _sliced_linear(o, o_w, o.bias))
-        for name, mod, rows in ((adapter.q_name, q, q_rows), (adapter.k_name, k, kv_rows),
-                                (adapter.v_name, v, kv_rows)):
-            setattr(attn, name, _sliced_linear(mod, mod.weight[rows],
-                                               mod.bias[rows] if mod.bias is not None else None))
+        for name, mod, rows in (
+            (adapter.q_name, q, q_rows),
+            (adapter.k_name, k, kv_rows),
+            (adapter.v_name, v, kv_rows),
+        ):
+            setattr(attn, name, _sliced_linear(mod, mod.weight[rows], mod.bias[rows] if mod.bias is not None else None))
         if hasattr(attn, "num_key_value_groups"):
             attn.num_key_value_groups = len(q_keep) // len(kv_keep)
 
@@ -114,8 +119,7 @@ def fold_and_slice_(model: nn.Module, adapter: DecoderAdapter, layout: HeadLayou
         down_w = (down.weight * fm[None, :])[:, ch]  # [hidden, d_ff']
         setattr(mlp, adapter.down_name, _sliced_linear(down, down_w, down.bias))
         for name, mod in ((adapter.gate_name, gate), (adapter.up_name, up)):
-            setattr(mlp, name, _sliced_linear(mod, mod.weight[ch],
-                                              mod.bias[ch] if mod.bias is not None else None))
+            setattr(mlp, name, _sliced_linear(mod, mod.weight[ch], mod.bias[ch] if mod.bias is not None else None))
         if hasattr(mlp, "intermediate_size"):
             mlp.intermediate_size = int(ch.numel())
         n_q, n_kv, d_ff = len(q_keep), len(kv_keep), int(ch.numel())
@@ -128,8 +132,14 @@ def fold_and_slice_(model: nn.Module, adapter: DecoderAdapter, layout: HeadLayou
         delattr(cfg, "quantization_config")
 
 
-def verify_parity(model: nn.Module, probe: torch.Tensor, reference: torch.Tensor, *,
-                  tolerance: float = 1e-4, what: str = "the folded and sliced model") -> ParityReport:
+def verify_parity(
+    model: nn.Module,
+    probe: torch.Tensor,
+    reference: torch.Tensor,
+    *,
+    tolerance: float = 1e-4,
+    what: str = "the folded and sliced model",
+) -> ParityReport:
     """Logits of ``model`` (in memory) against ``reference``; :class:`ParityError` beyond
     ``tolerance * max(1, max|reference|)``."""
     out = masked_logits(model, probe)
@@ -137,16 +147,19 @@ def verify_parity(model: nn.Module, probe: torch.Tensor, reference: torch.Tensor
     diff = float((out - reference).abs().max())
     report = ParityReport(diff, ref_max, tolerance * max(1.0, ref_max))
     if not diff <= report.tolerance:
-        raise ParityError(f"{what} does not reproduce the masked model",
-                          expected=f"max |logit difference| <= {report.tolerance:.3g}",
-                          found=f"{diff:.3g}",
-                          fix="this is a maskprune bug: please report it with the model type")
+        raise ParityError(
+            f"{what} does not reproduce the masked model",
+            expected=f"max |logit difference| <= {report.tolerance:.3g}",
+            found=f"{diff:.3g}",
+            fix="this is a maskprune bug: please report it with the model type",
+        )
     log.info("parity verified (%s): max |logit diff| %.3g (tolerance %.3g)", what, diff, report.tolerance)
     return report
 
 
-def save_and_verify(model: nn.Module, tokenizer, folder: Path, probe: torch.Tensor,
-                    reference: torch.Tensor, *, tolerance: float = 1e-4) -> ParityReport:
+def save_and_verify(
+    model: nn.Module, tokenizer, folder: Path, probe: torch.Tensor, reference: torch.Tensor, *, tolerance: float = 1e-4
+) -> ParityReport:
     """Save stock weights + tokenizer to ``folder``, reload with ``AutoModelForCausalLM``, compare.
 
     Raises :class:`ParityError` if the reloaded model's logits drift beyond
@@ -161,8 +174,7 @@ def save_and_verify(model: nn.Module, tokenizer, folder: Path, probe: torch.Tens
     reloaded = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype).to(next(model.parameters()).device)
     reloaded.eval()
     try:
-        report = verify_parity(reloaded, probe, reference, tolerance=tolerance,
-                               what="the exported checkpoint")
+        report = verify_parity(reloaded, probe, reference, tolerance=tolerance, what="the exported checkpoint")
     finally:
         del reloaded
     return report

@@ -67,14 +67,16 @@ class LearnState:
         return asdict(self)
 
 
-def attach_lora(model: nn.Module, roles: tuple[str, ...], *, rank: int, alpha: float,
-                adapter_names: dict[str, str]) -> nn.Module:
+def attach_lora(
+    model: nn.Module, roles: tuple[str, ...], *, rank: int, alpha: float, adapter_names: dict[str, str]
+) -> nn.Module:
     """Wrap the chosen projections with peft LoRA (zero-initialised B, so the function is unchanged)."""
     from peft import LoraConfig, get_peft_model
 
     targets = sorted({adapter_names[r] for r in roles})
-    cfg = LoraConfig(r=rank, lora_alpha=alpha, lora_dropout=0.0, target_modules=targets, bias="none",
-                     task_type="CAUSAL_LM")
+    cfg = LoraConfig(
+        r=rank, lora_alpha=alpha, lora_dropout=0.0, target_modules=targets, bias="none", task_type="CAUSAL_LM"
+    )
     return get_peft_model(model, cfg)
 
 
@@ -92,8 +94,16 @@ def _disable_lora_input_cast(model: nn.Module) -> None:
 class Learner:
     """Learns masks (and LoRA) on ``windows`` ``[N, seq_len]`` toward ``budget`` parameters."""
 
-    def __init__(self, model: nn.Module, masks: MaskSet, windows: torch.Tensor, cfg: PruneConfig,
-                 budget: int, *, on_step: Callable[[dict], None] | None = None) -> None:
+    def __init__(
+        self,
+        model: nn.Module,
+        masks: MaskSet,
+        windows: torch.Tensor,
+        cfg: PruneConfig,
+        budget: int,
+        *,
+        on_step: Callable[[dict], None] | None = None,
+    ) -> None:
         self.model = model
         self.masks = masks
         self.windows = windows
@@ -110,10 +120,13 @@ class Learner:
         lora_params = [p for n, p in model.named_parameters() if "lora_" in n and p.requires_grad]
         mask_params = list(masks.parameters())
         self.mask_optimizer: torch.optim.Optimizer = (
-            LayerAdam(mask_params, lr=cfg.resolved_mask_lr()) if cfg.mask_optimizer == "layer-adam"
-            else torch.optim.AdamW(mask_params, lr=cfg.resolved_mask_lr(), weight_decay=0.0))
+            LayerAdam(mask_params, lr=cfg.resolved_mask_lr())
+            if cfg.mask_optimizer == "layer-adam"
+            else torch.optim.AdamW(mask_params, lr=cfg.resolved_mask_lr(), weight_decay=0.0)
+        )
         self.optimizer: torch.optim.Optimizer | None = (
-            torch.optim.AdamW(lora_params, lr=cfg.lora_lr, weight_decay=0.0) if lora_params else None)
+            torch.optim.AdamW(lora_params, lr=cfg.lora_lr, weight_decay=0.0) if lora_params else None
+        )
         self._trainable = mask_params + lora_params
         self.freeze_step = round(cfg.freeze_share * cfg.steps) if cfg.freeze_share < 1.0 else None
         # the module the step calls: compiled if asked (the same parameters, hooks and adapters; masks and
@@ -121,12 +134,16 @@ class Learner:
         self._forward: Callable[..., Any] = model
         if cfg.compile:
             if D.world() > 1:
-                raise MaskPruneError("compile is supported with one process only",
-                                     fix="drop --compile when running under torchrun / accelerate")
+                raise MaskPruneError(
+                    "compile is supported with one process only",
+                    fix="drop --compile when running under torchrun / accelerate",
+                )
             self._forward = torch.compile(model)
         if cfg.batch_size % D.world():
-            raise MaskPruneError(f"batch_size {cfg.batch_size} does not split over {D.world()} processes",
-                                 fix="use a global --batch-size that is a multiple of the process count")
+            raise MaskPruneError(
+                f"batch_size {cfg.batch_size} does not split over {D.world()} processes",
+                fix="use a global --batch-size that is a multiple of the process count",
+            )
 
     # ---- data ---------------------------------------------------------------------------------
     def batch_indices(self, step: int) -> torch.Tensor:
@@ -137,10 +154,10 @@ class Learner:
         epoch, pos = divmod(step, per_epoch)
         gen = torch.Generator().manual_seed(self.cfg.seed * 1_000_003 + epoch)
         order = torch.randperm(n, generator=gen)
-        batch = order[pos * b: pos * b + b] if n >= b else order
+        batch = order[pos * b : pos * b + b] if n >= b else order
         w, r = D.world(), D.rank()
         share = batch.numel() // w
-        return batch[r * share: (r + 1) * share]
+        return batch[r * share : (r + 1) * share]
 
     # ---- one step -----------------------------------------------------------------------------
     def mask_lr(self, step: int) -> float:
@@ -159,8 +176,13 @@ class Learner:
         becomes the planned fractions, so the final cut is this one."""
         cfg, st, s = self.cfg, self.state, self.structure
         self.masks.materialize_()
-        plan = plan_cut(s, sigma_head=st.sigma["head"], budget=self.budget, head_multiple=cfg.head_multiple,
-                        ffn_multiple=cfg.ffn_multiple)
+        plan = plan_cut(
+            s,
+            sigma_head=st.sigma["head"],
+            budget=self.budget,
+            head_multiple=cfg.head_multiple,
+            ffn_multiple=cfg.ffn_multiple,
+        )
         for kind, k, lay in (("head", plan.k_head, s.head), ("ffn", plan.k_ffn, s.ffn)):
             p = self.masks.by_kind()[kind]
             hard = p.detach().clone() if st.step > 0 else torch.ones_like(p)
@@ -192,23 +214,29 @@ class Learner:
                     teacher = self._forward(input_ids=batch, output_hidden_states=want_hidden, use_cache=False)
             student = self._forward(input_ids=batch, output_hidden_states=want_hidden, use_cache=False)
             terms = distillation_loss(
-                student.logits, teacher.logits if teacher is not None else None,
+                student.logits,
+                teacher.logits if teacher is not None else None,
                 student_hidden=student.hidden_states[1:] if want_hidden else None,
                 teacher_hidden=teacher.hidden_states[1:] if want_hidden else None,
-                alpha=cfg.alpha, direction=cfg.kl_direction, labels=batch, ce_weight=cfg.ce_weight,
-                layer_mse_norm=cfg.layer_mse_norm)
-        k_cut = {kind: F.num_cut(st.sigma[kind], lay.units_per_row)
-                 for kind, lay in (("head", s.head), ("ffn", s.ffn))}
+                alpha=cfg.alpha,
+                direction=cfg.kl_direction,
+                labels=batch,
+                ce_weight=cfg.ce_weight,
+                layer_mse_norm=cfg.layer_mse_norm,
+            )
+        k_cut = {kind: F.num_cut(st.sigma[kind], lay.units_per_row) for kind, lay in (("head", s.head), ("ffn", s.ffn))}
         if self.masks.mask_type == "l0" and st.y > 0.0 and not frozen:
             # no closed-form prox for hard-concrete gates: the Lagrangian's sparsity term enters the loss
-            terms["sparsity_penalty"] = sum(F.sparsity_penalty(self.masks.values(kind), k_cut[kind])
-                                            for kind in ("head", "ffn"))
+            terms["sparsity_penalty"] = sum(
+                F.sparsity_penalty(self.masks.values(kind), k_cut[kind]) for kind in ("head", "ffn")
+            )
             terms["loss"] = terms["loss"] + st.y * terms["sparsity_penalty"]
         loss = terms["loss"]
         if not torch.isfinite(loss):
-            raise NonFiniteError(f"the loss became {float(loss.detach())} at step {t}",
-                                 fix="lower mask_lr / lora_lr or use --dtype fp32; the last "
-                                     "checkpoint is intact")
+            raise NonFiniteError(
+                f"the loss became {float(loss.detach())} at step {t}",
+                fix="lower mask_lr / lora_lr or use --dtype fp32; the last checkpoint is intact",
+            )
         optimizers = [o for o in (self.mask_optimizer, self.optimizer) if o is not None]
         for o in optimizers:
             o.zero_grad(set_to_none=True)
@@ -243,46 +271,68 @@ class Learner:
         for kind, val in values.items():
             lay = s.head if kind == "head" else s.ffn
             st.sigma[kind] = F.sigma_step(
-                st.sigma[kind], y=st.y, z=st.z,
+                st.sigma[kind],
+                y=st.y,
+                z=st.z,
                 next_sq_mean=float(F.next_smallest_sq(val, k_cut[kind]).mean()),
-                weight=s.resource_weight(kind, cfg.resource_weight), eta2=cfg.eta2, sigma_max=(lay.units_per_row - 1) / lay.units_per_row)
-        k_new = {kind: F.num_cut(st.sigma[kind], lay.units_per_row)
-                 for kind, lay in (("head", s.head), ("ffn", s.ffn))}
+                weight=s.resource_weight(kind, cfg.resource_weight),
+                eta2=cfg.eta2,
+                sigma_max=(lay.units_per_row - 1) / lay.units_per_row,
+            )
+        k_new = {kind: F.num_cut(st.sigma[kind], lay.units_per_row) for kind, lay in (("head", s.head), ("ffn", s.ffn))}
         violation = sum(F.sparsity_violation(v, k_new[kind]) for kind, v in values.items())
         st.y = F.y_step(st.y, violation=violation, eta3=cfg.eta3)
-        size = s.params_after(st.sigma["head"] * s.head.units_per_row,
-                              st.sigma["ffn"] * s.ffn.units_per_row)
+        size = s.params_after(st.sigma["head"] * s.head.units_per_row, st.sigma["ffn"] * s.ffn.units_per_row)
         st.z = F.z_step(st.z, size_ratio=size / s.dense_params, target_ratio=target, eta4=cfg.eta4)
         return self._finish_step(t, t0, batch, terms, k_new, prox, interval, violation)
 
-    def _finish_step(self, t: int, t0: float, batch: torch.Tensor, terms: dict, k_new: dict, prox: dict,
-                     interval: int, violation: float) -> dict:
+    def _finish_step(
+        self,
+        t: int,
+        t0: float,
+        batch: torch.Tensor,
+        terms: dict,
+        k_new: dict,
+        prox: dict,
+        interval: int,
+        violation: float,
+    ) -> dict:
         """Checks, the step counter, and the step's metrics (the same keys before and after the freeze)."""
         st, s = self.state, self.structure
         self._check_finite(t)
         if D.world() > 1 and (t % self.cfg.sync_check_every == 0 or t == self.cfg.steps - 1):
-            D.check_consistent({"y": st.y, "z": st.z, **{f"sigma_{k}": v for k, v in st.sigma.items()}},
-                               dict(self.masks.by_kind()), t)
+            D.check_consistent(
+                {"y": st.y, "z": st.z, **{f"sigma_{k}": v for k, v in st.sigma.items()}}, dict(self.masks.by_kind()), t
+            )
         st.step += 1
         with torch.no_grad():
             values = {kind: self.masks.values(kind).detach() for kind in ("head", "ffn")}
         size = s.params_after(st.sigma["head"] * s.head.units_per_row, st.sigma["ffn"] * s.ffn.units_per_row)
         dt = time.perf_counter() - t0
         metrics = {
-            "step": t, **D.all_reduce_mean({k: float(v.detach()) for k, v in terms.items()}, self.device),
-            "sigma_head": st.sigma["head"], "sigma_ffn": st.sigma["ffn"],
-            "k_head": k_new["head"], "k_ffn": k_new["ffn"], "y": st.y, "z": st.z,
+            "step": t,
+            **D.all_reduce_mean({k: float(v.detach()) for k, v in terms.items()}, self.device),
+            "sigma_head": st.sigma["head"],
+            "sigma_ffn": st.sigma["ffn"],
+            "k_head": k_new["head"],
+            "k_ffn": k_new["ffn"],
+            "y": st.y,
+            "z": st.z,
             "size_ratio": size / s.dense_params,
             "target_ratio": F.budget_ratio(t, self.cfg.steps, self.final_ratio, self.cfg.warmup_share),
             "size_at_cut": s.params_after(k_new["head"], k_new["ffn"]),
-            "violation": violation, "prox_head": prox["head"], "prox_ffn": prox["ffn"],
-            "ffn_prox_interval": interval, "frozen": st.frozen_at is not None,
+            "violation": violation,
+            "prox_head": prox["head"],
+            "prox_ffn": prox["ffn"],
+            "ffn_prox_interval": interval,
+            "frozen": st.frozen_at is not None,
             "ffn_alive_std": float((values["ffn"] > 0.05).sum(dim=(1, 2)).float().std()),
             "mask_mean_head": float(values["head"].mean()),
             "mask_mean_ffn": float(values["ffn"].mean()),
             "lr_mask": self.mask_optimizer.param_groups[0]["lr"] if st.frozen_at is None else 0.0,
             "lr_lora": self.optimizer.param_groups[0]["lr"] if self.optimizer is not None else 0.0,
-            "seconds": dt, "tokens_per_s": batch.numel() / dt,
+            "seconds": dt,
+            "tokens_per_s": batch.numel() / dt,
         }
         if self.on_step is not None:
             self.on_step(metrics)
@@ -290,12 +340,16 @@ class Learner:
 
     def _check_finite(self, t: int) -> None:
         st = self.state
-        bad = [name for name, v in (("y", st.y), ("z", st.z), ("sigma_head", st.sigma["head"]),
-                                    ("sigma_ffn", st.sigma["ffn"])) if not math.isfinite(v)]
+        bad = [
+            name
+            for name, v in (("y", st.y), ("z", st.z), ("sigma_head", st.sigma["head"]), ("sigma_ffn", st.sigma["ffn"]))
+            if not math.isfinite(v)
+        ]
         bad += [f"{k} mask" for k, p in self.masks.by_kind().items() if not torch.isfinite(p).all()]
         if bad:
-            raise NonFiniteError(f"non-finite values ({', '.join(bad)}) at step {t}",
-                                 fix="lower eta1..eta4 or the learning rates")
+            raise NonFiniteError(
+                f"non-finite values ({', '.join(bad)}) at step {t}", fix="lower eta1..eta4 or the learning rates"
+            )
 
     # ---- checkpoint state --------------------------------------------------------------------
     def _lora_params(self) -> dict[str, torch.Tensor]:
@@ -307,25 +361,36 @@ class Learner:
         Sharded (FSDP) LoRA weights and their optimizer state are gathered whole, so the checkpoint
         is the same file with or without FSDP; every process must call this (it is a collective then).
         """
+
         def gathered(o: torch.optim.Optimizer | None) -> dict | None:
             if o is None:
                 return None
             opt = o.state_dict()
-            opt["state"] = {i: {k: (D.full(v).detach().cpu().clone() if torch.is_tensor(v) else v)
-                                for k, v in st.items()} for i, st in opt["state"].items()}
+            opt["state"] = {
+                i: {k: (D.full(v).detach().cpu().clone() if torch.is_tensor(v) else v) for k, v in st.items()}
+                for i, st in opt["state"].items()
+            }
             return opt
 
-        return {"state": self.state.to_dict(),
-                "masks": {k: p.detach().cpu().clone() for k, p in self.masks.by_kind().items()},
-                "lora": {n: D.full(p.detach()).cpu().clone() for n, p in self._lora_params().items()},
-                "optimizer": gathered(self.optimizer), "mask_optimizer": gathered(self.mask_optimizer),
-                "rng": torch.get_rng_state()}
+        return {
+            "state": self.state.to_dict(),
+            "masks": {k: p.detach().cpu().clone() for k, p in self.masks.by_kind().items()},
+            "lora": {n: D.full(p.detach()).cpu().clone() for n, p in self._lora_params().items()},
+            "optimizer": gathered(self.optimizer),
+            "mask_optimizer": gathered(self.mask_optimizer),
+            "rng": torch.get_rng_state(),
+        }
 
     @torch.no_grad()
     def load_state_dict(self, payload: dict) -> None:
         st = payload["state"]
-        self.state = LearnState(step=int(st["step"]), sigma=dict(st["sigma"]), y=float(st["y"]), z=float(st["z"]),
-                                frozen_at=st.get("frozen_at"))
+        self.state = LearnState(
+            step=int(st["step"]),
+            sigma=dict(st["sigma"]),
+            y=float(st["y"]),
+            z=float(st["z"]),
+            frozen_at=st.get("frozen_at"),
+        )
         if self.state.frozen_at is not None:  # the checkpoint holds the hard 0/1 mask values
             self.masks.mask_type = "uniform"
             self._stop_mask_learning()
@@ -342,13 +407,26 @@ class Learner:
             if o is None:
                 continue
             params = [p for g in o.param_groups for p in g["params"]]
-            opt = {**opt, "state": {i: {k: (D.like(v, params[int(i)]) if torch.is_tensor(v) and v.dim() > 0 else v)
-                                        for k, v in st.items()} for i, st in opt["state"].items()}}
+            opt = {
+                **opt,
+                "state": {
+                    i: {
+                        k: (D.like(v, params[int(i)]) if torch.is_tensor(v) and v.dim() > 0 else v)
+                        for k, v in st.items()
+                    }
+                    for i, st in opt["state"].items()
+                },
+            }
             o.load_state_dict(opt)
         torch.set_rng_state(payload["rng"])
 
-    def run(self, *, checkpoint: Callable[["Learner"], None] | None = None, every: int = 0,
-            should_stop: Callable[[], bool] | None = None) -> LearnState:
+    def run(
+        self,
+        *,
+        checkpoint: Callable[["Learner"], None] | None = None,
+        every: int = 0,
+        should_stop: Callable[[], bool] | None = None,
+    ) -> LearnState:
         """Step until ``cfg.steps``. ``checkpoint(self)`` is called every ``every`` steps and, when
         ``should_stop()`` turns true (a signal), once more before :class:`Interrupted` is raised."""
         self.model.train()
@@ -360,8 +438,12 @@ class Learner:
                     if checkpoint is not None:
                         checkpoint(self)
                     raise Interrupted(self.state.step)
-                if checkpoint is not None and every and self.state.step % every == 0 \
-                        and self.state.step < self.cfg.steps:
+                if (
+                    checkpoint is not None
+                    and every
+                    and self.state.step % every == 0
+                    and self.state.step < self.cfg.steps
+                ):
                     checkpoint(self)
         finally:
             self.model.eval()

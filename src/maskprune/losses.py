@@ -7,8 +7,15 @@ from typing import Literal, Sequence
 import torch
 import torch.nn.functional as F
 
-__all__ = ["KLDirection", "LayerMSENorm", "kl_divergence", "layer_mse", "lm_cross_entropy", "summed_nll",
-           "distillation_loss"]
+__all__ = [
+    "KLDirection",
+    "LayerMSENorm",
+    "kl_divergence",
+    "layer_mse",
+    "lm_cross_entropy",
+    "summed_nll",
+    "distillation_loss",
+]
 
 KLDirection = Literal["student_teacher", "teacher_student"]
 LayerMSENorm = Literal["teacher", "none"]
@@ -53,17 +60,18 @@ class _BlockedKL(torch.autograd.Function):
         need_grad = ctx.needs_input_grad[0]
         grad = torch.empty_like(student) if need_grad else None  # [n, V]
         total = torch.zeros((), dtype=torch.float32, device=student.device)
-        s_buf, t_buf, d_buf = (torch.empty(min(rows, n), v, dtype=torch.float32, device=student.device)
-                               for _ in range(3))
+        s_buf, t_buf, d_buf = (
+            torch.empty(min(rows, n), v, dtype=torch.float32, device=student.device) for _ in range(3)
+        )
         with torch.autocast(student.device.type, enabled=False):  # fp32 by construction, not autocast's choice
             for start in range(0, n, rows):
                 r = min(rows, n - start)
                 s, t, d = s_buf[:r], t_buf[:r], d_buf[:r]
-                s.copy_(student[start:start + r])
-                t.copy_(teacher[start:start + r])
+                s.copy_(student[start : start + r])
+                t.copy_(teacher[start : start + r])
                 total += _kl_block_(s, t, d, reverse).sum()
                 if grad is not None:
-                    grad[start:start + r].copy_(s)
+                    grad[start : start + r].copy_(s)
         ctx.save_for_backward(*([grad] if grad is not None else []))
         return total
 
@@ -79,8 +87,13 @@ def _default_rows(device: torch.device) -> int:
     return 16 if device.type == "cpu" else 256
 
 
-def kl_divergence(student_logits: torch.Tensor, teacher_logits: torch.Tensor, *,
-                  direction: KLDirection = "student_teacher", chunk_tokens: int | None = None) -> torch.Tensor:
+def kl_divergence(
+    student_logits: torch.Tensor,
+    teacher_logits: torch.Tensor,
+    *,
+    direction: KLDirection = "student_teacher",
+    chunk_tokens: int | None = None,
+) -> torch.Tensor:
     """Mean per-token KL between student and teacher next-token distributions.
 
     Logits ``[B, T, V]`` in any float dtype. ``direction="student_teacher"`` is the paper's
@@ -97,8 +110,9 @@ def kl_divergence(student_logits: torch.Tensor, teacher_logits: torch.Tensor, *,
     return _BlockedKL.apply(s, t, direction == "student_teacher", rows) / s.shape[0]
 
 
-def layer_mse(student_hidden: Sequence[torch.Tensor], teacher_hidden: Sequence[torch.Tensor], *,
-              norm: LayerMSENorm = "teacher") -> torch.Tensor:
+def layer_mse(
+    student_hidden: Sequence[torch.Tensor], teacher_hidden: Sequence[torch.Tensor], *, norm: LayerMSENorm = "teacher"
+) -> torch.Tensor:
     """``sum_l MSE(h_s^l, h_t^l)`` over the layers given (each ``[B, T, hidden]``).
 
     ``norm="teacher"`` divides each layer's MSE by the teacher's mean square at that layer (a constant,
@@ -128,11 +142,13 @@ def summed_nll(logits: torch.Tensor, targets: torch.Tensor, *, rows: int = 16) -
     value up to fp32 summation order.
     """
     if logits.dim() != 2 or targets.shape != logits.shape[:1]:
-        raise ValueError(f"expected logits [n, V] and targets [n], got {tuple(logits.shape)} and {tuple(targets.shape)}")
+        raise ValueError(
+            f"expected logits [n, V] and targets [n], got {tuple(logits.shape)} and {tuple(targets.shape)}"
+        )
     total = torch.zeros((), dtype=torch.float32, device=logits.device)
     for start in range(0, logits.shape[0], rows):
-        x = logits[start:start + rows].float()  # [r, V]
-        t = targets[start:start + rows, None]  # [r, 1]
+        x = logits[start : start + rows].float()  # [r, V]
+        t = targets[start : start + rows, None]  # [r, 1]
         total += (torch.logsumexp(x, dim=-1) - x.gather(1, t)[:, 0]).sum()
     return total
 
@@ -143,12 +159,19 @@ def lm_cross_entropy(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor
     return F.cross_entropy(flat, labels[:, 1:].reshape(-1))
 
 
-def distillation_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor | None, *,
-                      student_hidden: Sequence[torch.Tensor] | None = None,
-                      teacher_hidden: Sequence[torch.Tensor] | None = None, alpha: float = 0.0,
-                      direction: KLDirection = "student_teacher", labels: torch.Tensor | None = None,
-                      ce_weight: float = 0.0, chunk_tokens: int | None = None,
-                      layer_mse_norm: LayerMSENorm = "teacher") -> dict[str, torch.Tensor]:
+def distillation_loss(
+    student_logits: torch.Tensor,
+    teacher_logits: torch.Tensor | None,
+    *,
+    student_hidden: Sequence[torch.Tensor] | None = None,
+    teacher_hidden: Sequence[torch.Tensor] | None = None,
+    alpha: float = 0.0,
+    direction: KLDirection = "student_teacher",
+    labels: torch.Tensor | None = None,
+    ce_weight: float = 0.0,
+    chunk_tokens: int | None = None,
+    layer_mse_norm: LayerMSENorm = "teacher",
+) -> dict[str, torch.Tensor]:
     """``KL + alpha * layer MSE (+ ce_weight * LM cross-entropy)``; returns every term and ``loss``.
 
     ``teacher_logits=None`` (distillation off): the loss is the cross-entropy alone, ``labels`` required.
@@ -160,8 +183,7 @@ def distillation_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor
         out["ce"] = lm_cross_entropy(student_logits, labels)
         out["loss"] = out["ce"]
         return out
-    out["kl"] = kl_divergence(student_logits, teacher_logits, direction=direction,
-                              chunk_tokens=chunk_tokens)
+    out["kl"] = kl_divergence(student_logits, teacher_logits, direction=direction, chunk_tokens=chunk_tokens)
     loss = out["kl"]
     if alpha > 0.0 and student_hidden is not None and teacher_hidden is not None:
         out["layer_mse"] = layer_mse(student_hidden, teacher_hidden, norm=layer_mse_norm)

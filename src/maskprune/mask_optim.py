@@ -33,8 +33,13 @@ class LayerAdam(torch.optim.Optimizer):
     second moment. No weight decay: the proximal step is the masks' only shrinkage.
     """
 
-    def __init__(self, params: Iterable[torch.nn.Parameter], lr: float, betas: tuple[float, float] = (0.9, 0.999),
-                 eps: float = 1e-12) -> None:
+    def __init__(
+        self,
+        params: Iterable[torch.nn.Parameter],
+        lr: float,
+        betas: tuple[float, float] = (0.9, 0.999),
+        eps: float = 1e-12,
+    ) -> None:
         if lr < 0.0:
             raise ValueError(f"lr must be >= 0, found {lr}")
         super().__init__(params, {"lr": lr, "betas": betas, "eps": eps})
@@ -54,12 +59,15 @@ class LayerAdam(torch.optim.Optimizer):
                     st["exp_avg_sq"] = torch.zeros(p.shape[:1] + (1,) * (p.dim() - 1), dtype=p.dtype, device=p.device)
                 st["step"] += 1
                 t = float(st["step"])
-                sq = (g * g).reshape(g.shape[0], -1).mean(1).view_as(st["exp_avg_sq"]) if p.dim() > 1 \
+                sq = (
+                    (g * g).reshape(g.shape[0], -1).mean(1).view_as(st["exp_avg_sq"])
+                    if p.dim() > 1
                     else (g * g).mean().view_as(st["exp_avg_sq"])
+                )
                 st["exp_avg"].mul_(b1).add_(g, alpha=1.0 - b1)
                 st["exp_avg_sq"].mul_(b2).add_(sq, alpha=1.0 - b2)
-                denom = (st["exp_avg_sq"] / (1.0 - b2 ** t)).sqrt_().add_(group["eps"])
-                p.addcdiv_(st["exp_avg"], denom, value=-group["lr"] / (1.0 - b1 ** t))
+                denom = (st["exp_avg_sq"] / (1.0 - b2**t)).sqrt_().add_(group["eps"])
+                p.addcdiv_(st["exp_avg"], denom, value=-group["lr"] / (1.0 - b1**t))
         return None
 
 

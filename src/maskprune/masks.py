@@ -18,8 +18,16 @@ from torch.utils.hooks import RemovableHandle
 
 from .arch import DecoderAdapter, FFNLayout, GQAPolicy, HeadLayout, count_parameters
 
-__all__ = ["Structure", "MaskSet", "bypass", "MASK_TYPES", "hard_concrete_mean", "hard_concrete_sample",
-           "polarized", "POLARIZATION_EPS"]
+__all__ = [
+    "Structure",
+    "MaskSet",
+    "bypass",
+    "MASK_TYPES",
+    "hard_concrete_mean",
+    "hard_concrete_sample",
+    "polarized",
+    "POLARIZATION_EPS",
+]
 
 MASK_TYPES = ("uniform", "l0", "polarization")
 
@@ -63,18 +71,19 @@ class Structure:
         layers = adapter.layers(model)
         base = model.get_base_model() if hasattr(model, "get_base_model") else model
         dense = count_parameters(base) - _lora_parameters(base)
-        return cls(adapter, adapter.head_layout(base, policy), adapter.ffn_layout(base),
-                   len(layers), dense)
+        return cls(adapter, adapter.head_layout(base, policy), adapter.ffn_layout(base), len(layers), dense)
 
     @property
     def prunable_params(self) -> int:
-        return self.num_layers * (self.head.units * self.head.params_per_unit
-                                  + self.ffn.units * self.ffn.params_per_unit)
+        return self.num_layers * (
+            self.head.units * self.head.params_per_unit + self.ffn.units * self.ffn.params_per_unit
+        )
 
     def params_after(self, k_head: float, k_ffn: float) -> float:
         """Model size with ``k_*`` units cut per row in every layer (floats allowed: M(s))."""
-        removed = self.num_layers * (self.head.rows * k_head * self.head.params_per_unit
-                                     + self.ffn.rows * k_ffn * self.ffn.params_per_unit)
+        removed = self.num_layers * (
+            self.head.rows * k_head * self.head.params_per_unit + self.ffn.rows * k_ffn * self.ffn.params_per_unit
+        )
         return self.dense_params - removed
 
     def resource_weight(self, kind: str, mode: str) -> float:
@@ -185,10 +194,8 @@ class MaskSet(nn.Module):
         self.detach()
         adapter, head = self.structure.adapter, self.structure.head
         for idx, layer in enumerate(adapter.layers(model)):
-            self._handles.append(adapter.head_mask_site(layer).register_forward_pre_hook(
-                self._head_hook(idx, head)))
-            self._handles.append(adapter.ffn_mask_site(layer).register_forward_pre_hook(
-                self._ffn_hook(idx)))
+            self._handles.append(adapter.head_mask_site(layer).register_forward_pre_hook(self._head_hook(idx, head)))
+            self._handles.append(adapter.ffn_mask_site(layer).register_forward_pre_hook(self._ffn_hook(idx)))
         return self
 
     def detach(self) -> None:
@@ -202,9 +209,12 @@ class MaskSet(nn.Module):
                 return None
             x = args[0]  # [B, T, n_heads * head_dim]
             m = layout.query_head_mask(self.gate(self.head[idx], sample=self.training)).to(x.dtype)  # [n_heads]
-            x = (x.unflatten(-1, (layout.num_attention_heads, layout.head_dim))  # [B,T,H,D]
-                 * m[:, None]).flatten(-2)  # [B, T, H*D]
+            x = (
+                x.unflatten(-1, (layout.num_attention_heads, layout.head_dim))  # [B,T,H,D]
+                * m[:, None]
+            ).flatten(-2)  # [B, T, H*D]
             return (x, *args[1:])
+
         return hook
 
     def _ffn_hook(self, idx: int):
@@ -213,6 +223,7 @@ class MaskSet(nn.Module):
                 return None
             x = args[0]  # [B, T, d_ff]
             return (x * self.gate(self.ffn[idx, 0], sample=self.training).to(x.dtype), *args[1:])
+
         return hook
 
 

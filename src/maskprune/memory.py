@@ -9,8 +9,16 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass
 
-__all__ = ["ModelShape", "activation_bytes_per_token", "estimate_learning_memory", "LLAMA2_7B", "LLAMA2_13B",
-           "LLAMA3_8B", "LLAMA3_70B", "shape_of"]
+__all__ = [
+    "ModelShape",
+    "activation_bytes_per_token",
+    "estimate_learning_memory",
+    "LLAMA2_7B",
+    "LLAMA2_13B",
+    "LLAMA3_8B",
+    "LLAMA3_70B",
+    "shape_of",
+]
 
 
 @dataclass(frozen=True)
@@ -33,9 +41,16 @@ LLAMA3_70B = ModelShape(70_553_706_496, 80, 8192, 28672, 64, 8, 128, 128256)
 
 def shape_of(model) -> ModelShape:
     c = model.config
-    return ModelShape(sum(p.numel() for p in model.parameters()), c.num_hidden_layers, c.hidden_size,
-                      c.intermediate_size, c.num_attention_heads, getattr(c, "num_key_value_heads", None) or c.num_attention_heads,
-                      getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads, c.vocab_size)
+    return ModelShape(
+        sum(p.numel() for p in model.parameters()),
+        c.num_hidden_layers,
+        c.hidden_size,
+        c.intermediate_size,
+        c.num_attention_heads,
+        getattr(c, "num_key_value_heads", None) or c.num_attention_heads,
+        getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads,
+        c.vocab_size,
+    )
 
 
 def activation_bytes_per_token(s: ModelShape, act_bytes: int = 2) -> int:
@@ -52,14 +67,27 @@ def activation_bytes_per_token(s: ModelShape, act_bytes: int = 2) -> int:
 
 def lora_params(s: ModelShape, rank: int) -> int:
     qd, kvd = s.heads * s.head_dim, s.kv_heads * s.head_dim
-    per_layer = rank * ((s.hidden + qd) + 2 * (s.hidden + kvd) + (qd + s.hidden)
-                        + 2 * (s.hidden + s.intermediate) + (s.intermediate + s.hidden))
+    per_layer = rank * (
+        (s.hidden + qd)
+        + 2 * (s.hidden + kvd)
+        + (qd + s.hidden)
+        + 2 * (s.hidden + s.intermediate)
+        + (s.intermediate + s.hidden)
+    )
     return per_layer * s.layers
 
 
-def estimate_learning_memory(s: ModelShape, *, batch_tokens: int, weight_bytes: int, lora_rank: int = 8,
-                             gradient_checkpointing: bool = False, layer_mse: bool = False,
-                             kl_rows: int = 256, shards: int = 1) -> dict[str, float]:
+def estimate_learning_memory(
+    s: ModelShape,
+    *,
+    batch_tokens: int,
+    weight_bytes: int,
+    lora_rank: int = 8,
+    gradient_checkpointing: bool = False,
+    layer_mse: bool = False,
+    kl_rows: int = 256,
+    shards: int = 1,
+) -> dict[str, float]:
     """Peak bytes of one mask-learning process, by component (teacher shares the weights).
 
     ``batch_tokens`` is this process's share of the batch. ``shards`` > 1: FSDP over that many
@@ -74,8 +102,9 @@ def estimate_learning_memory(s: ModelShape, *, batch_tokens: int, weight_bytes: 
     n_lora = lora_params(s, lora_rank)
     masks = s.layers * (s.heads + s.intermediate)
     layer_params = (s.params - 2 * s.vocab * s.hidden) / s.layers
-    weights = s.params * weight_bytes if shards == 1 else \
-        s.params * weight_bytes / shards + 2 * layer_params * weight_bytes
+    weights = (
+        s.params * weight_bytes if shards == 1 else s.params * weight_bytes / shards + 2 * layer_params * weight_bytes
+    )
     out = {
         "weights": weights,
         "lora_and_masks_with_grads_and_adam": (n_lora / shards + masks) * 4 * 4,

@@ -40,6 +40,27 @@ def _base_license(source_dir: str | Path) -> str | None:
     return None
 
 
+def _mask_lr(cfg: dict) -> str:
+    lr = cfg.get("mask_lr")
+    if lr is not None:
+        return f"{lr:g}"
+    from .config import load_config
+
+    known = {k: v for k, v in cfg.items() if k in ("steps", "freeze_share", "mask_init", "mask_init_spread")}
+    return f"{load_config(overrides=known).resolved_mask_lr():.3g} (automatic)"
+
+
+def _freeze_text(cfg: dict) -> str:
+    share = cfg.get("freeze_share", 1.0)
+    if share >= 1.0:
+        return "learned until the cut (no fine-tuning on the pruned structure)"
+    frozen = round(share * cfg["steps"])
+    return (
+        f"frozen after {frozen} of {cfg['steps']} steps, the remaining {cfg['steps'] - frozen} steps "
+        "spent on LoRA distillation of the pruned structure"
+    )
+
+
 def write_model_card(folder: Path, report: dict, command: list[str] | None = None) -> Path:
     """Write ``folder/README.md`` from the run report."""
     cfg, p, shape = report["config"], report["params"], report["shape"]
@@ -52,11 +73,21 @@ def write_model_card(folder: Path, report: dict, command: list[str] | None = Non
     for key in ("dense", "before_cut", "after_cut", "exported"):
         r = ppl.get(key)
         if r:
-            rows.append(f"| {key.replace('_', ' ')} | {r['ppl']:.3f} | {r['seq_len']} | {r['windows']} of "
-                        f"{r['total_windows']} | {r['dtype']} | {r['bos']} |")
-    ppl_table = ("| model | WikiText-2 ppl | seq_len | windows | dtype | BOS |\n| --- | --- | --- | --- | --- | --- |\n"
-                 + "\n".join(rows)) if rows else "Not evaluated during the run."
+            rows.append(
+                f"| {key.replace('_', ' ')} | {r['ppl']:.3f} | {r['seq_len']} | {r['windows']} of "
+                f"{r['total_windows']} | {r['dtype']} | {r['bos']} |"
+            )
+    ppl_table = (
+        (
+            "| model | WikiText-2 ppl | seq_len | windows | dtype | BOS |\n| --- | --- | --- | --- | --- | --- |\n"
+            + "\n".join(rows)
+        )
+        if rows
+        else "Not evaluated during the run."
+    )
     dense = shape["dense"]
+    title = folder.name if not folder.name.startswith(".") else "pruned model"
+    lora = f"rank {cfg['lora_rank']}, lr {cfg['lora_lr']}" if cfg["lora"] else "off"
     text = f"""---
 license: {license_}
 base_model: {base}
@@ -64,12 +95,12 @@ tags: [pruned, structured-pruning, maskprune]
 library_name: transformers
 ---
 
-# {folder.name if not folder.name.startswith('.') else 'pruned model'}: {base} pruned by {100 * p['sparsity']:.1f}% with maskprune
+# {title}: {base} pruned by {100 * p["sparsity"]:.1f}% with maskprune
 
 A layer-uniform structured pruning of **{base}** made with
 [maskprune](https://github.com/) (MaskPrune, arXiv 2502.14008): masks on attention heads and FFN
 channels learned by the minimax method with LoRA and distillation from the unpruned model, then the
-same units cut from every layer. It is a stock `{report['model']['model_type']}` checkpoint:
+same units cut from every layer. It is a stock `{report["model"]["model_type"]}` checkpoint:
 
 ```python
 from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -80,29 +111,30 @@ model = AutoModelForCausalLM.from_pretrained("PATH")
 
 | | dense | pruned |
 | --- | --- | --- |
-| parameters (all, tied counted once) | {p['dense']:,} | {p['exported']:,} |
-| prunable parameters (heads + FFN) | {p['prunable_dense']:,} | {p['prunable_exported']:,} |
-| num_attention_heads | {dense['num_attention_heads']} | {shape['num_attention_heads']} |
-| num_key_value_heads | {dense['num_key_value_heads']} | {shape['num_key_value_heads']} |
-| intermediate_size | {dense['intermediate_size']} | {shape['intermediate_size']} |
-| head_dim | {shape['head_dim']} | {shape['head_dim']} |
-| layers | {shape['num_hidden_layers']} | {shape['num_hidden_layers']} (every one the same shape) |
+| parameters (all, tied counted once) | {p["dense"]:,} | {p["exported"]:,} |
+| prunable parameters (heads + FFN) | {p["prunable_dense"]:,} | {p["prunable_exported"]:,} |
+| num_attention_heads | {dense["num_attention_heads"]} | {shape["num_attention_heads"]} |
+| num_key_value_heads | {dense["num_key_value_heads"]} | {shape["num_key_value_heads"]} |
+| intermediate_size | {dense["intermediate_size"]} | {shape["intermediate_size"]} |
+| head_dim | {shape["head_dim"]} | {shape["head_dim"]} |
+| layers | {shape["num_hidden_layers"]} | {shape["num_hidden_layers"]} (every one the same shape) |
 
-Sparsity: {100 * p['sparsity']:.2f}% of all parameters, {100 * p['prunable_sparsity']:.2f}% of the
-prunable ones; budget {p['budget']:,} parameters.
+Sparsity: {100 * p["sparsity"]:.2f}% of all parameters, {100 * p["prunable_sparsity"]:.2f}% of the
+prunable ones; budget {p["budget"]:,} parameters.
 
 ## Method and settings
 
-GQA policy `{cfg['gqa_policy']}`; {cfg['steps']} steps of {cfg['batch_size']} x {cfg['seq_len']} tokens
-from `{cfg['calib']}`; mask lr {cfg['mask_lr']}, LoRA {'rank ' + str(cfg['lora_rank']) + ', lr ' + str(cfg['lora_lr']) if cfg['lora'] else 'off'};
-eta1..eta4 = {cfg['eta1']}, {cfg['eta2']}, {cfg['eta3']}, {cfg['eta4']}; budget warm-up over
-{cfg['warmup_share']:.0%} of the steps; distillation KL ({cfg['kl_direction']}) + {cfg['alpha']} x layer MSE;
-autocast {cfg['dtype']}. No fine-tuning after the cut. Parity of this checkpoint with the masked model
-was verified at export (max |logit difference| {report['parity']['max_abs_diff']:.2e}).
+GQA policy `{cfg["gqa_policy"]}`; {cfg["steps"]} steps of {cfg["batch_size"]} x {cfg["seq_len"]} tokens
+from `{cfg["calib"]}`; recipe `{cfg.get("recipe", "paper")}`: masks from `{cfg.get("mask_init", "ones")}`,
+{cfg.get("mask_optimizer", "adamw")} at lr {_mask_lr(cfg)}, selection {_freeze_text(cfg)}; LoRA {lora};
+eta1..eta4 = {cfg["eta1"]}, {cfg["eta2"]}, {cfg["eta3"]}, {cfg["eta4"]}; budget warm-up over
+{cfg["warmup_share"]:.0%} of the steps; distillation KL ({cfg["kl_direction"]}) + {cfg["alpha"]} x layer MSE;
+autocast {cfg["dtype"]}. Parity of this checkpoint with the masked model
+was verified at export (max |logit difference| {report["parity"]["max_abs_diff"]:.2e}).
 
 ## Evaluation
 
-Protocol: {ppl.get('protocol', 'n/a')}.
+Protocol: {ppl.get("protocol", "n/a")}.
 
 {ppl_table}
 
@@ -114,7 +146,7 @@ Protocol: {ppl.get('protocol', 'n/a')}.
 
 ## License
 
-{license_}{' (license files copied: ' + ', '.join(copied) + ')' if copied else ''}. The pruned weights
+{license_}{" (license files copied: " + ", ".join(copied) + ")" if copied else ""}. The pruned weights
 are a derivative of the base model and carry its license.
 """
     out = folder / "README.md"

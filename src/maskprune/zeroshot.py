@@ -30,14 +30,21 @@ __all__ = ["PAPER_TASKS", "AVERAGE_METRIC", "FORMATS", "load_local_rows", "run_z
 log = logging.getLogger(__name__)
 
 PAPER_TASKS = ("boolq", "piqa", "hellaswag", "winogrande", "arc_easy", "arc_challenge", "openbookqa")
-AVERAGE_METRIC = {"boolq": "acc", "piqa": "acc", "hellaswag": "acc_norm", "winogrande": "acc",
-                  "arc_easy": "acc", "arc_challenge": "acc_norm", "openbookqa": "acc_norm"}
+AVERAGE_METRIC = {
+    "boolq": "acc",
+    "piqa": "acc",
+    "hellaswag": "acc_norm",
+    "winogrande": "acc",
+    "arc_easy": "acc",
+    "arc_challenge": "acc_norm",
+    "openbookqa": "acc_norm",
+}
 
 FORMATS = {
     "piqa": "piqa/valid.jsonl (goal, sol1, sol2) + piqa/valid-labels.lst (0/1 per line)",
     "hellaswag": "hellaswag/hellaswag_val.jsonl (ctx_a, ctx_b, activity_label, endings, label)",
-    "boolq": "boolq/*.jsonl (question, passage, label or answer: true/false, \"true\"/\"false\" or 0/1)",
-    "winogrande": "winogrande/dev.jsonl (sentence, option1, option2, answer \"1\"/\"2\"), optional dev-labels.lst",
+    "boolq": 'boolq/*.jsonl (question, passage, label or answer: true/false, "true"/"false" or 0/1)',
+    "winogrande": 'winogrande/dev.jsonl (sentence, option1, option2, answer "1"/"2"), optional dev-labels.lst',
     "arc_easy": "arc_easy/*.jsonl (question.stem, question.choices[].text/.label, answerKey)",
     "arc_challenge": "arc_challenge/*.jsonl (question.stem, question.choices[].text/.label, answerKey)",
     "openbookqa": "openbookqa/*.jsonl (question.stem, question.choices[].text/.label, answerKey)",
@@ -66,8 +73,9 @@ def _read_jsonl(path: Path, task: str) -> list[dict]:
                 try:
                     rows.append(json.loads(line))
                 except json.JSONDecodeError as exc:
-                    raise MaskPruneError(f"{task}: {path}:{i} is not valid JSON ({exc.msg})",
-                                         expected=FORMATS[task]) from None
+                    raise MaskPruneError(
+                        f"{task}: {path}:{i} is not valid JSON ({exc.msg})", expected=FORMATS[task]
+                    ) from None
     return rows
 
 
@@ -80,16 +88,17 @@ def _find(folder: Path, task: str, patterns: tuple[str, ...]) -> Path:
         hits = sorted(folder.glob(pat))
         if hits:
             return hits[0]
-    raise MaskPruneError(f"{task}: no data file found",
-                         expected=f"{' or '.join(str(folder / p) for p in patterns)}; format: {FORMATS[task]}",
-                         fix="point --data-dir at a folder with one sub-folder per task")
+    raise MaskPruneError(
+        f"{task}: no data file found",
+        expected=f"{' or '.join(str(folder / p) for p in patterns)}; format: {FORMATS[task]}",
+        fix="point --data-dir at a folder with one sub-folder per task",
+    )
 
 
 def _need(row: dict, keys: tuple[str, ...], task: str, where: str) -> None:
     missing = [k for k in keys if k not in row]
     if missing:
-        raise MaskPruneError(f"{task}: {where} lacks {missing}", expected=FORMATS[task],
-                             found=f"keys {sorted(row)}")
+        raise MaskPruneError(f"{task}: {where} lacks {missing}", expected=FORMATS[task], found=f"keys {sorted(row)}")
 
 
 def _bool_label(v: Any, task: str, where: str) -> int:
@@ -99,8 +108,7 @@ def _bool_label(v: Any, task: str, where: str) -> int:
         return v
     if isinstance(v, str) and v.strip().lower() in ("true", "false", "0", "1", "yes", "no"):
         return int(v.strip().lower() in ("true", "1", "yes"))
-    raise MaskPruneError(f"{task}: {where} has an answer that is not a boolean", expected=FORMATS[task],
-                         found=repr(v))
+    raise MaskPruneError(f"{task}: {where} has an answer that is not a boolean", expected=FORMATS[task], found=repr(v))
 
 
 def _arc_rows(rows: list[dict], task: str, path: Path, obqa: bool) -> list[dict]:
@@ -114,8 +122,9 @@ def _arc_rows(rows: list[dict], task: str, path: Path, obqa: bool) -> list[dict]
         choices = {"text": [c["text"] for c in q["choices"]], "label": [str(c["label"]) for c in q["choices"]]}
         key = str(r["answerKey"]).strip()
         if key not in choices["label"]:
-            raise MaskPruneError(f"{task}: {where}: answerKey {key!r} is not a choice label",
-                                 found=str(choices["label"]))
+            raise MaskPruneError(
+                f"{task}: {where}: answerKey {key!r} is not a choice label", found=str(choices["label"])
+            )
         row = {"id": r.get("id", str(i)), "choices": choices, "answerKey": key}
         row["question_stem" if obqa else "question"] = q["stem"]
         out.append(row)
@@ -135,14 +144,24 @@ def load_local_rows(task: str, data_dir: str | Path) -> list[dict]:
             raise MaskPruneError(f"piqa: {len(rows)} questions but {len(labels)} labels", expected=FORMATS[task])
         for i, r in enumerate(rows, 1):
             _need(r, ("goal", "sol1", "sol2"), task, f"{data.name} line {i}")
-        return [{"goal": r["goal"], "sol1": r["sol1"], "sol2": r["sol2"], "label": int(l)} for r, l in zip(rows, labels)]
+        return [
+            {"goal": r["goal"], "sol1": r["sol1"], "sol2": r["sol2"], "label": int(lab)} for r, lab in zip(rows, labels)
+        ]
     if task == "hellaswag":
         data = _find(folder, task, ("hellaswag_val.jsonl", "*.jsonl"))
         rows = _read_jsonl(data, task)
         for i, r in enumerate(rows, 1):
             _need(r, ("ctx_a", "ctx_b", "activity_label", "endings", "label"), task, f"{data.name} line {i}")
-        return [{"ctx_a": r["ctx_a"], "ctx_b": r["ctx_b"], "activity_label": r["activity_label"],
-                 "endings": list(r["endings"]), "label": str(r["label"])} for r in rows]
+        return [
+            {
+                "ctx_a": r["ctx_a"],
+                "ctx_b": r["ctx_b"],
+                "activity_label": r["activity_label"],
+                "endings": list(r["endings"]),
+                "label": str(r["label"]),
+            }
+            for r in rows
+        ]
     if task == "boolq":
         data = _find(folder, task, ("val.jsonl", "dev.jsonl", "validation.jsonl", "*.jsonl"))
         out = []
@@ -151,8 +170,14 @@ def load_local_rows(task: str, data_dir: str | Path) -> list[dict]:
             _need(r, ("question", "passage"), task, where)
             if "label" not in r and "answer" not in r:
                 raise MaskPruneError(f"boolq: {where} has neither label nor answer", expected=FORMATS[task])
-            out.append({"question": r["question"], "passage": r["passage"], "idx": i - 1,
-                        "label": _bool_label(r.get("label", r.get("answer")), task, where)})
+            out.append(
+                {
+                    "question": r["question"],
+                    "passage": r["passage"],
+                    "idx": i - 1,
+                    "label": _bool_label(r.get("label", r.get("answer")), task, where),
+                }
+            )
         return out
     if task == "winogrande":
         data = _find(folder, task, ("dev.jsonl", "*.jsonl"))
@@ -164,8 +189,11 @@ def load_local_rows(task: str, data_dir: str | Path) -> list[dict]:
             _need(r, ("sentence", "option1", "option2"), task, f"{data.name} line {i}")
             ans = str(r.get("answer", "")).strip() or (labels[i - 1] if labels else "")
             if ans not in ("1", "2") or "_" not in r["sentence"]:
-                raise MaskPruneError(f"winogrande: {data.name} line {i} needs a '_' blank and answer '1' or '2'",
-                                     expected=FORMATS[task], found=repr(ans))
+                raise MaskPruneError(
+                    f"winogrande: {data.name} line {i} needs a '_' blank and answer '1' or '2'",
+                    expected=FORMATS[task],
+                    found=repr(ans),
+                )
             out.append({"sentence": r["sentence"], "option1": r["option1"], "option2": r["option2"], "answer": ans})
         return out
     if task in ("arc_easy", "arc_challenge", "openbookqa"):
@@ -196,13 +224,29 @@ def _offline_spec(task: str, data_dir: str | Path, manager) -> dict:
 
     # Same task (prompts, choices, metrics); only where its documents come from changes.
     cfg = _registered_config(task, manager)
-    cfg.update({"task": task, "custom_dataset": custom_dataset, "training_split": None,
-                "validation_split": "validation", "test_split": None, "fewshot_split": None})
+    cfg.update(
+        {
+            "task": task,
+            "custom_dataset": custom_dataset,
+            "training_split": None,
+            "validation_split": "validation",
+            "test_split": None,
+            "fewshot_split": None,
+        }
+    )
     return cfg
 
 
-def run_zeroshot(model, tokenizer, tasks: list[str], *, data_dir: str | Path | None = None,
-                 limit: int | None = None, batch_size: int | str = "auto", progress: bool = True) -> dict:
+def run_zeroshot(
+    model,
+    tokenizer,
+    tasks: list[str],
+    *,
+    data_dir: str | Path | None = None,
+    limit: int | None = None,
+    batch_size: int | str = "auto",
+    progress: bool = True,
+) -> dict:
     """Evaluate ``tasks`` zero-shot with lm-eval on the in-memory model; a flat, protocol-rich dict."""
     try:
         import lm_eval
@@ -215,16 +259,31 @@ def run_zeroshot(model, tokenizer, tasks: list[str], *, data_dir: str | Path | N
     specs: list[Any] = [_offline_spec(t, data_dir, manager) if data_dir is not None else t for t in tasks]
     lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size)
     start = time.perf_counter()
-    res = simple_evaluate(model=lm, tasks=specs, num_fewshot=0, limit=limit, task_manager=manager,
-                          log_samples=False, bootstrap_iters=1000, verbosity="WARNING")
+    res = simple_evaluate(
+        model=lm,
+        tasks=specs,
+        num_fewshot=0,
+        limit=limit,
+        task_manager=manager,
+        log_samples=False,
+        bootstrap_iters=1000,
+        verbosity="WARNING",
+    )
     seconds = time.perf_counter() - start
-    out: dict[str, Any] = {"lm_eval_version": getattr(lm_eval, "__version__", "unknown"), "tasks": {},
-                           "seconds": seconds, "limit": limit,
-                           "data": str(data_dir) if data_dir is not None else "hub (lm-eval defaults)"}
+    out: dict[str, Any] = {
+        "lm_eval_version": getattr(lm_eval, "__version__", "unknown"),
+        "tasks": {},
+        "seconds": seconds,
+        "limit": limit,
+        "data": str(data_dir) if data_dir is not None else "hub (lm-eval defaults)",
+    }
     for t in tasks:
         r = res["results"].get(t, {})
-        entry = {"version": res.get("versions", {}).get(t), "n": (res.get("n-samples", {}).get(t) or {}).get("effective"),
-                 "average_uses": AVERAGE_METRIC[t]}
+        entry = {
+            "version": res.get("versions", {}).get(t),
+            "n": (res.get("n-samples", {}).get(t) or {}).get("effective"),
+            "average_uses": AVERAGE_METRIC[t],
+        }
         for metric in ("acc", "acc_norm"):
             if f"{metric},none" in r:
                 entry[metric] = r[f"{metric},none"]

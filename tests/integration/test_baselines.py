@@ -7,12 +7,11 @@ import json
 import pytest
 import torch
 
+import tiny
 from maskprune.arch import get_adapter
 from maskprune.baselines import BASELINES, unit_scores
 from maskprune.cli import main
 from maskprune.masks import Structure
-
-import tiny
 
 
 @pytest.mark.parametrize("method", sorted(BASELINES))
@@ -45,9 +44,31 @@ def test_baseline_through_the_cli_exports_a_uniform_stock_model(method, tmp_path
     model = tiny.save_tiny(tmp_path / "m", "llama_gqa")
     calib = tiny.write_calib(tmp_path / "c.jsonl")
     out = tmp_path / "o"
-    code = main(["-q", "prune", str(model), "--method", method, "--sparsity", "0.3", "--baseline-head-sparsity", "0.5",
-                 "--seq-len", "32", "--calib-samples", "8", "--calib", str(calib), "--eval-seq-len", "64",
-                 "--eval-max-windows", "2", "--out", str(out)])
+    code = main(
+        [
+            "-q",
+            "prune",
+            str(model),
+            "--method",
+            method,
+            "--sparsity",
+            "0.3",
+            "--baseline-head-sparsity",
+            "0.5",
+            "--seq-len",
+            "32",
+            "--calib-samples",
+            "8",
+            "--calib",
+            str(calib),
+            "--eval-seq-len",
+            "64",
+            "--eval-max-windows",
+            "2",
+            "--out",
+            str(out),
+        ]
+    )
     assert code == 0, capsys.readouterr().err
     r = json.loads((out / "maskprune_report.json").read_text())
     assert r["method"] == method and r["final_state"] is None
@@ -55,5 +76,5 @@ def test_baseline_through_the_cli_exports_a_uniform_stock_model(method, tmp_path
     assert r["cut"]["k_head"] == 1  # half the query heads of each KV group
     m = AutoModelForCausalLM.from_pretrained(out)
     assert m.config.num_attention_heads == 2 and m.config.num_key_value_heads == 2
-    assert len({tuple(l.mlp.up_proj.weight.shape) for l in m.model.layers}) == 1
+    assert len({tuple(layer.mlp.up_proj.weight.shape) for layer in m.model.layers}) == 1
     assert r["parity"]["max_abs_diff"] <= r["parity"]["tolerance"]

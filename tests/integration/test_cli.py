@@ -8,12 +8,24 @@ from pathlib import Path
 import pytest
 import torch
 
+import tiny
 from maskprune.cli import main
 
-import tiny
-
-FAST = ["--seq-len", "32", "--calib-samples", "16", "--batch-size", "4", "--eval-seq-len", "64",
-        "--eval-max-windows", "2", "--dtype", "fp32", "-q"]
+FAST = [
+    "--seq-len",
+    "32",
+    "--calib-samples",
+    "16",
+    "--batch-size",
+    "4",
+    "--eval-seq-len",
+    "64",
+    "--eval-max-windows",
+    "2",
+    "--dtype",
+    "fp32",
+    "-q",
+]
 
 
 @pytest.fixture(scope="module")
@@ -37,14 +49,19 @@ def test_prune_end_to_end_writes_a_stock_checkpoint_and_report(tiny_dir, calib, 
     from transformers import AutoModelForCausalLM
 
     out = tmp_path / "pruned"
-    code, stdout, err = _run(["prune", str(tiny_dir), "--sparsity", "0.3", "--steps", "60", "--out", str(out),
-                              "--calib", str(calib), *FAST], capsys)
+    code, stdout, err = _run(
+        ["prune", str(tiny_dir), "--sparsity", "0.3", "--steps", "60", "--out", str(out), "--calib", str(calib), *FAST],
+        capsys,
+    )
     assert code == 0, err
     summary = json.loads(stdout)
     assert summary["sparsity"] >= 0.3 - 1e-9
     report = json.loads((out / "maskprune_report.json").read_text())
     p = report["params"]
-    assert p["exported"] <= p["budget"] and p["budget"] - p["exported"] < report["shape"]["unit_layout"]["ffn"]["params_per_unit"] * 2
+    assert (
+        p["exported"] <= p["budget"]
+        and p["budget"] - p["exported"] < report["shape"]["unit_layout"]["ffn"]["params_per_unit"] * 2
+    )
     assert report["perplexity"]["dense"]["ppl"] > 1 and report["perplexity"]["exported"]["ppl"] > 1
     assert report["parity"]["max_abs_diff"] <= report["parity"]["tolerance"]
     assert set(report["seconds"]) >= {"load", "learn", "cut", "export", "total"}
@@ -66,8 +83,9 @@ def test_config_file_and_flags_merge(tiny_dir, calib, tmp_path, capsys):
     cfg = tmp_path / "run.yaml"
     cfg.write_text(f"sparsity: 0.25\nsteps: 5\ncalib: {calib}\ngqa_policy: kv_group\n")
     out = tmp_path / "o"
-    code, stdout, err = _run(["prune", str(tiny_dir), "--config", str(cfg), "--steps", "4", "--out", str(out),
-                              *FAST], capsys)
+    code, stdout, err = _run(
+        ["prune", str(tiny_dir), "--config", str(cfg), "--steps", "4", "--out", str(out), *FAST], capsys
+    )
     assert code == 0, err
     report = json.loads((out / "maskprune_report.json").read_text())
     assert report["config"]["steps"] == 4 and report["config"]["sparsity"] == 0.25
@@ -90,35 +108,51 @@ def test_unknown_model_type_is_refused_naming_it_and_the_supported(tmp_path, cap
     d = tmp_path / "gpt2"
     GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=64)).save_pretrained(d)
     out = tmp_path / "o"
-    _assert_refused(["prune", str(d), "--out", str(out), "-q"], capsys, "'gpt2'", "llama", "mistral",
-                    "qwen2", out=out)
+    _assert_refused(["prune", str(d), "--out", str(out), "-q"], capsys, "'gpt2'", "llama", "mistral", "qwen2", out=out)
 
 
 @pytest.mark.parametrize("value", ["0", "1", "-0.1", "1.5"])
 def test_sparsity_outside_0_1_is_refused(tiny_dir, tmp_path, capsys, value):
     out = tmp_path / "o"
-    _assert_refused(["prune", str(tiny_dir), "--sparsity", value, "--out", str(out), "-q"], capsys,
-                    "sparsity must be in (0, 1)", out=out)
+    _assert_refused(
+        ["prune", str(tiny_dir), "--sparsity", value, "--out", str(out), "-q"],
+        capsys,
+        "sparsity must be in (0, 1)",
+        out=out,
+    )
 
 
 def test_budget_that_removes_every_unit_is_refused(tiny_dir, calib, tmp_path, capsys):
     out = tmp_path / "o"
-    _assert_refused(["prune", str(tiny_dir), "--sparsity", "0.95", "--out", str(out), "--calib", str(calib),
-                     *FAST], capsys, "below what a layer-uniform cut can reach", "lower --sparsity", out=out)
+    _assert_refused(
+        ["prune", str(tiny_dir), "--sparsity", "0.95", "--out", str(out), "--calib", str(calib), *FAST],
+        capsys,
+        "below what a layer-uniform cut can reach",
+        "lower --sparsity",
+        out=out,
+    )
 
 
 def test_empty_calibration_data_is_refused(tiny_dir, tmp_path, capsys):
     empty = tmp_path / "empty.jsonl"
     empty.write_text("")
     out = tmp_path / "o"
-    _assert_refused(["prune", str(tiny_dir), "--calib", str(empty), "--out", str(out), *FAST], capsys,
-                    "calibration data is empty", out=out)
+    _assert_refused(
+        ["prune", str(tiny_dir), "--calib", str(empty), "--out", str(out), *FAST],
+        capsys,
+        "calibration data is empty",
+        out=out,
+    )
 
 
 def test_missing_calibration_data_is_refused(tiny_dir, tmp_path, capsys):
     out = tmp_path / "o"
-    _assert_refused(["prune", str(tiny_dir), "--calib", str(tmp_path / "nope.jsonl"), "--out", str(out), *FAST],
-                    capsys, "does not exist", out=out)
+    _assert_refused(
+        ["prune", str(tiny_dir), "--calib", str(tmp_path / "nope.jsonl"), "--out", str(out), *FAST],
+        capsys,
+        "does not exist",
+        out=out,
+    )
 
 
 def test_existing_output_folder_is_refused_and_kept(tiny_dir, tmp_path, capsys):
@@ -133,27 +167,33 @@ def test_missing_model_path_and_unknown_key_and_wrong_type(tmp_path, capsys):
     _assert_refused(["prune", str(tmp_path / "nowhere"), "-q"], capsys, "does not exist")
     cfg = tmp_path / "bad.yaml"
     cfg.write_text("sparsity: 0.5\nstepz: 3\nseq_len: long\n")
-    _assert_refused(["prune", "--config", str(cfg), "-q"], capsys, "unknown config keys ['stepz']",
-                    "seq_len must be an integer")
+    _assert_refused(
+        ["prune", "--config", str(cfg), "-q"], capsys, "unknown config keys ['stepz']", "seq_len must be an integer"
+    )
 
 
 def test_seq_len_above_context_is_refused(tiny_dir, tmp_path, capsys):
-    _assert_refused(["prune", str(tiny_dir), "--seq-len", "100000", "--out", str(tmp_path / "o"), "-q"], capsys,
-                    "above the model's context")
+    _assert_refused(
+        ["prune", str(tiny_dir), "--seq-len", "100000", "--out", str(tmp_path / "o"), "-q"],
+        capsys,
+        "above the model's context",
+    )
 
 
 def test_eval_perplexity_command(tiny_dir, tmp_path, capsys):
     out = tmp_path / "r.json"
-    code, stdout, err = _run(["eval", str(tiny_dir), "--seq-len", "64,32", "--limit", "3", "--out", str(out), "-q"],
-                             capsys)
+    code, stdout, err = _run(
+        ["eval", str(tiny_dir), "--seq-len", "64,32", "--limit", "3", "--out", str(out), "-q"], capsys
+    )
     assert code == 0, err
     res = json.loads(out.read_text())["models"][str(tiny_dir)]
     assert set(res["perplexity"]) == {"64", "32"}
     assert res["perplexity"]["64"]["windows"] == 3 and res["perplexity"]["64"]["tokens_scored"] == 3 * 63
     assert "WikiText2@64" in stdout and out.with_suffix(".md").is_file()
     # --ppl-tokens: the same text at every length
-    code, _, err = _run(["eval", str(tiny_dir), "--seq-len", "64,32", "--ppl-tokens", "256", "--out", str(out), "-q"],
-                        capsys)
+    code, _, err = _run(
+        ["eval", str(tiny_dir), "--seq-len", "64,32", "--ppl-tokens", "256", "--out", str(out), "-q"], capsys
+    )
     assert code == 0, err
     res = json.loads(out.read_text())["models"][str(tiny_dir)]
     assert res["perplexity"]["64"]["windows"] == 4 and res["perplexity"]["32"]["windows"] == 8
@@ -165,8 +205,10 @@ def test_report_figures_are_valid_images_of_the_expected_size(tiny_dir, calib, t
     from maskprune.report import FIG_SIZE_PX, FIGURES
 
     out = tmp_path / "run"
-    code, _, err = _run(["prune", str(tiny_dir), "--steps", "12", "--out", str(out), "--calib", str(calib),
-                         "--no-report", *FAST], capsys)
+    code, _, err = _run(
+        ["prune", str(tiny_dir), "--steps", "12", "--out", str(out), "--calib", str(calib), "--no-report", *FAST],
+        capsys,
+    )
     assert code == 0, err
     assert not (out / "report").exists()
     code, stdout, err = _run(["report", str(out), "-q"], capsys)
@@ -192,8 +234,13 @@ def test_corrupt_weights_missing_tokenizer_and_bad_gguf_are_refused(tiny_dir, tm
     st = broken / "model.safetensors"
     st.write_bytes(st.read_bytes()[: st.stat().st_size // 2])  # truncated download
     out = tmp_path / "o"
-    _assert_refused(["prune", str(broken), "--out", str(out), "-q"], capsys, "cannot load the weights",
-                    "complete safetensors", out=out)
+    _assert_refused(
+        ["prune", str(broken), "--out", str(out), "-q"],
+        capsys,
+        "cannot load the weights",
+        "complete safetensors",
+        out=out,
+    )
     notok = tmp_path / "notok"
     shutil.copytree(tiny_dir, notok)
     for f in notok.glob("tokenizer*"):
@@ -216,8 +263,13 @@ def test_out_that_is_a_file_or_not_a_folder_is_refused(tiny_dir, tmp_path, capsy
 def test_truncated_gguf_is_refused(tmp_path, capsys):
     gguf = tmp_path / "t.gguf"
     gguf.write_bytes(b"GGUF\x03\x00\x00\x00")
-    _assert_refused(["prune", str(gguf), "--out", str(tmp_path / "o"), "-q"], capsys, "GGUF file 't.gguf'",
-                    "complete GGUF file", out=tmp_path / "o")
+    _assert_refused(
+        ["prune", str(gguf), "--out", str(tmp_path / "o"), "-q"],
+        capsys,
+        "GGUF file 't.gguf'",
+        "complete GGUF file",
+        out=tmp_path / "o",
+    )
 
 
 def test_optional_tracker_without_its_package_is_refused_clearly(tiny_dir, calib, tmp_path, capsys, monkeypatch):
@@ -232,13 +284,32 @@ def test_optional_tracker_without_its_package_is_refused_clearly(tiny_dir, calib
 
     monkeypatch.setattr(builtins, "__import__", no_wandb)
     out = tmp_path / "o"
-    _assert_refused(["prune", str(tiny_dir), "--trackers", "wandb", "--steps", "2", "--out", str(out), "--calib",
-                     str(calib), *FAST], capsys, "needs the wandb package", out=out)
+    _assert_refused(
+        [
+            "prune",
+            str(tiny_dir),
+            "--trackers",
+            "wandb",
+            "--steps",
+            "2",
+            "--out",
+            str(out),
+            "--calib",
+            str(calib),
+            *FAST,
+        ],
+        capsys,
+        "needs the wandb package",
+        out=out,
+    )
     assert not out.with_name("o.checkpoints").exists()  # refused before anything was written
 
 
 def test_eval_errors_missing_model_unknown_task_and_bad_data_dir(tmp_path, capsys):
     _assert_refused(["eval", str(tmp_path / "nope"), "-q"], capsys, "does not exist")
     _assert_refused(["eval", str(tmp_path), "--tasks", "piqa,mmlu", "-q"], capsys, "unknown task 'mmlu'", "boolq")
-    _assert_refused(["eval", str(tmp_path), "--tasks", "piqa", "--data-dir", str(tmp_path / "nodir"), "-q"], capsys,
-                    "is not a folder")
+    _assert_refused(
+        ["eval", str(tmp_path), "--tasks", "piqa", "--data-dir", str(tmp_path / "nodir"), "-q"],
+        capsys,
+        "is not a folder",
+    )

@@ -8,11 +8,10 @@ import json
 import pytest
 import torch
 
+import tiny
 from maskprune import learner as learner_mod
 from maskprune.cli import main
 from maskprune.losses import distillation_loss, layer_mse
-
-import tiny
 
 
 def test_without_a_teacher_the_loss_is_the_next_token_cross_entropy():
@@ -36,9 +35,33 @@ def test_no_distill_prunes_without_ever_running_the_teacher(tmp_path, capsys, mo
     model = tiny.save_tiny(tmp_path / "m", "llama_gqa")
     calib = tiny.write_calib(tmp_path / "c.jsonl")
     out = tmp_path / "o"
-    code = main(["-q", "prune", str(model), "--no-distill", "--sparsity", "0.3", "--steps", "20",
-                 "--seq-len", "32", "--calib-samples", "16", "--calib", str(calib), "--eval-seq-len", "64",
-                 "--eval-max-windows", "2", "--dtype", "fp32", "--no-report", "--out", str(out)])
+    code = main(
+        [
+            "-q",
+            "prune",
+            str(model),
+            "--no-distill",
+            "--sparsity",
+            "0.3",
+            "--steps",
+            "20",
+            "--seq-len",
+            "32",
+            "--calib-samples",
+            "16",
+            "--calib",
+            str(calib),
+            "--eval-seq-len",
+            "64",
+            "--eval-max-windows",
+            "2",
+            "--dtype",
+            "fp32",
+            "--no-report",
+            "--out",
+            str(out),
+        ]
+    )
     assert code == 0, capsys.readouterr().err
     metrics = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
     assert "kl" not in metrics[0] and metrics[0]["ce"] == pytest.approx(metrics[0]["loss"])
@@ -60,7 +83,7 @@ def test_teacher_normalised_layer_mse_is_scale_free_and_raw_is_the_plain_sum():
     raw = layer_mse(s, t, norm="none")
     assert torch.allclose(raw, sum(((a - b) ** 2).mean() for a, b in zip(s, t)))
     rel = layer_mse(s, t, norm="teacher")
-    assert torch.allclose(rel, sum(((a - b) ** 2).mean() / (b ** 2).mean() for a, b in zip(s, t)))
+    assert torch.allclose(rel, sum(((a - b) ** 2).mean() / (b**2).mean() for a, b in zip(s, t)))
     # scaling every hidden state by 100 multiplies the raw term by 1e4 and leaves the normalised one
     assert torch.allclose(layer_mse([100 * x for x in s], [100 * x for x in t], norm="teacher"), rel, rtol=1e-4)
     assert torch.allclose(layer_mse([100 * x for x in s], [100 * x for x in t], norm="none"), 1e4 * raw, rtol=1e-4)

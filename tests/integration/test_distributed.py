@@ -15,8 +15,27 @@ from safetensors.torch import load_file
 
 import tiny
 
-ARGS = ["--sparsity", "0.3", "--steps", "16", "--seq-len", "32", "--calib-samples", "16", "--batch-size", "4",
-        "--eval-data", "none", "--dtype", "fp32", "--threads", "1", "--checkpoint-every", "0", "--no-report"]
+ARGS = [
+    "--sparsity",
+    "0.3",
+    "--steps",
+    "16",
+    "--seq-len",
+    "32",
+    "--calib-samples",
+    "16",
+    "--batch-size",
+    "4",
+    "--eval-data",
+    "none",
+    "--dtype",
+    "fp32",
+    "--threads",
+    "1",
+    "--checkpoint-every",
+    "0",
+    "--no-report",
+]
 
 
 def _port() -> int:
@@ -44,9 +63,23 @@ def _env() -> dict:
 
 def _torchrun(n: int, *args: str) -> subprocess.CompletedProcess:
     torchrun = Path(sys.executable).with_name("torchrun")
-    return subprocess.run([str(torchrun), f"--nproc-per-node={n}", "--master-addr=127.0.0.1", f"--master-port={_port()}",
-                           "-m", "maskprune", "-q", "prune", *args], env=_env(), capture_output=True, text=True,
-                          timeout=400)
+    return subprocess.run(
+        [
+            str(torchrun),
+            f"--nproc-per-node={n}",
+            "--master-addr=127.0.0.1",
+            f"--master-port={_port()}",
+            "-m",
+            "maskprune",
+            "-q",
+            "prune",
+            *args,
+        ],
+        env=_env(),
+        capture_output=True,
+        text=True,
+        timeout=400,
+    )
 
 
 @pytest.fixture(scope="module")
@@ -55,8 +88,13 @@ def runs(tmp_path_factory):
     model = tiny.save_tiny(root / "model", "llama_gqa")
     calib = tiny.write_calib(root / "calib.jsonl")
     common = [str(model), "--calib", str(calib), *ARGS]
-    one = subprocess.run([sys.executable, "-m", "maskprune", "-q", "prune", *common, "--out", str(root / "one")],
-                         env=_env(), capture_output=True, text=True, timeout=400)
+    one = subprocess.run(
+        [sys.executable, "-m", "maskprune", "-q", "prune", *common, "--out", str(root / "one")],
+        env=_env(),
+        capture_output=True,
+        text=True,
+        timeout=400,
+    )
     assert one.returncode == 0, one.stderr
     two = _torchrun(2, *common, "--out", str(root / "two"))
     assert two.returncode == 0, two.stderr[-3000:]
@@ -93,10 +131,27 @@ def test_a_desynchronised_rank_is_caught(runs, tmp_path):
     # rank 1 perturbs its masks once: the run-time check must stop the run with a clear message
     env = {**_env(), "MASKPRUNE_TEST_DESYNC_RANK": "1"}
     torchrun = Path(sys.executable).with_name("torchrun")
-    proc = subprocess.run([str(torchrun), "--nproc-per-node=2", "--master-addr=127.0.0.1", f"--master-port={_port()}",
-                           str(Path(__file__).with_name("desync_child.py")), str(model), "--calib", str(calib), *ARGS,
-                           "--sync-check-every", "1", "--out", str(tmp_path / "o")],
-                          env=env, capture_output=True, text=True, timeout=400)
+    proc = subprocess.run(
+        [
+            str(torchrun),
+            "--nproc-per-node=2",
+            "--master-addr=127.0.0.1",
+            f"--master-port={_port()}",
+            str(Path(__file__).with_name("desync_child.py")),
+            str(model),
+            "--calib",
+            str(calib),
+            *ARGS,
+            "--sync-check-every",
+            "1",
+            "--out",
+            str(tmp_path / "o"),
+        ],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=400,
+    )
     assert proc.returncode != 0
     assert "processes disagree at step" in proc.stderr
     assert not (tmp_path / "o").exists()
@@ -115,8 +170,19 @@ def test_fsdp_killed_and_resumed_ends_where_the_uninterrupted_fsdp_run_ends(runs
     ckpt = out.with_name(out.name + ".checkpoints")
     args = [str(model), "--calib", str(calib), *ARGS[:-3], "--checkpoint-every", "3", "--no-report", "--fsdp"]
     torchrun = Path(sys.executable).with_name("torchrun")
-    cmd = [str(torchrun), "--nproc-per-node=2", "--master-addr=127.0.0.1", f"--master-port={_port()}",
-           "-m", "maskprune", "-q", "prune", *args, "--out", str(out)]
+    cmd = [
+        str(torchrun),
+        "--nproc-per-node=2",
+        "--master-addr=127.0.0.1",
+        f"--master-port={_port()}",
+        "-m",
+        "maskprune",
+        "-q",
+        "prune",
+        *args,
+        "--out",
+        str(out),
+    ]
     proc = subprocess.Popen(cmd, env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     deadline = time.time() + 240
     while time.time() < deadline and len(list_checkpoints(ckpt)) < 1 and proc.poll() is None:
@@ -153,10 +219,37 @@ def test_accelerate_launch_runs_the_same_cli(runs, tmp_path):
     root, model, calib = runs
     accelerate = Path(sys.executable).with_name("accelerate")
     out = tmp_path / "acc"
-    proc = subprocess.run([str(accelerate), "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
-                           "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(_port()),
-                           "-m", "maskprune", "-q", "prune", str(model), "--calib", str(calib), *ARGS, "--out", str(out)],
-                          env=_env(), capture_output=True, text=True, timeout=400)
+    proc = subprocess.run(
+        [
+            str(accelerate),
+            "launch",
+            "--multi_gpu",
+            "--num_processes",
+            "2",
+            "--num_machines",
+            "1",
+            "--mixed_precision",
+            "no",
+            "--dynamo_backend",
+            "no",
+            "--main_process_port",
+            str(_port()),
+            "-m",
+            "maskprune",
+            "-q",
+            "prune",
+            str(model),
+            "--calib",
+            str(calib),
+            *ARGS,
+            "--out",
+            str(out),
+        ],
+        env=_env(),
+        capture_output=True,
+        text=True,
+        timeout=400,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     a = json.loads((root / "one" / "maskprune_report.json").read_text())
     b = json.loads((out / "maskprune_report.json").read_text())

@@ -8,6 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+import tiny
 from maskprune.arch import get_adapter
 from maskprune.config import load_config
 from maskprune.cut import plan_cut
@@ -16,8 +17,6 @@ from maskprune.errors import MaskPruneError
 from maskprune.evaluate import perplexity, tokenize_windows
 from maskprune.learner import Learner
 from maskprune.masks import MaskSet, Structure
-
-import tiny
 
 
 class _NoSplit(torch.nn.Module):
@@ -80,8 +79,18 @@ def test_short_learner_run_tracks_the_budget_and_cuts_uniformly(kind, policy):
     model = tiny.make_model(kind, layers=3)
     adapter = get_adapter(model.config.model_type)
     structure = Structure.of(model, adapter, policy)
-    cfg = load_config(overrides=dict(steps=120, batch_size=4, dtype="fp32", lora=False, sparsity=0.3, eta1=0.5,
-                                      gqa_policy=policy, freeze_share=1.0))  # the minimax loop to the end
+    cfg = load_config(
+        overrides=dict(
+            steps=120,
+            batch_size=4,
+            dtype="fp32",
+            lora=False,
+            sparsity=0.3,
+            eta1=0.5,
+            gqa_policy=policy,
+            freeze_share=1.0,
+        )
+    )  # the minimax loop to the end
     budget = cfg.budget_for(structure.dense_params)
     masks = MaskSet(structure).attach(model)
     windows = torch.randint(0, tiny.VOCAB, (16, 24), generator=torch.Generator().manual_seed(0))
@@ -111,8 +120,13 @@ def test_learner_under_autocast_skips_peft_input_casts_without_changing_the_forw
     base = tiny.make_model("llama_gqa", layers=2).to(torch.bfloat16)
     adapter = get_adapter(base.config.model_type)
     structure = Structure.of(base, adapter, "query")
-    model = attach_lora(base, ("q", "k", "v", "o", "gate", "up", "down"), rank=4, alpha=8.0,
-                        adapter_names={r: getattr(adapter, f"{r}_name") for r in ("q", "k", "v", "o", "gate", "up", "down")})
+    model = attach_lora(
+        base,
+        ("q", "k", "v", "o", "gate", "up", "down"),
+        rank=4,
+        alpha=8.0,
+        adapter_names={r: getattr(adapter, f"{r}_name") for r in ("q", "k", "v", "o", "gate", "up", "down")},
+    )
     with torch.no_grad():
         for n, p in model.named_parameters():
             if "lora_B" in n:
@@ -140,8 +154,10 @@ def test_learner_under_autocast_skips_peft_input_casts_without_changing_the_forw
     assert all(m.cast_input_dtype_enabled for m in layers)  # without autocast peft's cast is needed and kept
 
 
-@pytest.mark.parametrize("kind,policy,mask_type", [("llama_gqa", "query", "uniform"), ("qwen2", "kv_group", "uniform"),
-                                                   ("llama_mha", "query", "l0")])
+@pytest.mark.parametrize(
+    "kind,policy,mask_type",
+    [("llama_gqa", "query", "uniform"), ("qwen2", "kv_group", "uniform"), ("llama_mha", "query", "l0")],
+)
 def test_frozen_selection_is_the_planned_cut_and_only_lora_learns_after(kind, policy, mask_type):
     from maskprune.learner import attach_lora
 
@@ -149,11 +165,26 @@ def test_frozen_selection_is_the_planned_cut_and_only_lora_learns_after(kind, po
     model = tiny.make_model(kind, layers=3)
     adapter = get_adapter(model.config.model_type)
     structure = Structure.of(model, adapter, policy)
-    cfg = load_config(overrides=dict(steps=30, batch_size=4, dtype="fp32", sparsity=0.3, gqa_policy=policy,
-                                      freeze_share=0.5, warmup_share=0.3, mask_type=mask_type))
+    cfg = load_config(
+        overrides=dict(
+            steps=30,
+            batch_size=4,
+            dtype="fp32",
+            sparsity=0.3,
+            gqa_policy=policy,
+            freeze_share=0.5,
+            warmup_share=0.3,
+            mask_type=mask_type,
+        )
+    )
     budget = cfg.budget_for(structure.dense_params)
-    model = attach_lora(model, cfg.lora_targets, rank=4, alpha=8.0,
-                        adapter_names={r: getattr(adapter, f"{r}_name") for r in cfg.lora_targets})
+    model = attach_lora(
+        model,
+        cfg.lora_targets,
+        rank=4,
+        alpha=8.0,
+        adapter_names={r: getattr(adapter, f"{r}_name") for r in cfg.lora_targets},
+    )
     masks = MaskSet(structure, mask_type).attach(model)
     windows = torch.randint(0, tiny.VOCAB, (16, 24), generator=torch.Generator().manual_seed(0))
     seen, snap = [], {}

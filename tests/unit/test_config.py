@@ -8,8 +8,12 @@ from maskprune.errors import MaskPruneError
 
 def test_default_recipe_and_paper_preset():
     d = load_config()
-    assert (d.recipe, d.mask_init, d.mask_optimizer, d.mask_lr_schedule) == ("maskprune", "wanda-sp", "layer-adam",
-                                                                              "cosine")
+    assert (d.recipe, d.mask_init, d.mask_optimizer, d.mask_lr_schedule) == (
+        "maskprune",
+        "wanda-sp",
+        "layer-adam",
+        "cosine",
+    )
     assert d.freeze_share < 1.0
     p = load_config(overrides={"recipe": "paper"})
     for k, v in PAPER_RECIPE.items():
@@ -25,13 +29,16 @@ def test_recipe_preset_applies_from_a_yaml_file_and_flags_still_win(tmp_path):
     assert (c.mask_optimizer, c.freeze_share, c.mask_init) == ("adamw", 0.5, "flap")
 
 
-@pytest.mark.parametrize("overrides, words", [
-    ({"freeze_share": 1.5}, "freeze_share must be in [0, 1]"),
-    ({"mask_init_spread": 1.0}, "mask_init_spread must be in [0, 1)"),
-    ({"mask_init": "random"}, "mask_init must be one of"),
-    ({"mask_optimizer": "sgd"}, "mask_optimizer must be one of"),
-    ({"recipe": "fast"}, "recipe must be one of"),
-])
+@pytest.mark.parametrize(
+    "overrides, words",
+    [
+        ({"freeze_share": 1.5}, "freeze_share must be in [0, 1]"),
+        ({"mask_init_spread": 1.0}, "mask_init_spread must be in [0, 1)"),
+        ({"mask_init": "random"}, "mask_init must be one of"),
+        ({"mask_optimizer": "sgd"}, "mask_optimizer must be one of"),
+        ({"recipe": "fast"}, "recipe must be one of"),
+    ],
+)
 def test_bad_values_are_named(overrides, words):
     with pytest.raises(MaskPruneError, match="invalid configuration") as e:
         load_config(overrides=overrides)

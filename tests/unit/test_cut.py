@@ -10,9 +10,16 @@ from maskprune.masks import Structure
 
 
 def _structure(ffn_units=96, heads=4, kv=2, policy="query", layers=3, dense=100_000):
-    head = HeadLayout(kind="head", rows=kv if policy == "query" else 1,
-                      units_per_row=heads // kv if policy == "query" else kv, params_per_unit=2048,
-                      num_attention_heads=heads, num_key_value_heads=kv, head_dim=16, policy=policy)
+    head = HeadLayout(
+        kind="head",
+        rows=kv if policy == "query" else 1,
+        units_per_row=heads // kv if policy == "query" else kv,
+        params_per_unit=2048,
+        num_attention_heads=heads,
+        num_key_value_heads=kv,
+        head_dim=16,
+        policy=policy,
+    )
     ffn = FFNLayout(kind="ffn", rows=1, units_per_row=ffn_units, params_per_unit=192)
     return Structure(get_adapter("llama"), head, ffn, layers, dense)
 

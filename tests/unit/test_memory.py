@@ -14,8 +14,9 @@ def test_components_add_up_and_checkpointing_shrinks_only_activations():
     assert off["total"] == pytest.approx(sum(off[k] for k in parts))
     assert off["weights"] == LLAMA2_7B.params * 2  # one copy: the teacher shares the student's weights
     assert on["student_activations"] < off["student_activations"] / 10
-    assert {k: on[k] for k in parts if k != "student_activations"} == \
-        {k: off[k] for k in parts if k != "student_activations"}
+    assert {k: on[k] for k in parts if k != "student_activations"} == {
+        k: off[k] for k in parts if k != "student_activations"
+    }
     assert 0 < off["teacher_share"] < 0.05
 
 

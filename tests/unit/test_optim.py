@@ -30,7 +30,7 @@ def test_proximal_step_scales_only_the_k_smallest():
 
 def test_cut_mass_and_next_smallest():
     m = torch.tensor([[0.9, 0.1, 0.5, 0.3]])
-    assert torch.allclose(F.cut_mass(m, 2), torch.tensor([0.1 ** 2 + 0.3 ** 2]))
+    assert torch.allclose(F.cut_mass(m, 2), torch.tensor([0.1**2 + 0.3**2]))
     assert torch.allclose(F.cut_mass(m, 0), torch.tensor([0.0]))
     assert torch.allclose(F.next_smallest_sq(m, 2), torch.tensor([0.25]))  # 3rd smallest = 0.5
     assert torch.allclose(F.next_smallest_sq(m, 4), torch.tensor([0.81]))  # capped at Dim(m)
@@ -46,8 +46,7 @@ def test_smallest_mask_ties_are_deterministic():
 
 def test_sigma_step_straight_through_and_clip():
     # sigma - eta2 * (y * a - z * c) = 0.2 - 0.1 * (2 * 0.25 - 3 * 0.5) = 0.3
-    assert math.isclose(F.sigma_step(0.2, y=2.0, z=3.0, next_sq_mean=0.25, weight=0.5, eta2=0.1,
-                                     sigma_max=0.75), 0.3)
+    assert math.isclose(F.sigma_step(0.2, y=2.0, z=3.0, next_sq_mean=0.25, weight=0.5, eta2=0.1, sigma_max=0.75), 0.3)
     assert F.sigma_step(0.7, y=0.0, z=100.0, next_sq_mean=1.0, weight=1.0, eta2=1.0, sigma_max=0.75) == 0.75
     assert F.sigma_step(0.1, y=100.0, z=0.0, next_sq_mean=1.0, weight=1.0, eta2=1.0, sigma_max=0.75) == 0.0
 
