@@ -167,9 +167,6 @@ class DecoderAdapter:
         """Module whose *input* is the FFN's intermediate activation (down_proj)."""
         return self.proj(layer, "down")
 
-    def lora_target_names(self) -> list[str]:
-        return [self.q_name, self.k_name, self.v_name, self.o_name, self.gate_name, self.up_name, self.down_name]
-
     # ---- structure --------------------------------------------------------------------------
     def head_layout(self, model: nn.Module, policy: GQAPolicy) -> HeadLayout:
         cfg = model.config

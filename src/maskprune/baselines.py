@@ -34,7 +34,7 @@ __all__ = ["BASELINES", "unit_scores"]
 def _head_column_scores(layout: HeadLayout, per_column: torch.Tensor) -> torch.Tensor:
     """Sum per-column scores ``[n_heads * head_dim]`` into unit scores ``[rows, U]``."""
     per_head = per_column.view(layout.num_attention_heads, layout.head_dim).sum(-1)  # [n_heads]
-    if layout.group_size > 1 and layout.policy == "kv_group":
+    if layout.unit_is_kv_group:  # MHA: group size 1, the sum below is over one head
         per_unit = per_head.view(layout.num_key_value_heads, layout.group_size).sum(-1)  # [n_kv]
         return per_unit.view(layout.rows, layout.units_per_row)
     return per_head.view(layout.rows, layout.units_per_row)

@@ -18,8 +18,7 @@ from pathlib import Path
 from typing import Any, Literal, Sequence
 
 from .config import PruneConfig, load_config
-from .errors import MaskPruneError
-from .learner import Interrupted
+from .errors import Interrupted, MaskPruneError
 
 __all__ = ["main", "build_parser"]
 
@@ -185,7 +184,7 @@ def _run_eval(args: argparse.Namespace, progress: bool) -> int:
     from .evaluate import evaluate_model, format_table
     from .learner import autocast_dtype
     from .models import load_model
-    from .pipeline import _machine, resolve_device
+    from .pipeline import machine_info, resolve_device
     from .zeroshot import resolve_tasks
 
     models = list(args.compare) if args.compare else list(args.model)
@@ -205,7 +204,7 @@ def _run_eval(args: argparse.Namespace, progress: bool) -> int:
     device = resolve_device(args.device)
     results: dict = {
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "machine": _machine(device),
+        "machine": machine_info(device),
         "dtype": args.dtype,
         "limit": args.limit,
         "ppl_tokens": args.ppl_tokens,

@@ -6,7 +6,7 @@ what was found and what to change, so the CLI can print it as is and exit non-ze
 
 from __future__ import annotations
 
-__all__ = ["MaskPruneError", "UnsupportedModelError", "ParityError", "NonFiniteError"]
+__all__ = ["MaskPruneError", "UnsupportedModelError", "ParityError", "NonFiniteError", "Interrupted"]
 
 
 class MaskPruneError(ValueError):
@@ -35,3 +35,12 @@ class ParityError(MaskPruneError):
 
 class NonFiniteError(MaskPruneError):
     """A loss, mask or multiplier became NaN or infinite during learning."""
+
+
+class Interrupted(Exception):
+    """Learning stopped on request (SIGINT / SIGTERM) after a checkpoint was written. Not an error of the
+    input: the CLI reports it and exits with 130 so the run can be resumed."""
+
+    def __init__(self, step: int) -> None:
+        super().__init__(f"stopped at step {step}")
+        self.step = step

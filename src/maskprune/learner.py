@@ -19,7 +19,7 @@ from . import distributed as D
 from . import optim as F
 from .config import PruneConfig
 from .cut import plan_cut
-from .errors import MaskPruneError, NonFiniteError
+from .errors import Interrupted, MaskPruneError, NonFiniteError
 from .losses import distillation_loss
 from .mask_optim import LayerAdam, cosine_factor
 from .masks import POLARIZATION_EPS, MaskSet, Structure, bypass
@@ -450,10 +450,3 @@ class Learner:
             self.masks.eval()
         return self.state
 
-
-class Interrupted(Exception):
-    """Learning stopped on request (SIGINT / SIGTERM) after a checkpoint was written."""
-
-    def __init__(self, step: int) -> None:
-        super().__init__(f"stopped at step {step}")
-        self.step = step

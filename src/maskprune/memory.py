@@ -7,7 +7,7 @@ Llama-style block keeps for its backward pass under bf16 autocast (see :func:`ac
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 
 __all__ = [
     "ModelShape",
@@ -119,6 +119,3 @@ def estimate_learning_memory(
     out["teacher_share"] = (batch_tokens * s.vocab * 2 + out["teacher_hidden_states"]) / out["total"]
     return out
 
-
-def describe(s: ModelShape) -> dict:
-    return asdict(s)

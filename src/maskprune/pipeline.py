@@ -227,7 +227,7 @@ def _prune(cfg: PruneConfig, *, progress: bool = True) -> dict:
         "config": cfg.to_dict(),
         "model": {"source": loaded.source, "path": loaded.path, "model_type": model.config.model_type},
         "machine": {
-            **_machine(device),
+            **machine_info(device),
             "processes": D.world(),
             "sharding": "fsdp2" if cfg.fsdp and D.world() > 1 else "replicated",
         },
@@ -686,7 +686,8 @@ def _check_budget(structure: Structure, budget: int, cfg: PruneConfig) -> None:
         )
 
 
-def _machine(device: torch.device) -> dict:
+def machine_info(device: torch.device) -> dict:
+    """Platform, versions, device and threads: recorded in every report and results file."""
     info = {
         "platform": platform.platform(),
         "python": platform.python_version(),
