@@ -430,8 +430,9 @@ def write_quality(rows: list[dict], a: argparse.Namespace, date: str) -> None:
         "date": date,
         "machine": {"platform": platform.platform(), "cpus": os.cpu_count(), "python": platform.python_version()},
         "protocol": {
-            "prune": "maskprune prune smollm2-135m with the recipe defaults (steps, windows, batch) "
-            "and --threads " + str(a.threads),
+            "prune": f"maskprune prune smollm2-135m --steps {a.steps or '(default)'} --calib-samples "
+            f"{a.calib_samples} --seq-len {a.seq_len} --batch-size {a.batch_size} --dtype {a.dtype} --threads {a.threads} "
+            "(the same calibration windows for every cell; seeds change the batch order and the LoRA init)",
             "ppl": f"WikiText-2 raw test, {a.ppl_tokens} tokens per window length, {a.eval_dtype}",
             "tasks": a.tasks,
             "task_limit": a.task_limit or "all",
@@ -616,6 +617,7 @@ def main() -> None:
     ap.add_argument("--date", default=datetime.date.today().isoformat(), help="results file date (resume: keep it)")
     ap.add_argument("--only", default=None, help="run only cells whose id contains this text")
     ap.add_argument("--dry-run", action="store_true")
+    ap.add_argument("--rewrite", action="store_true", help="only rewrite the results files from the finished cells")
     a = ap.parse_args()
     if a.tasks and not Path(a.data_dir).is_dir():
         sys.exit(f"--data-dir {a.data_dir} is not a folder (the zero-shot data); pass --tasks '' to skip tasks")
@@ -624,6 +626,9 @@ def main() -> None:
     todo = cells(a.group, [float(s) for s in a.sparsities.split(",")])
     if a.only:
         todo = [c for c in todo if a.only in c.name]
+    if a.rewrite:
+        (write_quality if a.group == "quality" else write_results)(_all_rows(work), a, a.date)
+        return
     if a.dry_run:
         for c in todo:
             done = (work / f"{c.name}.cell.json").exists()
