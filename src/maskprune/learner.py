@@ -449,4 +449,3 @@ class Learner:
             self.model.eval()
             self.masks.eval()
         return self.state
-

@@ -118,4 +118,3 @@ def estimate_learning_memory(
     out["total"] = sum(out.values())
     out["teacher_share"] = (batch_tokens * s.vocab * 2 + out["teacher_hidden_states"]) / out["total"]
     return out
-

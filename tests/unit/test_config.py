@@ -87,3 +87,11 @@ def test_automatic_mask_lr_keeps_the_noise_walk_inside_the_prior_spread():
     assert load_config(overrides={"mask_lr": 0.05}).resolved_mask_lr() == 0.05
     with pytest.raises(MaskPruneError, match="mask_lr must be a finite number > 0 or null"):
         load_config(overrides={"mask_lr": 0.0})
+
+
+def test_model_card_names_the_hub_model_behind_an_alias():
+    from maskprune.models import DEFAULT_HUB_ID, hub_id_of
+
+    assert hub_id_of("smollm2-135m") == DEFAULT_HUB_ID == "HuggingFaceTB/SmolLM2-135M-Instruct"
+    assert hub_id_of("meta-llama/Llama-2-7b-hf") == "meta-llama/Llama-2-7b-hf"
+    assert hub_id_of("./my-model") is None and hub_id_of("model.Q4_1.gguf") is None
