@@ -30,6 +30,7 @@ PAPER_RECIPE: dict[str, Any] = {
     "freeze_share": 1.0,
     "warmup_share": 0.7,
     "kl_direction": "student_teacher",
+    "cut_ramp": False,
 }
 """``recipe: paper``: the method as the paper writes it (masks start at 1, AdamW at lr 1e-2 with no
 schedule, the selection learned until the cut, KL(p_s || p_t)). Keys given explicitly still win."""
@@ -101,7 +102,7 @@ class PruneConfig:
     while a unit whose gradient keeps its sign can still cross it (docs/method.md)."""
     mask_lr_schedule: Literal["cosine", "constant"] = "cosine"
     """Mask learning rate over the selection phase: half a cosine to 0 at the freeze, or constant."""
-    freeze_share: float = 0.4
+    freeze_share: float = 0.6
     """Share of the steps after which the selection is frozen: the cut is planned from the learned state,
     kept masks are set to 1 and cut ones to 0, and the remaining steps train LoRA on that structure.
     1 = never (the paper: masks learned until the cut); 0 = the prior's selection from the start."""
@@ -131,6 +132,10 @@ class PruneConfig:
     """Initial sparsity multiplier y (with eta3 = 0: a fixed multiplier, the ablation of the ascent)."""
     z_init: float = 0.0
     """Initial resource multiplier z (with eta4 = 0: fixed)."""
+    cut_ramp: bool = True
+    """Between the end of the budget warm-up and the freeze, cap the masks of the units to be cut by a ceiling
+    falling linearly from 1 to 0, so the cut is reached gradually and costs nothing at the freeze (without it,
+    the mass the proximal step has not yet removed is cut in one jump). Needs freeze_share < 1."""
     warmup_share: float = 0.3
     """Share of the steps over which the budget falls from the dense size to the target (best before
     ``freeze_share``, so the masks hold the target for a while before the selection is frozen)."""

@@ -167,6 +167,28 @@ class Learner:
             return lr
         return lr * cosine_factor(step, self.cfg.selection_steps())
 
+    def _plan(self):
+        """The uniform cut the current state plans (head count from sigma, FFN count from the budget)."""
+        cfg = self.cfg
+        return plan_cut(
+            self.structure,
+            sigma_head=self.state.sigma["head"],
+            budget=self.budget,
+            head_multiple=cfg.head_multiple,
+            ffn_multiple=cfg.ffn_multiple,
+        )
+
+    def cut_ramp_cap(self, step: int) -> float | None:
+        """With ``cut_ramp``: the ceiling on the masks of the units to be cut after ``step``, falling linearly
+        from 1 when the budget warm-up ends to 0 at the freeze, so the model reaches the cut gradually (and
+        LoRA with it) instead of in one jump at the freeze. ``None`` outside that window or without a freeze."""
+        if not self.cfg.cut_ramp or self.freeze_step is None:
+            return None
+        start = min(round(self.cfg.warmup_share * self.cfg.steps), self.freeze_step)
+        if step + 1 < start or self.freeze_step <= start:
+            return None
+        return max(0.0, (self.freeze_step - (step + 1)) / (self.freeze_step - start))
+
     @torch.no_grad()
     def freeze(self) -> None:
         """Freeze the selection: plan the uniform cut from the learned state, set the planned number of units
@@ -174,15 +196,9 @@ class Learner:
         values (LoRA has learned alongside them, and the export folds them); if no mask step was taken yet (a
         freeze at step 0: the prior's values are an order, not a learned scale) they are set to 1. ``sigma``
         becomes the planned fractions, so the final cut is this one."""
-        cfg, st, s = self.cfg, self.state, self.structure
+        st, s = self.state, self.structure
         self.masks.materialize_()
-        plan = plan_cut(
-            s,
-            sigma_head=st.sigma["head"],
-            budget=self.budget,
-            head_multiple=cfg.head_multiple,
-            ffn_multiple=cfg.ffn_multiple,
-        )
+        plan = self._plan()
         for kind, k, lay in (("head", plan.k_head, s.head), ("ffn", plan.k_ffn, s.ffn)):
             p = self.masks.by_kind()[kind]
             hard = p.detach().clone() if st.step > 0 else torch.ones_like(p)
@@ -261,6 +277,12 @@ class Learner:
             for kind, param in self.masks.by_kind().items():
                 if prox[kind]:
                     param.copy_(F.proximal_step(param, k_cut[kind], cfg.eta1, st.y))
+            cap = self.cut_ramp_cap(t)
+            if cap is not None and self.masks.mask_type == "uniform":
+                plan = self._plan()  # the counts the freeze will cut (the budget is at its target by now)
+                for kind, k in (("head", plan.k_head), ("ffn", plan.k_ffn)):
+                    param = self.masks.by_kind()[kind]
+                    param.copy_(F.cap_smallest(param, k, cap))
         if self.masks.mask_type == "polarization":
             self.masks.eps = F.geometric_schedule(t + 1, total, *POLARIZATION_EPS)
 

@@ -49,6 +49,7 @@ __all__ = [
     "smallest_indices",
     "smallest_mask",
     "proximal_step",
+    "cap_smallest",
     "cut_mass",
     "next_smallest_sq",
     "sparsity_violation",
@@ -98,6 +99,16 @@ def proximal_step(mask: torch.Tensor, k: int, eta1: float, y: float) -> torch.Te
     factor = 1.0 / (1.0 + 2.0 * eta1 * y)
     scale = torch.where(smallest_mask(mask, k), torch.full_like(mask, factor), torch.ones_like(mask))
     return mask * scale
+
+
+def cap_smallest(mask: torch.Tensor, k: int, cap: float) -> torch.Tensor:
+    """The ``k`` smallest-magnitude entries of each row clipped to at most ``cap``; the rest unchanged.
+
+    mask: ``[..., U]``; returns a new tensor of the same shape.
+    """
+    if k == 0:
+        return mask.clone()
+    return torch.where(smallest_mask(mask, k), mask.clamp(max=cap), mask)
 
 
 def cut_mass(mask: torch.Tensor, k: int) -> torch.Tensor:

@@ -209,3 +209,29 @@ def test_frozen_selection_is_the_planned_cut_and_only_lora_learns_after(kind, po
     lora_now = {n: p.detach() for n, p in model.named_parameters() if "lora_B" in n}
     assert any(not torch.equal(lora_now[n], snap["lora"][n]) for n in lora_now)  # LoRA still learns
     assert all(m["lr_mask"] == 0.0 for m in seen[15:]) and seen[0]["lr_mask"] == cfg.resolved_mask_lr()
+
+
+def test_cut_ramp_brings_the_cut_mass_to_zero_by_the_freeze():
+    torch.manual_seed(0)
+    model = tiny.make_model("llama_gqa", layers=2)
+    adapter = get_adapter(model.config.model_type)
+    structure = Structure.of(model, adapter, "query")
+    cfg = load_config(
+        overrides=dict(
+            steps=20, batch_size=4, dtype="fp32", sparsity=0.3, lora=False, warmup_share=0.25, freeze_share=0.75
+        )
+    )
+    masks = MaskSet(structure).attach(model)
+    windows = torch.randint(0, tiny.VOCAB, (16, 24), generator=torch.Generator().manual_seed(0))
+    learner = Learner(model, masks, windows, cfg, cfg.budget_for(structure.dense_params))
+    assert [learner.cut_ramp_cap(t) for t in (0, 3)] == [None, None]
+    assert [learner.cut_ramp_cap(t) for t in (4, 5, 14, 20)] == [1.0, 0.9, 0.0, 0.0]
+    seen = []
+    learner.on_step = seen.append
+    for _ in range(15):  # up to and including the last step before the freeze
+        learner.step()
+    from maskprune.cut import cut_mass_share, kept_indices
+
+    k = learner._plan().k_ffn
+    assert k > 0 and cut_mass_share(masks.ffn, kept_indices(masks.ffn, k)) == 0.0
+    assert load_config(overrides={"recipe": "paper"}).cut_ramp is False

@@ -66,3 +66,11 @@ def test_budget_warmup_and_prox_interval():
     assert F.ffn_prox_interval(99, 100) == 1
     assert F.ffn_prox_interval(50, 101) == round(10 - 9 * 0.5)
     assert F.ffn_prox_interval(0, 1) == 1
+
+
+def test_cap_smallest_clips_only_the_k_smallest():
+    m = torch.tensor([[0.9, 0.1, 0.5, 0.3], [1.0, 0.8, 0.7, 0.6]])
+    out = F.cap_smallest(m, 2, 0.2)
+    assert torch.allclose(out, torch.tensor([[0.9, 0.1, 0.5, 0.2], [1.0, 0.8, 0.2, 0.2]]))
+    assert torch.equal(F.cap_smallest(m, 0, 0.0), m)
+    assert torch.equal(F.cap_smallest(m, 4, 0.0), torch.zeros_like(m))
