@@ -76,7 +76,7 @@ SEEDS = {  # the same cell with other seeds (batch order, LoRA init; the calibra
 QUALITY_ONESHOT = ["wanda-sp", "flap", "taylor", "magnitude"]  # deterministic given the windows: one run each
 QUALITY_SEEDS = [0, 1, 2]  # the default recipe ("maskprune", no flags) at three seeds
 QUALITY_CONTROLS = {  # seed 0 only: the recipe that shipped before 2026-11-30, the paper's, and the one-shot
-    # selection with all the steps spent on recovery (does learning the selection buy anything?)
+    # prior with a learned selection phase before the recovery (does learning the selection buy anything?)
     "old-default": [
         "--mask-init",
         "ones",
@@ -94,7 +94,7 @@ QUALITY_CONTROLS = {  # seed 0 only: the recipe that shipped before 2026-11-30, 
         "teacher_student",
     ],
     "paper": ["--recipe", "paper"],
-    "wanda-sp+recovery": ["--freeze-share", "0"],
+    "learned-selection": ["--freeze-share", "0.6"],  # masks learned for 60 % of the steps, cut ramped, then LoRA
 }
 
 

@@ -102,10 +102,12 @@ class PruneConfig:
     while a unit whose gradient keeps its sign can still cross it (docs/method.md)."""
     mask_lr_schedule: Literal["cosine", "constant"] = "cosine"
     """Mask learning rate over the selection phase: half a cosine to 0 at the freeze, or constant."""
-    freeze_share: float = 0.6
-    """Share of the steps after which the selection is frozen: the cut is planned from the learned state,
-    kept masks are set to 1 and cut ones to 0, and the remaining steps train LoRA on that structure.
-    1 = never (the paper: masks learned until the cut); 0 = the prior's selection from the start."""
+    freeze_share: float = 0.0
+    """Share of the steps after which the selection is frozen: the cut is planned from the state then, the
+    planned units set to 0, and the remaining steps train LoRA by distillation on that structure. 0 (default):
+    the one-shot prior's selection from the start, every step spent on recovery (measured best at 20 %:
+    bench/results/2026-11-30-quality-reading.md); 0.6: masks learned for 60 % of the steps first; 1: never
+    (the paper: masks learned until the cut)."""
     lora_lr: float = 1e-3
     """LoRA learning rate (AdamW, no weight decay; the paper: 1e-3)."""
     lora: bool = True
