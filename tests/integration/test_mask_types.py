@@ -101,6 +101,10 @@ def test_each_mask_type_prunes_to_a_stock_uniform_checkpoint(mask_type, tmp_path
             "--dtype",
             "fp32",
             "--no-report",
+            "--freeze-share",  # the mask-type comparison is of the learned loop (the paper's table 3)
+            "1",
+            "--mask-init",
+            "ones",
             "--out",
             str(out),
         ]
