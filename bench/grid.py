@@ -26,6 +26,7 @@ import json
 import math
 import os
 import platform
+import shlex
 import subprocess
 import sys
 import time
@@ -317,7 +318,7 @@ def _row(meta: dict, ev: dict, work: Path | None = None) -> dict:
 
 def write_results(rows: list[dict], a: argparse.Namespace, date: str) -> None:
     res = {
-        "command": "python bench/grid.py " + " ".join(sys.argv[1:]),
+        "command": "python bench/grid.py " + " ".join(shlex.quote(x) for x in sys.argv[1:]),
         "date": date,
         "machine": {"platform": platform.platform(), "cpus": os.cpu_count(), "python": platform.python_version()},
         "protocol": {
@@ -450,7 +451,7 @@ def write_quality(rows: list[dict], a: argparse.Namespace, date: str) -> None:
             }
         )
     res = {
-        "command": "python bench/grid.py " + " ".join(sys.argv[1:]),
+        "command": "python bench/grid.py " + " ".join(shlex.quote(x) for x in sys.argv[1:]),
         "date": date,
         "machine": {"platform": platform.platform(), "cpus": os.cpu_count(), "python": platform.python_version()},
         "protocol": {
@@ -459,7 +460,7 @@ def write_quality(rows: list[dict], a: argparse.Namespace, date: str) -> None:
             "(the same calibration windows for every cell; seeds change the batch order and the LoRA init)",
             "ppl": f"WikiText-2 raw test, {a.ppl_tokens} tokens per window length, {a.eval_dtype}",
             "tasks": a.tasks,
-            "task_limit": a.task_limit or "all",
+            "task_limit": (a.task_limit or "all") if a.tasks else None,
         },
         "cells": cells_,
     }
@@ -480,11 +481,10 @@ def write_quality(rows: list[dict], a: argparse.Namespace, date: str) -> None:
     dense = [c for c in cells_ if c["method"] == "dense"]
     if dense:
         d = dense[0]
-        lines += [
-            f"Dense: ppl@2048 {d['ppl_2048']:.2f}, ppl@128 {d['ppl_128'] or float('nan'):.2f}, PIQA "
-            f"{100 * (d['piqa_acc'] or float('nan')):.1f}",
-            "",
-        ]
+        extra = (f", ppl@128 {d['ppl_128']:.2f}" if d["ppl_128"] else "") + (
+            f", PIQA {100 * d['piqa_acc']:.1f}" if d["piqa_acc"] is not None else ""
+        )
+        lines += [f"Dense: ppl@2048 {d['ppl_2048']:.2f}{extra}", ""]
     head = [
         "method",
         "seeds",
