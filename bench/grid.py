@@ -96,22 +96,7 @@ QUALITY_ONESHOT = ["wanda-sp", "flap", "taylor", "magnitude"]  # deterministic g
 QUALITY_SEEDS = [0, 1, 2]  # the default recipe ("maskprune", no flags) at three seeds
 QUALITY_CONTROLS = {  # seed 0 only: the recipe that shipped before 2026-11-30, the paper's, and the one-shot
     # prior with a learned selection phase before the recovery (does learning the selection buy anything?)
-    "old-default": [
-        "--mask-init",
-        "ones",
-        "--mask-optimizer",
-        "adamw",
-        "--mask-lr",
-        "0.1",
-        "--mask-lr-schedule",
-        "constant",
-        "--freeze-share",
-        "1",
-        "--warmup-share",
-        "0.7",
-        "--kl-direction",
-        "teacher_student",
-    ],
+    "old-default": RECIPE_2026_11_23,
     "paper": ["--recipe", "paper"],
     "learned-selection": ["--freeze-share", "0.6"],  # masks learned for 60 % of the steps, cut ramped, then LoRA
 }
