@@ -50,6 +50,12 @@ def _mask_lr(cfg: dict) -> str:
     return f"{load_config(overrides=known).resolved_mask_lr():.3g} (automatic)"
 
 
+def _selection_text(cfg: dict) -> str:
+    if cfg.get("freeze_share", 1.0) == 0.0:
+        return f"the prior's selection frozen at step 0, all {cfg['steps']} steps spent on LoRA distillation"
+    return f"{cfg.get('mask_optimizer', 'adamw')} at lr {_mask_lr(cfg)}, selection {_freeze_text(cfg)}"
+
+
 def _freeze_text(cfg: dict) -> str:
     share = cfg.get("freeze_share", 1.0)
     if share >= 1.0:
@@ -92,7 +98,19 @@ def write_model_card(folder: Path, report: dict, command: list[str] | None = Non
         else "Not evaluated during the run."
     )
     dense = shape["dense"]
-    title = folder.name if not folder.name.startswith(".") else "pruned model"
+    title = Path(cfg["out"]).name if cfg.get("out") else "pruned model"  # ``folder`` is the staging name
+    if cfg.get("method", "maskprune") != "maskprune":
+        how = f"attention heads and FFN channels chosen by the one-shot `{cfg['method']}` score"
+    elif cfg.get("freeze_share", 1.0) == 0.0:
+        how = (
+            f"attention heads and FFN channels chosen by a one-shot `{cfg.get('mask_init')}` score, then LoRA "
+            "trained by distillation from the unpruned model on the pruned structure"
+        )
+    else:
+        how = (
+            "masks on attention heads and FFN channels learned by the minimax method with LoRA and "
+            "distillation from the unpruned model"
+        )
     lora = f"rank {cfg['lora_rank']}, lr {cfg['lora_lr']}" if cfg["lora"] else "off"
     rt = report.get("roundtrip") or {}
     text = f"""---
@@ -104,9 +122,8 @@ library_name: transformers
 # {title}: {base} pruned by {100 * p["sparsity"]:.1f}% with maskprune
 
 A layer-uniform structured pruning of **{base}** made with
-maskprune (MaskPrune, arXiv 2502.14008): masks on attention heads and FFN
-channels learned by the minimax method with LoRA and distillation from the unpruned model, then the
-same units cut from every layer. It is a stock `{report["model"]["model_type"]}` checkpoint:
+maskprune (MaskPrune, arXiv 2502.14008): {how}, the same number of units cut from every layer.
+It is a stock `{report["model"]["model_type"]}` checkpoint:
 
 ```python
 from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -132,7 +149,7 @@ prunable ones; budget {p["budget"]:,} parameters.
 
 GQA policy `{cfg["gqa_policy"]}`; {cfg["steps"]} steps of {cfg["batch_size"]} x {cfg["seq_len"]} tokens
 from `{cfg["calib"]}`; recipe `{cfg.get("recipe", "paper")}`: masks from `{cfg.get("mask_init", "ones")}`,
-{cfg.get("mask_optimizer", "adamw")} at lr {_mask_lr(cfg)}, selection {_freeze_text(cfg)}; LoRA {lora};
+{_selection_text(cfg)}; LoRA {lora};
 eta1..eta4 = {cfg["eta1"]}, {cfg["eta2"]}, {cfg["eta3"]}, {cfg["eta4"]}; budget warm-up over
 {cfg["warmup_share"]:.0%} of the steps; distillation KL ({cfg["kl_direction"]}) + {cfg["alpha"]} x layer MSE;
 autocast {cfg["dtype"]}. Verified at export, on the same probe windows: the folded and sliced fp32 model
