@@ -33,11 +33,10 @@ from pathlib import Path
 
 import torch
 
+from grid import RECIPE_2026_11_23  # bench/ is on the path when this script runs
+
 ROOT = Path(__file__).resolve().parent
-OLD_DEFAULT = (
-    "--mask-init ones --mask-optimizer adamw --mask-lr 0.1 --mask-lr-schedule constant --freeze-share 1 "
-    "--warmup-share 0.7 --kl-direction teacher_student"
-)
+OLD_DEFAULT = " ".join(RECIPE_2026_11_23)  # the recipe that shipped until 2026-11-30
 
 
 def _flags_to_overrides(flags: str) -> dict:

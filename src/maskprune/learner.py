@@ -128,7 +128,7 @@ class Learner:
             torch.optim.AdamW(lora_params, lr=cfg.lora_lr, weight_decay=0.0) if lora_params else None
         )
         self._trainable = mask_params + lora_params
-        self.freeze_step = round(cfg.freeze_share * cfg.steps) if cfg.freeze_share < 1.0 else None
+        self.freeze_step = cfg.selection_steps() if cfg.freeze_share < 1.0 else None
         # the module the step calls: compiled if asked (the same parameters, hooks and adapters; masks and
         # LoRA toggled by bypass() select between two cached graphs, teacher and student)
         self._forward: Callable[..., Any] = model
