@@ -92,13 +92,21 @@ SEEDS = {  # the same cell with other seeds (batch order, LoRA init; the calibra
     "MaskPrune, seed 3": ["--seed", "3"],
     "MaskPrune, seed 4": ["--seed", "4"],
 }
-QUALITY_ONESHOT = ["wanda-sp", "flap", "taylor", "magnitude"]  # deterministic given the windows: one run each
+QUALITY_ONESHOT = {  # label -> flags; deterministic given the windows: one run each
+    "wanda-sp": ["--method", "wanda-sp"],
+    "flap": ["--method", "flap"],  # with its bias compensation (the default for flap)
+    "flap-uncompensated": ["--method", "flap", "--bias-compensation", "off"],
+    "taylor": ["--method", "taylor"],
+    "magnitude": ["--method", "magnitude"],
+}
 QUALITY_SEEDS = [0, 1, 2]  # the default recipe ("maskprune", no flags) at three seeds
 QUALITY_CONTROLS = {  # seed 0 only: the recipe that shipped before 2026-11-30, the paper's, and the one-shot
     # prior with a learned selection phase before the recovery (does learning the selection buy anything?)
     "old-default": RECIPE_2026_11_23,
     "paper": ["--recipe", "paper"],
     "learned-selection": ["--freeze-share", "0.6"],  # masks learned for 60 % of the steps, cut ramped, then LoRA
+    # the split search's alternative, measured with recovery: one query head of every KV group cut (SmolLM2)
+    "heads-cut": ["--no-split-search", "--head-sparsity", "0.333"],
 }
 
 
@@ -145,7 +153,7 @@ def cells(group: str, sparsities: list[float]) -> list[Cell]:
     if group == "quality":  # not in "all": its protocol (default steps, full PIQA) differs from the 2026-11-23 grid
         for sp in sparsities:
             tag = f"s{round(sp * 100)}"
-            out += [Cell(f"q-{m}-{tag}", m, "quality", sp, ["--method", m]) for m in QUALITY_ONESHOT]
+            out += [Cell(f"q-{m}-{tag}", m, "quality", sp, f) for m, f in QUALITY_ONESHOT.items()]
             out += [
                 Cell(f"q-maskprune-seed{k}-{tag}", "maskprune", "quality", sp, ["--seed", str(k)])
                 for k in QUALITY_SEEDS
@@ -247,6 +255,20 @@ def do_cell(c: Cell, a: argparse.Namespace, work: Path) -> dict:
     return meta
 
 
+def _tasks_pass(c: Cell, a: argparse.Namespace, work: Path) -> None:
+    """Zero-shot tasks alone on a finished cell's model (no perplexity), into ``<cell>.tasks.json``."""
+    out, meta_path = work / f"{c.name}.tasks.json", work / f"{c.name}.cell.json"
+    if out.exists() or not meta_path.exists():
+        print(f"{c.name}: {'done' if out.exists() else 'not pruned yet'}", flush=True)
+        return
+    model = "smollm2-135m" if c.sparsity is None else str(work / c.name)
+    cmd = [sys.executable, "-m", "maskprune", "-q", "eval", model, "--ppl", "none", "--tasks", a.tasks]
+    cmd += ["--data-dir", a.data_dir, "--dtype", a.eval_dtype, "--batch-size", str(a.eval_batch_size)]
+    cmd += (["--limit", str(a.task_limit)] if a.task_limit > 0 else []) + ["--out", str(out)]
+    secs = run(cmd, work / f"{c.name}.log")
+    print(f"{c.name}: tasks in {secs:.0f} s", flush=True)
+
+
 def _training(metrics: Path) -> dict | None:
     """What the learning loop logged (``metrics.jsonl``): the curves for the figure 5/6 plot and a summary:
     the distillation loss over the last 10 % of steps (the paper's figure 5 reads the final training
@@ -277,7 +299,10 @@ def _cut_jump(during: dict | None) -> tuple[float, float] | None:
 
 def _row(meta: dict, ev: dict, work: Path | None = None) -> dict:
     m = next(iter(ev["models"].values()))
-    zs = (m.get("zeroshot") or {}).get("tasks", {})
+    zs = dict((m.get("zeroshot") or {}).get("tasks", {}))
+    tasks_path = work / f"{meta['name']}.tasks.json" if work and meta.get("name") else None
+    if tasks_path is not None and tasks_path.exists():  # a separate --tasks-only pass (full task sets)
+        zs.update(next(iter(json.loads(tasks_path.read_text())["models"].values()))["zeroshot"]["tasks"])
     row = {
         "label": meta["label"],
         "group": meta["group"],
@@ -627,6 +652,11 @@ def main() -> None:
     ap.add_argument("--only", default=None, help="run only cells whose id contains this text")
     ap.add_argument("--dry-run", action="store_true")
     ap.add_argument("--rewrite", action="store_true", help="only rewrite the results files from the finished cells")
+    ap.add_argument(
+        "--tasks-only",
+        action="store_true",
+        help="only run --tasks (with --task-limit) on finished cells' models into <cell>.tasks.json, merged into the table",
+    )
     a = ap.parse_args()
     if a.tasks and not Path(a.data_dir).is_dir():
         sys.exit(f"--data-dir {a.data_dir} is not a folder (the zero-shot data); pass --tasks '' to skip tasks")
@@ -636,6 +666,11 @@ def main() -> None:
     if a.only:
         todo = [c for c in todo if a.only in c.name]
     if a.rewrite:
+        (write_quality if a.group == "quality" else write_results)(_all_rows(work), a, a.date)
+        return
+    if a.tasks_only:
+        for c in todo:
+            _tasks_pass(c, a, work)
         (write_quality if a.group == "quality" else write_results)(_all_rows(work), a, a.date)
         return
     if a.dry_run:

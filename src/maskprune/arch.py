@@ -137,6 +137,11 @@ class DecoderAdapter:
     gate_name: str = "gate_proj"
     up_name: str = "up_proj"
     down_name: str = "down_proj"
+    attn_bias_flag: str | None = None
+    """Config key that gives q/k/v/o biases in the stock model (``attention_bias``), or None if the stock
+    architecture cannot carry an o_proj bias (then no bias compensation for heads)."""
+    mlp_bias_flag: str | None = None
+    """Config key that gives gate/up/down biases in the stock model (``mlp_bias``), or None."""
 
     # ---- navigation -------------------------------------------------------------------------
     def layers(self, model: nn.Module) -> nn.ModuleList:
@@ -220,10 +225,10 @@ def _base_linear(module: nn.Module) -> nn.Linear:
 
 
 _REGISTRY: dict[str, Callable[[], DecoderAdapter]] = {
-    "llama": lambda: DecoderAdapter("llama"),
+    "llama": lambda: DecoderAdapter("llama", attn_bias_flag="attention_bias", mlp_bias_flag="mlp_bias"),
     "mistral": lambda: DecoderAdapter("mistral"),
     "qwen2": lambda: DecoderAdapter("qwen2"),
-    "qwen3": lambda: DecoderAdapter("qwen3"),
+    "qwen3": lambda: DecoderAdapter("qwen3", attn_bias_flag="attention_bias"),
 }
 SUPPORTED_MODEL_TYPES: tuple[str, ...] = tuple(sorted(_REGISTRY))
 

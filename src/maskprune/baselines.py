@@ -28,7 +28,7 @@ from torch import nn
 from .arch import DecoderAdapter, HeadLayout
 from .masks import Structure
 
-__all__ = ["BASELINES", "unit_scores"]
+__all__ = ["BASELINES", "unit_scores", "activation_stats", "input_means"]
 
 
 def _head_column_scores(layout: HeadLayout, per_column: torch.Tensor) -> torch.Tensor:
@@ -127,7 +127,7 @@ BASELINES: dict[str, tuple[_Scorer, str]] = {
 }
 
 
-def _activation_stats(model: nn.Module, adapter: DecoderAdapter, windows: torch.Tensor, batch_size: int) -> dict:
+def activation_stats(model: nn.Module, adapter: DecoderAdapter, windows: torch.Tensor, batch_size: int) -> dict:
     """Per-channel sum and sum of squares of o_proj's and down_proj's inputs over all tokens."""
     stats: dict = {"sum": {}, "sumsq": {}, "count": 0}
     handles = []
@@ -154,6 +154,11 @@ def _activation_stats(model: nn.Module, adapter: DecoderAdapter, windows: torch.
         for h in handles:
             h.remove()
     return stats
+
+
+def input_means(stats: dict) -> dict:
+    """Mean input of o_proj and down_proj per channel, ``{(layer, role): [width]}``, from :func:`activation_stats`."""
+    return {k: v / stats["count"] for k, v in stats["sum"].items()}
 
 
 def _weight_grads(model: nn.Module, adapter: DecoderAdapter, windows: torch.Tensor, batch_size: int) -> dict:
@@ -191,11 +196,14 @@ def unit_scores(
     structure: Structure,
     windows: torch.Tensor,
     batch_size: int = 4,
+    stats: dict | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Importance of every head unit ``[L, rows, U_h]`` and FFN channel ``[L, 1, U_f]`` (higher = keep)."""
+    """Importance of every head unit ``[L, rows, U_h]`` and FFN channel ``[L, 1, U_f]`` (higher = keep).
+
+    ``stats``: :func:`activation_stats` of ``windows`` if the caller has them already."""
     scorer, needs = BASELINES[method]
     if needs == "activations":
-        stats = _activation_stats(model, adapter, windows, batch_size)
+        stats = stats if stats is not None else activation_stats(model, adapter, windows, batch_size)
     elif needs == "grads":
         stats = _weight_grads(model, adapter, windows, batch_size)
     else:

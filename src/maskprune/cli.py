@@ -49,7 +49,7 @@ def _add_config_flags(p: argparse.ArgumentParser) -> None:
         flag = "--" + f.name.replace("_", "-")
         hint = hints[f.name]
         help_ = f"{docs.get(f.name, '')} (default: {f.default!r})".strip()
-        if hint is bool:
+        if hint is bool or set(typing.get_args(hint)) == {bool, type(None)}:  # bool | None: unset is the default
             p.add_argument(
                 flag, dest=f.name, action=argparse.BooleanOptionalAction, default=argparse.SUPPRESS, help=help_
             )

@@ -54,8 +54,25 @@ class PruneConfig:
     """Absolute parameter budget; overrides ``sparsity`` when given."""
     method: Literal["maskprune", "magnitude", "taylor", "wanda-sp", "flap"] = "maskprune"
     """``maskprune`` (learned masks) or a one-shot metric baseline through the same uniform cut."""
-    baseline_head_sparsity: float = 0.0
-    """Baselines only: share of head units cut per row (FFN channels fill the rest of the budget)."""
+    head_sparsity: float = 0.0
+    """Share of head units cut per row where the split is neither searched nor learned (FFN channels fill
+    the rest of the budget): ``--method`` baselines, and the learned method with ``--no-split-search`` (its
+    start; the paper's recipe moves it)."""
+    split_search: bool | None = None
+    """Choose how the cut divides the budget between heads and FFN channels by measurement: cut the
+    one-shot order's lowest units at every head count the budget allows (FFN channels fill the rest) and
+    keep the split whose cut model has the lowest KL to the dense one on ``split_search_samples`` windows
+    (docs/method.md). null (default): on for the learned method with a one-shot prior (``mask_init`` not
+    ``ones``), off for ``--method`` baselines (they cut ``head_sparsity``) and the paper's recipe
+    (it learns the split)."""
+    split_search_samples: int = 16
+    """Calibration windows (the first ones) the split search measures each candidate split on."""
+    bias_compensation: Literal["auto", "on", "off"] = "auto"
+    """FLAP's bias compensation for one-shot baselines: the mean calibration input of every cut channel and
+    head, through o_proj / down_proj, becomes a bias of those projections (the export sets the config's
+    ``attention_bias`` / ``mlp_bias``, which also gives q/k/v and gate/up zero biases; they count in the
+    budget). ``auto``: on for ``--method flap`` where the architecture's stock config can hold those biases;
+    ``on``: every one-shot method (an error where the config cannot hold them); ``off``: never."""
     mask_type: Literal["uniform", "l0", "polarization"] = "uniform"
     """Mask parametrisation inside the same minimax loop: MaskPrune's [0, 1] masks (``uniform``),
     hard-concrete L0 gates, or GDP polarization gates (the paper's table 3 comparison)."""
@@ -231,6 +248,12 @@ class PruneConfig:
         """Steps on which the masks learn: until the freeze, or every step when the selection is never frozen."""
         return round(self.freeze_share * self.steps) if self.freeze_share < 1.0 else self.steps
 
+    def resolved_split_search(self) -> bool:
+        """``split_search``, or its default: on for the learned method starting from a one-shot prior."""
+        if self.split_search is not None:
+            return self.split_search
+        return self.method == "maskprune" and self.mask_init != "ones"
+
     def resolved_mask_lr(self) -> float:
         """``mask_lr``, or the automatic rate ``mask_init_spread / sqrt(selection steps)`` (0.1 / sqrt(steps) when
         the masks start at 1 with no spread)."""
@@ -269,6 +292,7 @@ class PruneConfig:
             "eval_seq_len",
             "log_every",
             "sync_check_every",
+            "split_search_samples",
             "ffn_prox_start",
             "ffn_prox_end",
         ):
@@ -290,8 +314,22 @@ class PruneConfig:
             problems.append(f"warmup_share must be in (0, 1], found {self.warmup_share}")
         if not 0.0 <= self.freeze_share <= 1.0:
             problems.append(f"freeze_share must be in [0, 1] (1: never freeze), found {self.freeze_share}")
+        if not 0.0 <= self.head_sparsity < 1.0:
+            problems.append(
+                f"head_sparsity must be in [0, 1) (a share of each row's head units), found {self.head_sparsity}"
+            )
         if not 0.0 <= self.mask_init_spread < 1.0:
             problems.append(f"mask_init_spread must be in [0, 1), found {self.mask_init_spread}")
+        if self.bias_compensation == "on" and self.method == "maskprune":
+            problems.append(
+                "bias_compensation 'on' applies to one-shot baselines (--method flap, wanda-sp, ...): the learned "
+                "method distils the cut model instead; drop --bias-compensation or pick a --method"
+            )
+        if self.split_search and self.method == "maskprune" and self.mask_init == "ones":
+            problems.append(
+                "split_search needs a one-shot order of the units to cut, found mask_init 'ones': pass "
+                "--mask-init wanda-sp (or flap, taylor, magnitude), or drop --split-search"
+            )
         if self.mask_type != "uniform" and self.method != "maskprune":
             problems.append(
                 f"mask_type {self.mask_type!r} applies to the learned method only, found method "

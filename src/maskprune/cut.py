@@ -13,7 +13,7 @@ from .errors import MaskPruneError
 from .masks import Structure
 from .optim import num_cut
 
-__all__ = ["CutPlan", "plan_cut", "kept_indices", "hard_masks", "cut_mass_share"]
+__all__ = ["CutPlan", "plan_cut", "feasible_plans", "candidate_splits", "kept_indices", "hard_masks", "cut_mass_share"]
 
 
 @dataclass(frozen=True)
@@ -48,7 +48,40 @@ def plan_cut(
     s = structure
     u_h = s.head.units_per_row
     k0 = _round_cut(num_cut(sigma_head, u_h), u_h, head_multiple)
-    unit = s.num_layers * s.ffn.rows * s.ffn.params_per_unit * max(1, ffn_multiple)
+    feasible = feasible_plans(s, budget, head_multiple=head_multiple, ffn_multiple=ffn_multiple)
+    # Within one unit of the budget, the head count nearest the learned one (ties: more heads cut);
+    # if none is that close (rounding), the smallest slack.
+    tight = _tight(s, feasible, budget, ffn_multiple)
+    if tight:
+        return min(tight, key=lambda p: (abs(p.k_head - k0), -p.k_head))
+    return min(feasible, key=lambda p: (budget - p.params, abs(p.k_head - k0)))
+
+
+def candidate_splits(
+    structure: Structure, budget: int, *, head_multiple: int = 1, ffn_multiple: int = 1
+) -> list[CutPlan]:
+    """The splits worth comparing: the feasible plans within one FFN step of the budget (a plan further
+    under it cuts more than asked), or, if rounding leaves none that close, the one with the least slack."""
+    feasible = feasible_plans(structure, budget, head_multiple=head_multiple, ffn_multiple=ffn_multiple)
+    return _tight(structure, feasible, budget, ffn_multiple) or [min(feasible, key=lambda p: budget - p.params)]
+
+
+def _tight(s: Structure, plans: list[CutPlan], budget: int, ffn_multiple: int) -> list[CutPlan]:
+    step = s.num_layers * s.ffn.rows * s.ffn.params_per_unit * max(1, ffn_multiple)
+    return [p for p in plans if budget - p.params < step]
+
+
+def feasible_plans(
+    structure: Structure, budget: int, *, head_multiple: int = 1, ffn_multiple: int = 1
+) -> list[CutPlan]:
+    """Every uniform split of the budget between heads and FFN channels: for each head count per row
+    (kept count a multiple of ``head_multiple``), the fewest FFN channels cut that meet the budget, in
+    increasing head count. The candidates :func:`plan_cut` and the split search choose from.
+
+    Raises :class:`MaskPruneError` if no uniform cut reaches the budget.
+    """
+    s = structure
+    u_h = s.head.units_per_row
     feasible: list[CutPlan] = []
     for k_h in range(u_h):
         if head_multiple > 1 and (u_h - k_h) % head_multiple:
@@ -63,12 +96,7 @@ def plan_cut(
             found=f"budget {budget:,}",
             fix="ask for a lower --sparsity",
         )
-    # Within one unit of the budget, the head count nearest the learned one (ties: more heads cut);
-    # if none is that close (rounding), the smallest slack.
-    tight = [p for p in feasible if budget - p.params < unit]
-    if tight:
-        return min(tight, key=lambda p: (abs(p.k_head - k0), -p.k_head))
-    return min(feasible, key=lambda p: (budget - p.params, abs(p.k_head - k0)))
+    return feasible
 
 
 def _round_cut(k: int, units: int, multiple: int) -> int:

@@ -27,10 +27,11 @@ from tqdm.auto import tqdm
 from . import __version__
 from . import distributed as D
 from .arch import count_parameters, get_adapter
-from .baselines import unit_scores
+from .baselines import activation_stats, input_means, unit_scores
 from .checkpoint import config_fingerprint, list_checkpoints, load_latest, save_checkpoint
+from .compensate import Parts, add_biases_, compensation_parts, extra_params, layer_deltas
 from .config import PruneConfig
-from .cut import cut_mass_share, kept_indices, plan_cut
+from .cut import CutPlan, candidate_splits, cut_mass_share, kept_indices, plan_cut
 from .data import calibration_windows, wikitext2_test_text
 from .errors import MaskPruneError
 from .evaluate import perplexity, tokenize_windows
@@ -42,11 +43,28 @@ from .modelcard import write_model_card
 from .models import load_model
 from .report import make_report
 from .sinks import ExtraSinks
+from .split import SplitResult, search_split
 from .zeroshot import resolve_tasks, run_zeroshot
 
 __all__ = ["prune", "check_output_path", "resolve_device"]
 
 log = logging.getLogger(__name__)
+
+
+@dataclasses.dataclass
+class Outcome:
+    """What choosing the units produced, learned or one-shot: the model with its masks, the plan, the kept
+    units, and the evidence the report carries (the split search, the bias compensation)."""
+
+    model: torch.nn.Module
+    masks: MaskSet
+    state: object | None  # LearnState for the learned method, None for a one-shot baseline
+    plan: CutPlan
+    kept: KeptUnits
+    split: dict | None = None
+    compensation: Parts = Parts(False, False)
+    means: dict | None = None  # mean inputs of o / down (bias compensation)
+    extra_params: int = 0  # parameters the compensating biases add
 
 
 def resolve_device(name: str) -> torch.device:
@@ -257,19 +275,20 @@ def _prune(cfg: PruneConfig, *, progress: bool = True) -> dict:
         if main:
             ckpt_dir.mkdir(parents=True, exist_ok=True)
         if cfg.method == "maskprune":
-            model, masks, state, plan, kept = _learn_and_plan(
+            outcome = _learn_and_plan(
                 cfg, model, adapter, structure, windows, budget, device, main, progress, phases, ckpt_dir, metrics_path
             )
             if not main:  # rank 0 alone cuts, exports, evaluates and writes
                 log.info("rank %d done learning", D.rank())
-                return {"rank": D.rank(), "final_state": state.to_dict()}
+                return {"rank": D.rank(), "final_state": outcome.state.to_dict()}
             shutil.copy2(metrics_path, tmp / "metrics.jsonl")
         else:
-            model, masks, state, plan, kept = _score_and_plan(
-                cfg, model, adapter, structure, windows, budget, device, phases
-            )
+            outcome = _score_and_plan(cfg, model, adapter, structure, windows, budget, device, phases)
             if wdtype != torch.float32:  # fold and verify in fp32, as for the learned masks
-                model, masks = _rebuild_for_export(cfg, model, adapter, structure, masks, device, main)
+                outcome.model, outcome.masks = _rebuild_for_export(
+                    cfg, outcome.model, adapter, structure, outcome.masks, device, main
+                )
+        model, masks, state, plan, kept = outcome.model, outcome.masks, outcome.state, outcome.plan, outcome.kept
         with phases("cut"):
             soft_head, soft_ffn = masks.head.detach().clone(), masks.ffn.detach().clone()
             mass = {"head": cut_mass_share(soft_head, kept.head), "ffn": cut_mass_share(soft_ffn, kept.ffn)}
@@ -282,6 +301,11 @@ def _prune(cfg: PruneConfig, *, progress: bool = True) -> dict:
         with phases("export"):
             masks.detach()
             base = model.merge_and_unload() if hasattr(model, "merge_and_unload") else model
+            deltas = (
+                layer_deltas(base, adapter, structure.head, outcome.means, kept, outcome.compensation)
+                if outcome.compensation
+                else None
+            )
             fold_and_slice_(base, adapter, structure.head, soft_head, soft_ffn, kept)
             # The fold is checked in fp32 (the model here is fp32: learned so, or rebuilt for the export):
             # merging LoRA and folding masks reorder fp32 sums; through SmolLM2's 30 layers (activation
@@ -290,6 +314,8 @@ def _prune(cfg: PruneConfig, *, progress: bool = True) -> dict:
             # logits by O(1)). Then the finished model is cast to the export dtype, saved, reloaded with
             # plain from_pretrained and compared with itself in memory.
             parity = verify_parity(base, probe, reference, tolerance=1e-3)
+            if deltas is not None:  # after the parity check: the compensation changes the function on purpose
+                add_biases_(base, adapter, deltas, outcome.compensation)
             edtype = _export_dtype(cfg, loaded.source_dtype)
             for (
                 prm
@@ -298,10 +324,10 @@ def _prune(cfg: PruneConfig, *, progress: bool = True) -> dict:
             base.config.dtype = edtype
             roundtrip = save_and_verify(base, tok, tmp, probe, masked_logits(base, probe), tolerance=1e-5)
         exported = count_parameters(base)
-        if exported != plan.params:
+        if exported != plan.params + outcome.extra_params:
             raise MaskPruneError(
                 "internal accounting error: exported parameter count differs from the plan",
-                expected=str(plan.params),
+                expected=str(plan.params + outcome.extra_params),
                 found=str(exported),
             )
         ppl_exported = ppl(base, "exported")
@@ -345,6 +371,17 @@ def _prune(cfg: PruneConfig, *, progress: bool = True) -> dict:
                     },
                 },
                 "cut": plan.to_dict(),
+                "split_search": outcome.split,
+                "bias_compensation": (
+                    {
+                        "o_proj": outcome.compensation.attn,
+                        "down_proj": outcome.compensation.mlp,
+                        "params": outcome.extra_params,
+                        "protocol": "FLAP: mean calibration input of the cut units through o_proj / down_proj",
+                    }
+                    if outcome.compensation
+                    else None
+                ),
                 "kept_units": kept.to_lists(),
                 "method": cfg.method,
                 "final_state": (
@@ -430,6 +467,13 @@ def _learn_and_plan(
         if prior is not None:
             for kind, scores in zip(("head", "ffn"), prior):
                 masks.set_values_(kind, prior_masks(scores, cfg.mask_init_spread))
+        split_path = ckpt_dir / "split_search.json"
+        split: SplitResult | None = None
+        if prior is not None and cfg.resolved_split_search():
+            with phases("split"):
+                split = _search_split(cfg, model, masks, structure, prior, windows, budget, device)
+            if main:
+                split_path.write_text(json.dumps(split.to_dict(), indent=1))
         bar = tqdm(total=cfg.steps, desc="learn masks", disable=not (progress and main), dynamic_ncols=True)
 
         learn_start = [time.perf_counter(), 0]
@@ -461,6 +505,8 @@ def _learn_and_plan(
                 )
 
         learner = Learner(model, masks, windows, cfg, budget, on_step=on_step)
+        if split is not None:  # the run starts from the measured split (the freeze plans this head count)
+            learner.state.sigma["head"] = split.best.k_head / structure.head.units_per_row
         if cfg.resume:
             _resume(learner, ckpt_dir, cfg, metrics_path if main else None, metrics_file)
             bar.update(learner.state.step)
@@ -493,7 +539,33 @@ def _learn_and_plan(
         head_multiple=cfg.head_multiple,
         ffn_multiple=cfg.ffn_multiple,
     )
-    return model, masks, state, plan, select_units(masks, plan)
+    split_dict = json.loads(split_path.read_text()) if main and split_path.exists() else None
+    return Outcome(model, masks, state, plan, select_units(masks, plan), split=split_dict)
+
+
+def _search_split(
+    cfg: PruneConfig, model, masks: MaskSet, structure: Structure, scores, windows, budget: int, device
+) -> SplitResult:
+    """The head/FFN split with the lowest KL after cutting by ``scores`` (see :mod:`maskprune.split`)."""
+    candidates = candidate_splits(structure, budget, head_multiple=cfg.head_multiple, ffn_multiple=cfg.ffn_multiple)
+    result = search_split(
+        model,
+        masks,
+        scores[0],
+        scores[1],
+        candidates,
+        windows[: cfg.split_search_samples],
+        batch_size=cfg.batch_size,
+        direction=cfg.kl_direction,
+        autocast_dtype=autocast_dtype(cfg.dtype, device),
+    )
+    log.info(
+        "split search: %s -> %d head units and %d FFN channels cut per row",
+        ", ".join(f"{p.k_head}/{p.k_ffn}: KL {v:.4f}" for p, v in zip(result.candidates, result.losses)),
+        result.best.k_head,
+        result.best.k_ffn,
+    )
+    return result
 
 
 def _rebuild_for_export(
@@ -567,21 +639,52 @@ def _score_and_plan(
     device: torch.device,
     phases: "_Phases",
 ):
-    """A one-shot baseline: unit scores on the calibration windows, the same uniform cut."""
+    """A one-shot baseline: unit scores on the calibration windows, the same uniform cut (the head share
+    ``head_sparsity``, or measured by the split search), FLAP's bias compensation where it applies."""
+    calib = windows[: cfg.calib_samples]
+    compensate = cfg.bias_compensation == "on" or (cfg.bias_compensation == "auto" and cfg.method == "flap")
     with phases("score"):
-        head_scores, ffn_scores = unit_scores(
-            cfg.method, model, adapter, structure, windows[: cfg.calib_samples], batch_size=cfg.batch_size
-        )
-    plan = plan_cut(
-        structure,
-        sigma_head=cfg.baseline_head_sparsity,
-        budget=budget,
-        head_multiple=cfg.head_multiple,
-        ffn_multiple=cfg.ffn_multiple,
-    )
-    kept = KeptUnits(kept_indices(head_scores, plan.k_head), kept_indices(ffn_scores, plan.k_ffn))
+        stats = activation_stats(model, adapter, calib, cfg.batch_size) if compensate else None
+        scores = unit_scores(cfg.method, model, adapter, structure, calib, batch_size=cfg.batch_size, stats=stats)
     masks = MaskSet(structure).to(device).attach(model)  # all ones: nothing to fold
-    return model, masks, None, plan, kept
+    split = None
+    sigma_head = cfg.head_sparsity
+    if cfg.resolved_split_search():
+        with phases("split"):
+            split = _search_split(cfg, model, masks, structure, scores, windows, budget, device)
+        sigma_head = split.best.k_head / structure.head.units_per_row
+    plan = plan_cut(
+        structure, sigma_head=sigma_head, budget=budget, head_multiple=cfg.head_multiple, ffn_multiple=cfg.ffn_multiple
+    )
+    parts, extra = Parts(False, False), 0
+    if compensate:
+        parts = compensation_parts(cfg.bias_compensation, cfg.method, adapter, plan)
+        for _ in range(3):  # the biases' own parameters come out of the budget (they depend on the kept counts)
+            extra = extra_params(structure, model.config, adapter, parts, plan) if parts else 0
+            replanned = plan_cut(
+                structure,
+                sigma_head=plan.k_head / structure.head.units_per_row,
+                budget=budget - extra,
+                head_multiple=cfg.head_multiple,
+                ffn_multiple=cfg.ffn_multiple,
+            )
+            replanned = dataclasses.replace(replanned, budget=budget)
+            if replanned == plan:
+                break
+            plan = replanned
+        extra = extra_params(structure, model.config, adapter, parts, plan) if parts else 0
+    kept = KeptUnits(kept_indices(scores[0], plan.k_head), kept_indices(scores[1], plan.k_ffn))
+    return Outcome(
+        model,
+        masks,
+        None,
+        plan,
+        kept,
+        split=split.to_dict() if split is not None else None,
+        compensation=parts,
+        means=input_means(stats) if parts else None,
+        extra_params=extra,
+    )
 
 
 def checkpoint_dir(out: Path) -> Path:
