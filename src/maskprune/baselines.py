@@ -13,8 +13,10 @@ through the same code. Nothing in the export knows which method ran.
 - ``wanda-sp``: ``sum |W_out[:, unit]| * ||x_unit||_2``: the output projection's input columns
   weighted by the input activation norms (structured Wanda, as FLAP's paper defines it).
 - ``flap``: FLAP's fluctuation metric ``sum Var(x_unit) * ||W_out[:, unit]||^2`` over the unit's input
-  columns of the output projection. FLAP's bias compensation is left out: Llama's o_proj and
-  down_proj have no bias in the stock config, and adding one would change the architecture.
+  columns of the output projection. Its bias compensation is :mod:`maskprune.compensate`.
+
+``wanda-sp`` and ``flap`` can also be calibrated layer by layer on the already pruned prefix, as their
+reference code does (:mod:`maskprune.sequential`).
 """
 
 from __future__ import annotations
@@ -28,7 +30,7 @@ from torch import nn
 from .arch import DecoderAdapter, HeadLayout
 from .masks import Structure
 
-__all__ = ["BASELINES", "unit_scores", "activation_stats", "input_means"]
+__all__ = ["BASELINES", "LAYER_SCORERS", "unit_scores", "activation_stats", "input_means"]
 
 
 def _head_column_scores(layout: HeadLayout, per_column: torch.Tensor) -> torch.Tensor:
@@ -92,30 +94,39 @@ def _taylor(model: nn.Module, adapter: DecoderAdapter, s: Structure, stats) -> t
     return torch.stack(heads), torch.stack(ffns)
 
 
-def _wanda_sp(model: nn.Module, adapter: DecoderAdapter, s: Structure, stats) -> tuple[torch.Tensor, torch.Tensor]:
-    heads, ffns = [], []
-    for li, layer in enumerate(adapter.layers(model)):
-        o, d = adapter.proj(layer, "o").weight.float(), adapter.proj(layer, "down").weight.float()
-        o_norm = stats["sumsq"][(li, "o")].sqrt()  # [n_heads * head_dim]
-        d_norm = stats["sumsq"][(li, "down")].sqrt()  # [d_ff]
-        heads.append(_head_column_scores(s.head, o.abs().sum(0) * o_norm))
-        ffns.append((d.abs().sum(0) * d_norm).view(1, -1))
-    return torch.stack(heads), torch.stack(ffns)
+def _wanda_sp_layer(layer: nn.Module, adapter: DecoderAdapter, s: Structure, stats: dict, li: int):
+    """Wanda-sp scores of one layer: head units ``[rows, U_h]`` and FFN channels ``[1, U_f]``."""
+    o, d = adapter.proj(layer, "o").weight.float(), adapter.proj(layer, "down").weight.float()
+    o_norm = stats["sumsq"][(li, "o")].sqrt()  # [n_heads * head_dim]
+    d_norm = stats["sumsq"][(li, "down")].sqrt()  # [d_ff]
+    return _head_column_scores(s.head, o.abs().sum(0) * o_norm), (d.abs().sum(0) * d_norm).view(1, -1)
 
 
-def _flap(model: nn.Module, adapter: DecoderAdapter, s: Structure, stats) -> tuple[torch.Tensor, torch.Tensor]:
-    heads, ffns = [], []
-    n = stats["count"]
-    for li, layer in enumerate(adapter.layers(model)):
-        o, d = adapter.proj(layer, "o").weight.float(), adapter.proj(layer, "down").weight.float()
+def _flap_layer(layer: nn.Module, adapter: DecoderAdapter, s: Structure, stats: dict, li: int):
+    """FLAP's fluctuation scores of one layer: head units ``[rows, U_h]`` and FFN channels ``[1, U_f]``."""
+    o, d = adapter.proj(layer, "o").weight.float(), adapter.proj(layer, "down").weight.float()
+    n = stats["count"] if isinstance(stats["count"], (int, float)) else stats["count"][li]
 
-        def var(role: str) -> torch.Tensor:
-            mean = stats["sum"][(li, role)] / n
-            return (stats["sumsq"][(li, role)] / n - mean**2).clamp_min(0)
+    def var(role: str) -> torch.Tensor:
+        mean = stats["sum"][(li, role)] / n
+        return (stats["sumsq"][(li, role)] / n - mean**2).clamp_min(0)
 
-        heads.append(_head_column_scores(s.head, var("o") * (o**2).sum(0)))
-        ffns.append((var("down") * (d**2).sum(0)).view(1, -1))
-    return torch.stack(heads), torch.stack(ffns)
+    return _head_column_scores(s.head, var("o") * (o**2).sum(0)), (var("down") * (d**2).sum(0)).view(1, -1)
+
+
+LAYER_SCORERS = {"wanda-sp": _wanda_sp_layer, "flap": _flap_layer}
+"""The activation-based metrics, one layer at a time (what sequential calibration needs)."""
+
+
+def _by_layer(layer_scorer):
+    def scorer(model: nn.Module, adapter: DecoderAdapter, s: Structure, stats) -> tuple[torch.Tensor, torch.Tensor]:
+        pairs = [layer_scorer(layer, adapter, s, stats, li) for li, layer in enumerate(adapter.layers(model))]
+        return torch.stack([h for h, _ in pairs]), torch.stack([f for _, f in pairs])
+
+    return scorer
+
+
+_wanda_sp, _flap = _by_layer(_wanda_sp_layer), _by_layer(_flap_layer)
 
 
 _Scorer = Callable[[nn.Module, DecoderAdapter, Structure, dict], tuple[torch.Tensor, torch.Tensor]]
@@ -158,7 +169,8 @@ def activation_stats(model: nn.Module, adapter: DecoderAdapter, windows: torch.T
 
 def input_means(stats: dict) -> dict:
     """Mean input of o_proj and down_proj per channel, ``{(layer, role): [width]}``, from :func:`activation_stats`."""
-    return {k: v / stats["count"] for k, v in stats["sum"].items()}
+    count = stats["count"]
+    return {k: v / (count if isinstance(count, (int, float)) else count[k[0]]) for k, v in stats["sum"].items()}
 
 
 def _weight_grads(model: nn.Module, adapter: DecoderAdapter, windows: torch.Tensor, batch_size: int) -> dict:

@@ -67,6 +67,10 @@ class PruneConfig:
     (it learns the split)."""
     split_search_samples: int = 16
     """Calibration windows (the first ones) the split search measures each candidate split on."""
+    layerwise_calibration: bool | None = None
+    """Score ``wanda-sp`` / ``flap`` one layer at a time on the inputs of the already cut (and compensated)
+    layers before it, as their reference code does, instead of in one pass over the dense model. null
+    (default): on for those two ``--method`` baselines."""
     bias_compensation: Literal["auto", "on", "off"] = "auto"
     """FLAP's bias compensation for one-shot baselines: the mean calibration input of every cut channel and
     head, through o_proj / down_proj, becomes a bias of those projections (the export sets the config's
@@ -254,6 +258,12 @@ class PruneConfig:
             return self.split_search
         return self.method == "maskprune" and self.mask_init != "ones"
 
+    def resolved_layerwise_calibration(self) -> bool:
+        """``layerwise_calibration``, or its default: on for the wanda-sp and flap baselines."""
+        if self.layerwise_calibration is not None:
+            return self.layerwise_calibration
+        return self.method in ("wanda-sp", "flap")
+
     def resolved_mask_lr(self) -> float:
         """``mask_lr``, or the automatic rate ``mask_init_spread / sqrt(selection steps)`` (0.1 / sqrt(steps) when
         the masks start at 1 with no spread)."""
@@ -320,6 +330,11 @@ class PruneConfig:
             )
         if not 0.0 <= self.mask_init_spread < 1.0:
             problems.append(f"mask_init_spread must be in [0, 1), found {self.mask_init_spread}")
+        if self.layerwise_calibration and self.method not in ("wanda-sp", "flap"):
+            problems.append(
+                f"layerwise_calibration applies to the activation metrics (--method wanda-sp or flap), found method "
+                f"{self.method!r}: drop --layerwise-calibration"
+            )
         if self.bias_compensation == "on" and self.method == "maskprune":
             problems.append(
                 "bias_compensation 'on' applies to one-shot baselines (--method flap, wanda-sp, ...): the learned "

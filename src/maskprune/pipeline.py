@@ -42,6 +42,7 @@ from .masks import MaskSet, Structure
 from .modelcard import write_model_card
 from .models import load_model
 from .report import make_report
+from .sequential import layerwise_scores
 from .sinks import ExtraSinks
 from .split import SplitResult, search_split
 from .zeroshot import resolve_tasks, run_zeroshot
@@ -65,6 +66,7 @@ class Outcome:
     compensation: Parts = Parts(False, False)
     means: dict | None = None  # mean inputs of o / down (bias compensation)
     extra_params: int = 0  # parameters the compensating biases add
+    calibration: str | None = None  # one-shot baselines: "one-pass" or "layerwise" scoring
 
 
 def resolve_device(name: str) -> torch.device:
@@ -372,6 +374,7 @@ def _prune(cfg: PruneConfig, *, progress: bool = True) -> dict:
                 },
                 "cut": plan.to_dict(),
                 "split_search": outcome.split,
+                "calibration": outcome.calibration,
                 "bias_compensation": (
                     {
                         "o_proj": outcome.compensation.attn,
@@ -643,12 +646,14 @@ def _score_and_plan(
     ``head_sparsity``, or measured by the split search), FLAP's bias compensation where it applies."""
     calib = windows[: cfg.calib_samples]
     compensate = cfg.bias_compensation == "on" or (cfg.bias_compensation == "auto" and cfg.method == "flap")
-    with phases("score"):
-        stats = activation_stats(model, adapter, calib, cfg.batch_size) if compensate else None
-        scores = unit_scores(cfg.method, model, adapter, structure, calib, batch_size=cfg.batch_size, stats=stats)
-    masks = MaskSet(structure).to(device).attach(model)  # all ones: nothing to fold
-    split = None
+    layerwise = cfg.resolved_layerwise_calibration()
+    scores = stats = split = None
     sigma_head = cfg.head_sparsity
+    if cfg.resolved_split_search() or not layerwise:  # the one-pass scores
+        with phases("score"):
+            stats = activation_stats(model, adapter, calib, cfg.batch_size) if compensate else None
+            scores = unit_scores(cfg.method, model, adapter, structure, calib, batch_size=cfg.batch_size, stats=stats)
+    masks = MaskSet(structure).to(device).attach(model)  # all ones: nothing to fold
     if cfg.resolved_split_search():
         with phases("split"):
             split = _search_split(cfg, model, masks, structure, scores, windows, budget, device)
@@ -673,6 +678,11 @@ def _score_and_plan(
                 break
             plan = replanned
         extra = extra_params(structure, model.config, adapter, parts, plan) if parts else 0
+    if layerwise:
+        with phases("score_layerwise"):
+            *scores, stats = layerwise_scores(
+                cfg.method, model, adapter, structure, masks, plan, calib, batch_size=cfg.batch_size, compensate=parts
+            )
     kept = KeptUnits(kept_indices(scores[0], plan.k_head), kept_indices(scores[1], plan.k_ffn))
     return Outcome(
         model,
@@ -684,6 +694,7 @@ def _score_and_plan(
         compensation=parts,
         means=input_means(stats) if parts else None,
         extra_params=extra,
+        calibration="layerwise" if layerwise else "one-pass",
     )
 
 

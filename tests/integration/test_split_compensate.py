@@ -98,3 +98,39 @@ def test_compensation_the_architecture_cannot_hold_is_refused_before_anything_is
     err = capsys.readouterr().err
     assert "no down_proj bias" in err and "--bias-compensation" in err
     assert not out.exists()
+
+
+@pytest.mark.parametrize("method", ["wanda-sp", "flap"])
+def test_layerwise_scores_see_the_cut_prefix(method):
+    """Layer 0 scores as in one pass (its inputs are the dense model's); a later layer's scores change once
+    the layers before it are cut; the masks come back at 1."""
+    from maskprune.baselines import unit_scores
+    from maskprune.compensate import Parts
+    from maskprune.sequential import layerwise_scores
+
+    model = tiny.make_model("llama_gqa", layers=3)
+    adapter = get_adapter("llama")
+    s = Structure.of(model, adapter, "query")
+    windows = torch.randint(0, tiny.VOCAB, (4, 16), generator=torch.Generator().manual_seed(0))
+    one_h, one_f = unit_scores(method, model, adapter, s, windows, batch_size=2)
+    masks = MaskSet(s).attach(model)
+    plan = CutPlan(1, 40, 0, 0)
+    h, f, stats = layerwise_scores(method, model, adapter, s, masks, plan, windows, batch_size=2)
+    assert h.shape == one_h.shape and f.shape == one_f.shape
+    assert torch.allclose(h[0], one_h[0], rtol=1e-4) and torch.allclose(f[0], one_f[0], rtol=1e-4)
+    assert not torch.allclose(f[2], one_f[2], rtol=1e-3)
+    assert stats["count"] == {0: 64, 1: 64, 2: 64}
+    assert torch.equal(masks.ffn, torch.ones_like(masks.ffn)) and torch.equal(masks.head, torch.ones_like(masks.head))
+    # nothing cut: every layer sees the dense inputs, so the scores are the one-pass scores
+    h0, f0, _ = layerwise_scores(method, model, adapter, s, masks, CutPlan(0, 0, 0, 0), windows, batch_size=2)
+    assert torch.allclose(f0, one_f, rtol=1e-4) and torch.allclose(h0, one_h, rtol=1e-4)
+    # with the compensation on, the cut prefix's mean contribution is added back: later scores change again
+    _, fc, _ = layerwise_scores(
+        method, model, adapter, s, masks, plan, windows, batch_size=2, compensate=Parts(True, True)
+    )
+    assert not torch.allclose(fc[2], f[2], rtol=1e-4)
+
+
+def test_layerwise_calibration_is_refused_for_metrics_without_activations(tmp_path, capsys):
+    code, out = _prune(tmp_path, "llama_gqa", "--method", "taylor", "--layerwise-calibration")
+    assert code != 0 and "layerwise_calibration" in capsys.readouterr().err and not out.exists()
