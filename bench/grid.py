@@ -93,9 +93,11 @@ SEEDS = {  # the same cell with other seeds (batch order, LoRA init; the calibra
     "MaskPrune, seed 4": ["--seed", "4"],
 }
 QUALITY_ONESHOT = {  # label -> flags; deterministic given the windows: one run each
-    "wanda-sp": ["--method", "wanda-sp"],
-    "flap": ["--method", "flap"],  # with its bias compensation (the default for flap)
+    "wanda-sp": ["--method", "wanda-sp"],  # calibrated layer by layer (the default, as its reference code)
+    "wanda-sp-one-pass": ["--method", "wanda-sp", "--no-layerwise-calibration"],
+    "flap": ["--method", "flap"],  # layer by layer, with its bias compensation (the defaults for flap)
     "flap-uncompensated": ["--method", "flap", "--bias-compensation", "off"],
+    "flap-one-pass-uncompensated": ["--method", "flap", "--bias-compensation", "off", "--no-layerwise-calibration"],
     "taylor": ["--method", "taylor"],
     "magnitude": ["--method", "magnitude"],
 }
