@@ -108,7 +108,7 @@ QUALITY_CONTROLS = {  # seed 0 only: the recipe that shipped before 2026-11-30, 
     "paper": ["--recipe", "paper"],
     "learned-selection": ["--freeze-share", "0.6"],  # masks learned for 60 % of the steps, cut ramped, then LoRA
     # the split search's alternative, measured with recovery: one query head of every KV group cut (SmolLM2)
-    "heads-cut": ["--no-split-search", "--head-sparsity", "0.333"],
+    "heads-cut": ["--no-split-search", "--head-cut-fraction", "0.333"],
 }
 
 

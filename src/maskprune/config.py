@@ -54,7 +54,7 @@ class PruneConfig:
     """Absolute parameter budget; overrides ``sparsity`` when given."""
     method: Literal["maskprune", "magnitude", "taylor", "wanda-sp", "flap"] = "maskprune"
     """``maskprune`` (learned masks) or a one-shot metric baseline through the same uniform cut."""
-    head_sparsity: float = 0.0
+    head_cut_fraction: float = 0.0
     """Share of head units cut per row where the split is neither searched nor learned (FFN channels fill
     the rest of the budget): ``--method`` baselines, and the learned method with ``--no-split-search`` (its
     start; the paper's recipe moves it)."""
@@ -63,7 +63,7 @@ class PruneConfig:
     one-shot order's lowest units at every head count the budget allows (FFN channels fill the rest) and
     keep the split whose cut model has the lowest KL to the dense one on ``split_search_samples`` windows
     (docs/method.md). null (default): on for the learned method with a one-shot prior (``mask_init`` not
-    ``ones``), off for ``--method`` baselines (they cut ``head_sparsity``) and the paper's recipe
+    ``ones``), off for ``--method`` baselines (they cut ``head_cut_fraction``) and the paper's recipe
     (it learns the split)."""
     split_search_samples: int = 16
     """Calibration windows (the first ones) the split search measures each candidate split on."""
@@ -324,9 +324,9 @@ class PruneConfig:
             problems.append(f"warmup_share must be in (0, 1], found {self.warmup_share}")
         if not 0.0 <= self.freeze_share <= 1.0:
             problems.append(f"freeze_share must be in [0, 1] (1: never freeze), found {self.freeze_share}")
-        if not 0.0 <= self.head_sparsity < 1.0:
+        if not 0.0 <= self.head_cut_fraction < 1.0:
             problems.append(
-                f"head_sparsity must be in [0, 1) (a share of each row's head units), found {self.head_sparsity}"
+                f"head_cut_fraction must be in [0, 1) (a share of each row's head units), found {self.head_cut_fraction}"
             )
         if not 0.0 <= self.mask_init_spread < 1.0:
             problems.append(f"mask_init_spread must be in [0, 1), found {self.mask_init_spread}")

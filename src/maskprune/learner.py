@@ -111,7 +111,7 @@ class Learner:
         self.structure: Structure = masks.structure
         self.budget = budget
         self.final_ratio = budget / self.structure.dense_params
-        self.state = LearnState(sigma={"head": cfg.head_sparsity, "ffn": 0.0}, y=cfg.y_init, z=cfg.z_init)
+        self.state = LearnState(sigma={"head": cfg.head_cut_fraction, "ffn": 0.0}, y=cfg.y_init, z=cfg.z_init)
         self.on_step = on_step
         self.device = next(model.parameters()).device
         self.amp = autocast_dtype(cfg.dtype, self.device)

@@ -643,12 +643,12 @@ def _score_and_plan(
     phases: "_Phases",
 ):
     """A one-shot baseline: unit scores on the calibration windows, the same uniform cut (the head share
-    ``head_sparsity``, or measured by the split search), FLAP's bias compensation where it applies."""
+    ``head_cut_fraction``, or measured by the split search), FLAP's bias compensation where it applies."""
     calib = windows[: cfg.calib_samples]
     compensate = cfg.bias_compensation == "on" or (cfg.bias_compensation == "auto" and cfg.method == "flap")
     layerwise = cfg.resolved_layerwise_calibration()
     scores = stats = split = None
-    sigma_head = cfg.head_sparsity
+    sigma_head = cfg.head_cut_fraction
     if cfg.resolved_split_search() or not layerwise:  # the one-pass scores
         with phases("score"):
             stats = activation_stats(model, adapter, calib, cfg.batch_size) if compensate else None

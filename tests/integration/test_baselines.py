@@ -53,7 +53,7 @@ def test_baseline_through_the_cli_exports_a_uniform_stock_model(method, tmp_path
             method,
             "--sparsity",
             "0.3",
-            "--head-sparsity",
+            "--head-cut-fraction",
             "0.5",
             "--seq-len",
             "32",

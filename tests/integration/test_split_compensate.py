@@ -69,7 +69,7 @@ def test_default_learned_run_reports_the_split_it_measured(tmp_path, capsys):
 def test_flap_compensation_exports_stock_biases_inside_the_budget(tmp_path, capsys):
     from transformers import AutoModelForCausalLM
 
-    code, out = _prune(tmp_path, "llama_gqa", "--method", "flap", "--head-sparsity", "0.5")
+    code, out = _prune(tmp_path, "llama_gqa", "--method", "flap", "--head-cut-fraction", "0.5")
     assert code == 0, capsys.readouterr().err
     r = json.loads((out / "maskprune_report.json").read_text())
     comp = r["bias_compensation"]
