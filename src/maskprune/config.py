@@ -326,7 +326,7 @@ class PruneConfig:
             problems.append(f"freeze_share must be in [0, 1] (1: never freeze), found {self.freeze_share}")
         if not 0.0 <= self.head_cut_fraction < 1.0:
             problems.append(
-                f"head_cut_fraction must be in [0, 1) (a share of each row's head units), found {self.head_cut_fraction}"
+                f"head_cut_fraction must be in [0, 1) (of each row's head units), found {self.head_cut_fraction}"
             )
         if not 0.0 <= self.mask_init_spread < 1.0:
             problems.append(f"mask_init_spread must be in [0, 1), found {self.mask_init_spread}")
