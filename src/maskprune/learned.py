@@ -1,0 +1,232 @@
+"""The learned method's run: the one-shot prior, the split search, the learner with its metrics,
+checkpoints, signals and exact resume, then the cut plan from the learned state."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import signal
+import threading
+import time
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Iterator
+
+import torch
+from tqdm.auto import tqdm
+
+from . import distributed as D
+from .baselines import unit_scores
+from .checkpoint import config_fingerprint, list_checkpoints, load_latest, save_checkpoint
+from .config import PruneConfig
+from .cut import plan_cut
+from .errors import MaskPruneError
+from .export import select_units
+from .learner import Learner, attach_lora
+from .mask_optim import prior_masks
+from .masks import MaskSet, Structure
+from .outputs import Phases
+from .selection import Outcome, measure_split, rebuild_for_export, weight_dtype
+from .sinks import ExtraSinks
+from .split import SplitResult
+
+__all__ = ["learn_and_plan", "checkpoint_dir", "check_checkpoints"]
+
+log = logging.getLogger(__name__)
+
+
+def learn_and_plan(
+    cfg: PruneConfig,
+    model,
+    adapter,
+    structure: Structure,
+    windows: torch.Tensor,
+    budget: int,
+    device: torch.device,
+    main: bool,
+    progress: bool,
+    phases: "Phases",
+    ckpt_dir: Path,
+    metrics_path: Path,
+):
+    """MaskPrune: LoRA + masks learned by the minimax loop; the cut plan from the learned s."""
+    metrics_file = open(metrics_path if main else os.devnull, "a", encoding="utf-8")
+    trackers = ExtraSinks(cfg.trackers if main else (), str(ckpt_dir / "tensorboard"), cfg.to_dict())
+    try:
+        prior = None
+        if cfg.mask_init != "ones" and not cfg.resume:  # a resumed run takes its masks from the checkpoint
+            with phases("prior"):
+                prior = unit_scores(
+                    cfg.mask_init, model, adapter, structure, windows[: cfg.prior_samples], batch_size=cfg.batch_size
+                )
+        if cfg.lora:
+            model = attach_lora(
+                model,
+                cfg.lora_targets,
+                rank=cfg.lora_rank,
+                alpha=cfg.lora_alpha,
+                adapter_names={r: getattr(adapter, f"{r}_name") for r in ("q", "k", "v", "o", "gate", "up", "down")},
+            )
+        if cfg.gradient_checkpointing:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            model.enable_input_require_grads()
+        sharded = cfg.fsdp and D.world() > 1
+        if sharded:
+            D.shard_fsdp(model, adapter.layers(model))
+        masks = MaskSet(structure, cfg.mask_type).to(device).attach(model)
+        if prior is not None:
+            for kind, scores in zip(("head", "ffn"), prior):
+                masks.set_values_(kind, prior_masks(scores, cfg.mask_init_spread))
+        split_path = ckpt_dir / "split_search.json"
+        split: SplitResult | None = None
+        if prior is not None and cfg.resolved_split_search():
+            with phases("split"):
+                split = measure_split(cfg, model, masks, structure, prior, windows, budget, device)
+            if main:
+                split_path.write_text(json.dumps(split.to_dict(), indent=1))
+        bar = tqdm(total=cfg.steps, desc="learn masks", disable=not (progress and main), dynamic_ncols=True)
+
+        learn_start = [time.perf_counter(), 0]
+
+        def on_step(m: dict) -> None:
+            metrics_file.write(json.dumps(m) + "\n")
+            trackers.write(m)
+            learn_start[1] += 1
+            if cfg.compile and learn_start[1] == 3:  # the first steps compiled; time the next three
+                learn_start[0] = time.perf_counter()
+            if learn_start[1] == (6 if cfg.compile else 3):  # say up front how long this will take
+                per_step = (time.perf_counter() - learn_start[0]) / 3
+                remaining = per_step * (cfg.steps - m["step"] - 1)
+                log.info(
+                    "mask learning: %.1f s/step, about %.0f min left for %d steps (then cut, export, eval)",
+                    per_step,
+                    remaining / 60,
+                    cfg.steps,
+                )
+            bar.update(1)
+            if m["step"] % cfg.log_every == 0:
+                bar.set_postfix(
+                    loss=f"{m['loss']:.3f}",
+                    s_head=f"{m['sigma_head']:.2f}",
+                    s_ffn=f"{m['sigma_ffn']:.2f}",
+                    y=f"{m['y']:.2g}",
+                    z=f"{m['z']:.2g}",
+                    size=f"{m['size_at_cut'] / 1e6:.1f}M/{budget / 1e6:.1f}M",
+                )
+
+        learner = Learner(model, masks, windows, cfg, budget, on_step=on_step)
+        if split is not None:  # the run starts from the measured split (the freeze plans this head count)
+            learner.state.sigma["head"] = split.best.k_head / structure.head.units_per_row
+        if cfg.resume:
+            _resume(learner, ckpt_dir, cfg, metrics_path if main else None, metrics_file)
+            bar.update(learner.state.step)
+
+        def write_checkpoint(lrn: Learner) -> None:
+            state_dict = lrn.state_dict()  # every process: a collective when FSDP shards LoRA
+            if not main:
+                return
+            metrics_file.flush()
+            os.fsync(metrics_file.fileno())
+            payload = {**state_dict, "config": config_fingerprint(cfg.to_dict()), "budget": budget}
+            path = save_checkpoint(ckpt_dir, payload, lrn.state.step, cfg.keep_checkpoints)
+            log.info("checkpoint %s", path)
+
+        with phases("learn"), _stop_on_signals() as stop:
+            state = learner.run(
+                checkpoint=write_checkpoint, every=cfg.checkpoint_every, should_stop=lambda: stop["requested"]
+            )
+        bar.close()
+    finally:
+        metrics_file.close()
+        trackers.close()
+    masks.materialize_()  # L0 / polarization parameters -> their deterministic mask values
+    if sharded or weight_dtype(cfg) != torch.float32:
+        model, masks = rebuild_for_export(cfg, model, adapter, structure, masks, device, main)
+    plan = plan_cut(
+        structure,
+        sigma_head=state.sigma["head"],
+        budget=budget,
+        head_multiple=cfg.head_multiple,
+        ffn_multiple=cfg.ffn_multiple,
+    )
+    split_dict = json.loads(split_path.read_text()) if main and split_path.exists() else None
+    return Outcome(model, masks, state, plan, select_units(masks, plan), split=split_dict)
+
+
+def checkpoint_dir(out: Path) -> Path:
+    """Where a run keeps its checkpoints and metrics until it completes: ``<out>.checkpoints``."""
+    return out.with_name(out.name + ".checkpoints")
+
+
+def check_checkpoints(out: Path, cfg: PruneConfig) -> None:
+    """Refuse to silently mix runs: resume needs a checkpoint, a fresh run needs none (or --overwrite)."""
+    ckpt_dir = checkpoint_dir(out)
+    found = list_checkpoints(ckpt_dir)
+    if cfg.resume and not found:
+        raise MaskPruneError(
+            f"--resume: no checkpoint in {str(ckpt_dir)!r}",
+            fix="run without --resume to start, or pass the same --out as the interrupted run",
+        )
+    if not cfg.resume and ckpt_dir.exists():
+        if not cfg.overwrite:
+            raise MaskPruneError(
+                f"an earlier, unfinished run left checkpoints in {str(ckpt_dir)!r}",
+                fix="pass --resume to continue it, or --overwrite to start over",
+            )
+        shutil.rmtree(ckpt_dir)
+
+
+def _resume(learner: Learner, ckpt_dir: Path, cfg: PruneConfig, metrics_path: Path | None, metrics_file) -> None:
+    loaded = load_latest(ckpt_dir)
+    if loaded is None:
+        raise MaskPruneError(
+            f"--resume: every checkpoint in {str(ckpt_dir)!r} is unreadable", fix="pass --overwrite to start over"
+        )
+    payload, path = loaded
+    mine, theirs = config_fingerprint(cfg.to_dict()), payload.get("config", {})
+    # a key the checkpoint does not know was added to maskprune since; it matches if left at its default
+    defaults = config_fingerprint(PruneConfig().to_dict())
+    theirs = {**{k: defaults[k] for k in mine if k not in theirs and k in defaults}, **theirs}
+    diff = sorted(k for k in set(mine) | set(theirs) if mine.get(k) != theirs.get(k))
+    if diff:
+        raise MaskPruneError(
+            "--resume: the configuration differs from the interrupted run's",
+            found=", ".join(f"{k}: {theirs.get(k)!r} -> {mine.get(k)!r}" for k in diff),
+            fix="resume with the same settings, or --overwrite to start over",
+        )
+    learner.load_state_dict(payload)
+    step = learner.state.step
+    if metrics_path is None:
+        return
+    # keep the metrics of the steps the checkpoint covers, drop any written after it
+    metrics_file.flush()
+    lines = metrics_path.read_text(encoding="utf-8").splitlines(keepends=True)
+    kept = [ln for ln in lines if ln.strip() and json.loads(ln)["step"] < step]
+    metrics_file.seek(0)
+    metrics_file.truncate()
+    metrics_file.writelines(kept)
+    log.info("resumed from %s at step %d", path.name, step)
+
+
+@contextmanager
+def _stop_on_signals() -> Iterator[dict]:
+    """SIGINT / SIGTERM ask the learner to checkpoint and stop after the current step."""
+    flag = {"requested": False}
+
+    def handler(signum, _frame) -> None:
+        if flag["requested"]:  # a second signal: stop now
+            raise KeyboardInterrupt
+        flag["requested"] = True
+        log.warning("signal %d: writing a checkpoint after this step, then stopping", signum)
+
+    if threading.current_thread() is not threading.main_thread():
+        yield flag
+        return
+    old = {sig: signal.signal(sig, handler) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield flag
+    finally:
+        for sig, h in old.items():
+            signal.signal(sig, h)

@@ -1,0 +1,86 @@
+"""A one-shot baseline's run: unit scores (one pass, or layer by layer), the split, FLAP's bias
+compensation, and the same uniform cut as the learned method."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import torch
+
+from .baselines import activation_stats, input_means, unit_scores
+from .compensate import Parts, compensation_parts, extra_params
+from .config import PruneConfig
+from .cut import kept_indices, plan_cut
+from .export import KeptUnits
+from .masks import MaskSet, Structure
+from .outputs import Phases
+from .selection import Outcome, measure_split
+from .sequential import layerwise_scores
+
+__all__ = ["score_and_plan"]
+
+
+def score_and_plan(
+    cfg: PruneConfig,
+    model,
+    adapter,
+    structure: Structure,
+    windows: torch.Tensor,
+    budget: int,
+    device: torch.device,
+    phases: "Phases",
+):
+    """A one-shot baseline: unit scores on the calibration windows, the same uniform cut (the head share
+    ``head_cut_fraction``, or measured by the split search), FLAP's bias compensation where it applies."""
+    calib = windows[: cfg.calib_samples]
+    compensate = cfg.bias_compensation == "on" or (cfg.bias_compensation == "auto" and cfg.method == "flap")
+    layerwise = cfg.resolved_layerwise_calibration()
+    scores = stats = split = None
+    sigma_head = cfg.head_cut_fraction
+    if cfg.resolved_split_search() or not layerwise:  # the one-pass scores
+        with phases("score"):
+            stats = activation_stats(model, adapter, calib, cfg.batch_size) if compensate else None
+            scores = unit_scores(cfg.method, model, adapter, structure, calib, batch_size=cfg.batch_size, stats=stats)
+    masks = MaskSet(structure).to(device).attach(model)  # all ones: nothing to fold
+    if cfg.resolved_split_search():
+        with phases("split"):
+            split = measure_split(cfg, model, masks, structure, scores, windows, budget, device)
+        sigma_head = split.best.k_head / structure.head.units_per_row
+    plan = plan_cut(
+        structure, sigma_head=sigma_head, budget=budget, head_multiple=cfg.head_multiple, ffn_multiple=cfg.ffn_multiple
+    )
+    parts, extra = Parts(False, False), 0
+    if compensate:
+        parts = compensation_parts(cfg.bias_compensation, cfg.method, adapter, plan)
+        for _ in range(3):  # the biases' own parameters come out of the budget (they depend on the kept counts)
+            extra = extra_params(structure, model.config, adapter, parts, plan) if parts else 0
+            replanned = plan_cut(
+                structure,
+                sigma_head=plan.k_head / structure.head.units_per_row,
+                budget=budget - extra,
+                head_multiple=cfg.head_multiple,
+                ffn_multiple=cfg.ffn_multiple,
+            )
+            replanned = dataclasses.replace(replanned, budget=budget)
+            if replanned == plan:
+                break
+            plan = replanned
+        extra = extra_params(structure, model.config, adapter, parts, plan) if parts else 0
+    if layerwise:
+        with phases("score_layerwise"):
+            *scores, stats = layerwise_scores(
+                cfg.method, model, adapter, structure, masks, plan, calib, batch_size=cfg.batch_size, compensate=parts
+            )
+    kept = KeptUnits(kept_indices(scores[0], plan.k_head), kept_indices(scores[1], plan.k_ffn))
+    return Outcome(
+        model,
+        masks,
+        None,
+        plan,
+        kept,
+        split=split.to_dict() if split is not None else None,
+        compensation=parts,
+        means=input_means(stats) if parts else None,
+        extra_params=extra,
+        calibration="layerwise" if layerwise else "one-pass",
+    )

@@ -1,0 +1,81 @@
+"""The output folder of a run: its default name, the checks before any work, the staging folder that
+becomes ``out`` only when everything passed, and the timing of the run's phases."""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import tempfile
+import time
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Iterator
+
+from .config import PruneConfig
+from .errors import MaskPruneError
+
+__all__ = ["default_out", "check_output_path", "staging", "Phases"]
+
+log = logging.getLogger(__name__)
+
+
+def default_out(cfg: PruneConfig) -> Path:
+    name = Path(cfg.model.rstrip("/")).name.replace(".gguf", "") or "model"
+    tag = f"s{round(cfg.sparsity * 100)}" if cfg.budget_params is None else f"b{cfg.budget_params}"
+    return Path("runs") / f"{name}-{tag}"
+
+
+def check_output_path(out: Path, overwrite: bool) -> None:
+    """Refuse an --out that is a file, exists (without --overwrite) or sits in a read-only folder."""
+    if out.is_file():
+        raise MaskPruneError(f"--out {str(out)!r} is a file", expected="a folder path", fix="choose another --out")
+    if out.exists() and not overwrite:
+        raise MaskPruneError(
+            f"output folder {str(out)!r} already exists", fix="pass --overwrite to replace it, or choose another --out"
+        )
+    parent = out.absolute().parent
+    probe = parent
+    while not probe.exists():
+        probe = probe.parent
+    if not probe.is_dir() or not os.access(probe, os.W_OK | os.X_OK):
+        raise MaskPruneError(
+            f"cannot write the output folder {str(out)!r}",
+            found=f"{str(probe)!r} is not a writable folder",
+            fix="choose an --out in a writable location",
+        )
+
+
+@contextmanager
+def staging(out: Path, overwrite: bool) -> Iterator[Path]:
+    """A temporary folder beside ``out``, renamed to ``out`` on success, removed on failure."""
+    out.absolute().parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.absolute().parent))
+    try:
+        yield tmp
+        if out.exists() and overwrite:
+            old = out.with_name(f".{out.name}.old-{os.getpid()}")
+            os.replace(out, old)
+            os.replace(tmp, out)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+class Phases:
+    """Wall-clock seconds of each named phase of a run (the report's ``seconds``)."""
+
+    def __init__(self) -> None:
+        self.seconds: dict[str, float] = {}
+
+    @contextmanager
+    def __call__(self, name: str) -> Iterator[None]:
+        t = time.perf_counter()
+        log.info("phase %s ...", name)
+        try:
+            yield
+        finally:
+            self.seconds[name] = round(time.perf_counter() - t, 3)
