@@ -36,9 +36,9 @@ from .models import load_model
 from .oneshot import score_and_plan
 from .outputs import Phases, check_output_path, default_out, staging
 from .report import make_report
-from .selection import rebuild_for_export, weight_dtype
+from .selection import Outcome, rebuild_for_export, weight_dtype
 from .sinks import ExtraSinks
-from .zeroshot import resolve_tasks, run_zeroshot
+from .zeroshot import load_local_rows, resolve_tasks, run_zeroshot
 
 __all__ = ["prune", "check_output_path", "resolve_device"]
 
@@ -65,7 +65,135 @@ def prune(cfg: PruneConfig, *, progress: bool = True) -> dict:
         D.shutdown()
 
 
+@dataclasses.dataclass
+class _Run:
+    """What the stages of one run share once the run is set up: settled config, devices, model and data."""
+
+    cfg: PruneConfig
+    out: Path
+    device: torch.device
+    main: bool
+    tasks: list[str]
+    phases: Phases
+    loaded: object  # models.LoadedModel
+    adapter: object  # arch.DecoderAdapter
+    structure: Structure
+    budget: int
+    windows: torch.Tensor
+    eval_windows: torch.Tensor | None
+    bos: str
+    progress: bool
+
+    def ppl(self, m: torch.nn.Module, desc: str) -> dict | None:
+        """WikiText-2 perplexity of ``m`` (rank 0; None without eval data)."""
+        if self.eval_windows is None or not self.main:
+            return None
+        with self.phases(f"eval_{desc}"):
+            return perplexity(
+                m,
+                self.eval_windows,
+                batch_size=self.cfg.batch_size,
+                max_windows=self.cfg.eval_max_windows,
+                autocast_dtype=autocast_dtype(self.cfg.dtype),
+                bos=self.bos,
+                progress=self.progress,
+                desc=desc,
+            ).to_dict()
+
+    def zeroshot(self, m: torch.nn.Module, desc: str) -> dict | None:
+        """The configured zero-shot tasks on ``m`` (rank 0; None without tasks)."""
+        if not self.tasks or not self.main:
+            return None
+        with self.phases(f"zeroshot_{desc}"):
+            return run_zeroshot(
+                m,
+                self.loaded.tokenizer,
+                self.tasks,
+                data_dir=self.cfg.eval_data_dir,
+                limit=self.cfg.eval_limit,
+                batch_size=self.cfg.batch_size,
+                progress=self.progress,
+            )
+
+
 def _prune(cfg: PruneConfig, *, progress: bool = True) -> dict:
+    t_start = time.perf_counter()
+    run = _setup(cfg, progress)
+    cfg, main, phases = run.cfg, run.main, run.phases
+    report: dict = {
+        "maskprune_version": __version__,
+        "config": cfg.to_dict(),
+        "model": {
+            "source": run.loaded.source,
+            "path": run.loaded.path,
+            "model_type": run.loaded.model.config.model_type,
+        },
+        "machine": {
+            **machine_info(run.device),
+            "processes": D.world(),
+            "sharding": "fsdp2" if cfg.fsdp and D.world() > 1 else "replicated",
+        },
+    }
+    ppl_dense = run.ppl(run.loaded.model, "dense")
+    zs_dense = run.zeroshot(run.loaded.model, "dense")
+    ckpt_dir = checkpoint_dir(run.out)
+    with staging(run.out, cfg.overwrite) if main else contextlib.nullcontext(None) as tmp:
+        outcome = _choose_units(run, ckpt_dir)
+        if not main:  # rank 0 alone cuts, exports, evaluates and writes
+            log.info("rank %d done learning", D.rank())
+            return {"rank": D.rank(), "final_state": outcome.state.to_dict() if outcome.state else None}
+        if cfg.method == "maskprune":
+            shutil.copy2(ckpt_dir / "metrics.jsonl", tmp / "metrics.jsonl")
+        soft = {"head": outcome.masks.head.detach().clone(), "ffn": outcome.masks.ffn.detach().clone()}
+        ppl_before_cut = run.ppl(outcome.model, "before_cut")
+        with phases("cut"):
+            harden_(outcome.masks, outcome.kept)
+        ppl_after_cut = run.ppl(outcome.model, "after_cut")
+        exported = _export(run, outcome, soft, tmp)
+        report.update(_structure_sections(run, outcome, exported.model))
+        report.update(_selection_sections(run, outcome, soft))
+        report.update(
+            {
+                "perplexity": {
+                    "protocol": "WikiText-2 raw test, non-overlapping windows, exp(mean NLL)",
+                    "dense": ppl_dense,
+                    "before_cut": ppl_before_cut,
+                    "after_cut": ppl_after_cut,
+                    "exported": run.ppl(exported.model, "exported"),
+                },
+                "zeroshot": {"dense": zs_dense, "exported": run.zeroshot(exported.model, "exported")}
+                if run.tasks
+                else None,
+                "parity": exported.parity.to_dict(),
+                "roundtrip": {**exported.roundtrip.to_dict(), "dtype": str(exported.dtype).replace("torch.", "")},
+                "seconds": {**phases.seconds, "total": round(time.perf_counter() - t_start, 3)},
+            }
+        )
+        (tmp / "maskprune_report.json").write_text(json.dumps(report, indent=1))
+        torch.save(soft, tmp / "masks.pt")
+        write_model_card(tmp, report)
+        if cfg.report and cfg.method == "maskprune":  # the figures are of the learning run
+            with phases("report"):
+                make_report(tmp)
+    shutil.rmtree(ckpt_dir, ignore_errors=True)  # the run is complete; its checkpoints are spent
+    shape = report["shape"]
+    log.info(
+        "wrote %s: %d -> %d parameters (%.1f%% removed), %d heads / %d KV / FFN %d per layer",
+        run.out,
+        run.structure.dense_params,
+        report["params"]["exported"],
+        100 * report["params"]["sparsity"],
+        shape["num_attention_heads"],
+        shape["num_key_value_heads"],
+        shape["intermediate_size"],
+    )
+    report["out"] = str(run.out)
+    return report
+
+
+def _setup(cfg: PruneConfig, progress: bool) -> _Run:
+    """Everything before the units are chosen: checks that need no model, then the model, the budget and
+    the data, each checked as soon as it exists (bad input fails before any heavy work)."""
     cfg.validate()
     out = Path(cfg.out) if cfg.out else default_out(cfg)
     device = resolve_device(cfg.device)
@@ -78,58 +206,43 @@ def _prune(cfg: PruneConfig, *, progress: bool = True) -> dict:
     if main:
         check_checkpoints(out, cfg)
     D.barrier()
-    if cfg.eval_tasks:
-        resolve_tasks(cfg.eval_tasks)
-        if cfg.eval_data_dir is not None:
-            from .zeroshot import load_local_rows
-
-            for t in resolve_tasks(cfg.eval_tasks):
-                load_local_rows(t, cfg.eval_data_dir)  # a missing or malformed file fails now, not after learning
+    tasks = resolve_tasks(cfg.eval_tasks) if cfg.eval_tasks else []
+    if tasks and cfg.eval_data_dir is not None:
+        for t in tasks:
+            load_local_rows(t, cfg.eval_data_dir)  # a missing or malformed file fails now, not after learning
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     torch.manual_seed(cfg.seed)
     phases = Phases()
-    t_start = time.perf_counter()
-
     with phases("load"):
-        wdtype = weight_dtype(cfg)
+        # under FSDP the whole model stays in host memory until fully_shard moves each process's shard to
+        # its device; the dense evaluation then runs on rank 0 before sharding, on the host
         loaded = load_model(
             cfg.model,
             gguf_file=cfg.gguf_file,
             trust_remote_code=cfg.trust_remote_code,
             device=torch.device("cpu") if cfg.fsdp and D.world() > 1 else device,
-            dtype=wdtype,
+            dtype=weight_dtype(cfg),
         )
-        # under FSDP the whole model stays in host memory until fully_shard moves each process's shard to
-        # its device; the dense evaluation then runs on rank 0 before sharding, on the host
-    model, tok = loaded.model, loaded.tokenizer
+    model = loaded.model
     adapter = get_adapter(model.config.model_type)
     structure = Structure.of(model, adapter, cfg.gqa_policy)
     budget = cfg.budget_for(structure.dense_params)
     _check_budget(structure, budget, cfg)
-    max_pos = getattr(model.config, "max_position_embeddings", None)
-    for name in ("seq_len", "eval_seq_len") if cfg.eval_data != "none" else ("seq_len",):
-        if max_pos is not None and getattr(cfg, name) > max_pos:
-            raise MaskPruneError(
-                f"{name} {getattr(cfg, name)} is above the model's context",
-                expected=f"at most max_position_embeddings = {max_pos}",
-                fix=f"lower --{name.replace('_', '-')}",
-            )
-
+    _check_context(cfg, getattr(model.config, "max_position_embeddings", None))
     with phases("data"):
         windows = calibration_windows(
-            cfg.calib, tok, seq_len=cfg.seq_len, num_windows=cfg.calib_samples, config=cfg.calib_config
+            cfg.calib, loaded.tokenizer, seq_len=cfg.seq_len, num_windows=cfg.calib_samples, config=cfg.calib_config
         )
         eval_windows, bos = (None, "")
         if cfg.eval_data != "none":
-            eval_windows, bos = tokenize_windows(wikitext2_test_text(cfg.eval_data), tok, cfg.eval_seq_len)
+            eval_windows, bos = tokenize_windows(wikitext2_test_text(cfg.eval_data), loaded.tokenizer, cfg.eval_seq_len)
     if cfg.method == "maskprune" and windows.shape[0] < cfg.batch_size:
         raise MaskPruneError(
             f"the calibration text gives {windows.shape[0]} windows of {cfg.seq_len} tokens, fewer "
             f"than one batch of {cfg.batch_size}",
             fix="give more calibration text, or lower --batch-size / --seq-len",
         )
-    amp = autocast_dtype(cfg.dtype)
     log.info(
         "model %s: %s layers, %d params; budget %d (%.1f%% removed); %d calibration windows "
         "of %d tokens; %d steps of batch %d",
@@ -143,206 +256,154 @@ def _prune(cfg: PruneConfig, *, progress: bool = True) -> dict:
         cfg.steps,
         cfg.batch_size,
     )
+    return _Run(
+        cfg, out, device, main, tasks, phases, loaded, adapter, structure, budget, windows, eval_windows, bos, progress
+    )
 
-    def ppl(m: torch.nn.Module, desc: str) -> dict | None:
-        if eval_windows is None or not main:
-            return None
-        with phases(f"eval_{desc}"):
-            return perplexity(
-                m,
-                eval_windows,
-                batch_size=cfg.batch_size,
-                max_windows=cfg.eval_max_windows,
-                autocast_dtype=amp,
-                bos=bos,
-                progress=progress,
-                desc=desc,
-            ).to_dict()
 
-    report: dict = {
-        "maskprune_version": __version__,
-        "config": cfg.to_dict(),
-        "model": {"source": loaded.source, "path": loaded.path, "model_type": model.config.model_type},
-        "machine": {
-            **machine_info(device),
-            "processes": D.world(),
-            "sharding": "fsdp2" if cfg.fsdp and D.world() > 1 else "replicated",
+def _check_context(cfg: PruneConfig, max_pos: int | None) -> None:
+    for name in ("seq_len", "eval_seq_len") if cfg.eval_data != "none" else ("seq_len",):
+        if max_pos is not None and getattr(cfg, name) > max_pos:
+            raise MaskPruneError(
+                f"{name} {getattr(cfg, name)} is above the model's context",
+                expected=f"at most max_position_embeddings = {max_pos}",
+                fix=f"lower --{name.replace('_', '-')}",
+            )
+
+
+def _choose_units(run: _Run, ckpt_dir: Path) -> Outcome:
+    """The learned method or a one-shot baseline; either way an fp32 model with masks, plan and kept units."""
+    cfg, main = run.cfg, run.main
+    if main:
+        ckpt_dir.mkdir(parents=True, exist_ok=True)
+    args = (cfg, run.loaded.model, run.adapter, run.structure, run.windows, run.budget, run.device)
+    if cfg.method == "maskprune":
+        return learn_and_plan(*args, main, run.progress, run.phases, ckpt_dir, ckpt_dir / "metrics.jsonl")
+    outcome = score_and_plan(*args, run.phases)
+    if weight_dtype(cfg) != torch.float32:  # fold and verify in fp32, as for the learned masks
+        outcome.model, outcome.masks = rebuild_for_export(
+            cfg, outcome.model, run.adapter, run.structure, outcome.masks, run.device, main
+        )
+    return outcome
+
+
+@dataclasses.dataclass
+class _Exported:
+    model: torch.nn.Module
+    parity: object  # export.ParityReport of the fold
+    roundtrip: object  # export.ParityReport of save + reload
+    dtype: torch.dtype
+    params: int
+
+
+def _export(run: _Run, outcome: Outcome, soft: dict, folder: Path) -> _Exported:
+    """Merge LoRA, fold the masks, slice, check parity with the masked model, add the compensating biases,
+    cast, save to ``folder`` and check the reloaded checkpoint; the parameter count must match the plan."""
+    cfg, model, kept = run.cfg, outcome.model, outcome.kept
+    probe = run.windows[:2, : min(cfg.seq_len, 64)]
+    reference = masked_logits(model, probe)
+    with run.phases("export"):
+        outcome.masks.detach()
+        base = model.merge_and_unload() if hasattr(model, "merge_and_unload") else model
+        head = run.structure.head
+        deltas = (
+            layer_deltas(base, run.adapter, head, outcome.means, kept, outcome.compensation)
+            if outcome.compensation
+            else None
+        )
+        fold_and_slice_(base, run.adapter, head, soft["head"], soft["ffn"], kept)
+        # The fold is checked in fp32 (the model here is fp32: learned so, or rebuilt for the export):
+        # merging LoRA and folding masks reorder fp32 sums; through SmolLM2's 30 layers (activation
+        # outliers ~1e2) that measured up to 1.2e-4 of the largest logit (L0 masks, whose sampled gates
+        # grow LoRA more). 1e-3 stays far below what a folding bug does (a wrong head or channel moves
+        # logits by O(1)). Then the finished model is cast to the export dtype, saved, reloaded with
+        # plain from_pretrained and compared with itself in memory.
+        parity = verify_parity(base, probe, reference, tolerance=1e-3)
+        if deltas is not None:  # after the parity check: the compensation changes the function on purpose
+            add_biases_(base, run.adapter, deltas, outcome.compensation)
+        edtype = _export_dtype(cfg, run.loaded.source_dtype)
+        for prm in base.parameters():  # parameters only: buffers (rotary inv_freq) stay as from_pretrained builds them
+            prm.data = prm.data.to(edtype)
+        base.config.dtype = edtype
+        roundtrip = save_and_verify(
+            base, run.loaded.tokenizer, folder, probe, masked_logits(base, probe), tolerance=1e-5
+        )
+    exported = count_parameters(base)
+    if exported != outcome.plan.params + outcome.extra_params:
+        raise MaskPruneError(
+            "internal accounting error: exported parameter count differs from the plan",
+            expected=str(outcome.plan.params + outcome.extra_params),
+            found=str(exported),
+        )
+    return _Exported(base, parity, roundtrip, edtype, exported)
+
+
+def _structure_sections(run: _Run, outcome: Outcome, base: torch.nn.Module) -> dict:
+    """The report's ``params`` and ``shape``: sizes against the budget, and the exported shape."""
+    s, cfg = run.structure, run.cfg
+    exported = count_parameters(base)
+    prunable_kept = s.prunable_params - (s.dense_params - exported)
+    layout = {
+        kind: {"rows": lay.rows, "units_per_row": lay.units_per_row, "params_per_unit": lay.params_per_unit}
+        for kind, lay in (("head", s.head), ("ffn", s.ffn))
+    }
+    return {
+        "params": {
+            "dense": s.dense_params,
+            "budget": run.budget,
+            "exported": exported,
+            "sparsity": 1 - exported / s.dense_params,
+            "prunable_dense": s.prunable_params,
+            "prunable_exported": prunable_kept,
+            "prunable_sparsity": 1 - prunable_kept / s.prunable_params,
+            "budget_slack": run.budget - exported,
+        },
+        "shape": {
+            "num_hidden_layers": s.num_layers,
+            "num_attention_heads": base.config.num_attention_heads,
+            "num_key_value_heads": base.config.num_key_value_heads,
+            "head_dim": base.config.head_dim,
+            "intermediate_size": base.config.intermediate_size,
+            "dense": {
+                "num_attention_heads": s.head.num_attention_heads,
+                "num_key_value_heads": s.head.num_key_value_heads,
+                "intermediate_size": s.ffn.units_per_row,
+            },
+            "gqa_policy": cfg.gqa_policy,
+            "unit_layout": layout,
         },
     }
-    ppl_dense = ppl(model, "dense")
-    tasks = resolve_tasks(cfg.eval_tasks) if cfg.eval_tasks else []
 
-    def zeroshot(m: torch.nn.Module, desc: str) -> dict | None:
-        if not tasks or not main:
-            return None
-        with phases(f"zeroshot_{desc}"):
-            return run_zeroshot(
-                m,
-                tok,
-                tasks,
-                data_dir=cfg.eval_data_dir,
-                limit=cfg.eval_limit,
-                batch_size=cfg.batch_size,
-                progress=progress,
-            )
 
-    zs_dense = zeroshot(model, "dense")
-
-    ckpt_dir = checkpoint_dir(out)
-    with staging(out, cfg.overwrite) if main else contextlib.nullcontext(None) as tmp:
-        metrics_path = ckpt_dir / "metrics.jsonl"
-        if main:
-            ckpt_dir.mkdir(parents=True, exist_ok=True)
-        if cfg.method == "maskprune":
-            outcome = learn_and_plan(
-                cfg, model, adapter, structure, windows, budget, device, main, progress, phases, ckpt_dir, metrics_path
-            )
-            if not main:  # rank 0 alone cuts, exports, evaluates and writes
-                log.info("rank %d done learning", D.rank())
-                return {"rank": D.rank(), "final_state": outcome.state.to_dict()}
-            shutil.copy2(metrics_path, tmp / "metrics.jsonl")
-        else:
-            outcome = score_and_plan(cfg, model, adapter, structure, windows, budget, device, phases)
-            if wdtype != torch.float32:  # fold and verify in fp32, as for the learned masks
-                outcome.model, outcome.masks = rebuild_for_export(
-                    cfg, outcome.model, adapter, structure, outcome.masks, device, main
-                )
-        model, masks, state, plan, kept = outcome.model, outcome.masks, outcome.state, outcome.plan, outcome.kept
-        with phases("cut"):
-            soft_head, soft_ffn = masks.head.detach().clone(), masks.ffn.detach().clone()
-            mass = {"head": cut_mass_share(soft_head, kept.head), "ffn": cut_mass_share(soft_ffn, kept.ffn)}
-        ppl_before_cut = ppl(model, "before_cut")
-        harden_(masks, kept)
-        ppl_after_cut = ppl(model, "after_cut")
-        probe = windows[:2, : min(cfg.seq_len, 64)]
-        reference = masked_logits(model, probe)
-
-        with phases("export"):
-            masks.detach()
-            base = model.merge_and_unload() if hasattr(model, "merge_and_unload") else model
-            deltas = (
-                layer_deltas(base, adapter, structure.head, outcome.means, kept, outcome.compensation)
-                if outcome.compensation
-                else None
-            )
-            fold_and_slice_(base, adapter, structure.head, soft_head, soft_ffn, kept)
-            # The fold is checked in fp32 (the model here is fp32: learned so, or rebuilt for the export):
-            # merging LoRA and folding masks reorder fp32 sums; through SmolLM2's 30 layers (activation
-            # outliers ~1e2) that measured up to 1.2e-4 of the largest logit (L0 masks, whose sampled gates
-            # grow LoRA more). 1e-3 stays far below what a folding bug does (a wrong head or channel moves
-            # logits by O(1)). Then the finished model is cast to the export dtype, saved, reloaded with
-            # plain from_pretrained and compared with itself in memory.
-            parity = verify_parity(base, probe, reference, tolerance=1e-3)
-            if deltas is not None:  # after the parity check: the compensation changes the function on purpose
-                add_biases_(base, adapter, deltas, outcome.compensation)
-            edtype = _export_dtype(cfg, loaded.source_dtype)
-            for (
-                prm
-            ) in base.parameters():  # parameters only: buffers (rotary inv_freq) stay as from_pretrained builds them
-                prm.data = prm.data.to(edtype)
-            base.config.dtype = edtype
-            roundtrip = save_and_verify(base, tok, tmp, probe, masked_logits(base, probe), tolerance=1e-5)
-        exported = count_parameters(base)
-        if exported != plan.params + outcome.extra_params:
-            raise MaskPruneError(
-                "internal accounting error: exported parameter count differs from the plan",
-                expected=str(plan.params + outcome.extra_params),
-                found=str(exported),
-            )
-        ppl_exported = ppl(base, "exported")
-        zs_exported = zeroshot(base, "exported")
-        prunable_kept = structure.prunable_params - (structure.dense_params - exported)
-        report.update(
+def _selection_sections(run: _Run, outcome: Outcome, soft: dict) -> dict:
+    """The report's account of how the units were chosen: the cut, the split, the compensation, the masks."""
+    state, kept = outcome.state, outcome.kept
+    comp = outcome.compensation
+    return {
+        "cut": outcome.plan.to_dict(),
+        "split_search": outcome.split,
+        "calibration": outcome.calibration,
+        "bias_compensation": (
             {
-                "params": {
-                    "dense": structure.dense_params,
-                    "budget": budget,
-                    "exported": exported,
-                    "sparsity": 1 - exported / structure.dense_params,
-                    "prunable_dense": structure.prunable_params,
-                    "prunable_exported": prunable_kept,
-                    "prunable_sparsity": 1 - prunable_kept / structure.prunable_params,
-                    "budget_slack": budget - exported,
-                },
-                "shape": {
-                    "num_hidden_layers": structure.num_layers,
-                    "num_attention_heads": base.config.num_attention_heads,
-                    "num_key_value_heads": base.config.num_key_value_heads,
-                    "head_dim": base.config.head_dim,
-                    "intermediate_size": base.config.intermediate_size,
-                    "dense": {
-                        "num_attention_heads": structure.head.num_attention_heads,
-                        "num_key_value_heads": structure.head.num_key_value_heads,
-                        "intermediate_size": structure.ffn.units_per_row,
-                    },
-                    "gqa_policy": cfg.gqa_policy,
-                    "unit_layout": {
-                        "head": {
-                            "rows": structure.head.rows,
-                            "units_per_row": structure.head.units_per_row,
-                            "params_per_unit": structure.head.params_per_unit,
-                        },
-                        "ffn": {
-                            "rows": 1,
-                            "units_per_row": structure.ffn.units_per_row,
-                            "params_per_unit": structure.ffn.params_per_unit,
-                        },
-                    },
-                },
-                "cut": plan.to_dict(),
-                "split_search": outcome.split,
-                "calibration": outcome.calibration,
-                "bias_compensation": (
-                    {
-                        "o_proj": outcome.compensation.attn,
-                        "down_proj": outcome.compensation.mlp,
-                        "params": outcome.extra_params,
-                        "protocol": "FLAP: mean calibration input of the cut units through o_proj / down_proj",
-                    }
-                    if outcome.compensation
-                    else None
-                ),
-                "kept_units": kept.to_lists(),
-                "method": cfg.method,
-                "final_state": (
-                    {"sigma": state.sigma, "y": state.y, "z": state.z, "steps": state.step}
-                    if state is not None
-                    else None
-                ),
-                "cut_mask_mass_share": mass,
-                "masks": {"head": soft_head[:, :, :].tolist(), "ffn_summary": _summary(soft_ffn)},
-                "perplexity": {
-                    "protocol": "WikiText-2 raw test, non-overlapping windows, exp(mean NLL)",
-                    "dense": ppl_dense,
-                    "before_cut": ppl_before_cut,
-                    "after_cut": ppl_after_cut,
-                    "exported": ppl_exported,
-                },
-                "zeroshot": {"dense": zs_dense, "exported": zs_exported} if tasks else None,
-                "parity": parity.to_dict(),
-                "roundtrip": {**roundtrip.to_dict(), "dtype": str(edtype).replace("torch.", "")},
-                "seconds": {**phases.seconds, "total": round(time.perf_counter() - t_start, 3)},
+                "o_proj": comp.attn,
+                "down_proj": comp.mlp,
+                "params": outcome.extra_params,
+                "protocol": "FLAP: mean calibration input of the cut units through o_proj / down_proj",
             }
-        )
-        (tmp / "maskprune_report.json").write_text(json.dumps(report, indent=1))
-        torch.save({"head": soft_head, "ffn": soft_ffn}, tmp / "masks.pt")
-        write_model_card(tmp, report)
-        if cfg.report and cfg.method == "maskprune":  # the figures are of the learning run
-            with phases("report"):
-                make_report(tmp)
-    shutil.rmtree(ckpt_dir, ignore_errors=True)  # the run is complete; its checkpoints are spent
-    log.info(
-        "wrote %s: %d -> %d parameters (%.1f%% removed), %d heads / %d KV / FFN %d per layer",
-        out,
-        structure.dense_params,
-        exported,
-        100 * report["params"]["sparsity"],
-        base.config.num_attention_heads,
-        base.config.num_key_value_heads,
-        base.config.intermediate_size,
-    )
-    report["out"] = str(out)
-    return report
+            if comp
+            else None
+        ),
+        "kept_units": kept.to_lists(),
+        "method": run.cfg.method,
+        "final_state": (
+            {"sigma": state.sigma, "y": state.y, "z": state.z, "steps": state.step} if state is not None else None
+        ),
+        "cut_mask_mass_share": {
+            "head": cut_mass_share(soft["head"], kept.head),
+            "ffn": cut_mass_share(soft["ffn"], kept.ffn),
+        },
+        "masks": {"head": soft["head"].tolist(), "ffn_summary": _summary(soft["ffn"])},
+    }
 
 
 def _export_dtype(cfg: PruneConfig, source_dtype: torch.dtype | None) -> torch.dtype:
