@@ -292,7 +292,7 @@ def _training(metrics: Path) -> dict | None:
 
 
 def _cut_jump(during: dict | None) -> tuple[float, float] | None:
-    """Perplexity of the masked model just before the cut and just after it (invariant 6 of METHOD.md),
+    """Perplexity of the masked model just before the cut and just after it (invariant 6 of docs/method.md),
     as the prune command measured it on a few WikiText-2 windows: the damage the cut itself does."""
     if not during or "before_cut" not in during or "after_cut" not in during:
         return None

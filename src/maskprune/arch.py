@@ -4,7 +4,7 @@ An adapter tells the rest of maskprune where a decoder's layers, attention and F
 and :class:`UnitLayout` declares, once, which rows and columns move together when a unit is cut.
 Masks, hooks, parameter accounting and the export all read the same layout.
 
-Units (see METHOD.md, "Units and parameter counts"). A mask of one kind in one layer has shape
+Units (see docs/method.md, "Units and sizes"). A mask of one kind in one layer has shape
 ``[rows, units_per_row]``; the sparsity ``s`` counts units cut *per row*, so every row of every
 layer keeps the same number of units:
 

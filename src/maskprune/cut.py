@@ -137,7 +137,7 @@ def hard_masks(mask: torch.Tensor, kept: torch.Tensor) -> torch.Tensor:
 
 
 def cut_mass_share(mask: torch.Tensor, kept: torch.Tensor) -> float:
-    """``sum |m| over cut units / sum |m|`` (METHOD.md invariant 6)."""
+    """``sum |m| over cut units / sum |m|`` (docs/method.md, invariant 6)."""
     total = float(mask.detach().abs().sum())
     if total == 0.0:
         return 0.0

@@ -1,4 +1,4 @@
-"""Perplexity as METHOD.md's evaluation protocol defines it.
+"""Perplexity as docs/method.md ("Evaluation") defines it.
 
 The text is tokenized once (the tokenizer's own special-token handling, recorded as ``bos``), cut
 into non-overlapping windows of ``seq_len`` tokens with the remainder dropped, and

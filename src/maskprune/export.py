@@ -1,7 +1,7 @@
 """Merge LoRA, fold the kept masks into weights that are linear in them, slice, and save a stock
 Hugging Face checkpoint; then reload it with plain ``from_pretrained`` and verify parity.
 
-Folding (METHOD.md, "The cut and the export"): a head's mask goes into its o_proj input columns
+Folding (docs/method.md, "The fold and the export"): a head's mask goes into its o_proj input columns
 (valid for every policy: o_proj is linear in each head's output), an FFN channel's mask into its
 down_proj column (never gate_proj, whose output passes through the activation).
 """

@@ -1,4 +1,4 @@
-"""The mask-learning loop (METHOD.md, "The objective" steps 1-6). No file I/O in here.
+"""The mask-learning loop (docs/method.md, "One learning step"). No file I/O in here.
 
 Per step: teacher forward (masks and LoRA off, no grad) and student forward; one AdamW step on masks
 and LoRA, masks clamped to [0, 1]; the proximal step (heads every step, FFN every k steps with k

@@ -1,6 +1,6 @@
 """The minimax updates of MaskPrune as pure functions of tensors (paper section 3.2, Algorithm 1).
 
-Symbol table (paper -> code). Everything here is scale-free, as METHOD.md asks, so one set of
+Symbol table (paper -> code). Everything here is scale-free, as docs/method.md states, so one set of
 rates works for 9 heads and for 11008 FFN channels, and for 135M or 70B parameters:
 
 =====================  ===========================================================================

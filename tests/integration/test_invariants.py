@@ -1,4 +1,4 @@
-"""METHOD.md invariants 1-4 on tiny in-process models of every supported family."""
+"""docs/method.md invariants 1-4 on tiny in-process models of every supported family."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""The update rules against hand-computed values (METHOD.md invariant 5)."""
+"""The update rules against hand-computed values (docs/method.md invariant 5)."""
 
 import math
 
