@@ -172,13 +172,56 @@ class DecoderAdapter:
         """Module whose *input* is the FFN's intermediate activation (down_proj)."""
         return self.proj(layer, "down")
 
+    # ---- config: the shape keys of a stock checkpoint ---------------------------------------
+    def shape(self, config) -> dict[str, int]:
+        """The per-layer shape a config declares: heads, KV heads, head_dim, intermediate and hidden size,
+        layers, vocabulary (defaults filled in as transformers fills them)."""
+        n_heads = int(config.num_attention_heads)
+        return {
+            "num_hidden_layers": int(config.num_hidden_layers),
+            "hidden_size": int(config.hidden_size),
+            "num_attention_heads": n_heads,
+            "num_key_value_heads": int(getattr(config, "num_key_value_heads", None) or n_heads),
+            "head_dim": int(getattr(config, "head_dim", None) or config.hidden_size // n_heads),
+            "intermediate_size": int(config.intermediate_size),
+            "vocab_size": int(config.vocab_size),
+        }
+
+    def set_layer_shape_(self, layer: nn.Module, *, n_heads: int, n_kv: int, d_ff: int) -> None:
+        """Update the counts a sliced layer's modules keep besides their weights."""
+        attn, mlp = self.attn(layer), self.mlp(layer)
+        if hasattr(attn, "num_key_value_groups"):
+            attn.num_key_value_groups = n_heads // n_kv
+        if hasattr(mlp, "intermediate_size"):
+            mlp.intermediate_size = d_ff
+
+    def set_shape_(self, config, *, n_heads: int, n_kv: int, d_ff: int, head_dim: int) -> None:
+        """Write the pruned shape into a config, so plain ``from_pretrained`` builds the sliced model:
+        head_dim explicitly (transformers would otherwise recompute hidden // heads), and no quantization
+        config (the weights are dense now)."""
+        config.num_attention_heads = n_heads
+        config.num_key_value_heads = n_kv
+        config.intermediate_size = d_ff
+        config.head_dim = head_dim
+        if hasattr(config, "quantization_config"):
+            delattr(config, "quantization_config")
+
+    def set_bias_(self, config, *, attn: bool, mlp: bool) -> None:
+        """Turn on the config keys that give the projections biases (see :attr:`attn_bias_flag`)."""
+        if attn:
+            setattr(config, self.attn_bias_flag, True)
+        if mlp:
+            setattr(config, self.mlp_bias_flag, True)
+
+    def has_bias(self, config, part: str) -> bool:
+        """Whether the dense config already gives ``part`` (``attn`` or ``mlp``) biases."""
+        flag = self.attn_bias_flag if part == "attn" else self.mlp_bias_flag
+        return flag is not None and bool(getattr(config, flag, False))
+
     # ---- structure --------------------------------------------------------------------------
     def head_layout(self, model: nn.Module, policy: GQAPolicy) -> HeadLayout:
-        cfg = model.config
-        n_heads = int(cfg.num_attention_heads)
-        n_kv = int(getattr(cfg, "num_key_value_heads", None) or n_heads)
-        hidden = int(cfg.hidden_size)
-        head_dim = int(getattr(cfg, "head_dim", None) or hidden // n_heads)
+        shape = self.shape(model.config)
+        n_heads, n_kv, head_dim = shape["num_attention_heads"], shape["num_key_value_heads"], shape["head_dim"]
         layer = self.layers(model)[0]
         q, k, v, o = (_base_linear(self.proj(layer, n)) for n in ("q", "k", "v", "o"))
         q_head = _linear_params(q, head_dim) + o.weight.shape[0] * head_dim  # q rows + o columns
@@ -231,6 +274,11 @@ _REGISTRY: dict[str, Callable[[], DecoderAdapter]] = {
     "qwen3": lambda: DecoderAdapter("qwen3", attn_bias_flag="attention_bias"),
 }
 SUPPORTED_MODEL_TYPES: tuple[str, ...] = tuple(sorted(_REGISTRY))
+
+
+def adapter_for(model: nn.Module) -> DecoderAdapter:
+    """The adapter of a loaded model (by its ``config.model_type``)."""
+    return get_adapter(model.config.model_type)
 
 
 def get_adapter(model_type: str) -> DecoderAdapter:

@@ -73,10 +73,10 @@ def _kept_head_counts(layout: HeadLayout, k_head: int) -> tuple[int, int]:
 def extra_params(structure: Structure, config, adapter: DecoderAdapter, parts: Parts, plan: CutPlan) -> int:
     """Parameters the compensating biases add to the plan's model (biases the dense model lacked)."""
     s, extra = structure, 0
-    hidden = int(config.hidden_size)
-    if parts.mlp and not getattr(config, adapter.mlp_bias_flag, False):
+    hidden = adapter.shape(config)["hidden_size"]
+    if parts.mlp and not adapter.has_bias(config, "mlp"):
         extra += s.num_layers * (2 * (s.ffn.units_per_row - plan.k_ffn) + hidden)
-    if parts.attn and not getattr(config, adapter.attn_bias_flag, False):
+    if parts.attn and not adapter.has_bias(config, "attn"):
         n_q, n_kv = _kept_head_counts(s.head, plan.k_head)
         extra += s.num_layers * ((n_q + 2 * n_kv) * s.head.head_dim + hidden)
     return extra
@@ -131,7 +131,4 @@ def add_biases_(model: nn.Module, adapter: DecoderAdapter, deltas: list[dict[str
             mlp = adapter.mlp(layer)
             for role, name in (("gate", adapter.gate_name), ("up", adapter.up_name), ("down", adapter.down_name)):
                 setattr(mlp, name, _with_bias(adapter.proj(layer, role), d.get(role)))
-    if parts.attn:
-        setattr(model.config, adapter.attn_bias_flag, True)
-    if parts.mlp:
-        setattr(model.config, adapter.mlp_bias_flag, True)
+    adapter.set_bias_(model.config, attn=parts.attn, mlp=parts.mlp)

@@ -110,8 +110,6 @@ def fold_and_slice_(
             (adapter.v_name, v, kv_rows),
         ):
             setattr(attn, name, _sliced_linear(mod, mod.weight[rows], mod.bias[rows] if mod.bias is not None else None))
-        if hasattr(attn, "num_key_value_groups"):
-            attn.num_key_value_groups = len(q_keep) // len(kv_keep)
 
         gate, up, down = (adapter.proj(layer, r) for r in ("gate", "up", "down"))
         ch = kept.ffn[li, 0].to(down.weight.device)  # [d_ff']
@@ -120,16 +118,9 @@ def fold_and_slice_(
         setattr(mlp, adapter.down_name, _sliced_linear(down, down_w, down.bias))
         for name, mod in ((adapter.gate_name, gate), (adapter.up_name, up)):
             setattr(mlp, name, _sliced_linear(mod, mod.weight[ch], mod.bias[ch] if mod.bias is not None else None))
-        if hasattr(mlp, "intermediate_size"):
-            mlp.intermediate_size = int(ch.numel())
         n_q, n_kv, d_ff = len(q_keep), len(kv_keep), int(ch.numel())
-    cfg = model.config
-    cfg.num_attention_heads = n_q
-    cfg.num_key_value_heads = n_kv
-    cfg.intermediate_size = d_ff
-    cfg.head_dim = d  # explicit: transformers would otherwise recompute hidden // heads
-    if hasattr(cfg, "quantization_config"):
-        delattr(cfg, "quantization_config")
+        adapter.set_layer_shape_(layer, n_heads=n_q, n_kv=n_kv, d_ff=d_ff)
+    adapter.set_shape_(model.config, n_heads=n_q, n_kv=n_kv, d_ff=d_ff, head_dim=d)
 
 
 def verify_parity(

@@ -40,16 +40,18 @@ LLAMA3_70B = ModelShape(70_553_706_496, 80, 8192, 28672, 64, 8, 128, 128256)
 
 
 def shape_of(model) -> ModelShape:
-    c = model.config
+    from .arch import adapter_for
+
+    c = adapter_for(model).shape(model.config)
     return ModelShape(
         sum(p.numel() for p in model.parameters()),
-        c.num_hidden_layers,
-        c.hidden_size,
-        c.intermediate_size,
-        c.num_attention_heads,
-        getattr(c, "num_key_value_heads", None) or c.num_attention_heads,
-        getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads,
-        c.vocab_size,
+        c["num_hidden_layers"],
+        c["hidden_size"],
+        c["intermediate_size"],
+        c["num_attention_heads"],
+        c["num_key_value_heads"],
+        c["head_dim"],
+        c["vocab_size"],
     )
 
 

@@ -20,7 +20,7 @@ import torch
 
 from . import __version__
 from . import distributed as D
-from .arch import count_parameters, get_adapter
+from .arch import adapter_for, count_parameters
 from .compensate import add_biases_, layer_deltas
 from .config import PruneConfig
 from .cut import cut_mass_share
@@ -126,7 +126,7 @@ def _prune(cfg: PruneConfig, *, progress: bool = True) -> dict:
         "model": {
             "source": run.loaded.source,
             "path": run.loaded.path,
-            "model_type": run.loaded.model.config.model_type,
+            "model_type": run.adapter.model_type,
         },
         "machine": {
             **machine_info(run.device),
@@ -225,7 +225,7 @@ def _setup(cfg: PruneConfig, progress: bool) -> _Run:
             dtype=weight_dtype(cfg),
         )
     model = loaded.model
-    adapter = get_adapter(model.config.model_type)
+    adapter = adapter_for(model)
     structure = Structure.of(model, adapter, cfg.gqa_policy)
     budget = cfg.budget_for(structure.dense_params)
     _check_budget(structure, budget, cfg)
@@ -342,6 +342,7 @@ def _structure_sections(run: _Run, outcome: Outcome, base: torch.nn.Module) -> d
     """The report's ``params`` and ``shape``: sizes against the budget, and the exported shape."""
     s, cfg = run.structure, run.cfg
     exported = count_parameters(base)
+    shape = run.adapter.shape(base.config)
     prunable_kept = s.prunable_params - (s.dense_params - exported)
     layout = {
         kind: {"rows": lay.rows, "units_per_row": lay.units_per_row, "params_per_unit": lay.params_per_unit}
@@ -360,10 +361,7 @@ def _structure_sections(run: _Run, outcome: Outcome, base: torch.nn.Module) -> d
         },
         "shape": {
             "num_hidden_layers": s.num_layers,
-            "num_attention_heads": base.config.num_attention_heads,
-            "num_key_value_heads": base.config.num_key_value_heads,
-            "head_dim": base.config.head_dim,
-            "intermediate_size": base.config.intermediate_size,
+            **{k: shape[k] for k in ("num_attention_heads", "num_key_value_heads", "head_dim", "intermediate_size")},
             "dense": {
                 "num_attention_heads": s.head.num_attention_heads,
                 "num_key_value_heads": s.head.num_key_value_heads,
