@@ -7,7 +7,6 @@ maskprune eval MODEL [--seq-len 2048,128] [--limit N] [--out results.json]
 from __future__ import annotations
 
 import argparse
-import ast
 import dataclasses
 import json
 import logging
@@ -26,18 +25,8 @@ log = logging.getLogger("maskprune")
 
 
 def _field_docs() -> dict[str, str]:
-    """Attribute docstrings of PruneConfig (the string right after each field) for --help."""
-    import inspect
-
-    src = inspect.getsource(PruneConfig)
-    tree = ast.parse(src).body[0]
-    docs: dict[str, str] = {}
-    body = tree.body  # type: ignore[attr-defined]
-    for node, nxt in zip(body, body[1:] + [None]):
-        if isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name):
-            if isinstance(nxt, ast.Expr) and isinstance(getattr(nxt, "value", None), ast.Constant):
-                docs[node.target.id] = " ".join(str(nxt.value.value).split())
-    return docs
+    """The help of every PruneConfig field (its ``metadata["help"]``) for --help."""
+    return {f.name: f.metadata.get("help", "") for f in dataclasses.fields(PruneConfig)}
 
 
 def _add_config_flags(p: argparse.ArgumentParser) -> None:
@@ -48,7 +37,7 @@ def _add_config_flags(p: argparse.ArgumentParser) -> None:
             continue
         flag = "--" + f.name.replace("_", "-")
         hint = hints[f.name]
-        help_ = f"{docs.get(f.name, '')} (default: {f.default!r})".strip()
+        help_ = f"{docs.get(f.name, '')} (default: {f.default!r})".strip().replace("%", "%%")
         if hint is bool or set(typing.get_args(hint)) == {bool, type(None)}:  # bool | None: unset is the default
             p.add_argument(
                 flag, dest=f.name, action=argparse.BooleanOptionalAction, default=argparse.SUPPRESS, help=help_

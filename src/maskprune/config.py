@@ -36,210 +36,361 @@ PAPER_RECIPE: dict[str, Any] = {
 schedule, the selection learned until the cut, KL(p_s || p_t)). Keys given explicitly still win."""
 
 
+def _opt(default: Any, help: str) -> Any:
+    """A config field with its help text (shown by ``--help``) as metadata."""
+    return dataclasses.field(default=default, metadata={"help": " ".join(help.split())})
+
+
 @dataclass(frozen=True)
 class PruneConfig:
     """Everything a prune run needs. Field docs are the CLI help."""
 
-    model: str = DEFAULT_MODEL
-    """Local HF folder, hub id, ``.gguf`` file, or ``smollm2-135m`` (the embedded default)."""
-    gguf_file: str | None = None
-    """GGUF file name inside ``model`` when ``model`` is a folder or hub repo holding GGUF files."""
-    out: str | None = None
-    """Output folder for the pruned checkpoint (default: runs/<model>-<sparsity>)."""
-    overwrite: bool = False
-    """Replace ``out`` if it exists."""
-    sparsity: float | None = 0.2
-    """Target share of all parameters removed, 1 - M_pruned / M_dense, in (0, 1)."""
-    budget_params: int | None = None
-    """Absolute parameter budget; overrides ``sparsity`` when given."""
-    method: Literal["maskprune", "magnitude", "taylor", "wanda-sp", "flap"] = "maskprune"
-    """``maskprune`` (learned masks) or a one-shot metric baseline through the same uniform cut."""
-    head_cut_fraction: float = 0.0
-    """Share of head units cut per row where the split is neither searched nor learned (FFN channels fill
+    model: str = _opt(
+        DEFAULT_MODEL,
+        """Local HF folder, hub id, ``.gguf`` file, or ``smollm2-135m`` (the embedded default).""",
+    )
+    gguf_file: str | None = _opt(
+        None,
+        """GGUF file name inside ``model`` when ``model`` is a folder or hub repo holding GGUF files.""",
+    )
+    out: str | None = _opt(
+        None,
+        """Output folder for the pruned checkpoint (default: runs/<model>-<sparsity>).""",
+    )
+    overwrite: bool = _opt(
+        False,
+        """Replace ``out`` if it exists.""",
+    )
+    sparsity: float | None = _opt(
+        0.2,
+        """Target share of all parameters removed, 1 - M_pruned / M_dense, in (0, 1).""",
+    )
+    budget_params: int | None = _opt(
+        None,
+        """Absolute parameter budget; overrides ``sparsity`` when given.""",
+    )
+    method: Literal["maskprune", "magnitude", "taylor", "wanda-sp", "flap"] = _opt(
+        "maskprune",
+        """``maskprune`` (learned masks) or a one-shot metric baseline through the same uniform cut.""",
+    )
+    head_cut_fraction: float = _opt(
+        0.0,
+        """Share of head units cut per row where the split is neither searched nor learned (FFN channels fill
     the rest of the budget): ``--method`` baselines, and the learned method with ``--no-split-search`` (its
-    start; the paper's recipe moves it)."""
-    split_search: bool | None = None
-    """Choose how the cut divides the budget between heads and FFN channels by measurement: cut the
+    start; the paper's recipe moves it).""",
+    )
+    split_search: bool | None = _opt(
+        None,
+        """Choose how the cut divides the budget between heads and FFN channels by measurement: cut the
     one-shot order's lowest units at every head count the budget allows (FFN channels fill the rest) and
     keep the split whose cut model has the lowest KL to the dense one on ``split_search_samples`` windows
     (docs/method.md). null (default): on for the learned method with a one-shot prior (``mask_init`` not
     ``ones``), off for ``--method`` baselines (they cut ``head_cut_fraction``) and the paper's recipe
-    (it learns the split)."""
-    split_search_samples: int = 16
-    """Calibration windows (the first ones) the split search measures each candidate split on."""
-    layerwise_calibration: bool | None = None
-    """Score ``wanda-sp`` / ``flap`` one layer at a time on the inputs of the already cut (and compensated)
+    (it learns the split).""",
+    )
+    split_search_samples: int = _opt(
+        16,
+        """Calibration windows (the first ones) the split search measures each candidate split on.""",
+    )
+    layerwise_calibration: bool | None = _opt(
+        None,
+        """Score ``wanda-sp`` / ``flap`` one layer at a time on the inputs of the already cut (and compensated)
     layers before it, as their reference code does, instead of in one pass over the dense model. null
-    (default): on for those two ``--method`` baselines."""
-    bias_compensation: Literal["auto", "on", "off"] = "auto"
-    """FLAP's bias compensation for one-shot baselines: the mean calibration input of every cut channel and
+    (default): on for those two ``--method`` baselines.""",
+    )
+    bias_compensation: Literal["auto", "on", "off"] = _opt(
+        "auto",
+        """FLAP's bias compensation for one-shot baselines: the mean calibration input of every cut channel and
     head, through o_proj / down_proj, becomes a bias of those projections (the export sets the config's
     ``attention_bias`` / ``mlp_bias``, which also gives q/k/v and gate/up zero biases; they count in the
     budget). ``auto``: on for ``--method flap`` where the architecture's stock config can hold those biases;
-    ``on``: every one-shot method (an error where the config cannot hold them); ``off``: never."""
-    mask_type: Literal["uniform", "l0", "polarization"] = "uniform"
-    """Mask parametrisation inside the same minimax loop: MaskPrune's [0, 1] masks (``uniform``),
-    hard-concrete L0 gates, or GDP polarization gates (the paper's table 3 comparison)."""
-    gqa_policy: Literal["query", "kv_group"] = "query"
-    """GQA unit: one query head per KV group (``query``) or a whole KV group (``kv_group``)."""
+    ``on``: every one-shot method (an error where the config cannot hold them); ``off``: never.""",
+    )
+    mask_type: Literal["uniform", "l0", "polarization"] = _opt(
+        "uniform",
+        """Mask parametrisation inside the same minimax loop: MaskPrune's [0, 1] masks (``uniform``),
+    hard-concrete L0 gates, or GDP polarization gates (the paper's table 3 comparison).""",
+    )
+    gqa_policy: Literal["query", "kv_group"] = _opt(
+        "query",
+        """GQA unit: one query head per KV group (``query``) or a whole KV group (``kv_group``).""",
+    )
 
-    calib: str = "default"
-    """Calibration text: ``default`` (shipped C4 sample), a .txt/.jsonl/.json(.gz) file or folder, or
-    a hub dataset id (``allenai/c4``)."""
-    calib_config: str | None = None
-    """Hub dataset configuration name (e.g. ``en`` for allenai/c4)."""
-    calib_samples: int = 1024
-    """Number of token windows packed from the calibration text."""
-    seq_len: int = 128
-    """Tokens per calibration window."""
-    batch_size: int = 4
-    """Windows per learning step."""
-    steps: int = 400
-    """Learning steps (the paper: 7 epochs of 20k x 512 tokens at batch 16)."""
-    seed: int = 0
-    """Seed of the batch order and the LoRA initialisation (the calibration windows do not depend on it)."""
+    calib: str = _opt(
+        "default",
+        """Calibration text: ``default`` (shipped C4 sample), a .txt/.jsonl/.json(.gz) file or folder, or
+    a hub dataset id (``allenai/c4``).""",
+    )
+    calib_config: str | None = _opt(
+        None,
+        """Hub dataset configuration name (e.g. ``en`` for allenai/c4).""",
+    )
+    calib_samples: int = _opt(
+        1024,
+        """Number of token windows packed from the calibration text.""",
+    )
+    seq_len: int = _opt(
+        128,
+        """Tokens per calibration window.""",
+    )
+    batch_size: int = _opt(
+        4,
+        """Windows per learning step.""",
+    )
+    steps: int = _opt(
+        400,
+        """Learning steps (the paper: 7 epochs of 20k x 512 tokens at batch 16).""",
+    )
+    seed: int = _opt(
+        0,
+        """Seed of the batch order and the LoRA initialisation (the calibration windows do not depend on it).""",
+    )
 
-    recipe: Literal["maskprune", "paper"] = "maskprune"
-    """``maskprune``: the measured default (masks start from a one-shot prior, a per-layer second moment,
+    recipe: Literal["maskprune", "paper"] = _opt(
+        "maskprune",
+        """``maskprune``: the measured default (masks start from a one-shot prior, a per-layer second moment,
     the selection frozen after ``freeze_share`` and the rest of the steps spent on LoRA distillation of
     the pruned structure). ``paper``: the paper's recipe as written (sets mask_init ones, mask_optimizer
     adamw, mask_lr 0.01, mask_lr_schedule constant, freeze_share 1, warmup_share 0.7, kl_direction
-    student_teacher unless given explicitly). docs/method.md says why they differ."""
-    mask_init: Literal["ones", "wanda-sp", "flap", "taylor", "magnitude"] = "wanda-sp"
-    """Start of the masks: all at 1 (the paper), or ordered by a one-shot score on the calibration windows
+    student_teacher unless given explicitly). docs/method.md says why they differ.""",
+    )
+    mask_init: Literal["ones", "wanda-sp", "flap", "taylor", "magnitude"] = _opt(
+        "wanda-sp",
+        """Start of the masks: all at 1 (the paper), or ordered by a one-shot score on the calibration windows
     (the most important unit of a row at 1, the least at 1 - mask_init_spread). The learned method only:
-    ``--method`` baselines ignore it."""
-    mask_init_spread: float = 0.1
-    """Range of the initial masks under a one-shot prior, in [0, 1)."""
-    prior_samples: int = 128
-    """Calibration windows the one-shot prior is scored on (the first ones; at most ``calib_samples``): 16k
-    tokens at the default window length."""
-    mask_optimizer: Literal["layer-adam", "adamw"] = "layer-adam"
-    """Mask optimizer: Adam with one second moment per layer (a unit's step follows its gradient's size
-    relative to its layer's), or AdamW per mask (the paper: every mask moves about lr per step)."""
-    mask_lr: float | None = None
-    """Mask learning rate (the paper: 1e-2). null (default): mask_init_spread / sqrt(selection steps), so the
+    ``--method`` baselines ignore it.""",
+    )
+    mask_init_spread: float = _opt(
+        0.1,
+        """Range of the initial masks under a one-shot prior, in [0, 1).""",
+    )
+    prior_samples: int = _opt(
+        128,
+        """Calibration windows the one-shot prior is scored on (the first ones; at most ``calib_samples``): 16k
+    tokens at the default window length.""",
+    )
+    mask_optimizer: Literal["layer-adam", "adamw"] = _opt(
+        "layer-adam",
+        """Mask optimizer: Adam with one second moment per layer (a unit's step follows its gradient's size
+    relative to its layer's), or AdamW per mask (the paper: every mask moves about lr per step).""",
+    )
+    mask_lr: float | None = _opt(
+        None,
+        """Mask learning rate (the paper: 1e-2). null (default): mask_init_spread / sqrt(selection steps), so the
     random walk that gradient noise gives the masks over the selection phase stays within the prior's spread
-    while a unit whose gradient keeps its sign can still cross it (docs/method.md)."""
-    mask_lr_schedule: Literal["cosine", "constant"] = "cosine"
-    """Mask learning rate over the selection phase: half a cosine to 0 at the freeze, or constant."""
-    freeze_share: float = 0.0
-    """Share of the steps after which the selection is frozen: the cut is planned from the state then, the
+    while a unit whose gradient keeps its sign can still cross it (docs/method.md).""",
+    )
+    mask_lr_schedule: Literal["cosine", "constant"] = _opt(
+        "cosine",
+        """Mask learning rate over the selection phase: half a cosine to 0 at the freeze, or constant.""",
+    )
+    freeze_share: float = _opt(
+        0.0,
+        """Share of the steps after which the selection is frozen: the cut is planned from the state then, the
     planned units set to 0, and the remaining steps train LoRA by distillation on that structure. 0 (default):
-    the one-shot prior's selection from the start, every step spent on recovery (measured best at 20 %:
-    bench/results/2026-11-30-quality-reading.md); 0.6: masks learned for 60 % of the steps first; 1: never
-    (the paper: masks learned until the cut)."""
-    lora_lr: float = 1e-3
-    """LoRA learning rate (AdamW, no weight decay; the paper: 1e-3)."""
-    lora: bool = True
-    """Train LoRA adapters with the masks (merged into the weights at export)."""
-    lora_rank: int = 8
-    """Rank of every LoRA adapter."""
-    lora_alpha: float = 16.0
-    """LoRA scaling numerator: the update is (lora_alpha / lora_rank) * B A."""
-    lora_targets: tuple[str, ...] = ("q", "k", "v", "o", "gate", "up", "down")
-    """Projections that get LoRA, by role: q, k, v, o, gate, up, down."""
+    the one-shot prior's selection from the start, every step spent on recovery (docs/method.md says why);
+    0.6: masks learned for 60 percent of the steps first; 1: never (the paper: masks learned until the cut).""",
+    )
+    lora_lr: float = _opt(
+        1e-3,
+        """LoRA learning rate (AdamW, no weight decay; the paper: 1e-3).""",
+    )
+    lora: bool = _opt(
+        True,
+        """Train LoRA adapters with the masks (merged into the weights at export).""",
+    )
+    lora_rank: int = _opt(
+        8,
+        """Rank of every LoRA adapter.""",
+    )
+    lora_alpha: float = _opt(
+        16.0,
+        """LoRA scaling numerator: the update is (lora_alpha / lora_rank) * B A.""",
+    )
+    lora_targets: tuple[str, ...] = _opt(
+        ("q", "k", "v", "o", "gate", "up", "down"),
+        """Projections that get LoRA, by role: q, k, v, o, gate, up, down.""",
+    )
 
-    eta1: float = 0.1
-    """Proximal decay rate: the ceil(s) smallest masks are scaled by 1 / (1 + 2 eta1 y)."""
-    eta2: float = 0.02
-    """Rate of the straight-through step on the sparsity fractions."""
-    eta3: float = 0.5
-    """Ascent rate of the sparsity multiplier y."""
-    eta4: float = 5.0
-    """Ascent rate of the resource multiplier z (size measured as a share of the dense size)."""
-    resource_weight: Literal["share", "unit", "flat"] = "share"
-    """How the resource term pushes each kind's sparsity: by its share of the model (``share``), per
-    parameter of one unit as the paper's raw gradient (``unit``: heads first), or equally (``flat``)."""
-    y_init: float = 0.0
-    """Initial sparsity multiplier y (with eta3 = 0: a fixed multiplier, the ablation of the ascent)."""
-    z_init: float = 0.0
-    """Initial resource multiplier z (with eta4 = 0: fixed)."""
-    cut_ramp: bool = True
-    """Between the end of the budget warm-up and the freeze, cap the masks of the units to be cut by a ceiling
+    eta1: float = _opt(
+        0.1,
+        """Proximal decay rate: the ceil(s) smallest masks are scaled by 1 / (1 + 2 eta1 y).""",
+    )
+    eta2: float = _opt(
+        0.02,
+        """Rate of the straight-through step on the sparsity fractions.""",
+    )
+    eta3: float = _opt(
+        0.5,
+        """Ascent rate of the sparsity multiplier y.""",
+    )
+    eta4: float = _opt(
+        5.0,
+        """Ascent rate of the resource multiplier z (size measured as a share of the dense size).""",
+    )
+    resource_weight: Literal["share", "unit", "flat"] = _opt(
+        "share",
+        """How the resource term pushes each kind's sparsity: by its share of the model (``share``), per
+    parameter of one unit as the paper's raw gradient (``unit``: heads first), or equally (``flat``).""",
+    )
+    y_init: float = _opt(
+        0.0,
+        """Initial sparsity multiplier y (with eta3 = 0: a fixed multiplier, the ablation of the ascent).""",
+    )
+    z_init: float = _opt(
+        0.0,
+        """Initial resource multiplier z (with eta4 = 0: fixed).""",
+    )
+    cut_ramp: bool = _opt(
+        True,
+        """Between the end of the budget warm-up and the freeze, cap the masks of the units to be cut by a ceiling
     falling linearly from 1 to 0, so the cut is reached gradually and costs nothing at the freeze (without it,
-    the mass the proximal step has not yet removed is cut in one jump). Needs freeze_share < 1."""
-    warmup_share: float = 0.3
-    """Share of the steps over which the budget falls from the dense size to the target (best before
-    ``freeze_share``, so the masks hold the target for a while before the selection is frozen)."""
-    ffn_prox_start: int = 10
-    """The FFN proximal step is taken every k steps, k falling linearly from this ..."""
-    ffn_prox_end: int = 1
-    """... to this over the run (the paper: 10 -> 1)."""
-    distill: bool = True
-    """Distil from the unpruned model (teacher forward every step). Off (``--no-distill``): the loss is
-    the language-modelling cross-entropy on the calibration text alone and no teacher forward runs."""
-    alpha: float = 0.0
-    """Weight of the layer-wise hidden-state MSE in the distillation loss."""
-    layer_mse_norm: Literal["teacher", "none"] = "teacher"
-    """Each layer's MSE divided by the teacher's mean square there (scale-free), or raw as the paper writes it."""
-    kl_direction: Literal["student_teacher", "teacher_student"] = "teacher_student"
-    """KL(p_t || p_s) (measured better: bench/results/*-tune-s20.md), or KL(p_s || p_t) as the paper writes it."""
-    ce_weight: float = 0.0
-    """Weight of an added language-modelling cross-entropy term."""
+    the mass the proximal step has not yet removed is cut in one jump). Needs freeze_share < 1.""",
+    )
+    warmup_share: float = _opt(
+        0.3,
+        """Share of the steps over which the budget falls from the dense size to the target (best before
+    ``freeze_share``, so the masks hold the target for a while before the selection is frozen).""",
+    )
+    ffn_prox_start: int = _opt(
+        10,
+        """The FFN proximal step is taken every k steps, k falling linearly from this ...""",
+    )
+    ffn_prox_end: int = _opt(
+        1,
+        """... to this over the run (the paper: 10 -> 1).""",
+    )
+    distill: bool = _opt(
+        True,
+        """Distil from the unpruned model (teacher forward every step). Off (``--no-distill``): the loss is
+    the language-modelling cross-entropy on the calibration text alone and no teacher forward runs.""",
+    )
+    alpha: float = _opt(
+        0.0,
+        """Weight of the layer-wise hidden-state MSE in the distillation loss.""",
+    )
+    layer_mse_norm: Literal["teacher", "none"] = _opt(
+        "teacher",
+        """Each layer's MSE divided by the teacher's mean square there (scale-free), or raw as the paper writes it.""",
+    )
+    kl_direction: Literal["student_teacher", "teacher_student"] = _opt(
+        "teacher_student",
+        """KL(p_t || p_s) (the default, see docs/method.md), or KL(p_s || p_t) as the paper writes it.""",
+    )
+    ce_weight: float = _opt(
+        0.0,
+        """Weight of an added language-modelling cross-entropy term.""",
+    )
 
-    head_multiple: int = 1
-    """Round the kept head count (per KV group under ``query``) to a multiple of this."""
-    ffn_multiple: int = 1
-    """Round the kept FFN width to a multiple of this (8 or 64 for fast kernels)."""
+    head_multiple: int = _opt(
+        1,
+        """Round the kept head count (per KV group under ``query``) to a multiple of this.""",
+    )
+    ffn_multiple: int = _opt(
+        1,
+        """Round the kept FFN width to a multiple of this (8 or 64 for fast kernels).""",
+    )
 
-    dtype: Literal["auto", "bf16", "fp16", "fp32"] = "auto"
-    """Autocast dtype of the forward passes (masks, s, y, z and optimizer state stay fp32). ``auto``: bf16 where
-    the hardware computes it natively (CUDA with bf16; a CPU with AVX512-BF16 or AMX), fp32 elsewhere."""
-    weight_dtype: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
-    """Dtype of the frozen base weights while learning: ``auto`` is the autocast dtype (half the memory and no
+    dtype: Literal["auto", "bf16", "fp16", "fp32"] = _opt(
+        "auto",
+        """Autocast dtype of the forward passes (masks, s, y, z and optimizer state stay fp32). ``auto``: bf16 where
+    the hardware computes it natively (CUDA with bf16; a CPU with AVX512-BF16 or AMX), fp32 elsewhere.""",
+    )
+    weight_dtype: Literal["auto", "fp32", "bf16", "fp16"] = _opt(
+        "auto",
+        """Dtype of the frozen base weights while learning: ``auto`` is the autocast dtype (half the memory and no
     per-forward cast of every frozen weight under bf16), fp32 when autocast is off. Learning weights never
-    reach the checkpoint: the export reloads the source in fp32 for the merge and the fold."""
-    export_dtype: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
-    """Dtype of the saved checkpoint (``auto``: the dtype the source checkpoint declares, fp32 if none). Merge,
-    fold and the parity check always run in fp32; only the finished model is cast."""
-    device: str = "auto"
-    """``auto`` (cuda if available), ``cpu`` or ``cuda[:N]``."""
-    threads: int | None = None
-    """torch CPU threads (default: torch's choice)."""
-    gradient_checkpointing: bool = False
-    """Recompute each layer's activations in the backward pass (less memory, about a third more compute)."""
-    compile: bool = False
-    """Run the learning step's teacher and student forward passes through ``torch.compile`` (inductor):
+    reach the checkpoint: the export reloads the source in fp32 for the merge and the fold.""",
+    )
+    export_dtype: Literal["auto", "fp32", "bf16", "fp16"] = _opt(
+        "auto",
+        """Dtype of the saved checkpoint (``auto``: the dtype the source checkpoint declares, fp32 if none). Merge,
+    fold and the parity check always run in fp32; only the finished model is cast.""",
+    )
+    device: str = _opt(
+        "auto",
+        """``auto`` (cuda if available), ``cpu`` or ``cuda[:N]``.""",
+    )
+    threads: int | None = _opt(
+        None,
+        """torch CPU threads (default: torch's choice).""",
+    )
+    gradient_checkpointing: bool = _opt(
+        False,
+        """Recompute each layer's activations in the backward pass (less memory, about a third more compute).""",
+    )
+    compile: bool = _opt(
+        False,
+        """Run the learning step's teacher and student forward passes through ``torch.compile`` (inductor):
     elementwise work (mask hooks, LoRA scaling, RMSNorm, rotary) is fused. One process only. It costs a
-    one-off compile (133-160 s for SmolLM2 on 2 CPU cores from a cold cache) and gives 1.3x per step there over
-    the eager default (bench/results/2026-11-24-perf.md), so it pays from about 600 steps on; the rest of the run (cut,
-    export, evaluation) stays eager."""
-    fsdp: bool = False
-    """With several processes: shard base weights, LoRA and optimizer state with torch FSDP2 (one unit per
+    one-off compile of minutes on a CPU, so it pays on long runs only (README, Performance); the rest of the
+    run (cut, export, evaluation) stays eager.""",
+    )
+    fsdp: bool = _opt(
+        False,
+        """With several processes: shard base weights, LoRA and optimizer state with torch FSDP2 (one unit per
     decoder layer) instead of replicating them; masks stay replicated. Rank 0 reloads the model whole
-    for the export."""
+    for the export.""",
+    )
 
-    eval_data: str = "default"
-    """WikiText-2 raw test: ``default`` (shipped copy), a local wiki.test.raw, ``hub``, or ``none``."""
-    eval_seq_len: int = 512
-    """Perplexity window during prune (before / just before cut / after export)."""
-    eval_max_windows: int | None = 16
-    """Windows evaluated during prune (None: all). ``maskprune eval`` measures the full protocol."""
+    eval_data: str = _opt(
+        "default",
+        """WikiText-2 raw test: ``default`` (shipped copy), a local wiki.test.raw, ``hub``, or ``none``.""",
+    )
+    eval_seq_len: int = _opt(
+        512,
+        """Perplexity window during prune (before / just before cut / after export).""",
+    )
+    eval_max_windows: int | None = _opt(
+        16,
+        """Windows evaluated during prune (None: all). ``maskprune eval`` measures the full protocol.""",
+    )
 
-    report: bool = True
-    """Draw the report figures and HTML page into ``<out>/report`` at the end."""
-    eval_tasks: str = ""
-    """Zero-shot lm-eval tasks run on the dense and the exported model (comma-separated, or ``paper``)."""
-    eval_data_dir: str | None = None
-    """Local task data for ``eval_tasks`` (offline); see ``maskprune eval --data-dir``."""
-    eval_limit: int | None = None
-    """Examples per zero-shot task (None: all)."""
-    sync_check_every: int = 10
-    """With several processes: compare masks, s, y and z across ranks every N steps."""
-    trackers: tuple[str, ...] = ()
-    """Optional metric trackers besides metrics.jsonl: tensorboard, wandb (each needs its package)."""
-    resume: bool = False
-    """Continue from the newest valid checkpoint in ``<out>.checkpoints``."""
-    checkpoint_every: int = 25
-    """Write a learner checkpoint every N steps (and on SIGINT / SIGTERM); 0 disables periodic ones."""
-    keep_checkpoints: int = 2
-    """How many of the newest checkpoints to keep."""
+    report: bool = _opt(
+        True,
+        """Draw the report figures and HTML page into ``<out>/report`` at the end.""",
+    )
+    eval_tasks: str = _opt(
+        "",
+        """Zero-shot lm-eval tasks run on the dense and the exported model (comma-separated, or ``paper``).""",
+    )
+    eval_data_dir: str | None = _opt(
+        None,
+        """Local task data for ``eval_tasks`` (offline); see ``maskprune eval --data-dir``.""",
+    )
+    eval_limit: int | None = _opt(
+        None,
+        """Examples per zero-shot task (None: all).""",
+    )
+    sync_check_every: int = _opt(
+        10,
+        """With several processes: compare masks, s, y and z across ranks every N steps.""",
+    )
+    trackers: tuple[str, ...] = _opt(
+        (),
+        """Optional metric trackers besides metrics.jsonl: tensorboard, wandb (each needs its package).""",
+    )
+    resume: bool = _opt(
+        False,
+        """Continue from the newest valid checkpoint in ``<out>.checkpoints``.""",
+    )
+    checkpoint_every: int = _opt(
+        25,
+        """Write a learner checkpoint every N steps (and on SIGINT / SIGTERM); 0 disables periodic ones.""",
+    )
+    keep_checkpoints: int = _opt(
+        2,
+        """How many of the newest checkpoints to keep.""",
+    )
 
-    trust_remote_code: bool = False
-    """Allow model code from the hub (off: only stock transformers classes run)."""
-    log_every: int = 1
-    """Refresh the progress bar's loss and state every N steps (metrics.jsonl gets every step)."""
+    trust_remote_code: bool = _opt(
+        False,
+        """Allow model code from the hub (off: only stock transformers classes run).""",
+    )
+    log_every: int = _opt(
+        1,
+        """Refresh the progress bar's loss and state every N steps (metrics.jsonl gets every step).""",
+    )
 
     # ---- derived ---------------------------------------------------------------------------
     def budget_for(self, dense_params: int) -> int:
@@ -278,6 +429,14 @@ class PruneConfig:
         return d
 
     def validate(self) -> "PruneConfig":
+        """``self`` if every value is in range and the values agree; else one error listing every problem."""
+        problems = self.problems()
+        if problems:
+            raise MaskPruneError("invalid configuration: " + "; ".join(problems))
+        return self
+
+    def problems(self) -> list[str]:
+        """Every range or consistency problem of the values, in one list (empty: valid)."""
         problems: list[str] = []
         if self.budget_params is None:
             if self.sparsity is None or not (0.0 < self.sparsity < 1.0):
@@ -358,9 +517,7 @@ class PruneConfig:
             )
         if self.eval_max_windows is not None and self.eval_max_windows < 1:
             problems.append(f"eval_max_windows must be >= 1 or null, found {self.eval_max_windows}")
-        if problems:
-            raise MaskPruneError("invalid configuration: " + "; ".join(problems))
-        return self
+        return problems
 
 
 def _check_type(name: str, value: Any, hint: Any) -> tuple[Any, str | None]:
@@ -442,9 +599,12 @@ def load_config(file: str | Path | None = None, overrides: Mapping[str, Any] | N
         v, err = _check_type(k, v, hints[k])
         if err:
             problems.append(err)
-        clean[k] = v
-    if problems:
-        raise MaskPruneError("invalid configuration: " + "; ".join(problems))
+        else:
+            clean[k] = v
     if "budget_params" in clean and clean["budget_params"] is not None and "sparsity" not in clean:
         clean["sparsity"] = None
-    return PruneConfig(**clean).validate()
+    config = PruneConfig(**clean)  # the values of the right type; their ranges are checked with the rest
+    problems += config.problems()
+    if problems:
+        raise MaskPruneError("invalid configuration: " + "; ".join(problems))
+    return config

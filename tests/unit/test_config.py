@@ -95,3 +95,40 @@ def test_model_card_names_the_hub_model_behind_an_alias():
     assert hub_id_of("smollm2-135m") == DEFAULT_HUB_ID == "HuggingFaceTB/SmolLM2-135M-Instruct"
     assert hub_id_of("meta-llama/Llama-2-7b-hf") == "meta-llama/Llama-2-7b-hf"
     assert hub_id_of("./my-model") is None and hub_id_of("model.Q4_1.gguf") is None
+
+
+def test_type_and_range_problems_are_reported_in_one_error():
+    with pytest.raises(MaskPruneError) as e:
+        load_config(overrides={"steps": "many", "freeze_share": 2.0, "nope": 1, "split_search_samples": 0})
+    msg = str(e.value)
+    for words in (
+        "steps must be",
+        "freeze_share must be in [0, 1]",
+        "unknown config keys ['nope']",
+        "split_search_samples must be >= 1",
+    ):
+        assert words in msg, words
+
+
+def test_every_field_has_help_as_metadata_and_no_dated_figures():
+    import dataclasses
+    import re
+
+    for f in dataclasses.fields(PruneConfig):
+        text = f.metadata.get("help", "")
+        assert len(text) > 15, f.name
+        assert not re.search(r"20\d\d-\d\d-\d\d|bench/results", text), f.name
+
+
+def test_new_options_are_checked():
+    with pytest.raises(MaskPruneError, match="layerwise_calibration applies"):
+        load_config(overrides={"method": "taylor", "layerwise_calibration": True})
+    with pytest.raises(MaskPruneError, match="bias_compensation 'on' applies to one-shot"):
+        load_config(overrides={"bias_compensation": "on"})
+    with pytest.raises(MaskPruneError, match="split_search needs a one-shot order"):
+        load_config(overrides={"split_search": True, "mask_init": "ones"})
+    assert (
+        load_config().resolved_split_search() and not load_config(overrides={"recipe": "paper"}).resolved_split_search()
+    )
+    assert load_config(overrides={"method": "flap"}).resolved_layerwise_calibration()
+    assert not load_config(overrides={"method": "taylor"}).resolved_layerwise_calibration()
