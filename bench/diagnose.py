@@ -76,13 +76,7 @@ def run_seed(seed: int, sparsity: float, flags: str, ppl_tokens: int, seq_len: i
         if cfg.mask_init != "ones"
         else None
     )
-    model = attach_lora(
-        model,
-        cfg.lora_targets,
-        rank=cfg.lora_rank,
-        alpha=cfg.lora_alpha,
-        adapter_names={r: getattr(adapter, f"{r}_name") for r in cfg.lora_targets},
-    )
+    model = attach_lora(model, adapter, cfg.lora_targets, rank=cfg.lora_rank, alpha=cfg.lora_alpha)
     masks = MaskSet(structure).attach(model)
     if prior is not None:
         for kind, sc in zip(("head", "ffn"), prior):

@@ -26,14 +26,15 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import perf  # noqa: E402  (bench/perf.py: the autograd definition)
-from maskprune.arch import get_adapter  # noqa: E402
+from maskprune.arch import (
+    ROLES,  # noqa: E402
+    get_adapter,  # noqa: E402
+)
 from maskprune.data import calibration_windows  # noqa: E402
 from maskprune.learner import attach_lora  # noqa: E402
 from maskprune.losses import kl_divergence  # noqa: E402
 from maskprune.masks import MaskSet, Structure, bypass  # noqa: E402
 from maskprune.models import load_model  # noqa: E402
-
-ROLES = ("q", "k", "v", "o", "gate", "up", "down")
 
 
 def step_gradients(model, masks, batch, kl) -> tuple[float, torch.Tensor, torch.Tensor]:
@@ -59,9 +60,7 @@ def main() -> None:
     loaded = load_model("smollm2-135m", dtype=torch.bfloat16)
     adapter = get_adapter(loaded.model.config.model_type)
     structure = Structure.of(loaded.model, adapter, "query")
-    model = attach_lora(
-        loaded.model, ROLES, rank=8, alpha=16.0, adapter_names={r: getattr(adapter, f"{r}_name") for r in ROLES}
-    )
+    model = attach_lora(loaded.model, adapter, ROLES, rank=8, alpha=16.0)
     masks = MaskSet(structure).attach(model)
     batch = calibration_windows("default", loaded.tokenizer, seq_len=128, num_windows=8)[:4]
     blocked = lambda s, t: kl_divergence(s, t, direction="teacher_student")  # noqa: E731

@@ -102,13 +102,7 @@ def step_throughput(
     )
     adapter = get_adapter("llama")
     structure = Structure.of(model, adapter, "query")
-    model = attach_lora(
-        model,
-        cfg.lora_targets,
-        rank=cfg.lora_rank,
-        alpha=cfg.lora_alpha,
-        adapter_names={r: getattr(adapter, f"{r}_name") for r in cfg.lora_targets},
-    )
+    model = attach_lora(model, adapter, cfg.lora_targets, rank=cfg.lora_rank, alpha=cfg.lora_alpha)
     masks = MaskSet(structure).attach(model)
     windows = calibration_windows("default", tok, seq_len=args.seq_len, num_windows=64)
     learner = Learner(model, masks, windows, cfg, cfg.budget_for(structure.dense_params))
@@ -220,7 +214,7 @@ from maskprune.models import load_model
 loaded = load_model("smollm2-135m", dtype=torch.bfloat16); model, tok = loaded.model, loaded.tokenizer
 cfg = load_config(overrides=dict(steps=10, seq_len=int(sys.argv[2]), batch_size=int(sys.argv[3]), sparsity=0.5))
 ad = get_adapter("llama"); st = Structure.of(model, ad, "query")
-model = attach_lora(model, cfg.lora_targets, rank=8, alpha=16, adapter_names={r: getattr(ad, f"{r}_name") for r in cfg.lora_targets})
+model = attach_lora(model, ad, cfg.lora_targets, rank=8, alpha=16)
 masks = MaskSet(st).attach(model)
 w = calibration_windows("default", tok, seq_len=cfg.seq_len, num_windows=32)
 lrn = Learner(model, masks, w, cfg, cfg.budget_for(st.dense_params))
@@ -268,7 +262,7 @@ from maskprune.models import load_model
 loaded = load_model("smollm2-135m", dtype=torch.bfloat16); model, tok = loaded.model, loaded.tokenizer
 seq, bs = int(sys.argv[2]), int(sys.argv[3])
 ad = get_adapter("llama"); st = Structure.of(model, ad, "query")
-model = attach_lora(model, ("q","k","v","o","gate","up","down"), rank=8, alpha=16, adapter_names={r: getattr(ad, f"{r}_name") for r in ("q","k","v","o","gate","up","down")})
+model = attach_lora(model, ad, ("q","k","v","o","gate","up","down"), rank=8, alpha=16)
 masks = MaskSet(st).attach(model)
 w = calibration_windows("default", tok, seq_len=seq, num_windows=32)
 params = list(masks.parameters()) + [p for n, p in model.named_parameters() if "lora_" in n]

@@ -159,6 +159,10 @@ class DecoderAdapter:
     def mlp(self, layer: nn.Module) -> nn.Module:
         return getattr(layer, self.mlp_name)
 
+    def module_name(self, role: str) -> str:
+        """The attribute name of a projection role (one of :data:`ROLES`) in this family."""
+        return getattr(self, f"{role}_name")
+
     def proj(self, layer: nn.Module, name: str) -> nn.Module:
         """A projection by role: one of q, k, v, o, gate, up, down."""
         owner = self.mlp(layer) if name in ("gate", "up", "down") else self.attn(layer)
@@ -266,6 +270,9 @@ def _base_linear(module: nn.Module) -> nn.Linear:
         )
     return base
 
+
+ROLES: tuple[str, ...] = ("q", "k", "v", "o", "gate", "up", "down")
+"""The projection roles of a decoder layer, by which maskprune names them (the adapter maps them to modules)."""
 
 _REGISTRY: dict[str, Callable[[], DecoderAdapter]] = {
     "llama": lambda: DecoderAdapter("llama", attn_bias_flag="attention_bias", mlp_bias_flag="mlp_bias"),

@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .arch import DecoderAdapter, HeadLayout
+from .arch import ROLES, DecoderAdapter, HeadLayout
 from .masks import Structure
 
 __all__ = ["BASELINES", "LAYER_SCORERS", "unit_scores", "activation_stats", "input_means"]
@@ -176,11 +176,7 @@ def input_means(stats: dict) -> dict:
 def _weight_grads(model: nn.Module, adapter: DecoderAdapter, windows: torch.Tensor, batch_size: int) -> dict:
     """Accumulated dL/dW of every projection for the LM loss on ``windows`` (weights frozen after)."""
     device = next(model.parameters()).device
-    params = {
-        (li, r): adapter.proj(layer, r).weight
-        for li, layer in enumerate(adapter.layers(model))
-        for r in ("q", "k", "v", "o", "gate", "up", "down")
-    }
+    params = {(li, r): adapter.proj(layer, r).weight for li, layer in enumerate(adapter.layers(model)) for r in ROLES}
     was = {id(p): (p, p.requires_grad) for p in model.parameters()}
     for p in model.parameters():  # only the projection weights get gradients
         p.requires_grad_(False)

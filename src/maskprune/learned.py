@@ -62,13 +62,7 @@ def learn_and_plan(
                     cfg.mask_init, model, adapter, structure, windows[: cfg.prior_samples], batch_size=cfg.batch_size
                 )
         if cfg.lora:
-            model = attach_lora(
-                model,
-                cfg.lora_targets,
-                rank=cfg.lora_rank,
-                alpha=cfg.lora_alpha,
-                adapter_names={r: getattr(adapter, f"{r}_name") for r in ("q", "k", "v", "o", "gate", "up", "down")},
-            )
+            model = attach_lora(model, adapter, cfg.lora_targets, rank=cfg.lora_rank, alpha=cfg.lora_alpha)
         if cfg.gradient_checkpointing:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
             model.enable_input_require_grads()

@@ -67,13 +67,11 @@ class LearnState:
         return asdict(self)
 
 
-def attach_lora(
-    model: nn.Module, roles: tuple[str, ...], *, rank: int, alpha: float, adapter_names: dict[str, str]
-) -> nn.Module:
-    """Wrap the chosen projections with peft LoRA (zero-initialised B, so the function is unchanged)."""
+def attach_lora(model: nn.Module, adapter, roles: tuple[str, ...], *, rank: int, alpha: float) -> nn.Module:
+    """Wrap the projections of ``roles`` with peft LoRA (zero-initialised B, so the function is unchanged)."""
     from peft import LoraConfig, get_peft_model
 
-    targets = sorted({adapter_names[r] for r in roles})
+    targets = sorted({adapter.module_name(r) for r in roles})
     cfg = LoraConfig(
         r=rank, lora_alpha=alpha, lora_dropout=0.0, target_modules=targets, bias="none", task_type="CAUSAL_LM"
     )

@@ -89,13 +89,7 @@ def rebuild_for_export(
         cfg.model, gguf_file=cfg.gguf_file, trust_remote_code=cfg.trust_remote_code, device=where, dtype=torch.float32
     ).model
     if lora:
-        fresh = attach_lora(
-            fresh,
-            cfg.lora_targets,
-            rank=cfg.lora_rank,
-            alpha=cfg.lora_alpha,
-            adapter_names={r: getattr(adapter, f"{r}_name") for r in ("q", "k", "v", "o", "gate", "up", "down")},
-        )
+        fresh = attach_lora(fresh, adapter, cfg.lora_targets, rank=cfg.lora_rank, alpha=cfg.lora_alpha)
     params = dict(fresh.named_parameters())
     if set(lora) != {n for n in params if "lora_" in n}:
         raise MaskPruneError("internal error: the gathered LoRA weights do not match the rebuilt model")

@@ -25,13 +25,7 @@ def _learner() -> Learner:
     adapter = get_adapter(model.config.model_type)
     structure = Structure.of(model, adapter, "query")
     cfg = load_config(overrides=dict(steps=4, batch_size=2, dtype="fp32", sparsity=0.3, compile=True))
-    model = attach_lora(
-        model,
-        cfg.lora_targets,
-        rank=cfg.lora_rank,
-        alpha=cfg.lora_alpha,
-        adapter_names={r: getattr(adapter, f"{r}_name") for r in cfg.lora_targets},
-    )
+    model = attach_lora(model, adapter, cfg.lora_targets, rank=cfg.lora_rank, alpha=cfg.lora_alpha)
     masks = MaskSet(structure).attach(model)
     windows = torch.randint(0, tiny.VOCAB, (8, 16), generator=torch.Generator().manual_seed(0))
     model.train()

@@ -114,19 +114,14 @@ def test_learner_under_autocast_skips_peft_input_casts_without_changing_the_forw
     so the learner turns it off: the student's logits must be the same bits either way."""
     from peft.tuners.tuners_utils import BaseTunerLayer
 
+    from maskprune.arch import ROLES
     from maskprune.learner import attach_lora
 
     torch.manual_seed(0)
     base = tiny.make_model("llama_gqa", layers=2).to(torch.bfloat16)
     adapter = get_adapter(base.config.model_type)
     structure = Structure.of(base, adapter, "query")
-    model = attach_lora(
-        base,
-        ("q", "k", "v", "o", "gate", "up", "down"),
-        rank=4,
-        alpha=8.0,
-        adapter_names={r: getattr(adapter, f"{r}_name") for r in ("q", "k", "v", "o", "gate", "up", "down")},
-    )
+    model = attach_lora(base, adapter, ROLES, rank=4, alpha=8.0)
     with torch.no_grad():
         for n, p in model.named_parameters():
             if "lora_B" in n:
@@ -178,13 +173,7 @@ def test_frozen_selection_is_the_planned_cut_and_only_lora_learns_after(kind, po
         )
     )
     budget = cfg.budget_for(structure.dense_params)
-    model = attach_lora(
-        model,
-        cfg.lora_targets,
-        rank=4,
-        alpha=8.0,
-        adapter_names={r: getattr(adapter, f"{r}_name") for r in cfg.lora_targets},
-    )
+    model = attach_lora(model, adapter, cfg.lora_targets, rank=4, alpha=8.0)
     masks = MaskSet(structure, mask_type).attach(model)
     windows = torch.randint(0, tiny.VOCAB, (16, 24), generator=torch.Generator().manual_seed(0))
     seen, snap = [], {}

@@ -24,16 +24,14 @@ CASES = [
     ("qwen2", False, "kv_group"),
     ("qwen3", False, "kv_group"),
 ]
-ROLES = ("q", "k", "v", "o", "gate", "up", "down")
+from maskprune.arch import ROLES  # noqa: E402
 
 
 def _wrap(model, policy, lora=True):
     adapter = get_adapter(model.config.model_type)
     structure = Structure.of(model, adapter, policy)
     if lora:
-        model = attach_lora(
-            model, ROLES, rank=4, alpha=8, adapter_names={r: getattr(adapter, f"{r}_name") for r in ROLES}
-        )
+        model = attach_lora(model, adapter, ROLES, rank=4, alpha=8)
     masks = MaskSet(structure).attach(model)
     return model, masks, structure, adapter
 
