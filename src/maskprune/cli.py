@@ -168,60 +168,36 @@ def _run_prune(args: argparse.Namespace, progress: bool) -> int:
 
 
 def _run_eval(args: argparse.Namespace, progress: bool) -> int:
-    import datetime
+    from .evaluate import evaluate_models
 
-    from .evaluate import evaluate_model, format_table
-    from .learner import autocast_dtype
-    from .models import load_model
-    from .pipeline import machine_info, resolve_device
-    from .zeroshot import resolve_tasks
-
-    models = list(args.compare) if args.compare else list(args.model)
-    if not models:
-        raise MaskPruneError("no model to evaluate", expected="maskprune eval MODEL or --compare DENSE PRUNED")
     try:
         seq_lens = [int(s) for s in str(args.seq_len).split(",") if s.strip()] if args.ppl != "none" else []
     except ValueError:
         raise MaskPruneError(
             f"--seq-len {args.seq_len!r} is not a list of integers", expected="e.g. 2048,128"
         ) from None
-    tasks = resolve_tasks(args.tasks) if args.tasks else []
     if args.data_dir is not None and not Path(args.data_dir).is_dir():
         raise MaskPruneError(f"--data-dir {args.data_dir!r} is not a folder")
-    if args.ppl_tokens is not None and args.ppl_tokens < 1:
-        raise MaskPruneError(f"--ppl-tokens must be a positive token count, found {args.ppl_tokens}")
-    device = resolve_device(args.device)
-    results: dict = {
-        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "machine": machine_info(device),
-        "dtype": args.dtype,
-        "limit": args.limit,
-        "ppl_tokens": args.ppl_tokens,
-        "models": {},
-    }
-    for spec in models:
-        loaded = load_model(spec, trust_remote_code=args.trust_remote_code, device=device)
-        results["models"][spec] = evaluate_model(
-            loaded.model,
-            loaded.tokenizer,
-            seq_lens=seq_lens,
-            ppl_data=args.ppl_data,
-            tasks=tasks,
-            data_dir=args.data_dir,
-            limit=args.limit,
-            batch_size=args.batch_size,
-            autocast_dtype=autocast_dtype(args.dtype),
-            progress=progress,
-            ppl_tokens=args.ppl_tokens,
-        )
-        del loaded
-    table = format_table(results["models"], dense_key=models[0] if args.compare else None)
-    results["table"] = table
+    results = evaluate_models(
+        list(args.compare) if args.compare else list(args.model),
+        compare=bool(args.compare),
+        seq_lens=seq_lens,
+        ppl_data=args.ppl_data,
+        ppl_tokens=args.ppl_tokens,
+        tasks=[t for t in (args.tasks or "").split(",") if t.strip()],
+        data_dir=args.data_dir,
+        limit=args.limit,
+        batch_size=args.batch_size,
+        dtype=args.dtype,
+        device=args.device,
+        trust_remote_code=args.trust_remote_code,
+        progress=progress,
+    )
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(json.dumps(results, indent=1) + "\n")
-        args.out.with_suffix(".md").write_text(table + "\n")
-    sys.stdout.write(table + "\n")
+        args.out.with_suffix(".md").write_text(results["table"] + "\n")
+    sys.stdout.write(results["table"] + "\n")
     return 0
 
 

@@ -16,7 +16,7 @@ from tqdm.auto import tqdm
 
 from .losses import summed_nll
 
-__all__ = ["PerplexityResult", "tokenize_windows", "perplexity"]
+__all__ = ["PerplexityResult", "tokenize_windows", "perplexity", "evaluate_model", "evaluate_models", "format_table"]
 
 
 @dataclass(frozen=True)
@@ -267,3 +267,65 @@ def format_table(results: dict[str, dict], dense_key: str | None = None) -> str:
                 + " |"
             )
     return "\n".join(lines)
+
+
+def evaluate_models(
+    models: list[str],
+    *,
+    compare: bool = False,
+    seq_lens: list[int] = (2048, 128),
+    ppl_data: str = "default",
+    ppl_tokens: int | None = None,
+    tasks: list[str] = (),
+    data_dir: str | None = None,
+    limit: int | None = None,
+    batch_size: int = 4,
+    dtype: str = "bf16",
+    device: str = "auto",
+    trust_remote_code: bool = False,
+    progress: bool = True,
+) -> dict:
+    """Perplexity and zero-shot accuracy of every model in ``models`` (folders, hub ids, GGUF files, or
+    ``smollm2-135m``), one loaded at a time. ``compare``: the first is the dense reference and the table shows
+    the share of it the others retain. Returns the results (date, machine, protocol, per-model results and
+    the markdown ``table``)."""
+    import datetime
+
+    from .errors import MaskPruneError
+    from .learner import autocast_dtype
+    from .models import load_model
+    from .outputs import machine_info, resolve_device
+    from .zeroshot import resolve_tasks
+
+    if not models:
+        raise MaskPruneError("no model to evaluate", expected="maskprune eval MODEL or --compare DENSE PRUNED")
+    if ppl_tokens is not None and ppl_tokens < 1:
+        raise MaskPruneError(f"--ppl-tokens must be a positive token count, found {ppl_tokens}")
+    tasks = resolve_tasks(tasks) if tasks else []
+    dev = resolve_device(device)
+    results: dict = {
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "machine": machine_info(dev),
+        "dtype": dtype,
+        "limit": limit,
+        "ppl_tokens": ppl_tokens,
+        "models": {},
+    }
+    for spec in models:
+        loaded = load_model(spec, trust_remote_code=trust_remote_code, device=dev)
+        results["models"][spec] = evaluate_model(
+            loaded.model,
+            loaded.tokenizer,
+            seq_lens=list(seq_lens),
+            ppl_data=ppl_data,
+            tasks=tasks,
+            data_dir=data_dir,
+            limit=limit,
+            batch_size=batch_size,
+            autocast_dtype=autocast_dtype(dtype),
+            progress=progress,
+            ppl_tokens=ppl_tokens,
+        )
+        del loaded
+    results["table"] = format_table(results["models"], dense_key=models[0] if compare else None)
+    return results

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import logging
 import os
+import platform
 import shutil
 import tempfile
 import time
@@ -12,10 +13,12 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator
 
+import torch
+
 from .config import PruneConfig
 from .errors import MaskPruneError
 
-__all__ = ["default_out", "check_output_path", "staging", "Phases"]
+__all__ = ["default_out", "check_output_path", "staging", "Phases", "machine_info", "resolve_device"]
 
 log = logging.getLogger(__name__)
 
@@ -79,3 +82,34 @@ class Phases:
             yield
         finally:
             self.seconds[name] = round(time.perf_counter() - t, 3)
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dev = torch.device(name)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise MaskPruneError(f"device {name!r} is not available", fix="use --device cpu")
+    return dev
+
+
+def machine_info(device: torch.device) -> dict:
+    """Platform, versions, device and threads: recorded in every report and results file."""
+    info = {
+        "platform": platform.platform(),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "device": str(device),
+        "cpu_count": os.cpu_count(),
+        "threads": torch.get_num_threads(),
+    }
+    try:
+        import peft
+        import transformers  # noqa: E401
+
+        info.update(transformers=transformers.__version__, peft=peft.__version__)
+    except ImportError:  # pragma: no cover
+        pass
+    if device.type == "cuda":  # pragma: no cover
+        info["gpu"] = torch.cuda.get_device_name(device)
+    return info

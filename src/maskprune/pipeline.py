@@ -10,8 +10,6 @@ import contextlib
 import dataclasses
 import json
 import logging
-import os
-import platform
 import shutil
 import time
 from pathlib import Path
@@ -34,7 +32,7 @@ from .masks import Structure
 from .modelcard import write_model_card
 from .models import load_model
 from .oneshot import score_and_plan
-from .outputs import Phases, check_output_path, default_out, staging
+from .outputs import Phases, check_output_path, default_out, machine_info, resolve_device, staging
 from .report import make_report
 from .selection import Outcome, rebuild_for_export, weight_dtype
 from .sinks import ExtraSinks
@@ -43,15 +41,6 @@ from .zeroshot import load_local_rows, resolve_tasks, run_zeroshot
 __all__ = ["prune", "check_output_path", "resolve_device"]
 
 log = logging.getLogger(__name__)
-
-
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    dev = torch.device(name)
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise MaskPruneError(f"device {name!r} is not available", fix="use --device cpu")
-    return dev
 
 
 def prune(cfg: PruneConfig, *, progress: bool = True) -> dict:
@@ -435,25 +424,3 @@ def _check_budget(structure: Structure, budget: int, cfg: PruneConfig) -> None:
             found=f"{budget:,} ({1 - budget / structure.dense_params:.3f} sparsity)",
             fix="lower --sparsity",
         )
-
-
-def machine_info(device: torch.device) -> dict:
-    """Platform, versions, device and threads: recorded in every report and results file."""
-    info = {
-        "platform": platform.platform(),
-        "python": platform.python_version(),
-        "torch": torch.__version__,
-        "device": str(device),
-        "cpu_count": os.cpu_count(),
-        "threads": torch.get_num_threads(),
-    }
-    try:
-        import peft
-        import transformers  # noqa: E401
-
-        info.update(transformers=transformers.__version__, peft=peft.__version__)
-    except ImportError:  # pragma: no cover
-        pass
-    if device.type == "cuda":  # pragma: no cover
-        info["gpu"] = torch.cuda.get_device_name(device)
-    return info

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import tiny
-from maskprune.arch import get_adapter
+from maskprune.arch import ROLES, get_adapter
 from maskprune.cut import plan_cut
 from maskprune.export import fold_and_slice_, harden_, masked_logits, save_and_verify, select_units
 from maskprune.learner import attach_lora
@@ -24,7 +24,6 @@ CASES = [
     ("qwen2", False, "kv_group"),
     ("qwen3", False, "kv_group"),
 ]
-from maskprune.arch import ROLES  # noqa: E402
 
 
 def _wrap(model, policy, lora=True):
