@@ -50,67 +50,20 @@ def learn_and_plan(
     phases: "Phases",
     ckpt_dir: Path,
     metrics_path: Path,
-):
-    """MaskPrune: LoRA + masks learned by the minimax loop; the cut plan from the learned s."""
+) -> Outcome:
+    """MaskPrune: the prior, LoRA, the masks and the measured split, then the learning loop with its
+    metrics and checkpoints; the cut plan from the learned state."""
     metrics_file = open(metrics_path if main else os.devnull, "a", encoding="utf-8")
     trackers = ExtraSinks(cfg.trackers if main else (), str(ckpt_dir / "tensorboard"), cfg.to_dict())
+    split_path = ckpt_dir / "split_search.json"
     try:
-        prior = None
-        if cfg.mask_init != "ones" and not cfg.resume:  # a resumed run takes its masks from the checkpoint
-            with phases("prior"):
-                prior = unit_scores(
-                    cfg.mask_init, model, adapter, structure, windows[: cfg.prior_samples], batch_size=cfg.batch_size
-                )
-        if cfg.lora:
-            model = attach_lora(model, adapter, cfg.lora_targets, rank=cfg.lora_rank, alpha=cfg.lora_alpha)
-        if cfg.gradient_checkpointing:
-            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-            model.enable_input_require_grads()
-        sharded = cfg.fsdp and D.world() > 1
-        if sharded:
-            D.shard_fsdp(model, adapter.layers(model))
-        masks = MaskSet(structure, cfg.mask_type).to(device).attach(model)
-        if prior is not None:
-            for kind, scores in zip(("head", "ffn"), prior):
-                masks.set_values_(kind, prior_masks(scores, cfg.mask_init_spread))
-        split_path = ckpt_dir / "split_search.json"
-        split: SplitResult | None = None
-        if prior is not None and cfg.resolved_split_search():
-            with phases("split"):
-                split = measure_split(cfg, model, masks, structure, prior, windows, budget, device)
-            if main:
-                split_path.write_text(json.dumps(split.to_dict(), indent=1))
+        model, masks, split = _prepare(cfg, model, adapter, structure, windows, budget, device, phases)
+        if split is not None and main:
+            split_path.write_text(json.dumps(split.to_dict(), indent=1))
         bar = tqdm(total=cfg.steps, desc="learn masks", disable=not (progress and main), dynamic_ncols=True)
-
-        learn_start = [time.perf_counter(), 0]
-
-        def on_step(m: dict) -> None:
-            metrics_file.write(json.dumps(m) + "\n")
-            trackers.write(m)
-            learn_start[1] += 1
-            if cfg.compile and learn_start[1] == 3:  # the first steps compiled; time the next three
-                learn_start[0] = time.perf_counter()
-            if learn_start[1] == (6 if cfg.compile else 3):  # say up front how long this will take
-                per_step = (time.perf_counter() - learn_start[0]) / 3
-                remaining = per_step * (cfg.steps - m["step"] - 1)
-                log.info(
-                    "mask learning: %.1f s/step, about %.0f min left for %d steps (then cut, export, eval)",
-                    per_step,
-                    remaining / 60,
-                    cfg.steps,
-                )
-            bar.update(1)
-            if m["step"] % cfg.log_every == 0:
-                bar.set_postfix(
-                    loss=f"{m['loss']:.3f}",
-                    s_head=f"{m['sigma_head']:.2f}",
-                    s_ffn=f"{m['sigma_ffn']:.2f}",
-                    y=f"{m['y']:.2g}",
-                    z=f"{m['z']:.2g}",
-                    size=f"{m['size_at_cut'] / 1e6:.1f}M/{budget / 1e6:.1f}M",
-                )
-
-        learner = Learner(model, masks, windows, cfg, budget, on_step=on_step)
+        learner = Learner(
+            model, masks, windows, cfg, budget, on_step=_on_step(cfg, budget, bar, metrics_file, trackers)
+        )
         if split is not None:  # the run starts from the measured split (the freeze plans this head count)
             learner.state.sigma["head"] = split.best.k_head / structure.head.units_per_row
         if cfg.resume:
@@ -136,7 +89,7 @@ def learn_and_plan(
         metrics_file.close()
         trackers.close()
     masks.materialize_()  # L0 / polarization parameters -> their deterministic mask values
-    if sharded or weight_dtype(cfg) != torch.float32:
+    if (cfg.fsdp and D.world() > 1) or weight_dtype(cfg) != torch.float32:
         model, masks = rebuild_for_export(cfg, model, adapter, structure, masks, device, main)
     plan = plan_cut(
         structure,
@@ -147,6 +100,66 @@ def learn_and_plan(
     )
     split_dict = json.loads(split_path.read_text()) if main and split_path.exists() else None
     return Outcome(model, masks, state, plan, select_units(masks, plan), split=split_dict)
+
+
+def _prepare(cfg: PruneConfig, model, adapter, structure: Structure, windows, budget: int, device, phases):
+    """The one-shot prior (not on resume: the checkpoint has the masks), LoRA, gradient checkpointing, FSDP,
+    the masks set from the prior, and the measured split. Returns ``(model, masks, split or None)``."""
+    prior = None
+    if cfg.mask_init != "ones" and not cfg.resume:
+        with phases("prior"):
+            prior = unit_scores(
+                cfg.mask_init, model, adapter, structure, windows[: cfg.prior_samples], batch_size=cfg.batch_size
+            )
+    if cfg.lora:
+        model = attach_lora(model, adapter, cfg.lora_targets, rank=cfg.lora_rank, alpha=cfg.lora_alpha)
+    if cfg.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.enable_input_require_grads()
+    if cfg.fsdp and D.world() > 1:
+        D.shard_fsdp(model, adapter.layers(model))
+    masks = MaskSet(structure, cfg.mask_type).to(device).attach(model)
+    split: SplitResult | None = None
+    if prior is not None:
+        for kind, scores in zip(("head", "ffn"), prior):
+            masks.set_values_(kind, prior_masks(scores, cfg.mask_init_spread))
+        if cfg.resolved_split_search():
+            with phases("split"):
+                split = measure_split(cfg, model, masks, structure, prior, windows, budget, device)
+    return model, masks, split
+
+
+def _on_step(cfg: PruneConfig, budget: int, bar, metrics_file, trackers):
+    """The learner's per-step callback: metrics to the JSONL file and trackers, the progress bar, and an
+    early estimate of the time left."""
+    clock = [time.perf_counter(), 0]  # start of the timed steps, steps seen
+
+    def on_step(m: dict) -> None:
+        metrics_file.write(json.dumps(m) + "\n")
+        trackers.write(m)
+        clock[1] += 1
+        if cfg.compile and clock[1] == 3:  # the first steps compiled; time the next three
+            clock[0] = time.perf_counter()
+        if clock[1] == (6 if cfg.compile else 3):  # say up front how long this will take
+            per_step = (time.perf_counter() - clock[0]) / 3
+            log.info(
+                "mask learning: %.1f s/step, about %.0f min left for %d steps (then cut, export, eval)",
+                per_step,
+                per_step * (cfg.steps - m["step"] - 1) / 60,
+                cfg.steps,
+            )
+        bar.update(1)
+        if m["step"] % cfg.log_every == 0:
+            bar.set_postfix(
+                loss=f"{m['loss']:.3f}",
+                s_head=f"{m['sigma_head']:.2f}",
+                s_ffn=f"{m['sigma_ffn']:.2f}",
+                y=f"{m['y']:.2g}",
+                z=f"{m['z']:.2g}",
+                size=f"{m['size_at_cut'] / 1e6:.1f}M/{budget / 1e6:.1f}M",
+            )
+
+    return on_step
 
 
 def checkpoint_dir(out: Path) -> Path:
