@@ -436,7 +436,8 @@ class PruneConfig:
         return self
 
     def problems(self) -> list[str]:
-        """Every range or consistency problem of the values, in one list (empty: valid)."""
+        """Every range or consistency problem of the values, in one list (empty: valid). One check after
+        another, kept in one function so every problem is found in one pass and reported together."""
         problems: list[str] = []
         if self.budget_params is None:
             if self.sparsity is None or not (0.0 < self.sparsity < 1.0):

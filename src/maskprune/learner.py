@@ -213,6 +213,9 @@ class Learner:
             p.grad = None
 
     def step(self) -> dict:
+        """One learning step: forwards and loss, the mask and LoRA updates, the proximal step, the sigma step and
+        the multiplier ascents, in the order of docs/method.md ("One learning step"). Long on purpose: the six
+        updates stay together so the function reads as the paper's Algorithm 1."""
         cfg, st, s = self.cfg, self.state, self.structure
         t, total = st.step, cfg.steps
         t0 = time.perf_counter()

@@ -68,7 +68,8 @@ def _freeze_text(cfg: dict) -> str:
 
 
 def write_model_card(folder: Path, report: dict, command: list[str] | None = None) -> Path:
-    """Write ``folder/README.md`` from the run report."""
+    """Write ``folder/README.md`` from the run report. Long because it is a page template: one f-string
+    section after another, no logic worth a function of its own."""
     cfg, p, shape = report["config"], report["params"], report["shape"]
     from .models import hub_id_of
 

@@ -52,7 +52,8 @@ def _load(run_dir: Path) -> tuple[dict, list[dict], dict[str, torch.Tensor]]:
 
 
 def make_report(run_dir: str | Path) -> Path:
-    """Draw every figure and the HTML page; return the page's path."""
+    """Draw every figure and the HTML page; return the page's path. Long because it is a list of figures, each
+    a few plotting calls in the order the page shows them."""
     import matplotlib
 
     matplotlib.use("Agg")

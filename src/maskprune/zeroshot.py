@@ -132,7 +132,8 @@ def _arc_rows(rows: list[dict], task: str, path: Path, obqa: bool) -> list[dict]
 
 
 def load_local_rows(task: str, data_dir: str | Path) -> list[dict]:
-    """Rows in the schema of the hub dataset that lm-eval's ``task`` reads."""
+    """Rows in the schema of the hub dataset that lm-eval's ``task`` reads (one branch per task's local file
+    format, hence the length)."""
     folder = Path(data_dir) / task
     if task == "piqa":
         data = _find(folder, task, ("valid.jsonl", "dev.jsonl", "*.jsonl"))
