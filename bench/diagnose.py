@@ -51,11 +51,13 @@ def run_seed(seed: int, sparsity: float, flags: str, ppl_tokens: int, seq_len: i
     from maskprune.config import load_config
     from maskprune.cut import kept_indices, plan_cut
     from maskprune.data import calibration_windows, wikitext2_test_text
+    from maskprune.dtypes import autocast_dtype
     from maskprune.evaluate import perplexity, tokenize_windows
-    from maskprune.learner import Learner, attach_lora, autocast_dtype
+    from maskprune.learner import Learner, attach_lora
     from maskprune.mask_optim import prior_masks
-    from maskprune.masks import MaskSet, Structure, bypass
+    from maskprune.masks import MaskSet, bypass
     from maskprune.models import load_model
+    from maskprune.structure import Structure
 
     cfg = load_config(overrides={**_flags_to_overrides(flags), "sparsity": sparsity, "seed": seed})
     torch.manual_seed(seed)

@@ -33,8 +33,9 @@ from maskprune.arch import (
 from maskprune.data import calibration_windows  # noqa: E402
 from maskprune.learner import attach_lora  # noqa: E402
 from maskprune.losses import kl_divergence  # noqa: E402
-from maskprune.masks import MaskSet, Structure, bypass  # noqa: E402
+from maskprune.masks import MaskSet, bypass  # noqa: E402
 from maskprune.models import load_model  # noqa: E402
+from maskprune.structure import Structure
 
 
 def step_gradients(model, masks, batch, kl) -> tuple[float, torch.Tensor, torch.Tensor]:

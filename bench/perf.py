@@ -80,9 +80,11 @@ def step_throughput(
     from maskprune import load_config
     from maskprune.arch import get_adapter
     from maskprune.data import calibration_windows
-    from maskprune.learner import DTYPES, Learner, attach_lora
-    from maskprune.masks import MaskSet, Structure
+    from maskprune.dtypes import DTYPES
+    from maskprune.learner import Learner, attach_lora
+    from maskprune.masks import MaskSet
     from maskprune.models import load_model
+    from maskprune.structure import Structure
 
     wd = DTYPES[weight_dtype]
     loaded = load_model("smollm2-135m", dtype=wd)
@@ -209,7 +211,8 @@ from maskprune import load_config
 from maskprune.arch import get_adapter
 from maskprune.data import calibration_windows
 from maskprune.learner import Learner, attach_lora
-from maskprune.masks import MaskSet, Structure
+from maskprune.masks import MaskSet
+from maskprune.structure import Structure
 from maskprune.models import load_model
 loaded = load_model("smollm2-135m", dtype=torch.bfloat16); model, tok = loaded.model, loaded.tokenizer
 cfg = load_config(overrides=dict(steps=10, seq_len=int(sys.argv[2]), batch_size=int(sys.argv[3]), sparsity=0.5))
@@ -257,7 +260,8 @@ from maskprune.arch import get_adapter
 from maskprune.data import calibration_windows
 from maskprune.learner import attach_lora
 from maskprune.losses import distillation_loss
-from maskprune.masks import MaskSet, Structure
+from maskprune.masks import MaskSet
+from maskprune.structure import Structure
 from maskprune.models import load_model
 loaded = load_model("smollm2-135m", dtype=torch.bfloat16); model, tok = loaded.model, loaded.tokenizer
 seq, bs = int(sys.argv[2]), int(sys.argv[3])

@@ -18,7 +18,7 @@ import torch
 from maskprune import optim as F
 from maskprune.arch import FFNLayout, HeadLayout, get_adapter
 from maskprune.cut import cut_mass_share, kept_indices, plan_cut
-from maskprune.masks import Structure
+from maskprune.structure import Structure
 
 # SmolLM2-135M: 30 layers, 9 query / 3 KV heads (query policy: 3 rows of 3), FFN 1536, hidden 576.
 HEAD = HeadLayout(

@@ -28,7 +28,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .arch import ROLES, DecoderAdapter, HeadLayout
-from .masks import Structure
+from .structure import Structure
 
 __all__ = ["BASELINES", "LAYER_SCORERS", "unit_scores", "activation_stats", "input_means"]
 

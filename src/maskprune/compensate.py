@@ -20,7 +20,7 @@ from torch import nn
 from .arch import DecoderAdapter, HeadLayout
 from .cut import CutPlan
 from .errors import MaskPruneError
-from .masks import Structure
+from .structure import Structure
 
 __all__ = ["Parts", "compensation_parts", "bias_delta", "extra_params", "layer_deltas", "add_biases_"]
 

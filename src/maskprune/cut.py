@@ -10,10 +10,20 @@ from dataclasses import dataclass
 import torch
 
 from .errors import MaskPruneError
-from .masks import Structure
 from .optim import num_cut
+from .structure import Structure
 
-__all__ = ["CutPlan", "plan_cut", "feasible_plans", "candidate_splits", "kept_indices", "hard_masks", "cut_mass_share"]
+__all__ = [
+    "CutPlan",
+    "KeptUnits",
+    "plan_cut",
+    "feasible_plans",
+    "candidate_splits",
+    "kept_indices",
+    "select_units",
+    "hard_masks",
+    "cut_mass_share",
+]
 
 
 @dataclass(frozen=True)
@@ -143,3 +153,19 @@ def cut_mass_share(mask: torch.Tensor, kept: torch.Tensor) -> float:
         return 0.0
     kept_mass = float(torch.gather(mask.detach().abs(), -1, kept).sum())
     return (total - kept_mass) / total
+
+
+@dataclass(frozen=True)
+class KeptUnits:
+    """Per layer, the unit indices kept: head ``[L, rows, U_h - k_h]``, ffn ``[L, 1, U_f - k_f]``."""
+
+    head: torch.Tensor
+    ffn: torch.Tensor
+
+    def to_lists(self) -> dict[str, list]:
+        return {"head": self.head.tolist(), "ffn": self.ffn[:, 0].tolist()}
+
+
+def select_units(head: torch.Tensor, ffn: torch.Tensor, plan: CutPlan) -> KeptUnits:
+    """The units the plan keeps: in every row the ones with the largest masks (or scores)."""
+    return KeptUnits(kept_indices(head, plan.k_head), kept_indices(ffn, plan.k_ffn))

@@ -291,8 +291,8 @@ def evaluate_models(
     the markdown ``table``)."""
     import datetime
 
+    from .dtypes import autocast_dtype
     from .errors import MaskPruneError
-    from .learner import autocast_dtype
     from .models import load_model
     from .outputs import machine_info, resolve_device
     from .zeroshot import resolve_tasks

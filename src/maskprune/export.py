@@ -16,24 +16,13 @@ import torch
 from torch import nn
 
 from .arch import DecoderAdapter, HeadLayout
-from .cut import CutPlan, hard_masks, kept_indices
+from .cut import KeptUnits, hard_masks
 from .errors import ParityError
 from .masks import MaskSet
 
-__all__ = ["KeptUnits", "select_units", "masked_logits", "fold_and_slice_", "save_and_verify", "ParityReport"]
+__all__ = ["masked_logits", "fold_and_slice_", "save_and_verify", "ParityReport"]
 
 log = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True)
-class KeptUnits:
-    """Per layer, the unit indices kept: head ``[L, rows, U_h - k_h]``, ffn ``[L, 1, U_f - k_f]``."""
-
-    head: torch.Tensor
-    ffn: torch.Tensor
-
-    def to_lists(self) -> dict[str, list]:
-        return {"head": self.head.tolist(), "ffn": self.ffn[:, 0].tolist()}
 
 
 @dataclass(frozen=True)
@@ -44,10 +33,6 @@ class ParityReport:
 
     def to_dict(self) -> dict[str, float]:
         return {"max_abs_diff": self.max_abs_diff, "ref_max_abs": self.ref_max_abs, "tolerance": self.tolerance}
-
-
-def select_units(masks: MaskSet, plan: CutPlan) -> KeptUnits:
-    return KeptUnits(kept_indices(masks.head, plan.k_head), kept_indices(masks.ffn, plan.k_ffn))
 
 
 @torch.no_grad()

@@ -21,16 +21,16 @@ from . import distributed as D
 from .baselines import unit_scores
 from .checkpoint import config_fingerprint, list_checkpoints, load_latest, save_checkpoint
 from .config import PruneConfig
-from .cut import plan_cut
+from .cut import plan_cut, select_units
 from .errors import MaskPruneError
-from .export import select_units
 from .learner import Learner, attach_lora
 from .mask_optim import prior_masks
-from .masks import MaskSet, Structure
+from .masks import MaskSet
 from .outputs import Phases
 from .selection import Outcome, measure_split, rebuild_for_export, weight_dtype
 from .sinks import ExtraSinks
 from .split import SplitResult
+from .structure import Structure
 
 __all__ = ["learn_and_plan", "checkpoint_dir", "check_checkpoints"]
 
@@ -99,7 +99,7 @@ def learn_and_plan(
         ffn_multiple=cfg.ffn_multiple,
     )
     split_dict = json.loads(split_path.read_text()) if main and split_path.exists() else None
-    return Outcome(model, masks, state, plan, select_units(masks, plan), split=split_dict)
+    return Outcome(model, masks, state, plan, select_units(masks.head, masks.ffn, plan), split=split_dict)
 
 
 def _prepare(cfg: PruneConfig, model, adapter, structure: Structure, windows, budget: int, device, phases):

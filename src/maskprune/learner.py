@@ -19,37 +19,14 @@ from . import distributed as D
 from . import optim as F
 from .config import PruneConfig
 from .cut import plan_cut
+from .dtypes import autocast_dtype
 from .errors import Interrupted, MaskPruneError, NonFiniteError
 from .losses import distillation_loss
 from .mask_optim import LayerAdam, cosine_factor
-from .masks import POLARIZATION_EPS, MaskSet, Structure, bypass
+from .masks import POLARIZATION_EPS, MaskSet, bypass
+from .structure import Structure
 
-__all__ = ["DTYPES", "LearnState", "Learner", "Interrupted", "attach_lora", "autocast_dtype", "resolve_dtype"]
-
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
-"""The dtype names the config and the CLI use."""
-
-
-def resolve_dtype(name: str, device: torch.device | str = "cpu") -> str:
-    """A config ``dtype`` name with ``auto`` settled for ``device``: ``bf16`` where the hardware computes it
-    natively (CUDA with bf16 support; a CPU with AVX512-BF16 or AMX), else ``fp32``. On a CPU without those
-    instructions bf16 matmuls are emulated and run several times slower than fp32, not faster."""
-    if name != "auto":
-        return name
-    dev = torch.device(device)
-    if dev.type == "cuda":
-        return "bf16" if torch.cuda.is_bf16_supported() else "fp32"
-    if dev.type == "cpu":
-        native = torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
-        return "bf16" if native else "fp32"
-    return "fp32"
-
-
-def autocast_dtype(name: str, device: torch.device | str = "cpu") -> torch.dtype | None:
-    """The autocast dtype of a config ``dtype`` name (``auto`` settled for ``device``); ``None`` for fp32
-    (autocast off)."""
-    name = resolve_dtype(name, device)
-    return None if name == "fp32" else DTYPES[name]
+__all__ = ["LearnState", "Learner", "Interrupted", "attach_lora"]
 
 
 @dataclass

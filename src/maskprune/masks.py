@@ -9,17 +9,16 @@ wrapper when LoRA is attached, so base and LoRA paths are masked together.
 from __future__ import annotations
 
 import contextlib
-from dataclasses import dataclass
 from typing import Iterator
 
 import torch
 from torch import nn
 from torch.utils.hooks import RemovableHandle
 
-from .arch import DecoderAdapter, FFNLayout, GQAPolicy, HeadLayout, count_parameters
+from .arch import HeadLayout
+from .structure import Structure
 
 __all__ = [
-    "Structure",
     "MaskSet",
     "bypass",
     "MASK_TYPES",
@@ -54,64 +53,6 @@ def polarized(theta: torch.Tensor, eps: float) -> torch.Tensor:
     ``|theta|``; as ``eps`` falls toward 0 every non-zero gate tends to 1, so gates end near 0 or 1."""
     t2 = theta * theta
     return t2 / (t2 + eps)
-
-
-@dataclass(frozen=True)
-class Structure:
-    """What can be pruned in a model and what it costs: the layouts and the dense size."""
-
-    adapter: DecoderAdapter
-    head: HeadLayout
-    ffn: FFNLayout
-    num_layers: int
-    dense_params: int
-
-    @classmethod
-    def of(cls, model: nn.Module, adapter: DecoderAdapter, policy: GQAPolicy) -> "Structure":
-        layers = adapter.layers(model)
-        base = model.get_base_model() if hasattr(model, "get_base_model") else model
-        dense = count_parameters(base) - _lora_parameters(base)
-        return cls(adapter, adapter.head_layout(base, policy), adapter.ffn_layout(base), len(layers), dense)
-
-    @property
-    def prunable_params(self) -> int:
-        return self.num_layers * (
-            self.head.units * self.head.params_per_unit + self.ffn.units * self.ffn.params_per_unit
-        )
-
-    def params_after(self, k_head: float, k_ffn: float) -> float:
-        """Model size with ``k_*`` units cut per row in every layer (floats allowed: M(s))."""
-        removed = self.num_layers * (
-            self.head.rows * k_head * self.head.params_per_unit + self.ffn.rows * k_ffn * self.ffn.params_per_unit
-        )
-        return self.dense_params - removed
-
-    def resource_weight(self, kind: str, mode: str) -> float:
-        """Weight ``c`` of the resource term in the ``sigma`` step of one kind (see ``optim``).
-
-        ``share``: the share of the dense size that this kind's prunable units hold
-        (``-dM/dsigma / M``), so a kind that holds more of the model shrinks faster;
-        ``unit``: one unit's parameters over the mean of all prunable units (the paper's
-        per-parameter gradient, which cuts big units, heads, first); ``flat``: 1 for every kind
-        (kinds compete on mask values alone).
-        """
-        lay = self.head if kind == "head" else self.ffn
-        if mode == "share":
-            return self.num_layers * lay.units * lay.params_per_unit / self.dense_params
-        if mode == "unit":
-            mean = self.prunable_params / (self.num_layers * (self.head.units + self.ffn.units))
-            return lay.params_per_unit / mean
-        if mode == "flat":
-            return 1.0
-        raise ValueError(f"unknown resource weighting {mode!r}")
-
-    def min_params(self) -> int:
-        """Smallest size the uniform cut can reach (one unit left per row of every kind)."""
-        return int(self.params_after(self.head.units_per_row - 1, self.ffn.units_per_row - 1))
-
-
-def _lora_parameters(model: nn.Module) -> int:
-    return sum(p.numel() for n, p in model.named_parameters() if "lora_" in n)
 
 
 class MaskSet(nn.Module):

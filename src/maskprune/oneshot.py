@@ -10,12 +10,12 @@ import torch
 from .baselines import activation_stats, input_means, unit_scores
 from .compensate import Parts, compensation_parts, extra_params
 from .config import PruneConfig
-from .cut import kept_indices, plan_cut
-from .export import KeptUnits
-from .masks import MaskSet, Structure
+from .cut import KeptUnits, kept_indices, plan_cut
+from .masks import MaskSet
 from .outputs import Phases
 from .selection import Outcome, measure_split
 from .sequential import layerwise_scores
+from .structure import Structure
 
 __all__ = ["score_and_plan"]
 

@@ -23,12 +23,11 @@ from .compensate import add_biases_, layer_deltas
 from .config import PruneConfig
 from .cut import cut_mass_share
 from .data import calibration_windows, wikitext2_test_text
+from .dtypes import DTYPES, autocast_dtype, resolve_dtype
 from .errors import MaskPruneError
 from .evaluate import perplexity, tokenize_windows
 from .export import fold_and_slice_, harden_, masked_logits, save_and_verify, verify_parity
 from .learned import check_checkpoints, checkpoint_dir, learn_and_plan
-from .learner import DTYPES, autocast_dtype, resolve_dtype
-from .masks import Structure
 from .modelcard import write_model_card
 from .models import load_model
 from .oneshot import score_and_plan
@@ -36,6 +35,7 @@ from .outputs import Phases, check_output_path, default_out, machine_info, resol
 from .report import make_report
 from .selection import Outcome, rebuild_for_export, weight_dtype
 from .sinks import ExtraSinks
+from .structure import Structure
 from .zeroshot import load_local_rows, resolve_tasks, run_zeroshot
 
 __all__ = ["prune", "check_output_path", "resolve_device"]

@@ -20,7 +20,8 @@ from .arch import DecoderAdapter
 from .baselines import LAYER_SCORERS
 from .compensate import Parts, bias_delta
 from .cut import CutPlan, hard_masks, kept_indices
-from .masks import MaskSet, Structure
+from .masks import MaskSet
+from .structure import Structure
 
 __all__ = ["layerwise_scores"]
 

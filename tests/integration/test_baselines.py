@@ -11,7 +11,7 @@ import tiny
 from maskprune.arch import get_adapter
 from maskprune.baselines import BASELINES, unit_scores
 from maskprune.cli import main
-from maskprune.masks import Structure
+from maskprune.structure import Structure
 
 
 @pytest.mark.parametrize("method", sorted(BASELINES))

@@ -16,7 +16,8 @@ from maskprune.config import load_config
 from maskprune.errors import MaskPruneError
 from maskprune.learner import Learner, attach_lora
 from maskprune.losses import distillation_loss
-from maskprune.masks import MaskSet, Structure, bypass
+from maskprune.masks import MaskSet, bypass
+from maskprune.structure import Structure
 
 
 def _learner() -> Learner:

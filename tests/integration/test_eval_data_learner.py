@@ -16,7 +16,8 @@ from maskprune.data import iter_texts, pack_windows, wikitext2_test_text
 from maskprune.errors import MaskPruneError
 from maskprune.evaluate import perplexity, tokenize_windows
 from maskprune.learner import Learner
-from maskprune.masks import MaskSet, Structure
+from maskprune.masks import MaskSet
+from maskprune.structure import Structure
 
 
 class _NoSplit(torch.nn.Module):

@@ -7,10 +7,11 @@ import torch
 
 import tiny
 from maskprune.arch import ROLES, get_adapter
-from maskprune.cut import plan_cut
-from maskprune.export import fold_and_slice_, harden_, masked_logits, save_and_verify, select_units
+from maskprune.cut import plan_cut, select_units
+from maskprune.export import fold_and_slice_, harden_, masked_logits, save_and_verify
 from maskprune.learner import attach_lora
-from maskprune.masks import MaskSet, Structure, bypass
+from maskprune.masks import MaskSet, bypass
+from maskprune.structure import Structure
 
 CASES = [
     ("llama_mha", False, "query"),
@@ -65,7 +66,7 @@ def test_export_reloads_stock_with_the_same_logits_and_uniform_shape(kind, tied,
                 p.copy_(torch.randn(p.shape, generator=gen) * 0.05)
     budget = int(structure.dense_params * 0.8)
     plan = plan_cut(structure, sigma_head=0.5, budget=budget)
-    kept = select_units(masks, plan)
+    kept = select_units(masks.head, masks.ffn, plan)
     soft_head, soft_ffn = masks.head.detach().clone(), masks.ffn.detach().clone()
     harden_(masks, kept)
     ids = _ids()
@@ -101,7 +102,7 @@ def test_export_reloads_stock_with_the_same_logits_and_uniform_shape(kind, tied,
 def test_gqa_policies_cut_what_they_promise(policy, tmp_path):
     model, masks, structure, adapter = _wrap(tiny.make_model("llama_gqa"), policy, lora=False)
     plan = plan_cut(structure, sigma_head=0.5, budget=int(structure.dense_params * 0.85))
-    kept = select_units(masks, plan)
+    kept = select_units(masks.head, masks.ffn, plan)
     masks.detach()
     fold_and_slice_(model, adapter, structure.head, masks.head.detach(), masks.ffn.detach(), kept)
     if policy == "query":  # 4 query heads in 2 groups -> 1 per group, both KV heads stay

@@ -12,8 +12,9 @@ import tiny
 from maskprune.arch import get_adapter
 from maskprune.cli import main
 from maskprune.cut import CutPlan, candidate_splits
-from maskprune.masks import MaskSet, Structure
+from maskprune.masks import MaskSet
 from maskprune.split import search_split
+from maskprune.structure import Structure
 
 
 def test_split_search_measures_every_candidate_and_restores_the_masks():

@@ -10,7 +10,7 @@ from maskprune.arch import get_adapter
 from maskprune.compensate import Parts, bias_delta, compensation_parts, extra_params
 from maskprune.cut import CutPlan
 from maskprune.errors import MaskPruneError
-from maskprune.masks import Structure
+from maskprune.structure import Structure
 
 
 def test_bias_delta_is_the_mean_output_of_the_cut_columns():

@@ -59,7 +59,7 @@ def test_baselines_ignore_the_mask_prior():
 def test_dtype_auto_is_bf16_only_where_the_cpu_has_it(monkeypatch):
     import torch
 
-    from maskprune.learner import autocast_dtype, resolve_dtype
+    from maskprune.dtypes import autocast_dtype, resolve_dtype
 
     assert load_config().dtype == "auto"
     assert resolve_dtype("fp32") == "fp32" and resolve_dtype("bf16") == "bf16"

@@ -6,7 +6,7 @@ import torch
 from maskprune.arch import FFNLayout, HeadLayout, get_adapter
 from maskprune.cut import cut_mass_share, hard_masks, kept_indices, plan_cut
 from maskprune.errors import MaskPruneError
-from maskprune.masks import Structure
+from maskprune.structure import Structure
 
 
 def _structure(ffn_units=96, heads=4, kv=2, policy="query", layers=3, dense=100_000):

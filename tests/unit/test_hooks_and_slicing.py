@@ -10,8 +10,10 @@ import torch
 
 import tiny
 from maskprune.arch import get_adapter
-from maskprune.export import KeptUnits, fold_and_slice_
-from maskprune.masks import MaskSet, Structure, bypass
+from maskprune.cut import KeptUnits
+from maskprune.export import fold_and_slice_
+from maskprune.masks import MaskSet, bypass
+from maskprune.structure import Structure
 
 HEAD_DIM = 16  # tiny models: hidden 64, 4 heads
 
