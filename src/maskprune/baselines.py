@@ -30,7 +30,7 @@ from torch import nn
 from .arch import ROLES, DecoderAdapter, HeadLayout
 from .structure import Structure
 
-__all__ = ["BASELINES", "LAYER_SCORERS", "unit_scores", "activation_stats", "input_means"]
+__all__ = ["BASELINES", "LAYER_SCORERS", "unit_scores", "activation_stats", "input_means", "watch_inputs"]
 
 
 def _head_column_scores(layout: HeadLayout, per_column: torch.Tensor) -> torch.Tensor:
@@ -138,10 +138,9 @@ BASELINES: dict[str, tuple[_Scorer, str]] = {
 }
 
 
-def activation_stats(model: nn.Module, adapter: DecoderAdapter, windows: torch.Tensor, batch_size: int) -> dict:
-    """Per-channel sum and sum of squares of o_proj's and down_proj's inputs over all tokens."""
-    stats: dict = {"sum": {}, "sumsq": {}, "count": 0}
-    handles = []
+def watch_inputs(stats: dict, adapter: DecoderAdapter, layer: nn.Module, li: int) -> list:
+    """Pre-hooks that add the per-channel sum and sum of squares of this layer's o_proj and down_proj inputs to
+    ``stats["sum"][(li, role)]`` / ``stats["sumsq"][(li, role)]``; returns their handles."""
 
     def hook(key):
         def fn(_m, args):
@@ -151,9 +150,13 @@ def activation_stats(model: nn.Module, adapter: DecoderAdapter, windows: torch.T
 
         return fn
 
-    for li, layer in enumerate(adapter.layers(model)):
-        handles.append(adapter.proj(layer, "o").register_forward_pre_hook(hook((li, "o"))))
-        handles.append(adapter.proj(layer, "down").register_forward_pre_hook(hook((li, "down"))))
+    return [adapter.proj(layer, r).register_forward_pre_hook(hook((li, r))) for r in ("o", "down")]
+
+
+def activation_stats(model: nn.Module, adapter: DecoderAdapter, windows: torch.Tensor, batch_size: int) -> dict:
+    """Per-channel sum and sum of squares of o_proj's and down_proj's inputs over all tokens."""
+    stats: dict = {"sum": {}, "sumsq": {}, "count": 0}
+    handles = [h for li, layer in enumerate(adapter.layers(model)) for h in watch_inputs(stats, adapter, layer, li)]
     device = next(model.parameters()).device
     try:
         with torch.no_grad():

@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from .arch import DecoderAdapter
-from .baselines import LAYER_SCORERS
+from .baselines import LAYER_SCORERS, watch_inputs
 from .compensate import Parts, bias_delta
 from .cut import CutPlan, hard_masks, kept_indices
 from .masks import MaskSet
@@ -91,19 +91,7 @@ def layerwise_scores(
         for li, layer in enumerate(adapter.layers(model)):
             stats["count"][li] = 0
 
-            def accumulate(key):
-                def fn(_m, args):
-                    x = args[0].detach().float().reshape(-1, args[0].shape[-1])  # [tokens, width]
-                    stats["sum"][key] = stats["sum"].get(key, 0) + x.sum(0)
-                    stats["sumsq"][key] = stats["sumsq"].get(key, 0) + (x**2).sum(0)
-
-                return fn
-
-            o, down = adapter.proj(layer, "o"), adapter.proj(layer, "down")
-            handles = [
-                o.register_forward_pre_hook(accumulate((li, "o"))),
-                down.register_forward_pre_hook(accumulate((li, "down"))),
-            ]
+            handles = watch_inputs(stats, adapter, layer, li)
             try:
                 for args, kwargs in calls:
                     layer(*args, **kwargs)
