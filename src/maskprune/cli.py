@@ -88,6 +88,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--config", type=Path, default=None, help="YAML file of config keys")
     _add_config_flags(p)
 
+    d = sub.add_parser(
+        "distill",
+        help="recover a pruned model by distillation from its dense original (LoRA merged, or --full)",
+        description="maskprune distill PRUNED --teacher DENSE --out DIR: the prune options apply where they mean "
+        "the same thing (--steps, --calib, --calib-samples, --seq-len, --batch-size, --lora-rank, ...).",
+    )
+    d.add_argument("model", help="the pruned student: HF folder, hub id or .gguf file")
+    d.add_argument("--config", type=Path, default=None, help="YAML file of config keys")
+    _add_config_flags(d)
+
     e = sub.add_parser("eval", help="WikiText-2 perplexity and zero-shot accuracy (lm-eval) of causal LMs")
     e.add_argument("model", nargs="*", help="HF folder, hub id, .gguf file, or smollm2-135m")
     e.add_argument(
@@ -146,6 +156,18 @@ def _run_prune(args: argparse.Namespace, progress: bool) -> int:
     from .pipeline import prune
 
     overrides = _overrides(args)
+    if args.command == "distill":
+        from .config import DISTILL_SETTINGS
+
+        if overrides.get("teacher") is None:
+            raise MaskPruneError(
+                "distill needs a teacher", fix="pass --teacher DENSE (the model the student was pruned from)"
+            )
+        overrides = {**overrides, **DISTILL_SETTINGS}
+    elif overrides.get("teacher") is not None:
+        raise MaskPruneError(
+            "--teacher belongs to `maskprune distill`", fix="run maskprune distill PRUNED --teacher DENSE"
+        )
     cfg = load_config(args.config, overrides)
     report = prune(cfg, progress=progress)
     if "params" not in report:  # a secondary process of a distributed run: rank 0 reports
@@ -210,7 +232,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         logging.getLogger(noisy).setLevel(logging.WARNING)
     progress = not args.quiet
     try:
-        if args.command == "prune":
+        if args.command in ("prune", "distill"):
             return _run_prune(args, progress)
         if args.command == "report":
             from .report import make_report

@@ -18,9 +18,13 @@ import yaml
 
 from .errors import MaskPruneError
 
-__all__ = ["PruneConfig", "load_config", "DEFAULT_MODEL", "PAPER_RECIPE"]
+__all__ = ["PruneConfig", "load_config", "DEFAULT_MODEL", "PAPER_RECIPE", "DISTILL_SETTINGS"]
 
 DEFAULT_MODEL = "smollm2-135m"
+
+DISTILL_SETTINGS: dict[str, Any] = {"mask_init": "ones", "freeze_share": 0.0, "split_search": False}
+"""What ``maskprune distill`` sets: the student's structure is kept as it is (every unit, masks at 1, frozen),
+so every step is distillation of its weights."""
 
 PAPER_RECIPE: dict[str, Any] = {
     "mask_init": "ones",
@@ -48,6 +52,15 @@ class PruneConfig:
     model: str = _opt(
         DEFAULT_MODEL,
         """Local HF folder, hub id, ``.gguf`` file, or ``smollm2-135m`` (the embedded default).""",
+    )
+    teacher: str | None = _opt(
+        None,
+        """``maskprune distill``: the dense model the student (``model``, a pruned checkpoint) is distilled from:
+    a folder, hub id, GGUF file or ``smollm2-135m``. Its tokenizer and family must match the student's.""",
+    )
+    full: bool = _opt(
+        False,
+        """Train every weight of the model (fp32 master weights) instead of LoRA adapters (``maskprune distill``).""",
     )
     gguf_file: str | None = _opt(
         None,
@@ -403,6 +416,11 @@ class PruneConfig:
         """Steps on which the masks learn: until the freeze, or every step when the selection is never frozen."""
         return round(self.freeze_share * self.steps) if self.freeze_share < 1.0 else self.steps
 
+    @property
+    def distilling(self) -> bool:
+        """A ``maskprune distill`` run: no cut, the student learns from a separate teacher."""
+        return self.teacher is not None
+
     def resolved_split_search(self) -> bool:
         """``split_search``, or its default: on for the learned method starting from a one-shot prior."""
         if self.split_search is not None:
@@ -490,6 +508,14 @@ class PruneConfig:
             )
         if not 0.0 <= self.mask_init_spread < 1.0:
             problems.append(f"mask_init_spread must be in [0, 1), found {self.mask_init_spread}")
+        if self.teacher is not None and (self.method != "maskprune" or self.mask_init != "ones" or self.freeze_share):
+            problems.append(
+                "distill runs the learned method with no mask learning (method maskprune, mask_init ones, "
+                f"freeze_share 0), found method {self.method!r}, mask_init {self.mask_init!r}, "
+                f"freeze_share {self.freeze_share}: use `maskprune distill`, which sets them"
+            )
+        if self.full and self.teacher is None:
+            problems.append("full applies to `maskprune distill` (prune trains LoRA); drop --full")
         if self.layerwise_calibration and self.method not in ("wanda-sp", "flap"):
             problems.append(
                 f"layerwise_calibration applies to the activation metrics (--method wanda-sp or flap), found method "

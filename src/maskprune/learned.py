@@ -50,6 +50,7 @@ def learn_and_plan(
     phases: "Phases",
     ckpt_dir: Path,
     metrics_path: Path,
+    teacher=None,
 ) -> Outcome:
     """MaskPrune: the prior, LoRA, the masks and the measured split, then the learning loop with its
     metrics and checkpoints; the cut plan from the learned state."""
@@ -111,7 +112,9 @@ def _prepare(cfg: PruneConfig, model, adapter, structure: Structure, windows, bu
             prior = unit_scores(
                 cfg.mask_init, model, adapter, structure, windows[: cfg.prior_samples], batch_size=cfg.batch_size
             )
-    if cfg.lora:
+    if cfg.full:
+        model.requires_grad_(True)
+    elif cfg.lora:
         model = attach_lora(model, adapter, cfg.lora_targets, rank=cfg.lora_rank, alpha=cfg.lora_alpha)
     if cfg.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})

@@ -78,6 +78,7 @@ class Learner:
         budget: int,
         *,
         on_step: Callable[[dict], None] | None = None,
+        teacher: nn.Module | None = None,
     ) -> None:
         self.model = model
         self.masks = masks
@@ -88,11 +89,13 @@ class Learner:
         self.final_ratio = budget / self.structure.dense_params
         self.state = LearnState(sigma={"head": cfg.head_cut_fraction, "ffn": 0.0}, y=cfg.y_init, z=cfg.z_init)
         self.on_step = on_step
+        self.teacher = teacher
+        """A separate dense teacher (``maskprune distill``); None: the model itself with masks and LoRA off."""
         self.device = next(model.parameters()).device
         self.amp = autocast_dtype(cfg.dtype, self.device)
         if self.amp is not None:
             _disable_lora_input_cast(model)
-        lora_params = [p for n, p in model.named_parameters() if "lora_" in n and p.requires_grad]
+        lora_params = list(self._lora_params().values())
         mask_params = list(masks.parameters())
         self.mask_optimizer: torch.optim.Optimizer = (
             LayerAdam(mask_params, lr=cfg.resolved_mask_lr())
@@ -204,8 +207,12 @@ class Learner:
         with torch.autocast(self.device.type, dtype=self.amp or torch.float32, enabled=self.amp is not None):
             teacher = None
             if cfg.distill:
-                with torch.no_grad(), bypass(self.model, self.masks):
-                    teacher = self._forward(input_ids=batch, output_hidden_states=want_hidden, use_cache=False)
+                if self.teacher is not None:
+                    with torch.no_grad():
+                        teacher = self.teacher(input_ids=batch, output_hidden_states=want_hidden, use_cache=False)
+                else:
+                    with torch.no_grad(), bypass(self.model, self.masks):
+                        teacher = self._forward(input_ids=batch, output_hidden_states=want_hidden, use_cache=False)
             student = self._forward(input_ids=batch, output_hidden_states=want_hidden, use_cache=False)
             terms = distillation_loss(
                 student.logits,
@@ -353,7 +360,8 @@ class Learner:
 
     # ---- checkpoint state --------------------------------------------------------------------
     def _lora_params(self) -> dict[str, torch.Tensor]:
-        return {n: p for n, p in self.model.named_parameters() if "lora_" in n and p.requires_grad}
+        """The weights the step trains besides the masks: the LoRA adapters, or every weight with ``full``."""
+        return {n: p for n, p in self.model.named_parameters() if p.requires_grad and ("lora_" in n or self.cfg.full)}
 
     def state_dict(self) -> dict:
         """Everything the next step depends on (the data position is a function of the step).

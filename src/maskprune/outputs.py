@@ -25,6 +25,8 @@ log = logging.getLogger(__name__)
 
 def default_out(cfg: PruneConfig) -> Path:
     name = Path(cfg.model.rstrip("/")).name.replace(".gguf", "") or "model"
+    if cfg.distilling:
+        return Path("runs") / f"{name}-distilled"
     tag = f"s{round(cfg.sparsity * 100)}" if cfg.budget_params is None else f"b{cfg.budget_params}"
     return Path("runs") / f"{name}-{tag}"
 

@@ -23,6 +23,7 @@ from .compensate import add_biases_, layer_deltas
 from .config import PruneConfig
 from .cut import cut_mass_share
 from .data import calibration_windows, wikitext2_test_text
+from .distill import check_teacher
 from .dtypes import DTYPES, autocast_dtype, resolve_dtype
 from .errors import MaskPruneError
 from .evaluate import perplexity, tokenize_windows
@@ -72,6 +73,7 @@ class _Run:
     eval_windows: torch.Tensor | None
     bos: str
     progress: bool
+    teacher: object | None = None  # distill: the dense teacher (frozen, no gradient)
 
     def ppl(self, m: torch.nn.Module, desc: str) -> dict | None:
         """WikiText-2 perplexity of ``m`` (rank 0; None without eval data)."""
@@ -141,6 +143,15 @@ def _prune(cfg: PruneConfig, *, progress: bool = True) -> dict:
         exported = _export(run, outcome, soft, tmp)
         report.update(_structure_sections(run, outcome, exported.model))
         report.update(_selection_sections(run, outcome, soft))
+        if cfg.distilling:
+            report["distill"] = {
+                "teacher": cfg.teacher,
+                "mode": "full" if cfg.full else f"lora rank {cfg.lora_rank}",
+                "steps": outcome.state.step,
+                "tokens": outcome.state.step * cfg.batch_size * cfg.seq_len,
+                "seconds": phases.seconds.get("learn"),
+                "calib": cfg.calib,
+            }
         report.update(
             {
                 "perplexity": {
@@ -216,8 +227,14 @@ def _setup(cfg: PruneConfig, progress: bool) -> _Run:
     model = loaded.model
     adapter = adapter_for(model)
     structure = Structure.of(model, adapter, cfg.gqa_policy)
-    budget = cfg.budget_for(structure.dense_params)
-    _check_budget(structure, budget, cfg)
+    teacher = None
+    if cfg.distilling:  # nothing is cut: the budget is the student's size, the teacher checked before any work
+        budget = structure.dense_params
+        with phases("load_teacher"):
+            teacher = _load_teacher(cfg, adapter, loaded, device)
+    else:
+        budget = cfg.budget_for(structure.dense_params)
+        _check_budget(structure, budget, cfg)
     _check_context(cfg, getattr(model.config, "max_position_embeddings", None))
     with phases("data"):
         windows = calibration_windows(
@@ -246,8 +263,35 @@ def _setup(cfg: PruneConfig, progress: bool) -> _Run:
         cfg.batch_size,
     )
     return _Run(
-        cfg, out, device, main, tasks, phases, loaded, adapter, structure, budget, windows, eval_windows, bos, progress
+        cfg,
+        out,
+        device,
+        main,
+        tasks,
+        phases,
+        loaded,
+        adapter,
+        structure,
+        budget,
+        windows,
+        eval_windows,
+        bos,
+        progress,
+        teacher,
     )
+
+
+def _load_teacher(cfg: PruneConfig, adapter, student, device: torch.device):
+    """The dense teacher for distillation, checked against the student, frozen, in the autocast dtype."""
+    teacher = load_model(
+        cfg.teacher,
+        trust_remote_code=cfg.trust_remote_code,
+        device=device,
+        dtype=autocast_dtype(cfg.dtype) or torch.float32,
+    )
+    check_teacher(adapter, student.model, student.tokenizer, teacher.model, teacher.tokenizer)
+    teacher.model.requires_grad_(False)
+    return teacher.model.eval()
 
 
 def _check_context(cfg: PruneConfig, max_pos: int | None) -> None:
@@ -267,7 +311,9 @@ def _choose_units(run: _Run, ckpt_dir: Path) -> Outcome:
         ckpt_dir.mkdir(parents=True, exist_ok=True)
     args = (cfg, run.loaded.model, run.adapter, run.structure, run.windows, run.budget, run.device)
     if cfg.method == "maskprune":
-        return learn_and_plan(*args, main, run.progress, run.phases, ckpt_dir, ckpt_dir / "metrics.jsonl")
+        return learn_and_plan(
+            *args, main, run.progress, run.phases, ckpt_dir, ckpt_dir / "metrics.jsonl", teacher=run.teacher
+        )
     outcome = score_and_plan(*args, run.phases)
     if weight_dtype(cfg) != torch.float32:  # fold and verify in fp32, as for the learned masks
         outcome.model, outcome.masks = rebuild_for_export(

@@ -111,4 +111,6 @@ def weight_dtype(cfg: PruneConfig) -> torch.dtype:
     source in fp32 for the merge and the fold, see :func:`rebuild_for_export`), fp32 when autocast is off."""
     if cfg.weight_dtype != "auto":
         return DTYPES[cfg.weight_dtype]
+    if cfg.full:  # every weight is trained: fp32 master weights
+        return torch.float32
     return autocast_dtype(cfg.dtype) or torch.float32
