@@ -61,9 +61,16 @@ def learn_and_plan(
         model, masks, split = _prepare(cfg, model, adapter, structure, windows, budget, device, phases)
         if split is not None and main:
             split_path.write_text(json.dumps(split.to_dict(), indent=1))
-        bar = tqdm(total=cfg.steps, desc="learn masks", disable=not (progress and main), dynamic_ncols=True)
+        desc = "distill" if cfg.distilling else "learn masks"
+        bar = tqdm(total=cfg.steps, desc=desc, disable=not (progress and main), dynamic_ncols=True)
         learner = Learner(
-            model, masks, windows, cfg, budget, on_step=_on_step(cfg, budget, bar, metrics_file, trackers)
+            model,
+            masks,
+            windows,
+            cfg,
+            budget,
+            on_step=_on_step(cfg, budget, bar, metrics_file, trackers),
+            teacher=teacher,
         )
         if split is not None:  # the run starts from the measured split (the freeze plans this head count)
             learner.state.sigma["head"] = split.best.k_head / structure.head.units_per_row

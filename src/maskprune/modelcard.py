@@ -100,7 +100,13 @@ def write_model_card(folder: Path, report: dict, command: list[str] | None = Non
     )
     dense = shape["dense"]
     title = Path(cfg["out"]).name if cfg.get("out") else "pruned model"  # ``folder`` is the staging name
-    if cfg.get("method", "maskprune") != "maskprune":
+    dist = report.get("distill")
+    if dist:
+        how = (
+            f"a pruned model recovered by distillation ({dist['mode']}) from its dense original "
+            f"`{dist['teacher']}`; its structure is unchanged"
+        )
+    elif cfg.get("method", "maskprune") != "maskprune":
         how = f"attention heads and FFN channels chosen by the one-shot `{cfg['method']}` score"
     elif cfg.get("freeze_share", 1.0) == 0.0:
         how = (
@@ -120,7 +126,7 @@ license: {license_}
 library_name: transformers
 ---
 
-# {title}: {base} pruned by {100 * p["sparsity"]:.1f}% with maskprune
+# {title}: {base} {"distilled" if dist else f"pruned by {100 * p['sparsity']:.1f}%"} with maskprune
 
 A layer-uniform structured pruning of **{base}** made with
 maskprune (MaskPrune, arXiv 2502.14008): {how}, the same number of units cut from every layer.
@@ -159,7 +165,7 @@ against the masked model, max |logit difference| {report["parity"]["max_abs_diff
 {rt.get("dtype", "")} checkpoint reloaded with plain `from_pretrained` against the model it was saved from,
 {rt.get("max_abs_diff", float("nan")):.2e}.
 
-## Evaluation
+{_distill_text(dist)}## Evaluation
 
 Protocol: {ppl.get("protocol", "n/a")}.
 
@@ -179,3 +185,16 @@ are a derivative of the base model and carry its license.
     out = folder / "README.md"
     out.write_text(text, encoding="utf-8")
     return out
+
+
+def _distill_text(dist: dict | None) -> str:
+    """The model card's recovery section (``maskprune distill``), or nothing."""
+    if not dist:
+        return ""
+    secs = f", {dist['seconds'] / 60:.1f} minutes" if dist.get("seconds") else ""
+    return (
+        f"## Distillation\n\nRecovered from the dense teacher `{dist['teacher']}` by `maskprune distill`: "
+        f"{dist['mode']}, {dist['steps']} steps, {dist['tokens']:,} tokens of `{dist['calib']}`{secs}; KL to the "
+        'teacher\'s logits (see Method and settings). In the table below, "dense" is the student before '
+        "distillation.\n\n"
+    )
