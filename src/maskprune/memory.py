@@ -13,6 +13,8 @@ __all__ = [
     "ModelShape",
     "activation_bytes_per_token",
     "estimate_learning_memory",
+    "estimate_distill_memory",
+    "pruned_shape",
     "LLAMA2_7B",
     "LLAMA2_13B",
     "LLAMA3_8B",
@@ -119,4 +121,43 @@ def estimate_learning_memory(
     }
     out["total"] = sum(out.values())
     out["teacher_share"] = (batch_tokens * s.vocab * 2 + out["teacher_hidden_states"]) / out["total"]
+    return out
+
+
+def pruned_shape(s: ModelShape, sparsity: float) -> ModelShape:
+    """``s`` with FFN channels cut from every layer until ``sparsity`` of all parameters are gone (the split the
+    default recipe measured on SmolLM2: every head kept)."""
+    per_channel = s.layers * 3 * s.hidden
+    cut = min(s.intermediate - 1, round(sparsity * s.params / per_channel))
+    return ModelShape(
+        s.params - cut * per_channel, s.layers, s.hidden, s.intermediate - cut, s.heads, s.kv_heads, s.head_dim, s.vocab
+    )
+
+
+def estimate_distill_memory(
+    student: ModelShape,
+    teacher: ModelShape,
+    *,
+    batch_tokens: int,
+    full: bool,
+    lora_rank: int = 8,
+    gradient_checkpointing: bool = False,
+) -> dict[str, float]:
+    """Peak bytes of one ``maskprune distill`` process (one GPU): the student as the learner holds it (bf16
+    weights under LoRA; fp32 weights, gradients and two Adam moments, 16 bytes a weight, with ``full``), plus
+    the teacher's bf16 weights and logits (no gradient, nothing kept for backward)."""
+    out = estimate_learning_memory(
+        student,
+        batch_tokens=batch_tokens,
+        weight_bytes=4 if full else 2,
+        lora_rank=lora_rank,
+        gradient_checkpointing=gradient_checkpointing,
+    )
+    if full:  # gradients and Adam moments of every weight; no LoRA
+        out["full_grads_and_adam"] = student.params * 12
+        out["lora_and_masks_with_grads_and_adam"] = 0
+    out["teacher_weights_bf16"] = teacher.params * 2
+    out.pop("total")
+    out.pop("teacher_share")
+    out["total"] = sum(out.values())
     return out

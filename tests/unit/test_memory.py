@@ -29,3 +29,16 @@ def test_fsdp_shards_weights_lora_and_adam_but_gathers_two_layers():
     assert eight["lora_and_masks_with_grads_and_adam"] == pytest.approx((lora_params(LLAMA3_70B, 8) / 8 + masks) * 16)
     assert eight["student_activations"] == one["student_activations"]  # activations are per process anyway
     assert eight["total"] < 80 * 2**30 < one["total"]  # 70B: a node with FSDP, not one GPU
+
+
+def test_distill_memory_adds_the_teacher_and_full_training_costs_sixteen_bytes_a_weight():
+    from maskprune.memory import LLAMA2_7B, estimate_distill_memory, pruned_shape
+
+    student = pruned_shape(LLAMA2_7B, 0.2)
+    assert abs(1 - student.params / LLAMA2_7B.params - 0.2) < 0.01 and student.heads == LLAMA2_7B.heads
+    lora = estimate_distill_memory(student, LLAMA2_7B, batch_tokens=8192, full=False)
+    full = estimate_distill_memory(student, LLAMA2_7B, batch_tokens=8192, full=True)
+    assert lora["teacher_weights_bf16"] == full["teacher_weights_bf16"] == 2 * LLAMA2_7B.params
+    assert full["weights"] + full["full_grads_and_adam"] == 16 * student.params
+    assert full["total"] - lora["total"] > 13 * student.params  # fp32 master, grads, Adam vs bf16 + LoRA
+    assert lora["total"] == sum(v for k, v in lora.items() if k != "total")
