@@ -516,6 +516,11 @@ class PruneConfig:
             )
         if self.full and self.teacher is None:
             problems.append("full applies to `maskprune distill` (prune trains LoRA); drop --full")
+        if self.full and self.fsdp:
+            problems.append(
+                "full with fsdp is not supported (the export would rebuild the weights from the source): "
+                "drop --fsdp (data parallel works) or train LoRA"
+            )
         if self.layerwise_calibration and self.method not in ("wanda-sp", "flap"):
             problems.append(
                 f"layerwise_calibration applies to the activation metrics (--method wanda-sp or flap), found method "
