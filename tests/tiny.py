@@ -65,6 +65,30 @@ def config_for(kind: str, *, tied: bool = False, layers: int = 2):
         return Qwen2Config(num_attention_heads=4, num_key_value_heads=2, **common)
     if kind == "qwen3":
         return Qwen3Config(num_attention_heads=4, num_key_value_heads=2, head_dim=16, **common)
+    if kind == "gemma2":  # head_dim independent of hidden / heads, soft-capping, pre- and post-norms
+        from transformers import Gemma2Config
+
+        return Gemma2Config(num_attention_heads=4, num_key_value_heads=2, head_dim=32, **common)
+    if kind == "gemma3":  # one KV head (only the query policy can cut), q/k norms per head, sliding layers
+        from transformers import Gemma3TextConfig
+
+        return Gemma3TextConfig(num_attention_heads=4, num_key_value_heads=1, head_dim=32, **common)
+    if kind == "granite":  # embedding / residual / attention / logits multipliers
+        from transformers import GraniteConfig
+
+        return GraniteConfig(
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            embedding_multiplier=6.0,
+            residual_multiplier=0.5,
+            attention_multiplier=0.1,
+            logits_scaling=4.0,
+            **common,
+        )
+    if kind == "smollm3":  # NoPE layers
+        from transformers import SmolLM3Config
+
+        return SmolLM3Config(num_attention_heads=4, num_key_value_heads=2, **common)
     raise KeyError(kind)
 
 

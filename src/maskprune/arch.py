@@ -279,6 +279,12 @@ _REGISTRY: dict[str, Callable[[], DecoderAdapter]] = {
     "mistral": lambda: DecoderAdapter("mistral"),
     "qwen2": lambda: DecoderAdapter("qwen2"),
     "qwen3": lambda: DecoderAdapter("qwen3", attn_bias_flag="attention_bias"),
+    # the same layout: q/k norms per head (Gemma 3) are shared by all heads and need no slicing; multipliers
+    # (Granite), soft-capping and extra norms (Gemma 2) and NoPE layers (SmolLM3) do not depend on the units
+    "gemma2": lambda: DecoderAdapter("gemma2", attn_bias_flag="attention_bias"),
+    "gemma3_text": lambda: DecoderAdapter("gemma3_text", attn_bias_flag="attention_bias"),
+    "granite": lambda: DecoderAdapter("granite", attn_bias_flag="attention_bias", mlp_bias_flag="mlp_bias"),
+    "smollm3": lambda: DecoderAdapter("smollm3", attn_bias_flag="attention_bias", mlp_bias_flag="mlp_bias"),
 }
 SUPPORTED_MODEL_TYPES: tuple[str, ...] = tuple(sorted(_REGISTRY))
 

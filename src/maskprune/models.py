@@ -21,8 +21,8 @@ from pathlib import Path
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PretrainedConfig, PreTrainedModel
 
-from .arch import get_adapter
-from .errors import MaskPruneError
+from .arch import SUPPORTED_MODEL_TYPES, get_adapter
+from .errors import MaskPruneError, UnsupportedModelError
 
 __all__ = ["LoadedModel", "load_model", "resolve_source", "default_model_dir", "cache_dir"]
 
@@ -130,8 +130,46 @@ def resolve_source(spec: str, gguf_file: str | None = None) -> Source:
     )
 
 
+GGUF_ARCHITECTURES = {
+    "llama": "llama",
+    "mistral": "mistral",
+    "qwen2": "qwen2",
+    "qwen3": "qwen3",
+    "gemma2": "gemma2",
+    "gemma3": "gemma3_text",
+    "granite": "granite",
+    "smollm3": "smollm3",
+}
+"""GGUF ``general.architecture`` -> the transformers model type maskprune has an adapter for."""
+
+
+def _check_gguf_architecture(path: Path) -> None:
+    """Refuse a GGUF file of an unsupported architecture from its metadata alone (no tensor is read)."""
+    try:
+        from gguf import GGUFReader
+
+        field = GGUFReader(str(path)).fields.get("general.architecture")
+        arch = bytes(field.parts[field.data[0]]).decode() if field is not None else "unknown"
+    except Exception as exc:  # a truncated or foreign file
+        raise MaskPruneError(
+            f"cannot read the metadata of GGUF file {str(path)!r}: {type(exc).__name__}: {exc}",
+            expected="a complete GGUF file",
+            fix="re-download the file",
+        ) from None
+    if arch not in GGUF_ARCHITECTURES:
+        raise UnsupportedModelError(
+            f"GGUF architecture {arch!r} is not supported",
+            expected=f"one of {', '.join(sorted(GGUF_ARCHITECTURES))} (model types {', '.join(SUPPORTED_MODEL_TYPES)})",
+            found=repr(arch),
+            fix="use a model of a supported family",
+        )
+
+
 def _check_architecture(src: Source, trust_remote_code: bool) -> PretrainedConfig:
-    """Read the config (no weights) and refuse an architecture maskprune has no adapter for; return it."""
+    """Read the config (no weights) and refuse an architecture maskprune has no adapter for; return it.
+    A local GGUF file is checked from its metadata first, before transformers parses it."""
+    if src.gguf_file is not None and src.is_local:
+        _check_gguf_architecture(Path(src.location) / src.gguf_file)
     try:
         cfg = AutoConfig.from_pretrained(src.location, gguf_file=src.gguf_file, trust_remote_code=trust_remote_code)
     except Exception as exc:  # json, GGUF (struct, numpy) and hub errors all mean "unreadable"

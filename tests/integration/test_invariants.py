@@ -24,6 +24,13 @@ CASES = [
     ("qwen2", True, "query"),
     ("qwen2", False, "kv_group"),
     ("qwen3", False, "kv_group"),
+    ("gemma2", True, "query"),
+    ("gemma2", True, "kv_group"),
+    ("gemma3", True, "query"),
+    ("granite", False, "query"),
+    ("granite", True, "kv_group"),
+    ("smollm3", True, "query"),
+    ("smollm3", False, "kv_group"),
 ]
 
 
