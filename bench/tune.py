@@ -70,7 +70,7 @@ def main() -> None:
             **json.loads(js or "{}"),
         }
         t = time.time()
-        r = prune(load_config(overrides=over), progress=False)
+        r = prune(load_config(overrides=over), progress=False).report
         metrics = [json.loads(x) for x in Path(r["out"], "metrics.jsonl").read_text().splitlines()]
         tail = metrics[-10:]
         results["cells"][label] = {

@@ -2,18 +2,22 @@
 
 Public API::
 
-    from maskprune import PruneConfig, load_config, prune, evaluate
-    report = prune(load_config(overrides={"model": "smollm2-135m", "sparsity": 0.5}))
-    results = evaluate([report["out"]], seq_lens=[2048], tasks=["piqa"])
+    import maskprune
+    result = maskprune.prune("smollm2-135m", sparsity=0.5, steps=120)  # .model, .tokenizer, .report
+    maskprune.prune("smollm2-135m", sparsity=0.2, out="runs/s20")      # also written to runs/s20
+    maskprune.distill("runs/s20", teacher="smollm2-135m", steps=60, out="runs/s20-distilled")
+    maskprune.evaluate(["runs/s20"], seq_lens=[2048], tasks=["piqa"], data_dir="data")
+
+See :mod:`maskprune.api`.
 """
 
 from __future__ import annotations
 
 __version__ = "0.1.0"
 
+from .api import PruneResult, distill, prune  # noqa: E402
 from .config import PruneConfig, load_config  # noqa: E402
 from .errors import MaskPruneError  # noqa: E402
 from .evaluate import evaluate_models as evaluate  # noqa: E402
-from .pipeline import prune  # noqa: E402
 
-__all__ = ["PruneConfig", "load_config", "prune", "evaluate", "MaskPruneError", "__version__"]
+__all__ = ["PruneConfig", "PruneResult", "load_config", "prune", "distill", "evaluate", "MaskPruneError", "__version__"]

@@ -23,7 +23,6 @@ from .compensate import add_biases_, layer_deltas
 from .config import PruneConfig
 from .cut import cut_mass_share
 from .data import calibration_windows, wikitext2_test_text
-from .distill import check_teacher
 from .dtypes import DTYPES, autocast_dtype, resolve_dtype
 from .errors import MaskPruneError
 from .evaluate import perplexity, tokenize_windows
@@ -33,6 +32,7 @@ from .modelcard import write_model_card
 from .models import load_model
 from .oneshot import score_and_plan
 from .outputs import Phases, check_output_path, default_out, machine_info, resolve_device, staging
+from .recovery import check_teacher
 from .report import make_report
 from .selection import Outcome, rebuild_for_export, weight_dtype
 from .sinks import ExtraSinks

@@ -1,0 +1,90 @@
+"""The Python API for notebooks and scripts: the same runs as the CLI, options named as the config keys.
+
+::
+
+    import maskprune
+    result = maskprune.prune("smollm2-135m", sparsity=0.5, steps=120)   # nothing left on disk
+    result.model.generate(...)                                           # a stock PreTrainedModel
+    result.report["perplexity"]["exported"]
+    maskprune.prune("smollm2-135m", sparsity=0.2, out="runs/s20")        # also written to runs/s20
+    maskprune.distill("runs/s20", teacher="smollm2-135m", steps=60)
+    maskprune.evaluate(["runs/s20"], seq_lens=[2048], tasks=["piqa"], data_dir="data")
+
+Options are validated exactly as the CLI validates flags (an unknown key or a value out of range is a
+:class:`~maskprune.errors.MaskPruneError` naming every problem).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from .config import DEFAULT_MODEL, DISTILL_SETTINGS, PruneConfig, load_config
+from .errors import MaskPruneError
+
+__all__ = ["PruneResult", "prune", "distill"]
+
+
+@dataclass
+class PruneResult:
+    """A finished run: the exported model and tokenizer in memory, its report, and where it was written
+    (None when no ``out`` was given). ``model`` is None on the secondary processes of a distributed run."""
+
+    model: Any
+    tokenizer: Any
+    report: dict
+    out: Path | None
+
+
+def prune(
+    model: str | PruneConfig = DEFAULT_MODEL, *, out: str | Path | None = None, progress: bool = True, **options
+) -> PruneResult:
+    """Prune ``model`` (a folder, hub id, GGUF file or ``smollm2-135m``; or a ready :class:`PruneConfig`) with
+    the config keys in ``options`` (``sparsity=0.5``, ``steps=120``, ``method="flap"``, ...). The result is
+    written to ``out`` when given; otherwise the run works in a temporary folder that is removed."""
+    if isinstance(model, PruneConfig):
+        if options:
+            raise MaskPruneError("pass options either in the PruneConfig or as keywords, not both")
+        cfg = model if out is None else dataclasses.replace(model, out=str(out))
+    else:
+        cfg = load_config(overrides={"model": model, **options, **({"out": str(out)} if out is not None else {})})
+    return _run(cfg, progress)
+
+
+def distill(
+    student: str, *, teacher: str, out: str | Path | None = None, progress: bool = True, **options
+) -> PruneResult:
+    """Distil the pruned ``student`` from its dense ``teacher`` (see :mod:`maskprune.recovery`); options as
+    for :func:`prune` (``steps``, ``calib``, ``lora_rank``, ``full``, ...)."""
+    overrides = {"model": student, "teacher": teacher, **options, **DISTILL_SETTINGS}
+    if out is not None:
+        overrides["out"] = str(out)
+    return _run(load_config(overrides=overrides), progress)
+
+
+def _run(cfg: PruneConfig, progress: bool) -> PruneResult:
+    from .pipeline import prune as run_pipeline
+
+    if cfg.out is not None:
+        report = run_pipeline(cfg, progress=progress)
+        return _result(report, Path(report["out"]) if "out" in report else None, keep=True)
+    with tempfile.TemporaryDirectory(prefix="maskprune-") as tmp:
+        report = run_pipeline(dataclasses.replace(cfg, out=str(Path(tmp) / "model")), progress=progress)
+        result = _result(report, Path(tmp) / "model", keep=False)
+    report.pop("out", None)
+    return result
+
+
+def _result(report: dict, folder: Path | None, *, keep: bool) -> PruneResult:
+    if folder is None or "params" not in report:  # a secondary process of a distributed run
+        return PruneResult(None, None, report, None)
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(folder)
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    if not keep:  # load every tensor now: the folder is about to go
+        model = model.to("cpu")
+    return PruneResult(model.eval(), tokenizer, report, folder if keep else None)
