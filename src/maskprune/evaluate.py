@@ -138,15 +138,10 @@ def _window_nll(model: torch.nn.Module, batch: torch.Tensor, chunk_tokens: int) 
 
 
 # ---- the full protocol: perplexity at several window lengths + zero-shot tasks --------------------
-PAPER_COLUMNS = (
-    ("boolq", "BoolQ"),
-    ("piqa", "PIQA"),
-    ("hellaswag", "HellaSwag"),
-    ("winogrande", "WinoGrande"),
-    ("arc_easy", "ARC-e"),
-    ("arc_challenge", "ARC-c"),
-    ("openbookqa", "OBQA"),
-)
+def _paper_columns() -> tuple[tuple[str, str], ...]:
+    from .zeroshot import PAPER_TASKS, TASK_NAMES
+
+    return tuple((t, TASK_NAMES[t]) for t in PAPER_TASKS)
 
 
 def evaluate_model(
@@ -223,7 +218,7 @@ def format_table(results: dict[str, dict], dense_key: str | None = None) -> str:
     ppl_lens = sorted({int(k) for r in results.values() for k in r.get("perplexity", {})}, reverse=True)
     tasks = [
         (t, name)
-        for t, name in PAPER_COLUMNS
+        for t, name in _paper_columns()
         if any((r.get("zeroshot") or {}).get("tasks", {}).get(t) for r in results.values())
     ]
     head = ["model", "params"] + [f"WikiText2@{n}" for n in ppl_lens] + [name for _, name in tasks]

@@ -25,11 +25,21 @@ from typing import Any, Iterable
 
 from .errors import MaskPruneError
 
-__all__ = ["PAPER_TASKS", "AVERAGE_METRIC", "FORMATS", "load_local_rows", "run_zeroshot", "resolve_tasks"]
+__all__ = ["PAPER_TASKS", "TASK_NAMES", "AVERAGE_METRIC", "FORMATS", "load_local_rows", "run_zeroshot", "resolve_tasks"]
 
 log = logging.getLogger(__name__)
 
 PAPER_TASKS = ("boolq", "piqa", "hellaswag", "winogrande", "arc_easy", "arc_challenge", "openbookqa")
+TASK_NAMES = {
+    "boolq": "BoolQ",
+    "piqa": "PIQA",
+    "hellaswag": "HellaSwag",
+    "winogrande": "WinoGrande",
+    "arc_easy": "ARC-e",
+    "arc_challenge": "ARC-c",
+    "openbookqa": "OBQA",
+}
+"""The column name of each task in the paper's tables."""
 AVERAGE_METRIC = {
     "boolq": "acc",
     "piqa": "acc",
