@@ -149,7 +149,7 @@ model = AutoModelForCausalLM.from_pretrained("PATH")
 | head_dim | {shape["head_dim"]} | {shape["head_dim"]} |
 | layers | {shape["num_hidden_layers"]} | {shape["num_hidden_layers"]} (every one the same shape) |
 
-Sparsity: {100 * p["sparsity"]:.2f}% of all parameters, {100 * p["prunable_sparsity"]:.2f}% of the
+Sparsity: {100 * p["sparsity"]:.2f}% of all parameters, {100 * p["prunable_removed_share"]:.2f}% of the
 prunable ones; budget {p["budget"]:,} parameters.
 
 ## Method and settings

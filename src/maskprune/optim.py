@@ -151,7 +151,7 @@ def geometric_schedule(step: int, total_steps: int, start: float, end: float) ->
 def sigma_step(
     sigma: float, *, y: float, z: float, next_sq_mean: float, weight: float, eta2: float, sigma_max: float
 ) -> float:
-    """Straight-through step on the sparsity fraction of one unit kind, clipped to [0, sigma_max].
+    """Straight-through step on the cut fraction sigma of one unit kind, clipped to [0, sigma_max].
 
     ``next_sq_mean``: mean over rows of :func:`next_smallest_sq` (the sparsity term's gradient proxy);
     ``weight``: the kind's resource weight ``c`` (> 0), e.g. its share of the dense size.

@@ -391,7 +391,7 @@ def _structure_sections(run: _Run, outcome: Outcome, base: torch.nn.Module) -> d
             "sparsity": 1 - exported / s.dense_params,
             "prunable_dense": s.prunable_params,
             "prunable_exported": prunable_kept,
-            "prunable_sparsity": 1 - prunable_kept / s.prunable_params,
+            "prunable_removed_share": 1 - prunable_kept / s.prunable_params,
             "budget_slack": run.budget - exported,
         },
         "shape": {
