@@ -131,6 +131,15 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--device", default="auto")
     e.add_argument("--out", type=Path, default=None, help="write results JSON here (and a .md table beside it)")
     e.add_argument("--trust-remote-code", action="store_true")
+    g = sub.add_parser("export-gguf", help="a GGUF file of a pruned checkpoint, written by llama.cpp's own converter")
+    g.add_argument("folder", type=Path, help="the --out folder of `maskprune prune` (or any supported checkpoint)")
+    g.add_argument("--type", dest="gguf_type", default="f16", help="f32 | f16 | bf16 | q8_0 (default: f16)")
+    g.add_argument("--out", type=Path, default=None, help="the .gguf path (default: inside the folder)")
+    g.add_argument("--overwrite", action="store_true")
+    g.add_argument(
+        "--no-check", dest="check", action="store_false", help="skip reloading the GGUF and comparing its logits"
+    )
+
     r = sub.add_parser("report", help="figures and an HTML page for a finished prune run")
     r.add_argument("run_dir", type=Path, help="the --out folder of `maskprune prune`")
     return parser
@@ -223,6 +232,22 @@ def _run_eval(args: argparse.Namespace, progress: bool) -> int:
     return 0
 
 
+def _run_export_gguf(args: argparse.Namespace) -> int:
+    from .gguf_export import check_logits, export_gguf
+
+    path = export_gguf(args.folder, args.out, gguf_type=args.gguf_type, overwrite=args.overwrite)
+    result: dict[str, Any] = {"gguf": str(path), "type": args.gguf_type, "bytes": path.stat().st_size}
+    if args.check:
+        from transformers import AutoTokenizer
+
+        tok = AutoTokenizer.from_pretrained(args.folder)
+        ids = tok("The quick brown fox jumps over the lazy dog. " * 4, return_tensors="pt").input_ids
+        diff, ref = check_logits(args.folder, path, ids)
+        result["logits_vs_checkpoint"] = {"max_abs_diff": diff, "max_abs_logit": ref}
+    sys.stdout.write(json.dumps(result, indent=1) + "\n")
+    return 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -234,6 +259,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         if args.command in ("prune", "distill"):
             return _run_prune(args, progress)
+        if args.command == "export-gguf":
+            return _run_export_gguf(args)
         if args.command == "report":
             from .report import make_report
 

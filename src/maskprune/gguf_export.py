@@ -1,0 +1,119 @@
+"""GGUF out: a pruned checkpoint converted by llama.cpp's own converter (``convert_hf_to_gguf.py``).
+
+The llama.cpp sources ship inside the llama-cpp-python source distribution; maskprune pins one version
+(:data:`LLAMA_CPP_PYTHON`), fetches that sdist once from the package index with pip, unpacks the converter
+and its ``gguf-py`` into the cache, and runs it as a subprocess on the exported folder. The types the Python
+converter writes itself are supported (f32, f16, bf16, q8_0); the k-quants (q4_k_m, ...) need llama.cpp's
+compiled ``llama-quantize`` and are refused with that said. The output is written under a temporary name and
+renamed when the converter succeeded and the file reloads; the f16 file can be checked against the HF
+export's logits with :func:`check_logits`.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import tarfile
+import tempfile
+from pathlib import Path
+
+from .errors import MaskPruneError
+
+__all__ = ["LLAMA_CPP_PYTHON", "CONVERTER_TYPES", "converter_dir", "export_gguf", "check_logits"]
+
+LLAMA_CPP_PYTHON = "0.3.36"
+"""The llama-cpp-python source distribution whose vendored llama.cpp converts (one pinned version)."""
+CONVERTER_TYPES = ("f32", "f16", "bf16", "q8_0")
+"""GGUF types llama.cpp's Python converter writes without its compiled quantizer."""
+QUANTIZER_TYPES = ("q4_0", "q4_1", "q5_0", "q5_1", "q2_k", "q3_k_m", "q4_k_m", "q5_k_m", "q6_k")
+
+
+def converter_dir(cache: Path | None = None) -> Path:
+    """The unpacked llama.cpp converter (``convert_hf_to_gguf.py``, ``conversion/``, ``gguf-py/``), fetched
+    once. ``MASKPRUNE_LLAMA_CPP`` may name an existing llama.cpp checkout instead."""
+    env = os.environ.get("MASKPRUNE_LLAMA_CPP")
+    if env:
+        path = Path(env)
+        if not (path / "convert_hf_to_gguf.py").is_file():
+            raise MaskPruneError(
+                f"MASKPRUNE_LLAMA_CPP={env!r} holds no convert_hf_to_gguf.py", fix="point it at a llama.cpp checkout"
+            )
+        return path
+    from .models import cache_dir
+
+    target = (cache or cache_dir()) / f"llama.cpp-{LLAMA_CPP_PYTHON}"
+    if (target / "convert_hf_to_gguf.py").is_file():
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
+        cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary", ":all:", "-d", tmp]
+        r = subprocess.run(cmd + [f"llama-cpp-python=={LLAMA_CPP_PYTHON}"], capture_output=True, text=True)
+        sdists = list(Path(tmp).glob("llama_cpp_python-*.tar.gz"))
+        if r.returncode != 0 or not sdists:
+            raise MaskPruneError(
+                f"cannot fetch llama.cpp's converter (llama-cpp-python=={LLAMA_CPP_PYTHON} source distribution)",
+                found=(r.stderr.strip().splitlines() or ["no file"])[-1],
+                fix="connect to the package index once, or set MASKPRUNE_LLAMA_CPP to a llama.cpp checkout",
+            )
+        prefix = f"llama_cpp_python-{LLAMA_CPP_PYTHON}/vendor/llama.cpp/"
+        keep = ("convert_hf_to_gguf.py", "conversion/", "gguf-py/", "LICENSE")
+        staged = Path(tmp) / "llama.cpp"
+        with tarfile.open(sdists[0]) as tar:
+            for m in tar.getmembers():
+                if m.name.startswith(prefix) and m.name[len(prefix) :].startswith(keep) and (m.isfile() or m.isdir()):
+                    m.name = m.name[len(prefix) :]
+                    tar.extract(m, staged, filter="data")
+        os.replace(staged, target)
+    return target
+
+
+def export_gguf(
+    folder: str | Path, out: str | Path | None = None, *, gguf_type: str = "f16", overwrite: bool = False
+) -> Path:
+    """Convert the HF checkpoint ``folder`` (a maskprune export, or any supported model folder) to a GGUF
+    file of ``gguf_type``; return its path (default ``<folder>/<folder name>-<type>.gguf``)."""
+    folder = Path(folder)
+    gguf_type = gguf_type.lower()
+    if gguf_type in QUANTIZER_TYPES:
+        raise MaskPruneError(
+            f"GGUF type {gguf_type!r} needs llama.cpp's compiled quantizer (llama-quantize), not built here",
+            expected=f"one of {', '.join(CONVERTER_TYPES)}",
+            fix="export f16 here and quantize it with llama-quantize from a llama.cpp build",
+        )
+    if gguf_type not in CONVERTER_TYPES:
+        raise MaskPruneError(f"unknown GGUF type {gguf_type!r}", expected=f"one of {', '.join(CONVERTER_TYPES)}")
+    if not (folder / "config.json").is_file():
+        raise MaskPruneError(f"{str(folder)!r} is not a checkpoint folder", expected="a folder with config.json")
+    out = Path(out) if out is not None else folder / f"{folder.name}-{gguf_type}.gguf"
+    if out.exists() and not overwrite:
+        raise MaskPruneError(f"{str(out)!r} exists", fix="pass --overwrite or another --out")
+    llama_cpp = converter_dir()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(f".{out.name}.partial-{os.getpid()}")
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(llama_cpp / "gguf-py"), os.environ.get("PYTHONPATH", "")])}
+    cmd = [sys.executable, str(llama_cpp / "convert_hf_to_gguf.py"), str(folder), "--outfile", str(tmp)]
+    try:
+        r = subprocess.run(cmd + ["--outtype", gguf_type], capture_output=True, text=True, env=env)
+        if r.returncode != 0 or not tmp.is_file():
+            tail = "\n".join(r.stderr.strip().splitlines()[-3:])
+            raise MaskPruneError(f"llama.cpp's converter failed on {str(folder)!r}", found=tail)
+        os.replace(tmp, out)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+    return out
+
+
+def check_logits(folder: str | Path, gguf: str | Path, ids) -> tuple[float, float]:
+    """Max |logit difference| between the HF checkpoint and its GGUF reloaded by transformers
+    (``gguf_file=``, dequantized to fp32), and the largest |logit| of the checkpoint, on token ids ``ids``."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    gguf = Path(gguf)
+    hf = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+    gg = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32).eval()
+    with torch.no_grad():
+        a, b = hf(input_ids=ids).logits, gg(input_ids=ids).logits
+    return float((a - b).abs().max()), float(a.abs().max())

@@ -1,0 +1,57 @@
+"""maskprune export-gguf: llama.cpp's converter on a pruned checkpoint; bad input refused before any work.
+
+The conversion test needs the converter in the cache (fetched once from the package index by the first
+export, or MASKPRUNE_LLAMA_CPP pointing at a llama.cpp checkout); offline without it, it is skipped."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import pytest
+
+import tiny
+from maskprune.cli import main
+from maskprune.errors import MaskPruneError
+from maskprune.gguf_export import LLAMA_CPP_PYTHON, export_gguf
+
+
+def _converter_available() -> bool:
+    from maskprune.models import cache_dir
+
+    env = os.environ.get("MASKPRUNE_LLAMA_CPP")
+    return bool(env) or (cache_dir() / f"llama.cpp-{LLAMA_CPP_PYTHON}" / "convert_hf_to_gguf.py").is_file()
+
+
+@pytest.mark.parametrize(
+    "gguf_type,words", [("q4_k_m", "llama-quantize"), ("q9_9", "unknown GGUF type"), ("F16", "config.json")]
+)
+def test_bad_types_and_folders_are_refused_before_any_work(tmp_path, gguf_type, words):
+    with pytest.raises(MaskPruneError, match=words):
+        export_gguf(tmp_path, gguf_type=gguf_type)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_wrong_llama_cpp_checkout_is_named(tmp_path, monkeypatch):
+    folder = tiny.save_tiny(tmp_path / "m", "llama_gqa")
+    monkeypatch.setenv("MASKPRUNE_LLAMA_CPP", str(tmp_path / "nowhere"))
+    with pytest.raises(MaskPruneError, match="MASKPRUNE_LLAMA_CPP"):
+        export_gguf(folder)
+
+
+@pytest.mark.skipif(not _converter_available(), reason="llama.cpp's converter is not cached (offline)")
+def test_a_pruned_checkpoint_converts_to_f16_and_reloads_with_its_logits(tmp_path, capsys):
+    pytest.importorskip("sentencepiece")
+    # a real tokenizer: llama.cpp's converter identifies the pre-tokenizer by its output on a known text,
+    # which a tokenizer trained in the test cannot match
+    out = tmp_path / "o"
+    argv = ["-q", "prune", "smollm2-135m", "--method", "wanda-sp", "--sparsity", "0.2", "--calib-samples", "8"]
+    assert main(argv + ["--eval-data", "none", "--no-report", "--out", str(out)]) == 0
+    capsys.readouterr()
+    assert main(["-q", "export-gguf", str(out), "--type", "f16"]) == 0
+    r = json.loads(capsys.readouterr().out)
+    assert r["gguf"].endswith("o-f16.gguf") and r["bytes"] > 0
+    d = r["logits_vs_checkpoint"]
+    assert d["max_abs_diff"] <= 1e-2 * max(1.0, d["max_abs_logit"])  # f16 weights (1e-3 measured at 20 %)
+    assert not any(p.name.startswith(".") for p in out.iterdir())  # no partial file left
+    assert main(["-q", "export-gguf", str(out)]) == 2  # exists: refused without --overwrite
