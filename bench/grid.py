@@ -510,7 +510,12 @@ def write_quality(rows: list[dict], a: argparse.Namespace, date: str) -> None:
     ]
     for sp in sorted({c["sparsity"] for c in cells_ if c["method"] != "dense"}):
         lines += [f"## {round(sp * 100)} %", "", "| " + " | ".join(head) + " |", "|" + " --- |" * len(head)]
-        for m in dict.fromkeys(c["method"] for c in cells_ if c["sparsity"] == sp):
+        here = [c for c in cells_ if c["sparsity"] == sp]
+        medians = {
+            m: statistics.median(c["ppl_2048"] for c in here if c["method"] == m) for m in {c["method"] for c in here}
+        }
+        # the default recipe first, then every other method by its median perplexity
+        for m in sorted(medians, key=lambda m: (m != "maskprune", medians[m])):
             sel = [c for c in cells_ if c["sparsity"] == sp and c["method"] == m]
             p = [c["ppl_2048"] for c in sel]
             acc = [c["piqa_acc"] for c in sel if c["piqa_acc"] is not None]
