@@ -152,9 +152,10 @@ def _check_gguf_architecture(path: Path) -> None:
         arch = bytes(field.parts[field.data[0]]).decode() if field is not None else "unknown"
     except Exception as exc:  # a truncated or foreign file
         raise MaskPruneError(
-            f"cannot read the metadata of GGUF file {str(path)!r}: {type(exc).__name__}: {exc}",
+            f"cannot read the model config of GGUF file {path.name!r} in {str(path.parent)!r}: "
+            f"{type(exc).__name__}: {exc}",
             expected="a complete GGUF file",
-            fix="re-download the file",
+            fix="re-download or re-export the model",
         ) from None
     if arch not in GGUF_ARCHITECTURES:
         raise UnsupportedModelError(
