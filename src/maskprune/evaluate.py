@@ -158,7 +158,8 @@ def evaluate_model(
     progress: bool = True,
     ppl_tokens: int | None = None,
 ) -> dict:
-    """Perplexity (WikiText-2 raw test) at every ``seq_len`` and zero-shot ``tasks`` via lm-eval.
+    """Perplexity (WikiText-2 raw test) at every ``seq_len`` and zero-shot ``tasks`` via lm-eval (one protocol
+    record per length, hence the length).
 
     ``limit`` caps both the perplexity windows and the examples per task (quick looks only).
     ``ppl_tokens`` instead scores the first ``ppl_tokens`` tokens of the text at every window length

@@ -53,7 +53,8 @@ def learn_and_plan(
     teacher=None,
 ) -> Outcome:
     """MaskPrune: the prior, LoRA, the masks and the measured split, then the learning loop with its
-    metrics and checkpoints; the cut plan from the learned state."""
+    metrics and checkpoints; the cut plan from the learned state. Long because the metrics file, the trackers
+    and the checkpoint callback share one try/finally that must close them whatever happens."""
     metrics_file = open(metrics_path if main else os.devnull, "a", encoding="utf-8")
     trackers = ExtraSinks(cfg.trackers if main else (), str(ckpt_dir / "tensorboard"), cfg.to_dict())
     split_path = ckpt_dir / "split_search.json"

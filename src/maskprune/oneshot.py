@@ -31,7 +31,9 @@ def score_and_plan(
     phases: "Phases",
 ):
     """A one-shot baseline: unit scores on the calibration windows, the same uniform cut (the head share
-    ``head_cut_fraction``, or measured by the split search), FLAP's bias compensation where it applies."""
+    ``head_cut_fraction``, or measured by the split search), FLAP's bias compensation where it applies.
+    Long because the steps depend on each other in this order: scores -> split -> plan -> the compensation's
+    re-plan -> layer-by-layer scores on that plan."""
     calib = windows[: cfg.calib_samples]
     compensate = cfg.bias_compensation == "on" or (cfg.bias_compensation == "auto" and cfg.method == "flap")
     layerwise = cfg.resolved_layerwise_calibration()

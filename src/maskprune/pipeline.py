@@ -108,6 +108,8 @@ class _Run:
 
 
 def _prune(cfg: PruneConfig, *, progress: bool = True) -> dict:
+    """The stages of one run (setup, dense evaluation, choosing the units, cut, export, report) inside the
+    staging folder. Long because the report is assembled here from every stage's result, in one place."""
     t_start = time.perf_counter()
     run = _setup(cfg, progress)
     cfg, main, phases = run.cfg, run.main, run.phases
@@ -193,7 +195,8 @@ def _prune(cfg: PruneConfig, *, progress: bool = True) -> dict:
 
 def _setup(cfg: PruneConfig, progress: bool) -> _Run:
     """Everything before the units are chosen: checks that need no model, then the model, the budget and
-    the data, each checked as soon as it exists (bad input fails before any heavy work)."""
+    the data, each checked as soon as it exists (bad input fails before any heavy work). Long because the
+    checks must run in this order, each before the first thing that would be wasted without it."""
     cfg.validate()
     out = Path(cfg.out) if cfg.out else default_out(cfg)
     device = resolve_device(cfg.device)

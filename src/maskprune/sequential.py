@@ -82,7 +82,8 @@ def layerwise_scores(
     ``masks`` (attached to ``model``; set back to 1 at the end) and, with ``compensate``, its cut units' mean
     contribution is added back, before its outputs feed layer ``l + 1``. Returns head scores ``[L, rows,
     U_h]``, FFN scores ``[L, 1, U_f]`` and the activation statistics they came from (per-layer token
-    counts), from which :func:`maskprune.baselines.input_means` gives the compensation's means."""
+    counts), from which :func:`maskprune.baselines.input_means` gives the compensation's means. Long because
+    score, cut and propagate must happen per layer in one loop, with every hook removed in one finally."""
     scorer = LAYER_SCORERS[method]
     calls = _first_layer_inputs(model, adapter, windows, batch_size)
     stats: dict = {"sum": {}, "sumsq": {}, "count": {}}
