@@ -138,10 +138,13 @@ def _prune(cfg: PruneConfig, *, progress: bool = True) -> dict:
         if cfg.method == "maskprune":
             shutil.copy2(ckpt_dir / "metrics.jsonl", tmp / "metrics.jsonl")
         soft = {"head": outcome.masks.head.detach().clone(), "ffn": outcome.masks.ffn.detach().clone()}
-        ppl_before_cut = run.ppl(outcome.model, "before_cut")
+        # Evaluations that would repeat one already made are not run again: a one-shot baseline's model before
+        # the cut is the dense model (masks at 1), and a frozen selection is already the cut (hard masks).
+        ppl_before_cut = ppl_dense if outcome.state is None else run.ppl(outcome.model, "before_cut")
         with phases("cut"):
             harden_(outcome.masks, outcome.kept)
-        ppl_after_cut = run.ppl(outcome.model, "after_cut")
+        frozen = outcome.state is not None and outcome.state.frozen_at is not None
+        ppl_after_cut = ppl_before_cut if frozen else run.ppl(outcome.model, "after_cut")
         exported = _export(run, outcome, soft, tmp)
         report.update(_structure_sections(run, outcome, exported.model))
         report.update(_selection_sections(run, outcome, soft))
