@@ -84,6 +84,11 @@ class HeadLayout(UnitLayout):
             return flat.repeat_interleave(self.group_size, dim=-1)  # [..., n_kv * r]
         return flat
 
+    def columns(self, heads: list[int], device: torch.device | None = None) -> torch.Tensor:
+        """Indices of whole heads' rows (q/k/v) or columns (o_proj) in a ``[heads * head_dim]`` axis."""
+        d = self.head_dim
+        return torch.tensor([h * d + i for h in heads for i in range(d)], dtype=torch.long, device=device)
+
     def kept_heads(self, kept_units: torch.Tensor) -> tuple[list[int], list[int]]:
         """Query and KV head indices kept, given kept unit indices ``[rows, k]`` (sorted).
 

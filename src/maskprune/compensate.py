@@ -22,7 +22,7 @@ from .cut import CutPlan
 from .errors import MaskPruneError
 from .structure import Structure
 
-__all__ = ["Parts", "compensation_parts", "bias_delta", "extra_params", "layer_deltas", "add_biases_"]
+__all__ = ["Parts", "compensation_parts", "bias_delta", "extra_params", "layer_delta", "layer_deltas", "add_biases_"]
 
 
 @dataclass(frozen=True)
@@ -82,23 +82,31 @@ def extra_params(structure: Structure, config, adapter: DecoderAdapter, parts: P
     return extra
 
 
+def layer_delta(
+    layer: nn.Module, adapter: DecoderAdapter, layout: HeadLayout, means: dict, kept_head, kept_ffn, parts: Parts
+) -> dict[str, torch.Tensor]:
+    """The biases to add to one dense layer's o_proj (``"o"``) and down_proj (``"down"``) for the units it loses:
+    ``means`` the mean input of ``"o"`` / ``"down"``; kept units ``[rows, U_h - k]`` and ``[1, U_f - k]``."""
+    d: dict[str, torch.Tensor] = {}
+    if parts.mlp:
+        d["down"] = bias_delta(adapter.proj(layer, "down").weight, means["down"], kept_ffn[0])
+    if parts.attn:
+        q_keep, _ = layout.kept_heads(kept_head)
+        d["o"] = bias_delta(adapter.proj(layer, "o").weight, means["o"], layout.columns(q_keep))
+    return d
+
+
 @torch.no_grad()
 def layer_deltas(
     model: nn.Module, adapter: DecoderAdapter, layout: HeadLayout, means: dict, kept, parts: Parts
 ) -> list[dict[str, torch.Tensor]]:
-    """Per layer, the bias to add to o_proj (``"o"``) and down_proj (``"down"``) of the dense model
-    ``model`` for the units ``kept`` leaves out; ``means[(layer, role)]`` is the mean input of o / down."""
-    out = []
-    for li, layer in enumerate(adapter.layers(model)):
-        d: dict[str, torch.Tensor] = {}
-        if parts.mlp:
-            d["down"] = bias_delta(adapter.proj(layer, "down").weight, means[(li, "down")], kept.ffn[li, 0])
-        if parts.attn:
-            q_keep, _ = layout.kept_heads(kept.head[li])
-            cols = torch.tensor([h * layout.head_dim + i for h in q_keep for i in range(layout.head_dim)])
-            d["o"] = bias_delta(adapter.proj(layer, "o").weight, means[(li, "o")], cols)
-        out.append(d)
-    return out
+    """:func:`layer_delta` of every layer of the dense ``model``; ``means[(layer, role)]`` the mean inputs."""
+    return [
+        layer_delta(
+            layer, adapter, layout, {r: means.get((li, r)) for r in ("o", "down")}, kept.head[li], kept.ffn[li], parts
+        )
+        for li, layer in enumerate(adapter.layers(model))
+    ]
 
 
 def _with_bias(old: nn.Linear, add: torch.Tensor | None) -> nn.Linear:

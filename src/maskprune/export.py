@@ -58,11 +58,6 @@ def _sliced_linear(old: nn.Linear, weight: torch.Tensor, bias: torch.Tensor | No
     return new
 
 
-def _rows(heads: list[int], head_dim: int, device: torch.device) -> torch.Tensor:
-    """Row indices of whole heads in a ``[heads * head_dim, ...]`` projection."""
-    return torch.tensor([h * head_dim + i for h in heads for i in range(head_dim)], device=device)
-
-
 @torch.no_grad()
 def fold_and_slice_(
     model: nn.Module,
@@ -86,7 +81,7 @@ def fold_and_slice_(
         q_keep, kv_keep = layout.kept_heads(kept.head[li])
         qmask = layout.query_head_mask(head_masks[li]).to(o.weight.dtype).to(dev)  # [n_heads]
         col_scale = qmask.repeat_interleave(d)  # [n_heads * d]
-        q_rows, kv_rows = _rows(q_keep, d, dev), _rows(kv_keep, d, dev)
+        q_rows, kv_rows = layout.columns(q_keep, dev), layout.columns(kv_keep, dev)
         o_w = (o.weight * col_scale[None, :])[:, q_rows]  # [hidden, n_q' * d]
         setattr(attn, adapter.o_name, _sliced_linear(o, o_w, o.bias))
         for name, mod, rows in (

@@ -18,7 +18,7 @@ from torch import nn
 
 from .arch import DecoderAdapter
 from .baselines import LAYER_SCORERS, watch_inputs
-from .compensate import Parts, bias_delta
+from .compensate import Parts, layer_delta
 from .cut import CutPlan, hard_masks, kept_indices
 from .masks import MaskSet
 from .structure import Structure
@@ -125,7 +125,8 @@ def _output(out) -> torch.Tensor:
 def _compensation_hooks(layer, adapter, structure, stats, li, kept_h, kept_f, parts: Parts) -> list:
     """Forward hooks that add the cut units' mean contribution to o_proj / down_proj outputs of this layer."""
     n = stats["count"][li]
-    hooks = []
+    means = {r: stats["sum"][(li, r)] / n for r in ("o", "down")}
+    deltas = layer_delta(layer, adapter, structure.head, means, kept_h, kept_f, parts)
 
     def add(delta):
         def fn(_m, _args, out):
@@ -133,14 +134,4 @@ def _compensation_hooks(layer, adapter, structure, stats, li, kept_h, kept_f, pa
 
         return fn
 
-    if parts.mlp:
-        down = adapter.proj(layer, "down")
-        delta = bias_delta(down.weight, stats["sum"][(li, "down")] / n, kept_f[0])
-        hooks.append(down.register_forward_hook(add(delta)))
-    if parts.attn:
-        o, lay = adapter.proj(layer, "o"), structure.head
-        q_keep, _ = lay.kept_heads(kept_h)
-        cols = torch.tensor([h * lay.head_dim + i for h in q_keep for i in range(lay.head_dim)])
-        delta = bias_delta(o.weight, stats["sum"][(li, "o")] / n, cols)
-        hooks.append(o.register_forward_hook(add(delta)))
-    return hooks
+    return [adapter.proj(layer, role).register_forward_hook(add(delta)) for role, delta in deltas.items()]
