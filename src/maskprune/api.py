@@ -83,8 +83,6 @@ def _result(report: dict, folder: Path | None, *, keep: bool) -> PruneResult:
         return PruneResult(None, None, report, None)
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    model = AutoModelForCausalLM.from_pretrained(folder)
+    model = AutoModelForCausalLM.from_pretrained(folder)  # tensors read into memory: the folder may go after
     tokenizer = AutoTokenizer.from_pretrained(folder)
-    if not keep:  # load every tensor now: the folder is about to go
-        model = model.to("cpu")
     return PruneResult(model.eval(), tokenizer, report, folder if keep else None)
