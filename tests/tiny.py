@@ -89,6 +89,14 @@ def config_for(kind: str, *, tied: bool = False, layers: int = 2):
         from transformers import SmolLM3Config
 
         return SmolLM3Config(num_attention_heads=4, num_key_value_heads=2, **common)
+    if kind == "olmo2":  # q/k RMSNorm over the whole projected width
+        from transformers import Olmo2Config
+
+        return Olmo2Config(num_attention_heads=4, num_key_value_heads=2, **common)
+    if kind == "phi3":  # fused qkv_proj and gate_up_proj
+        from transformers import Phi3Config
+
+        return Phi3Config(num_attention_heads=4, num_key_value_heads=2, **common)
     raise KeyError(kind)
 
 

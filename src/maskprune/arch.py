@@ -147,6 +147,16 @@ class DecoderAdapter:
     architecture cannot carry an o_proj bias (then no bias compensation for heads)."""
     mlp_bias_flag: str | None = None
     """Config key that gives gate/up/down biases in the stock model (``mlp_bias``), or None."""
+    fused: tuple[tuple[str, str, tuple[str, ...]], ...] = ()
+    """Fused projections of the stock model, as (owner ``attn``/``mlp``, fused name, part roles): Phi-3's
+    ``qkv_proj`` = q, k, v rows and ``gate_up_proj`` = gate, up rows. :meth:`unfuse_` splits them into the
+    parts' own modules for the run (masks, LoRA, scores, slicing see a Llama layer); :meth:`fuse_` joins
+    the sliced parts again before the stock checkpoint is written."""
+    width_norms: tuple[tuple[str, str], ...] = ()
+    """RMSNorms over a projection's whole output width (OLMo-2's ``q_norm`` over q, ``k_norm`` over k), as
+    (attention attribute, role). Cutting a head changes the statistic the kept heads are normalized by, so the
+    masked model computes these norms over the kept heads' columns alone (:meth:`kept_width_norm`) and the
+    export slices their weights with the heads: the sliced stock model then computes exactly the same."""
 
     # ---- navigation -------------------------------------------------------------------------
     def layers(self, model: nn.Module) -> nn.ModuleList:
@@ -181,6 +191,89 @@ class DecoderAdapter:
         """Module whose *input* is the FFN's intermediate activation (down_proj)."""
         return self.proj(layer, "down")
 
+    # ---- fused projections (Phi-3) ----------------------------------------------------------
+    def unfuse_(self, model: nn.Module) -> nn.Module:
+        """Split every fused projection into its parts (in place; a no-op for unfused families). The
+        fused module is replaced by a :class:`Concat` of the parts, so the stock forward is unchanged."""
+        if not self.fused:
+            return model
+        shape = self.shape(model.config)
+        for layer in self.layers(model):
+            for owner_name, fused_name, roles in self.fused:
+                owner = self.attn(layer) if owner_name == "attn" else self.mlp(layer)
+                fused = getattr(owner, fused_name)
+                if isinstance(fused, Concat):
+                    continue
+                sizes = [self._part_rows(shape, r) for r in roles]
+                if sum(sizes) != fused.weight.shape[0]:
+                    raise UnsupportedModelError(
+                        f"{fused_name} has {fused.weight.shape[0]} rows, the config's shape gives {sum(sizes)}",
+                        expected=f"rows of {', '.join(roles)} = {sizes}",
+                    )
+                ws = fused.weight.detach().split(sizes, dim=0)
+                bs = fused.bias.detach().split(sizes, dim=0) if fused.bias is not None else [None] * len(roles)
+                for role, w, b in zip(roles, ws, bs):
+                    part = nn.Linear(w.shape[1], w.shape[0], bias=b is not None, device=w.device, dtype=w.dtype)
+                    with torch.no_grad():
+                        part.weight.copy_(w)
+                        if b is not None:
+                            part.bias.copy_(b)
+                    part.weight.requires_grad_(fused.weight.requires_grad)
+                    setattr(owner, self.module_name(role), part)
+                setattr(owner, fused_name, Concat(owner, [self.module_name(r) for r in roles]))
+        return model
+
+    def fuse_(self, model: nn.Module) -> nn.Module:
+        """Join the parts back into the stock fused projections (in place; after slicing, before saving)."""
+        for layer in self.layers(model):
+            for owner_name, fused_name, roles in self.fused:
+                owner = self.attn(layer) if owner_name == "attn" else self.mlp(layer)
+                if not isinstance(getattr(owner, fused_name), Concat):
+                    continue
+                parts = [_base_linear(getattr(owner, self.module_name(r))) for r in roles]
+                w = torch.cat([p.weight.detach() for p in parts], dim=0)
+                has_b = any(p.bias is not None for p in parts)
+                fused = nn.Linear(w.shape[1], w.shape[0], bias=has_b, device=w.device, dtype=w.dtype)
+                with torch.no_grad():
+                    fused.weight.copy_(w)
+                    if has_b:
+                        fused.bias.copy_(
+                            torch.cat([p.bias if p.bias is not None else w.new_zeros(p.weight.shape[0]) for p in parts])
+                        )
+                setattr(owner, fused_name, fused)
+                for r in roles:
+                    delattr(owner, self.module_name(r))
+        return model
+
+    def _part_rows(self, shape: dict[str, int], role: str) -> int:
+        if role == "q":
+            return shape["num_attention_heads"] * shape["head_dim"]
+        if role in ("k", "v"):
+            return shape["num_key_value_heads"] * shape["head_dim"]
+        return shape["intermediate_size"]  # gate, up
+
+    # ---- norms over the whole projected width (OLMo-2) ---------------------------------------
+    def width_norm(self, layer: nn.Module, name: str) -> nn.Module:
+        return getattr(self.attn(layer), name)
+
+    @staticmethod
+    def kept_width_norm(norm: nn.Module, x: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
+        """The RMSNorm ``norm`` of ``x`` ``[..., width]`` with its mean square over the ``keep`` columns only
+        (what the sliced norm computes on the kept heads); the other columns are computed alike and unused."""
+        h = x.float()
+        keep = keep.to(h.device, h.dtype)
+        variance = (h.pow(2) * keep).sum(-1, keepdim=True) / keep.sum()
+        return (norm.weight * (h * torch.rsqrt(variance + norm.variance_epsilon))).to(x.dtype)
+
+    def slice_width_norms_(self, layer: nn.Module, q_rows: torch.Tensor, kv_rows: torch.Tensor) -> None:
+        """Keep the norm weights of the kept heads' columns (in place, with the projections' slicing)."""
+        for name, role in self.width_norms:
+            norm = self.width_norm(layer, name)
+            rows = q_rows if role == "q" else kv_rows
+            norm.weight = nn.Parameter(
+                norm.weight.detach()[rows.to(norm.weight.device)].clone(), requires_grad=norm.weight.requires_grad
+            )
+
     # ---- config: the shape keys of a stock checkpoint ---------------------------------------
     def shape(self, config) -> dict[str, int]:
         """The per-layer shape a config declares: heads, KV heads, head_dim, intermediate and hidden size,
@@ -201,6 +294,8 @@ class DecoderAdapter:
         attn, mlp = self.attn(layer), self.mlp(layer)
         if hasattr(attn, "num_key_value_groups"):
             attn.num_key_value_groups = n_heads // n_kv
+        if hasattr(attn, "num_key_value_heads"):  # Phi-3 splits its fused qkv output by this count
+            attn.num_key_value_heads = n_kv
         if hasattr(mlp, "intermediate_size"):
             mlp.intermediate_size = d_ff
 
@@ -235,6 +330,9 @@ class DecoderAdapter:
         q, k, v, o = (_base_linear(self.proj(layer, n)) for n in ("q", "k", "v", "o"))
         q_head = _linear_params(q, head_dim) + o.weight.shape[0] * head_dim  # q rows + o columns
         kv_head = _linear_params(k, head_dim) + _linear_params(v, head_dim)
+        roles = {role for _, role in self.width_norms}  # a head also carries its columns of such norms
+        q_head += head_dim if "q" in roles else 0
+        kv_head += head_dim if "k" in roles else 0
         r = n_heads // n_kv
         if r == 1:
             rows, per_row, ppu = 1, n_heads, q_head + kv_head
@@ -261,6 +359,20 @@ class DecoderAdapter:
         d_ff = int(up.weight.shape[0])
         ppu = _linear_params(gate, 1) + _linear_params(up, 1) + down.weight.shape[0]
         return FFNLayout(kind="ffn", rows=1, units_per_row=d_ff, params_per_unit=ppu)
+
+
+class Concat(nn.Module):
+    """A fused projection seen through its parts: the concatenation of the outputs of the owner's part
+    modules, looked up by name at every call (so slicing or LoRA-wrapping a part needs no update here).
+    Holds no parameters; the owner is kept outside the module tree."""
+
+    def __init__(self, owner: nn.Module, names: list[str]) -> None:
+        super().__init__()
+        object.__setattr__(self, "_owner", owner)  # not a submodule: the owner already holds the parts
+        self.names = list(names)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.cat([getattr(self._owner, n)(x) for n in self.names], dim=-1)
 
 
 def _base_linear(module: nn.Module) -> nn.Linear:
@@ -290,6 +402,14 @@ _REGISTRY: dict[str, Callable[[], DecoderAdapter]] = {
     "gemma3_text": lambda: DecoderAdapter("gemma3_text", attn_bias_flag="attention_bias"),
     "granite": lambda: DecoderAdapter("granite", attn_bias_flag="attention_bias", mlp_bias_flag="mlp_bias"),
     "smollm3": lambda: DecoderAdapter("smollm3", attn_bias_flag="attention_bias", mlp_bias_flag="mlp_bias"),
+    # q/k RMSNorm over the whole projected width: computed over the kept heads, sliced with them
+    "olmo2": lambda: DecoderAdapter(
+        "olmo2", attn_bias_flag="attention_bias", width_norms=(("q_norm", "q"), ("k_norm", "k"))
+    ),
+    # fused qkv_proj and gate_up_proj (gate rows first: the stock forward chunks gate, up): split for the run
+    "phi3": lambda: DecoderAdapter(
+        "phi3", fused=(("attn", "qkv_proj", ("q", "k", "v")), ("mlp", "gate_up_proj", ("gate", "up")))
+    ),
 }
 SUPPORTED_MODEL_TYPES: tuple[str, ...] = tuple(sorted(_REGISTRY))
 

@@ -18,6 +18,7 @@ from typing import Any, Literal, Sequence
 
 from .config import PruneConfig, load_config
 from .errors import Interrupted, MaskPruneError
+from .gguf_export import GGUF_TYPES
 
 __all__ = ["main", "build_parser"]
 
@@ -133,7 +134,14 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--trust-remote-code", action="store_true")
     g = sub.add_parser("export-gguf", help="a GGUF file of a pruned checkpoint, written by llama.cpp's own converter")
     g.add_argument("folder", type=Path, help="the --out folder of `maskprune prune` (or any supported checkpoint)")
-    g.add_argument("--type", dest="gguf_type", default="f16", help="f32 | f16 | bf16 | q8_0 (default: f16)")
+    g.add_argument(
+        "--type",
+        dest="gguf_type",
+        default="f16",
+        metavar="{" + ",".join(GGUF_TYPES) + "}",
+        help="GGUF tensor type (default: f16); f32/f16/bf16/q8_0 by llama.cpp's converter, the others by its "
+        "quantizer, which needs the extra maskprune[llamacpp]",
+    )
     g.add_argument("--out", type=Path, default=None, help="the .gguf path (default: inside the folder)")
     g.add_argument("--overwrite", action="store_true")
     g.add_argument(

@@ -62,13 +62,29 @@ class PruneConfig:
         False,
         """Train every weight of the model (fp32 master weights) instead of LoRA adapters (``maskprune distill``).""",
     )
+    recover_steps: int = _opt(
+        0,
+        """``maskprune prune``: steps of recovery after the cut, i.e. ``maskprune distill``'s training of the
+    exported model from the dense ``model`` (LoRA merged, or ``--full``) before the result is written; the
+    calibration, batch, seq_len and LoRA options are prune's. 0: no recovery (the default:
+    bench/results/2026-11-30-recovery.md measures what it buys).""",
+    )
     gguf_file: str | None = _opt(
         None,
         """GGUF file name inside ``model`` when ``model`` is a folder or hub repo holding GGUF files.""",
     )
+    teacher_gguf_file: str | None = _opt(
+        None,
+        """GGUF file name inside ``teacher`` when ``teacher`` is a folder or hub repo holding GGUF files.""",
+    )
     out: str | None = _opt(
         None,
         """Output folder for the pruned checkpoint (default: runs/<model>-<sparsity>).""",
+    )
+    gguf: str | None = _opt(
+        None,
+        """Also write a GGUF of the export, of this type (f16, q8_0, q4_k_m, ...; see ``maskprune export-gguf``),
+    as ``<out>/<out name>-<type>.gguf``, by llama.cpp's converter (and quantizer).""",
     )
     overwrite: bool = _opt(
         False,
@@ -514,8 +530,19 @@ class PruneConfig:
                 f"freeze_share 0), found method {self.method!r}, mask_init {self.mask_init!r}, "
                 f"freeze_share {self.freeze_share}: use `maskprune distill`, which sets them"
             )
-        if self.full and self.teacher is None:
-            problems.append("full applies to `maskprune distill` (prune trains LoRA); drop --full")
+        if self.full and self.teacher is None and not self.recover_steps:
+            problems.append(
+                "full applies to distillation (`maskprune distill`, or prune's --recover-steps); drop --full"
+            )
+        if self.gguf is not None:
+            from .gguf_export import GGUF_TYPES
+
+            if self.gguf.lower() not in GGUF_TYPES:
+                problems.append(f"gguf must be one of {', '.join(GGUF_TYPES)}, found {self.gguf!r}")
+        if self.recover_steps < 0:
+            problems.append(f"recover_steps must be >= 0, found {self.recover_steps}")
+        if self.recover_steps and self.teacher is not None:
+            problems.append("recover_steps belongs to prune; `maskprune distill` takes --steps")
         if self.full and self.fsdp:
             problems.append(
                 "full with fsdp is not supported (the export would rebuild the weights from the source): "

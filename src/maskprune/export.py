@@ -90,6 +90,7 @@ def fold_and_slice_(
             (adapter.v_name, v, kv_rows),
         ):
             setattr(attn, name, _sliced_linear(mod, mod.weight[rows], mod.bias[rows] if mod.bias is not None else None))
+        adapter.slice_width_norms_(layer, q_rows, kv_rows)
 
         gate, up, down = (adapter.proj(layer, r) for r in ("gate", "up", "down"))
         ch = kept.ffn[li, 0].to(down.weight.device)  # [d_ff']

@@ -3,10 +3,11 @@
 The llama.cpp sources ship inside the llama-cpp-python source distribution; maskprune pins one version
 (:data:`LLAMA_CPP_PYTHON`), fetches that sdist once from the package index with pip, unpacks the converter
 and its ``gguf-py`` into the cache, and runs it as a subprocess on the exported folder. The types the Python
-converter writes itself are supported (f32, f16, bf16, q8_0); the k-quants (q4_k_m, ...) need llama.cpp's
-compiled ``llama-quantize`` and are refused with that said. The output is written under a temporary name and
-renamed when the converter succeeded and the file reloads; the f16 file can be checked against the HF
-export's logits with :func:`check_logits`.
+converter writes itself need nothing else (f32, f16, bf16, q8_0); the other quantized types (q4_k_m, ...) are
+written by llama.cpp's compiled quantizer from an f16 conversion, through llama-cpp-python of the same version
+(the optional extra ``maskprune[llamacpp]``, :mod:`maskprune.llamacpp`), and refused with that said where it is
+not installed. The output is written under a temporary name and renamed when every step succeeded; the f16
+file can be checked against the HF export's logits with :func:`check_logits`.
 """
 
 from __future__ import annotations
@@ -19,14 +20,16 @@ import tempfile
 from pathlib import Path
 
 from .errors import MaskPruneError
+from .llamacpp import QUANT_TYPES
 
-__all__ = ["LLAMA_CPP_PYTHON", "CONVERTER_TYPES", "converter_dir", "export_gguf", "check_logits"]
+__all__ = ["LLAMA_CPP_PYTHON", "CONVERTER_TYPES", "GGUF_TYPES", "converter_dir", "export_gguf", "check_logits"]
 
 LLAMA_CPP_PYTHON = "0.3.36"
 """The llama-cpp-python source distribution whose vendored llama.cpp converts (one pinned version)."""
 CONVERTER_TYPES = ("f32", "f16", "bf16", "q8_0")
 """GGUF types llama.cpp's Python converter writes without its compiled quantizer."""
-QUANTIZER_TYPES = ("q4_0", "q4_1", "q5_0", "q5_1", "q2_k", "q3_k_m", "q4_k_m", "q5_k_m", "q6_k")
+GGUF_TYPES = CONVERTER_TYPES + tuple(QUANT_TYPES)
+"""Every type ``export-gguf`` writes (the quantized ones through :mod:`maskprune.llamacpp`)."""
 
 
 def converter_dir(cache: Path | None = None) -> Path:
@@ -68,6 +71,19 @@ def converter_dir(cache: Path | None = None) -> Path:
     return target
 
 
+def preflight(gguf_type: str) -> None:
+    """Everything ``export_gguf`` needs besides the checkpoint, checked now (prune --gguf calls this before
+    its run): a known type, the converter (fetched once), and llama.cpp's quantizer for the quantized types."""
+    from . import llamacpp
+
+    gguf_type = gguf_type.lower()
+    if gguf_type not in GGUF_TYPES:
+        raise MaskPruneError(f"unknown GGUF type {gguf_type!r}", expected=f"one of {', '.join(GGUF_TYPES)}")
+    if gguf_type in QUANT_TYPES:
+        llamacpp.require()
+    converter_dir()
+
+
 def export_gguf(
     folder: str | Path, out: str | Path | None = None, *, gguf_type: str = "f16", overwrite: bool = False
 ) -> Path:
@@ -75,14 +91,13 @@ def export_gguf(
     file of ``gguf_type``; return its path (default ``<folder>/<folder name>-<type>.gguf``)."""
     folder = Path(folder)
     gguf_type = gguf_type.lower()
-    if gguf_type in QUANTIZER_TYPES:
-        raise MaskPruneError(
-            f"GGUF type {gguf_type!r} needs llama.cpp's compiled quantizer (llama-quantize), not built here",
-            expected=f"one of {', '.join(CONVERTER_TYPES)}",
-            fix="export f16 here and quantize it with llama-quantize from a llama.cpp build",
-        )
-    if gguf_type not in CONVERTER_TYPES:
-        raise MaskPruneError(f"unknown GGUF type {gguf_type!r}", expected=f"one of {', '.join(CONVERTER_TYPES)}")
+    if gguf_type not in GGUF_TYPES:
+        raise MaskPruneError(f"unknown GGUF type {gguf_type!r}", expected=f"one of {', '.join(GGUF_TYPES)}")
+    quantized = gguf_type in QUANT_TYPES
+    if quantized:
+        from . import llamacpp
+
+        llamacpp.require()  # refuse now, before converting, where the compiled quantizer is missing
     if not (folder / "config.json").is_file():
         raise MaskPruneError(f"{str(folder)!r} is not a checkpoint folder", expected="a folder with config.json")
     out = Path(out) if out is not None else folder / f"{folder.name}-{gguf_type}.gguf"
@@ -92,16 +107,24 @@ def export_gguf(
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(f".{out.name}.partial-{os.getpid()}")
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(llama_cpp / "gguf-py"), os.environ.get("PYTHONPATH", "")])}
-    cmd = [sys.executable, str(llama_cpp / "convert_hf_to_gguf.py"), str(folder), "--outfile", str(tmp)]
+    f16 = out.with_name(f".{out.name}.f16-{os.getpid()}") if quantized else tmp
+    cmd = [sys.executable, str(llama_cpp / "convert_hf_to_gguf.py"), str(folder), "--outfile", str(f16)]
     try:
-        r = subprocess.run(cmd + ["--outtype", gguf_type], capture_output=True, text=True, env=env)
-        if r.returncode != 0 or not tmp.is_file():
+        r = subprocess.run(
+            cmd + ["--outtype", "f16" if quantized else gguf_type], capture_output=True, text=True, env=env
+        )
+        if r.returncode != 0 or not f16.is_file():
             tail = "\n".join(r.stderr.strip().splitlines()[-3:])
             raise MaskPruneError(f"llama.cpp's converter failed on {str(folder)!r}", found=tail)
+        if quantized:
+            from .llamacpp import quantize
+
+            quantize(f16, tmp, gguf_type)
         os.replace(tmp, out)
     finally:
-        if tmp.exists():
-            tmp.unlink()
+        for leftover in {tmp, f16}:
+            if leftover.exists():
+                leftover.unlink()
     return out
 
 

@@ -137,6 +137,9 @@ class MaskSet(nn.Module):
         for idx, layer in enumerate(adapter.layers(model)):
             self._handles.append(adapter.head_mask_site(layer).register_forward_pre_hook(self._head_hook(idx, head)))
             self._handles.append(adapter.ffn_mask_site(layer).register_forward_pre_hook(self._ffn_hook(idx)))
+            for name, role in adapter.width_norms:
+                norm = adapter.width_norm(layer, name)
+                self._handles.append(norm.register_forward_hook(self._width_norm_hook(idx, head, role)))
         return self
 
     def detach(self) -> None:
@@ -155,6 +158,25 @@ class MaskSet(nn.Module):
                 * m[:, None]
             ).flatten(-2)  # [B, T, H*D]
             return (x, *args[1:])
+
+        return hook
+
+    def _width_norm_hook(self, idx: int, layout: HeadLayout, role: str):
+        """A norm over the whole q (k) width computed over the columns of the heads still there (mask != 0):
+        what the sliced model's norm computes. While every head is there it is the stock norm, untouched."""
+        adapter = self.structure.adapter
+
+        def hook(module: nn.Module, args: tuple, output: torch.Tensor) -> torch.Tensor | None:
+            if not self.enabled:
+                return None
+            with torch.no_grad():
+                alive = layout.query_head_mask(self.gate(self.head[idx], sample=False)) != 0  # [n_heads]
+                if role != "q":  # a KV head is there while any query head of its group is
+                    alive = alive.view(layout.num_key_value_heads, -1).any(-1)
+                if bool(alive.all()):
+                    return None
+                keep = alive.repeat_interleave(layout.head_dim)
+            return adapter.kept_width_norm(module, args[0], keep)
 
         return hook
 

@@ -83,7 +83,7 @@ def write_model_card(folder: Path, report: dict, command: list[str] | None = Non
     cmd = " ".join(shlex.quote(a) for a in (command or ["maskprune", *sys.argv[1:]]))
     ppl = report.get("perplexity", {})
     rows = []
-    for key in ("dense", "before_cut", "after_cut", "exported"):
+    for key in ("dense", "before_cut", "after_cut", "before_recovery", "exported"):
         r = ppl.get(key)
         if r:
             rows.append(
@@ -165,7 +165,7 @@ against the masked model, max |logit difference| {report["parity"]["max_abs_diff
 {rt.get("dtype", "")} checkpoint reloaded with plain `from_pretrained` against the model it was saved from,
 {rt.get("max_abs_diff", float("nan")):.2e}.
 
-{_distill_text(dist)}## Evaluation
+{_distill_text(dist)}{_recovery_text(report.get("recovery"))}## Evaluation
 
 Protocol: {ppl.get("protocol", "n/a")}.
 
@@ -185,6 +185,19 @@ are a derivative of the base model and carry its license.
     out = folder / "README.md"
     out.write_text(text, encoding="utf-8")
     return out
+
+
+def _recovery_text(rec: dict | None) -> str:
+    """The model card's section on prune's recovery after the cut (``--recover-steps``), or nothing."""
+    if not rec:
+        return ""
+    secs = f", {rec['seconds'] / 60:.1f} minutes" if rec.get("seconds") else ""
+    return (
+        f"## Recovery after the cut\n\nThe exported model was then distilled from the dense `{rec['teacher']}` "
+        f"(`--recover-steps`, the code of `maskprune distill`): {rec['mode']}, {rec['steps']} steps, "
+        f"{rec['tokens']:,} tokens of `{rec['calib']}`{secs}; KL to the dense model's logits. In the table below, "
+        '"before recovery" is the cut model as exported, "exported" the recovered one.\n\n'
+    )
 
 
 def _distill_text(dist: dict | None) -> str:

@@ -139,6 +139,8 @@ GGUF_ARCHITECTURES = {
     "gemma3": "gemma3_text",
     "granite": "granite",
     "smollm3": "smollm3",
+    "phi3": "phi3",
+    "olmo2": "olmo2",
 }
 """GGUF ``general.architecture`` -> the transformers model type maskprune has an adapter for."""
 

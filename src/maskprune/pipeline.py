@@ -50,9 +50,42 @@ def prune(cfg: PruneConfig, *, progress: bool = True) -> dict:
     Under a launcher (``torchrun``, ``accelerate launch``) every process calls this; the process group it
     joins is destroyed before it returns or raises (a group the caller created is left alone)."""
     try:
-        return _prune(cfg, progress=progress)
+        if cfg.gguf:  # the converter (and the quantizer) are checked before any work, not after it
+            from .gguf_export import preflight
+
+            preflight(cfg.gguf)
+        if cfg.recover_steps and not cfg.distilling:
+            from .recovery import prune_and_recover
+
+            report = prune_and_recover(cfg, progress=progress)
+        else:
+            report = _prune(cfg, progress=progress)
+        if cfg.gguf and "params" in report:
+            report["gguf"] = _write_gguf(Path(report["out"]), cfg.gguf)
+        return report
     finally:
         D.shutdown()
+
+
+def _write_gguf(out: Path, gguf_type: str) -> dict:
+    """``--gguf TYPE``: the finished export converted by llama.cpp, recorded in its report."""
+    from .gguf_export import export_gguf
+
+    path = export_gguf(out, gguf_type=gguf_type)
+    entry = {"file": path.name, "type": gguf_type.lower(), "bytes": path.stat().st_size}
+    report_path = out / "maskprune_report.json"
+    saved = json.loads(report_path.read_text())
+    saved["gguf"] = entry
+    report_path.write_text(json.dumps(saved, indent=1))
+    log.info("wrote %s (%.1f MB)", path, entry["bytes"] / 1e6)
+    return entry
+
+
+def run_stage(cfg: PruneConfig, *, progress: bool = True, student_eval: tuple | None = None) -> dict:
+    """One stage of a run (a prune, or a distillation) without shutting the process group down; for
+    :func:`maskprune.recovery.prune_and_recover`. ``student_eval``: the (perplexity, zero-shot) of a distill
+    student measured already (the cut's export), used instead of evaluating it again."""
+    return _prune(cfg, progress=progress, student_eval=student_eval)
 
 
 @dataclasses.dataclass
@@ -107,7 +140,7 @@ class _Run:
             )
 
 
-def _prune(cfg: PruneConfig, *, progress: bool = True) -> dict:
+def _prune(cfg: PruneConfig, *, progress: bool = True, student_eval: tuple | None = None) -> dict:
     """The stages of one run (setup, dense evaluation, choosing the units, cut, export, report) inside the
     staging folder. Long because the report is assembled here from every stage's result, in one place."""
     t_start = time.perf_counter()
@@ -127,8 +160,11 @@ def _prune(cfg: PruneConfig, *, progress: bool = True) -> dict:
             "sharding": "fsdp2" if cfg.fsdp and D.world() > 1 else "replicated",
         },
     }
-    ppl_dense = run.ppl(run.loaded.model, "dense")
-    zs_dense = run.zeroshot(run.loaded.model, "dense")
+    if student_eval is not None:
+        ppl_dense, zs_dense = student_eval
+    else:
+        ppl_dense = run.ppl(run.loaded.model, "dense")
+        zs_dense = run.zeroshot(run.loaded.model, "dense")
     ckpt_dir = checkpoint_dir(run.out)
     with staging(run.out, cfg.overwrite) if main else contextlib.nullcontext(None) as tmp:
         outcome = _choose_units(run, ckpt_dir)
@@ -232,6 +268,7 @@ def _setup(cfg: PruneConfig, progress: bool) -> _Run:
         )
     model = loaded.model
     adapter = adapter_for(model)
+    adapter.unfuse_(model)  # fused projections (Phi-3) seen as their parts for the run; fused again at export
     structure = Structure.of(model, adapter, cfg.gqa_policy)
     teacher = None
     if cfg.distilling:  # nothing is cut: the budget is the student's size, the teacher checked before any work
@@ -291,6 +328,7 @@ def _load_teacher(cfg: PruneConfig, adapter, student, device: torch.device):
     """The dense teacher for distillation, checked against the student, frozen, in the autocast dtype."""
     teacher = load_model(
         cfg.teacher,
+        gguf_file=cfg.teacher_gguf_file,
         trust_remote_code=cfg.trust_remote_code,
         device=device,
         dtype=autocast_dtype(cfg.dtype) or torch.float32,
@@ -362,6 +400,7 @@ def _export(run: _Run, outcome: Outcome, soft: dict, folder: Path) -> _Exported:
         parity = verify_parity(base, probe, reference, tolerance=1e-3)
         if deltas is not None:  # after the parity check: the compensation changes the function on purpose
             add_biases_(base, run.adapter, deltas, outcome.compensation)
+        run.adapter.fuse_(base)  # the stock layout of fused families (a no-op for the others)
         edtype = _export_dtype(cfg, run.loaded.source_dtype)
         for prm in base.parameters():  # parameters only: buffers (rotary inv_freq) stay as from_pretrained builds them
             prm.data = prm.data.to(edtype)

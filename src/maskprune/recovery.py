@@ -65,3 +65,98 @@ def check_teacher(adapter: DecoderAdapter, student, student_tok, teacher, teache
             found="; ".join(problems),
             fix="pass as --teacher the model the student was pruned from",
         )
+
+
+# ---- prune --recover-steps: the cut, then distill's code on the exported model -------------------------------
+_CUT_KEYS = ("model", "gguf_file", "sparsity", "budget_params", "method", "steps", "seed", "calib", "calib_samples")
+
+
+def prune_and_recover(cfg: PruneConfig, *, progress: bool = True) -> dict:
+    """``maskprune prune --recover-steps N``: prune into ``<out>.cut``, distil that export from the dense model
+    for N steps into ``out``, and write one report and model card that tell both phases. ``<out>.cut`` is
+    removed once ``out`` is complete; with ``--resume`` a finished cut of the same run is reused."""
+    import json
+    import shutil
+    from pathlib import Path
+
+    from .modelcard import write_model_card
+    from .outputs import check_output_path, default_out
+    from .pipeline import run_stage
+
+    cfg.validate()
+    out = Path(cfg.out) if cfg.out else default_out(cfg)
+    check_output_path(out, cfg.overwrite)
+    cut_dir = out.with_name(out.name + ".cut")
+    cut_cfg = dataclasses.replace(cfg, recover_steps=0, full=False, out=str(cut_dir), overwrite=True)
+    cut = _finished_cut(cut_dir, cut_cfg) if cfg.resume else None
+    if cut is None:
+        cut = run_stage(cut_cfg, progress=progress)
+        if "params" not in cut:  # a secondary process of a distributed run
+            return cut
+    rec_cfg = distill_config(
+        dataclasses.replace(
+            cfg,
+            model=str(cut_dir),
+            gguf_file=None,
+            teacher=cfg.model,
+            teacher_gguf_file=cfg.gguf_file,
+            steps=cfg.recover_steps,
+            recover_steps=0,
+            out=str(out),
+            report=False,
+        )
+    )
+    known = (cut["perplexity"]["exported"], (cut.get("zeroshot") or {}).get("exported"))
+    rec = run_stage(rec_cfg, progress=progress, student_eval=known)
+    if "params" not in rec:
+        return rec
+    report = _merge(cut, rec)
+    if (out / "metrics.jsonl").exists():
+        (out / "metrics.jsonl").rename(out / "recovery_metrics.jsonl")
+    for name in ("masks.pt", "metrics.jsonl"):
+        if (cut_dir / name).exists():
+            shutil.copy2(cut_dir / name, out / name)  # the learning run's; the recovery's metrics are beside them
+    if (cut_dir / "report").is_dir():
+        shutil.copytree(cut_dir / "report", out / "report", dirs_exist_ok=True)
+    (out / "maskprune_report.json").write_text(json.dumps({k: v for k, v in report.items() if k != "out"}, indent=1))
+    write_model_card(out, report)
+    shutil.rmtree(cut_dir, ignore_errors=True)
+    return report
+
+
+def _finished_cut(cut_dir, cut_cfg: PruneConfig) -> dict | None:
+    """The report of a finished cut of the same run in ``cut_dir`` (reused by --resume), else None."""
+    import json
+
+    path = cut_dir / "maskprune_report.json"
+    if not path.is_file():
+        return None
+    report = json.loads(path.read_text())
+    done = report.get("config", {})
+    if any(done.get(k) != getattr(cut_cfg, k) for k in _CUT_KEYS):
+        return None
+    report["out"] = str(cut_dir)
+    return report
+
+
+def _merge(cut: dict, rec: dict) -> dict:
+    """One report for prune + recovery: the cut's (model, structure, selection, dense figures) with the
+    recovery's training, evaluation of the final model, parity and timings."""
+    report = dict(cut)
+    report["config"] = {**cut["config"], "recover_steps": rec["distill"]["steps"], "full": rec["config"]["full"]}
+    report["recovery"] = {**rec["distill"], "teacher": cut["config"]["model"]}
+    ppl = dict(cut["perplexity"])
+    ppl["before_recovery"], ppl["exported"] = cut["perplexity"]["exported"], rec["perplexity"]["exported"]
+    report["perplexity"] = ppl
+    if cut.get("zeroshot") or rec.get("zeroshot"):
+        zs = dict(cut.get("zeroshot") or {})
+        zs["before_recovery"], zs["exported"] = zs.get("exported"), (rec.get("zeroshot") or {}).get("exported")
+        report["zeroshot"] = zs
+    report["parity"], report["roundtrip"] = rec["parity"], rec["roundtrip"]
+    report["seconds"] = {
+        "prune": cut["seconds"],
+        "recovery": rec["seconds"],
+        "total": round(cut["seconds"]["total"] + rec["seconds"]["total"], 3),
+    }
+    report["out"] = rec["out"]
+    return report

@@ -89,6 +89,7 @@ def rebuild_for_export(
     fresh = load_model(
         cfg.model, gguf_file=cfg.gguf_file, trust_remote_code=cfg.trust_remote_code, device=where, dtype=torch.float32
     ).model
+    adapter.unfuse_(fresh)
     if lora:
         fresh = attach_lora(fresh, adapter, cfg.lora_targets, rank=cfg.lora_rank, alpha=cfg.lora_alpha)
     params = dict(fresh.named_parameters())

@@ -145,3 +145,33 @@ def test_distill_needs_a_teacher_and_prune_refuses_one(pair, tmp_path, capsys):
     assert "--teacher" in capsys.readouterr().err
     assert main(["-q", "prune", str(dense), "--teacher", str(dense), "--out", str(tmp_path / "y")]) == 2
     assert "maskprune distill" in capsys.readouterr().err
+
+
+def test_prune_recover_steps_distils_the_cut_with_the_same_code(pair, tmp_path, capsys):
+    """prune --recover-steps: the cut, then distillation of its export from the dense model, in one folder
+    with one report and card; the cut's staging folder is gone and the model reloads stock."""
+    from transformers import AutoModelForCausalLM
+
+    root, dense, student, calib = pair
+    out = tmp_path / "rec"
+    argv = ["-q", "prune", str(dense), "--sparsity", "0.3", "--steps", "4", "--recover-steps", "10"]
+    argv += ["--lora-lr", "0.01", "--seq-len", "32", "--calib-samples", "8", "--batch-size", "4"]
+    argv += ["--calib", str(calib), "--eval-seq-len", "64", "--eval-max-windows", "2", "--dtype", "fp32"]
+    assert main([*argv, "--out", str(out)]) == 0, capsys.readouterr().err
+    r = json.loads((out / "maskprune_report.json").read_text())
+    assert not out.with_name("rec.cut").exists()
+    assert r["recovery"]["steps"] == 10 and r["recovery"]["teacher"] == str(dense)
+    assert r["config"]["recover_steps"] == 10 and r["config"]["model"] == str(dense)
+    rec_kl = [json.loads(x)["kl"] for x in (out / "recovery_metrics.jsonl").read_text().splitlines()]
+    assert len(rec_kl) == 10 and sum(rec_kl[-3:]) < sum(rec_kl[:3])  # the recovery lowers the KL
+    assert len((out / "metrics.jsonl").read_text().splitlines()) == 4  # the learning run's log is kept
+    ppl = r["perplexity"]
+    assert ppl["exported"]["ppl"] != ppl["before_recovery"]["ppl"]  # evaluated after the recovery, not copied
+    m = AutoModelForCausalLM.from_pretrained(out)
+    assert m.config.intermediate_size == r["shape"]["intermediate_size"] < 96
+    assert r["params"]["exported"] == sum(p.numel() for p in m.parameters())
+    card = (out / "README.md").read_text()
+    assert "Recovery after the cut" in card and "before recovery" in card
+    # a negative step count is refused before any work
+    assert main([*argv, "--recover-steps", "-1", "--out", str(tmp_path / "bad")]) == 2
+    assert "recover_steps must be >= 0" in capsys.readouterr().err and not (tmp_path / "bad").exists()

@@ -11,6 +11,7 @@ import os
 import pytest
 
 import tiny
+from maskprune import llamacpp
 from maskprune.cli import main
 from maskprune.errors import MaskPruneError
 from maskprune.gguf_export import LLAMA_CPP_PYTHON, export_gguf
@@ -23,13 +24,26 @@ def _converter_available() -> bool:
     return bool(env) or (cache_dir() / f"llama.cpp-{LLAMA_CPP_PYTHON}" / "convert_hf_to_gguf.py").is_file()
 
 
-@pytest.mark.parametrize(
-    "gguf_type,words", [("q4_k_m", "llama-quantize"), ("q9_9", "unknown GGUF type"), ("F16", "config.json")]
-)
+@pytest.mark.parametrize("gguf_type,words", [("q9_9", "unknown GGUF type"), ("F16", "config.json")])
 def test_bad_types_and_folders_are_refused_before_any_work(tmp_path, gguf_type, words):
     with pytest.raises(MaskPruneError, match=words):
         export_gguf(tmp_path, gguf_type=gguf_type)
     assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.skipif(llamacpp.available(), reason="llama-cpp-python is installed here")
+def test_a_quantized_type_without_llama_cpp_is_refused_with_how_to_get_it(tmp_path, capsys):
+    folder = tiny.save_tiny(tmp_path / "m", "llama_gqa")
+    before = sorted(p.name for p in folder.iterdir())
+    with pytest.raises(MaskPruneError, match=r"maskprune\[llamacpp\]"):
+        export_gguf(folder, gguf_type="q4_k_m")
+    assert sorted(p.name for p in folder.iterdir()) == before
+    # prune --gguf checks the same before any work: nothing is written
+    out = tmp_path / "o"
+    assert main(["-q", "prune", str(folder), "--gguf", "q4_k_m", "--out", str(out)]) == 2
+    assert "maskprune[llamacpp]" in capsys.readouterr().err and not out.exists()
+    assert main(["-q", "prune", str(folder), "--gguf", "q9", "--out", str(out)]) == 2
+    assert "gguf must be one of" in capsys.readouterr().err and not out.exists()
 
 
 def test_a_wrong_llama_cpp_checkout_is_named(tmp_path, monkeypatch):

@@ -31,11 +31,16 @@ CASES = [
     ("granite", True, "kv_group"),
     ("smollm3", True, "query"),
     ("smollm3", False, "kv_group"),
+    ("olmo2", False, "query"),
+    ("olmo2", True, "kv_group"),
+    ("phi3", False, "query"),
+    ("phi3", True, "kv_group"),
 ]
 
 
 def _wrap(model, policy, lora=True):
     adapter = get_adapter(model.config.model_type)
+    adapter.unfuse_(model)  # fused families (Phi-3) are run through their parts
     structure = Structure.of(model, adapter, policy)
     if lora:
         model = attach_lora(model, adapter, ROLES, rank=4, alpha=8)
@@ -85,6 +90,7 @@ def test_export_reloads_stock_with_the_same_logits_and_uniform_shape(kind, tied,
     masks.detach()
     base = model.merge_and_unload()
     fold_and_slice_(base, adapter, structure.head, soft_head, soft_ffn, kept)
+    adapter.fuse_(base)
     parity = save_and_verify(base, None, tmp_path, ids, reference, tolerance=1e-5)
     assert parity.max_abs_diff <= 1e-5 * max(1.0, parity.ref_max_abs)
 
@@ -93,10 +99,13 @@ def test_export_reloads_stock_with_the_same_logits_and_uniform_shape(kind, tied,
     cfg = reloaded.config
     assert cfg.head_dim == structure.head.head_dim
     assert cfg.intermediate_size == structure.ffn.units_per_row - plan.k_ffn
-    shapes = {tuple(p.shape) for n, p in reloaded.named_parameters() if ".layers." in n and "gate_proj.weight" in n}
+    fused = kind == "phi3"
+    ffn_name, q_name = ("gate_up_proj.weight", "qkv_proj.weight") if fused else ("gate_proj.weight", "q_proj.weight")
+    shapes = {tuple(p.shape) for n, p in reloaded.named_parameters() if ".layers." in n and ffn_name in n}
     assert len(shapes) == 1  # invariant 3: every layer the same shape
-    q_shapes = {tuple(p.shape) for n, p in reloaded.named_parameters() if "q_proj.weight" in n}
-    assert q_shapes == {(cfg.num_attention_heads * cfg.head_dim, cfg.hidden_size)}
+    q_shapes = {tuple(p.shape) for n, p in reloaded.named_parameters() if q_name in n}
+    q_rows = (cfg.num_attention_heads + (2 * cfg.num_key_value_heads if fused else 0)) * cfg.head_dim
+    assert q_shapes == {(q_rows, cfg.hidden_size)}
     assert cfg.num_attention_heads % cfg.num_key_value_heads == 0
     n_params = sum(p.numel() for p in reloaded.parameters())
     assert n_params == plan.params <= budget  # invariant 4
