@@ -143,7 +143,12 @@ def _merge(cut: dict, rec: dict) -> dict:
     """One report for prune + recovery: the cut's (model, structure, selection, dense figures) with the
     recovery's training, evaluation of the final model, parity and timings."""
     report = dict(cut)
-    report["config"] = {**cut["config"], "recover_steps": rec["distill"]["steps"], "full": rec["config"]["full"]}
+    report["config"] = {
+        **cut["config"],
+        "recover_steps": rec["distill"]["steps"],
+        "full": rec["config"]["full"],
+        "out": rec["config"]["out"],
+    }
     report["recovery"] = {**rec["distill"], "teacher": cut["config"]["model"]}
     ppl = dict(cut["perplexity"])
     ppl["before_recovery"], ppl["exported"] = cut["perplexity"]["exported"], rec["perplexity"]["exported"]

@@ -171,7 +171,7 @@ def test_prune_recover_steps_distils_the_cut_with_the_same_code(pair, tmp_path, 
     assert m.config.intermediate_size == r["shape"]["intermediate_size"] < 96
     assert r["params"]["exported"] == sum(p.numel() for p in m.parameters())
     card = (out / "README.md").read_text()
-    assert "Recovery after the cut" in card and "before recovery" in card
+    assert "Recovery after the cut" in card and "before recovery" in card and "rec.cut" not in card
     # a negative step count is refused before any work
     assert main([*argv, "--recover-steps", "-1", "--out", str(tmp_path / "bad")]) == 2
     assert "recover_steps must be >= 0" in capsys.readouterr().err and not (tmp_path / "bad").exists()

@@ -69,3 +69,23 @@ def test_a_pruned_checkpoint_converts_to_f16_and_reloads_with_its_logits(tmp_pat
     assert d["max_abs_diff"] <= 1e-2 * max(1.0, d["max_abs_logit"])  # f16 weights (1e-3 measured at 20 %)
     assert not any(p.name.startswith(".") for p in out.iterdir())  # no partial file left
     assert main(["-q", "export-gguf", str(out)]) == 2  # exists: refused without --overwrite
+    if not llamacpp.available():
+        return
+    # llama.cpp itself (maskprune[llamacpp]): the f16 file's perplexity on its logits matches the checkpoint's
+    # on the same windows, and a k-quant written by llama.cpp's quantizer loads and generates there
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from maskprune.data import wikitext2_test_text
+    from maskprune.evaluate import perplexity, tokenize_windows
+
+    tok = AutoTokenizer.from_pretrained(out)
+    windows = tokenize_windows(wikitext2_test_text("default")[:20000], tok, 256)[0][:2]
+    hf = perplexity(AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32), windows, progress=False).ppl
+    ours = llamacpp.perplexity(out / "o-f16.gguf", windows, threads=2)["ppl"]
+    assert abs(ours / hf - 1) < 0.01, (ours, hf)
+    assert main(["-q", "export-gguf", str(out), "--type", "q4_k_m", "--no-check"]) == 0
+    q = out / "o-q4_k_m.gguf"
+    assert q.stat().st_size < (out / "o-f16.gguf").stat().st_size / 2
+    assert llamacpp.generate(q, "The capital of France is", max_tokens=8, threads=2).strip()
+    assert llamacpp.speed(q, prompt_tokens=32, gen_tokens=4, threads=2, repeats=1).decode_tokens_per_s > 0
