@@ -60,15 +60,18 @@ def test_a_pruned_checkpoint_converts_to_f16_and_reloads_with_its_logits(tmp_pat
     # which a tokenizer trained in the test cannot match
     out = tmp_path / "o"
     argv = ["-q", "prune", "smollm2-135m", "--method", "wanda-sp", "--sparsity", "0.2", "--calib-samples", "8"]
-    assert main(argv + ["--eval-data", "none", "--no-report", "--out", str(out)]) == 0
+    assert main(argv + ["--eval-data", "none", "--no-report", "--gguf", "f16", "--out", str(out)]) == 0
     capsys.readouterr()
-    assert main(["-q", "export-gguf", str(out), "--type", "f16"]) == 0
+    rep = json.loads((out / "maskprune_report.json").read_text())
+    assert rep["gguf"]["file"] == "o-f16.gguf" and (out / "o-f16.gguf").stat().st_size == rep["gguf"]["bytes"]
+    assert main(["-q", "export-gguf", str(out), "--type", "f16"]) == 2  # exists: refused without --overwrite
+    capsys.readouterr()
+    assert main(["-q", "export-gguf", str(out), "--type", "f16", "--overwrite"]) == 0
     r = json.loads(capsys.readouterr().out)
     assert r["gguf"].endswith("o-f16.gguf") and r["bytes"] > 0
     d = r["logits_vs_checkpoint"]
     assert d["max_abs_diff"] <= 1e-2 * max(1.0, d["max_abs_logit"])  # f16 weights (1e-3 measured at 20 %)
     assert not any(p.name.startswith(".") for p in out.iterdir())  # no partial file left
-    assert main(["-q", "export-gguf", str(out)]) == 2  # exists: refused without --overwrite
     if not llamacpp.available():
         return
     # llama.cpp itself (maskprune[llamacpp]): the f16 file's perplexity on its logits matches the checkpoint's
@@ -86,6 +89,7 @@ def test_a_pruned_checkpoint_converts_to_f16_and_reloads_with_its_logits(tmp_pat
     assert abs(ours / hf - 1) < 0.01, (ours, hf)
     assert main(["-q", "export-gguf", str(out), "--type", "q4_k_m", "--no-check"]) == 0
     q = out / "o-q4_k_m.gguf"
-    assert q.stat().st_size < (out / "o-f16.gguf").stat().st_size / 2
+    # SmolLM2's rows of 576 are no multiple of 256: llama.cpp falls back to q5_0/q8_0 for those tensors
+    assert q.stat().st_size < 0.6 * (out / "o-f16.gguf").stat().st_size
     assert llamacpp.generate(q, "The capital of France is", max_tokens=8, threads=2).strip()
     assert llamacpp.speed(q, prompt_tokens=32, gen_tokens=4, threads=2, repeats=1).decode_tokens_per_s > 0
