@@ -66,8 +66,8 @@ class PruneConfig:
         0,
         """``maskprune prune``: steps of recovery after the cut, i.e. ``maskprune distill``'s training of the
     exported model from the dense ``model`` (LoRA merged, or ``--full``) before the result is written; the
-    calibration, batch, seq_len and LoRA options are prune's. 0: no recovery (the default:
-    bench/results/2026-11-30-recovery.md measures what it buys).""",
+    calibration, batch, seq_len and LoRA options are prune's. 0: no recovery (the default; the README says
+    what recovery buys).""",
     )
     gguf_file: str | None = _opt(
         None,
