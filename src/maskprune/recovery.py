@@ -76,6 +76,7 @@ def prune_and_recover(cfg: PruneConfig, *, progress: bool = True) -> dict:
     for N steps into ``out``, and write one report and model card that tell both phases. ``<out>.cut`` is
     removed once ``out`` is complete; with ``--resume`` a finished cut of the same run is reused."""
     import json
+    import os
     import shutil
     from pathlib import Path
 
@@ -84,6 +85,12 @@ def prune_and_recover(cfg: PruneConfig, *, progress: bool = True) -> dict:
     from .pipeline import run_stage
 
     cfg.validate()
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        raise MaskPruneError(
+            "--recover-steps runs in one process",
+            found=f"a launcher with WORLD_SIZE={os.environ['WORLD_SIZE']}",
+            fix="under torchrun / accelerate, run `maskprune prune` and then `maskprune distill` (both data-parallel)",
+        )
     out = Path(cfg.out) if cfg.out else default_out(cfg)
     check_output_path(out, cfg.overwrite)
     cut_dir = out.with_name(out.name + ".cut")
@@ -91,8 +98,6 @@ def prune_and_recover(cfg: PruneConfig, *, progress: bool = True) -> dict:
     cut = _finished_cut(cut_dir, cut_cfg) if cfg.resume else None
     if cut is None:
         cut = run_stage(cut_cfg, progress=progress)
-        if "params" not in cut:  # a secondary process of a distributed run
-            return cut
     rec_cfg = distill_config(
         dataclasses.replace(
             cfg,
@@ -108,8 +113,6 @@ def prune_and_recover(cfg: PruneConfig, *, progress: bool = True) -> dict:
     )
     known = (cut["perplexity"]["exported"], (cut.get("zeroshot") or {}).get("exported"))
     rec = run_stage(rec_cfg, progress=progress, student_eval=known)
-    if "params" not in rec:
-        return rec
     report = _merge(cut, rec)
     if (out / "metrics.jsonl").exists():
         (out / "metrics.jsonl").rename(out / "recovery_metrics.jsonl")
