@@ -44,6 +44,7 @@ def main() -> None:
     ap.add_argument("--seq-len", type=int, default=2048)
     ap.add_argument("--work", default="runs/llamacpp")
     ap.add_argument("--out", required=True, help="results prefix: <out>.json and <out>.md")
+    ap.add_argument("--no-speed", action="store_true", help="conversions and perplexity only; speed in a later run")
     a = ap.parse_args()
 
     import torch
@@ -59,6 +60,8 @@ def main() -> None:
     work.mkdir(parents=True, exist_ok=True)
     types = a.types.split(",")
     rows, text = [], wikitext2_test_text("default")
+    cache_path = work / "rows.json"  # finished measurements: a later run (the speed, on a quiet machine) adds to them
+    cache = json.loads(cache_path.read_text()) if cache_path.exists() else {}
     prompt = "The capital of France is"
     for item in a.models:
         label, spec = item.split("=", 1)
@@ -66,34 +69,38 @@ def main() -> None:
         tok = AutoTokenizer.from_pretrained(folder)
         windows, _ = tokenize_windows(text, tok, a.seq_len)
         windows = windows[: max(1, a.ppl_tokens // a.seq_len)]
-        hf = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
-        hf_ppl = perplexity(hf, windows, batch_size=1, progress=False).ppl
-        params = sum(p.numel() for p in hf.parameters())
-        del hf
+        hf_ppl = params = None
         for t in types:
             path = work / f"{label}-{t}.gguf"
             if not path.exists():
                 t0 = time.perf_counter()
                 export_gguf(folder, path, gguf_type=t)
                 print(f"{label} {t}: written in {time.perf_counter() - t0:.0f} s", flush=True)
-            row = {
-                "model": label,
-                "source": str(spec),
-                "type": t,
-                "params": params,
-                "bytes": path.stat().st_size,
-                "hf_ppl": hf_ppl,
-            }
-            if t == "f16":  # transformers' own GGUF reader against the checkpoint
-                diff, ref = check_logits(folder, path, windows[:1, :128])
-                row["transformers_logits_max_abs_diff"], row["max_abs_logit"] = diff, ref
-            ppl = llamacpp.perplexity(path, windows, threads=a.threads)
-            row["llamacpp_ppl"], row["ppl_seconds"] = ppl["ppl"], ppl["seconds"]
-            row["ppl_ratio"] = ppl["ppl"] / hf_ppl
-            row.update(llamacpp.speed(path, threads=a.threads).to_dict())
-            row["generation"] = llamacpp.generate(path, prompt, max_tokens=24, threads=a.threads)
+            row = cache.get(f"{label}-{t}")
+            if row is None:
+                if hf_ppl is None:
+                    hf = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+                    hf_ppl = perplexity(hf, windows, batch_size=1, progress=False).ppl
+                    params = sum(p.numel() for p in hf.parameters())
+                    del hf
+                row = {"model": label, "source": str(spec), "type": t, "params": params}
+                row.update(bytes=path.stat().st_size, hf_ppl=hf_ppl)
+                if t == "f16":  # transformers' own GGUF reader against the checkpoint
+                    diff, ref = check_logits(folder, path, windows[:1, :128])
+                    row["transformers_logits_max_abs_diff"], row["max_abs_logit"] = diff, ref
+                ppl = llamacpp.perplexity(path, windows, threads=a.threads)
+                row["llamacpp_ppl"], row["ppl_seconds"] = ppl["ppl"], ppl["seconds"]
+                row["ppl_ratio"] = ppl["ppl"] / hf_ppl
+                row["generation"] = llamacpp.generate(path, prompt, max_tokens=24, threads=a.threads)
+            if not a.no_speed and "decode_tokens_per_s" not in row:
+                row.update(llamacpp.speed(path, threads=a.threads).to_dict())
+            cache[f"{label}-{t}"] = row
+            cache_path.write_text(json.dumps(cache, indent=1))
             rows.append(row)
             print(json.dumps({k: v for k, v in row.items() if k != "generation"}), flush=True)
+    if a.no_speed:
+        print("conversions and perplexity done; run again without --no-speed for the speed (a quiet machine)")
+        return
     dense = {r["type"]: r for r in rows if r["model"] == rows[0]["model"]}
     for r in rows:
         d = dense.get(r["type"])
