@@ -16,4 +16,5 @@ run flap-s50-5min runs/quality/q-flap-s50 90
 run default-s50-5min runs/quality/q-maskprune-seed0-s50 93
 run flap-s50-15min runs/quality/q-flap-s50 271   # interrupted, finished from its step-100 checkpoint with --resume
 run flap-s20-15min runs/quality/q-flap-s20 212   # not run
+run flap-s20-5min runs/quality/q-flap-s20 71
 echo all done
