@@ -187,16 +187,21 @@ are a derivative of the base model and carry its license.
     return out
 
 
+def _training_summary(d: dict) -> str:
+    """``mode, N steps, T tokens of `calib`, M minutes`` of a distillation phase (its report section)."""
+    secs = f", {d['seconds'] / 60:.1f} minutes" if d.get("seconds") else ""
+    return f"{d['mode']}, {d['steps']} steps, {d['tokens']:,} tokens of `{d['calib']}`{secs}"
+
+
 def _recovery_text(rec: dict | None) -> str:
     """The model card's section on prune's recovery after the cut (``--recover-steps``), or nothing."""
     if not rec:
         return ""
-    secs = f", {rec['seconds'] / 60:.1f} minutes" if rec.get("seconds") else ""
     return (
         f"## Recovery after the cut\n\nThe exported model was then distilled from the dense `{rec['teacher']}` "
-        f"(`--recover-steps`, the code of `maskprune distill`): {rec['mode']}, {rec['steps']} steps, "
-        f"{rec['tokens']:,} tokens of `{rec['calib']}`{secs}; KL to the dense model's logits. In the table below, "
-        '"before recovery" is the cut model as exported, "exported" the recovered one.\n\n'
+        f"(`--recover-steps`, the code of `maskprune distill`): {_training_summary(rec)}; KL to the dense "
+        'model\'s logits. In the table below, "before recovery" is the cut model as exported, "exported" the '
+        "recovered one.\n\n"
     )
 
 
@@ -204,10 +209,8 @@ def _distill_text(dist: dict | None) -> str:
     """The model card's recovery section (``maskprune distill``), or nothing."""
     if not dist:
         return ""
-    secs = f", {dist['seconds'] / 60:.1f} minutes" if dist.get("seconds") else ""
     return (
         f"## Distillation\n\nRecovered from the dense teacher `{dist['teacher']}` by `maskprune distill`: "
-        f"{dist['mode']}, {dist['steps']} steps, {dist['tokens']:,} tokens of `{dist['calib']}`{secs}; KL to the "
-        'teacher\'s logits (see Method and settings). In the table below, "dense" is the student before '
-        "distillation.\n\n"
+        f"{_training_summary(dist)}; KL to the teacher's logits (see Method and settings). In the table "
+        'below, "dense" is the student before distillation.\n\n'
     )
