@@ -27,6 +27,7 @@ import datetime
 import json
 import os
 import platform
+import re
 import statistics
 import subprocess
 import sys
@@ -68,10 +69,38 @@ def _distill_cmd(student: Path, teacher: str, steps: int, seed: int, out: Path, 
     return cmd + ["--no-report", "--threads", str(threads), "--dtype", "fp32", "--weight-dtype", "fp32"]
 
 
-def _eval_cmd(model: str, out: Path, data_dir: str, batch: int, limit: int | None = None) -> list[str]:
+def _eval_cmd(model: str, out: Path, batch: int, limit: int | None = None) -> list[str]:
+    """WikiText-2 ppl@2048 on the first 16k tokens (a minute or two here)."""
     cmd = [*EXE, "eval", model, "--seq-len", "2048", "--ppl-tokens", "16384", "--dtype", "fp32"]
-    cmd += ["--tasks", "piqa", "--data-dir", data_dir, "--batch-size", str(batch), "--out", str(out)]
+    cmd += ["--batch-size", "4", "--out", str(out)]
     return cmd + (["--limit", str(limit)] if limit else [])
+
+
+def _piqa_cmd(model: str, out: Path, data_dir: str, batch: int, limit: int | None = None) -> list[str]:
+    """All 1,838 PIQA examples (10-15 minutes of the reference CPU for 135M: its own task, run after the ppl)."""
+    cmd = [*EXE, "eval", model, "--ppl", "none", "--tasks", "piqa", "--data-dir", data_dir, "--dtype", "fp32"]
+    cmd += ["--batch-size", str(batch), "--out", str(out)]
+    return cmd + (["--limit", str(limit)] if limit else [])
+
+
+def _eval_tasks(name: str, model: str, work: Path, a: argparse.Namespace, deps: list[str], priority: int) -> list[Task]:
+    """The perplexity and the PIQA evaluation of one model (``<name>.eval.json``, ``<name>.piqa.json``)."""
+    return [
+        Task(
+            f"eval-{name}",
+            _eval_cmd(model, work / f"{name}.eval.json", a.eval_batch, a.eval_limit),
+            work / f"{name}.eval.json",
+            deps,
+            priority,
+        ),
+        Task(
+            f"piqa-{name}",
+            _piqa_cmd(model, work / f"{name}.piqa.json", a.data_dir, a.eval_batch, a.eval_limit),
+            work / f"{name}.piqa.json",
+            deps,
+            priority,
+        ),
+    ]
 
 
 def recovery_steps(minutes: float, step_seconds: float) -> int:
@@ -82,14 +111,7 @@ def recovery_steps(minutes: float, step_seconds: float) -> int:
 def plan(a: argparse.Namespace, timing: dict) -> list[Task]:
     work, tasks = Path(a.work), []
     model = a.model
-    tasks.append(
-        Task(
-            "eval-dense",
-            _eval_cmd(model, work / "dense.eval.json", a.data_dir, a.eval_batch, a.eval_limit),
-            work / "dense.eval.json",
-            priority=-1,
-        )
-    )
+    tasks += _eval_tasks("dense", model, work, a, [], -1)
     for seed in a.seeds:
         for s in a.sparsities:
             tag = f"s{round(s * 100)}"
@@ -116,15 +138,7 @@ def plan(a: argparse.Namespace, timing: dict) -> list[Task]:
                     points = {"inbudget": round(moved * timing["learn_step_s"][tag] / step_s)}
                 else:
                     points = {f"{m:g}min": recovery_steps(m, step_s) for m in a.minutes}
-                    tasks.append(
-                        Task(
-                            f"eval-{key}",
-                            _eval_cmd(str(folder), work / f"{key}.eval.json", a.data_dir, a.eval_batch, a.eval_limit),
-                            work / f"{key}.eval.json",
-                            [f"prune-{key}"],
-                            priority=seed,
-                        )
-                    )
+                    tasks += _eval_tasks(key, str(folder), work, a, [f"prune-{key}"], seed)
                 for label, n in points.items():
                     rkey = f"{key}-{label}"
                     tasks.append(
@@ -136,21 +150,47 @@ def plan(a: argparse.Namespace, timing: dict) -> list[Task]:
                             priority=seed,
                         )
                     )
-                    tasks.append(
-                        Task(
-                            f"eval-{rkey}",
-                            _eval_cmd(
-                                str(work / rkey), work / f"{rkey}.eval.json", a.data_dir, a.eval_batch, a.eval_limit
-                            ),
-                            work / f"{rkey}.eval.json",
-                            [f"distill-{rkey}"],
-                            priority=seed,
-                        )
-                    )
+                    tasks += _eval_tasks(rkey, str(work / rkey), work, a, [f"distill-{rkey}"], seed)
     return tasks
 
 
-def run_all(tasks: list[Task], jobs: int, deadline: float, log_dir: Path, on_done) -> dict[str, str]:
+def _resumed(cmd: list[str]) -> list[str]:
+    """A prune or distill whose run was interrupted (``<out>.checkpoints`` holds a checkpoint) continues it with
+    ``--resume`` (exact) instead of starting over."""
+    if "--out" not in cmd or "--overwrite" not in cmd:
+        return cmd
+    out = Path(cmd[cmd.index("--out") + 1])
+    ckpts = out.with_name(out.name + ".checkpoints")
+    if not ckpts.is_dir() or not any(ckpts.iterdir()):
+        return cmd
+    return [("--resume" if c == "--overwrite" else c) for c in cmd]
+
+
+def select(tasks: list[Task], only: list[str] | None) -> list[Task]:
+    """The tasks whose names match one of the ``only`` patterns (regular expressions), with every task they
+    depend on, ranked by the first pattern they match (then seed); all tasks when ``only`` is None."""
+    if not only:
+        return tasks
+    by_name = {t.name: t for t in tasks}
+    rank = {}
+    for i, pat in enumerate(only):
+        for t in tasks:
+            if t.name not in rank and re.fullmatch(pat, t.name):
+                rank[t.name] = i
+    todo = list(rank)
+    while todo:  # dependencies rank with their first dependant
+        name = todo.pop()
+        for d in by_name[name].deps:
+            if d not in rank or rank[d] > rank[name]:
+                rank[d] = rank[name]
+                todo.append(d)
+    chosen = [t for t in tasks if t.name in rank]
+    for t in chosen:
+        t.priority = rank[t.name]
+    return chosen
+
+
+def run_all(tasks: list[Task], jobs: int, deadline: float, log_dir: Path, on_done, threads: int = 2) -> dict[str, str]:
     """Run ``tasks`` (a DAG) ``jobs`` at a time, most important first; a failed task's dependants are skipped."""
     state: dict[str, str] = {t.name: "done" for t in tasks if t.done.exists()}
     t0, running = time.monotonic(), {}
@@ -158,10 +198,12 @@ def run_all(tasks: list[Task], jobs: int, deadline: float, log_dir: Path, on_don
 
     def launch(t: Task) -> float:
         s = time.monotonic()
-        with open(log_dir / f"{t.name}.log", "w") as fh:
-            fh.write("$ " + " ".join(t.cmd) + "\n")
+        with open(log_dir / f"{t.name}.log", "a") as fh:
+            cmd = _resumed(t.cmd)
+            fh.write("$ " + " ".join(cmd) + "\n")
             fh.flush()
-            rc = subprocess.run(t.cmd, stdout=fh, stderr=subprocess.STDOUT).returncode
+            env = {**os.environ, "OMP_NUM_THREADS": str(threads)}  # eval has no --threads; torch reads this
+            rc = subprocess.run(cmd, stdout=fh, stderr=subprocess.STDOUT, env=env).returncode
         if rc != 0:
             raise RuntimeError(f"{t.name} exited {rc}")
         return time.monotonic() - s
@@ -200,13 +242,21 @@ def run_all(tasks: list[Task], jobs: int, deadline: float, log_dir: Path, on_don
     return state
 
 
-def _eval_row(path: Path) -> dict | None:
+def _model_result(path: Path) -> dict | None:
     if not path.exists():
         return None
-    res = json.loads(path.read_text())
-    (m,) = res["models"].values()
+    (m,) = json.loads(path.read_text())["models"].values()
+    return m
+
+
+def _eval_row(path: Path) -> dict | None:
+    """ppl@2048 from ``<name>.eval.json`` and PIQA from ``<name>.piqa.json`` beside it (None until it exists)."""
+    m = _model_result(path)
+    if m is None:
+        return None
     ppl = (m.get("perplexity") or {}).get("2048", {}).get("ppl")
-    piqa = ((m.get("zeroshot") or {}).get("tasks") or {}).get("piqa", {})
+    z = _model_result(path.with_name(path.name.replace(".eval.json", ".piqa.json"))) or {}
+    piqa = ((z.get("zeroshot") or {}).get("tasks") or {}).get("piqa", {})
     return {"ppl2048": ppl, "piqa": piqa.get("acc"), "piqa_stderr": piqa.get("acc_stderr")}
 
 
@@ -388,6 +438,13 @@ def main() -> None:
     ap.add_argument("--prune-steps", type=int, default=STEPS, help="the default recipe's steps (smoke tests: fewer)")
     ap.add_argument("--calib-samples", type=int, default=256, help="calibration windows of the prunes")
     ap.add_argument("--deadline", type=float, default=float("inf"), help="start no task after this many seconds")
+    ap.add_argument(
+        "--only",
+        type=lambda x: x.split(","),
+        default=None,
+        help="comma-separated regular expressions over task names (prune-/distill-/eval-/piqa-<start>-s<NN>-seed<N>"
+        "[-<M>min|-inbudget], eval-dense): run just those (and what they need), in this order of importance",
+    )
     ap.add_argument("--date", default=datetime.date.today().isoformat())
     a = ap.parse_args()
     if a.measure_cpu:
@@ -397,8 +454,8 @@ def main() -> None:
     work = Path(a.work)
     (work / "logs").mkdir(parents=True, exist_ok=True)
     results = Path(a.results or a.work)
-    tasks = plan(a, timing)
-    state = run_all(tasks, a.jobs, a.deadline, work / "logs", lambda: summarize(a, timing, results))
+    tasks = select(plan(a, timing), a.only)
+    state = run_all(tasks, a.jobs, a.deadline, work / "logs", lambda: summarize(a, timing, results), a.threads)
     summarize(a, timing, results)
     print(json.dumps({k: v for k, v in state.items() if v != "done"}, indent=1) or "all done")
 
