@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .config import DEFAULT_MODEL, DISTILL_SETTINGS, PruneConfig, load_config
+from .config import DEFAULT_MODEL, DISTILL_ONLY, PruneConfig, distill_overrides, load_config
 from .errors import MaskPruneError
 
 __all__ = ["PruneResult", "prune", "distill"]
@@ -50,6 +50,11 @@ def prune(
             raise MaskPruneError("pass options either in the PruneConfig or as keywords, not both")
         cfg = model if out is None else dataclasses.replace(model, out=str(out))
     else:
+        given = sorted(set(options) & DISTILL_ONLY)
+        if given:
+            raise MaskPruneError(
+                f"prune does not take {', '.join(given)}", fix="call maskprune.distill(student, teacher=...)"
+            )
         cfg = load_config(overrides={"model": model, **options, **({"out": str(out)} if out is not None else {})})
     return _run(cfg, progress)
 
@@ -59,7 +64,7 @@ def distill(
 ) -> PruneResult:
     """Distil the pruned ``student`` from its dense ``teacher`` (see :mod:`maskprune.recovery`); options as
     for :func:`prune` (``steps``, ``calib``, ``lora_rank``, ``full``, ...)."""
-    overrides = {"model": student, "teacher": teacher, **options, **DISTILL_SETTINGS}
+    overrides = {"model": student, "teacher": teacher, **distill_overrides(options)}
     if out is not None:
         overrides["out"] = str(out)
     return _run(load_config(overrides=overrides), progress)

@@ -16,7 +16,7 @@ import typing
 from pathlib import Path
 from typing import Any, Literal, Sequence
 
-from .config import PruneConfig, load_config
+from .config import DISTILL_ONLY, PRUNE_ONLY, PruneConfig, distill_overrides, load_config
 from .errors import Interrupted, MaskPruneError
 from .gguf_export import GGUF_TYPES
 
@@ -30,11 +30,12 @@ def _field_docs() -> dict[str, str]:
     return {f.name: f.metadata.get("help", "") for f in dataclasses.fields(PruneConfig)}
 
 
-def _add_config_flags(p: argparse.ArgumentParser) -> None:
+def _add_config_flags(p: argparse.ArgumentParser, exclude: frozenset[str]) -> None:
+    """One flag per PruneConfig field except ``model`` and ``exclude`` (what the command does not take)."""
     docs = _field_docs()
     hints = typing.get_type_hints(PruneConfig)
     for f in dataclasses.fields(PruneConfig):
-        if f.name == "model":
+        if f.name == "model" or f.name in exclude:
             continue
         flag = "--" + f.name.replace("_", "-")
         hint = hints[f.name]
@@ -87,17 +88,19 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("prune", help="learn layer-uniform masks and export a smaller checkpoint")
     p.add_argument("model", nargs="?", default=None, help="HF folder, hub id, .gguf file, or smollm2-135m (default)")
     p.add_argument("--config", type=Path, default=None, help="YAML file of config keys")
-    _add_config_flags(p)
+    _add_config_flags(p, DISTILL_ONLY)
 
     d = sub.add_parser(
         "distill",
         help="recover a pruned model by distillation from its dense original (LoRA merged, or --full)",
         description="maskprune distill PRUNED --teacher DENSE --out DIR: the prune options apply where they mean "
-        "the same thing (--steps, --calib, --calib-samples, --seq-len, --batch-size, --lora-rank, ...).",
+        "the same thing (--steps, --calib, --calib-samples, --seq-len, --batch-size, --lora-rank, ...); the "
+        "options that choose the cut (--sparsity, --method, masks, ...) are prune's: the student keeps its shape. "
+        "A --config file shared with prune may hold them: they are ignored with a warning.",
     )
     d.add_argument("model", help="the pruned student: HF folder, hub id or .gguf file")
     d.add_argument("--config", type=Path, default=None, help="YAML file of config keys")
-    _add_config_flags(d)
+    _add_config_flags(d, PRUNE_ONLY)
 
     e = sub.add_parser("eval", help="WikiText-2 perplexity and zero-shot accuracy (lm-eval) of causal LMs")
     e.add_argument("model", nargs="*", help="HF folder, hub id, .gguf file, or smollm2-135m")
@@ -169,23 +172,35 @@ def parse_prune_overrides(argv: Sequence[str]) -> dict[str, Any]:
     return _overrides(build_parser().parse_args(["prune", *argv]))
 
 
+def _other_commands_options(command: str, unknown: Sequence[str]) -> MaskPruneError | None:
+    """The error for flags that belong to the other of prune / distill (None when ``unknown`` holds others)."""
+    names = {u[2:].split("=")[0].replace("-", "_").removeprefix("no_") for u in unknown if u.startswith("--")}
+    if command == "distill" and names & PRUNE_ONLY:
+        try:
+            distill_overrides(dict.fromkeys(names & PRUNE_ONLY))
+        except MaskPruneError as exc:
+            return exc
+    if command == "prune" and names & DISTILL_ONLY:
+        flags = ", ".join("--" + n.replace("_", "-") for n in sorted(names & DISTILL_ONLY))
+        return MaskPruneError(
+            f"{flags} belongs to `maskprune distill`",
+            fix="run maskprune distill PRUNED --teacher DENSE (prune's teacher is the model it prunes)",
+        )
+    return None
+
+
 def _run_prune(args: argparse.Namespace, progress: bool) -> int:
     from .pipeline import prune
 
     overrides = _overrides(args)
     if args.command == "distill":
-        from .config import DISTILL_SETTINGS
-
         if overrides.get("teacher") is None:
             raise MaskPruneError(
                 "distill needs a teacher", fix="pass --teacher DENSE (the model the student was pruned from)"
             )
-        overrides = {**overrides, **DISTILL_SETTINGS}
-    elif overrides.get("teacher") is not None:
-        raise MaskPruneError(
-            "--teacher belongs to `maskprune distill`", fix="run maskprune distill PRUNED --teacher DENSE"
-        )
-    cfg = load_config(args.config, overrides)
+        cfg = load_config(args.config, distill_overrides(overrides), ignore=PRUNE_ONLY)
+    else:
+        cfg = load_config(args.config, overrides, ignore=DISTILL_ONLY)
     report = prune(cfg, progress=progress)
     if "params" not in report:  # a secondary process of a distributed run: rank 0 reports
         return 0
@@ -258,7 +273,13 @@ def _run_export_gguf(args: argparse.Namespace) -> int:
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args, unknown = parser.parse_known_args(argv)
+    if unknown:
+        problem = _other_commands_options(args.command, unknown)
+        if problem is None:
+            parser.error(f"unrecognized arguments: {' '.join(unknown)}")
+        sys.stderr.write(f"maskprune: error: {problem}\n")
+        return 2
     level = logging.DEBUG if args.verbose else logging.WARNING if args.quiet else logging.INFO
     logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     for noisy in ("httpx", "urllib3", "filelock"):

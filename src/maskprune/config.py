@@ -7,6 +7,7 @@ and values of the wrong type are errors, and every problem is reported at once.
 from __future__ import annotations
 
 import dataclasses
+import logging
 import math
 import types
 import typing
@@ -18,13 +19,84 @@ import yaml
 
 from .errors import MaskPruneError
 
-__all__ = ["PruneConfig", "load_config", "DEFAULT_MODEL", "PAPER_RECIPE", "DISTILL_SETTINGS"]
+log = logging.getLogger("maskprune")
+
+__all__ = [
+    "PruneConfig",
+    "load_config",
+    "DEFAULT_MODEL",
+    "PAPER_RECIPE",
+    "DISTILL_SETTINGS",
+    "PRUNE_ONLY",
+    "DISTILL_ONLY",
+    "distill_overrides",
+]
 
 DEFAULT_MODEL = "smollm2-135m"
 
 DISTILL_SETTINGS: dict[str, Any] = {"mask_init": "ones", "freeze_share": 0.0, "split_search": False}
 """What ``maskprune distill`` sets: the student's structure is kept as it is (every unit, masks at 1, frozen),
 so every step is distillation of its weights."""
+
+PRUNE_ONLY: frozenset[str] = frozenset(
+    {
+        "recover_steps",
+        "sparsity",
+        "budget_params",
+        "method",
+        "head_cut_fraction",
+        "split_search",
+        "split_search_samples",
+        "layerwise_calibration",
+        "bias_compensation",
+        "mask_type",
+        "gqa_policy",
+        "recipe",
+        "mask_init",
+        "mask_init_spread",
+        "prior_samples",
+        "mask_optimizer",
+        "mask_lr",
+        "mask_lr_schedule",
+        "freeze_share",
+        "eta1",
+        "eta2",
+        "eta3",
+        "eta4",
+        "resource_weight",
+        "y_init",
+        "z_init",
+        "cut_ramp",
+        "warmup_share",
+        "ffn_prox_start",
+        "ffn_prox_end",
+        "distill",
+        "head_multiple",
+        "ffn_multiple",
+    }
+)
+"""Options of ``maskprune prune`` that ``maskprune distill`` does not take: they choose, learn or shape the cut
+(or switch the teacher off), and a distillation keeps the student's structure and always learns from its
+teacher. Its flags are not offered; given in the API they are refused; in a shared YAML file they are ignored
+with a warning."""
+
+DISTILL_ONLY: frozenset[str] = frozenset({"teacher", "teacher_gguf_file"})
+"""Options of ``maskprune distill`` that ``maskprune prune`` does not take (its teacher is the model it prunes)."""
+
+
+def distill_overrides(options: Mapping[str, Any]) -> dict[str, Any]:
+    """``options`` of a distillation (API keywords or CLI flags) with :data:`DISTILL_SETTINGS` applied; refuses
+    any of :data:`PRUNE_ONLY`, which would otherwise be silently overridden or meaningless."""
+    given = sorted(set(options) & PRUNE_ONLY)
+    if given:
+        raise MaskPruneError(
+            f"maskprune distill does not take {', '.join(given)}",
+            expected="distillation options (steps, calib, calib_samples, seq_len, batch_size, lora_rank, lora_lr, "
+            "full, alpha, ce_weight, kl_direction, ...): the student's structure is kept as it is",
+            fix="drop them (they choose the cut: give them to `maskprune prune`)",
+        )
+    return {**options, **DISTILL_SETTINGS}
+
 
 PAPER_RECIPE: dict[str, Any] = {
     "mask_init": "ones",
@@ -534,6 +606,11 @@ class PruneConfig:
             problems.append(
                 "full applies to distillation (`maskprune distill`, or prune's --recover-steps); drop --full"
             )
+        if (self.teacher is not None or self.recover_steps) and not (self.lora or self.full):
+            problems.append(
+                "distillation trains LoRA adapters (the default) or every weight (--full); with --no-lora and "
+                "no --full nothing would train: drop --no-lora or add --full"
+            )
         if self.gguf is not None:
             from .gguf_export import GGUF_TYPES
 
@@ -624,8 +701,12 @@ def _check_type(name: str, value: Any, hint: Any) -> tuple[Any, str | None]:
     return value, None
 
 
-def load_config(file: str | Path | None = None, overrides: Mapping[str, Any] | None = None) -> PruneConfig:
-    """Defaults, then the YAML ``file``, then ``overrides`` (flags). Validated; errors all at once."""
+def load_config(
+    file: str | Path | None = None, overrides: Mapping[str, Any] | None = None, *, ignore: frozenset[str] = frozenset()
+) -> PruneConfig:
+    """Defaults, then the YAML ``file``, then ``overrides`` (flags). Validated; errors all at once. Keys of the
+    file in ``ignore`` (a command's options that do not apply, e.g. :data:`PRUNE_ONLY` for distill) are dropped
+    with a warning, so one file can serve prune and distill."""
     values: dict[str, Any] = {}
     if file is not None:
         path = Path(file)
@@ -641,7 +722,10 @@ def load_config(file: str | Path | None = None, overrides: Mapping[str, Any] | N
             raise MaskPruneError(
                 f"config file {str(path)!r} must hold a mapping of keys to values", found=type(loaded).__name__
             )
-        values.update(loaded)
+        dropped = sorted(set(loaded) & ignore)
+        if dropped:
+            log.warning("config file %s: %s do not apply here and are ignored", path, ", ".join(dropped))
+        values.update({k: v for k, v in loaded.items() if k not in ignore})
     values.update(overrides or {})
     if values.get("recipe") == "paper":
         values = {**PAPER_RECIPE, **values}

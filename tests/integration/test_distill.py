@@ -5,6 +5,7 @@ origin is refused before any work."""
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 
@@ -144,7 +145,25 @@ def test_distill_needs_a_teacher_and_prune_refuses_one(pair, tmp_path, capsys):
     assert main(["-q", "distill", str(student), "--out", str(tmp_path / "x")]) == 2
     assert "--teacher" in capsys.readouterr().err
     assert main(["-q", "prune", str(dense), "--teacher", str(dense), "--out", str(tmp_path / "y")]) == 2
-    assert "maskprune distill" in capsys.readouterr().err
+    assert "--teacher belongs to `maskprune distill`" in capsys.readouterr().err
+    # the options that choose the cut are prune's: refused by name, nothing written
+    out = tmp_path / "z"
+    assert main(_distill(student, dense, calib, out, "--sparsity", "0.5", "--no-cut-ramp")) == 2
+    assert "maskprune distill does not take cut_ramp, sparsity" in capsys.readouterr().err and not out.exists()
+    with pytest.raises(SystemExit):  # any other unknown flag: argparse's own error
+        main(_distill(student, dense, calib, out, "--no-such-flag"))
+    assert "unrecognized arguments: --no-such-flag" in capsys.readouterr().err
+
+
+def test_distill_help_offers_only_what_applies(capsys):
+    for command, absent, present in (
+        ("distill", ["--sparsity", "--method", "--mask-init", "--freeze-share", "--recover-steps"], ["--teacher"]),
+        ("prune", ["--teacher"], ["--sparsity", "--recover-steps", "--full"]),
+    ):
+        with pytest.raises(SystemExit):
+            main([command, "--help"])
+        offered = set(re.findall(r"^\s+(--[a-z-]+)", capsys.readouterr().out, re.M))
+        assert not offered & set(absent) and set(present) <= offered, command
 
 
 def test_prune_recover_steps_distils_the_cut_with_the_same_code(pair, tmp_path, capsys):

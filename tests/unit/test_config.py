@@ -132,3 +132,27 @@ def test_new_options_are_checked():
     )
     assert load_config(overrides={"method": "flap"}).resolved_layerwise_calibration()
     assert not load_config(overrides={"method": "taylor"}).resolved_layerwise_calibration()
+
+
+def test_distill_takes_no_option_that_chooses_the_cut_and_trains_something():
+    from maskprune.config import DISTILL_SETTINGS, PRUNE_ONLY, distill_overrides
+
+    assert set(DISTILL_SETTINGS) <= PRUNE_ONLY
+    with pytest.raises(MaskPruneError, match="does not take method, sparsity"):
+        distill_overrides({"sparsity": 0.5, "method": "flap", "steps": 3})
+    assert distill_overrides({"steps": 3}) == {"steps": 3, **DISTILL_SETTINGS}
+    with pytest.raises(MaskPruneError, match="nothing would train"):
+        load_config(overrides={"teacher": "t", **DISTILL_SETTINGS, "lora": False})
+    with pytest.raises(MaskPruneError, match="nothing would train"):
+        load_config(overrides={"recover_steps": 5, "lora": False})
+    assert load_config(overrides={"teacher": "t", **DISTILL_SETTINGS, "lora": False, "full": True}).full
+
+
+def test_a_config_file_shared_by_prune_and_distill_drops_what_does_not_apply(tmp_path, caplog):
+    from maskprune.config import PRUNE_ONLY
+
+    path = tmp_path / "run.yaml"
+    path.write_text("sparsity: 0.5\nmethod: flap\nsteps: 7\n")
+    cfg = load_config(path, {"teacher": "t", "mask_init": "ones", "freeze_share": 0.0}, ignore=PRUNE_ONLY)
+    assert (cfg.steps, cfg.method, cfg.sparsity) == (7, "maskprune", PruneConfig.sparsity)
+    assert "method, sparsity do not apply here and are ignored" in caplog.text
