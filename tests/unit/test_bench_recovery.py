@@ -1,0 +1,74 @@
+"""bench/recovery.py's scheduling: the tasks chosen and ranked by --only (with what they need), the step counts
+bought by CPU minutes, and an interrupted run continued with --resume instead of started over."""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+@pytest.fixture(scope="module")
+def recovery():
+    spec = importlib.util.spec_from_file_location("bench_recovery", ROOT / "bench" / "recovery.py")
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules["bench_recovery"] = mod
+    spec.loader.exec_module(mod)
+    return mod
+
+
+TIMING = {
+    "learn_step_s": {"s20": 4.5, "s50": 4.5},
+    "distill_step_s": {"default-s20": 4.2, "flap-s20": 4.2, "default-s50": 3.2, "flap-s50": 3.3},
+    "prune_s": {"default-s20": 600, "flap-s20": 170, "default-s50": 630, "flap-s50": 120},
+}
+
+
+def _args(work: Path) -> argparse.Namespace:
+    return argparse.Namespace(
+        model="m", data_dir="d", work=str(work), sparsities=[0.2, 0.5], seeds=[0, 1], minutes=[5.0, 60.0],
+        threads=1, eval_batch=8, eval_limit=None, prune_steps=120, calib_samples=256, date="x",
+    )  # fmt: skip
+
+
+def test_only_picks_ranks_and_pulls_in_dependencies(recovery, tmp_path):
+    tasks = recovery.plan(_args(tmp_path), TIMING)
+    chosen = recovery.select(tasks, ["distill-flap-s50-seed0-60min", "eval-split-s20-seed1-inbudget"])
+    ranks = {t.name: t.priority for t in chosen}
+    assert ranks == {
+        "distill-flap-s50-seed0-60min": 0,
+        "prune-flap-s50-seed0": 0,
+        "eval-split-s20-seed1-inbudget": 1,
+        "distill-split-s20-seed1-inbudget": 1,
+        "prune-split-s20-seed1": 1,
+    }
+    assert recovery.select(tasks, None) == tasks
+    (d,) = [t for t in chosen if t.name.startswith("distill-flap")]
+    assert d.cmd[d.cmd.index("--steps") + 1] == str(round(60 * 60 / 3.3))  # 60 minutes at 3.3 s a step
+    assert d.cmd[d.cmd.index("--calib-samples") + 1] == str(4 * round(60 * 60 / 3.3))  # one pass, no window twice
+
+
+def test_an_interrupted_run_resumes_and_a_fresh_one_starts_over(recovery, tmp_path):
+    cmd = ["maskprune", "distill", "s", "--out", str(tmp_path / "r"), "--overwrite", "--steps", "9"]
+    assert recovery._resumed(cmd) == cmd
+    (tmp_path / "r.checkpoints").mkdir()
+    assert recovery._resumed(cmd) == cmd  # an empty checkpoint folder: nothing to continue
+    (tmp_path / "r.checkpoints" / "step-000025").mkdir()
+    assert recovery._resumed(cmd) == [c if c != "--overwrite" else "--resume" for c in cmd]
+
+
+def test_the_summary_merges_perplexity_and_piqa(recovery, tmp_path):
+    def result(path: Path, **model):
+        path.write_text(json.dumps({"models": {"m": model}}))
+
+    result(tmp_path / "x.eval.json", perplexity={"2048": {"ppl": 12.5}})
+    assert recovery._eval_row(tmp_path / "x.eval.json") == {"ppl2048": 12.5, "piqa": None, "piqa_stderr": None}
+    result(tmp_path / "x.piqa.json", zeroshot={"tasks": {"piqa": {"acc": 0.6, "acc_stderr": 0.01}}})
+    assert recovery._eval_row(tmp_path / "x.eval.json") == {"ppl2048": 12.5, "piqa": 0.6, "piqa_stderr": 0.01}
+    assert recovery._eval_row(tmp_path / "missing.eval.json") is None
