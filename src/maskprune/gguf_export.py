@@ -43,32 +43,31 @@ def converter_dir(cache: Path | None = None) -> Path:
                 f"MASKPRUNE_LLAMA_CPP={env!r} holds no convert_hf_to_gguf.py", fix="point it at a llama.cpp checkout"
             )
         return path
-    from .models import cache_dir
+    from .cache import build_once, cache_dir
 
     target = (cache or cache_dir()) / f"llama.cpp-{LLAMA_CPP_PYTHON}"
-    if (target / "convert_hf_to_gguf.py").is_file():
-        return target
-    target.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
-        cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary", ":all:", "-d", tmp]
-        r = subprocess.run(cmd + [f"llama-cpp-python=={LLAMA_CPP_PYTHON}"], capture_output=True, text=True)
-        sdists = list(Path(tmp).glob("llama_cpp_python-*.tar.gz"))
-        if r.returncode != 0 or not sdists:
-            raise MaskPruneError(
-                f"cannot fetch llama.cpp's converter (llama-cpp-python=={LLAMA_CPP_PYTHON} source distribution)",
-                found=(r.stderr.strip().splitlines() or ["no file"])[-1],
-                fix="connect to the package index once, or set MASKPRUNE_LLAMA_CPP to a llama.cpp checkout",
-            )
-        prefix = f"llama_cpp_python-{LLAMA_CPP_PYTHON}/vendor/llama.cpp/"
-        keep = ("convert_hf_to_gguf.py", "conversion/", "gguf-py/", "LICENSE")
-        staged = Path(tmp) / "llama.cpp"
-        with tarfile.open(sdists[0]) as tar:
-            for m in tar.getmembers():
-                if m.name.startswith(prefix) and m.name[len(prefix) :].startswith(keep) and (m.isfile() or m.isdir()):
-                    m.name = m.name[len(prefix) :]
-                    tar.extract(m, staged, filter="data")
-        os.replace(staged, target)
-    return target
+
+    def fetch(staged: Path) -> None:
+        with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
+            cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary", ":all:", "-d", tmp]
+            r = subprocess.run(cmd + [f"llama-cpp-python=={LLAMA_CPP_PYTHON}"], capture_output=True, text=True)
+            sdists = list(Path(tmp).glob("llama_cpp_python-*.tar.gz"))
+            if r.returncode != 0 or not sdists:
+                raise MaskPruneError(
+                    f"cannot fetch llama.cpp's converter (llama-cpp-python=={LLAMA_CPP_PYTHON} source distribution)",
+                    found=(r.stderr.strip().splitlines() or ["no file"])[-1],
+                    fix="connect to the package index once, or set MASKPRUNE_LLAMA_CPP to a llama.cpp checkout",
+                )
+            prefix = f"llama_cpp_python-{LLAMA_CPP_PYTHON}/vendor/llama.cpp/"
+            keep = ("convert_hf_to_gguf.py", "conversion/", "gguf-py/", "LICENSE")
+            with tarfile.open(sdists[0]) as tar:
+                for m in tar.getmembers():
+                    rel = m.name[len(prefix) :]
+                    if m.name.startswith(prefix) and rel.startswith(keep) and (m.isfile() or m.isdir()):
+                        m.name = rel
+                        tar.extract(m, staged, filter="data")
+
+    return build_once(target, lambda t: (t / "convert_hf_to_gguf.py").is_file(), fetch)
 
 
 def preflight(gguf_type: str) -> None:

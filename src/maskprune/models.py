@@ -11,10 +11,7 @@ from __future__ import annotations
 import hashlib
 import importlib.util
 import logging
-import os
 import re
-import shutil
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -22,6 +19,7 @@ import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PretrainedConfig, PreTrainedModel
 
 from .arch import SUPPORTED_MODEL_TYPES, get_adapter
+from .cache import build_once, cache_dir
 from .errors import MaskPruneError, UnsupportedModelError
 
 __all__ = ["LoadedModel", "load_model", "resolve_source", "default_model_dir", "cache_dir"]
@@ -54,11 +52,6 @@ class Source:
     location: str  # folder or hub id
     gguf_file: str | None
     is_local: bool
-
-
-def cache_dir() -> Path:
-    """``$MASKPRUNE_CACHE``, else ``~/.cache/maskprune``."""
-    return Path(os.environ.get("MASKPRUNE_CACHE", Path.home() / ".cache" / "maskprune"))
 
 
 def _smollm2_gguf() -> Path:
@@ -193,36 +186,30 @@ def _converted_gguf(gguf: Path, name: str | None = None) -> Path:
         :12
     ]
     target = cache_dir() / f"{name or gguf.stem}-{key}"
-    if (target / "config.json").is_file():
-        return target
-    log.info("converting %s to a cached safetensors checkpoint at %s (once)", gguf.name, target)
-    try:
-        tok = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
-        qmodel = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32)
-    except Exception as exc:  # gguf raises many kinds of errors on a corrupt file
-        raise MaskPruneError(
-            f"cannot read GGUF file {str(gguf)!r}: {type(exc).__name__}: {exc}",
-            expected="a complete GGUF file of a supported architecture",
-            fix="re-download the file",
-        ) from None
-    cfg = qmodel.config
-    if hasattr(cfg, "quantization_config"):
-        delattr(cfg, "quantization_config")
-    # A model loaded from GGUF cannot be save_pretrained-ed as is: rebuild it from config + weights.
-    model = AutoModelForCausalLM.from_config(cfg, dtype=torch.float32)
-    model.load_state_dict(qmodel.state_dict(), strict=True)
-    model.generation_config = qmodel.generation_config
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
-    try:
+
+    def convert(tmp: Path) -> None:
+        log.info("converting %s to a cached safetensors checkpoint at %s (once)", gguf.name, target)
+        try:
+            tok = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+            qmodel = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32)
+        except Exception as exc:  # gguf raises many kinds of errors on a corrupt file
+            raise MaskPruneError(
+                f"cannot read GGUF file {str(gguf)!r}: {type(exc).__name__}: {exc}",
+                expected="a complete GGUF file of a supported architecture",
+                fix="re-download the file",
+            ) from None
+        cfg = qmodel.config
+        if hasattr(cfg, "quantization_config"):
+            delattr(cfg, "quantization_config")
+        # A model loaded from GGUF cannot be save_pretrained-ed as is: rebuild it from config + weights.
+        model = AutoModelForCausalLM.from_config(cfg, dtype=torch.float32)
+        model.load_state_dict(qmodel.state_dict(), strict=True)
+        model.generation_config = qmodel.generation_config
         model.save_pretrained(tmp)
         tok.save_pretrained(tmp)
         _write_gguf_card(gguf, tmp / "README.md")
-        os.replace(tmp, target)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return target
+
+    return build_once(target, lambda t: (t / "config.json").is_file(), convert)
 
 
 def _write_gguf_card(gguf: Path, dest: Path) -> None:

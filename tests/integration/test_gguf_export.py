@@ -18,7 +18,7 @@ from maskprune.gguf_export import LLAMA_CPP_PYTHON, export_gguf
 
 
 def _converter_available() -> bool:
-    from maskprune.models import cache_dir
+    from maskprune.cache import cache_dir
 
     env = os.environ.get("MASKPRUNE_LLAMA_CPP")
     return bool(env) or (cache_dir() / f"llama.cpp-{LLAMA_CPP_PYTHON}" / "convert_hf_to_gguf.py").is_file()
