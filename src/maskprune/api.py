@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .config import DEFAULT_MODEL, DISTILL_ONLY, PruneConfig, distill_overrides, load_config
+from .config import DEFAULT_MODEL, PruneConfig, distill_overrides, load_config, prune_overrides
 from .errors import MaskPruneError
 
 __all__ = ["PruneResult", "prune", "distill"]
@@ -50,12 +50,8 @@ def prune(
             raise MaskPruneError("pass options either in the PruneConfig or as keywords, not both")
         cfg = model if out is None else dataclasses.replace(model, out=str(out))
     else:
-        given = sorted(set(options) & DISTILL_ONLY)
-        if given:
-            raise MaskPruneError(
-                f"prune does not take {', '.join(given)}", fix="call maskprune.distill(student, teacher=...)"
-            )
-        cfg = load_config(overrides={"model": model, **options, **({"out": str(out)} if out is not None else {})})
+        overrides = {"model": model, **prune_overrides(options), **({"out": str(out)} if out is not None else {})}
+        cfg = load_config(overrides=overrides)
     return _run(cfg, progress)
 
 

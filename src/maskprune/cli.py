@@ -16,7 +16,7 @@ import typing
 from pathlib import Path
 from typing import Any, Literal, Sequence
 
-from .config import DISTILL_ONLY, PRUNE_ONLY, PruneConfig, distill_overrides, load_config
+from .config import DISTILL_ONLY, PRUNE_ONLY, PruneConfig, distill_overrides, load_config, prune_overrides
 from .errors import Interrupted, MaskPruneError
 from .gguf_export import GGUF_TYPES
 
@@ -181,11 +181,10 @@ def _other_commands_options(command: str, unknown: Sequence[str]) -> MaskPruneEr
         except MaskPruneError as exc:
             return exc
     if command == "prune" and names & DISTILL_ONLY:
-        flags = ", ".join("--" + n.replace("_", "-") for n in sorted(names & DISTILL_ONLY))
-        return MaskPruneError(
-            f"{flags} belongs to `maskprune distill`",
-            fix="run maskprune distill PRUNED --teacher DENSE (prune's teacher is the model it prunes)",
-        )
+        try:
+            prune_overrides(dict.fromkeys(names & DISTILL_ONLY))
+        except MaskPruneError as exc:
+            return exc
     return None
 
 

@@ -30,6 +30,7 @@ __all__ = [
     "PRUNE_ONLY",
     "DISTILL_ONLY",
     "distill_overrides",
+    "prune_overrides",
 ]
 
 DEFAULT_MODEL = "smollm2-135m"
@@ -96,6 +97,20 @@ def distill_overrides(options: Mapping[str, Any]) -> dict[str, Any]:
             fix="drop them (they choose the cut: give them to `maskprune prune`)",
         )
     return {**options, **DISTILL_SETTINGS}
+
+
+def prune_overrides(options: Mapping[str, Any]) -> dict[str, Any]:
+    """``options`` of a prune (API keywords or CLI flags); refuses any of :data:`DISTILL_ONLY` (prune's teacher
+    is the model it prunes: a separate teacher is `maskprune distill`'s)."""
+    given = sorted(set(options) & DISTILL_ONLY)
+    if given:
+        raise MaskPruneError(
+            f"maskprune prune does not take {', '.join(given)}",
+            expected="prune options: its teacher is the model it prunes",
+            fix="distil a pruned model from a separate teacher with `maskprune distill PRUNED --teacher DENSE` "
+            "(maskprune.distill(student, teacher=...))",
+        )
+    return dict(options)
 
 
 PAPER_RECIPE: dict[str, Any] = {

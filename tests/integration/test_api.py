@@ -47,5 +47,5 @@ def test_options_are_validated_as_the_cli_validates_flags(files):
     assert "sparsity must be in (0, 1)" in str(e.value) and "unknown config keys ['stepz']" in str(e.value)
     with pytest.raises(MaskPruneError, match="maskprune distill does not take method"):
         maskprune.distill(str(dense), teacher=str(dense), method="flap", progress=False)
-    with pytest.raises(MaskPruneError, match="prune does not take teacher"):
+    with pytest.raises(MaskPruneError, match="maskprune prune does not take teacher"):
         maskprune.prune(str(dense), teacher=str(dense), progress=False)

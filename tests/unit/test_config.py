@@ -156,3 +156,13 @@ def test_a_config_file_shared_by_prune_and_distill_drops_what_does_not_apply(tmp
     cfg = load_config(path, {"teacher": "t", "mask_init": "ones", "freeze_share": 0.0}, ignore=PRUNE_ONLY)
     assert (cfg.steps, cfg.method, cfg.sparsity) == (7, "maskprune", PruneConfig.sparsity)
     assert "method, sparsity do not apply here and are ignored" in caplog.text
+
+
+def test_prune_takes_no_separate_teacher():
+    from maskprune.config import DISTILL_ONLY, PRUNE_ONLY, prune_overrides
+
+    assert not DISTILL_ONLY & PRUNE_ONLY
+    with pytest.raises(MaskPruneError, match="prune does not take teacher, teacher_gguf_file") as e:
+        prune_overrides({"teacher": "d", "teacher_gguf_file": "f.gguf", "steps": 3})
+    assert "maskprune distill" in str(e.value)
+    assert prune_overrides({"steps": 3, "sparsity": 0.5}) == {"steps": 3, "sparsity": 0.5}
