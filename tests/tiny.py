@@ -127,3 +127,9 @@ def write_calib(path: Path, docs: int = 40) -> Path:
         for i in range(docs):
             fh.write(json.dumps({"text": f"Document {i}. " + TEXT[(i * 37) % 200 :]}) + "\n")
     return path
+
+
+def small_run(calib: Path, *, calib_samples: int = 16, seq_len: int = 32) -> list[str]:
+    """The CLI flags of a seconds-long run on ``calib``: short windows, few of them, a two-window evaluation."""
+    flags = ["--seq-len", str(seq_len), "--calib-samples", str(calib_samples), "--calib", str(calib)]
+    return flags + ["--eval-seq-len", "64", "--eval-max-windows", "2"]
