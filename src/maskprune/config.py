@@ -35,9 +35,15 @@ __all__ = [
 
 DEFAULT_MODEL = "smollm2-135m"
 
-DISTILL_SETTINGS: dict[str, Any] = {"mask_init": "ones", "freeze_share": 0.0, "split_search": False}
-"""What ``maskprune distill`` sets: the student's structure is kept as it is (every unit, masks at 1, frozen),
-so every step is distillation of its weights."""
+DISTILL_SETTINGS: dict[str, Any] = {
+    "method": "maskprune",
+    "mask_init": "ones",
+    "freeze_share": 0.0,
+    "split_search": False,
+}
+"""What ``maskprune distill`` (and prune's recovery after the cut, whatever method cut) sets: the learner runs
+and the student's structure is kept as it is (every unit, masks at 1, frozen), so every step is distillation of
+its weights."""
 
 PRUNE_ONLY: frozenset[str] = frozenset(
     {
@@ -507,6 +513,18 @@ class PruneConfig:
         1,
         """Refresh the progress bar's loss and state every N steps (metrics.jsonl gets every step).""",
     )
+    val_every: int = _opt(
+        0,
+        """Every N learning or distillation steps, and after the last, score ``val_windows`` held-out
+    calibration windows: KL to the teacher (the training loss's direction) and the student's perplexity, in
+    metrics.jsonl (``val_kl``, ``val_ppl``), the progress bar and the report's ``validation``. The held-out
+    windows are the ones after the training windows in the calibration text and scoring draws no randomness,
+    so training is the same with or without it. 0: off.""",
+    )
+    val_windows: int = _opt(
+        16,
+        """How many held-out calibration windows ``val_every`` scores (taken after the ``calib_samples``).""",
+    )
 
     # ---- derived ---------------------------------------------------------------------------
     def budget_for(self, dense_params: int) -> int:
@@ -570,6 +588,8 @@ class PruneConfig:
             problems.append(f"budget_params must be a positive parameter count, found {self.budget_params}")
         if self.checkpoint_every < 0:
             problems.append(f"checkpoint_every must be >= 0, found {self.checkpoint_every}")
+        if self.val_every < 0:
+            problems.append(f"val_every must be >= 0 (0: no validation), found {self.val_every}")
         for name in (
             "calib_samples",
             "prior_samples",
@@ -582,6 +602,7 @@ class PruneConfig:
             "ffn_multiple",
             "eval_seq_len",
             "log_every",
+            "val_windows",
             "sync_check_every",
             "split_search_samples",
             "ffn_prox_start",

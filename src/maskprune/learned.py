@@ -32,7 +32,7 @@ from .sinks import ExtraSinks
 from .split import SplitResult
 from .structure import Structure
 
-__all__ = ["learn_and_plan", "checkpoint_dir", "check_checkpoints"]
+__all__ = ["learn_and_plan", "checkpoint_dir", "check_checkpoints", "validation_curve"]
 
 log = logging.getLogger(__name__)
 
@@ -51,6 +51,7 @@ def learn_and_plan(
     ckpt_dir: Path,
     metrics_path: Path,
     teacher=None,
+    val_windows: torch.Tensor | None = None,
 ) -> Outcome:
     """MaskPrune: the prior, LoRA, the masks and the measured split, then the learning loop with its
     metrics and checkpoints; the cut plan from the learned state. Long because the metrics file, the trackers
@@ -72,6 +73,7 @@ def learn_and_plan(
             budget,
             on_step=_on_step(cfg, budget, bar, metrics_file, trackers),
             teacher=teacher,
+            val_windows=val_windows,
         )
         if split is not None:  # the run starts from the measured split (the freeze plans this head count)
             learner.state.sigma["head"] = split.best.k_head / structure.head.units_per_row
@@ -144,6 +146,7 @@ def _on_step(cfg: PruneConfig, budget: int, bar, metrics_file, trackers):
     """The learner's per-step callback: metrics to the JSONL file and trackers, the progress bar, and an
     early estimate of the time left."""
     clock = [time.perf_counter(), 0]  # start of the timed steps, steps seen
+    val: dict[str, str] = {}  # the latest held-out perplexity, shown until the next
 
     def on_step(m: dict) -> None:
         metrics_file.write(json.dumps(m) + "\n")
@@ -160,7 +163,10 @@ def _on_step(cfg: PruneConfig, budget: int, bar, metrics_file, trackers):
                 cfg.steps,
             )
         bar.update(1)
-        if m["step"] % cfg.log_every == 0:
+        if "val_ppl" in m:
+            val["val_ppl"] = f"{m['val_ppl']:.4g}"
+            log.info("validation after %d steps: %s", m["step"] + 1, _val_text(m))
+        if m["step"] % cfg.log_every == 0 or "val_ppl" in m:
             bar.set_postfix(
                 loss=f"{m['loss']:.3f}",
                 s_head=f"{m['sigma_head']:.2f}",
@@ -168,9 +174,32 @@ def _on_step(cfg: PruneConfig, budget: int, bar, metrics_file, trackers):
                 y=f"{m['y']:.2g}",
                 z=f"{m['z']:.2g}",
                 size=f"{m['size_at_cut'] / 1e6:.1f}M/{budget / 1e6:.1f}M",
+                **val,
             )
 
     return on_step
+
+
+def _val_text(m: dict) -> str:
+    kl = f"KL to the teacher {m['val_kl']:.4f}, " if "val_kl" in m else ""
+    return f"{kl}perplexity {m['val_ppl']:.4g} on the held-out windows"
+
+
+def validation_curve(metrics_path: Path, cfg: PruneConfig) -> list[dict] | None:
+    """The held-out scores of a run from its metrics file: one entry per validation, with the steps and
+    tokens trained by then (the report's ``validation``); None when the run had no validation."""
+    if not cfg.val_every or not metrics_path.is_file():
+        return None
+    curve = []
+    for line in metrics_path.read_text(encoding="utf-8").splitlines():
+        m = json.loads(line) if line.strip() else {}
+        if "val_ppl" in m:
+            steps = m["step"] + 1
+            entry = {"steps": steps, "tokens": steps * cfg.batch_size * cfg.seq_len, "ppl": m["val_ppl"]}
+            if "val_kl" in m:
+                entry["kl"] = m["val_kl"]
+            curve.append(entry)
+    return curve
 
 
 def checkpoint_dir(out: Path) -> Path:

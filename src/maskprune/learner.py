@@ -21,7 +21,7 @@ from .config import PruneConfig
 from .cut import plan_cut
 from .dtypes import autocast_dtype
 from .errors import Interrupted, MaskPruneError, NonFiniteError
-from .losses import distillation_loss
+from .losses import distillation_loss, kl_divergence, lm_cross_entropy
 from .mask_optim import LayerAdam, cosine_factor
 from .masks import POLARIZATION_EPS, MaskSet, bypass
 from .structure import Structure
@@ -79,6 +79,7 @@ class Learner:
         *,
         on_step: Callable[[dict], None] | None = None,
         teacher: nn.Module | None = None,
+        val_windows: torch.Tensor | None = None,
     ) -> None:
         self.model = model
         self.masks = masks
@@ -91,6 +92,8 @@ class Learner:
         self.on_step = on_step
         self.teacher = teacher
         """A separate dense teacher (``maskprune distill``); None: the model itself with masks and LoRA off."""
+        self.val_windows = val_windows if cfg.val_every else None
+        """Held-out windows ``[M, seq_len]`` scored every ``cfg.val_every`` steps (None: no validation)."""
         self.device = next(model.parameters()).device
         self.amp = autocast_dtype(cfg.dtype, self.device)
         if self.amp is not None:
@@ -341,9 +344,46 @@ class Learner:
             "seconds": dt,
             "tokens_per_s": batch.numel() / dt,
         }
+        if self.val_windows is not None and (st.step % self.cfg.val_every == 0 or st.step == self.cfg.steps):
+            metrics.update(self.validate())
         if self.on_step is not None:
             self.on_step(metrics)
         return metrics
+
+    @torch.no_grad()
+    def validate(self) -> dict[str, float]:
+        """``val_kl`` (KL to the teacher, in the training loss's direction; absent without distillation),
+        ``val_ce`` and ``val_ppl`` (the student's next-token cross-entropy and its exp) on the held-out windows,
+        in eval mode with the masks and LoRA as they are now. Every process scores every window (under FSDP
+        the forwards are collective); nothing random is drawn, so the training that follows is unchanged."""
+        assert self.val_windows is not None
+        cfg, b = self.cfg, self.cfg.batch_size
+        sums, n = {"ce": 0.0, "kl": 0.0}, 0
+        modes = (self.model.training, self.masks.training)
+        self.model.eval()
+        self.masks.eval()
+        try:
+            for i in range(0, self.val_windows.shape[0], b):
+                batch = self.val_windows[i : i + b].to(self.device)
+                with torch.autocast(self.device.type, dtype=self.amp or torch.float32, enabled=self.amp is not None):
+                    student = self.model(input_ids=batch, use_cache=False).logits
+                    sums["ce"] += float(lm_cross_entropy(student, batch)) * batch.shape[0]
+                    if cfg.distill:
+                        if self.teacher is not None:
+                            teacher = self.teacher(input_ids=batch, use_cache=False).logits
+                        else:
+                            with bypass(self.model, self.masks):
+                                teacher = self.model(input_ids=batch, use_cache=False).logits
+                        kl = kl_divergence(student, teacher, direction=cfg.kl_direction)
+                        sums["kl"] += float(kl) * batch.shape[0]
+                n += batch.shape[0]
+        finally:
+            self.model.train(modes[0])
+            self.masks.train(modes[1])
+        out = {"val_ce": sums["ce"] / n, "val_ppl": math.exp(min(sums["ce"] / n, 700.0))}
+        if cfg.distill:
+            out["val_kl"] = sums["kl"] / n
+        return out
 
     def _check_finite(self, t: int) -> None:
         st = self.state

@@ -190,7 +190,15 @@ are a derivative of the base model and carry its license.
 def _training_summary(d: dict) -> str:
     """``mode, N steps, T tokens of `calib`, M minutes`` of a distillation phase (its report section)."""
     secs = f", {d['seconds'] / 60:.1f} minutes" if d.get("seconds") else ""
-    return f"{d['mode']}, {d['steps']} steps, {d['tokens']:,} tokens of `{d['calib']}`{secs}"
+    text = f"{d['mode']}, {d['steps']} steps, {d['tokens']:,} tokens of `{d['calib']}`{secs}"
+    curve = d.get("validation")
+    if curve:
+        first, last = curve[0], curve[-1]
+        text += (
+            f" (perplexity on held-out calibration windows {first['ppl']:.4g} after {first['steps']} steps, "
+            f"{last['ppl']:.4g} after {last['steps']})"
+        )
+    return text
 
 
 def _recovery_text(rec: dict | None) -> str:

@@ -27,7 +27,7 @@ from .dtypes import DTYPES, autocast_dtype, resolve_dtype
 from .errors import MaskPruneError
 from .evaluate import perplexity, tokenize_windows
 from .export import fold_and_slice_, harden_, masked_logits, save_and_verify, verify_parity
-from .learned import check_checkpoints, checkpoint_dir, learn_and_plan
+from .learned import check_checkpoints, checkpoint_dir, learn_and_plan, validation_curve
 from .modelcard import write_model_card
 from .models import load_model
 from .oneshot import score_and_plan
@@ -107,6 +107,7 @@ class _Run:
     bos: str
     progress: bool
     teacher: object | None = None  # distill: the dense teacher (frozen, no gradient)
+    val_windows: torch.Tensor | None = None  # held-out calibration windows (--val-every)
 
     def ppl(self, m: torch.nn.Module, desc: str) -> dict | None:
         """WikiText-2 perplexity of ``m`` (rank 0; None without eval data)."""
@@ -193,6 +194,9 @@ def _prune(cfg: PruneConfig, *, progress: bool = True, student_eval: tuple | Non
                 "seconds": phases.seconds.get("learn"),
                 "calib": cfg.calib,
             }
+        curve = validation_curve(tmp / "metrics.jsonl", cfg) if cfg.method == "maskprune" else None
+        if curve is not None:  # held-out scores along the run: in the distill section for a distillation
+            (report["distill"] if cfg.distilling else report)["validation"] = curve
         report.update(
             {
                 "perplexity": {
@@ -280,9 +284,15 @@ def _setup(cfg: PruneConfig, progress: bool) -> _Run:
         _check_budget(structure, budget, cfg)
     _check_context(cfg, getattr(model.config, "max_position_embeddings", None))
     with phases("data"):
+        held_out = cfg.val_windows if cfg.val_every and cfg.method == "maskprune" else 0
         windows = calibration_windows(
-            cfg.calib, loaded.tokenizer, seq_len=cfg.seq_len, num_windows=cfg.calib_samples, config=cfg.calib_config
+            cfg.calib,
+            loaded.tokenizer,
+            seq_len=cfg.seq_len,
+            num_windows=cfg.calib_samples + held_out,
+            config=cfg.calib_config,
         )
+        windows, val_windows = _hold_out(windows, held_out, cfg)
         eval_windows, bos = (None, "")
         if cfg.eval_data != "none":
             eval_windows, bos = tokenize_windows(wikitext2_test_text(cfg.eval_data), loaded.tokenizer, cfg.eval_seq_len)
@@ -321,7 +331,29 @@ def _setup(cfg: PruneConfig, progress: bool) -> _Run:
         bos,
         progress,
         teacher,
+        val_windows,
     )
+
+
+def _hold_out(windows: torch.Tensor, held_out: int, cfg: PruneConfig) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """``(training windows, held-out windows or None)``: the last ``held_out`` windows of the calibration text
+    are held out (with enough text, exactly the ones after the ``calib_samples`` the run trains on)."""
+    if not held_out:
+        return windows, None
+    if windows.shape[0] < held_out + cfg.batch_size:
+        raise MaskPruneError(
+            f"the calibration text gives {windows.shape[0]} windows of {cfg.seq_len} tokens: too few to hold "
+            f"out {held_out} for validation and keep one batch of {cfg.batch_size} to train on",
+            fix="give more calibration text, or lower --val-windows, or drop --val-every",
+        )
+    if windows.shape[0] < cfg.calib_samples + held_out:
+        log.warning(
+            "validation holds out the last %d calibration windows: training uses %d instead of %d",
+            held_out,
+            windows.shape[0] - held_out,
+            cfg.calib_samples,
+        )
+    return windows[:-held_out], windows[-held_out:]
 
 
 def _load_teacher(cfg: PruneConfig, adapter, student, device: torch.device):
@@ -356,7 +388,14 @@ def _choose_units(run: _Run, ckpt_dir: Path) -> Outcome:
     args = (cfg, run.loaded.model, run.adapter, run.structure, run.windows, run.budget, run.device)
     if cfg.method == "maskprune":
         return learn_and_plan(
-            *args, main, run.progress, run.phases, ckpt_dir, ckpt_dir / "metrics.jsonl", teacher=run.teacher
+            *args,
+            main,
+            run.progress,
+            run.phases,
+            ckpt_dir,
+            ckpt_dir / "metrics.jsonl",
+            teacher=run.teacher,
+            val_windows=run.val_windows,
         )
     outcome = score_and_plan(*args, run.phases)
     if weight_dtype(cfg) != torch.float32:  # fold and verify in fp32, as for the learned masks

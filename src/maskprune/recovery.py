@@ -95,10 +95,7 @@ def prune_and_recover(cfg: PruneConfig, *, progress: bool = True) -> dict:
     check_output_path(out, cfg.overwrite)
     cut_dir = out.with_name(out.name + ".cut")
     cut_cfg = dataclasses.replace(cfg, recover_steps=0, full=False, out=str(cut_dir), overwrite=True)
-    cut = _finished_cut(cut_dir, cut_cfg) if cfg.resume else None
-    if cut is None:
-        cut = run_stage(cut_cfg, progress=progress)
-    rec_cfg = distill_config(
+    rec_cfg = distill_config(  # settled (and checked) before the cut, so a bad setting costs no cut
         dataclasses.replace(
             cfg,
             model=str(cut_dir),
@@ -111,6 +108,9 @@ def prune_and_recover(cfg: PruneConfig, *, progress: bool = True) -> dict:
             report=False,
         )
     )
+    cut = _finished_cut(cut_dir, cut_cfg) if cfg.resume else None
+    if cut is None:
+        cut = run_stage(cut_cfg, progress=progress)
     known = (cut["perplexity"]["exported"], (cut.get("zeroshot") or {}).get("exported"))
     rec = run_stage(rec_cfg, progress=progress, student_eval=known)
     report = _merge(cut, rec)
