@@ -34,6 +34,10 @@ ARGS = [
     "1",
     "--checkpoint-every",
     "0",
+    "--val-every",
+    "8",
+    "--val-windows",
+    "4",
     "--no-report",
 ]
 
@@ -124,6 +128,11 @@ def test_two_processes_match_one_with_the_same_global_batch(runs, run):
         assert torch.allclose(wa[k], wb[k], atol=5e-3, rtol=1e-3), k
     lines = (root / run / "metrics.jsonl").read_text().splitlines()
     assert len(lines) == 16  # rank 0 alone writes
+    # validation: every process scores every held-out window (collective forwards under FSDP), rank 0 reports
+    assert [c["steps"] for c in b["validation"]] == [c["steps"] for c in a["validation"]] == [8, 16]
+    for ca, cb in zip(a["validation"], b["validation"]):
+        assert cb["ppl"] == pytest.approx(ca["ppl"], rel=1e-3)
+        assert cb["kl"] == pytest.approx(ca["kl"], rel=1e-2, abs=1e-5)
 
 
 def test_a_desynchronised_rank_is_caught(runs, tmp_path):
