@@ -323,6 +323,7 @@ def summarize(a: argparse.Namespace, timing: dict, results: Path) -> dict:
                         "piqa_min": min(accs) if accs else None,
                         "piqa_max": max(accs) if accs else None,
                         "piqa_stderr": cells[0]["piqa_stderr"],
+                        "piqa_seeds": [c["seed"] for c in cells if c["piqa"] is not None],
                         "cells": cells,
                     }
                 )
@@ -361,23 +362,29 @@ def _table(out: dict) -> str:
         f"Command: `{out['command']}`  ",
         f"Machine: {out['machine']}",
         "",
-        "| sparsity | start | recovery (CPU min) | steps | tokens | total CPU min | ppl@2048 median [min, max] | PIQA median [min, max] | seeds |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "Cells: the median [min, max] over the seeds counted beside them; one seed: its value.",
+        "",
+        "| sparsity | start | recovery (CPU min) | steps | tokens | total CPU min | ppl@2048 | seeds | PIQA | seeds |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     d = out.get("dense") or {}
     if d:
         lines.append(f"| 0 | dense | - | - | - | - | {d['ppl2048']:.2f} | {100 * d['piqa']:.2f} | - |")
     for r in out["rows"]:
-        piqa = (
-            "-"
-            if r["piqa_median"] is None
-            else f"{100 * r['piqa_median']:.2f} [{100 * r['piqa_min']:.2f}, {100 * r['piqa_max']:.2f}]"
-        )
+        n_piqa = len(r.get("piqa_seeds", [])) if r["piqa_median"] is not None else 0
+        ppl = _cell(r["ppl2048_median"], r["ppl2048_min"], r["ppl2048_max"], len(r["seeds"]))
+        piqa = _cell(*(100 * r[k] for k in ("piqa_median", "piqa_min", "piqa_max")), n_piqa) if n_piqa else "-"
         lines.append(
-            f"| {round(100 * r['sparsity'])} % | {r['start']} | {r['recovery_cpu_minutes']:g} ({r['recovery']}) | {r['steps']} | {r['tokens']} "
-            f"| {r['total_cpu_minutes']:.1f} | {r['ppl2048_median']:.2f} [{r['ppl2048_min']:.2f}, {r['ppl2048_max']:.2f}] | {piqa} | {len(r['seeds'])} |"
+            f"| {round(100 * r['sparsity'])} % | {r['start']} | {r['recovery_cpu_minutes']:g} ({r['recovery']}) "
+            f"| {r['steps']} | {r['tokens']} | {r['total_cpu_minutes']:.1f} | {ppl} | {len(r['seeds'])} "
+            f"| {piqa} | {n_piqa or '-'} |"
         )
     return "\n".join(lines) + "\n"
+
+
+def _cell(median: float, lo: float, hi: float, n: int) -> str:
+    """``median [min, max]`` of ``n`` seeds, or the one value."""
+    return f"{median:.2f}" if n == 1 else f"{median:.2f} [{lo:.2f}, {hi:.2f}]"
 
 
 def measure_cpu(a: argparse.Namespace) -> dict:

@@ -72,3 +72,21 @@ def test_the_summary_merges_perplexity_and_piqa(recovery, tmp_path):
     result(tmp_path / "x.piqa.json", zeroshot={"tasks": {"piqa": {"acc": 0.6, "acc_stderr": 0.01}}})
     assert recovery._eval_row(tmp_path / "x.eval.json") == {"ppl2048": 12.5, "piqa": 0.6, "piqa_stderr": 0.01}
     assert recovery._eval_row(tmp_path / "missing.eval.json") is None
+
+
+def test_the_table_counts_the_seeds_of_each_measure(recovery, tmp_path):
+    """Perplexity of two seeds, PIQA of one: the table says so instead of printing a range of one value."""
+
+    def result(name: str, **model):
+        (tmp_path / name).write_text(json.dumps({"models": {"m": model}}))
+
+    result("dense.eval.json", perplexity={"2048": {"ppl": 19.0}})
+    result("dense.piqa.json", zeroshot={"tasks": {"piqa": {"acc": 0.64, "acc_stderr": 0.01}}})
+    for seed, ppl in ((0, 200.0), (1, 220.0)):
+        result(f"default-s50-seed{seed}.eval.json", perplexity={"2048": {"ppl": ppl}})
+    result("default-s50-seed0.piqa.json", zeroshot={"tasks": {"piqa": {"acc": 0.55, "acc_stderr": 0.01}}})
+    out = recovery.summarize(_args(tmp_path), TIMING, tmp_path / "results")
+    (row,) = out["rows"]
+    assert row["seeds"] == [0, 1] and row["piqa_seeds"] == [0] and row["ppl2048_median"] == 210.0
+    table = (tmp_path / "results" / "recovery.md").read_text()
+    assert "| 50 % | default | 0 (0min) | 0 | 0 | 10.5 | 210.00 [200.00, 220.00] | 2 | 55.00 | 1 |" in table
