@@ -369,7 +369,7 @@ def _table(out: dict) -> str:
     ]
     d = out.get("dense") or {}
     if d:
-        lines.append(f"| 0 | dense | - | - | - | - | {d['ppl2048']:.2f} | {100 * d['piqa']:.2f} | - |")
+        lines.append(f"| 0 | dense | - | - | - | - | {d['ppl2048']:.2f} | - | {100 * d['piqa']:.2f} | - |")
     for r in out["rows"]:
         n_piqa = len(r.get("piqa_seeds", [])) if r["piqa_median"] is not None else 0
         ppl = _cell(r["ppl2048_median"], r["ppl2048_min"], r["ppl2048_max"], len(r["seeds"]))
