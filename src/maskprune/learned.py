@@ -185,11 +185,9 @@ def _val_text(m: dict) -> str:
     return f"{kl}perplexity {m['val_ppl']:.4g} on the held-out windows"
 
 
-def validation_curve(metrics_path: Path, cfg: PruneConfig) -> list[dict] | None:
+def validation_curve(metrics_path: Path, cfg: PruneConfig) -> list[dict]:
     """The held-out scores of a run from its metrics file: one entry per validation, with the steps and
-    tokens trained by then (the report's ``validation``); None when the run had no validation."""
-    if not cfg.val_every or not metrics_path.is_file():
-        return None
+    tokens trained by then (the report's ``validation``)."""
     curve = []
     for line in metrics_path.read_text(encoding="utf-8").splitlines():
         m = json.loads(line) if line.strip() else {}

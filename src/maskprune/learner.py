@@ -195,6 +195,15 @@ class Learner:
             p.requires_grad_(False)
             p.grad = None
 
+    def _teacher_forward(self, forward: Callable[..., Any], batch: torch.Tensor, hidden: bool):
+        """The teacher's output on ``batch``, without gradient: the separate teacher, or ``forward`` (the model,
+        compiled or not) with masks and LoRA off."""
+        with torch.no_grad():
+            if self.teacher is not None:
+                return self.teacher(input_ids=batch, output_hidden_states=hidden, use_cache=False)
+            with bypass(self.model, self.masks):
+                return forward(input_ids=batch, output_hidden_states=hidden, use_cache=False)
+
     def step(self) -> dict:
         """One learning step: forwards and loss, the mask and LoRA updates, the proximal step, the sigma step and
         the multiplier ascents, in the order of docs/method.md ("One learning step"). Long on purpose: the six
@@ -208,14 +217,7 @@ class Learner:
         batch = self.windows[self.batch_indices(t)].to(self.device)  # [B, T]
         want_hidden = cfg.alpha > 0.0 and cfg.distill
         with torch.autocast(self.device.type, dtype=self.amp or torch.float32, enabled=self.amp is not None):
-            teacher = None
-            if cfg.distill:
-                if self.teacher is not None:
-                    with torch.no_grad():
-                        teacher = self.teacher(input_ids=batch, output_hidden_states=want_hidden, use_cache=False)
-                else:
-                    with torch.no_grad(), bypass(self.model, self.masks):
-                        teacher = self._forward(input_ids=batch, output_hidden_states=want_hidden, use_cache=False)
+            teacher = self._teacher_forward(self._forward, batch, want_hidden) if cfg.distill else None
             student = self._forward(input_ids=batch, output_hidden_states=want_hidden, use_cache=False)
             terms = distillation_loss(
                 student.logits,
@@ -369,11 +371,7 @@ class Learner:
                     student = self.model(input_ids=batch, use_cache=False).logits
                     sums["ce"] += float(lm_cross_entropy(student, batch)) * batch.shape[0]
                     if cfg.distill:
-                        if self.teacher is not None:
-                            teacher = self.teacher(input_ids=batch, use_cache=False).logits
-                        else:
-                            with bypass(self.model, self.masks):
-                                teacher = self.model(input_ids=batch, use_cache=False).logits
+                        teacher = self._teacher_forward(self.model, batch, False).logits
                         kl = kl_divergence(student, teacher, direction=cfg.kl_direction)
                         sums["kl"] += float(kl) * batch.shape[0]
                 n += batch.shape[0]

@@ -194,8 +194,8 @@ def _prune(cfg: PruneConfig, *, progress: bool = True, student_eval: tuple | Non
                 "seconds": phases.seconds.get("learn"),
                 "calib": cfg.calib,
             }
-        curve = validation_curve(tmp / "metrics.jsonl", cfg) if cfg.method == "maskprune" else None
-        if curve is not None:  # held-out scores along the run: in the distill section for a distillation
+        if run.val_windows is not None:  # held-out scores along the run: in the distill section for a distillation
+            curve = validation_curve(tmp / "metrics.jsonl", cfg)
             (report["distill"] if cfg.distilling else report)["validation"] = curve
         report.update(
             {
