@@ -260,11 +260,72 @@ def _eval_row(path: Path) -> dict | None:
     return {"ppl2048": ppl, "piqa": piqa.get("acc"), "piqa_stderr": piqa.get("acc_stderr")}
 
 
+def _cells(work: Path, name: str, seed: int, label: str) -> dict | None:
+    """One seed's measurements of one (start, sparsity, recovery) point from the work folder (None until
+    evaluated): perplexity, PIQA, and the distillation's steps, tokens and seconds from its report."""
+    row = _eval_row(work / f"{name}.eval.json")
+    if row is None:
+        return None
+    rep = work / name / "maskprune_report.json"
+    d = json.loads(rep.read_text()).get("distill") if label != "0min" and rep.exists() else None
+    return {
+        **row,
+        "seed": seed,
+        "steps": d["steps"] if d else 0,
+        "tokens": d["tokens"] if d else 0,
+        "device_seconds": d["seconds"] if d else None,
+    }
+
+
+def _included(paths: list[str]) -> tuple[dict | None, dict[tuple, list[dict]]]:
+    """The dense row and the per-seed cells of earlier summaries (``recovery.json`` of other work folders or
+    sessions), keyed by (sparsity, start, recovery label); each cell remembers the summary it came from."""
+    dense, cells = None, {}
+    for path in paths:
+        prev = json.loads(Path(path).read_text())
+        dense = dense or prev.get("dense")
+        for r in prev["rows"]:
+            key = (r["sparsity"], r["start"], r["recovery"])
+            have = {c["seed"] for c in cells.get(key, [])}
+            cells.setdefault(key, []).extend(
+                {**c, "source": c.get("source", str(path))} for c in r["cells"] if c["seed"] not in have
+            )
+    return dense, cells
+
+
+def _row(s: float, start: str, label: str, minutes: float, total: float, cells: list[dict]) -> dict:
+    """Medians and ranges over the seeds of one point (perplexity and PIQA counted separately)."""
+    cells = sorted(cells, key=lambda c: c["seed"])
+    ppls = [c["ppl2048"] for c in cells]
+    accs = [c["piqa"] for c in cells if c["piqa"] is not None]
+    return {
+        "sparsity": s,
+        "start": start,
+        "recovery": label,
+        "recovery_cpu_minutes": round(minutes, 2),
+        "total_cpu_minutes": round(total, 2),
+        "steps": cells[0]["steps"],
+        "tokens": cells[0]["tokens"],
+        "seeds": [c["seed"] for c in cells],
+        "ppl2048_median": statistics.median(ppls),
+        "ppl2048_min": min(ppls),
+        "ppl2048_max": max(ppls),
+        "piqa_median": statistics.median(accs) if accs else None,
+        "piqa_min": min(accs) if accs else None,
+        "piqa_max": max(accs) if accs else None,
+        "piqa_stderr": next((c["piqa_stderr"] for c in cells if c["piqa"] is not None), None),
+        "piqa_seeds": [c["seed"] for c in cells if c["piqa"] is not None],
+        "cells": cells,
+    }
+
+
 def summarize(a: argparse.Namespace, timing: dict, results: Path) -> dict:
-    """Every finished (start, sparsity, minutes) cell: medians over seeds with min and max."""
+    """Every finished (start, sparsity, minutes) point: medians over seeds with min and max. Seeds this work
+    folder lacks are taken from the summaries named by ``--include`` (the work folder wins for a seed it has)."""
     work = Path(a.work)
+    old_dense, old = _included(getattr(a, "include", None) or [])
     rows = []
-    dense = _eval_row(work / "dense.eval.json")
+    dense = _eval_row(work / "dense.eval.json") or old_dense
     for s in a.sparsities:
         tag = f"s{round(s * 100)}"
         for start in ("default", "flap", "split"):
@@ -274,21 +335,11 @@ def summarize(a: argparse.Namespace, timing: dict, results: Path) -> dict:
                 cells = []
                 for seed in a.seeds:
                     key = f"{start}-{tag}-seed{seed}"
-                    name = key if label == "0min" else f"{key}-{label}"
-                    row = _eval_row(work / f"{name}.eval.json")
-                    if row is None:
-                        continue
-                    rep = work / name / "maskprune_report.json"
-                    d = json.loads(rep.read_text()).get("distill") if label != "0min" and rep.exists() else None
-                    cells.append(
-                        {
-                            **row,
-                            "seed": seed,
-                            "steps": d["steps"] if d else 0,
-                            "tokens": d["tokens"] if d else 0,
-                            "device_seconds": d["seconds"] if d else None,
-                        }
-                    )
+                    cell = _cells(work, key if label == "0min" else f"{key}-{label}", seed, label)
+                    if cell is not None:
+                        cells.append(cell)
+                have = {c["seed"] for c in cells}
+                cells += [c for c in old.get((s, start, label), []) if c["seed"] not in have]
                 if not cells:
                     continue
                 minutes = (
@@ -300,33 +351,9 @@ def summarize(a: argparse.Namespace, timing: dict, results: Path) -> dict:
                         else a.prune_steps * SPLIT_SHARE * timing["learn_step_s"][tag] / 60
                     )
                 )
-                if start == "split":  # the same CPU minutes as the default run: fewer learning steps, then recovery
-                    total = prune_min
-                else:
-                    total = prune_min + minutes
-                ppls = [c["ppl2048"] for c in cells]
-                accs = [c["piqa"] for c in cells if c["piqa"] is not None]
-                rows.append(
-                    {
-                        "sparsity": s,
-                        "start": start,
-                        "recovery": label,
-                        "recovery_cpu_minutes": round(minutes, 2),
-                        "total_cpu_minutes": round(total, 2),
-                        "steps": cells[0]["steps"],
-                        "tokens": cells[0]["tokens"],
-                        "seeds": [c["seed"] for c in cells],
-                        "ppl2048_median": statistics.median(ppls),
-                        "ppl2048_min": min(ppls),
-                        "ppl2048_max": max(ppls),
-                        "piqa_median": statistics.median(accs) if accs else None,
-                        "piqa_min": min(accs) if accs else None,
-                        "piqa_max": max(accs) if accs else None,
-                        "piqa_stderr": cells[0]["piqa_stderr"],
-                        "piqa_seeds": [c["seed"] for c in cells if c["piqa"] is not None],
-                        "cells": cells,
-                    }
-                )
+                # split: the same CPU minutes as the default run (fewer learning steps, then recovery)
+                total = prune_min if start == "split" else prune_min + minutes
+                rows.append(_row(s, start, label, minutes, total, cells))
     out = {
         "date": a.date,
         "command": "python " + " ".join(sys.argv),
@@ -336,6 +363,7 @@ def summarize(a: argparse.Namespace, timing: dict, results: Path) -> dict:
             "python": platform.python_version(),
             "device": _device_name(),
         },
+        "included": list(getattr(a, "include", None) or []),
         "cpu_timing": timing,
         "dense": dense,
         "rows": rows,
@@ -361,6 +389,7 @@ def _table(out: dict) -> str:
         "",
         f"Command: `{out['command']}`  ",
         f"Machine: {out['machine']}",
+        *([f"Seeds this work folder lacks come from: {', '.join(out['included'])}"] if out.get("included") else []),
         "",
         "Cells: the median [min, max] over the seeds counted beside them; one seed: its value.",
         "",
@@ -451,6 +480,13 @@ def main() -> None:
         default=None,
         help="comma-separated regular expressions over task names (prune-/distill-/eval-/piqa-<start>-s<NN>-seed<N>"
         "[-<M>min|-inbudget], eval-dense): run just those (and what they need), in this order of importance",
+    )
+    ap.add_argument(
+        "--include",
+        action="append",
+        default=[],
+        help="an earlier summary (recovery.json) whose seeds the work folder lacks are carried into this one "
+        "(repeatable; each carried cell names its source)",
     )
     ap.add_argument("--date", default=datetime.date.today().isoformat())
     a = ap.parse_args()

@@ -33,7 +33,7 @@ TIMING = {
 def _args(work: Path) -> argparse.Namespace:
     return argparse.Namespace(
         model="m", data_dir="d", work=str(work), sparsities=[0.2, 0.5], seeds=[0, 1], minutes=[5.0, 60.0],
-        threads=1, eval_batch=8, eval_limit=None, prune_steps=120, calib_samples=256, date="x",
+        threads=1, eval_batch=8, eval_limit=None, prune_steps=120, calib_samples=256, date="x", include=[],
     )  # fmt: skip
 
 
@@ -90,3 +90,35 @@ def test_the_table_counts_the_seeds_of_each_measure(recovery, tmp_path):
     assert row["seeds"] == [0, 1] and row["piqa_seeds"] == [0] and row["ppl2048_median"] == 210.0
     table = (tmp_path / "results" / "recovery.md").read_text()
     assert "| 50 % | default | 0 (0min) | 0 | 0 | 10.5 | 210.00 [200.00, 220.00] | 2 | 55.00 | 1 |" in table
+
+
+def test_an_earlier_summary_fills_the_seeds_the_work_folder_lacks(recovery, tmp_path):
+    """--include: a point measured in another session keeps its seeds; a seed measured again here wins; the
+    medians are taken over the union, and every carried cell names the summary it came from."""
+
+    def result(work: Path, name: str, ppl: float):
+        work.mkdir(exist_ok=True)
+        (work / name).write_text(json.dumps({"models": {"m": {"perplexity": {"2048": {"ppl": ppl}}}}}))
+
+    old, new = tmp_path / "old", tmp_path / "new"
+    for seed, ppl in ((0, 100.0), (1, 120.0), (2, 140.0)):
+        result(old, f"default-s50-seed{seed}.eval.json", ppl)
+    result(old, "flap-s20-seed0.eval.json", 50.0)
+    recovery.summarize(_with(_args(old), seeds=[0, 1, 2]), TIMING, old)
+    result(new, "default-s50-seed1.eval.json", 80.0)  # seed 1 measured again
+    result(new, "default-s20-seed0.eval.json", 30.0)  # a point the old summary lacks
+    out = recovery.summarize(
+        _with(_args(new), seeds=[0, 1, 2], include=[str(old / "recovery.json")]), TIMING, new / "results"
+    )
+    rows = {(r["sparsity"], r["start"]): r for r in out["rows"]}
+    assert set(rows) == {(0.2, "default"), (0.2, "flap"), (0.5, "default")}
+    r50 = rows[(0.5, "default")]
+    assert r50["seeds"] == [0, 1, 2] and [c["ppl2048"] for c in r50["cells"]] == [100.0, 80.0, 140.0]
+    assert r50["ppl2048_median"] == 100.0
+    assert [c.get("source") for c in r50["cells"]] == [str(old / "recovery.json"), None, str(old / "recovery.json")]
+    assert rows[(0.2, "default")]["seeds"] == [0] and rows[(0.2, "flap")]["ppl2048_median"] == 50.0
+    assert "Seeds this work folder lacks come from" in (new / "results" / "recovery.md").read_text()
+
+
+def _with(a: argparse.Namespace, **kw) -> argparse.Namespace:
+    return argparse.Namespace(**{**vars(a), **kw})
