@@ -4,9 +4,10 @@ Starts: SmolLM2-135M at 20 % and 50 %, pruned by the default recipe and by the b
 its bias compensation and layer-by-layer calibration), each with 3 seeds. Each start is recovered by
 ``maskprune distill --teacher DENSE`` (LoRA, merged) for the number of steps that 5, 15 and 60 minutes buy on
 the reference CPU (2 cores), and evaluated with ``maskprune eval`` (WikiText-2 ppl@2048 on the first 16k
-tokens, all 1,838 PIQA examples), the same protocol as the quality grid. One more arm asks whether recovery
-pays *inside* the default run's budget: the default recipe with a third of its steps given instead to recovery
-after the cut, at equal CPU time (``split``).
+tokens, all 1,838 PIQA examples), the same protocol as the quality grid. Two more arms ask whether recovery
+pays *inside* the default run's budget, at equal CPU time: the default recipe with a third of its steps given
+instead to recovery after the cut (``split-...-inbudget``), and the one-shot cut first, then recovery for the
+rest of the default run's minutes (``flap-...-inbudget``).
 
 The step counts come from CPU timings measured here (``--measure-cpu`` writes them), so the curve can be run
 on any device with the same numerics (fp32) and still reads in minutes of the reference machine:
@@ -108,6 +109,24 @@ def recovery_steps(minutes: float, step_seconds: float) -> int:
     return max(1, round(minutes * 60 / step_seconds))
 
 
+def inbudget_minutes(start: str, tag: str, timing: dict, prune_steps: int) -> float:
+    """Recovery minutes that fit in the default run's CPU budget: for ``split`` the learning steps it gives up,
+    for ``flap`` (cut first) what the default recipe spends beyond FLAP's prune."""
+    if start == "split":
+        moved = round(prune_steps * SPLIT_SHARE)
+        return moved * timing["learn_step_s"][tag] / 60
+    if start == "flap":
+        return (timing["prune_s"][f"default-{tag}"] - timing["prune_s"][f"flap-{tag}"]) / 60
+    raise ValueError(f"no in-budget arm for the {start!r} start")
+
+
+def _labels(start: str, minutes: list[float]) -> list[str]:
+    """The recovery points of a start: ``0min`` (the start itself, not for split), each budget in minutes, and
+    ``inbudget`` (split and flap) - recovery that fits in the default run's CPU minutes."""
+    timed = [f"{m:g}min" for m in minutes]
+    return {"default": ["0min", *timed], "flap": ["0min", *timed, "inbudget"], "split": ["inbudget"]}[start]
+
+
 def plan(a: argparse.Namespace, timing: dict) -> list[Task]:
     work, tasks = Path(a.work), []
     model = a.model
@@ -115,7 +134,7 @@ def plan(a: argparse.Namespace, timing: dict) -> list[Task]:
     for seed in a.seeds:
         for s in a.sparsities:
             tag = f"s{round(s * 100)}"
-            split_steps = a.prune_steps - round(a.prune_steps * SPLIT_SHARE)
+            split_steps = a.prune_steps - round(a.prune_steps * SPLIT_SHARE)  # the rest moves to recovery
             starts = {
                 "default": ("maskprune", a.prune_steps),
                 "flap": ("flap", 0),
@@ -133,12 +152,17 @@ def plan(a: argparse.Namespace, timing: dict) -> list[Task]:
                     )
                 )
                 step_s = timing["distill_step_s"][f"{'flap' if start == 'flap' else 'default'}-{tag}"]
-                if start == "split":  # the steps taken from learning, given to recovery at equal CPU time
-                    moved = a.prune_steps - split_steps
-                    points = {"inbudget": round(moved * timing["learn_step_s"][tag] / step_s)}
-                else:
-                    points = {f"{m:g}min": recovery_steps(m, step_s) for m in a.minutes}
-                    tasks += _eval_tasks(key, str(folder), work, a, [f"prune-{key}"], seed)
+                points = {}
+                for label in _labels(start, a.minutes):
+                    if label == "0min":
+                        tasks += _eval_tasks(key, str(folder), work, a, [f"prune-{key}"], seed)
+                        continue
+                    m = (
+                        inbudget_minutes(start, tag, timing, a.prune_steps)
+                        if label == "inbudget"
+                        else float(label[:-3])
+                    )
+                    points[label] = recovery_steps(m, step_s)
                 for label, n in points.items():
                     rkey = f"{key}-{label}"
                     tasks.append(
@@ -330,8 +354,7 @@ def summarize(a: argparse.Namespace, timing: dict, results: Path) -> dict:
         tag = f"s{round(s * 100)}"
         for start in ("default", "flap", "split"):
             prune_min = timing["prune_s"][f"{'flap' if start == 'flap' else 'default'}-{tag}"] / 60
-            labels = ["inbudget"] if start == "split" else ["0min"] + [f"{m:g}min" for m in a.minutes]
-            for label in labels:
+            for label in _labels(start, a.minutes):
                 cells = []
                 for seed in a.seeds:
                     key = f"{start}-{tag}-seed{seed}"
@@ -342,17 +365,12 @@ def summarize(a: argparse.Namespace, timing: dict, results: Path) -> dict:
                 cells += [c for c in old.get((s, start, label), []) if c["seed"] not in have]
                 if not cells:
                     continue
-                minutes = (
-                    0.0
-                    if label == "0min"
-                    else (
-                        float(label[:-3])
-                        if label.endswith("min")
-                        else a.prune_steps * SPLIT_SHARE * timing["learn_step_s"][tag] / 60
-                    )
-                )
-                # split: the same CPU minutes as the default run (fewer learning steps, then recovery)
-                total = prune_min if start == "split" else prune_min + minutes
+                if label == "inbudget":  # the same CPU minutes as the default run
+                    minutes = inbudget_minutes(start, tag, timing, a.prune_steps)
+                    total = timing["prune_s"][f"default-{tag}"] / 60
+                else:
+                    minutes = float(label[:-3])
+                    total = prune_min + minutes
                 rows.append(_row(s, start, label, minutes, total, cells))
     out = {
         "date": a.date,

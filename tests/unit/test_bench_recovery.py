@@ -54,6 +54,32 @@ def test_only_picks_ranks_and_pulls_in_dependencies(recovery, tmp_path):
     assert d.cmd[d.cmd.index("--calib-samples") + 1] == str(4 * round(60 * 60 / 3.3))  # one pass, no window twice
 
 
+def test_the_in_budget_arms_spend_the_default_runs_minutes(recovery, tmp_path):
+    """split: the 40 learning steps it gives up, as recovery steps; flap: the default prune's minutes beyond
+    FLAP's, as recovery steps; both summarised at the default run's total minutes."""
+    tasks = {t.name: t for t in recovery.plan(_args(tmp_path), TIMING)}
+    steps = {
+        k: int(t.cmd[t.cmd.index("--steps") + 1])
+        for k, t in tasks.items()
+        if k.startswith("distill") and k.endswith("inbudget")
+    }
+    assert steps["distill-split-s50-seed0-inbudget"] == round(40 * 4.5 / 3.2)
+    assert steps["distill-flap-s50-seed0-inbudget"] == round((630 - 120) / 3.3)
+    assert steps["distill-flap-s20-seed1-inbudget"] == round((600 - 170) / 4.2)
+    assert "distill-default-s20-seed0-inbudget" not in tasks and "eval-split-s20-seed0" not in tasks
+    assert tasks["distill-flap-s50-seed0-inbudget"].deps == ["prune-flap-s50-seed0"]
+    assert recovery.inbudget_minutes("flap", "s50", TIMING, 120) == 8.5
+    with pytest.raises(ValueError, match="default"):
+        recovery.inbudget_minutes("default", "s50", TIMING, 120)
+    (tmp_path / "flap-s50-seed0-inbudget.eval.json").write_text(
+        json.dumps({"models": {"m": {"perplexity": {"2048": {"ppl": 200.0}}}}})
+    )
+    (row,) = recovery.summarize(_args(tmp_path), TIMING, tmp_path / "results")["rows"]
+    assert (row["start"], row["recovery"], row["recovery_cpu_minutes"], row["total_cpu_minutes"]) == (
+        "flap", "inbudget", 8.5, 10.5
+    )  # fmt: skip
+
+
 def test_an_interrupted_run_resumes_and_a_fresh_one_starts_over(recovery, tmp_path):
     cmd = ["maskprune", "distill", "s", "--out", str(tmp_path / "r"), "--overwrite", "--steps", "9"]
     assert recovery._resumed(cmd) == cmd
