@@ -147,12 +147,15 @@ def hard_masks(mask: torch.Tensor, kept: torch.Tensor) -> torch.Tensor:
 
 
 def cut_mass_share(mask: torch.Tensor, kept: torch.Tensor) -> float:
-    """``sum |m| over cut units / sum |m|`` (docs/method.md, invariant 6)."""
-    total = float(mask.detach().abs().sum())
+    """``sum |m| over cut units / sum |m|`` (docs/method.md, invariant 6). The cut units' mass is summed
+    directly (not as total minus kept), so a cut whose masks are exactly zero gives exactly 0 whatever order
+    the machine's sum kernels add in."""
+    m = mask.detach().abs()
+    total = float(m.sum())
     if total == 0.0:
         return 0.0
-    kept_mass = float(torch.gather(mask.detach().abs(), -1, kept).sum())
-    return (total - kept_mass) / total
+    is_cut = torch.ones_like(m, dtype=torch.bool).scatter_(-1, kept, False)
+    return float(m[is_cut].sum()) / total
 
 
 @dataclass(frozen=True)
