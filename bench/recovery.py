@@ -127,6 +127,11 @@ def _labels(start: str, minutes: list[float]) -> list[str]:
     return {"default": ["0min", *timed], "flap": ["0min", *timed, "inbudget"], "split": ["inbudget"]}[start]
 
 
+def _label_minutes(start: str, tag: str, label: str, timing: dict, prune_steps: int) -> float:
+    """The recovery CPU minutes of a point: ``<M>min`` is M, ``inbudget`` what fits in the default budget."""
+    return inbudget_minutes(start, tag, timing, prune_steps) if label == "inbudget" else float(label[:-3])
+
+
 def plan(a: argparse.Namespace, timing: dict) -> list[Task]:
     work, tasks = Path(a.work), []
     model = a.model
@@ -152,19 +157,12 @@ def plan(a: argparse.Namespace, timing: dict) -> list[Task]:
                     )
                 )
                 step_s = timing["distill_step_s"][f"{'flap' if start == 'flap' else 'default'}-{tag}"]
-                points = {}
                 for label in _labels(start, a.minutes):
                     if label == "0min":
                         tasks += _eval_tasks(key, str(folder), work, a, [f"prune-{key}"], seed)
                         continue
-                    m = (
-                        inbudget_minutes(start, tag, timing, a.prune_steps)
-                        if label == "inbudget"
-                        else float(label[:-3])
-                    )
-                    points[label] = recovery_steps(m, step_s)
-                for label, n in points.items():
                     rkey = f"{key}-{label}"
+                    n = recovery_steps(_label_minutes(start, tag, label, timing, a.prune_steps), step_s)
                     tasks.append(
                         Task(
                             f"distill-{rkey}",
@@ -347,7 +345,7 @@ def summarize(a: argparse.Namespace, timing: dict, results: Path) -> dict:
     """Every finished (start, sparsity, minutes) point: medians over seeds with min and max. Seeds this work
     folder lacks are taken from the summaries named by ``--include`` (the work folder wins for a seed it has)."""
     work = Path(a.work)
-    old_dense, old = _included(getattr(a, "include", None) or [])
+    old_dense, old = _included(a.include)
     rows = []
     dense = _eval_row(work / "dense.eval.json") or old_dense
     for s in a.sparsities:
@@ -365,12 +363,9 @@ def summarize(a: argparse.Namespace, timing: dict, results: Path) -> dict:
                 cells += [c for c in old.get((s, start, label), []) if c["seed"] not in have]
                 if not cells:
                     continue
-                if label == "inbudget":  # the same CPU minutes as the default run
-                    minutes = inbudget_minutes(start, tag, timing, a.prune_steps)
-                    total = timing["prune_s"][f"default-{tag}"] / 60
-                else:
-                    minutes = float(label[:-3])
-                    total = prune_min + minutes
+                minutes = _label_minutes(start, tag, label, timing, a.prune_steps)
+                # in budget: the same CPU minutes as the default run
+                total = timing["prune_s"][f"default-{tag}"] / 60 if label == "inbudget" else prune_min + minutes
                 rows.append(_row(s, start, label, minutes, total, cells))
     out = {
         "date": a.date,
@@ -381,7 +376,7 @@ def summarize(a: argparse.Namespace, timing: dict, results: Path) -> dict:
             "python": platform.python_version(),
             "device": _device_name(),
         },
-        "included": list(getattr(a, "include", None) or []),
+        "included": list(a.include),
         "cpu_timing": timing,
         "dense": dense,
         "rows": rows,
