@@ -15,7 +15,7 @@ import json
 
 import torch
 
-from maskprune import optim as F
+from maskprune import minimax
 from maskprune.arch import FFNLayout, HeadLayout, get_adapter
 from maskprune.cut import cut_mass_share, kept_indices, plan_cut
 from maskprune.structure import Structure
@@ -55,26 +55,26 @@ def simulate(
     for t in range(steps):
         for m in masks.values():  # AdamW-like jitter, clamped
             m.add_(noise * torch.randn(m.shape, generator=g)).clamp_(0, 1)
-        k = {kd: F.num_cut(sigma[kd], lay[kd].units_per_row) for kd in masks}
-        interval = F.ffn_prox_interval(t, steps)
+        k = {kd: minimax.num_cut(sigma[kd], lay[kd].units_per_row) for kd in masks}
+        interval = minimax.ffn_prox_interval(t, steps)
         for kd, m in masks.items():
             if kd == "head" or t % interval == 0:
-                masks[kd] = F.proximal_step(m, k[kd], eta1, y)
-        target = F.budget_ratio(t, steps, final, warmup)
+                masks[kd] = minimax.proximal_step(m, k[kd], eta1, y)
+        target = minimax.budget_ratio(t, steps, final, warmup)
         for kd, m in masks.items():
-            sigma[kd] = F.sigma_step(
+            sigma[kd] = minimax.sigma_step(
                 sigma[kd],
                 y=y,
                 z=z,
-                next_sq_mean=float(F.next_smallest_sq(m, k[kd]).mean()),
+                next_sq_mean=float(minimax.next_smallest_sq(m, k[kd]).mean()),
                 weight=S.resource_weight(kd, "share"),
                 eta2=eta2,
                 sigma_max=(lay[kd].units_per_row - 1) / lay[kd].units_per_row,
             )
-        k = {kd: F.num_cut(sigma[kd], lay[kd].units_per_row) for kd in masks}
-        y = F.y_step(y, violation=sum(F.sparsity_violation(m, k[kd]) for kd, m in masks.items()), eta3=eta3)
+        k = {kd: minimax.num_cut(sigma[kd], lay[kd].units_per_row) for kd in masks}
+        y = minimax.y_step(y, violation=sum(minimax.sparsity_violation(m, k[kd]) for kd, m in masks.items()), eta3=eta3)
         size = S.params_after(sigma["head"] * 3, sigma["ffn"] * 1536) / S.dense_params
-        z = F.z_step(z, size_ratio=size, target_ratio=target, eta4=eta4)
+        z = minimax.z_step(z, size_ratio=size, target_ratio=target, eta4=eta4)
         err.append(size - target)
     plan = plan_cut(S, sigma_head=sigma["head"], budget=int(S.dense_params * final))
     mass = {kd: cut_mass_share(masks[kd], kept_indices(masks[kd], getattr(plan, f"k_{kd}"))) for kd in masks}

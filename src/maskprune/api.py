@@ -16,7 +16,6 @@ Options are validated exactly as the CLI validates flags (an unknown key or a va
 
 from __future__ import annotations
 
-import dataclasses
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -48,7 +47,7 @@ def prune(
     if isinstance(model, PruneConfig):
         if options:
             raise MaskPruneError("pass options either in the PruneConfig or as keywords, not both")
-        cfg = model if out is None else dataclasses.replace(model, out=str(out))
+        cfg = model if out is None else model.replace(out=str(out))
     else:
         overrides = {"model": model, **prune_overrides(options), **({"out": str(out)} if out is not None else {})}
         cfg = load_config(overrides=overrides)
@@ -58,7 +57,7 @@ def prune(
 def distill(
     student: str, *, teacher: str, out: str | Path | None = None, progress: bool = True, **options
 ) -> PruneResult:
-    """Distil the pruned ``student`` from its dense ``teacher`` (see :mod:`maskprune.recovery`); options as
+    """Distil the pruned ``student`` from its dense ``teacher`` (see :mod:`maskprune.recipes`); options as
     for :func:`prune` (``steps``, ``calib``, ``lora_rank``, ``full``, ...)."""
     overrides = {"model": student, "teacher": teacher, **distill_overrides(options)}
     if out is not None:
@@ -67,13 +66,13 @@ def distill(
 
 
 def _run(cfg: PruneConfig, progress: bool) -> PruneResult:
-    from .pipeline import prune as run_pipeline
+    from .recipes import run as run_recipe
 
     if cfg.out is not None:
-        report = run_pipeline(cfg, progress=progress)
+        report = run_recipe(cfg, progress=progress)
         return _result(report, Path(report["out"]) if "out" in report else None, keep=True)
     with tempfile.TemporaryDirectory(prefix="maskprune-") as tmp:
-        report = run_pipeline(dataclasses.replace(cfg, out=str(Path(tmp) / "model")), progress=progress)
+        report = run_recipe(cfg.replace(out=str(Path(tmp) / "model")), progress=progress)
         result = _result(report, Path(tmp) / "model", keep=False)
     report.pop("out", None)
     return result

@@ -16,38 +16,50 @@ import typing
 from pathlib import Path
 from typing import Any, Literal, Sequence
 
-from .config import DISTILL_ONLY, PRUNE_ONLY, PruneConfig, distill_overrides, load_config, prune_overrides
+from .config import DISTILL_ONLY, GROUP_OF, GROUPS, PRUNE_ONLY, distill_overrides, load_config, prune_overrides
 from .errors import Interrupted, MaskPruneError
-from .gguf_export import GGUF_TYPES
+from .llamacpp import GGUF_TYPES
 
 __all__ = ["main", "build_parser"]
 
 log = logging.getLogger("maskprune")
 
 
-def _field_docs() -> dict[str, str]:
-    """The help of every PruneConfig field (its ``metadata["help"]``) for --help."""
-    return {f.name: f.metadata.get("help", "") for f in dataclasses.fields(PruneConfig)}
+_GROUP_TITLES = {
+    "source": "model",
+    "cut": "what to cut and how much",
+    "selection": "how the learned selection is made (the paper's masks)",
+    "training": "distillation and LoRA",
+    "data": "calibration data",
+    "runtime": "runtime",
+    "evaluation": "evaluation",
+    "output": "output",
+}
 
 
 def _add_config_flags(p: argparse.ArgumentParser, exclude: frozenset[str]) -> None:
-    """One flag per PruneConfig field except ``model`` and ``exclude`` (what the command does not take)."""
-    docs = _field_docs()
-    hints = typing.get_type_hints(PruneConfig)
-    for f in dataclasses.fields(PruneConfig):
-        if f.name == "model" or f.name in exclude:
-            continue
-        flag = "--" + f.name.replace("_", "-")
-        hint = hints[f.name]
-        help_ = f"{docs.get(f.name, '')} (default: {f.default!r})".strip().replace("%", "%%")
-        if hint is bool or set(typing.get_args(hint)) == {bool, type(None)}:  # bool | None: unset is the default
-            p.add_argument(
-                flag, dest=f.name, action=argparse.BooleanOptionalAction, default=argparse.SUPPRESS, help=help_
-            )
-        else:
-            p.add_argument(
-                flag, dest=f.name, type=_parse_value, default=argparse.SUPPRESS, metavar=_metavar(hint), help=help_
-            )
+    """One flag per config key except ``model`` and ``exclude`` (what the command does not take), shown in one
+    help section per config group; a field's help is its metadata."""
+    for group, cls in GROUPS.items():
+        section = p.add_argument_group(_GROUP_TITLES[group], cls.__doc__)
+        hints = typing.get_type_hints(cls)
+        for f in dataclasses.fields(cls):
+            if f.name == "model" or f.name in exclude:
+                continue
+            _add_flag(section, f, hints[f.name])
+
+
+def _add_flag(section, f: dataclasses.Field, hint: Any) -> None:
+    flag = "--" + f.name.replace("_", "-")
+    help_ = f"{f.metadata.get('help', '')} (default: {f.default!r})".strip().replace("%", "%%")
+    if hint is bool or set(typing.get_args(hint)) == {bool, type(None)}:  # bool | None: unset is the default
+        section.add_argument(
+            flag, dest=f.name, action=argparse.BooleanOptionalAction, default=argparse.SUPPRESS, help=help_
+        )
+    else:
+        section.add_argument(
+            flag, dest=f.name, type=_parse_value, default=argparse.SUPPRESS, metavar=_metavar(hint), help=help_
+        )
 
 
 def _metavar(hint: Any) -> str:
@@ -157,11 +169,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _overrides(args: argparse.Namespace) -> dict[str, Any]:
-    overrides = {
-        f.name: getattr(args, f.name)
-        for f in dataclasses.fields(PruneConfig)
-        if f.name != "model" and hasattr(args, f.name)
-    }
+    overrides = {name: getattr(args, name) for name in GROUP_OF if name != "model" and hasattr(args, name)}
     if args.model is not None:
         overrides["model"] = args.model
     return overrides
@@ -189,7 +197,7 @@ def _other_commands_options(command: str, unknown: Sequence[str]) -> MaskPruneEr
 
 
 def _run_prune(args: argparse.Namespace, progress: bool) -> int:
-    from .pipeline import prune
+    from .recipes import run as prune
 
     overrides = _overrides(args)
     if args.command == "distill":

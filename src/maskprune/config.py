@@ -1,4 +1,12 @@
-"""One typed, validated configuration for a prune run.
+"""One typed, validated configuration for a run, in groups.
+
+Each concern is one frozen dataclass that validates itself: what is cut and how much (:class:`CutConfig`), how
+the learned selection is made (:class:`SelectionConfig`), distillation and LoRA (:class:`TrainingConfig`), the
+calibration data (:class:`DataConfig`), the runtime (:class:`RuntimeConfig`), the evaluation
+(:class:`EvalConfig`), the output (:class:`OutputConfig`) and the model itself (:class:`SourceConfig`).
+:class:`PruneConfig` holds one of each and the rules that span groups. A field's help text is its metadata
+(``--help`` shows it). Keys are flat and unique across groups, so a YAML file may list them flat (every
+existing file) or under their group's name; command-line flags are the flat keys.
 
 Values come from defaults, then a YAML file (``--config``), then command-line flags. Unknown keys
 and values of the wrong type are errors, and every problem is reported at once.
@@ -13,16 +21,27 @@ import types
 import typing
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal, Mapping
+from typing import Any, ClassVar, Literal, Mapping
 
 import yaml
 
 from .errors import MaskPruneError
+from .llamacpp import GGUF_TYPES
 
 log = logging.getLogger("maskprune")
 
 __all__ = [
     "PruneConfig",
+    "SourceConfig",
+    "CutConfig",
+    "SelectionConfig",
+    "TrainingConfig",
+    "DataConfig",
+    "RuntimeConfig",
+    "EvalConfig",
+    "OutputConfig",
+    "GROUPS",
+    "GROUP_OF",
     "load_config",
     "DEFAULT_MODEL",
     "PAPER_RECIPE",
@@ -45,144 +64,81 @@ DISTILL_SETTINGS: dict[str, Any] = {
 and the student's structure is kept as it is (every unit, masks at 1, frozen), so every step is distillation of
 its weights."""
 
-PRUNE_ONLY: frozenset[str] = frozenset(
-    {
-        "recover_steps",
-        "sparsity",
-        "budget_params",
-        "method",
-        "head_cut_fraction",
-        "split_search",
-        "split_search_samples",
-        "layerwise_calibration",
-        "bias_compensation",
-        "mask_type",
-        "gqa_policy",
-        "recipe",
-        "mask_init",
-        "mask_init_spread",
-        "prior_samples",
-        "mask_optimizer",
-        "mask_lr",
-        "mask_lr_schedule",
-        "freeze_share",
-        "eta1",
-        "eta2",
-        "eta3",
-        "eta4",
-        "resource_weight",
-        "y_init",
-        "z_init",
-        "cut_ramp",
-        "warmup_share",
-        "ffn_prox_start",
-        "ffn_prox_end",
-        "distill",
-        "head_multiple",
-        "ffn_multiple",
-    }
-)
-"""Options of ``maskprune prune`` that ``maskprune distill`` does not take: they choose, learn or shape the cut
-(or switch the teacher off), and a distillation keeps the student's structure and always learns from its
-teacher. Its flags are not offered; given in the API they are refused; in a shared YAML file they are ignored
-with a warning."""
 
-DISTILL_ONLY: frozenset[str] = frozenset({"teacher", "teacher_gguf_file"})
-"""Options of ``maskprune distill`` that ``maskprune prune`` does not take (its teacher is the model it prunes)."""
+def _opt(default: Any, help: str, *, only: str | None = None) -> Any:
+    """A config field with its help text (shown by ``--help``) as metadata; ``only``: the one command
+    (``prune`` or ``distill``) that takes it."""
+    return dataclasses.field(default=default, metadata={"help": " ".join(help.split()), "only": only})
 
 
-def distill_overrides(options: Mapping[str, Any]) -> dict[str, Any]:
-    """``options`` of a distillation (API keywords or CLI flags) with :data:`DISTILL_SETTINGS` applied; refuses
-    any of :data:`PRUNE_ONLY`, which would otherwise be silently overridden or meaningless."""
-    given = sorted(set(options) & PRUNE_ONLY)
-    if given:
-        raise MaskPruneError(
-            f"maskprune distill does not take {', '.join(given)}",
-            expected="distillation options (steps, calib, calib_samples, seq_len, batch_size, lora_rank, lora_lr, "
-            "full, alpha, ce_weight, kl_direction, ...): the student's structure is kept as it is",
-            fix="drop them (they choose the cut: give them to `maskprune prune`)",
-        )
-    return {**options, **DISTILL_SETTINGS}
+class _Group:
+    """What every group has: its own checks and a plain mapping of its values."""
+
+    ONLY: ClassVar[str | None] = None  # the one command whose options the whole group is
+
+    def problems(self) -> list[str]:
+        """Every range or consistency problem within the group (empty: valid)."""
+        return []
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            f.name: list(v) if isinstance(v := getattr(self, f.name), tuple) else v for f in dataclasses.fields(self)
+        }
 
 
-def prune_overrides(options: Mapping[str, Any]) -> dict[str, Any]:
-    """``options`` of a prune (API keywords or CLI flags); refuses any of :data:`DISTILL_ONLY` (prune's teacher
-    is the model it prunes: a separate teacher is `maskprune distill`'s)."""
-    given = sorted(set(options) & DISTILL_ONLY)
-    if given:
-        raise MaskPruneError(
-            f"maskprune prune does not take {', '.join(given)}",
-            expected="prune options: its teacher is the model it prunes",
-            fix="distil a pruned model from a separate teacher with `maskprune distill PRUNED --teacher DENSE` "
-            "(maskprune.distill(student, teacher=...))",
-        )
-    return dict(options)
+def _at_least_one(group: _Group, names: tuple[str, ...]) -> list[str]:
+    return [f"{n} must be >= 1, found {getattr(group, n)}" for n in names if getattr(group, n) < 1]
 
 
-PAPER_RECIPE: dict[str, Any] = {
-    "mask_init": "ones",
-    "mask_optimizer": "adamw",
-    "mask_lr": 1e-2,
-    "mask_lr_schedule": "constant",
-    "freeze_share": 1.0,
-    "warmup_share": 0.7,
-    "kl_direction": "student_teacher",
-    "cut_ramp": False,
-}
-"""``recipe: paper``: the method as the paper writes it (masks start at 1, AdamW at lr 1e-2 with no
-schedule, the selection learned until the cut, KL(p_s || p_t)). Keys given explicitly still win."""
-
-
-def _opt(default: Any, help: str) -> Any:
-    """A config field with its help text (shown by ``--help``) as metadata."""
-    return dataclasses.field(default=default, metadata={"help": " ".join(help.split())})
+def _non_negative(group: _Group, names: tuple[str, ...]) -> list[str]:
+    return [
+        f"{n} must be a finite number >= 0, found {v}"
+        for n in names
+        if not ((v := getattr(group, n)) >= 0.0 and math.isfinite(v))
+    ]
 
 
 @dataclass(frozen=True)
-class PruneConfig:
-    """Everything a prune run needs. Field docs are the CLI help."""
+class SourceConfig(_Group):
+    """The model to prune (or the student to distil) and, for ``distill``, its teacher."""
 
     model: str = _opt(
         DEFAULT_MODEL,
         """Local HF folder, hub id, ``.gguf`` file, or ``smollm2-135m`` (the embedded default).""",
     )
-    teacher: str | None = _opt(
-        None,
-        """``maskprune distill``: the dense model the student (``model``, a pruned checkpoint) is distilled from:
-    a folder, hub id, GGUF file or ``smollm2-135m``. Its tokenizer and family must match the student's.""",
-    )
-    full: bool = _opt(
-        False,
-        """Train every weight of the model (fp32 master weights) instead of LoRA adapters (``maskprune distill``).""",
-    )
-    recover_steps: int = _opt(
-        0,
-        """``maskprune prune``: steps of recovery after the cut, i.e. ``maskprune distill``'s training of the
-    exported model from the dense ``model`` (LoRA merged, or ``--full``) before the result is written; the
-    calibration, batch, seq_len and LoRA options are prune's. 0: no recovery (the default; the README says
-    what recovery buys).""",
-    )
     gguf_file: str | None = _opt(
         None,
         """GGUF file name inside ``model`` when ``model`` is a folder or hub repo holding GGUF files.""",
     )
+    teacher: str | None = _opt(
+        None,
+        """``maskprune distill``: the dense model the student (``model``, a pruned checkpoint) is distilled from:
+    a folder, hub id, GGUF file or ``smollm2-135m``. Its tokenizer and family must match the student's.""",
+        only="distill",
+    )
     teacher_gguf_file: str | None = _opt(
         None,
         """GGUF file name inside ``teacher`` when ``teacher`` is a folder or hub repo holding GGUF files.""",
+        only="distill",
     )
-    out: str | None = _opt(
-        None,
-        """Output folder for the pruned checkpoint (default: runs/<model>-<sparsity>).""",
-    )
-    gguf: str | None = _opt(
-        None,
-        """Also write a GGUF of the export, of this type (f16, q8_0, q4_k_m, ...; see ``maskprune export-gguf``),
-    as ``<out>/<out name>-<type>.gguf``, by llama.cpp's converter (and quantizer).""",
-    )
-    overwrite: bool = _opt(
+    trust_remote_code: bool = _opt(
         False,
-        """Replace ``out`` if it exists.""",
+        """Allow model code from the hub (off: only stock transformers classes run).""",
     )
+
+    @property
+    def distilling(self) -> bool:
+        """A ``maskprune distill`` run: no cut, the student learns from a separate teacher."""
+        return self.teacher is not None
+
+
+@dataclass(frozen=True)
+class CutConfig(_Group):
+    """What is cut and how much: the budget, the unit kinds and their rounding, the one-shot method, how the
+    budget is split between heads and FFN channels, and FLAP's compensation."""
+
+    ONLY: ClassVar[str | None] = "prune"
+
     sparsity: float | None = _opt(
         0.2,
         """Target share of all parameters removed, 1 - M_pruned / M_dense, in (0, 1).""",
@@ -194,6 +150,18 @@ class PruneConfig:
     method: Literal["maskprune", "magnitude", "taylor", "wanda-sp", "flap"] = _opt(
         "maskprune",
         """``maskprune`` (learned masks) or a one-shot metric baseline through the same uniform cut.""",
+    )
+    gqa_policy: Literal["query", "kv_group"] = _opt(
+        "query",
+        """GQA unit: one query head per KV group (``query``) or a whole KV group (``kv_group``).""",
+    )
+    head_multiple: int = _opt(
+        1,
+        """Round the kept head count (per KV group under ``query``) to a multiple of this.""",
+    )
+    ffn_multiple: int = _opt(
+        1,
+        """Round the kept FFN width to a multiple of this (8 or 64 for fast kernels).""",
     )
     head_cut_fraction: float = _opt(
         0.0,
@@ -228,45 +196,53 @@ class PruneConfig:
     budget). ``auto``: on for ``--method flap`` where the architecture's stock config can hold those biases;
     ``on``: every one-shot method (an error where the config cannot hold them); ``off``: never.""",
     )
-    mask_type: Literal["uniform", "l0", "polarization"] = _opt(
-        "uniform",
-        """Mask parametrisation inside the same minimax loop: MaskPrune's [0, 1] masks (``uniform``),
-    hard-concrete L0 gates, or GDP polarization gates (the paper's table 3 comparison).""",
-    )
-    gqa_policy: Literal["query", "kv_group"] = _opt(
-        "query",
-        """GQA unit: one query head per KV group (``query``) or a whole KV group (``kv_group``).""",
-    )
 
-    calib: str = _opt(
-        "default",
-        """Calibration text: ``default`` (shipped C4 sample), a .txt/.jsonl/.json(.gz) file or folder, or
-    a hub dataset id (``allenai/c4``).""",
-    )
-    calib_config: str | None = _opt(
-        None,
-        """Hub dataset configuration name (e.g. ``en`` for allenai/c4).""",
-    )
-    calib_samples: int = _opt(
-        1024,
-        """Number of token windows packed from the calibration text.""",
-    )
-    seq_len: int = _opt(
-        128,
-        """Tokens per calibration window.""",
-    )
-    batch_size: int = _opt(
-        4,
-        """Windows per learning step.""",
-    )
-    steps: int = _opt(
-        400,
-        """Learning steps (the paper: 7 epochs of 20k x 512 tokens at batch 16).""",
-    )
-    seed: int = _opt(
-        0,
-        """Seed of the batch order and the LoRA initialisation (the calibration windows do not depend on it).""",
-    )
+    def budget_for(self, dense_params: int) -> int:
+        """The parameter budget of a model of ``dense_params``: ``budget_params``, else the sparsity's share."""
+        if self.budget_params is not None:
+            return int(self.budget_params)
+        assert self.sparsity is not None
+        return int(math.floor(dense_params * (1.0 - self.sparsity)))
+
+    def resolved_layerwise_calibration(self) -> bool:
+        """``layerwise_calibration``, or its default: on for the wanda-sp and flap baselines."""
+        if self.layerwise_calibration is not None:
+            return self.layerwise_calibration
+        return self.method in ("wanda-sp", "flap")
+
+    def problems(self) -> list[str]:
+        problems = _at_least_one(self, ("head_multiple", "ffn_multiple", "split_search_samples"))
+        if self.budget_params is None:
+            if self.sparsity is None or not (0.0 < self.sparsity < 1.0):
+                problems.append(
+                    f"sparsity must be in (0, 1) (the share of parameters removed), "
+                    f"found {self.sparsity!r}: pass e.g. --sparsity 0.5"
+                )
+        elif self.budget_params <= 0:
+            problems.append(f"budget_params must be a positive parameter count, found {self.budget_params}")
+        if not 0.0 <= self.head_cut_fraction < 1.0:
+            problems.append(
+                f"head_cut_fraction must be in [0, 1) (of each row's head units), found {self.head_cut_fraction}"
+            )
+        if self.layerwise_calibration and self.method not in ("wanda-sp", "flap"):
+            problems.append(
+                f"layerwise_calibration applies to the activation metrics (--method wanda-sp or flap), found method "
+                f"{self.method!r}: drop --layerwise-calibration"
+            )
+        if self.bias_compensation == "on" and self.method == "maskprune":
+            problems.append(
+                "bias_compensation 'on' applies to one-shot baselines (--method flap, wanda-sp, ...): the learned "
+                "method distils the cut model instead; drop --bias-compensation or pick a --method"
+            )
+        return problems
+
+
+@dataclass(frozen=True)
+class SelectionConfig(_Group):
+    """How the learned method chooses the units: the recipe, the masks and their prior, the mask optimizer,
+    and the minimax rates of Algorithm 1 (docs/method.md)."""
+
+    ONLY: ClassVar[str | None] = "prune"
 
     recipe: Literal["maskprune", "paper"] = _opt(
         "maskprune",
@@ -275,6 +251,11 @@ class PruneConfig:
     the pruned structure). ``paper``: the paper's recipe as written (sets mask_init ones, mask_optimizer
     adamw, mask_lr 0.01, mask_lr_schedule constant, freeze_share 1, warmup_share 0.7, kl_direction
     student_teacher unless given explicitly). docs/method.md says why they differ.""",
+    )
+    mask_type: Literal["uniform", "l0", "polarization"] = _opt(
+        "uniform",
+        """Mask parametrisation inside the same minimax loop: MaskPrune's [0, 1] masks (``uniform``),
+    hard-concrete L0 gates, or GDP polarization gates (the paper's table 3 comparison).""",
     )
     mask_init: Literal["ones", "wanda-sp", "flap", "taylor", "magnitude"] = _opt(
         "wanda-sp",
@@ -313,27 +294,6 @@ class PruneConfig:
     the one-shot prior's selection from the start, every step spent on recovery (docs/method.md says why);
     0.6: masks learned for 60 percent of the steps first; 1: never (the paper: masks learned until the cut).""",
     )
-    lora_lr: float = _opt(
-        1e-3,
-        """LoRA learning rate (AdamW, no weight decay; the paper: 1e-3).""",
-    )
-    lora: bool = _opt(
-        True,
-        """Train LoRA adapters with the masks (merged into the weights at export).""",
-    )
-    lora_rank: int = _opt(
-        8,
-        """Rank of every LoRA adapter.""",
-    )
-    lora_alpha: float = _opt(
-        16.0,
-        """LoRA scaling numerator: the update is (lora_alpha / lora_rank) * B A.""",
-    )
-    lora_targets: tuple[str, ...] = _opt(
-        ("q", "k", "v", "o", "gate", "up", "down"),
-        """Projections that get LoRA, by role: q, k, v, o, gate, up, down.""",
-    )
-
     eta1: float = _opt(
         0.1,
         """Proximal decay rate: the ceil(s) smallest masks are scaled by 1 / (1 + 2 eta1 y).""",
@@ -382,10 +342,66 @@ class PruneConfig:
         1,
         """... to this over the run (the paper: 10 -> 1).""",
     )
+
+    def problems(self) -> list[str]:
+        problems = _at_least_one(self, ("prior_samples", "ffn_prox_start", "ffn_prox_end"))
+        problems += _non_negative(self, ("eta1", "eta2", "eta3", "eta4", "y_init", "z_init"))
+        if self.mask_lr is not None and not (self.mask_lr > 0.0 and math.isfinite(self.mask_lr)):
+            problems.append(f"mask_lr must be a finite number > 0 or null (automatic), found {self.mask_lr}")
+        if not 0.0 < self.warmup_share <= 1.0:
+            problems.append(f"warmup_share must be in (0, 1], found {self.warmup_share}")
+        if not 0.0 <= self.freeze_share <= 1.0:
+            problems.append(f"freeze_share must be in [0, 1] (1: never freeze), found {self.freeze_share}")
+        if not 0.0 <= self.mask_init_spread < 1.0:
+            problems.append(f"mask_init_spread must be in [0, 1), found {self.mask_init_spread}")
+        return problems
+
+
+@dataclass(frozen=True)
+class TrainingConfig(_Group):
+    """Distillation and LoRA: how many steps, which weights learn, and the loss."""
+
+    steps: int = _opt(
+        400,
+        """Learning steps (the paper: 7 epochs of 20k x 512 tokens at batch 16).""",
+    )
+    recover_steps: int = _opt(
+        0,
+        """``maskprune prune``: steps of recovery after the cut, i.e. ``maskprune distill``'s training of the
+    exported model from the dense ``model`` (LoRA merged, or ``--full``) before the result is written; the
+    calibration, batch, seq_len and LoRA options are prune's. 0: no recovery (the default; the README says
+    what recovery buys).""",
+        only="prune",
+    )
+    full: bool = _opt(
+        False,
+        """Train every weight of the model (fp32 master weights) instead of LoRA adapters (``maskprune distill``).""",
+    )
+    lora: bool = _opt(
+        True,
+        """Train LoRA adapters with the masks (merged into the weights at export).""",
+    )
+    lora_rank: int = _opt(
+        8,
+        """Rank of every LoRA adapter.""",
+    )
+    lora_alpha: float = _opt(
+        16.0,
+        """LoRA scaling numerator: the update is (lora_alpha / lora_rank) * B A.""",
+    )
+    lora_lr: float = _opt(
+        1e-3,
+        """LoRA learning rate (AdamW, no weight decay; the paper: 1e-3).""",
+    )
+    lora_targets: tuple[str, ...] = _opt(
+        ("q", "k", "v", "o", "gate", "up", "down"),
+        """Projections that get LoRA, by role: q, k, v, o, gate, up, down.""",
+    )
     distill: bool = _opt(
         True,
         """Distil from the unpruned model (teacher forward every step). Off (``--no-distill``): the loss is
     the language-modelling cross-entropy on the calibration text alone and no teacher forward runs.""",
+        only="prune",
     )
     alpha: float = _opt(
         0.0,
@@ -404,15 +420,77 @@ class PruneConfig:
         """Weight of an added language-modelling cross-entropy term.""",
     )
 
-    head_multiple: int = _opt(
-        1,
-        """Round the kept head count (per KV group under ``query``) to a multiple of this.""",
+    def problems(self) -> list[str]:
+        problems = _at_least_one(self, ("steps", "lora_rank"))
+        problems += _non_negative(self, ("lora_lr", "alpha", "ce_weight"))
+        if self.recover_steps < 0:
+            problems.append(f"recover_steps must be >= 0, found {self.recover_steps}")
+        if not self.distill and (self.alpha > 0.0 or self.ce_weight > 0.0):
+            problems.append(
+                f"distill is off, so there is no teacher for alpha={self.alpha} (layer MSE) and the "
+                f"loss is the cross-entropy alone (ce_weight={self.ce_weight} is implied): drop "
+                "--alpha/--ce-weight or drop --no-distill"
+            )
+        return problems
+
+
+@dataclass(frozen=True)
+class DataConfig(_Group):
+    """The calibration windows the run learns from, the batch, the seed and the held-out validation windows."""
+
+    calib: str = _opt(
+        "default",
+        """Calibration text: ``default`` (shipped C4 sample), a .txt/.jsonl/.json(.gz) file or folder, or
+    a hub dataset id (``allenai/c4``).""",
     )
-    ffn_multiple: int = _opt(
-        1,
-        """Round the kept FFN width to a multiple of this (8 or 64 for fast kernels).""",
+    calib_config: str | None = _opt(
+        None,
+        """Hub dataset configuration name (e.g. ``en`` for allenai/c4).""",
+    )
+    calib_samples: int = _opt(
+        1024,
+        """Number of token windows packed from the calibration text.""",
+    )
+    seq_len: int = _opt(
+        128,
+        """Tokens per calibration window.""",
+    )
+    batch_size: int = _opt(
+        4,
+        """Windows per learning step.""",
+    )
+    seed: int = _opt(
+        0,
+        """Seed of the batch order and the LoRA initialisation (the calibration windows do not depend on it).""",
+    )
+    val_every: int = _opt(
+        0,
+        """Every N learning or distillation steps, and after the last, score ``val_windows`` held-out
+    calibration windows: KL to the teacher (the training loss's direction) and the student's perplexity, in
+    metrics.jsonl (``val_kl``, ``val_ppl``), the progress bar and the report's ``validation``. The held-out
+    windows are the ones after the training windows in the calibration text and scoring draws no randomness,
+    so training is the same with or without it. 0: off.""",
+    )
+    val_windows: int = _opt(
+        16,
+        """How many held-out calibration windows ``val_every`` scores (taken after the ``calib_samples``).""",
     )
 
+    def problems(self) -> list[str]:
+        problems = _at_least_one(self, ("calib_samples", "seq_len", "batch_size", "val_windows"))
+        if self.val_every < 0:
+            problems.append(f"val_every must be >= 0 (0: no validation), found {self.val_every}")
+        return problems
+
+
+@dataclass(frozen=True)
+class RuntimeConfig(_Group):
+    """Where and how the run computes: device, dtypes, threads, compilation, processes, checkpoints, logging."""
+
+    device: str = _opt(
+        "auto",
+        """``auto`` (cuda if available), ``cpu`` or ``cuda[:N]``.""",
+    )
     dtype: Literal["auto", "bf16", "fp16", "fp32"] = _opt(
         "auto",
         """Autocast dtype of the forward passes (masks, s, y, z and optimizer state stay fp32). ``auto``: bf16 where
@@ -423,15 +501,6 @@ class PruneConfig:
         """Dtype of the frozen base weights while learning: ``auto`` is the autocast dtype (half the memory and no
     per-forward cast of every frozen weight under bf16), fp32 when autocast is off. Learning weights never
     reach the checkpoint: the export reloads the source in fp32 for the merge and the fold.""",
-    )
-    export_dtype: Literal["auto", "fp32", "bf16", "fp16"] = _opt(
-        "auto",
-        """Dtype of the saved checkpoint (``auto``: the dtype the source checkpoint declares, fp32 if none). Merge,
-    fold and the parity check always run in fp32; only the finished model is cast.""",
-    )
-    device: str = _opt(
-        "auto",
-        """``auto`` (cuda if available), ``cpu`` or ``cuda[:N]``.""",
     )
     threads: int | None = _opt(
         None,
@@ -454,43 +523,9 @@ class PruneConfig:
     decoder layer) instead of replicating them; masks stay replicated. Rank 0 reloads the model whole
     for the export.""",
     )
-
-    eval_data: str = _opt(
-        "default",
-        """WikiText-2 raw test: ``default`` (shipped copy), a local wiki.test.raw, ``hub``, or ``none``.""",
-    )
-    eval_seq_len: int = _opt(
-        512,
-        """Perplexity window during prune (before / just before cut / after export).""",
-    )
-    eval_max_windows: int | None = _opt(
-        16,
-        """Windows evaluated during prune (None: all). ``maskprune eval`` measures the full protocol.""",
-    )
-
-    report: bool = _opt(
-        True,
-        """Draw the report figures and HTML page into ``<out>/report`` at the end.""",
-    )
-    eval_tasks: str = _opt(
-        "",
-        """Zero-shot lm-eval tasks run on the dense and the exported model (comma-separated, or ``paper``).""",
-    )
-    eval_data_dir: str | None = _opt(
-        None,
-        """Local task data for ``eval_tasks`` (offline); see ``maskprune eval --data-dir``.""",
-    )
-    eval_limit: int | None = _opt(
-        None,
-        """Examples per zero-shot task (None: all).""",
-    )
     sync_check_every: int = _opt(
         10,
         """With several processes: compare masks, s, y and z across ranks every N steps.""",
-    )
-    trackers: tuple[str, ...] = _opt(
-        (),
-        """Optional metric trackers besides metrics.jsonl: tensorboard, wandb (each needs its package).""",
     )
     resume: bool = _opt(
         False,
@@ -504,69 +539,187 @@ class PruneConfig:
         2,
         """How many of the newest checkpoints to keep.""",
     )
-
-    trust_remote_code: bool = _opt(
-        False,
-        """Allow model code from the hub (off: only stock transformers classes run).""",
-    )
     log_every: int = _opt(
         1,
         """Refresh the progress bar's loss and state every N steps (metrics.jsonl gets every step).""",
     )
-    val_every: int = _opt(
-        0,
-        """Every N learning or distillation steps, and after the last, score ``val_windows`` held-out
-    calibration windows: KL to the teacher (the training loss's direction) and the student's perplexity, in
-    metrics.jsonl (``val_kl``, ``val_ppl``), the progress bar and the report's ``validation``. The held-out
-    windows are the ones after the training windows in the calibration text and scoring draws no randomness,
-    so training is the same with or without it. 0: off.""",
+    trackers: tuple[str, ...] = _opt(
+        (),
+        """Optional metric trackers besides metrics.jsonl: tensorboard, wandb (each needs its package).""",
     )
-    val_windows: int = _opt(
+
+    def problems(self) -> list[str]:
+        problems = _at_least_one(self, ("keep_checkpoints", "log_every", "sync_check_every"))
+        if self.checkpoint_every < 0:
+            problems.append(f"checkpoint_every must be >= 0, found {self.checkpoint_every}")
+        return problems
+
+
+@dataclass(frozen=True)
+class EvalConfig(_Group):
+    """What the run measures on the dense and the exported model."""
+
+    eval_data: str = _opt(
+        "default",
+        """WikiText-2 raw test: ``default`` (shipped copy), a local wiki.test.raw, ``hub``, or ``none``.""",
+    )
+    eval_seq_len: int = _opt(
+        512,
+        """Perplexity window during prune (before / just before cut / after export).""",
+    )
+    eval_max_windows: int | None = _opt(
         16,
-        """How many held-out calibration windows ``val_every`` scores (taken after the ``calib_samples``).""",
+        """Windows evaluated during prune (None: all). ``maskprune eval`` measures the full protocol.""",
+    )
+    eval_tasks: str = _opt(
+        "",
+        """Zero-shot lm-eval tasks run on the dense and the exported model (comma-separated, or ``paper``).""",
+    )
+    eval_data_dir: str | None = _opt(
+        None,
+        """Local task data for ``eval_tasks`` (offline); see ``maskprune eval --data-dir``.""",
+    )
+    eval_limit: int | None = _opt(
+        None,
+        """Examples per zero-shot task (None: all).""",
     )
 
-    # ---- derived ---------------------------------------------------------------------------
-    def budget_for(self, dense_params: int) -> int:
-        if self.budget_params is not None:
-            return int(self.budget_params)
-        assert self.sparsity is not None
-        return int(math.floor(dense_params * (1.0 - self.sparsity)))
+    def problems(self) -> list[str]:
+        problems = _at_least_one(self, ("eval_seq_len",))
+        if self.eval_max_windows is not None and self.eval_max_windows < 1:
+            problems.append(f"eval_max_windows must be >= 1 or null, found {self.eval_max_windows}")
+        return problems
 
-    def selection_steps(self) -> int:
-        """Steps on which the masks learn: until the freeze, or every step when the selection is never frozen."""
-        return round(self.freeze_share * self.steps) if self.freeze_share < 1.0 else self.steps
+
+@dataclass(frozen=True)
+class OutputConfig(_Group):
+    """What the run writes and where."""
+
+    out: str | None = _opt(
+        None,
+        """Output folder for the pruned checkpoint (default: runs/<model>-<sparsity>).""",
+    )
+    overwrite: bool = _opt(
+        False,
+        """Replace ``out`` if it exists.""",
+    )
+    export_dtype: Literal["auto", "fp32", "bf16", "fp16"] = _opt(
+        "auto",
+        """Dtype of the saved checkpoint (``auto``: the dtype the source checkpoint declares, fp32 if none). Merge,
+    fold and the parity check always run in fp32; only the finished model is cast.""",
+    )
+    gguf: str | None = _opt(
+        None,
+        """Also write a GGUF of the export, of this type (f16, q8_0, q4_k_m, ...; see ``maskprune export-gguf``),
+    as ``<out>/<out name>-<type>.gguf``, by llama.cpp's converter (and quantizer).""",
+    )
+    report: bool = _opt(
+        True,
+        """Draw the report figures and HTML page into ``<out>/report`` at the end.""",
+    )
+
+    def problems(self) -> list[str]:
+        if self.gguf is not None and self.gguf.lower() not in GGUF_TYPES:
+            return [f"gguf must be one of {', '.join(GGUF_TYPES)}, found {self.gguf!r}"]
+        return []
+
+
+GROUPS: dict[str, type[_Group]] = {
+    "source": SourceConfig,
+    "cut": CutConfig,
+    "selection": SelectionConfig,
+    "training": TrainingConfig,
+    "data": DataConfig,
+    "runtime": RuntimeConfig,
+    "evaluation": EvalConfig,
+    "output": OutputConfig,
+}
+"""The configuration's groups by attribute name, in the order ``--help`` and a printed config show them."""
+
+GROUP_OF: dict[str, str] = {f.name: g for g, cls in GROUPS.items() for f in dataclasses.fields(cls)}
+"""The group of every flat key (``sparsity`` -> ``cut``): flat YAML keys and CLI flags are these names."""
+
+
+@dataclass(frozen=True, init=False)
+class PruneConfig:
+    """Everything a run needs, one typed group per concern (each validates itself; the rules that span groups
+    are :meth:`problems`). ``PruneConfig(sparsity=0.5, steps=120)`` takes the flat keys; ``cfg.cut.sparsity``
+    is the grouped read and ``cfg.sparsity`` the flat one. Stages receive the groups they read."""
+
+    source: SourceConfig
+    cut: CutConfig
+    selection: SelectionConfig
+    training: TrainingConfig
+    data: DataConfig
+    runtime: RuntimeConfig
+    evaluation: EvalConfig
+    output: OutputConfig
+
+    def __init__(self, **values: Any) -> None:
+        """Groups by name (``cut=CutConfig(...)``) and/or flat keys (``sparsity=0.5``); unknown keys raise
+        TypeError as a dataclass would. Flat keys win over a group given whole."""
+        unknown = sorted(set(values) - set(GROUPS) - set(GROUP_OF))
+        if unknown:
+            raise TypeError(f"PruneConfig got unexpected keys {unknown}")
+        for name, cls in GROUPS.items():
+            flat = {k: v for k, v in values.items() if GROUP_OF.get(k) == name}
+            group = values.get(name) or cls()
+            object.__setattr__(self, name, dataclasses.replace(group, **flat) if flat else group)
+
+    def __getattr__(self, name: str) -> Any:
+        """The flat read: ``cfg.steps`` is ``cfg.training.steps`` (only reached for names that are not groups)."""
+        group = GROUP_OF.get(name)
+        if group is None:
+            raise AttributeError(f"PruneConfig has no option {name!r}")
+        return getattr(object.__getattribute__(self, group), name)
+
+    def __reduce__(self):
+        return (_from_flat, (self.to_dict(),))
+
+    def replace(self, **flat: Any) -> "PruneConfig":
+        """A copy with the flat keys in ``flat`` changed (``cfg.replace(steps=10, out="x")``)."""
+        return PruneConfig(**{name: getattr(self, name) for name in GROUPS}, **flat)
+
+    def to_dict(self) -> dict[str, Any]:
+        """Every option as one flat mapping (the report's ``config``, the checkpoint fingerprint)."""
+        return {k: v for name in GROUPS for k, v in getattr(self, name).to_dict().items()}
+
+    def to_groups(self) -> dict[str, dict[str, Any]]:
+        """Every option by group (a grouped YAML file)."""
+        return {name: getattr(self, name).to_dict() for name in GROUPS}
+
+    # ---- derived values that need more than one group ---------------------------------------------------
+    def budget_for(self, dense_params: int) -> int:
+        return self.cut.budget_for(dense_params)
 
     @property
     def distilling(self) -> bool:
-        """A ``maskprune distill`` run: no cut, the student learns from a separate teacher."""
-        return self.teacher is not None
+        return self.source.distilling
+
+    def selection_steps(self) -> int:
+        """Steps on which the masks learn: until the freeze, or every step when the selection is never frozen."""
+        freeze, steps = self.selection.freeze_share, self.training.steps
+        return round(freeze * steps) if freeze < 1.0 else steps
 
     def resolved_split_search(self) -> bool:
         """``split_search``, or its default: on for the learned method starting from a one-shot prior."""
-        if self.split_search is not None:
-            return self.split_search
-        return self.method == "maskprune" and self.mask_init != "ones"
+        if self.cut.split_search is not None:
+            return self.cut.split_search
+        return self.cut.method == "maskprune" and self.selection.mask_init != "ones"
 
     def resolved_layerwise_calibration(self) -> bool:
-        """``layerwise_calibration``, or its default: on for the wanda-sp and flap baselines."""
-        if self.layerwise_calibration is not None:
-            return self.layerwise_calibration
-        return self.method in ("wanda-sp", "flap")
+        return self.cut.resolved_layerwise_calibration()
 
     def resolved_mask_lr(self) -> float:
         """``mask_lr``, or the automatic rate ``mask_init_spread / sqrt(selection steps)`` (0.1 / sqrt(steps) when
         the masks start at 1 with no spread)."""
-        if self.mask_lr is not None:
-            return self.mask_lr
-        spread = self.mask_init_spread if self.mask_init != "ones" and self.mask_init_spread > 0 else 0.1
+        sel = self.selection
+        if sel.mask_lr is not None:
+            return sel.mask_lr
+        spread = sel.mask_init_spread if sel.mask_init != "ones" and sel.mask_init_spread > 0 else 0.1
         return spread / math.sqrt(max(1, self.selection_steps()))
 
-    def to_dict(self) -> dict[str, Any]:
-        d = dataclasses.asdict(self)
-        d["lora_targets"] = list(self.lora_targets)
-        return d
-
+    # ---- validation --------------------------------------------------------------------------------------
     def validate(self) -> "PruneConfig":
         """``self`` if every value is in range and the values agree; else one error listing every problem."""
         problems = self.problems()
@@ -575,121 +728,127 @@ class PruneConfig:
         return self
 
     def problems(self) -> list[str]:
-        """Every range or consistency problem of the values, in one list (empty: valid). One check after
-        another, kept in one function so every problem is found in one pass and reported together."""
-        problems: list[str] = []
-        if self.budget_params is None:
-            if self.sparsity is None or not (0.0 < self.sparsity < 1.0):
-                problems.append(
-                    f"sparsity must be in (0, 1) (the share of parameters removed), "
-                    f"found {self.sparsity!r}: pass e.g. --sparsity 0.5"
-                )
-        elif self.budget_params <= 0:
-            problems.append(f"budget_params must be a positive parameter count, found {self.budget_params}")
-        if self.checkpoint_every < 0:
-            problems.append(f"checkpoint_every must be >= 0, found {self.checkpoint_every}")
-        if self.val_every < 0:
-            problems.append(f"val_every must be >= 0 (0: no validation), found {self.val_every}")
-        for name in (
-            "calib_samples",
-            "prior_samples",
-            "seq_len",
-            "batch_size",
-            "steps",
-            "lora_rank",
-            "head_multiple",
-            "keep_checkpoints",
-            "ffn_multiple",
-            "eval_seq_len",
-            "log_every",
-            "val_windows",
-            "sync_check_every",
-            "split_search_samples",
-            "ffn_prox_start",
-            "ffn_prox_end",
-        ):
-            v = getattr(self, name)
-            if v < 1:
-                problems.append(f"{name} must be >= 1, found {v}")
-        if self.mask_lr is not None and not (self.mask_lr > 0.0 and math.isfinite(self.mask_lr)):
-            problems.append(f"mask_lr must be a finite number > 0 or null (automatic), found {self.mask_lr}")
-        for name in ("lora_lr", "eta1", "eta2", "eta3", "eta4", "alpha", "ce_weight", "y_init", "z_init"):
-            v = getattr(self, name)
-            if not (v >= 0.0 and math.isfinite(v)):
-                problems.append(f"{name} must be a finite number >= 0, found {v}")
-        if self.method == "maskprune" and 1 <= self.calib_samples < self.batch_size:
-            problems.append(
-                f"batch_size {self.batch_size} is larger than calib_samples {self.calib_samples}: every "
-                "step would see fewer windows than asked; lower --batch-size or raise --calib-samples"
-            )
-        if not 0.0 < self.warmup_share <= 1.0:
-            problems.append(f"warmup_share must be in (0, 1], found {self.warmup_share}")
-        if not 0.0 <= self.freeze_share <= 1.0:
-            problems.append(f"freeze_share must be in [0, 1] (1: never freeze), found {self.freeze_share}")
-        if not 0.0 <= self.head_cut_fraction < 1.0:
-            problems.append(
-                f"head_cut_fraction must be in [0, 1) (of each row's head units), found {self.head_cut_fraction}"
-            )
-        if not 0.0 <= self.mask_init_spread < 1.0:
-            problems.append(f"mask_init_spread must be in [0, 1), found {self.mask_init_spread}")
-        if self.teacher is not None and (self.method != "maskprune" or self.mask_init != "ones" or self.freeze_share):
-            problems.append(
-                "distill runs the learned method with no mask learning (method maskprune, mask_init ones, "
-                f"freeze_share 0), found method {self.method!r}, mask_init {self.mask_init!r}, "
-                f"freeze_share {self.freeze_share}: use `maskprune distill`, which sets them"
-            )
-        if self.full and self.teacher is None and not self.recover_steps:
-            problems.append(
-                "full applies to distillation (`maskprune distill`, or prune's --recover-steps); drop --full"
-            )
-        if (self.teacher is not None or self.recover_steps) and not (self.lora or self.full):
-            problems.append(
-                "distillation trains LoRA adapters (the default) or every weight (--full); with --no-lora and "
-                "no --full nothing would train: drop --no-lora or add --full"
-            )
-        if self.gguf is not None:
-            from .gguf_export import GGUF_TYPES
+        """Every problem of every group, then the rules that span groups (empty: valid)."""
+        problems = [p for name in GROUPS for p in getattr(self, name).problems()]
+        return problems + _distillation_problems(self) + _method_problems(self)
 
-            if self.gguf.lower() not in GGUF_TYPES:
-                problems.append(f"gguf must be one of {', '.join(GGUF_TYPES)}, found {self.gguf!r}")
-        if self.recover_steps < 0:
-            problems.append(f"recover_steps must be >= 0, found {self.recover_steps}")
-        if self.recover_steps and self.teacher is not None:
-            problems.append("recover_steps belongs to prune; `maskprune distill` takes --steps")
-        if self.full and self.fsdp:
-            problems.append(
-                "full with fsdp is not supported (the export would rebuild the weights from the source): "
-                "drop --fsdp (data parallel works) or train LoRA"
-            )
-        if self.layerwise_calibration and self.method not in ("wanda-sp", "flap"):
-            problems.append(
-                f"layerwise_calibration applies to the activation metrics (--method wanda-sp or flap), found method "
-                f"{self.method!r}: drop --layerwise-calibration"
-            )
-        if self.bias_compensation == "on" and self.method == "maskprune":
-            problems.append(
-                "bias_compensation 'on' applies to one-shot baselines (--method flap, wanda-sp, ...): the learned "
-                "method distils the cut model instead; drop --bias-compensation or pick a --method"
-            )
-        if self.split_search and self.method == "maskprune" and self.mask_init == "ones":
-            problems.append(
-                "split_search needs a one-shot order of the units to cut, found mask_init 'ones': pass "
-                "--mask-init wanda-sp (or flap, taylor, magnitude), or drop --split-search"
-            )
-        if self.mask_type != "uniform" and self.method != "maskprune":
-            problems.append(
-                f"mask_type {self.mask_type!r} applies to the learned method only, found method "
-                f"{self.method!r}: drop --mask-type or use --method maskprune"
-            )
-        if not self.distill and (self.alpha > 0.0 or self.ce_weight > 0.0):
-            problems.append(
-                f"distill is off, so there is no teacher for alpha={self.alpha} (layer MSE) and the "
-                f"loss is the cross-entropy alone (ce_weight={self.ce_weight} is implied): drop "
-                "--alpha/--ce-weight or drop --no-distill"
-            )
-        if self.eval_max_windows is not None and self.eval_max_windows < 1:
-            problems.append(f"eval_max_windows must be >= 1 or null, found {self.eval_max_windows}")
-        return problems
+
+def _from_flat(values: dict[str, Any]) -> PruneConfig:
+    values = {**values, "lora_targets": tuple(values["lora_targets"]), "trackers": tuple(values["trackers"])}
+    return PruneConfig(**values)
+
+
+def _distillation_problems(cfg: PruneConfig) -> list[str]:
+    """Rules between the teacher (source), the steps and weights that learn (training) and the runtime."""
+    src, tr = cfg.source, cfg.training
+    problems = []
+    if src.teacher is not None and (
+        cfg.cut.method != "maskprune" or cfg.selection.mask_init != "ones" or cfg.selection.freeze_share
+    ):
+        problems.append(
+            "distill runs the learned method with no mask learning (method maskprune, mask_init ones, "
+            f"freeze_share 0), found method {cfg.cut.method!r}, mask_init {cfg.selection.mask_init!r}, "
+            f"freeze_share {cfg.selection.freeze_share}: use `maskprune distill`, which sets them"
+        )
+    if tr.full and src.teacher is None and not tr.recover_steps:
+        problems.append("full applies to distillation (`maskprune distill`, or prune's --recover-steps); drop --full")
+    if (src.teacher is not None or tr.recover_steps) and not (tr.lora or tr.full):
+        problems.append(
+            "distillation trains LoRA adapters (the default) or every weight (--full); with --no-lora and "
+            "no --full nothing would train: drop --no-lora or add --full"
+        )
+    if tr.recover_steps and src.teacher is not None:
+        problems.append("recover_steps belongs to prune; `maskprune distill` takes --steps")
+    if tr.full and cfg.runtime.fsdp:
+        problems.append(
+            "full with fsdp is not supported (the export would rebuild the weights from the source): "
+            "drop --fsdp (data parallel works) or train LoRA"
+        )
+    return problems
+
+
+def _method_problems(cfg: PruneConfig) -> list[str]:
+    """Rules between the method (cut), the learned selection's options and the batch (data)."""
+    method, sel, data = cfg.cut.method, cfg.selection, cfg.data
+    problems = []
+    if method == "maskprune" and 1 <= data.calib_samples < data.batch_size:
+        problems.append(
+            f"batch_size {data.batch_size} is larger than calib_samples {data.calib_samples}: every "
+            "step would see fewer windows than asked; lower --batch-size or raise --calib-samples"
+        )
+    if cfg.cut.split_search and method == "maskprune" and sel.mask_init == "ones":
+        problems.append(
+            "split_search needs a one-shot order of the units to cut, found mask_init 'ones': pass "
+            "--mask-init wanda-sp (or flap, taylor, magnitude), or drop --split-search"
+        )
+    if sel.mask_type != "uniform" and method != "maskprune":
+        problems.append(
+            f"mask_type {sel.mask_type!r} applies to the learned method only, found method "
+            f"{method!r}: drop --mask-type or use --method maskprune"
+        )
+    return problems
+
+
+def _only(command: str) -> frozenset[str]:
+    """The flat keys only ``command`` takes: a whole group's (``ONLY``) or a field's (``metadata["only"]``)."""
+    return frozenset(
+        f.name
+        for cls in GROUPS.values()
+        for f in dataclasses.fields(cls)
+        if cls.ONLY == command or f.metadata.get("only") == command
+    )
+
+
+PRUNE_ONLY: frozenset[str] = _only("prune")
+"""Options of ``maskprune prune`` that ``maskprune distill`` does not take: they choose, learn or shape the cut
+(the groups ``cut`` and ``selection``, and ``recover_steps``), or switch the teacher off (``distill``): a
+distillation keeps the student's structure and always learns from its teacher. Its flags are not offered; given
+in the API they are refused; in a shared YAML file they are ignored with a warning."""
+
+DISTILL_ONLY: frozenset[str] = _only("distill")
+"""Options of ``maskprune distill`` that ``maskprune prune`` does not take (its teacher is the model it prunes)."""
+
+
+def distill_overrides(options: Mapping[str, Any]) -> dict[str, Any]:
+    """``options`` of a distillation (API keywords or CLI flags) with :data:`DISTILL_SETTINGS` applied; refuses
+    any of :data:`PRUNE_ONLY`, which would otherwise be silently overridden or meaningless."""
+    given = sorted(set(options) & PRUNE_ONLY)
+    if given:
+        raise MaskPruneError(
+            f"maskprune distill does not take {', '.join(given)}",
+            expected="distillation options (steps, calib, calib_samples, seq_len, batch_size, lora_rank, lora_lr, "
+            "full, alpha, ce_weight, kl_direction, ...): the student's structure is kept as it is",
+            fix="drop them (they choose the cut: give them to `maskprune prune`)",
+        )
+    return {**options, **DISTILL_SETTINGS}
+
+
+def prune_overrides(options: Mapping[str, Any]) -> dict[str, Any]:
+    """``options`` of a prune (API keywords or CLI flags); refuses any of :data:`DISTILL_ONLY` (prune's teacher
+    is the model it prunes: a separate teacher is `maskprune distill`'s)."""
+    given = sorted(set(options) & DISTILL_ONLY)
+    if given:
+        raise MaskPruneError(
+            f"maskprune prune does not take {', '.join(given)}",
+            expected="prune options: its teacher is the model it prunes",
+            fix="distil a pruned model from a separate teacher with `maskprune distill PRUNED --teacher DENSE` "
+            "(maskprune.distill(student, teacher=...))",
+        )
+    return dict(options)
+
+
+PAPER_RECIPE: dict[str, Any] = {
+    "mask_init": "ones",
+    "mask_optimizer": "adamw",
+    "mask_lr": 1e-2,
+    "mask_lr_schedule": "constant",
+    "freeze_share": 1.0,
+    "warmup_share": 0.7,
+    "kl_direction": "student_teacher",
+    "cut_ramp": False,
+}
+"""``recipe: paper``: the method as the paper writes it (masks start at 1, AdamW at lr 1e-2 with no
+schedule, the selection learned until the cut, KL(p_s || p_t)). Keys given explicitly still win."""
 
 
 def _check_type(name: str, value: Any, hint: Any) -> tuple[Any, str | None]:
@@ -737,45 +896,61 @@ def _check_type(name: str, value: Any, hint: Any) -> tuple[Any, str | None]:
     return value, None
 
 
+def _read_yaml(file: str | Path, ignore: frozenset[str]) -> dict[str, Any]:
+    """The flat keys of a YAML config file: flat keys as they are, a group's section (``cut: {sparsity: 0.5}``)
+    flattened; keys in ``ignore`` dropped with a warning."""
+    path = Path(file)
+    if not path.is_file():
+        raise MaskPruneError(
+            f"config file {str(path)!r} does not exist", fix="pass the path of a YAML file to --config"
+        )
+    try:
+        loaded = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise MaskPruneError(f"config file {str(path)!r} is not valid YAML: {exc}") from None
+    if not isinstance(loaded, dict):
+        raise MaskPruneError(
+            f"config file {str(path)!r} must hold a mapping of keys to values", found=type(loaded).__name__
+        )
+    values: dict[str, Any] = {}
+    for key, value in loaded.items():
+        if key in GROUPS and isinstance(value, dict):
+            stray = sorted(k for k in value if GROUP_OF.get(k, key) != key)
+            if stray:
+                raise MaskPruneError(
+                    f"config file {str(path)!r}: section {key!r} holds keys of other groups: {stray}",
+                    fix="move each key under its own group (or list it flat): "
+                    + ", ".join(f"{k} -> {GROUP_OF[k]}" for k in stray if k in GROUP_OF),
+                )
+            values.update(value)
+        else:
+            values[key] = value
+    dropped = sorted(set(values) & ignore)
+    if dropped:
+        log.warning("config file %s: %s do not apply here and are ignored", path, ", ".join(dropped))
+    return {k: v for k, v in values.items() if k not in ignore}
+
+
 def load_config(
     file: str | Path | None = None, overrides: Mapping[str, Any] | None = None, *, ignore: frozenset[str] = frozenset()
 ) -> PruneConfig:
     """Defaults, then the YAML ``file``, then ``overrides`` (flags). Validated; errors all at once. Keys of the
     file in ``ignore`` (a command's options that do not apply, e.g. :data:`PRUNE_ONLY` for distill) are dropped
     with a warning, so one file can serve prune and distill."""
-    values: dict[str, Any] = {}
-    if file is not None:
-        path = Path(file)
-        if not path.is_file():
-            raise MaskPruneError(
-                f"config file {str(path)!r} does not exist", fix="pass the path of a YAML file to --config"
-            )
-        try:
-            loaded = yaml.safe_load(path.read_text()) or {}
-        except yaml.YAMLError as exc:
-            raise MaskPruneError(f"config file {str(path)!r} is not valid YAML: {exc}") from None
-        if not isinstance(loaded, dict):
-            raise MaskPruneError(
-                f"config file {str(path)!r} must hold a mapping of keys to values", found=type(loaded).__name__
-            )
-        dropped = sorted(set(loaded) & ignore)
-        if dropped:
-            log.warning("config file %s: %s do not apply here and are ignored", path, ", ".join(dropped))
-        values.update({k: v for k, v in loaded.items() if k not in ignore})
+    values: dict[str, Any] = _read_yaml(file, ignore) if file is not None else {}
     values.update(overrides or {})
     if values.get("recipe") == "paper":
         values = {**PAPER_RECIPE, **values}
-    hints = typing.get_type_hints(PruneConfig)
-    known = {f.name for f in dataclasses.fields(PruneConfig)}
     problems: list[str] = []
-    unknown = sorted(set(values) - known)
+    unknown = sorted(set(values) - set(GROUP_OF))
     if unknown:
-        problems.append(f"unknown config keys {unknown}; known keys: {', '.join(sorted(known))}")
+        problems.append(f"unknown config keys {unknown}; known keys: {', '.join(sorted(GROUP_OF))}")
     clean: dict[str, Any] = {}
     for k, v in values.items():
-        if k not in known:
+        if k not in GROUP_OF:
             continue
-        v, err = _check_type(k, v, hints[k])
+        hint = typing.get_type_hints(GROUPS[GROUP_OF[k]])[k]
+        v, err = _check_type(k, v, hint)
         if err:
             problems.append(err)
         else:

@@ -10,7 +10,7 @@ from dataclasses import dataclass
 import torch
 
 from .errors import MaskPruneError
-from .optim import num_cut
+from .minimax import num_cut
 from .structure import Structure
 
 __all__ = [

@@ -19,17 +19,11 @@ import tarfile
 import tempfile
 from pathlib import Path
 
+from . import llamacpp
 from .errors import MaskPruneError
-from .llamacpp import QUANT_TYPES
+from .llamacpp import CONVERTER_TYPES, GGUF_TYPES, LLAMA_CPP_PYTHON, QUANT_TYPES
 
 __all__ = ["LLAMA_CPP_PYTHON", "CONVERTER_TYPES", "GGUF_TYPES", "converter_dir", "export_gguf", "check_logits"]
-
-LLAMA_CPP_PYTHON = "0.3.36"
-"""The llama-cpp-python source distribution whose vendored llama.cpp converts (one pinned version)."""
-CONVERTER_TYPES = ("f32", "f16", "bf16", "q8_0")
-"""GGUF types llama.cpp's Python converter writes without its compiled quantizer."""
-GGUF_TYPES = CONVERTER_TYPES + tuple(QUANT_TYPES)
-"""Every type ``export-gguf`` writes (the quantized ones through :mod:`maskprune.llamacpp`)."""
 
 
 def converter_dir(cache: Path | None = None) -> Path:
@@ -73,7 +67,6 @@ def converter_dir(cache: Path | None = None) -> Path:
 def preflight(gguf_type: str) -> None:
     """Everything ``export_gguf`` needs besides the checkpoint, checked now (prune --gguf calls this before
     its run): a known type, the converter (fetched once), and llama.cpp's quantizer for the quantized types."""
-    from . import llamacpp
 
     gguf_type = gguf_type.lower()
     if gguf_type not in GGUF_TYPES:
@@ -94,8 +87,6 @@ def export_gguf(
         raise MaskPruneError(f"unknown GGUF type {gguf_type!r}", expected=f"one of {', '.join(GGUF_TYPES)}")
     quantized = gguf_type in QUANT_TYPES
     if quantized:
-        from . import llamacpp
-
         llamacpp.require()  # refuse now, before converting, where the compiled quantizer is missing
     if not (folder / "config.json").is_file():
         raise MaskPruneError(f"{str(folder)!r} is not a checkpoint folder", expected="a folder with config.json")

@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from . import distributed as D
-from . import optim as F
+from . import minimax
 from .config import PruneConfig
 from .cut import plan_cut
 from .dtypes import autocast_dtype
@@ -31,7 +31,7 @@ __all__ = ["LearnState", "Learner", "Interrupted", "attach_lora"]
 
 @dataclass
 class LearnState:
-    """The minimax variables besides the masks (see :mod:`maskprune.optim` for the symbols)."""
+    """The minimax variables besides the masks (see :mod:`maskprune.minimax` for the symbols)."""
 
     step: int = 0
     sigma: dict[str, float] = field(default_factory=lambda: {"head": 0.0, "ffn": 0.0})
@@ -184,7 +184,7 @@ class Learner:
             p = self.masks.by_kind()[kind]
             hard = p.detach().clone() if st.step > 0 else torch.ones_like(p)
             if k:
-                hard.scatter_(-1, F.smallest_indices(p, k), 0.0)
+                hard.scatter_(-1, minimax.smallest_indices(p, k), 0.0)
             p.copy_(hard)
             st.sigma[kind] = k / lay.units_per_row
         self._stop_mask_learning()
@@ -205,16 +205,36 @@ class Learner:
                 return forward(input_ids=batch, output_hidden_states=hidden, use_cache=False)
 
     def step(self) -> dict:
-        """One learning step: forwards and loss, the mask and LoRA updates, the proximal step, the sigma step and
-        the multiplier ascents, in the order of docs/method.md ("One learning step"). Long on purpose: the six
-        updates stay together so the function reads as the paper's Algorithm 1."""
-        cfg, st, s = self.cfg, self.state, self.structure
-        t, total = st.step, cfg.steps
+        """One learning step, in the order of docs/method.md ("One learning step", the paper's Algorithm 1):
+        forwards and loss, the mask and LoRA descent, then (while the selection is not frozen) the proximal step
+        and the sigma step with the multiplier ascents."""
+        st = self.state
+        t = st.step
         t0 = time.perf_counter()
         if self.freeze_step is not None and st.frozen_at is None and t >= self.freeze_step:
             self.freeze()
         frozen = st.frozen_at is not None
         batch = self.windows[self.batch_indices(t)].to(self.device)  # [B, T]
+        k_cut = self._k_cut()
+        terms = self._loss(batch, k_cut, frozen)
+        self._descend(terms["loss"], t)
+        if frozen:
+            return self._finish_step(t, t0, batch, terms, k_cut, {"head": False, "ffn": False}, 0, 0.0)
+        self.masks.clamp_()
+        prox, interval = self._proximal(t, k_cut)
+        k_new, violation = self._ascend(t, k_cut)
+        return self._finish_step(t, t0, batch, terms, k_new, prox, interval, violation)
+
+    def _k_cut(self) -> dict[str, int]:
+        """Units cut per row of each kind at the current sparsity fractions."""
+        s, sigma = self.structure, self.state.sigma
+        return {
+            kind: minimax.num_cut(sigma[kind], lay.units_per_row) for kind, lay in (("head", s.head), ("ffn", s.ffn))
+        }
+
+    def _loss(self, batch: torch.Tensor, k_cut: dict[str, int], frozen: bool) -> dict:
+        """The teacher's and the student's forwards and the loss terms (with the L0 gates' sparsity term)."""
+        cfg, st = self.cfg, self.state
         want_hidden = cfg.alpha > 0.0 and cfg.distill
         with torch.autocast(self.device.type, dtype=self.amp or torch.float32, enabled=self.amp is not None):
             teacher = self._teacher_forward(self._forward, batch, want_hidden) if cfg.distill else None
@@ -230,19 +250,21 @@ class Learner:
                 ce_weight=cfg.ce_weight,
                 layer_mse_norm=cfg.layer_mse_norm,
             )
-        k_cut = {kind: F.num_cut(st.sigma[kind], lay.units_per_row) for kind, lay in (("head", s.head), ("ffn", s.ffn))}
         if self.masks.mask_type == "l0" and st.y > 0.0 and not frozen:
             # no closed-form prox for hard-concrete gates: the Lagrangian's sparsity term enters the loss
             terms["sparsity_penalty"] = sum(
-                F.sparsity_penalty(self.masks.values(kind), k_cut[kind]) for kind in ("head", "ffn")
+                minimax.sparsity_penalty(self.masks.values(kind), k_cut[kind]) for kind in ("head", "ffn")
             )
             terms["loss"] = terms["loss"] + st.y * terms["sparsity_penalty"]
-        loss = terms["loss"]
-        if not torch.isfinite(loss):
+        if not torch.isfinite(terms["loss"]):
             raise NonFiniteError(
-                f"the loss became {float(loss.detach())} at step {t}",
+                f"the loss became {float(terms['loss'].detach())} at step {st.step}",
                 fix="lower mask_lr / lora_lr or use --dtype fp32; the last checkpoint is intact",
             )
+        return terms
+
+    def _descend(self, loss: torch.Tensor, t: int) -> None:
+        """The gradient step of the masks (at this step's mask lr) and of LoRA, gradients averaged over ranks."""
         optimizers = [o for o in (self.mask_optimizer, self.optimizer) if o is not None]
         for o in optimizers:
             o.zero_grad(set_to_none=True)
@@ -253,50 +275,54 @@ class Learner:
             g["lr"] = self.mask_lr(t)
         for o in optimizers:
             o.step()
-        if frozen:
-            return self._finish_step(t, t0, batch, terms, k_cut, {"head": False, "ffn": False}, 0, 0.0)
-        self.masks.clamp_()
 
-        # proximal step on the parameters just produced (heads every step, FFN every k steps); for
-        # polarization gates it shrinks theta, which shrinks the same smallest gates; L0 has none
-        interval = F.ffn_prox_interval(t, total, cfg.ffn_prox_start, cfg.ffn_prox_end)
+    def _proximal(self, t: int, k_cut: dict[str, int]) -> tuple[dict[str, bool], int]:
+        """The proximal step on the parameters just produced (heads every step, FFN every k steps; for
+        polarization gates it shrinks theta, which shrinks the same smallest gates; L0 has none), the cut ramp's
+        cap; ``(which kinds took the step, the FFN interval)``."""
+        cfg, total = self.cfg, self.cfg.steps
+        interval = minimax.ffn_prox_interval(t, total, cfg.ffn_prox_start, cfg.ffn_prox_end)
         prox = {"head": True, "ffn": t % interval == 0}
         if self.masks.mask_type == "l0":
             prox = {"head": False, "ffn": False}
         with torch.no_grad():
             for kind, param in self.masks.by_kind().items():
                 if prox[kind]:
-                    param.copy_(F.proximal_step(param, k_cut[kind], cfg.eta1, st.y))
+                    param.copy_(minimax.proximal_step(param, k_cut[kind], cfg.eta1, self.state.y))
             cap = self.cut_ramp_cap(t)
             if cap is not None and self.masks.mask_type == "uniform":
                 plan = self._plan()  # the counts the freeze will cut (the budget is at its target by now)
                 for kind, k in (("head", plan.k_head), ("ffn", plan.k_ffn)):
                     param = self.masks.by_kind()[kind]
-                    param.copy_(F.cap_smallest(param, k, cap))
+                    param.copy_(minimax.cap_smallest(param, k, cap))
         if self.masks.mask_type == "polarization":
-            self.masks.eps = F.geometric_schedule(t + 1, total, *POLARIZATION_EPS)
+            self.masks.eps = minimax.geometric_schedule(t + 1, total, *POLARIZATION_EPS)
+        return prox, interval
 
-        # straight-through sigma step, then y and z ascent, all on the mask values
+    def _ascend(self, t: int, k_cut: dict[str, int]) -> tuple[dict[str, int], float]:
+        """The straight-through sigma step, then the ascent of y and z, all on the mask values; ``(units cut per
+        row at the new sigma, the sparsity violation)``."""
+        cfg, st, s = self.cfg, self.state, self.structure
         with torch.no_grad():
             values = {kind: self.masks.values(kind).detach() for kind in ("head", "ffn")}
-        target = F.budget_ratio(t, total, self.final_ratio, cfg.warmup_share)
+        target = minimax.budget_ratio(t, cfg.steps, self.final_ratio, cfg.warmup_share)
         for kind, val in values.items():
             lay = s.head if kind == "head" else s.ffn
-            st.sigma[kind] = F.sigma_step(
+            st.sigma[kind] = minimax.sigma_step(
                 st.sigma[kind],
                 y=st.y,
                 z=st.z,
-                next_sq_mean=float(F.next_smallest_sq(val, k_cut[kind]).mean()),
+                next_sq_mean=float(minimax.next_smallest_sq(val, k_cut[kind]).mean()),
                 weight=s.resource_weight(kind, cfg.resource_weight),
                 eta2=cfg.eta2,
                 sigma_max=(lay.units_per_row - 1) / lay.units_per_row,
             )
-        k_new = {kind: F.num_cut(st.sigma[kind], lay.units_per_row) for kind, lay in (("head", s.head), ("ffn", s.ffn))}
-        violation = sum(F.sparsity_violation(v, k_new[kind]) for kind, v in values.items())
-        st.y = F.y_step(st.y, violation=violation, eta3=cfg.eta3)
+        k_new = self._k_cut()
+        violation = sum(minimax.sparsity_violation(v, k_new[kind]) for kind, v in values.items())
+        st.y = minimax.y_step(st.y, violation=violation, eta3=cfg.eta3)
         size = s.params_after(st.sigma["head"] * s.head.units_per_row, st.sigma["ffn"] * s.ffn.units_per_row)
-        st.z = F.z_step(st.z, size_ratio=size / s.dense_params, target_ratio=target, eta4=cfg.eta4)
-        return self._finish_step(t, t0, batch, terms, k_new, prox, interval, violation)
+        st.z = minimax.z_step(st.z, size_ratio=size / s.dense_params, target_ratio=target, eta4=cfg.eta4)
+        return k_new, violation
 
     def _finish_step(
         self,
@@ -331,7 +357,7 @@ class Learner:
             "y": st.y,
             "z": st.z,
             "size_ratio": size / s.dense_params,
-            "target_ratio": F.budget_ratio(t, self.cfg.steps, self.final_ratio, self.cfg.warmup_share),
+            "target_ratio": minimax.budget_ratio(t, self.cfg.steps, self.final_ratio, self.cfg.warmup_share),
             "size_at_cut": s.params_after(k_new["head"], k_new["ffn"]),
             "violation": violation,
             "prox_head": prox["head"],
@@ -443,7 +469,7 @@ class Learner:
         for k, p in self.masks.by_kind().items():
             p.copy_(payload["masks"][k].to(p.device))
         if self.masks.mask_type == "polarization":
-            self.masks.eps = F.geometric_schedule(self.state.step, self.cfg.steps, *POLARIZATION_EPS)
+            self.masks.eps = minimax.geometric_schedule(self.state.step, self.cfg.steps, *POLARIZATION_EPS)
         lora = self._lora_params()
         if set(lora) != set(payload["lora"]):
             raise ValueError("the checkpoint's LoRA parameters do not match this model's")

@@ -16,7 +16,19 @@ from pathlib import Path
 
 from .errors import MaskPruneError
 
-__all__ = ["QUANT_TYPES", "available", "require", "quantize", "perplexity", "speed", "generate", "SpeedReport"]
+__all__ = [
+    "QUANT_TYPES",
+    "LLAMA_CPP_PYTHON",
+    "CONVERTER_TYPES",
+    "GGUF_TYPES",
+    "available",
+    "require",
+    "quantize",
+    "perplexity",
+    "speed",
+    "generate",
+    "SpeedReport",
+]
 
 QUANT_TYPES = {  # GGUF type name -> llama_ftype (llama.h)
     "q4_0": 2,
@@ -32,6 +44,13 @@ QUANT_TYPES = {  # GGUF type name -> llama_ftype (llama.h)
     "q6_k": 18,
 }
 """The types llama.cpp's quantizer writes from an f16/f32 GGUF (the converter writes f32, f16, bf16, q8_0)."""
+LLAMA_CPP_PYTHON = "0.3.36"
+"""The llama-cpp-python version pinned: its source distribution's vendored llama.cpp converts
+(:mod:`maskprune.gguf_export`), its compiled llama.cpp quantizes and checks (this module)."""
+CONVERTER_TYPES = ("f32", "f16", "bf16", "q8_0")
+"""GGUF types llama.cpp's Python converter writes without its compiled quantizer."""
+GGUF_TYPES = CONVERTER_TYPES + tuple(QUANT_TYPES)
+"""Every type ``export-gguf`` writes (the quantized ones through the quantizer)."""
 
 
 def available() -> bool:
@@ -48,8 +67,6 @@ def require():
     try:
         import llama_cpp
     except Exception as exc:
-        from .gguf_export import LLAMA_CPP_PYTHON
-
         raise MaskPruneError(
             "llama.cpp is not available here (llama-cpp-python is not installed or did not load)",
             found=f"{type(exc).__name__}: {exc}",

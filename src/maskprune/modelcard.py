@@ -7,6 +7,9 @@ import shutil
 import sys
 from pathlib import Path
 
+from .config import PruneConfig
+from .runreport import RunReport
+
 __all__ = ["write_model_card", "copy_license"]
 
 _LICENSE_FILES = ("LICENSE", "LICENSE.txt", "LICENSE.md", "license.txt", "USE_POLICY.md")
@@ -40,96 +43,90 @@ def _base_license(source_dir: str | Path) -> str | None:
     return None
 
 
-def _mask_lr(cfg: dict) -> str:
-    lr = cfg.get("mask_lr")
-    if lr is not None:
-        return f"{lr:g}"
-    from .config import load_config
-
-    known = {k: v for k, v in cfg.items() if k in ("steps", "freeze_share", "mask_init", "mask_init_spread")}
-    return f"{load_config(overrides=known).resolved_mask_lr():.3g} (automatic)"
+def _mask_lr(cfg: PruneConfig) -> str:
+    return f"{cfg.mask_lr:g}" if cfg.mask_lr is not None else f"{cfg.resolved_mask_lr():.3g} (automatic)"
 
 
-def _selection_text(cfg: dict) -> str:
-    if cfg.get("freeze_share", 1.0) == 0.0:
-        return f"the prior's selection frozen at step 0, all {cfg['steps']} steps spent on LoRA distillation"
-    return f"{cfg.get('mask_optimizer', 'adamw')} at lr {_mask_lr(cfg)}, selection {_freeze_text(cfg)}"
+def _selection_text(cfg: PruneConfig) -> str:
+    if cfg.freeze_share == 0.0:
+        return f"the prior's selection frozen at step 0, all {cfg.steps} steps spent on LoRA distillation"
+    return f"{cfg.mask_optimizer} at lr {_mask_lr(cfg)}, selection {_freeze_text(cfg)}"
 
 
-def _freeze_text(cfg: dict) -> str:
-    share = cfg.get("freeze_share", 1.0)
-    if share >= 1.0:
+def _freeze_text(cfg: PruneConfig) -> str:
+    if cfg.freeze_share >= 1.0:
         return "learned until the cut (no fine-tuning on the pruned structure)"
-    frozen = round(share * cfg["steps"])
+    frozen = round(cfg.freeze_share * cfg.steps)
     return (
-        f"frozen after {frozen} of {cfg['steps']} steps, the remaining {cfg['steps'] - frozen} steps "
+        f"frozen after {frozen} of {cfg.steps} steps, the remaining {cfg.steps - frozen} steps "
         "spent on LoRA distillation of the pruned structure"
     )
 
 
-def write_model_card(folder: Path, report: dict, command: list[str] | None = None) -> Path:
-    """Write ``folder/README.md`` from the run report. Long because it is a page template: one f-string
-    section after another, no logic worth a function of its own."""
-    cfg, p, shape = report["config"], report["params"], report["shape"]
+def write_model_card(folder: Path, run: RunReport, command: list[str] | None = None) -> Path:
+    """Write ``folder/README.md`` from the run report: the header, then one section after another."""
+    report, cfg = run.to_dict(), run.config
+    license_ = _base_license(report["model"]["path"]) or "same as the base model"
+    copied = copy_license(report["model"]["path"], folder)
+    cmd = " ".join(shlex.quote(a) for a in (command or ["maskprune", *sys.argv[1:]]))
+    text = (
+        _header(report, cfg, license_)
+        + _shape_section(report)
+        + _settings_section(report, cfg)
+        + _distill_text(report.get("distill"))
+        + _recovery_text(report.get("recovery"))
+        + _evaluation_section(report.get("perplexity") or {})
+        + f"## Reproduce\n\n```bash\n{cmd}\n```\n\n## License\n\n{license_}"
+        + (" (license files copied: " + ", ".join(copied) + ")" if copied else "")
+        + ". The pruned weights\nare a derivative of the base model and carry its license.\n"
+    )
+    out = folder / "README.md"
+    out.write_text(text, encoding="utf-8")
+    return out
+
+
+def _how(report: dict, cfg: PruneConfig) -> str:
+    """How the units were chosen, in a phrase."""
+    dist = report.get("distill")
+    if dist:
+        return (
+            f"a pruned model recovered by distillation ({dist['mode']}) from its dense original "
+            f"`{dist['teacher']}`; its structure is unchanged"
+        )
+    if cfg.method != "maskprune":
+        return f"attention heads and FFN channels chosen by the one-shot `{cfg.method}` score"
+    if cfg.freeze_share == 0.0:
+        return (
+            f"attention heads and FFN channels chosen by a one-shot `{cfg.mask_init}` score, then LoRA "
+            "trained by distillation from the unpruned model on the pruned structure"
+        )
+    return (
+        "masks on attention heads and FFN channels learned by the minimax method with LoRA and "
+        "distillation from the unpruned model"
+    )
+
+
+def _header(report: dict, cfg: PruneConfig, license_: str) -> str:
     from .models import hub_id_of
 
+    p = report["params"]
     base = report["model"]["source"]
     hub_id = hub_id_of(base)
     base_line = f"base_model: {hub_id}\n" if hub_id else ""
     if hub_id and hub_id != base:
         base = f"{hub_id} (as `{base}`)"
-    license_ = _base_license(report["model"]["path"]) or "same as the base model"
-    copied = copy_license(report["model"]["path"], folder)
-    cmd = " ".join(shlex.quote(a) for a in (command or ["maskprune", *sys.argv[1:]]))
-    ppl = report.get("perplexity", {})
-    rows = []
-    for key in ("dense", "before_cut", "after_cut", "before_recovery", "exported"):
-        r = ppl.get(key)
-        if r:
-            rows.append(
-                f"| {key.replace('_', ' ')} | {r['ppl']:.3f} | {r['seq_len']} | {r['windows']} of "
-                f"{r['total_windows']} | {r['dtype']} | {r['bos']} |"
-            )
-    ppl_table = (
-        (
-            "| model | WikiText-2 ppl | seq_len | windows | dtype | BOS |\n| --- | --- | --- | --- | --- | --- |\n"
-            + "\n".join(rows)
-        )
-        if rows
-        else "Not evaluated during the run."
-    )
-    dense = shape["dense"]
-    title = Path(cfg["out"]).name if cfg.get("out") else "pruned model"  # ``folder`` is the staging name
-    dist = report.get("distill")
-    if dist:
-        how = (
-            f"a pruned model recovered by distillation ({dist['mode']}) from its dense original "
-            f"`{dist['teacher']}`; its structure is unchanged"
-        )
-    elif cfg.get("method", "maskprune") != "maskprune":
-        how = f"attention heads and FFN channels chosen by the one-shot `{cfg['method']}` score"
-    elif cfg.get("freeze_share", 1.0) == 0.0:
-        how = (
-            f"attention heads and FFN channels chosen by a one-shot `{cfg.get('mask_init')}` score, then LoRA "
-            "trained by distillation from the unpruned model on the pruned structure"
-        )
-    else:
-        how = (
-            "masks on attention heads and FFN channels learned by the minimax method with LoRA and "
-            "distillation from the unpruned model"
-        )
-    lora = f"rank {cfg['lora_rank']}, lr {cfg['lora_lr']}" if cfg["lora"] else "off"
-    rt = report.get("roundtrip") or {}
-    text = f"""---
+    title = Path(cfg.out).name if cfg.out else "pruned model"
+    what = "distilled" if report.get("distill") else f"pruned by {100 * p['sparsity']:.1f}%"
+    return f"""---
 license: {license_}
 {base_line}tags: [pruned, structured-pruning, maskprune]
 library_name: transformers
 ---
 
-# {title}: {base} {"distilled" if dist else f"pruned by {100 * p['sparsity']:.1f}%"} with maskprune
+# {title}: {base} {what} with maskprune
 
 A layer-uniform structured pruning of **{base}** made with
-maskprune (MaskPrune, arXiv 2502.14008): {how}, the same number of units cut from every layer.
+maskprune (MaskPrune, arXiv 2502.14008): {_how(report, cfg)}, the same number of units cut from every layer.
 It is a stock `{report["model"]["model_type"]}` checkpoint:
 
 ```python
@@ -137,7 +134,13 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 model = AutoModelForCausalLM.from_pretrained("PATH")
 ```
 
-## Shape and size
+"""
+
+
+def _shape_section(report: dict) -> str:
+    p, shape = report["params"], report["shape"]
+    dense = shape["dense"]
+    return f"""## Shape and size
 
 | | dense | pruned |
 | --- | --- | --- |
@@ -152,39 +155,42 @@ model = AutoModelForCausalLM.from_pretrained("PATH")
 Sparsity: {100 * p["sparsity"]:.2f}% of all parameters, {100 * p["prunable_removed_share"]:.2f}% of the
 prunable ones; budget {p["budget"]:,} parameters.
 
-## Method and settings
+"""
 
-GQA policy `{cfg["gqa_policy"]}`; {cfg["steps"]} steps of {cfg["batch_size"]} x {cfg["seq_len"]} tokens
-from `{cfg["calib"]}`; recipe `{cfg.get("recipe", "paper")}`: masks from `{cfg.get("mask_init", "ones")}`,
+
+def _settings_section(report: dict, cfg: PruneConfig) -> str:
+    lora = f"rank {cfg.lora_rank}, lr {cfg.lora_lr}" if cfg.lora else "off"
+    rt = report.get("roundtrip") or {}
+    return f"""## Method and settings
+
+GQA policy `{cfg.gqa_policy}`; {cfg.steps} steps of {cfg.batch_size} x {cfg.seq_len} tokens
+from `{cfg.calib}`; recipe `{cfg.recipe}`: masks from `{cfg.mask_init}`,
 {_selection_text(cfg)}; LoRA {lora};
-eta1..eta4 = {cfg["eta1"]}, {cfg["eta2"]}, {cfg["eta3"]}, {cfg["eta4"]}; budget warm-up over
-{cfg["warmup_share"]:.0%} of the steps; distillation KL ({cfg["kl_direction"]}) + {cfg["alpha"]} x layer MSE;
-autocast {cfg["dtype"]}. Verified at export, on the same probe windows: the folded and sliced fp32 model
+eta1..eta4 = {cfg.eta1}, {cfg.eta2}, {cfg.eta3}, {cfg.eta4}; budget warm-up over
+{cfg.warmup_share:.0%} of the steps; distillation KL ({cfg.kl_direction}) + {cfg.alpha} x layer MSE;
+autocast {cfg.dtype}. Verified at export, on the same probe windows: the folded and sliced fp32 model
 against the masked model, max |logit difference| {report["parity"]["max_abs_diff"]:.2e} (largest logit
 {report["parity"]["ref_max_abs"]:.1f}; merging LoRA and folding masks reorder fp32 sums); this saved
 {rt.get("dtype", "")} checkpoint reloaded with plain `from_pretrained` against the model it was saved from,
 {rt.get("max_abs_diff", float("nan")):.2e}.
 
-{_distill_text(dist)}{_recovery_text(report.get("recovery"))}## Evaluation
-
-Protocol: {ppl.get("protocol", "n/a")}.
-
-{ppl_table}
-
-## Reproduce
-
-```bash
-{cmd}
-```
-
-## License
-
-{license_}{" (license files copied: " + ", ".join(copied) + ")" if copied else ""}. The pruned weights
-are a derivative of the base model and carry its license.
 """
-    out = folder / "README.md"
-    out.write_text(text, encoding="utf-8")
-    return out
+
+
+def _evaluation_section(ppl: dict) -> str:
+    rows = [
+        f"| {key.replace('_', ' ')} | {r['ppl']:.3f} | {r['seq_len']} | {r['windows']} of "
+        f"{r['total_windows']} | {r['dtype']} | {r['bos']} |"
+        for key in ("dense", "before_cut", "after_cut", "before_recovery", "exported")
+        if (r := ppl.get(key))
+    ]
+    table = (
+        "| model | WikiText-2 ppl | seq_len | windows | dtype | BOS |\n| --- | --- | --- | --- | --- | --- |\n"
+        + "\n".join(rows)
+        if rows
+        else "Not evaluated during the run."
+    )
+    return f"## Evaluation\n\nProtocol: {ppl.get('protocol', 'n/a')}.\n\n{table}\n\n"
 
 
 def _training_summary(d: dict) -> str:

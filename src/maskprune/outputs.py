@@ -15,7 +15,7 @@ from typing import Iterator
 
 import torch
 
-from .config import PruneConfig
+from .config import CutConfig, SourceConfig
 from .errors import MaskPruneError
 
 __all__ = ["default_out", "check_output_path", "staging", "Phases", "machine_info", "resolve_device"]
@@ -23,11 +23,12 @@ __all__ = ["default_out", "check_output_path", "staging", "Phases", "machine_inf
 log = logging.getLogger(__name__)
 
 
-def default_out(cfg: PruneConfig) -> Path:
-    name = Path(cfg.model.rstrip("/")).name.replace(".gguf", "") or "model"
-    if cfg.distilling:
+def default_out(source: SourceConfig, cut: CutConfig) -> Path:
+    """``runs/<model>-s<sparsity %>`` (or ``-b<budget>``), ``runs/<model>-distilled`` for a distillation."""
+    name = Path(source.model.rstrip("/")).name.replace(".gguf", "") or "model"
+    if source.distilling:
         return Path("runs") / f"{name}-distilled"
-    tag = f"s{round(cfg.sparsity * 100)}" if cfg.budget_params is None else f"b{cfg.budget_params}"
+    tag = f"s{round(cut.sparsity * 100)}" if cut.budget_params is None else f"b{cut.budget_params}"
     return Path("runs") / f"{name}-{tag}"
 
 
@@ -53,9 +54,12 @@ def check_output_path(out: Path, overwrite: bool) -> None:
 
 @contextmanager
 def staging(out: Path, overwrite: bool) -> Iterator[Path]:
-    """A temporary folder beside ``out``, renamed to ``out`` on success, removed on failure."""
+    """A folder named like ``out`` inside a hidden temporary folder beside it (so what reads the folder's name,
+    the GGUF converter, sees the final one), renamed to ``out`` on success; all removed on failure."""
     out.absolute().parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.absolute().parent))
+    holder = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.absolute().parent))
+    tmp = holder / out.name
+    tmp.mkdir()
     try:
         yield tmp
         if out.exists() and overwrite:
@@ -65,9 +69,8 @@ def staging(out: Path, overwrite: bool) -> Iterator[Path]:
             shutil.rmtree(old, ignore_errors=True)
         else:
             os.replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+    finally:
+        shutil.rmtree(holder, ignore_errors=True)
 
 
 class Phases:

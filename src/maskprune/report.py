@@ -52,39 +52,52 @@ def _load(run_dir: Path) -> tuple[dict, list[dict], dict[str, torch.Tensor]]:
 
 
 def make_report(run_dir: str | Path) -> Path:
-    """Draw every figure and the HTML page; return the page's path. Long because it is a list of figures, each
-    a few plotting calls in the order the page shows them."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    """Draw every figure and the HTML page; return the page's path."""
     run = Path(run_dir)
     report, metrics, masks = _load(run)
-    out = run / "report"
-    out.mkdir(exist_ok=True)
-    steps = [m["step"] for m in metrics]
-    shape, params = report["shape"], report["params"]
-    n_layers = shape["num_hidden_layers"]
+    figs = _Figures(run / "report")
     head = masks["head"].float()  # [L, rows, U]
     ffn = masks["ffn"].float()[:, 0]  # [L, d_ff]
-    kept_head = report["kept_units"]["head"]
-    kept_ffn = report["kept_units"]["ffn"]
-    files: dict[str, Path] = {}
+    steps = [m["step"] for m in metrics]
+    _kept_figure(figs, report, head)
+    _loss_figure(figs, steps, metrics)
+    _spread_figure(figs, steps, metrics)
+    _mask_figures(figs, head, ffn, report["shape"]["num_hidden_layers"])
+    _syz_figure(figs, steps, metrics)
+    page = figs.out / "index.html"
+    page.write_text(_html(report, figs.files), encoding="utf-8")
+    return page
 
-    def fig(name: str):
-        f, ax = plt.subplots(figsize=FIG_SIZE_IN, dpi=DPI)
-        return f, ax
 
-    def save(name: str, f) -> None:
+class _Figures:
+    """The report folder's figures: a new one of the page's size, saved as ``<name>.png`` and listed."""
+
+    def __init__(self, out: Path) -> None:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        self.plt, self.out, self.files = plt, out, {}
+        out.mkdir(exist_ok=True)
+
+    def new(self, name: str):
+        return self.plt.subplots(figsize=FIG_SIZE_IN, dpi=DPI)
+
+    def save(self, name: str, f) -> None:
         f.tight_layout()
-        path = out / f"{name}.png"
+        path = self.out / f"{name}.png"
         f.savefig(path, dpi=DPI)
-        plt.close(f)
-        files[name] = path
+        self.plt.close(f)
+        self.files[name] = path
 
+
+def _kept_figure(figs: _Figures, report: dict, head: torch.Tensor) -> None:
+    shape, params = report["shape"], report["params"]
+    n_layers = shape["num_hidden_layers"]
+    kept_head, kept_ffn = report["kept_units"]["head"], report["kept_units"]["ffn"]
     # fig. 3: kept heads and FFN channels per layer
-    f, ax = fig("kept")
+    f, ax = figs.new("kept")
     layers = list(range(n_layers))
     heads_kept = [sum(len(r) for r in kept_head[li]) for li in layers]
     ffn_kept = [len(kept_ffn[li]) for li in layers]
@@ -104,10 +117,12 @@ def make_report(run_dir: str | Path) -> Path:
         f"Kept units per layer ({params['exported'] / 1e6:.1f}M of {params['dense'] / 1e6:.1f}M params, "
         f"budget {params['budget'] / 1e6:.1f}M)"
     )
-    save("kept_units_per_layer", f)
+    figs.save("kept_units_per_layer", f)
 
+
+def _loss_figure(figs: _Figures, steps: list[int], metrics: list[dict]) -> None:
     # fig. 5: training loss and the proximal schedule
-    f, ax = fig("loss")
+    f, ax = figs.new("loss")
     ax.plot(steps, [m["loss"] for m in metrics], label="loss (total)", color="tab:red")
     for key, label, color in (("kl", "KL", "tab:pink"), ("ce", "LM cross-entropy", "tab:olive")):
         if key in metrics[0]:
@@ -127,10 +142,12 @@ def make_report(run_dir: str | Path) -> Path:
     h2, l2 = ax2.get_legend_handles_labels()
     ax.legend(h1 + h2, l1 + l2, loc="upper left", fontsize=8)
     ax.set_title("Training loss and the FFN proximal schedule")
-    save("loss_and_prox_schedule", f)
+    figs.save("loss_and_prox_schedule", f)
 
+
+def _spread_figure(figs: _Figures, steps: list[int], metrics: list[dict]) -> None:
     # fig. 6: spread of FFN widths across layers over steps
-    f, ax = fig("spread")
+    f, ax = figs.new("spread")
     # the cut keeps U - ceil(s) channels in every layer: its structural spread is 0 at every step
     ax.plot(steps, [0.0] * len(steps), label="kept channels (U - ceil(s)): std over layers")
     ax.plot(steps, [m["ffn_alive_std"] for m in metrics], label="channels with mask > 0.05: std over layers")
@@ -138,8 +155,10 @@ def make_report(run_dir: str | Path) -> Path:
     ax.set_ylabel("std of FFN channels across layers")
     ax.legend(fontsize=8)
     ax.set_title("Spread of FFN width across layers (flat = layer-uniform)")
-    save("ffn_width_spread", f)
+    figs.save("ffn_width_spread", f)
 
+
+def _mask_figures(figs: _Figures, head: torch.Tensor, ffn: torch.Tensor, n_layers: int) -> None:
     # figs. 7-8: heatmaps of mask values per layer, before the cut
     for name, data, title in (
         ("head_mask_heatmap", head.reshape(n_layers, -1), "Head-unit mask values"),
@@ -149,28 +168,30 @@ def make_report(run_dir: str | Path) -> Path:
             "FFN channel mask values (sorted within each layer)",
         ),
     ):
-        f, ax = fig(name)
+        f, ax = figs.new(name)
         im = ax.imshow(data.numpy(), aspect="auto", cmap="viridis", vmin=0, vmax=1, interpolation="nearest")
         ax.set_xlabel("unit index" if name.startswith("head") else "channel rank in layer")
         ax.set_ylabel("layer")
         ax.set_title(title + " before the cut")
         f.colorbar(im, ax=ax, label="mask value")
-        save(name, f)
+        figs.save(name, f)
 
     # figs. 9-10: histograms
     for name, data, title in (
         ("head_mask_histogram", head.flatten(), "Head-unit masks"),
         ("ffn_mask_histogram", ffn.flatten(), "FFN channel masks"),
     ):
-        f, ax = fig(name)
+        f, ax = figs.new(name)
         ax.hist(data.numpy(), bins=50, range=(0, 1), color="tab:blue", log=True)
         ax.set_xlabel("mask value")
         ax.set_ylabel("count (log scale)")
         ax.set_title(f"{title}: distribution before the cut ({data.numel()} values)")
-        save(name, f)
+        figs.save(name, f)
 
+
+def _syz_figure(figs: _Figures, steps: list[int], metrics: list[dict]) -> None:
     # s, y, z and size against the budget
-    f, ax = fig("syz")
+    f, ax = figs.new("syz")
     ax.plot(steps, [m["sigma_head"] for m in metrics], label="s head (fraction)")
     ax.plot(steps, [m["sigma_ffn"] for m in metrics], label="s FFN (fraction)")
     ax.plot(steps, [m["size_ratio"] for m in metrics], label="size M(s) / M dense", color="black")
@@ -185,11 +206,7 @@ def make_report(run_dir: str | Path) -> Path:
     h2, l2 = ax2.get_legend_handles_labels()
     ax.legend(h1 + h2, l1 + l2, loc="center right", fontsize=8)
     ax.set_title("Sparsity fractions, multipliers and model size vs budget")
-    save("s_y_z_size", f)
-
-    page = out / "index.html"
-    page.write_text(_html(report, files), encoding="utf-8")
-    return page
+    figs.save("s_y_z_size", f)
 
 
 def _html(report: dict, files: dict[str, Path]) -> str:

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import tiny
-from maskprune import optim as F
+from maskprune import minimax
 from maskprune.arch import get_adapter
 from maskprune.cli import main
 from maskprune.masks import (
@@ -39,14 +39,14 @@ def test_gates_start_at_one_and_stay_in_the_unit_interval():
 
 def test_sparsity_penalty_pulls_only_on_the_k_smallest():
     v = torch.tensor([[0.9, 0.1, 0.5, 0.2]], requires_grad=True)
-    pen = F.sparsity_penalty(v, 2)
+    pen = minimax.sparsity_penalty(v, 2)
     assert float(pen.detach()) == pytest.approx((0.1**2 + 0.2**2) / 4)
     pen.backward()
     assert torch.allclose(v.grad, torch.tensor([[0.0, 0.05, 0.0, 0.1]]))
-    assert float(F.sparsity_penalty(v.detach(), 0)) == 0.0
-    assert F.geometric_schedule(0, 5, 1e-2, 1e-4) == pytest.approx(1e-2)
-    assert F.geometric_schedule(4, 5, 1e-2, 1e-4) == pytest.approx(1e-4)
-    assert F.geometric_schedule(2, 5, 1e-2, 1e-4) == pytest.approx(1e-3)
+    assert float(minimax.sparsity_penalty(v.detach(), 0)) == 0.0
+    assert minimax.geometric_schedule(0, 5, 1e-2, 1e-4) == pytest.approx(1e-2)
+    assert minimax.geometric_schedule(4, 5, 1e-2, 1e-4) == pytest.approx(1e-4)
+    assert minimax.geometric_schedule(2, 5, 1e-2, 1e-4) == pytest.approx(1e-3)
 
 
 def test_l0_samples_only_in_training_and_materialize_gives_the_deterministic_values():

@@ -160,7 +160,7 @@ def test_non_finite_loss_stops_with_the_step_and_keeps_the_last_checkpoint(tmp_p
     from maskprune import learner as learner_mod
     from maskprune.config import load_config
     from maskprune.errors import NonFiniteError
-    from maskprune.pipeline import prune
+    from maskprune.recipes import run as prune
 
     model = tiny.save_tiny(tmp_path / "m", "llama_gqa")
     calib = tiny.write_calib(tmp_path / "c.jsonl")

@@ -17,20 +17,20 @@ from typing import Iterator
 import torch
 from tqdm.auto import tqdm
 
-from . import distributed as D
-from .baselines import unit_scores
-from .checkpoint import config_fingerprint, list_checkpoints, load_latest, save_checkpoint
-from .config import PruneConfig
-from .cut import plan_cut, select_units
-from .errors import MaskPruneError
-from .learner import Learner, attach_lora
-from .mask_optim import prior_masks
-from .masks import MaskSet
-from .outputs import Phases
-from .selection import Outcome, measure_split, rebuild_for_export, weight_dtype
-from .sinks import ExtraSinks
-from .split import SplitResult
-from .structure import Structure
+from .. import distributed as D
+from ..baselines import unit_scores
+from ..checkpoint import config_fingerprint, list_checkpoints, load_latest, save_checkpoint
+from ..config import DataConfig, PruneConfig
+from ..cut import plan_cut, select_units
+from ..errors import MaskPruneError
+from ..learner import Learner, attach_lora
+from ..mask_optim import prior_masks
+from ..masks import MaskSet
+from ..outputs import Phases
+from ..sinks import ExtraSinks
+from ..split import SplitResult
+from ..structure import Structure
+from .outcome import Outcome, measure_split, rebuild_for_export, weight_dtype
 
 __all__ = ["learn_and_plan", "checkpoint_dir", "check_checkpoints", "validation_curve"]
 
@@ -185,7 +185,7 @@ def _val_text(m: dict) -> str:
     return f"{kl}perplexity {m['val_ppl']:.4g} on the held-out windows"
 
 
-def validation_curve(metrics_path: Path, cfg: PruneConfig) -> list[dict]:
+def validation_curve(metrics_path: Path, data: DataConfig) -> list[dict]:
     """The held-out scores of a run from its metrics file: one entry per validation, with the steps and
     tokens trained by then (the report's ``validation``)."""
     curve = []
@@ -193,7 +193,7 @@ def validation_curve(metrics_path: Path, cfg: PruneConfig) -> list[dict]:
         m = json.loads(line) if line.strip() else {}
         if "val_ppl" in m:
             steps = m["step"] + 1
-            entry = {"steps": steps, "tokens": steps * cfg.batch_size * cfg.seq_len, "ppl": m["val_ppl"]}
+            entry = {"steps": steps, "tokens": steps * data.batch_size * data.seq_len, "ppl": m["val_ppl"]}
             if "val_kl" in m:
                 entry["kl"] = m["val_kl"]
             curve.append(entry)

@@ -7,15 +7,15 @@ import dataclasses
 
 import torch
 
-from .baselines import activation_stats, input_means, unit_scores
-from .compensate import Parts, compensation_parts, extra_params
-from .config import PruneConfig
-from .cut import KeptUnits, kept_indices, plan_cut
-from .masks import MaskSet
-from .outputs import Phases
-from .selection import Outcome, measure_split
-from .sequential import layerwise_scores
-from .structure import Structure
+from ..baselines import activation_stats, input_means, unit_scores
+from ..compensate import Parts, compensation_parts, extra_params
+from ..config import PruneConfig
+from ..cut import KeptUnits, kept_indices, plan_cut
+from ..masks import MaskSet
+from ..outputs import Phases
+from ..sequential import layerwise_scores
+from ..structure import Structure
+from .outcome import Outcome, measure_split
 
 __all__ = ["score_and_plan"]
 

@@ -8,17 +8,17 @@ import logging
 
 import torch
 
-from . import distributed as D
-from .compensate import Parts
-from .config import PruneConfig
-from .cut import CutPlan, KeptUnits, candidate_splits
-from .dtypes import DTYPES, autocast_dtype
-from .errors import MaskPruneError
-from .learner import attach_lora
-from .masks import MaskSet
-from .models import load_model
-from .split import SplitResult, search_split
-from .structure import Structure
+from .. import distributed as D
+from ..compensate import Parts
+from ..config import PruneConfig
+from ..cut import CutPlan, KeptUnits, candidate_splits
+from ..dtypes import DTYPES, autocast_dtype
+from ..errors import MaskPruneError
+from ..learner import attach_lora
+from ..masks import MaskSet
+from ..models import load_model
+from ..split import SplitResult, search_split
+from ..structure import Structure
 
 __all__ = ["Outcome", "measure_split", "rebuild_for_export", "weight_dtype"]
 

@@ -1,0 +1,234 @@
+"""The run context: what every stage of one run shares once the run is set up (settled config, device, model,
+structure, budget, data), and :func:`setup`, which builds it with every check before the first heavy work."""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import time
+from pathlib import Path
+
+import torch
+
+from .. import distributed as D
+from ..arch import DecoderAdapter, adapter_for
+from ..config import DataConfig, EvalConfig, PruneConfig
+from ..data import calibration_windows, wikitext2_test_text
+from ..dtypes import autocast_dtype, resolve_dtype
+from ..errors import MaskPruneError
+from ..evaluate import perplexity, tokenize_windows
+from ..models import LoadedModel, load_model
+from ..outputs import Phases, check_output_path, default_out, resolve_device
+from ..sinks import ExtraSinks
+from ..structure import Structure
+from ..zeroshot import load_local_rows, resolve_tasks, run_zeroshot
+from .learned import check_checkpoints
+from .outcome import weight_dtype
+from .teacher import load_teacher
+
+__all__ = ["RunContext", "setup"]
+
+log = logging.getLogger(__name__)
+
+
+@dataclasses.dataclass
+class RunContext:
+    """What the stages of one run share once the run is set up: settled config, devices, model and data."""
+
+    cfg: PruneConfig
+    out: Path
+    device: torch.device
+    main: bool
+    tasks: list[str]
+    phases: Phases
+    loaded: LoadedModel
+    adapter: DecoderAdapter
+    structure: Structure
+    budget: int
+    windows: torch.Tensor
+    eval_windows: torch.Tensor | None
+    bos: str
+    progress: bool
+    teacher: torch.nn.Module | None = None  # distill: the dense teacher (frozen, no gradient)
+    val_windows: torch.Tensor | None = None  # held-out calibration windows (--val-every)
+    started: float = dataclasses.field(default_factory=time.perf_counter)  # when setup began
+
+    def ppl(self, m: torch.nn.Module, desc: str) -> dict | None:
+        """WikiText-2 perplexity of ``m`` (rank 0; None without eval data)."""
+        if self.eval_windows is None or not self.main:
+            return None
+        ev = self.cfg.evaluation
+        with self.phases(f"eval_{desc}"):
+            return perplexity(
+                m,
+                self.eval_windows,
+                batch_size=self.cfg.data.batch_size,
+                max_windows=ev.eval_max_windows,
+                autocast_dtype=autocast_dtype(self.cfg.runtime.dtype),
+                bos=self.bos,
+                progress=self.progress,
+                desc=desc,
+            ).to_dict()
+
+    def zeroshot(self, m: torch.nn.Module, desc: str) -> dict | None:
+        """The configured zero-shot tasks on ``m`` (rank 0; None without tasks)."""
+        if not self.tasks or not self.main:
+            return None
+        with self.phases(f"zeroshot_{desc}"):
+            return run_zeroshot(
+                m,
+                self.loaded.tokenizer,
+                self.tasks,
+                data_dir=self.cfg.evaluation.eval_data_dir,
+                limit=self.cfg.evaluation.eval_limit,
+                batch_size=self.cfg.data.batch_size,
+                progress=self.progress,
+            )
+
+
+def setup(cfg: PruneConfig, progress: bool) -> RunContext:
+    """Everything before the units are chosen: the checks that need no model, then the model, the budget and the
+    data, each checked as soon as it exists (bad input fails before any heavy work)."""
+    started = time.perf_counter()
+    cfg, out, device, tasks = _preflight(cfg)
+    phases = Phases()
+    with phases("load"):
+        # under FSDP the whole model stays in host memory until fully_shard moves each process's shard to
+        # its device; the dense evaluation then runs on rank 0 before sharding, on the host
+        loaded = load_model(
+            cfg.model,
+            gguf_file=cfg.gguf_file,
+            trust_remote_code=cfg.trust_remote_code,
+            device=torch.device("cpu") if cfg.fsdp and D.world() > 1 else device,
+            dtype=weight_dtype(cfg),
+        )
+    adapter = adapter_for(loaded.model)
+    adapter.unfuse_(loaded.model)  # fused projections (Phi-3) seen as their parts for the run; fused again at export
+    structure = Structure.of(loaded.model, adapter, cfg.gqa_policy)
+    teacher = None
+    if cfg.distilling:  # nothing is cut: the budget is the student's size, the teacher checked before any work
+        budget = structure.dense_params
+        with phases("load_teacher"):
+            teacher = load_teacher(cfg, adapter, loaded, device)
+    else:
+        budget = cfg.budget_for(structure.dense_params)
+        check_budget(structure, budget)
+    _check_context(cfg.data, cfg.evaluation, getattr(loaded.model.config, "max_position_embeddings", None))
+    with phases("data"):
+        windows, val_windows, eval_windows, bos = _data(cfg, loaded.tokenizer)
+    log.info(
+        "model %s: %s layers, %d params; budget %d (%.1f%% removed); %d calibration windows "
+        "of %d tokens; %d steps of batch %d",
+        loaded.source,
+        structure.num_layers,
+        structure.dense_params,
+        budget,
+        100 * (1 - budget / structure.dense_params),
+        windows.shape[0],
+        cfg.seq_len,
+        cfg.steps,
+        cfg.batch_size,
+    )
+    return RunContext(
+        cfg, out, device, D.is_main(), tasks, phases, loaded, adapter, structure, budget, windows,
+        eval_windows, bos, progress, teacher, val_windows, started,
+    )  # fmt: skip
+
+
+def _preflight(cfg: PruneConfig) -> tuple[PruneConfig, Path, torch.device, list[str]]:
+    """The checks that need no model, in the order that wastes nothing: config, output folder, trackers,
+    checkpoints, task data; the dtype settled once (the report, checkpoints and every phase see the same)."""
+    cfg.validate()
+    out = Path(cfg.out) if cfg.out else default_out(cfg.source, cfg.cut)
+    device = resolve_device(cfg.device)
+    if cfg.dtype == "auto":
+        cfg = cfg.replace(dtype=resolve_dtype(cfg.dtype, device))
+    D.init_from_env(device)
+    check_output_path(out, cfg.overwrite)
+    ExtraSinks.check(cfg.trackers)
+    if D.is_main():
+        check_checkpoints(out, cfg)
+    D.barrier()
+    tasks = resolve_tasks(cfg.eval_tasks) if cfg.eval_tasks else []
+    if tasks and cfg.eval_data_dir is not None:
+        for t in tasks:
+            load_local_rows(t, cfg.eval_data_dir)  # a missing or malformed file fails now, not after learning
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    torch.manual_seed(cfg.seed)
+    return cfg, out, device, tasks
+
+
+def _data(cfg: PruneConfig, tokenizer) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None, str]:
+    """``(training windows, held-out windows or None, WikiText-2 windows or None, bos)``."""
+    data = cfg.data
+    held_out = data.val_windows if data.val_every and cfg.method == "maskprune" else 0
+    windows = calibration_windows(
+        data.calib, tokenizer, seq_len=data.seq_len, num_windows=data.calib_samples + held_out, config=data.calib_config
+    )
+    windows, val_windows = _hold_out(windows, held_out, data)
+    eval_windows, bos = (None, "")
+    if cfg.eval_data != "none":
+        eval_windows, bos = tokenize_windows(wikitext2_test_text(cfg.eval_data), tokenizer, cfg.eval_seq_len)
+    if cfg.method == "maskprune" and windows.shape[0] < data.batch_size:
+        raise MaskPruneError(
+            f"the calibration text gives {windows.shape[0]} windows of {data.seq_len} tokens, fewer "
+            f"than one batch of {data.batch_size}",
+            fix="give more calibration text, or lower --batch-size / --seq-len",
+        )
+    return windows, val_windows, eval_windows, bos
+
+
+def _hold_out(windows: torch.Tensor, held_out: int, data: DataConfig) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """``(training windows, held-out windows or None)``: the last ``held_out`` windows of the calibration text
+    are held out (with enough text, exactly the ones after the ``calib_samples`` the run trains on)."""
+    if not held_out:
+        return windows, None
+    if windows.shape[0] < held_out + data.batch_size:
+        raise MaskPruneError(
+            f"the calibration text gives {windows.shape[0]} windows of {data.seq_len} tokens: too few to hold "
+            f"out {held_out} for validation and keep one batch of {data.batch_size} to train on",
+            fix="give more calibration text, or lower --val-windows, or drop --val-every",
+        )
+    if windows.shape[0] < data.calib_samples + held_out:
+        log.warning(
+            "validation holds out the last %d calibration windows: training uses %d instead of %d",
+            held_out,
+            windows.shape[0] - held_out,
+            data.calib_samples,
+        )
+    return windows[:-held_out], windows[-held_out:]
+
+
+def _check_context(data: DataConfig, evaluation: EvalConfig, max_pos: int | None) -> None:
+    lengths = {"seq_len": data.seq_len}
+    if evaluation.eval_data != "none":
+        lengths["eval_seq_len"] = evaluation.eval_seq_len
+    for name, value in lengths.items():
+        if max_pos is not None and value > max_pos:
+            raise MaskPruneError(
+                f"{name} {value} is above the model's context",
+                expected=f"at most max_position_embeddings = {max_pos}",
+                fix=f"lower --{name.replace('_', '-')}",
+            )
+
+
+def check_budget(structure: Structure, budget: int) -> None:
+    """Refuse a budget that removes nothing, or more than a layer-uniform cut can remove."""
+    if budget >= structure.dense_params:
+        raise MaskPruneError(
+            "the budget removes nothing",
+            expected=f"fewer than the dense {structure.dense_params:,} parameters",
+            found=f"{budget:,}",
+            fix="raise --sparsity or lower --budget-params",
+        )
+    floor = structure.min_params()
+    if budget < floor:
+        raise MaskPruneError(
+            "the budget is below what a layer-uniform cut can reach: it would remove every unit of "
+            "a kind in every layer",
+            expected=f"at least {floor:,} parameters (sparsity at most "
+            f"{1 - floor / structure.dense_params:.3f}; embeddings and norms are not pruned)",
+            found=f"{budget:,} ({1 - budget / structure.dense_params:.3f} sparsity)",
+            fix="lower --sparsity",
+        )

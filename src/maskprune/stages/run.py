@@ -1,0 +1,130 @@
+"""One stage sequence of a run: the dense evaluation, choosing the units, the cut, the export and the evaluations
+of the exported model, into a staging folder; returns the run's report (the recipe writes it)."""
+
+from __future__ import annotations
+
+import logging
+import shutil
+import time
+from pathlib import Path
+
+import torch
+
+from .. import __version__
+from .. import distributed as D
+from ..export import harden_
+from ..outputs import machine_info
+from ..runreport import RunReport
+from .context import RunContext
+from .export import export, selection_sections, structure_sections
+from .learned import checkpoint_dir, learn_and_plan, validation_curve
+from .oneshot import score_and_plan
+from .outcome import Outcome, rebuild_for_export, weight_dtype
+
+__all__ = ["run_stage", "choose_units"]
+
+log = logging.getLogger(__name__)
+
+
+def run_stage(ctx: RunContext, folder: Path | None, student_eval: tuple | None = None) -> RunReport | dict:
+    """Evaluate the dense model (or take ``student_eval``, the (perplexity, zero-shot) of a distill student
+    measured already), choose the units, cut, export into ``folder`` with ``masks.pt`` and ``metrics.jsonl``,
+    evaluate the export; the report. Secondary processes of a distributed run stop after learning and return
+    ``{"rank", "final_state"}``."""
+    cfg = ctx.cfg
+    report = RunReport(
+        __version__,
+        cfg,
+        {"source": ctx.loaded.source, "path": ctx.loaded.path, "model_type": ctx.adapter.model_type},
+        {
+            **machine_info(ctx.device),
+            "processes": D.world(),
+            "sharding": "fsdp2" if cfg.fsdp and D.world() > 1 else "replicated",
+        },
+    )
+    if student_eval is not None:
+        ppl_dense, zs_dense = student_eval
+    else:
+        ppl_dense, zs_dense = ctx.ppl(ctx.loaded.model, "dense"), ctx.zeroshot(ctx.loaded.model, "dense")
+    ckpt_dir = checkpoint_dir(ctx.out)
+    outcome = choose_units(ctx, ckpt_dir)
+    if not ctx.main:  # rank 0 alone cuts, exports, evaluates and writes
+        log.info("rank %d done learning", D.rank())
+        return {"rank": D.rank(), "final_state": outcome.state.to_dict() if outcome.state else None}
+    if cfg.method == "maskprune":
+        shutil.copy2(ckpt_dir / "metrics.jsonl", folder / "metrics.jsonl")
+    soft = {"head": outcome.masks.head.detach().clone(), "ffn": outcome.masks.ffn.detach().clone()}
+    ppl_before_cut, ppl_after_cut = _cut(ctx, outcome, ppl_dense)
+    exported = export(ctx, outcome, soft, folder)
+    report.update(structure_sections(ctx, outcome, exported.model))
+    report.update(selection_sections(ctx, outcome, soft))
+    if cfg.distilling:
+        report.distill = _distill_section(ctx, outcome)
+    if ctx.val_windows is not None:  # held-out scores along the run: in the distill section for a distillation
+        curve = validation_curve(folder / "metrics.jsonl", cfg.data)
+        if cfg.distilling:
+            report.distill["validation"] = curve
+        else:
+            report.validation = curve
+    report.perplexity = {
+        "protocol": "WikiText-2 raw test, non-overlapping windows, exp(mean NLL)",
+        "dense": ppl_dense,
+        "before_cut": ppl_before_cut,
+        "after_cut": ppl_after_cut,
+        "exported": ctx.ppl(exported.model, "exported"),
+    }
+    report.zeroshot = {"dense": zs_dense, "exported": ctx.zeroshot(exported.model, "exported")} if ctx.tasks else None
+    report.parity = exported.parity.to_dict()
+    report.roundtrip = {**exported.roundtrip.to_dict(), "dtype": str(exported.dtype).replace("torch.", "")}
+    report.seconds = {**ctx.phases.seconds, "total": round(time.perf_counter() - ctx.started, 3)}
+    torch.save(soft, folder / "masks.pt")
+    return report
+
+
+def choose_units(ctx: RunContext, ckpt_dir: Path) -> Outcome:
+    """The learned method or a one-shot baseline; either way an fp32 model with masks, plan and kept units."""
+    cfg, main = ctx.cfg, ctx.main
+    if main:
+        ckpt_dir.mkdir(parents=True, exist_ok=True)
+    args = (cfg, ctx.loaded.model, ctx.adapter, ctx.structure, ctx.windows, ctx.budget, ctx.device)
+    if cfg.method == "maskprune":
+        return learn_and_plan(
+            *args,
+            main,
+            ctx.progress,
+            ctx.phases,
+            ckpt_dir,
+            ckpt_dir / "metrics.jsonl",
+            teacher=ctx.teacher,
+            val_windows=ctx.val_windows,
+        )
+    outcome = score_and_plan(*args, ctx.phases)
+    if weight_dtype(cfg) != torch.float32:  # fold and verify in fp32, as for the learned masks
+        outcome.model, outcome.masks = rebuild_for_export(
+            cfg, outcome.model, ctx.adapter, ctx.structure, outcome.masks, ctx.device, main
+        )
+    return outcome
+
+
+def _cut(ctx: RunContext, outcome: Outcome, ppl_dense: dict | None) -> tuple[dict | None, dict | None]:
+    """Harden the masks to the kept units; the perplexity just before and just after. Evaluations that would
+    repeat one already made are not run again: a one-shot baseline's model before the cut is the dense model
+    (masks at 1), and a frozen selection is already the cut (hard masks)."""
+    ppl_before_cut = ppl_dense if outcome.state is None else ctx.ppl(outcome.model, "before_cut")
+    with ctx.phases("cut"):
+        harden_(outcome.masks, outcome.kept)
+    frozen = outcome.state is not None and outcome.state.frozen_at is not None
+    ppl_after_cut = ppl_before_cut if frozen else ctx.ppl(outcome.model, "after_cut")
+    return ppl_before_cut, ppl_after_cut
+
+
+def _distill_section(ctx: RunContext, outcome: Outcome) -> dict:
+    cfg = ctx.cfg
+    return {
+        "teacher": cfg.teacher,
+        "mode": "full" if cfg.full else f"lora rank {cfg.lora_rank}",
+        "steps": outcome.state.step,
+        "tokens": outcome.state.step * cfg.batch_size * cfg.seq_len,
+        "seconds": ctx.phases.seconds.get("learn"),
+        "calib": cfg.calib,
+    }

@@ -1,0 +1,60 @@
+"""The teacher of a distillation: loaded frozen in the autocast dtype, and refused before any heavy work when
+the student cannot learn from it."""
+
+from __future__ import annotations
+
+import torch
+
+from ..arch import DecoderAdapter
+from ..config import PruneConfig
+from ..dtypes import autocast_dtype
+from ..errors import MaskPruneError
+from ..models import LoadedModel, load_model
+
+__all__ = ["check_teacher", "load_teacher"]
+
+
+def load_teacher(cfg: PruneConfig, adapter: DecoderAdapter, student: LoadedModel, device: torch.device):
+    """The dense teacher for distillation, checked against the student, frozen, in the autocast dtype."""
+    teacher = load_model(
+        cfg.teacher,
+        gguf_file=cfg.teacher_gguf_file,
+        trust_remote_code=cfg.trust_remote_code,
+        device=device,
+        dtype=autocast_dtype(cfg.dtype) or torch.float32,
+    )
+    check_teacher(adapter, student.model, student.tokenizer, teacher.model, teacher.tokenizer)
+    teacher.model.requires_grad_(False)
+    return teacher.model.eval()
+
+
+def check_teacher(adapter: DecoderAdapter, student, student_tok, teacher, teacher_tok) -> None:
+    """Refuse, before any heavy work, a teacher the student cannot learn from: another tokenizer or
+    vocabulary, another family, another hidden size or depth, or a student larger than its teacher."""
+    problems = []
+    if type(teacher).__name__ != type(student).__name__ or teacher.config.model_type != student.config.model_type:
+        problems.append(
+            f"family: student {student.config.model_type} ({type(student).__name__}), "
+            f"teacher {teacher.config.model_type} ({type(teacher).__name__})"
+        )
+    else:
+        s, t = adapter.shape(student.config), adapter.shape(teacher.config)
+        for key in ("hidden_size", "num_hidden_layers", "vocab_size", "head_dim"):
+            if s[key] != t[key]:
+                problems.append(f"{key}: student {s[key]}, teacher {t[key]} (structured pruning keeps it)")
+        for key in ("num_attention_heads", "num_key_value_heads", "intermediate_size"):
+            if s[key] > t[key]:
+                problems.append(f"{key}: student {s[key]} > teacher {t[key]} (a pruned model has at most as many)")
+    if student_tok.get_vocab() != teacher_tok.get_vocab():
+        only_s = len(set(student_tok.get_vocab()) - set(teacher_tok.get_vocab()))
+        only_t = len(set(teacher_tok.get_vocab()) - set(student_tok.get_vocab()))
+        problems.append(
+            f"tokenizer: the vocabularies differ ({len(student_tok.get_vocab())} vs {len(teacher_tok.get_vocab())} "
+            f"tokens; {only_s} only in the student's, {only_t} only in the teacher's, or other ids)"
+        )
+    if problems:
+        raise MaskPruneError(
+            "the teacher is not the dense original of this student",
+            found="; ".join(problems),
+            fix="pass as --teacher the model the student was pruned from",
+        )
