@@ -13,11 +13,10 @@ See :mod:`maskprune.api`.
 
 from __future__ import annotations
 
-__version__ = "0.1.0"
-
-from .api import PruneResult, distill, prune  # noqa: E402
-from .config import PruneConfig, load_config  # noqa: E402
-from .errors import MaskPruneError  # noqa: E402
-from .evaluate import evaluate_models as evaluate  # noqa: E402
+from .api import PruneResult, distill, prune
+from .config import PruneConfig, load_config
+from .errors import MaskPruneError
+from .evaluate import evaluate_models as evaluate
+from .version import __version__
 
 __all__ = ["PruneConfig", "PruneResult", "load_config", "prune", "distill", "evaluate", "MaskPruneError", "__version__"]

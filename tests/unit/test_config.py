@@ -2,7 +2,7 @@
 
 import pytest
 
-from maskprune.config import PAPER_RECIPE, PruneConfig, load_config
+from maskprune.config import PAPER_RECIPE, CutConfig, PruneConfig, load_config
 from maskprune.errors import MaskPruneError
 
 
@@ -156,7 +156,7 @@ def test_a_config_file_shared_by_prune_and_distill_drops_what_does_not_apply(tmp
     path = tmp_path / "run.yaml"
     path.write_text("sparsity: 0.5\nmethod: flap\nsteps: 7\n")
     cfg = load_config(path, {"teacher": "t", "mask_init": "ones", "freeze_share": 0.0}, ignore=PRUNE_ONLY)
-    assert (cfg.steps, cfg.method, cfg.sparsity) == (7, "maskprune", PruneConfig.sparsity)
+    assert (cfg.steps, cfg.method, cfg.sparsity) == (7, "maskprune", CutConfig.sparsity)
     assert "method, sparsity do not apply here and are ignored" in caplog.text
 
 
@@ -168,3 +168,52 @@ def test_prune_takes_no_separate_teacher():
         prune_overrides({"teacher": "d", "teacher_gguf_file": "f.gguf", "steps": 3})
     assert "maskprune distill" in str(e.value)
     assert prune_overrides({"steps": 3, "sparsity": 0.5}) == {"steps": 3, "sparsity": 0.5}
+
+
+def test_the_config_is_grouped_and_typed_and_the_flat_keys_still_work(tmp_path):
+    from maskprune.config import GROUP_OF, GROUPS, TrainingConfig
+
+    flat = tmp_path / "flat.yaml"
+    flat.write_text("sparsity: 0.5\nmethod: flap\nsteps: 7\nlora_rank: 4\ncalib_samples: 64\neval_tasks: piqa\n")
+    grouped = tmp_path / "grouped.yaml"
+    grouped.write_text(
+        "cut: {sparsity: 0.5, method: flap}\ntraining: {steps: 7, lora_rank: 4}\ndata: {calib_samples: 64}\n"
+        "eval_tasks: piqa\n"  # flat and grouped keys mix
+    )
+    a, b = load_config(flat), load_config(grouped)
+    assert a == b and a.to_dict() == b.to_dict()
+    assert isinstance(a.training, TrainingConfig) and a.training.steps == 7 == a.steps
+    assert (a.cut.sparsity, a.cut.method, a.data.calib_samples, a.evaluation.eval_tasks) == (0.5, "flap", 64, "piqa")
+    assert set(a.to_groups()) == set(GROUPS) and set(a.to_dict()) == set(GROUP_OF)
+    # the flat constructor and replace
+    assert PruneConfig(sparsity=0.5, method="flap", steps=7, lora_rank=4, calib_samples=64, eval_tasks="piqa") == a
+    assert a.replace(steps=9).training.steps == 9 and a.steps == 7
+    with pytest.raises(TypeError, match="nope"):
+        PruneConfig(nope=1)
+
+
+def test_the_shipped_config_files_load_flat():
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[2] / "configs"
+    files = sorted(root.glob("*.yaml"))
+    assert files
+    for f in files:
+        assert load_config(f).model
+
+
+def test_a_key_under_another_group_is_refused_with_its_group(tmp_path):
+    f = tmp_path / "run.yaml"
+    f.write_text("cut: {sparsity: 0.5, steps: 10}\n")
+    with pytest.raises(MaskPruneError, match="holds keys of other groups") as e:
+        load_config(f)
+    assert "steps -> training" in str(e.value)
+
+
+def test_each_group_validates_itself():
+    from maskprune.config import CutConfig, DataConfig, SelectionConfig
+
+    assert any("sparsity must be in (0, 1)" in p for p in CutConfig(sparsity=1.5).problems())
+    assert any("freeze_share" in p for p in SelectionConfig(freeze_share=2.0).problems())
+    assert DataConfig(batch_size=0).problems() == ["batch_size must be >= 1, found 0"]
+    assert CutConfig().problems() == [] and SelectionConfig().problems() == []

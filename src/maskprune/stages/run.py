@@ -10,11 +10,11 @@ from pathlib import Path
 
 import torch
 
-from .. import __version__
 from .. import distributed as D
 from ..export import harden_
 from ..outputs import machine_info
 from ..runreport import RunReport
+from ..version import __version__
 from .context import RunContext
 from .export import export, selection_sections, structure_sections
 from .learned import checkpoint_dir, learn_and_plan, validation_curve
