@@ -46,7 +46,9 @@ def test_smallest_mask_ties_are_deterministic():
 
 def test_sigma_step_straight_through_and_clip():
     # sigma - eta2 * (y * a - z * c) = 0.2 - 0.1 * (2 * 0.25 - 3 * 0.5) = 0.3
-    assert math.isclose(minimax.sigma_step(0.2, y=2.0, z=3.0, next_sq_mean=0.25, weight=0.5, eta2=0.1, sigma_max=0.75), 0.3)
+    assert math.isclose(
+        minimax.sigma_step(0.2, y=2.0, z=3.0, next_sq_mean=0.25, weight=0.5, eta2=0.1, sigma_max=0.75), 0.3
+    )
     assert minimax.sigma_step(0.7, y=0.0, z=100.0, next_sq_mean=1.0, weight=1.0, eta2=1.0, sigma_max=0.75) == 0.75
     assert minimax.sigma_step(0.1, y=100.0, z=0.0, next_sq_mean=1.0, weight=1.0, eta2=1.0, sigma_max=0.75) == 0.0
 
