@@ -1,4 +1,4 @@
-"""The comparison grid of issue 4: methods x sparsities (and ablations) on SmolLM2-135M, every cell through
+"""The comparison grid: methods x sparsities (and ablations) on SmolLM2-135M, every cell through
 the same `maskprune prune` (same calibration data, steps, budget, uniform cut and export) and the same
 `maskprune eval` (WikiText-2 at 2048 and 128 on the same text, zero-shot tasks from --data-dir).
 
@@ -9,7 +9,7 @@ the same `maskprune prune` (same calibration data, steps, budget, uniform cut an
     python bench/grid.py --group seeds           # MaskPrune at 20 % with two more seeds: the run-to-run spread
     python bench/grid.py --group quality --steps 0 --task-limit 0 --weight-dtype auto --dtype auto --eval-dtype fp32 \
         --eval-batch-size 16 --work runs/quality
-                                                 # issue 15: the default recipe (3 seeds) vs the one-shot methods
+                                                 # the default recipe (3 seeds) vs the one-shot methods
     python bench/grid.py --group all --dry-run   # list the cells and what is already done
 
 Unattended and resumable: a cell whose evaluation JSON exists is skipped; a cell whose pruned model exists
@@ -62,7 +62,7 @@ METHODS = {  # label -> prune flags
     "Wanda-sp": ["--method", "wanda-sp"],
     "FLAP": ["--method", "flap"],
 }
-ABLATIONS = {  # label -> prune flags, at 20 % (figures 4-6, the rest of issue 4's list)
+ABLATIONS = {  # label -> prune flags, at 20 % (figures 4-6: the ablations of the method)
     "resource weight flat": ["--resource-weight", "flat"],
     "no LoRA": ["--no-lora"],
     "eta1=0.01": ["--eta1", "0.01"],
@@ -81,7 +81,7 @@ STEPS = {  # MaskPrune at 20 % with more learning (the cell's --steps comes last
     "MaskPrune, 300 steps": ["--steps", "300"],
     "MaskPrune, 600 steps": ["--steps", "600"],
 }
-NUMERICS = {  # issue 7: the fast paths must not lower quality; the default cell is bf16 autocast on fp32 weights
+NUMERICS = {  # the fast paths must not lower quality; the default cell is bf16 autocast on fp32 weights
     "MaskPrune, fp32 (no autocast)": ["--dtype", "fp32"],
     "MaskPrune, bf16 base weights": ["--weight-dtype", "bf16"],
     "MaskPrune, torch.compile": ["--compile"],
@@ -379,7 +379,7 @@ def write_results(rows: list[dict], a: argparse.Namespace, date: str) -> None:
         ("main", "Methods x sparsity"),
         ("ablations", "Ablations"),
         ("steps", "More learning steps"),
-        ("numerics", "Numerics (issue 7)"),
+        ("numerics", "Numerics"),
         ("seeds", "Run-to-run spread (seeds)"),
     ):
         sps = sorted({r["sparsity"] for r in rows if r["group"] == group})
@@ -437,7 +437,7 @@ def write_results(rows: list[dict], a: argparse.Namespace, date: str) -> None:
 
 
 def write_quality(rows: list[dict], a: argparse.Namespace, date: str) -> None:
-    """Issue 15's table: ``bench/results/<date>-quality.{json,md}``, one cell per (method, sparsity, seed),
+    """The quality table: ``bench/results/<date>-quality.{json,md}``, one cell per (method, sparsity, seed),
     medians and spreads in the markdown; anyone can recompute them from the JSON."""
     import statistics
 

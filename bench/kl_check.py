@@ -26,16 +26,10 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import perf  # noqa: E402  (bench/perf.py: the autograd definition)
-from maskprune.arch import (
-    ROLES,  # noqa: E402
-    get_adapter,  # noqa: E402
-)
-from maskprune.data import calibration_windows  # noqa: E402
-from maskprune.learner import attach_lora  # noqa: E402
+from maskprune.config import load_config  # noqa: E402
 from maskprune.losses import kl_divergence  # noqa: E402
-from maskprune.masks import MaskSet, bypass  # noqa: E402
-from maskprune.models import load_model  # noqa: E402
-from maskprune.structure import Structure
+from maskprune.masks import bypass  # noqa: E402
+from maskprune.stages.learned import build_learner  # noqa: E402
 
 
 def step_gradients(model, masks, batch, kl) -> tuple[float, torch.Tensor, torch.Tensor]:
@@ -58,12 +52,10 @@ def step_gradients(model, masks, batch, kl) -> tuple[float, torch.Tensor, torch.
 
 def main() -> None:
     torch.manual_seed(0)
-    loaded = load_model("smollm2-135m", dtype=torch.bfloat16)
-    adapter = get_adapter(loaded.model.config.model_type)
-    structure = Structure.of(loaded.model, adapter, "query")
-    model = attach_lora(loaded.model, adapter, ROLES, rank=8, alpha=16.0)
-    masks = MaskSet(structure).attach(model)
-    batch = calibration_windows("default", loaded.tokenizer, seq_len=128, num_windows=8)[:4]
+    cfg = load_config(overrides=dict(seq_len=128, calib_samples=8, batch_size=4, mask_init="ones", weight_dtype="bf16"))
+    build = build_learner(cfg)  # LoRA rank 8, alpha 16 on every role: the config's defaults
+    model, masks = build.model, build.masks
+    batch = build.windows[:4]
     blocked = lambda s, t: kl_divergence(s, t, direction="teacher_student")  # noqa: E731
     autograd = lambda s, t: perf._autograd_kl(s, t, "teacher_student")  # noqa: E731
     cos = torch.nn.functional.cosine_similarity

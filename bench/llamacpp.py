@@ -1,4 +1,4 @@
-"""Issue 19: pruned SmolLM2 as GGUF in llama.cpp: round trip, perplexity and speed against the dense GGUF.
+"""Pruned SmolLM2 as GGUF in llama.cpp: round trip, perplexity and speed against the dense GGUF.
 
 Every model goes out through ``maskprune export-gguf`` (llama.cpp's converter, and its quantizer for the
 k-quants) and is run by llama.cpp itself (llama-cpp-python, :mod:`maskprune.llamacpp`): WikiText-2 ppl@2048

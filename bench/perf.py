@@ -78,36 +78,26 @@ def step_throughput(
     maskprune ran it until 2026-11-24 (fp32 weights; KL by autograd under checkpointing, see
     :func:`kl_blocked_vs_autograd`; peft casting each LoRA input to fp32), for before/after in one run."""
     from maskprune import load_config
-    from maskprune.arch import get_adapter
-    from maskprune.data import calibration_windows
-    from maskprune.dtypes import DTYPES
-    from maskprune.learner import Learner, attach_lora
-    from maskprune.masks import MaskSet
-    from maskprune.models import load_model
-    from maskprune.structure import Structure
+    from maskprune.stages.learned import build_learner
 
-    wd = DTYPES[weight_dtype]
-    loaded = load_model("smollm2-135m", dtype=wd)
-    model, tok = loaded.model, loaded.tokenizer
-    tokens = args.batch_size * args.seq_len
-    rate = bf16_matmul_rate(model, tokens)
-    flops_tok = matmul_flops_per_token(model, args.seq_len)
     cfg = load_config(
         overrides=dict(
             steps=args.steps + 2,
             seq_len=args.seq_len,
             batch_size=args.batch_size,
+            calib_samples=64,
             sparsity=0.5,
             dtype=dtype,
+            weight_dtype=weight_dtype,
             compile=compile_,
+            mask_init="ones",  # masks at 1, selection frozen at step 0: the default recipe's distillation step
         )
     )
-    adapter = get_adapter("llama")
-    structure = Structure.of(model, adapter, "query")
-    model = attach_lora(model, adapter, cfg.lora_targets, rank=cfg.lora_rank, alpha=cfg.lora_alpha)
-    masks = MaskSet(structure).attach(model)
-    windows = calibration_windows("default", tok, seq_len=args.seq_len, num_windows=64)
-    learner = Learner(model, masks, windows, cfg, cfg.budget_for(structure.dense_params))
+    build = build_learner(cfg)
+    model, learner = build.model, build.learner
+    tokens = args.batch_size * args.seq_len
+    rate = bf16_matmul_rate(model, tokens)
+    flops_tok = matmul_flops_per_token(model, args.seq_len)
     restore = lambda: None  # noqa: E731
     if before:
         from peft.tuners.tuners_utils import BaseTunerLayer
@@ -208,19 +198,10 @@ def _status(key):
             return int(line.split()[1])  # kB
 
 from maskprune import load_config
-from maskprune.arch import get_adapter
-from maskprune.data import calibration_windows
-from maskprune.learner import Learner, attach_lora
-from maskprune.masks import MaskSet
-from maskprune.structure import Structure
-from maskprune.models import load_model
-loaded = load_model("smollm2-135m", dtype=torch.bfloat16); model, tok = loaded.model, loaded.tokenizer
-cfg = load_config(overrides=dict(steps=10, seq_len=int(sys.argv[2]), batch_size=int(sys.argv[3]), sparsity=0.5))
-ad = get_adapter("llama"); st = Structure.of(model, ad, "query")
-model = attach_lora(model, ad, cfg.lora_targets, rank=8, alpha=16)
-masks = MaskSet(st).attach(model)
-w = calibration_windows("default", tok, seq_len=cfg.seq_len, num_windows=32)
-lrn = Learner(model, masks, w, cfg, cfg.budget_for(st.dense_params))
+from maskprune.stages.learned import build_learner
+cfg = load_config(overrides=dict(steps=10, seq_len=int(sys.argv[2]), batch_size=int(sys.argv[3]), sparsity=0.5,
+                                 calib_samples=32, mask_init="ones", weight_dtype="bf16"))
+build = build_learner(cfg); model, lrn = build.model, build.learner
 model.train()
 lrn.step()  # first step allocates the optimizer state; then measure the loop alone
 before = _reset_peak()
@@ -256,19 +237,13 @@ def _status(key):
             return int(line.split()[1])  # kB
 
 from maskprune import load_config
-from maskprune.arch import get_adapter
-from maskprune.data import calibration_windows
-from maskprune.learner import attach_lora
 from maskprune.losses import distillation_loss
-from maskprune.masks import MaskSet
-from maskprune.structure import Structure
-from maskprune.models import load_model
-loaded = load_model("smollm2-135m", dtype=torch.bfloat16); model, tok = loaded.model, loaded.tokenizer
+from maskprune.stages.learned import build_learner
 seq, bs = int(sys.argv[2]), int(sys.argv[3])
-ad = get_adapter("llama"); st = Structure.of(model, ad, "query")
-model = attach_lora(model, ad, ("q","k","v","o","gate","up","down"), rank=8, alpha=16)
-masks = MaskSet(st).attach(model)
-w = calibration_windows("default", tok, seq_len=seq, num_windows=32)
+cfg = load_config(overrides=dict(seq_len=seq, batch_size=bs, sparsity=0.5, calib_samples=32, mask_init="ones",
+                                 weight_dtype="bf16"))
+build = build_learner(cfg)  # the model with LoRA and masks; this loop steps it without a teacher
+model, masks, w = build.model, build.masks, build.windows
 params = list(masks.parameters()) + [p for n, p in model.named_parameters() if "lora_" in n]
 opt = torch.optim.AdamW(params, lr=1e-3)
 model.train()

@@ -1,4 +1,4 @@
-"""Issue 17: the tokens-vs-quality curve of recovery by distillation (``maskprune distill``).
+"""The tokens-vs-quality curve of recovery by distillation (``maskprune distill``).
 
 Starts: SmolLM2-135M at 20 % and 50 %, pruned by the default recipe and by the best one-shot method (FLAP with
 its bias compensation and layer-by-layer calibration), each with 3 seeds. Each start is recovered by

@@ -129,7 +129,23 @@ def write_calib(path: Path, docs: int = 40) -> Path:
     return path
 
 
-def small_run(calib: Path, *, calib_samples: int = 16, seq_len: int = 32) -> list[str]:
-    """The CLI flags of a seconds-long run on ``calib``: short windows, few of them, a two-window evaluation."""
-    flags = ["--seq-len", str(seq_len), "--calib-samples", str(calib_samples), "--calib", str(calib)]
-    return flags + ["--eval-seq-len", "64", "--eval-max-windows", "2"]
+def small_run(
+    calib: Path | None,
+    *,
+    calib_samples: int = 16,
+    seq_len: int = 32,
+    batch_size: int | None = None,
+    evaluate: bool = True,
+    dtype: str | None = None,
+    threads: int | None = None,
+) -> list[str]:
+    """The common CLI flags of a seconds-long run (the one list every test builds on): short windows, few of
+    them, from ``calib``; a two-window evaluation (``evaluate=False``: none); batch, dtype and threads when
+    given."""
+    flags = ["--seq-len", str(seq_len), "--calib-samples", str(calib_samples)]
+    flags += ["--calib", str(calib)] if calib is not None else []
+    flags += ["--eval-seq-len", "64", "--eval-max-windows", "2"] if evaluate else ["--eval-data", "none"]
+    for flag, value in (("--batch-size", batch_size), ("--dtype", dtype), ("--threads", threads)):
+        if value is not None:
+            flags += [flag, str(value)]
+    return flags

@@ -11,10 +11,13 @@ from __future__ import annotations
 import logging
 import os
 import re
+import shutil
 from pathlib import Path
 from typing import Any
 
 import torch
+
+from .errors import MaskPruneError
 
 __all__ = ["save_checkpoint", "load_latest", "list_checkpoints", "config_fingerprint", "RESUME_KEYS_FREE"]
 
@@ -96,3 +99,26 @@ def load_latest(folder: Path) -> tuple[dict[str, Any], Path] | None:
         except Exception as exc:  # a torn write, a truncated copy, a foreign file
             log.warning("skipping unreadable checkpoint %s (%s: %s)", path.name, type(exc).__name__, exc)
     return None
+
+
+def checkpoint_dir(out: Path) -> Path:
+    """Where a run keeps its checkpoints and metrics until it completes: ``<out>.checkpoints``."""
+    return out.with_name(out.name + ".checkpoints")
+
+
+def check_checkpoints(out: Path, *, resume: bool, overwrite: bool) -> None:
+    """Refuse to silently mix runs: resume needs a checkpoint, a fresh run needs none (or --overwrite)."""
+    ckpt_dir = checkpoint_dir(out)
+    found = list_checkpoints(ckpt_dir)
+    if resume and not found:
+        raise MaskPruneError(
+            f"--resume: no checkpoint in {str(ckpt_dir)!r}",
+            fix="run without --resume to start, or pass the same --out as the interrupted run",
+        )
+    if not resume and ckpt_dir.exists():
+        if not overwrite:
+            raise MaskPruneError(
+                f"an earlier, unfinished run left checkpoints in {str(ckpt_dir)!r}",
+                fix="pass --resume to continue it, or --overwrite to start over",
+            )
+        shutil.rmtree(ckpt_dir)

@@ -22,6 +22,7 @@ import shutil
 from pathlib import Path
 
 from . import distributed as D
+from .checkpoint import checkpoint_dir
 from .config import DISTILL_SETTINGS, PruneConfig
 from .errors import MaskPruneError
 from .modelcard import write_model_card
@@ -29,7 +30,6 @@ from .outputs import check_output_path, default_out, staging
 from .report import make_report
 from .runreport import RunReport
 from .stages.context import setup
-from .stages.learned import checkpoint_dir
 from .stages.run import run_stage
 
 __all__ = ["run", "prune_recipe", "distill_recipe", "prune_then_recover", "distill_config"]

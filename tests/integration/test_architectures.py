@@ -52,9 +52,9 @@ def test_a_fused_family_prunes_end_to_end_into_its_stock_fused_layout(tmp_path, 
     dense = tiny.save_tiny(tmp_path / "phi3", "phi3")
     calib = tiny.write_calib(tmp_path / "calib.jsonl")
     out = tmp_path / method
-    argv = ["-q", "prune", str(dense), "--method", method, "--sparsity", "0.3", "--steps", "4", "--seq-len", "32"]
-    argv += ["--calib-samples", "8", "--batch-size", "4", "--calib", str(calib), "--eval-data", "none"]
-    argv += ["--dtype", "fp32", "--head-cut-fraction", "0.5", "--no-report", "--out", str(out)]
+    argv = ["-q", "prune", str(dense), "--method", method, "--sparsity", "0.3", "--steps", "4"]
+    argv += tiny.small_run(calib, calib_samples=8, batch_size=4, evaluate=False, dtype="fp32")
+    argv += ["--head-cut-fraction", "0.5", "--no-report", "--out", str(out)]
     assert main(argv) == 0, capsys.readouterr().err
     r = json.loads((out / "maskprune_report.json").read_text())
     m = AutoModelForCausalLM.from_pretrained(out)
@@ -69,9 +69,9 @@ def test_a_fused_family_prunes_end_to_end_into_its_stock_fused_layout(tmp_path, 
         assert torch.isfinite(m(input_ids=torch.tensor([[1, 5, 9, 12]])).logits).all()
     if method == "flap":  # a fused student distils from its fused teacher the same way
         rec = tmp_path / "rec"
-        argv = ["-q", "distill", str(out), "--teacher", str(dense), "--steps", "3", "--seq-len", "32"]
-        argv += ["--calib-samples", "8", "--batch-size", "4", "--calib", str(calib), "--eval-data", "none"]
-        assert main([*argv, "--dtype", "fp32", "--no-report", "--out", str(rec)]) == 0, capsys.readouterr().err
+        argv = ["-q", "distill", str(out), "--teacher", str(dense), "--steps", "3"]
+        argv += tiny.small_run(calib, calib_samples=8, batch_size=4, evaluate=False, dtype="fp32")
+        assert main([*argv, "--no-report", "--out", str(rec)]) == 0, capsys.readouterr().err
         d = AutoModelForCausalLM.from_pretrained(rec)
         assert d.model.layers[0].self_attn.qkv_proj.weight.shape == attn.qkv_proj.weight.shape
 
@@ -89,9 +89,9 @@ def test_a_width_norm_family_cuts_heads_with_its_norms_end_to_end(tmp_path, caps
     dense = tiny.save_tiny(tmp_path / "olmo2", "olmo2")
     calib = tiny.write_calib(tmp_path / "calib.jsonl")
     out = tmp_path / "o"
-    argv = ["-q", "prune", str(dense), "--method", "wanda-sp", "--sparsity", "0.3", "--seq-len", "32"]
-    argv += ["--calib-samples", "8", "--calib", str(calib), "--eval-data", "none", "--gqa-policy", "kv_group"]
-    argv += ["--head-cut-fraction", "0.5", "--dtype", "fp32", "--no-report", "--out", str(out)]
+    argv = ["-q", "prune", str(dense), "--method", "wanda-sp", "--sparsity", "0.3", "--gqa-policy", "kv_group"]
+    argv += tiny.small_run(calib, calib_samples=8, evaluate=False, dtype="fp32")
+    argv += ["--head-cut-fraction", "0.5", "--no-report", "--out", str(out)]
     assert main(argv) == 0, capsys.readouterr().err
     r = json.loads((out / "maskprune_report.json").read_text())
     m = AutoModelForCausalLM.from_pretrained(out)

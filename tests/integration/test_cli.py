@@ -11,21 +11,7 @@ import torch
 import tiny
 from maskprune.cli import main
 
-FAST = [
-    "--seq-len",
-    "32",
-    "--calib-samples",
-    "16",
-    "--batch-size",
-    "4",
-    "--eval-seq-len",
-    "64",
-    "--eval-max-windows",
-    "2",
-    "--dtype",
-    "fp32",
-    "-q",
-]
+FAST = [*tiny.small_run(None, batch_size=4, dtype="fp32"), "-q"]
 
 
 @pytest.fixture(scope="module")

@@ -23,8 +23,8 @@ def pair(tmp_path_factory):
     dense = tiny.save_tiny(root / "dense", "llama_gqa")
     calib = tiny.write_calib(root / "calib.jsonl")
     student = root / "student"
-    argv = ["-q", "prune", str(dense), "--method", "wanda-sp", "--sparsity", "0.3", "--seq-len", "32"]
-    argv += ["--calib-samples", "16", "--calib", str(calib), "--eval-data", "none", "--out", str(student)]
+    argv = ["-q", "prune", str(dense), "--method", "wanda-sp", "--sparsity", "0.3", "--out", str(student)]
+    argv += tiny.small_run(calib, evaluate=False)
     assert main(argv) == 0
     return root, dense, student, calib
 
@@ -38,20 +38,7 @@ def _distill(student, teacher, calib, out, *extra) -> list[str]:
         str(teacher),
         "--steps",
         "12",
-        "--seq-len",
-        "32",
-        "--calib-samples",
-        "8",
-        "--batch-size",
-        "4",
-        "--calib",
-        str(calib),
-        "--eval-seq-len",
-        "64",
-        "--eval-max-windows",
-        "2",
-        "--dtype",
-        "fp32",
+        *tiny.small_run(calib, calib_samples=8, batch_size=4, dtype="fp32"),
         "--out",
         str(out),
         *extra,
@@ -174,8 +161,7 @@ def test_prune_recover_steps_distils_the_cut_with_the_same_code(pair, tmp_path, 
     root, dense, student, calib = pair
     out = tmp_path / "rec"
     argv = ["-q", "prune", str(dense), "--sparsity", "0.3", "--steps", "4", "--recover-steps", "10"]
-    argv += ["--lora-lr", "0.01", "--seq-len", "32", "--calib-samples", "8", "--batch-size", "4"]
-    argv += ["--calib", str(calib), "--eval-seq-len", "64", "--eval-max-windows", "2", "--dtype", "fp32"]
+    argv += ["--lora-lr", "0.01", *tiny.small_run(calib, calib_samples=8, batch_size=4, dtype="fp32")]
     assert main([*argv, "--out", str(out)]) == 0, capsys.readouterr().err
     r = json.loads((out / "maskprune_report.json").read_text())
     assert not out.with_name("rec.cut").exists()

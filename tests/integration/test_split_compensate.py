@@ -52,8 +52,8 @@ def _prune(tmp_path, kind, *flags):
     model = tiny.save_tiny(tmp_path / "m", kind)
     calib = tiny.write_calib(tmp_path / "c.jsonl")
     out = tmp_path / "o"
-    argv = ["-q", "prune", str(model), "--sparsity", "0.3", "--seq-len", "32", "--calib-samples", "8"]
-    argv += ["--calib", str(calib), "--eval-seq-len", "64", "--eval-max-windows", "2", "--out", str(out), *flags]
+    argv = ["-q", "prune", str(model), "--sparsity", "0.3", *tiny.small_run(calib, calib_samples=8)]
+    argv += ["--out", str(out), *flags]
     return main(argv), out
 
 

@@ -12,6 +12,7 @@ import torch
 
 from .. import distributed as D
 from ..arch import DecoderAdapter, adapter_for
+from ..checkpoint import check_checkpoints
 from ..config import DataConfig, EvalConfig, PruneConfig
 from ..data import calibration_windows, wikitext2_test_text
 from ..dtypes import autocast_dtype, resolve_dtype
@@ -22,7 +23,6 @@ from ..outputs import Phases, check_output_path, default_out, resolve_device
 from ..sinks import ExtraSinks
 from ..structure import Structure
 from ..zeroshot import load_local_rows, resolve_tasks, run_zeroshot
-from .learned import check_checkpoints
 from .outcome import weight_dtype
 from .teacher import load_teacher
 
@@ -147,7 +147,7 @@ def _preflight(cfg: PruneConfig) -> tuple[PruneConfig, Path, torch.device, list[
     check_output_path(out, cfg.overwrite)
     ExtraSinks.check(cfg.trackers)
     if D.is_main():
-        check_checkpoints(out, cfg)
+        check_checkpoints(out, resume=cfg.resume, overwrite=cfg.overwrite)
     D.barrier()
     tasks = resolve_tasks(cfg.eval_tasks) if cfg.eval_tasks else []
     if tasks and cfg.eval_data_dir is not None:

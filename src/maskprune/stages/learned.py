@@ -3,10 +3,10 @@ checkpoints, signals and exact resume, then the cut plan from the learned state.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
-import shutil
 import signal
 import threading
 import time
@@ -18,99 +18,173 @@ import torch
 from tqdm.auto import tqdm
 
 from .. import distributed as D
+from ..arch import DecoderAdapter, adapter_for
 from ..baselines import unit_scores
-from ..checkpoint import config_fingerprint, list_checkpoints, load_latest, save_checkpoint
+from ..checkpoint import config_fingerprint, load_latest, save_checkpoint
 from ..config import DataConfig, PruneConfig
 from ..cut import plan_cut, select_units
+from ..data import calibration_windows
 from ..errors import MaskPruneError
-from ..learner import Learner, attach_lora
+from ..learner import Learner, LearnState, attach_lora
 from ..mask_optim import prior_masks
 from ..masks import MaskSet
+from ..models import load_model
 from ..outputs import Phases
 from ..sinks import ExtraSinks
 from ..split import SplitResult
 from ..structure import Structure
+from .context import RunContext
 from .outcome import Outcome, measure_split, rebuild_for_export, weight_dtype
 
-__all__ = ["learn_and_plan", "checkpoint_dir", "check_checkpoints", "validation_curve"]
+__all__ = ["LearnerBuild", "build_learner", "learn_and_plan", "validation_curve"]
 
 log = logging.getLogger(__name__)
 
 
-def learn_and_plan(
+@dataclasses.dataclass
+class LearnerBuild:
+    """A learner ready to step, and what it was built from (the model with LoRA and masks attached)."""
+
+    learner: Learner
+    model: torch.nn.Module
+    masks: MaskSet
+    adapter: DecoderAdapter
+    structure: Structure
+    windows: torch.Tensor
+    budget: int
+    split: SplitResult | None
+    tokenizer: object | None = None  # when the model was loaded here
+
+
+def build_learner(
     cfg: PruneConfig,
-    model,
-    adapter,
-    structure: Structure,
-    windows: torch.Tensor,
-    budget: int,
-    device: torch.device,
-    main: bool,
-    progress: bool,
-    phases: "Phases",
-    ckpt_dir: Path,
-    metrics_path: Path,
-    teacher=None,
+    *,
+    model: torch.nn.Module | None = None,
+    adapter: DecoderAdapter | None = None,
+    structure: Structure | None = None,
+    windows: torch.Tensor | None = None,
+    budget: int | None = None,
+    device: torch.device | None = None,
+    phases: Phases | None = None,
+    on_step=None,
+    teacher: torch.nn.Module | None = None,
     val_windows: torch.Tensor | None = None,
-) -> Outcome:
-    """MaskPrune: the prior, LoRA, the masks and the measured split, then the learning loop with its
-    metrics and checkpoints; the cut plan from the learned state. Long because the metrics file, the trackers
-    and the checkpoint callback share one try/finally that must close them whatever happens."""
+) -> LearnerBuild:
+    """The one way to build a learner from a config: load -> adapter -> structure -> prior -> LoRA -> masks ->
+    split -> learner. What is given is used as it is (a run passes what its setup built); what is not is made
+    from ``cfg`` (a benchmark passes ``cfg`` alone: the model in the weight dtype, ``calib_samples`` windows)."""
+    device = device or torch.device("cpu")
+    tokenizer = None
+    if model is None:
+        loaded = load_model(
+            cfg.model,
+            gguf_file=cfg.gguf_file,
+            trust_remote_code=cfg.trust_remote_code,
+            device=device,
+            dtype=weight_dtype(cfg),
+        )
+        model, tokenizer, adapter = loaded.model, loaded.tokenizer, adapter_for(loaded.model)
+        adapter.unfuse_(model)
+    adapter = adapter or adapter_for(model)
+    structure = structure or Structure.of(model, adapter, cfg.gqa_policy)
+    budget = cfg.budget_for(structure.dense_params) if budget is None else budget
+    if windows is None:
+        d = cfg.data
+        windows = calibration_windows(d.calib, tokenizer, seq_len=d.seq_len, num_windows=d.calib_samples)
+    model, masks, split = _prepare(cfg, model, adapter, structure, windows, budget, device, phases or Phases())
+    learner = Learner(model, masks, windows, cfg, budget, on_step=on_step, teacher=teacher, val_windows=val_windows)
+    if split is not None:  # the run starts from the measured split (the freeze plans this head count)
+        learner.state.sigma["head"] = split.best.k_head / structure.head.units_per_row
+    return LearnerBuild(learner, model, masks, adapter, structure, windows, budget, split, tokenizer)
+
+
+def learn_and_plan(ctx: RunContext, ckpt_dir: Path) -> Outcome:
+    """MaskPrune: the prior, LoRA, the masks and the measured split, then the learning loop with its metrics
+    and checkpoints (the metrics file and the trackers closed whatever happens); the cut plan from the learned
+    state."""
+    cfg, main = ctx.cfg, ctx.main
+    metrics_path = ckpt_dir / "metrics.jsonl"
     metrics_file = open(metrics_path if main else os.devnull, "a", encoding="utf-8")
     trackers = ExtraSinks(cfg.trackers if main else (), str(ckpt_dir / "tensorboard"), cfg.to_dict())
-    split_path = ckpt_dir / "split_search.json"
+    bar = tqdm(
+        total=cfg.steps,
+        desc="distill" if cfg.distilling else "learn masks",
+        disable=not (ctx.progress and main),
+        dynamic_ncols=True,
+    )
     try:
-        model, masks, split = _prepare(cfg, model, adapter, structure, windows, budget, device, phases)
-        if split is not None and main:
-            split_path.write_text(json.dumps(split.to_dict(), indent=1))
-        desc = "distill" if cfg.distilling else "learn masks"
-        bar = tqdm(total=cfg.steps, desc=desc, disable=not (progress and main), dynamic_ncols=True)
-        learner = Learner(
-            model,
-            masks,
-            windows,
+        build = build_learner(
             cfg,
-            budget,
-            on_step=_on_step(cfg, budget, bar, metrics_file, trackers),
-            teacher=teacher,
-            val_windows=val_windows,
+            model=ctx.loaded.model,
+            adapter=ctx.adapter,
+            structure=ctx.structure,
+            windows=ctx.windows,
+            budget=ctx.budget,
+            device=ctx.device,
+            phases=ctx.phases,
+            on_step=_on_step(cfg, ctx.budget, bar, metrics_file, trackers),
+            teacher=ctx.teacher,
+            val_windows=ctx.val_windows,
         )
-        if split is not None:  # the run starts from the measured split (the freeze plans this head count)
-            learner.state.sigma["head"] = split.best.k_head / structure.head.units_per_row
+        split = _split_record(build.split, ckpt_dir / "split_search.json", main, cfg.resume)
         if cfg.resume:
-            _resume(learner, ckpt_dir, cfg, metrics_path if main else None, metrics_file)
-            bar.update(learner.state.step)
-
-        def write_checkpoint(lrn: Learner) -> None:
-            state_dict = lrn.state_dict()  # every process: a collective when FSDP shards LoRA
-            if not main:
-                return
-            metrics_file.flush()
-            os.fsync(metrics_file.fileno())
-            payload = {**state_dict, "config": config_fingerprint(cfg.to_dict()), "budget": budget}
-            path = save_checkpoint(ckpt_dir, payload, lrn.state.step, cfg.keep_checkpoints)
-            log.info("checkpoint %s", path)
-
-        with phases("learn"), _stop_on_signals() as stop:
-            state = learner.run(
-                checkpoint=write_checkpoint, every=cfg.checkpoint_every, should_stop=lambda: stop["requested"]
-            )
-        bar.close()
+            _resume(build.learner, ckpt_dir, cfg, metrics_path if main else None, metrics_file)
+            bar.update(build.learner.state.step)
+        state = _learn(build.learner, ctx, ckpt_dir, metrics_file)
     finally:
+        bar.close()
         metrics_file.close()
         trackers.close()
+    return _plan(ctx, build, state, split)
+
+
+def _split_record(split: SplitResult | None, path: Path, main: bool, resume: bool) -> dict | None:
+    """The split search for the report: measured now (and kept beside the checkpoints for a resume), or, on
+    a resume, the interrupted run's (the checkpoint holds the masks, so the search does not run again)."""
+    if split is not None:
+        if main:
+            path.write_text(json.dumps(split.to_dict(), indent=1))
+        return split.to_dict()
+    if resume and main and path.exists():
+        return json.loads(path.read_text())
+    return None
+
+
+def _learn(learner: Learner, ctx: RunContext, ckpt_dir: Path, metrics_file) -> LearnState:
+    """The learning loop with a checkpoint every ``checkpoint_every`` steps and on SIGINT / SIGTERM."""
+    cfg, main = ctx.cfg, ctx.main
+
+    def write_checkpoint(lrn: Learner) -> None:
+        state_dict = lrn.state_dict()  # every process: a collective when FSDP shards LoRA
+        if not main:
+            return
+        metrics_file.flush()
+        os.fsync(metrics_file.fileno())
+        payload = {**state_dict, "config": config_fingerprint(cfg.to_dict()), "budget": ctx.budget}
+        path = save_checkpoint(ckpt_dir, payload, lrn.state.step, cfg.keep_checkpoints)
+        log.info("checkpoint %s", path)
+
+    with ctx.phases("learn"), _stop_on_signals() as stop:
+        return learner.run(
+            checkpoint=write_checkpoint, every=cfg.checkpoint_every, should_stop=lambda: stop["requested"]
+        )
+
+
+def _plan(ctx: RunContext, build: LearnerBuild, state: LearnState, split: dict | None) -> Outcome:
+    """The learned masks made deterministic, the model rebuilt in fp32 where learning was not, the cut planned
+    from the state."""
+    cfg, model, masks = ctx.cfg, build.model, build.masks
     masks.materialize_()  # L0 / polarization parameters -> their deterministic mask values
     if (cfg.fsdp and D.world() > 1) or weight_dtype(cfg) != torch.float32:
-        model, masks = rebuild_for_export(cfg, model, adapter, structure, masks, device, main)
+        model, masks = rebuild_for_export(cfg, model, ctx.adapter, ctx.structure, masks, ctx.device, ctx.main)
     plan = plan_cut(
-        structure,
+        ctx.structure,
         sigma_head=state.sigma["head"],
-        budget=budget,
+        budget=ctx.budget,
         head_multiple=cfg.head_multiple,
         ffn_multiple=cfg.ffn_multiple,
     )
-    split_dict = json.loads(split_path.read_text()) if main and split_path.exists() else None
-    return Outcome(model, masks, state, plan, select_units(masks.head, masks.ffn, plan), split=split_dict)
+    return Outcome(model, masks, state, plan, select_units(masks.head, masks.ffn, plan), split=split)
 
 
 def _prepare(cfg: PruneConfig, model, adapter, structure: Structure, windows, budget: int, device, phases):
@@ -198,29 +272,6 @@ def validation_curve(metrics_path: Path, data: DataConfig) -> list[dict]:
                 entry["kl"] = m["val_kl"]
             curve.append(entry)
     return curve
-
-
-def checkpoint_dir(out: Path) -> Path:
-    """Where a run keeps its checkpoints and metrics until it completes: ``<out>.checkpoints``."""
-    return out.with_name(out.name + ".checkpoints")
-
-
-def check_checkpoints(out: Path, cfg: PruneConfig) -> None:
-    """Refuse to silently mix runs: resume needs a checkpoint, a fresh run needs none (or --overwrite)."""
-    ckpt_dir = checkpoint_dir(out)
-    found = list_checkpoints(ckpt_dir)
-    if cfg.resume and not found:
-        raise MaskPruneError(
-            f"--resume: no checkpoint in {str(ckpt_dir)!r}",
-            fix="run without --resume to start, or pass the same --out as the interrupted run",
-        )
-    if not cfg.resume and ckpt_dir.exists():
-        if not cfg.overwrite:
-            raise MaskPruneError(
-                f"an earlier, unfinished run left checkpoints in {str(ckpt_dir)!r}",
-                fix="pass --resume to continue it, or --overwrite to start over",
-            )
-        shutil.rmtree(ckpt_dir)
 
 
 def _resume(learner: Learner, ckpt_dir: Path, cfg: PruneConfig, metrics_path: Path | None, metrics_file) -> None:

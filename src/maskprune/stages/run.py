@@ -11,13 +11,14 @@ from pathlib import Path
 import torch
 
 from .. import distributed as D
+from ..checkpoint import checkpoint_dir
 from ..export import harden_
 from ..outputs import machine_info
 from ..runreport import RunReport
 from ..version import __version__
 from .context import RunContext
 from .export import export, selection_sections, structure_sections
-from .learned import checkpoint_dir, learn_and_plan, validation_curve
+from .learned import learn_and_plan, validation_curve
 from .oneshot import score_and_plan
 from .outcome import Outcome, rebuild_for_export, weight_dtype
 
@@ -86,18 +87,9 @@ def choose_units(ctx: RunContext, ckpt_dir: Path) -> Outcome:
     cfg, main = ctx.cfg, ctx.main
     if main:
         ckpt_dir.mkdir(parents=True, exist_ok=True)
-    args = (cfg, ctx.loaded.model, ctx.adapter, ctx.structure, ctx.windows, ctx.budget, ctx.device)
     if cfg.method == "maskprune":
-        return learn_and_plan(
-            *args,
-            main,
-            ctx.progress,
-            ctx.phases,
-            ckpt_dir,
-            ckpt_dir / "metrics.jsonl",
-            teacher=ctx.teacher,
-            val_windows=ctx.val_windows,
-        )
+        return learn_and_plan(ctx, ckpt_dir)
+    args = (cfg, ctx.loaded.model, ctx.adapter, ctx.structure, ctx.windows, ctx.budget, ctx.device)
     outcome = score_and_plan(*args, ctx.phases)
     if weight_dtype(cfg) != torch.float32:  # fold and verify in fp32, as for the learned masks
         outcome.model, outcome.masks = rebuild_for_export(
