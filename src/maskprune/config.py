@@ -127,7 +127,7 @@ class SourceConfig(_Group):
     )
 
     @property
-    def distilling(self) -> bool:
+    def has_teacher(self) -> bool:
         """A ``maskprune distill`` run: no cut, the student learns from a separate teacher."""
         return self.teacher is not None
 
@@ -693,8 +693,8 @@ class PruneConfig:
         return self.cut.budget_for(dense_params)
 
     @property
-    def distilling(self) -> bool:
-        return self.source.distilling
+    def has_teacher(self) -> bool:
+        return self.source.has_teacher
 
     def selection_steps(self) -> int:
         """Steps on which the masks learn: until the freeze, or every step when the selection is never frozen."""

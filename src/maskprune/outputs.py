@@ -26,7 +26,7 @@ log = logging.getLogger(__name__)
 def default_out(source: SourceConfig, cut: CutConfig) -> Path:
     """``runs/<model>-s<sparsity %>`` (or ``-b<budget>``), ``runs/<model>-distilled`` for a distillation."""
     name = Path(source.model.rstrip("/")).name.replace(".gguf", "") or "model"
-    if source.distilling:
+    if source.has_teacher:
         return Path("runs") / f"{name}-distilled"
     tag = f"s{round(cut.sparsity * 100)}" if cut.budget_params is None else f"b{cut.budget_params}"
     return Path("runs") / f"{name}-{tag}"

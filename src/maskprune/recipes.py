@@ -47,7 +47,7 @@ def run(cfg: PruneConfig, *, progress: bool = True) -> dict:
             from .gguf_export import preflight
 
             preflight(cfg.gguf)
-        if cfg.distilling:
+        if cfg.has_teacher:
             return distill_recipe(cfg, progress=progress)
         if cfg.recover_steps:
             return prune_then_recover(cfg, progress=progress)

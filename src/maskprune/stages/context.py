@@ -106,7 +106,7 @@ def setup(cfg: PruneConfig, progress: bool) -> RunContext:
     adapter.unfuse_(loaded.model)  # fused projections (Phi-3) seen as their parts for the run; fused again at export
     structure = Structure.of(loaded.model, adapter, cfg.gqa_policy)
     teacher = None
-    if cfg.distilling:  # nothing is cut: the budget is the student's size, the teacher checked before any work
+    if cfg.has_teacher:  # nothing is cut: the budget is the student's size, the teacher checked before any work
         budget = structure.dense_params
         with phases("load_teacher"):
             teacher = load_teacher(cfg, adapter, loaded, device)

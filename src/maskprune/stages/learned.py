@@ -108,7 +108,7 @@ def learn_and_plan(ctx: RunContext, ckpt_dir: Path) -> Outcome:
     trackers = ExtraSinks(cfg.trackers if main else (), str(ckpt_dir / "tensorboard"), cfg.to_dict())
     bar = tqdm(
         total=cfg.steps,
-        desc="distill" if cfg.distilling else "learn masks",
+        desc="distill" if cfg.has_teacher else "learn masks",
         disable=not (ctx.progress and main),
         dynamic_ncols=True,
     )

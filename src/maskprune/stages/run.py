@@ -59,11 +59,11 @@ def run_stage(ctx: RunContext, folder: Path | None, student_eval: tuple | None =
     exported = export(ctx, outcome, soft, folder)
     report.update(structure_sections(ctx, outcome, exported.model))
     report.update(selection_sections(ctx, outcome, soft))
-    if cfg.distilling:
+    if cfg.has_teacher:
         report.distill = _distill_section(ctx, outcome)
     if ctx.val_windows is not None:  # held-out scores along the run: in the distill section for a distillation
         curve = validation_curve(folder / "metrics.jsonl", cfg.data)
-        if cfg.distilling:
+        if cfg.has_teacher:
             report.distill["validation"] = curve
         else:
             report.validation = curve
