@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import difflib
 import json
 import logging
 import sys
@@ -16,9 +17,12 @@ import typing
 from pathlib import Path
 from typing import Any, Literal, Sequence
 
+import yaml
+
 from .config import DISTILL_ONLY, GROUP_OF, GROUPS, PRUNE_ONLY, distill_overrides, load_config, prune_overrides
 from .errors import Interrupted, MaskPruneError
 from .llamacpp import GGUF_TYPES
+from .version import __version__
 
 __all__ = ["main", "build_parser"]
 
@@ -28,30 +32,62 @@ log = logging.getLogger("maskprune")
 _GROUP_TITLES = {
     "source": "model",
     "cut": "what to cut and how much",
-    "selection": "how the learned selection is made (the paper's masks)",
+    "selection": "how the learned selection is made (the paper's masks; advanced)",
     "training": "distillation and LoRA",
     "data": "calibration data",
     "runtime": "runtime",
     "evaluation": "evaluation",
     "output": "output",
 }
+_ESSENTIAL = {
+    "prune": ("sparsity", "budget_params", "out", "method", "steps", "recover_steps"),
+    "distill": ("teacher", "out", "steps", "full"),
+}
+"""The options ``--help`` lists first, in this order; the rest follow in one section per config group."""
+_GROUP_ORDER = ("cut", "training", "data", "runtime", "evaluation", "output", "source", "selection")
 
 
-def _add_config_flags(p: argparse.ArgumentParser, exclude: frozenset[str]) -> None:
-    """One flag per config key except ``model`` and ``exclude`` (what the command does not take), shown in one
-    help section per config group; a field's help is its metadata."""
-    for group, cls in GROUPS.items():
-        section = p.add_argument_group(_GROUP_TITLES[group], cls.__doc__)
-        hints = typing.get_type_hints(cls)
-        for f in dataclasses.fields(cls):
-            if f.name == "model" or f.name in exclude:
-                continue
-            _add_flag(section, f, hints[f.name])
+def _add_config_flags(p: argparse.ArgumentParser, command: str, exclude: frozenset[str]) -> None:
+    """One flag per config key except ``model`` and ``exclude`` (what the command does not take): the essential
+    ones first, then one help section per config group; a field's help is its metadata."""
+    fields = {
+        f.name: (f, typing.get_type_hints(cls)[f.name], g) for g, cls in GROUPS.items() for f in dataclasses.fields(cls)
+    }
+    essential = p.add_argument_group("essential options")
+    for name in _ESSENTIAL[command]:
+        f, hint, _ = fields[name]
+        _add_flag(essential, f, hint, required=name == "teacher")
+    for group in _GROUP_ORDER:
+        section = p.add_argument_group(_GROUP_TITLES[group], _plain(GROUPS[group].__doc__))
+        for name, (f, hint, g) in fields.items():
+            if g == group and name != "model" and name not in exclude and name not in _ESSENTIAL[command]:
+                _add_flag(section, f, hint)
 
 
-def _add_flag(section, f: dataclasses.Field, hint: Any) -> None:
+def _plain(text: str) -> str:
+    """Help text as a terminal shows it: RST literals (``x``) as `x`, no doubled spaces."""
+    return " ".join(text.replace("``", "`").split())
+
+
+def _default_text(value: Any) -> str:
+    """A default as the user would type it: null, true/false, a,b,c for lists."""
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return str(value).lower()
+    if isinstance(value, tuple):
+        return ",".join(value) if value else "none"
+    return str(value)
+
+
+def _add_flag(section, f: dataclasses.Field, hint: Any, *, required: bool = False) -> None:
     flag = "--" + f.name.replace("_", "-")
-    help_ = f"{f.metadata.get('help', '')} (default: {f.default!r})".strip().replace("%", "%%")
+    text = _plain(f.metadata.get("help", ""))
+    if required:
+        text += " (required)"
+    elif "default" not in text.lower() or f.default is not None:
+        text += f" (default: {_default_text(f.default)})"
+    help_ = text.replace("%", "%%")
     if hint is bool or set(typing.get_args(hint)) == {bool, type(None)}:  # bool | None: unset is the default
         section.add_argument(
             flag, dest=f.name, action=argparse.BooleanOptionalAction, default=argparse.SUPPRESS, help=help_
@@ -90,31 +126,76 @@ def _parse_value(text: str) -> Any:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    """The command line: one subcommand per job; options are never abbreviated (a misspelt one is refused
+    with the closest real one named); ``-q`` / ``-v`` work before or after the subcommand."""
     parser = argparse.ArgumentParser(
-        prog="maskprune", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+        prog="maskprune", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter, allow_abbrev=False
     )
-    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
-    parser.add_argument("-q", "--quiet", action="store_true", help="warnings only, no progress bar")
-    sub = parser.add_subparsers(dest="command", required=True)
+    parser.add_argument("--version", action="version", version=f"maskprune {__version__}")
+    _add_verbosity(parser, False)
+    sub = parser.add_subparsers(dest="command", required=True, metavar="{prune,distill,eval,export-gguf,report}")
+    _add_prune_parser(sub)
+    _add_distill_parser(sub)
+    _add_eval_parser(sub)
+    _add_gguf_parser(sub)
+    r = _subparser(sub, "report", "figures and an HTML page for a finished run", "maskprune report RUN_DIR")
+    r.add_argument("run_dir", type=Path, help="the --out folder of `maskprune prune` or `maskprune distill`")
+    return parser
 
-    p = sub.add_parser("prune", help="learn layer-uniform masks and export a smaller checkpoint")
+
+def _add_verbosity(p: argparse.ArgumentParser, default: Any) -> None:
+    p.add_argument("-v", "--verbose", action="store_true", default=default, help="debug logging")
+    p.add_argument("-q", "--quiet", action="store_true", default=default, help="warnings only, no progress bars")
+
+
+def _subparser(sub, name: str, help_: str, usage: str, description: str | None = None) -> argparse.ArgumentParser:
+    p = sub.add_parser(name, help=help_, usage=usage, description=description or help_, allow_abbrev=False)
+    _add_verbosity(p, argparse.SUPPRESS)  # after the verb too; unset here leaves the top-level value
+    return p
+
+
+def _add_prune_parser(sub) -> None:
+    p = _subparser(
+        sub,
+        "prune",
+        "prune a model to a budget and export a smaller stock checkpoint",
+        "maskprune prune [MODEL] [--sparsity S | --budget-params N] [--out DIR] [options]",
+    )
     p.add_argument("model", nargs="?", default=None, help="HF folder, hub id, .gguf file, or smollm2-135m (default)")
-    p.add_argument("--config", type=Path, default=None, help="YAML file of config keys")
-    _add_config_flags(p, DISTILL_ONLY)
+    p.add_argument("--config", type=Path, default=None, help="YAML file of config keys (flat, or under their group)")
+    p.add_argument(
+        "--print-config", action="store_true", help="print the resolved configuration as YAML (by group) and exit"
+    )
+    _add_config_flags(p, "prune", DISTILL_ONLY)
 
-    d = sub.add_parser(
+
+def _add_distill_parser(sub) -> None:
+    d = _subparser(
+        sub,
         "distill",
-        help="recover a pruned model by distillation from its dense original (LoRA merged, or --full)",
-        description="maskprune distill PRUNED --teacher DENSE --out DIR: the prune options apply where they mean "
+        "recover a pruned model by distillation from its dense original (LoRA merged, or --full)",
+        "maskprune distill PRUNED --teacher DENSE [--out DIR] [--steps N] [options]",
+        "maskprune distill PRUNED --teacher DENSE --out DIR: the prune options apply where they mean "
         "the same thing (--steps, --calib, --calib-samples, --seq-len, --batch-size, --lora-rank, ...); the "
         "options that choose the cut (--sparsity, --method, masks, ...) are prune's: the student keeps its shape. "
         "A --config file shared with prune may hold them: they are ignored with a warning.",
     )
     d.add_argument("model", help="the pruned student: HF folder, hub id or .gguf file")
-    d.add_argument("--config", type=Path, default=None, help="YAML file of config keys")
-    _add_config_flags(d, PRUNE_ONLY)
+    d.add_argument("--config", type=Path, default=None, help="YAML file of config keys (flat, or under their group)")
+    d.add_argument(
+        "--print-config", action="store_true", help="print the resolved configuration as YAML (by group) and exit"
+    )
+    _add_config_flags(d, "distill", PRUNE_ONLY)
 
-    e = sub.add_parser("eval", help="WikiText-2 perplexity and zero-shot accuracy (lm-eval) of causal LMs")
+
+def _add_eval_parser(sub) -> None:
+    e = _subparser(
+        sub,
+        "eval",
+        "WikiText-2 perplexity and zero-shot accuracy (lm-eval) of causal LMs",
+        "maskprune eval MODEL [MODEL ...] | --compare DENSE PRUNED [options]",
+    )
+    e.formatter_class = argparse.ArgumentDefaultsHelpFormatter
     e.add_argument("model", nargs="*", help="HF folder, hub id, .gguf file, or smollm2-135m")
     e.add_argument(
         "--compare",
@@ -123,7 +204,7 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="evaluate two models side by side with the share of dense retained",
     )
-    e.add_argument("--ppl", choices=["wikitext2", "none"], default="wikitext2")
+    e.add_argument("--ppl", choices=["wikitext2", "none"], default="wikitext2", help="perplexity data, or none")
     e.add_argument(
         "--ppl-data", default="default", help="WikiText-2 raw test: default (shipped), hub, or a wiki.test.raw path"
     )
@@ -131,10 +212,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--tasks", default="", help="comma-separated lm-eval tasks, or 'paper' for all seven")
     e.add_argument("--data-dir", default=None, help="local task data (offline); see maskprune.zeroshot")
     e.add_argument(
-        "--limit",
-        type=int,
-        default=None,
-        help="only the first N perplexity windows and N examples per task (quick looks)",
+        "--limit", type=int, default=None, help="only the first N perplexity windows and N examples per task"
     )
     e.add_argument(
         "--ppl-tokens",
@@ -142,30 +220,35 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="score only the first N tokens of WikiText-2 at every window length (overrides --limit for perplexity)",
     )
-    e.add_argument("--batch-size", type=int, default=4)
-    e.add_argument("--dtype", choices=["fp32", "bf16", "fp16"], default="fp32")
-    e.add_argument("--device", default="auto")
+    e.add_argument("--batch-size", type=int, default=4, help="windows or examples per forward")
+    e.add_argument("--dtype", choices=["fp32", "bf16", "fp16"], default="fp32", help="autocast dtype of the forwards")
+    e.add_argument("--device", default="auto", help="auto (cuda if available), cpu or cuda[:N]")
     e.add_argument("--out", type=Path, default=None, help="write results JSON here (and a .md table beside it)")
-    e.add_argument("--trust-remote-code", action="store_true")
-    g = sub.add_parser("export-gguf", help="a GGUF file of a pruned checkpoint, written by llama.cpp's own converter")
+    e.add_argument("--trust-remote-code", action="store_true", help="allow model code from the hub")
+
+
+def _add_gguf_parser(sub) -> None:
+    g = _subparser(
+        sub,
+        "export-gguf",
+        "a GGUF file of a pruned checkpoint, written by llama.cpp's own converter",
+        "maskprune export-gguf FOLDER [--type TYPE] [--out FILE]",
+    )
     g.add_argument("folder", type=Path, help="the --out folder of `maskprune prune` (or any supported checkpoint)")
     g.add_argument(
         "--type",
         dest="gguf_type",
         default="f16",
+        choices=GGUF_TYPES,
         metavar="{" + ",".join(GGUF_TYPES) + "}",
         help="GGUF tensor type (default: f16); f32/f16/bf16/q8_0 by llama.cpp's converter, the others by its "
         "quantizer, which needs the extra maskprune[llamacpp]",
     )
     g.add_argument("--out", type=Path, default=None, help="the .gguf path (default: inside the folder)")
-    g.add_argument("--overwrite", action="store_true")
+    g.add_argument("--overwrite", action="store_true", help="replace the .gguf file if it exists")
     g.add_argument(
         "--no-check", dest="check", action="store_false", help="skip reloading the GGUF and comparing its logits"
     )
-
-    r = sub.add_parser("report", help="figures and an HTML page for a finished prune run")
-    r.add_argument("run_dir", type=Path, help="the --out folder of `maskprune prune`")
-    return parser
 
 
 def _overrides(args: argparse.Namespace) -> dict[str, Any]:
@@ -208,6 +291,11 @@ def _run_prune(args: argparse.Namespace, progress: bool) -> int:
         cfg = load_config(args.config, distill_overrides(overrides), ignore=PRUNE_ONLY)
     else:
         cfg = load_config(args.config, overrides, ignore=DISTILL_ONLY)
+    if args.print_config:
+        other = PRUNE_ONLY if args.command == "distill" else DISTILL_ONLY  # what this command does not take
+        groups = {g: {k: v for k, v in d.items() if k not in other} for g, d in cfg.to_groups().items()}
+        sys.stdout.write(yaml.safe_dump({g: d for g, d in groups.items() if d}, sort_keys=False))
+        return 0
     report = prune(cfg, progress=progress)
     if "params" not in report:  # a secondary process of a distributed run: rank 0 reports
         return 0
@@ -278,19 +366,33 @@ def _run_export_gguf(args: argparse.Namespace) -> int:
     return 0
 
 
+def _unknown_option_error(parser: argparse.ArgumentParser, command: str, unknown: Sequence[str]) -> str:
+    """The message for options the command does not know: each with the closest real option (a misspelling
+    or an abbreviation), or the command's help."""
+    sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction)).choices[command]
+    known = [o for action in sub._actions for o in action.option_strings if o.startswith("--")]
+    parts = []
+    for u in unknown:
+        if not u.startswith("-"):
+            continue
+        flag = u.split("=")[0]
+        close = difflib.get_close_matches(flag, known, n=1, cutoff=0.75)
+        prefixed = [k for k in known if k.startswith(flag)]
+        guess = close[0] if close else (prefixed[0] if len(prefixed) == 1 else None)
+        parts.append(f"{flag} (did you mean {guess}?)" if guess else flag)
+    what = ", ".join(parts) or " ".join(unknown)
+    plural = "s" if len(parts) > 1 else ""
+    return f"unknown option{plural} for `maskprune {command}`: {what}; fix: see `maskprune {command} --help`"
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args, unknown = parser.parse_known_args(argv)
     if unknown:
         problem = _other_commands_options(args.command, unknown)
-        if problem is None:
-            parser.error(f"unrecognized arguments: {' '.join(unknown)}")
-        sys.stderr.write(f"maskprune: error: {problem}\n")
+        sys.stderr.write(f"maskprune: error: {problem or _unknown_option_error(parser, args.command, unknown)}\n")
         return 2
-    level = logging.DEBUG if args.verbose else logging.WARNING if args.quiet else logging.INFO
-    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    for noisy in ("httpx", "urllib3", "filelock"):
-        logging.getLogger(noisy).setLevel(logging.WARNING)
+    _configure_logging(args.verbose, args.quiet)
     progress = not args.quiet
     try:
         if args.command in ("prune", "distill"):
@@ -304,7 +406,6 @@ def main(argv: Sequence[str] | None = None) -> int:
             return 0
         return _run_eval(args, progress)
     except MaskPruneError as exc:
-        log.error("%s", exc)
         sys.stderr.write(f"maskprune: error: {exc}\n")
         return 2
     except Interrupted as exc:
@@ -316,3 +417,22 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         sys.stderr.write("maskprune: interrupted\n")
         return 130
+
+
+def _configure_logging(verbose: bool, quiet: bool) -> None:
+    """maskprune's log lines at the level asked; the libraries' chatter (HTTP, file locks, matplotlib's font
+    search, transformers' progress bars and deprecation notes) only with -v."""
+    level = logging.DEBUG if verbose else logging.WARNING if quiet else logging.INFO
+    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    for noisy in ("httpx", "urllib3", "filelock", "matplotlib", "PIL"):
+        logging.getLogger(noisy).setLevel(logging.DEBUG if verbose else logging.WARNING)
+    if not verbose:
+        import warnings
+
+        warnings.filterwarnings("ignore", category=FutureWarning)
+        warnings.filterwarnings("ignore", message=".*is deprecated.*")
+    if quiet:
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()
+        hf_logging.set_verbosity_error()

@@ -15,6 +15,7 @@ and values of the wrong type are errors, and every problem is reported at once.
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import logging
 import math
 import types
@@ -569,7 +570,7 @@ class EvalConfig(_Group):
     )
     eval_max_windows: int | None = _opt(
         16,
-        """Windows evaluated during prune (None: all). ``maskprune eval`` measures the full protocol.""",
+        """Windows evaluated during prune (null: all). ``maskprune eval`` measures the full protocol.""",
     )
     eval_tasks: str = _opt(
         "",
@@ -581,7 +582,7 @@ class EvalConfig(_Group):
     )
     eval_limit: int | None = _opt(
         None,
-        """Examples per zero-shot task (None: all).""",
+        """Examples per zero-shot task (null: all).""",
     )
 
     def problems(self) -> list[str]:
@@ -870,7 +871,9 @@ def _check_type(name: str, value: Any, hint: Any) -> tuple[Any, str | None]:
     if origin is Literal:
         if value in args:
             return value, None
-        return value, f"{name} must be one of {', '.join(map(repr, args))}, found {value!r}"
+        close = difflib.get_close_matches(str(value), [str(a) for a in args], n=1, cutoff=0.6)
+        hint = f" (did you mean {close[0]!r}?)" if close else ""
+        return value, f"{name} must be one of {', '.join(map(repr, args))}, found {value!r}{hint}"
     if origin is tuple:
         if isinstance(value, str):
             value = [v.strip() for v in value.split(",") if v.strip()]
@@ -942,9 +945,10 @@ def load_config(
     if values.get("recipe") == "paper":
         values = {**PAPER_RECIPE, **values}
     problems: list[str] = []
-    unknown = sorted(set(values) - set(GROUP_OF))
-    if unknown:
-        problems.append(f"unknown config keys {unknown}; known keys: {', '.join(sorted(GROUP_OF))}")
+    for key in sorted(set(values) - set(GROUP_OF)):
+        close = difflib.get_close_matches(str(key), list(GROUP_OF), n=1, cutoff=0.75)
+        hint = f" (did you mean {close[0]!r}?)" if close else ""
+        problems.append(f"unknown config key {key!r}{hint}; every key: `maskprune prune --print-config`")
     clean: dict[str, Any] = {}
     for k, v in values.items():
         if k not in GROUP_OF:

@@ -44,7 +44,9 @@ def test_options_are_validated_as_the_cli_validates_flags(files):
     dense, _ = files
     with pytest.raises(MaskPruneError) as e:
         maskprune.prune(str(dense), sparsity=1.5, stepz=3, progress=False)
-    assert "sparsity must be in (0, 1)" in str(e.value) and "unknown config keys ['stepz']" in str(e.value)
+    assert "sparsity must be in (0, 1)" in str(e.value) and "unknown config key 'stepz' (did you mean 'steps'?)" in str(
+        e.value
+    )
     with pytest.raises(MaskPruneError, match="maskprune distill does not take method"):
         maskprune.distill(str(dense), teacher=str(dense), method="flap", progress=False)
     with pytest.raises(MaskPruneError, match="maskprune prune does not take teacher"):

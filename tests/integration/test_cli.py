@@ -156,7 +156,10 @@ def test_missing_model_path_and_unknown_key_and_wrong_type(tmp_path, capsys):
     cfg = tmp_path / "bad.yaml"
     cfg.write_text("sparsity: 0.5\nstepz: 3\nseq_len: long\n")
     _assert_refused(
-        ["prune", "--config", str(cfg), "-q"], capsys, "unknown config keys ['stepz']", "seq_len must be an integer"
+        ["prune", "--config", str(cfg), "-q"],
+        capsys,
+        "unknown config key 'stepz' (did you mean 'steps'?)",
+        "seq_len must be an integer",
     )
 
 

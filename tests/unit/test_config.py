@@ -104,7 +104,7 @@ def test_type_and_range_problems_are_reported_in_one_error():
     for words in (
         "steps must be",
         "freeze_share must be in [0, 1]",
-        "unknown config keys ['nope']",
+        "unknown config key 'nope'",
         "split_search_samples must be >= 1",
     ):
         assert words in msg, words
