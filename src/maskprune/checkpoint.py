@@ -107,18 +107,23 @@ def checkpoint_dir(out: Path) -> Path:
 
 
 def check_checkpoints(out: Path, *, resume: bool, overwrite: bool) -> None:
-    """Refuse to silently mix runs: resume needs a checkpoint, a fresh run needs none (or --overwrite)."""
+    """Refuse to silently mix runs: resume needs a checkpoint, a fresh run needs none (or --overwrite). A
+    checkpoint folder that holds no checkpoint (a run that stopped before its first one) has nothing to resume
+    or lose: a fresh run replaces it."""
     ckpt_dir = checkpoint_dir(out)
     found = list_checkpoints(ckpt_dir)
     if resume and not found:
+        left = " (it holds no checkpoint: the run stopped before its first)" if ckpt_dir.exists() else ""
         raise MaskPruneError(
-            f"--resume: no checkpoint in {str(ckpt_dir)!r}",
-            fix="run without --resume to start, or pass the same --out as the interrupted run",
+            f"--resume: no checkpoint in {str(ckpt_dir)!r}{left}",
+            fix="run the same command without --resume to start over, or pass the --out of the interrupted run",
         )
     if not resume and ckpt_dir.exists():
-        if not overwrite:
+        if found and not overwrite:
             raise MaskPruneError(
-                f"an earlier, unfinished run left checkpoints in {str(ckpt_dir)!r}",
+                f"an earlier, unfinished run left checkpoints in {str(ckpt_dir)!r} (newest: {found[0].name})",
                 fix="pass --resume to continue it, or --overwrite to start over",
             )
+        if not found:
+            log.info("removing %s: an earlier run stopped there before its first checkpoint", ckpt_dir)
         shutil.rmtree(ckpt_dir)

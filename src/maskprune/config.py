@@ -26,6 +26,7 @@ from typing import Any, ClassVar, Literal, Mapping
 
 import yaml
 
+from .arch import ROLES
 from .errors import MaskPruneError
 from .llamacpp import GGUF_TYPES
 
@@ -423,6 +424,12 @@ class TrainingConfig(_Group):
 
     def problems(self) -> list[str]:
         problems = _at_least_one(self, ("steps", "lora_rank"))
+        unknown = [r for r in self.lora_targets if r not in ROLES]
+        if unknown or not self.lora_targets:
+            problems.append(
+                f"lora_targets must be projection roles among {','.join(ROLES)}, found "
+                f"{','.join(self.lora_targets) or 'none'}: e.g. --lora-targets q,k,v,o"
+            )
         problems += _non_negative(self, ("lora_lr", "alpha", "ce_weight"))
         if self.recover_steps < 0:
             problems.append(f"recover_steps must be >= 0, found {self.recover_steps}")

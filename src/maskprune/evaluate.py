@@ -276,7 +276,7 @@ def evaluate_models(
     data_dir: str | None = None,
     limit: int | None = None,
     batch_size: int = 4,
-    dtype: str = "bf16",
+    dtype: str = "fp32",
     device: str = "auto",
     trust_remote_code: bool = False,
     progress: bool = True,
@@ -291,13 +291,14 @@ def evaluate_models(
     from .errors import MaskPruneError
     from .models import load_model
     from .outputs import machine_info, resolve_device
-    from .zeroshot import resolve_tasks
+    from .zeroshot import check_sources, resolve_tasks
 
     if not models:
         raise MaskPruneError("no model to evaluate", expected="maskprune eval MODEL or --compare DENSE PRUNED")
     if ppl_tokens is not None and ppl_tokens < 1:
         raise MaskPruneError(f"--ppl-tokens must be a positive token count, found {ppl_tokens}")
     tasks = resolve_tasks(tasks) if tasks else []
+    check_sources(tasks, data_dir)
     dev = resolve_device(device)
     results: dict = {
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
@@ -309,6 +310,7 @@ def evaluate_models(
     }
     for spec in models:
         loaded = load_model(spec, trust_remote_code=trust_remote_code, device=dev)
+        _check_context(spec, loaded.model, seq_lens)
         results["models"][spec] = evaluate_model(
             loaded.model,
             loaded.tokenizer,
@@ -325,3 +327,17 @@ def evaluate_models(
         del loaded
     results["table"] = format_table(results["models"], dense_key=models[0] if compare else None)
     return results
+
+
+def _check_context(spec: str, model, seq_lens) -> None:
+    """Refuse perplexity windows longer than the model's context (they would be scored past its positions)."""
+    from .errors import MaskPruneError
+
+    max_pos = getattr(model.config, "max_position_embeddings", None)
+    too_long = [n for n in seq_lens if max_pos is not None and n > max_pos]
+    if too_long:
+        raise MaskPruneError(
+            f"--seq-len {','.join(map(str, too_long))} is above the context of {spec}",
+            expected=f"at most max_position_embeddings = {max_pos}",
+            fix=f"lower --seq-len (e.g. {min(max_pos, 2048)})",
+        )

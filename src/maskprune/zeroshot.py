@@ -25,7 +25,17 @@ from typing import Any, Iterable
 
 from .errors import MaskPruneError
 
-__all__ = ["PAPER_TASKS", "TASK_NAMES", "AVERAGE_METRIC", "FORMATS", "load_local_rows", "run_zeroshot", "resolve_tasks"]
+__all__ = [
+    "check_sources",
+    "hub_reachable",
+    "PAPER_TASKS",
+    "TASK_NAMES",
+    "AVERAGE_METRIC",
+    "FORMATS",
+    "load_local_rows",
+    "run_zeroshot",
+    "resolve_tasks",
+]
 
 log = logging.getLogger(__name__)
 
@@ -246,6 +256,39 @@ def _offline_spec(task: str, data_dir: str | Path, manager) -> dict:
         }
     )
     return cfg
+
+
+def check_sources(tasks: list[str], data_dir: str | Path | None) -> None:
+    """Refuse, before any work, tasks whose data cannot be had: with ``data_dir``, a missing or malformed file;
+    without it, a hub that cannot be reached (``HF_HUB_OFFLINE`` / ``HF_DATASETS_OFFLINE`` set, or no
+    connection), where lm-eval would retry for minutes and then fail."""
+    if not tasks:
+        return
+    if data_dir is not None:
+        for t in tasks:
+            load_local_rows(t, data_dir)
+        return
+    if not hub_reachable():
+        raise MaskPruneError(
+            f"zero-shot tasks {', '.join(tasks)} load their data from the Hugging Face Hub, which this machine "
+            "cannot reach (offline)",
+            fix="pass local task files with --data-dir (eval) or --eval-data-dir (prune); the layout is in "
+            "maskprune.zeroshot (PIQA and ARC-e as the shared data ship them), or drop the tasks",
+        )
+
+
+def hub_reachable(timeout: float = 3.0) -> bool:
+    """Whether the Hugging Face Hub can be reached: not when told to stay offline, else one TCP connection."""
+    import os
+    import socket
+
+    if any(os.environ.get(k, "").lower() in ("1", "true", "yes") for k in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE")):
+        return False
+    try:
+        with socket.create_connection(("huggingface.co", 443), timeout=timeout):
+            return True
+    except OSError:
+        return False
 
 
 def run_zeroshot(

@@ -304,3 +304,63 @@ def test_eval_errors_missing_model_unknown_task_and_bad_data_dir(tmp_path, capsy
         capsys,
         "is not a folder",
     )
+
+
+def test_a_crash_before_the_first_checkpoint_does_not_block_the_next_run(tiny_dir, calib, tmp_path, capsys):
+    out = tmp_path / "pruned"
+    leftover = tmp_path / "pruned.checkpoints"
+    leftover.mkdir()
+    (leftover / "metrics.jsonl").write_text("")  # what a run killed before its first checkpoint leaves
+    _assert_refused(
+        ["prune", str(tiny_dir), "--out", str(out), "--resume", "--calib", str(calib), *FAST],
+        capsys,
+        "holds no checkpoint",
+        "without --resume",
+    )
+    code, _, err = _run(
+        ["prune", str(tiny_dir), "--sparsity", "0.3", "--steps", "2", "--out", str(out), "--calib", str(calib), *FAST],
+        capsys,
+    )
+    assert code == 0, err
+    assert (out / "model.safetensors").is_file() and not leftover.exists()
+
+
+def test_unknown_lora_targets_are_refused_before_any_work(tiny_dir, tmp_path, capsys):
+    out = tmp_path / "o"
+    _assert_refused(
+        ["prune", str(tiny_dir), "--lora-targets", "q,x", "--out", str(out), "-q"],
+        capsys,
+        "lora_targets must be projection roles among q,k,v,o,gate,up,down, found q,x",
+        out=out,
+    )
+    assert not (tmp_path / "o.checkpoints").exists()
+
+
+def test_zero_shot_tasks_offline_without_local_data_are_refused_before_any_work(tiny_dir, tmp_path, capsys):
+    out = tmp_path / "o"
+    for args in (
+        ["eval", str(tiny_dir), "--tasks", "piqa", "--out", str(tmp_path / "r.json"), "-q"],
+        ["prune", str(tiny_dir), "--eval-tasks", "piqa", "--out", str(out), "-q"],
+    ):
+        _assert_refused(args, capsys, "cannot reach", "--data-dir")
+        assert "Traceback" not in capsys.readouterr().err
+    assert not (tmp_path / "r.json").exists() and not out.exists()
+
+
+def test_eval_windows_longer_than_the_context_are_refused(tiny_dir, capsys):
+    _assert_refused(["eval", str(tiny_dir), "--seq-len", "32,1000", "-q"], capsys, "above the context", "256")
+
+
+def test_the_output_folder_is_readable_by_other_users(tiny_dir, calib, tmp_path, capsys):
+    import os
+
+    out = tmp_path / "pruned"
+    old = os.umask(0o022)
+    try:
+        code, _, err = _run(
+            ["prune", str(tiny_dir), "--method", "flap", "--out", str(out), "--calib", str(calib), *FAST], capsys
+        )
+    finally:
+        os.umask(old)
+    assert code == 0, err
+    assert out.stat().st_mode & 0o755 == 0o755

@@ -22,7 +22,7 @@ from ..models import LoadedModel, load_model
 from ..outputs import Phases, check_output_path, default_out, resolve_device
 from ..sinks import ExtraSinks
 from ..structure import Structure
-from ..zeroshot import load_local_rows, resolve_tasks, run_zeroshot
+from ..zeroshot import check_sources, resolve_tasks, run_zeroshot
 from .outcome import weight_dtype
 from .teacher import load_teacher
 
@@ -150,9 +150,7 @@ def _preflight(cfg: PruneConfig) -> tuple[PruneConfig, Path, torch.device, list[
         check_checkpoints(out, resume=cfg.resume, overwrite=cfg.overwrite)
     D.barrier()
     tasks = resolve_tasks(cfg.eval_tasks) if cfg.eval_tasks else []
-    if tasks and cfg.eval_data_dir is not None:
-        for t in tasks:
-            load_local_rows(t, cfg.eval_data_dir)  # a missing or malformed file fails now, not after learning
+    check_sources(tasks, cfg.eval_data_dir)  # a missing file or an unreachable hub fails now, not after learning
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     torch.manual_seed(cfg.seed)
