@@ -21,14 +21,18 @@ reference code does (:mod:`maskprune.sequential`).
 
 from __future__ import annotations
 
+import logging
 from typing import Callable
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+from tqdm.auto import tqdm
 
 from .arch import ROLES, DecoderAdapter, HeadLayout
 from .structure import Structure
+
+log = logging.getLogger(__name__)
 
 __all__ = ["BASELINES", "LAYER_SCORERS", "unit_scores", "activation_stats", "input_means", "watch_inputs"]
 
@@ -160,7 +164,8 @@ def activation_stats(model: nn.Module, adapter: DecoderAdapter, windows: torch.T
     device = next(model.parameters()).device
     try:
         with torch.no_grad():
-            for i in range(0, windows.shape[0], batch_size):
+            starts = range(0, windows.shape[0], batch_size)
+            for i in tqdm(starts, desc="activation statistics", disable=not log.isEnabledFor(logging.INFO)):
                 batch = windows[i : i + batch_size].to(device)
                 model(input_ids=batch, use_cache=False)
                 stats["count"] += batch.numel()

@@ -471,13 +471,15 @@ class DataConfig(_Group):
         0,
         """Seed of the batch order and the LoRA initialisation (the calibration windows do not depend on it).""",
     )
-    val_every: int = _opt(
-        0,
+    val_every: int | None = _opt(
+        None,
         """Every N learning or distillation steps, and after the last, score ``val_windows`` held-out
     calibration windows: KL to the teacher (the training loss's direction) and the student's perplexity, in
-    metrics.jsonl (``val_kl``, ``val_ppl``), the progress bar and the report's ``validation``. The held-out
-    windows are the ones after the training windows in the calibration text and scoring draws no randomness,
-    so training is the same with or without it. 0: off.""",
+    metrics.jsonl (``val_kl``, ``val_ppl``), the progress bar, the report's ``validation`` and its figure. The
+    held-out windows are the ones after the training windows in the calibration text and scoring draws no
+    randomness, so training is the same with or without it. null (default): every steps / 8 steps when the
+    calibration text holds ``val_windows`` windows beyond ``calib_samples`` (the shipped sample does), else
+    off; 0: off.""",
     )
     val_windows: int = _opt(
         16,
@@ -486,8 +488,8 @@ class DataConfig(_Group):
 
     def problems(self) -> list[str]:
         problems = _at_least_one(self, ("calib_samples", "seq_len", "batch_size", "val_windows"))
-        if self.val_every < 0:
-            problems.append(f"val_every must be >= 0 (0: no validation), found {self.val_every}")
+        if self.val_every is not None and self.val_every < 0:
+            problems.append(f"val_every must be >= 0 (0: no validation) or null (automatic), found {self.val_every}")
         return problems
 
 
@@ -708,6 +710,12 @@ class PruneConfig:
         """Steps on which the masks learn: until the freeze, or every step when the selection is never frozen."""
         freeze, steps = self.selection.freeze_share, self.training.steps
         return round(freeze * steps) if freeze < 1.0 else steps
+
+    def resolved_val_every(self) -> int:
+        """``val_every``, or its automatic value: 8 validations over the run (0: off)."""
+        if self.data.val_every is not None:
+            return self.data.val_every
+        return max(1, self.training.steps // 8)
 
     def resolved_split_search(self) -> bool:
         """``split_search``, or its default: on for the learned method starting from a one-shot prior."""

@@ -92,8 +92,9 @@ class Learner:
         self.on_step = on_step
         self.teacher = teacher
         """A separate dense teacher (``maskprune distill``); None: the model itself with masks and LoRA off."""
-        self.val_windows = val_windows if cfg.val_every else None
-        """Held-out windows ``[M, seq_len]`` scored every ``cfg.val_every`` steps (None: no validation)."""
+        self.val_every = cfg.resolved_val_every()
+        self.val_windows = val_windows if self.val_every else None
+        """Held-out windows ``[M, seq_len]`` scored every ``val_every`` steps (None: no validation)."""
         self.device = next(model.parameters()).device
         self.amp = autocast_dtype(cfg.dtype, self.device)
         if self.amp is not None:
@@ -372,7 +373,7 @@ class Learner:
             "seconds": dt,
             "tokens_per_s": batch.numel() / dt,
         }
-        if self.val_windows is not None and (st.step % self.cfg.val_every == 0 or st.step == self.cfg.steps):
+        if self.val_windows is not None and (st.step % self.val_every == 0 or st.step == self.cfg.steps):
             metrics.update(self.validate())
         if self.on_step is not None:
             self.on_step(metrics)

@@ -63,7 +63,7 @@ def prune_recipe(cfg: PruneConfig, *, progress: bool = True) -> dict:
         report = run_stage(ctx, folder)
         if not ctx.main:
             return report
-        _write_outputs(folder, report, figures=ctx.cfg.report and ctx.cfg.method == "maskprune")
+        _write_outputs(folder, report, figures=ctx.cfg.report)
     shutil.rmtree(checkpoint_dir(ctx.out), ignore_errors=True)  # the run is complete; its checkpoints are spent
     return _published(report, ctx.out)
 
@@ -108,7 +108,7 @@ def prune_then_recover(cfg: PruneConfig, *, progress: bool = True) -> dict:
         for name in ("masks.pt", "metrics.jsonl"):  # the cut's: the learning run's masks and metrics
             if (cut_dir / name).exists():
                 shutil.copy2(cut_dir / name, folder / name)
-        _write_outputs(folder, report, figures=cfg.report and cfg.method == "maskprune")
+        _write_outputs(folder, report, figures=cfg.report)
     shutil.rmtree(checkpoint_dir(out), ignore_errors=True)
     shutil.rmtree(cut_dir, ignore_errors=True)
     return _published(report, out)

@@ -33,6 +33,7 @@ class RunReport:
     calibration: str | None = None
     bias_compensation: dict | None = None
     kept_units: dict | None = None
+    scores: dict | None = None
     method: str | None = None
     final_state: dict | None = None
     cut_mask_mass_share: dict | None = None

@@ -13,8 +13,11 @@ in the model's dtype: 75 MB for 256 x 128 tokens of SmolLM2 in fp32).
 
 from __future__ import annotations
 
+import logging
+
 import torch
 from torch import nn
+from tqdm.auto import tqdm
 
 from .arch import DecoderAdapter
 from .baselines import LAYER_SCORERS, watch_inputs
@@ -22,6 +25,8 @@ from .compensate import Parts, layer_delta
 from .cut import CutPlan, hard_masks, kept_indices
 from .masks import MaskSet
 from .structure import Structure
+
+log = logging.getLogger(__name__)
 
 __all__ = ["layerwise_scores"]
 
@@ -89,7 +94,9 @@ def layerwise_scores(
     stats: dict = {"sum": {}, "sumsq": {}, "count": {}}
     heads, ffns, bias_hooks = [], [], []
     try:
-        for li, layer in enumerate(adapter.layers(model)):
+        layers = adapter.layers(model)
+        bar = tqdm(layers, desc=f"{method} layer by layer", disable=not log.isEnabledFor(logging.INFO))
+        for li, layer in enumerate(bar):  # a line of progress per layer: minutes each on a large model
             stats["count"][li] = 0
 
             handles = watch_inputs(stats, adapter, layer, li)

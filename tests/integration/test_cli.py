@@ -190,30 +190,60 @@ def test_eval_perplexity_command(tiny_dir, tmp_path, capsys):
     assert res["perplexity"]["64"]["windows"] == 4 and res["perplexity"]["32"]["windows"] == 8
 
 
-def test_report_figures_are_valid_images_of_the_expected_size(tiny_dir, calib, tmp_path, capsys):
+def _check_figures(folder: Path, expected: set[str]) -> str:
     from PIL import Image
 
-    from maskprune.report import FIG_SIZE_PX, FIGURES
+    from maskprune.report import FIG_SIZE_PX
 
-    out = tmp_path / "run"
-    code, _, err = _run(
-        ["prune", str(tiny_dir), "--steps", "12", "--out", str(out), "--calib", str(calib), "--no-report", *FAST],
-        capsys,
-    )
-    assert code == 0, err
-    assert not (out / "report").exists()
-    code, stdout, err = _run(["report", str(out), "-q"], capsys)
-    assert code == 0, err
-    for name in FIGURES:
-        path = out / "report" / f"{name}.png"
+    drawn = {p.stem for p in (folder / "report").glob("*.png")}
+    assert drawn == expected, drawn
+    for name in drawn:
+        path = folder / "report" / f"{name}.png"
         with Image.open(path) as im:
             im.verify()
         with Image.open(path) as im:
             assert im.format == "PNG" and im.size == FIG_SIZE_PX, name
             lo, hi = im.convert("L").getextrema()
             assert hi - lo > 50, f"{name} looks blank"
-    page = (out / "report" / "index.html").read_text()
-    assert page.count("data:image/png;base64,") == len(FIGURES)
+    page = (folder / "report" / "index.html").read_text()
+    assert page.count("data:image/png;base64,") == len(expected)
+    assert "{'" not in page  # no Python dict printed
+    return page
+
+
+def test_report_figures_fit_the_run(tiny_dir, calib, tmp_path, capsys):
+    import json
+
+    from maskprune.report import MASK_FIGURES
+
+    out = tmp_path / "run"  # the default recipe: the prior's selection, then distillation with held-out KL
+    code, _, err = _run(
+        ["prune", str(tiny_dir), "--steps", "12", "--out", str(out), "--calib", str(calib), "--no-report", *FAST]
+        + ["--val-every", "4", "--val-windows", "4"],
+        capsys,
+    )
+    assert code == 0, err
+    assert not (out / "report").exists()
+    code, stdout, err = _run(["report", str(out), "-q"], capsys)
+    assert code == 0, err
+    page = _check_figures(out, {"training", "split_search", "scores_head", "scores_ffn"})
+    assert "held-out calibration windows" in page and "intermediate size" in page
+    metrics = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    assert len({m["loss"] for m in metrics}) > 1 and len([m for m in metrics if "val_kl" in m]) >= 3
+    learned = tmp_path / "learned"  # masks learned for half the steps: the paper's mask figures too
+    code, _, err = _run(
+        ["prune", str(tiny_dir), "--steps", "12", "--freeze-share", "0.5", "--out", str(learned)]
+        + ["--calib", str(calib), *FAST],
+        capsys,
+    )
+    assert code == 0, err
+    _check_figures(learned, {"training", "split_search", "scores_head", "scores_ffn", *MASK_FIGURES})
+    oneshot = tmp_path / "flap"  # a one-shot run gets a report too
+    code, _, err = _run(
+        ["prune", str(tiny_dir), "--method", "flap", "--out", str(oneshot), *FAST, "--calib", str(calib)], capsys
+    )
+    assert code == 0, err
+    _check_figures(oneshot, {"scores_head", "scores_ffn"})
     _assert_refused(["report", str(tmp_path / "nope"), "-q"], capsys, "not a complete maskprune run folder")
 
 

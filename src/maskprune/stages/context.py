@@ -160,10 +160,15 @@ def _preflight(cfg: PruneConfig) -> tuple[PruneConfig, Path, torch.device, list[
 def _data(cfg: PruneConfig, tokenizer) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None, str]:
     """``(training windows, held-out windows or None, WikiText-2 windows or None, bos)``."""
     data = cfg.data
-    held_out = data.val_windows if data.val_every and cfg.method == "maskprune" else 0
+    held_out = data.val_windows if cfg.resolved_val_every() and cfg.method == "maskprune" else 0
     windows = calibration_windows(
         data.calib, tokenizer, seq_len=data.seq_len, num_windows=data.calib_samples + held_out, config=data.calib_config
     )
+    if held_out and data.val_every is None and windows.shape[0] < data.calib_samples + held_out:
+        log.info(
+            "no held-out validation: the calibration text gives %d windows, no more than are trained on", len(windows)
+        )
+        windows, held_out = windows[: data.calib_samples], 0  # automatic validation only with text to spare
     windows, val_windows = _hold_out(windows, held_out, data)
     eval_windows, bos = (None, "")
     if cfg.eval_data != "none":

@@ -126,6 +126,7 @@ def selection_sections(run: RunContext, outcome: Outcome, soft: dict) -> dict:
             else None
         ),
         "kept_units": kept.to_lists(),
+        "scores": outcome.scores,
         "method": run.cfg.method,
         "final_state": (
             {"sigma": state.sigma, "y": state.y, "z": state.z, "steps": state.step} if state is not None else None

@@ -16,6 +16,7 @@ from typing import Iterator
 
 import torch
 from tqdm.auto import tqdm
+from tqdm.contrib.logging import logging_redirect_tqdm
 
 from .. import distributed as D
 from ..arch import DecoderAdapter, adapter_for
@@ -34,7 +35,7 @@ from ..sinks import ExtraSinks
 from ..split import SplitResult
 from ..structure import Structure
 from .context import RunContext
-from .outcome import Outcome, measure_split, rebuild_for_export, weight_dtype
+from .outcome import Outcome, measure_split, rebuild_for_export, score_summary, weight_dtype
 
 __all__ = ["LearnerBuild", "build_learner", "learn_and_plan", "validation_curve"]
 
@@ -53,6 +54,7 @@ class LearnerBuild:
     windows: torch.Tensor
     budget: int
     split: SplitResult | None
+    prior: tuple[torch.Tensor, torch.Tensor] | None = None  # the one-shot scores the masks started from
     tokenizer: object | None = None  # when the model was loaded here
 
 
@@ -91,11 +93,11 @@ def build_learner(
     if windows is None:
         d = cfg.data
         windows = calibration_windows(d.calib, tokenizer, seq_len=d.seq_len, num_windows=d.calib_samples)
-    model, masks, split = _prepare(cfg, model, adapter, structure, windows, budget, device, phases or Phases())
+    model, masks, split, prior = _prepare(cfg, model, adapter, structure, windows, budget, device, phases or Phases())
     learner = Learner(model, masks, windows, cfg, budget, on_step=on_step, teacher=teacher, val_windows=val_windows)
     if split is not None:  # the run starts from the measured split (the freeze plans this head count)
         learner.state.sigma["head"] = split.best.k_head / structure.head.units_per_row
-    return LearnerBuild(learner, model, masks, adapter, structure, windows, budget, split, tokenizer)
+    return LearnerBuild(learner, model, masks, adapter, structure, windows, budget, split, prior, tokenizer)
 
 
 def learn_and_plan(ctx: RunContext, ckpt_dir: Path) -> Outcome:
@@ -108,7 +110,7 @@ def learn_and_plan(ctx: RunContext, ckpt_dir: Path) -> Outcome:
     trackers = ExtraSinks(cfg.trackers if main else (), str(ckpt_dir / "tensorboard"), cfg.to_dict())
     bar = tqdm(
         total=cfg.steps,
-        desc="distill" if cfg.has_teacher else "learn masks",
+        desc="learn masks" if cfg.selection_steps() > 0 and not cfg.has_teacher else "distill",
         disable=not (ctx.progress and main),
         dynamic_ncols=True,
     )
@@ -164,7 +166,7 @@ def _learn(learner: Learner, ctx: RunContext, ckpt_dir: Path, metrics_file) -> L
         path = save_checkpoint(ckpt_dir, payload, lrn.state.step, cfg.keep_checkpoints)
         log.info("checkpoint %s", path)
 
-    with ctx.phases("learn"), _stop_on_signals() as stop:
+    with ctx.phases("learn"), _stop_on_signals() as stop, logging_redirect_tqdm():  # log lines above the bar
         return learner.run(
             checkpoint=write_checkpoint, every=cfg.checkpoint_every, should_stop=lambda: stop["requested"]
         )
@@ -184,12 +186,15 @@ def _plan(ctx: RunContext, build: LearnerBuild, state: LearnState, split: dict |
         head_multiple=cfg.head_multiple,
         ffn_multiple=cfg.ffn_multiple,
     )
-    return Outcome(model, masks, state, plan, select_units(masks.head, masks.ffn, plan), split=split)
+    kept = select_units(masks.head, masks.ffn, plan)
+    scores = score_summary(cfg.mask_init, build.prior, kept) if build.prior is not None else None
+    return Outcome(model, masks, state, plan, kept, split=split, scores=scores)
 
 
 def _prepare(cfg: PruneConfig, model, adapter, structure: Structure, windows, budget: int, device, phases):
     """The one-shot prior (not on resume: the checkpoint has the masks), LoRA, gradient checkpointing, FSDP,
-    the masks set from the prior, and the measured split. Returns ``(model, masks, split or None)``."""
+    the masks set from the prior, and the measured split. Returns ``(model, masks, split or None, prior or
+    None)``."""
     prior = None
     if cfg.mask_init != "ones" and not cfg.resume:
         with phases("prior"):
@@ -213,7 +218,7 @@ def _prepare(cfg: PruneConfig, model, adapter, structure: Structure, windows, bu
         if cfg.resolved_split_search():
             with phases("split"):
                 split = measure_split(cfg, model, masks, structure, prior, windows, budget, device)
-    return model, masks, split
+    return model, masks, split, prior
 
 
 def _on_step(cfg: PruneConfig, budget: int, bar, metrics_file, trackers):
@@ -241,17 +246,24 @@ def _on_step(cfg: PruneConfig, budget: int, bar, metrics_file, trackers):
             val["val_ppl"] = f"{m['val_ppl']:.4g}"
             log.info("validation after %d steps: %s", m["step"] + 1, _val_text(m))
         if m["step"] % cfg.log_every == 0 or "val_ppl" in m:
-            bar.set_postfix(
-                loss=f"{m['loss']:.3f}",
-                s_head=f"{m['sigma_head']:.2f}",
-                s_ffn=f"{m['sigma_ffn']:.2f}",
-                y=f"{m['y']:.2g}",
-                z=f"{m['z']:.2g}",
-                size=f"{m['size_at_cut'] / 1e6:.1f}M/{budget / 1e6:.1f}M",
-                **val,
-            )
+            bar.set_postfix(**_postfix(m, budget), **val)
 
     return on_step
+
+
+def _postfix(m: dict, budget: int) -> dict[str, str]:
+    """The progress bar's figures: the loss (4 significant digits: a KL of 3e-4 shows as such) and, while the
+    masks learn, the sparsity fractions, the multipliers and the size at the cut against the budget."""
+    shown = {"loss": f"{m['loss']:.4g}"}
+    if not m["frozen"]:
+        shown.update(
+            s_head=f"{m['sigma_head']:.2f}",
+            s_ffn=f"{m['sigma_ffn']:.2f}",
+            y=f"{m['y']:.2g}",
+            z=f"{m['z']:.2g}",
+            size=f"{m['size_at_cut'] / 1e6:.1f}M/{budget / 1e6:.1f}M",
+        )
+    return shown
 
 
 def _val_text(m: dict) -> str:

@@ -15,7 +15,7 @@ from ..masks import MaskSet
 from ..outputs import Phases
 from ..sequential import layerwise_scores
 from ..structure import Structure
-from .outcome import Outcome, measure_split
+from .outcome import Outcome, measure_split, score_summary
 
 __all__ = ["score_and_plan"]
 
@@ -85,4 +85,5 @@ def score_and_plan(
         means=input_means(stats) if parts else None,
         extra_params=extra,
         calibration="layerwise" if layerwise else "one-pass",
+        scores=score_summary(cfg.method, scores, kept),
     )

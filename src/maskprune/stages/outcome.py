@@ -20,7 +20,7 @@ from ..models import load_model
 from ..split import SplitResult, search_split
 from ..structure import Structure
 
-__all__ = ["Outcome", "measure_split", "rebuild_for_export", "weight_dtype"]
+__all__ = ["score_summary", "Outcome", "measure_split", "rebuild_for_export", "weight_dtype"]
 
 log = logging.getLogger(__name__)
 
@@ -40,6 +40,7 @@ class Outcome:
     means: dict | None = None  # mean inputs of o / down (bias compensation)
     extra_params: int = 0  # parameters the compensating biases add
     calibration: str | None = None  # one-shot baselines: "one-pass" or "layerwise" scoring
+    scores: dict | None = None  # the one-shot scores that chose the units, summarised (score_summary)
 
 
 def measure_split(
@@ -115,3 +116,25 @@ def weight_dtype(cfg: PruneConfig) -> torch.dtype:
     if cfg.full:  # every weight is trained: fp32 master weights
         return torch.float32
     return autocast_dtype(cfg.dtype) or torch.float32
+
+
+def score_summary(metric: str, scores: tuple[torch.Tensor, torch.Tensor], kept: KeptUnits) -> dict:
+    """The report's account of the one-shot scores that chose the units: per layer and kind, the quantiles
+    (5, 25, 50, 75, 95 %) of the scores over the layer's units and the highest cut and lowest kept score, all
+    divided by the layer's median (scales differ between layers and metrics; the order within a layer is what
+    the cut uses)."""
+    out: dict = {"metric": metric, "quantiles": [0.05, 0.25, 0.5, 0.75, 0.95]}
+    for kind, score, keep in (("head", scores[0], kept.head), ("ffn", scores[1], kept.ffn)):
+        score = score.detach().float().cpu()  # [L, rows, U]; FFN has one row
+        kept_mask = torch.zeros_like(score, dtype=torch.bool).scatter_(2, keep.cpu(), True).flatten(1)
+        flat = score.flatten(1)  # [L, rows * U]
+        norm = flat / flat.median(dim=1, keepdim=True).values.clamp_min(1e-30)
+        q = torch.quantile(norm, torch.tensor(out["quantiles"]), dim=1).T  # [L, 5]
+        cut_max = torch.where(kept_mask, float("-inf"), norm).max(dim=1).values
+        kept_min = torch.where(kept_mask, norm, float("inf")).min(dim=1).values
+        out[kind] = {
+            "per_layer": q.tolist(),
+            "highest_cut": [v if v != float("-inf") else None for v in cut_max.tolist()],
+            "lowest_kept": kept_min.tolist(),
+        }
+    return out
