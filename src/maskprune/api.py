@@ -16,12 +16,23 @@ Options are validated exactly as the CLI validates flags (an unknown key or a va
 
 from __future__ import annotations
 
+import re
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .config import DEFAULT_MODEL, PruneConfig, distill_overrides, load_config, prune_overrides
+from .config import (
+    DEFAULT_MODEL,
+    DISTILL_ONLY,
+    GROUP_OF,
+    PRUNE_ONLY,
+    PruneConfig,
+    distill_overrides,
+    load_config,
+    options_help,
+    prune_overrides,
+)
 from .errors import MaskPruneError
 
 __all__ = ["PruneResult", "prune", "distill"]
@@ -50,7 +61,7 @@ def prune(
         cfg = model if out is None else model.replace(out=str(out))
     else:
         overrides = {"model": model, **prune_overrides(options), **({"out": str(out)} if out is not None else {})}
-        cfg = load_config(overrides=overrides)
+        cfg = _load(overrides)
     return _run(cfg, progress)
 
 
@@ -62,7 +73,49 @@ def distill(
     overrides = {"model": student, "teacher": teacher, **distill_overrides(options)}
     if out is not None:
         overrides["out"] = str(out)
-    return _run(load_config(overrides=overrides), progress)
+    return _run(_load(overrides), progress)
+
+
+def _load(overrides: dict[str, Any]) -> PruneConfig:
+    """The config of these keyword options; an error names keywords (``sparsity=``), not the CLI's flags."""
+    try:
+        return load_config(overrides=overrides)
+    except MaskPruneError as exc:
+        raise MaskPruneError(_keywords(str(exc))) from None
+
+
+_NOT_VALUES = frozenset({"or", "and", "to", "with", "the", "in", "on", "for", "is"})
+
+
+def _keywords(message: str) -> str:
+    """A message written for the CLI, in the API's words: ``--sparsity 0.5`` -> ``sparsity=0.5``, ``--full`` ->
+    ``full=True``, ``--no-lora`` -> ``lora=False`` (command lines quoted in backticks stay as they are)."""
+
+    def keyword(m: re.Match) -> str:
+        negated, name, value = bool(m.group(1)), m.group(2).replace("-", "_"), m.group(3)
+        if negated:
+            return f"{name}=False" + (m.group(0)[m.end(2) - m.start(0) :] if value else "")
+        if GROUP_OF.get(name) and _is_bool(name):
+            return f"{name}=True" + (f" {value}" if value else "")
+        if value and value.lower() not in _NOT_VALUES:
+            return f"{name}={value}"
+        return f"{name}=..." + (f" {value}" if value else "")
+
+    pattern = re.compile(r"--(no-)?([a-z][a-z0-9-]*)(?: ([a-z0-9_.,-]+))?")
+    parts = message.split("`")
+    return "`".join(pattern.sub(keyword, p) if i % 2 == 0 else p for i, p in enumerate(parts))
+
+
+def _is_bool(name: str) -> bool:
+    return isinstance(getattr(PruneConfig(), name), bool) or name in ("split_search", "layerwise_calibration")
+
+
+prune.__doc__ = f"{prune.__doc__}\n\n    Options (keyword = default: meaning), by group::\n\n" + "\n".join(
+    "        " + line for line in options_help(DISTILL_ONLY).splitlines()
+)
+distill.__doc__ = f"{distill.__doc__}\n\n    Options (keyword = default: meaning), by group::\n\n" + "\n".join(
+    "        " + line for line in options_help(PRUNE_ONLY | {"teacher", "model"}).splitlines()
+)
 
 
 def _run(cfg: PruneConfig, progress: bool) -> PruneResult:

@@ -52,6 +52,7 @@ __all__ = [
     "DISTILL_ONLY",
     "distill_overrides",
     "prune_overrides",
+    "options_help",
 ]
 
 DEFAULT_MODEL = "smollm2-135m"
@@ -65,6 +66,18 @@ DISTILL_SETTINGS: dict[str, Any] = {
 """What ``maskprune distill`` (and prune's recovery after the cut, whatever method cut) sets: the learner runs
 and the student's structure is kept as it is (every unit, masks at 1, frozen), so every step is distillation of
 its weights."""
+
+
+def options_help(exclude: frozenset[str] = frozenset()) -> str:
+    """Every option by group with its default and help: the API's docstrings (``help(maskprune.prune)``)."""
+    lines = []
+    for name, cls in GROUPS.items():
+        lines.append(f"{name} ({' '.join(cls.__doc__.split())})")
+        for f in dataclasses.fields(cls):
+            if f.name not in exclude:
+                text = " ".join(f.metadata.get("help", "").replace("``", "`").split())
+                lines.append(f"    {f.name} = {f.default!r}: {text}")
+    return "\n".join(lines)
 
 
 def _opt(default: Any, help: str, *, only: str | None = None) -> Any:
@@ -151,7 +164,9 @@ class CutConfig(_Group):
     )
     method: Literal["maskprune", "magnitude", "taylor", "wanda-sp", "flap"] = _opt(
         "maskprune",
-        """``maskprune`` (learned masks) or a one-shot metric baseline through the same uniform cut.""",
+        """``maskprune``: the recipe's selection (by default a one-shot Wanda-sp prior, fixed at step 0, then every
+    step distils the pruned structure; ``--recipe paper`` learns the masks), or a one-shot metric alone through
+    the same uniform cut (add ``--recover-steps`` to distil after it).""",
     )
     gqa_policy: Literal["query", "kv_group"] = _opt(
         "query",
@@ -365,7 +380,9 @@ class TrainingConfig(_Group):
 
     steps: int = _opt(
         400,
-        """Learning steps (the paper: 7 epochs of 20k x 512 tokens at batch 16).""",
+        """Training steps of batch ``batch_size``: LoRA distillation of the pruned structure (the default recipe), or
+    mask learning then distillation (``--freeze-share`` > 0, ``--recipe paper``). The paper: 7 epochs of 20k x
+    512 tokens at batch 16.""",
     )
     recover_steps: int = _opt(
         0,

@@ -12,6 +12,7 @@ file can be checked against the HF export's logits with :func:`check_logits`.
 
 from __future__ import annotations
 
+import logging
 import os
 import subprocess
 import sys
@@ -23,12 +24,15 @@ from . import llamacpp
 from .errors import MaskPruneError
 from .llamacpp import CONVERTER_TYPES, GGUF_TYPES, LLAMA_CPP_PYTHON, QUANT_TYPES
 
+log = logging.getLogger(__name__)
+
 __all__ = ["LLAMA_CPP_PYTHON", "CONVERTER_TYPES", "GGUF_TYPES", "converter_dir", "export_gguf", "check_logits"]
 
 
 def converter_dir(cache: Path | None = None) -> Path:
     """The unpacked llama.cpp converter (``convert_hf_to_gguf.py``, ``conversion/``, ``gguf-py/``), fetched
     once. ``MASKPRUNE_LLAMA_CPP`` may name an existing llama.cpp checkout instead."""
+    require_converter_modules()
     env = os.environ.get("MASKPRUNE_LLAMA_CPP")
     if env:
         path = Path(env)
@@ -42,6 +46,12 @@ def converter_dir(cache: Path | None = None) -> Path:
     target = (cache or cache_dir()) / f"llama.cpp-{LLAMA_CPP_PYTHON}"
 
     def fetch(staged: Path) -> None:
+        log.info(
+            "fetching llama.cpp's converter once (the llama-cpp-python==%s source distribution, about a minute); "
+            "cached in %s",
+            LLAMA_CPP_PYTHON,
+            target,
+        )
         with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
             cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary", ":all:", "-d", tmp]
             r = subprocess.run(cmd + [f"llama-cpp-python=={LLAMA_CPP_PYTHON}"], capture_output=True, text=True)
@@ -62,6 +72,22 @@ def converter_dir(cache: Path | None = None) -> Path:
                         tar.extract(m, staged, filter="data")
 
     return build_once(target, lambda t: (t / "convert_hf_to_gguf.py").is_file(), fetch)
+
+
+CONVERTER_MODULES = {"sentencepiece": "maskprune[gguf]", "gguf": "maskprune", "numpy": "maskprune"}
+"""What llama.cpp's converter imports besides torch and transformers, and the extra that installs it."""
+
+
+def require_converter_modules() -> None:
+    """Refuse, before fetching or converting anything, an environment the converter would fail in."""
+    import importlib.util
+
+    missing = {m: extra for m, extra in CONVERTER_MODULES.items() if importlib.util.find_spec(m) is None}
+    if missing:
+        raise MaskPruneError(
+            f"llama.cpp's converter needs {', '.join(missing)}, which is not installed",
+            fix=f"pip install '{sorted(set(missing.values()))[-1]}' (the `gguf` extra), then run again",
+        )
 
 
 def preflight(gguf_type: str) -> None:

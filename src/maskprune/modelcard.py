@@ -8,7 +8,7 @@ import sys
 from pathlib import Path
 
 from .config import PruneConfig
-from .runreport import RunReport
+from .runreport import RunReport, recipe_of
 
 __all__ = ["write_model_card", "copy_license"]
 
@@ -47,10 +47,188 @@ def _mask_lr(cfg: PruneConfig) -> str:
     return f"{cfg.mask_lr:g}" if cfg.mask_lr is not None else f"{cfg.resolved_mask_lr():.3g} (automatic)"
 
 
-def _selection_text(cfg: PruneConfig) -> str:
-    if cfg.freeze_share == 0.0:
-        return f"the prior's selection frozen at step 0, all {cfg.steps} steps spent on LoRA distillation"
-    return f"{cfg.mask_optimizer} at lr {_mask_lr(cfg)}, selection {_freeze_text(cfg)}"
+def write_model_card(folder: Path, run: RunReport, command: list[str] | None = None) -> Path:
+    """Write ``folder/README.md`` from the run report: Hub metadata, what was done (per recipe), the shape,
+    the settings that ran, the evaluation, how to reproduce, the license."""
+    report, cfg = run.to_dict(), run.config
+    recipe = recipe_of(report)
+    license_ = _base_license(report["model"]["path"])
+    copied = copy_license(report["model"]["path"], folder)
+    cmd = " ".join(shlex.quote(a) for a in (command or ["maskprune", *sys.argv[1:]]))
+    text = (
+        _header(report, cfg, recipe, license_)
+        + _shape_section(report, recipe)
+        + _settings_section(report, cfg, recipe)
+        + _recovery_text(report.get("recovery"))
+        + _evaluation_section(report.get("perplexity") or {}, recipe)
+        + f"## Reproduce\n\n```bash\n{cmd}\n```\n\n## License\n\n"
+        + (f"`{license_}`, the base model's" if license_ else "The base model's license")
+        + (" (license files copied: " + ", ".join(copied) + ")" if copied else "")
+        + ". The pruned weights are a derivative of the base model and carry its license.\n"
+    )
+    out = folder / "README.md"
+    out.write_text(text, encoding="utf-8")
+    return out
+
+
+def _how(report: dict, cfg: PruneConfig, recipe: str) -> str:
+    """How the units were chosen, in a phrase."""
+    if recipe == "distill":
+        d = report["distill"]
+        return f"a pruned model recovered by distillation ({d['mode']}) from its dense original `{d['teacher']}`"
+    if recipe == "one-shot":
+        return f"attention heads and FFN channels chosen by the one-shot `{cfg.method}` score"
+    if recipe == "prior":
+        return (
+            f"attention heads and FFN channels chosen by a one-shot `{cfg.mask_init}` score, then LoRA "
+            "trained by distillation from the unpruned model on the pruned structure"
+        )
+    return (
+        "masks on attention heads and FFN channels learned by the minimax method with LoRA and "
+        "distillation from the unpruned model"
+    )
+
+
+def _header(report: dict, cfg: PruneConfig, recipe: str, license_: str | None) -> str:
+    from .models import hub_id_of
+
+    p = report["params"]
+    base = report["model"]["source"]
+    hub_id = hub_id_of(base) or _hub_id_in_config(report["model"]["path"])
+    base_line = f"base_model: {hub_id}\n" if hub_id else ""
+    if hub_id and hub_id != base:
+        base = f"{hub_id} (as `{base}`)"
+    title = Path(cfg.out).name if cfg.out else "pruned model"
+    what = "distilled" if recipe == "distill" else f"pruned by {100 * p['sparsity']:.1f}%"
+    meta = f"license: {license_}\n" if license_ else "license: other\nlicense_name: same-as-base-model\n"
+    where = cfg.out or "PATH/TO/THIS/FOLDER"
+    layer = "same shape as its teacher's" if recipe == "distill" else "the same number of units cut from every layer"
+    return f"""---
+{meta}{base_line}tags: [pruned, structured-pruning, maskprune]
+library_name: transformers
+pipeline_tag: text-generation
+---
+
+# {title}: {base} {what} with maskprune
+
+A layer-uniform structured pruning of **{base}** made with maskprune (MaskPrune, arXiv 2502.14008):
+{_how(report, cfg, recipe)}; {layer}. It is a stock `{report["model"]["model_type"]}` checkpoint:
+
+```python
+from transformers import AutoModelForCausalLM, AutoTokenizer
+model = AutoModelForCausalLM.from_pretrained("{where}")
+tokenizer = AutoTokenizer.from_pretrained("{where}")
+```
+
+"""
+
+
+def _hub_id_in_config(path: str) -> str | None:
+    """The hub id a local checkpoint was saved from (``_name_or_path`` in its config.json), if it names one."""
+    import json
+
+    from .models import hub_id_of
+
+    config = Path(path) / "config.json"
+    if not config.is_file():
+        return None
+    name = json.loads(config.read_text()).get("_name_or_path") or ""
+    return hub_id_of(name) if name and not Path(name).is_absolute() else None
+
+
+def _shape_section(report: dict, recipe: str) -> str:
+    p, shape = report["params"], report["shape"]
+    rows = [("num_attention_heads", "num_attention_heads"), ("num_key_value_heads", "num_key_value_heads")]
+    rows += [("intermediate_size", "intermediate_size")]
+    if recipe == "distill":  # the student's shape (unchanged by distillation)
+        body = "\n".join(f"| {k} | {shape[k]} |" for k, _ in rows)
+        return f"""## Shape and size
+
+| | this model |
+| --- | --- |
+| parameters (all, tied counted once) | {p["exported"]:,} |
+{body}
+| head_dim | {shape["head_dim"]} |
+| layers | {shape["num_hidden_layers"]} (every one the same shape) |
+
+"""
+    dense = shape["dense"]
+    body = "\n".join(f"| {k} | {dense[k]} | {shape[k]} |" for k, _ in rows)
+    return f"""## Shape and size
+
+| | dense | pruned |
+| --- | --- | --- |
+| parameters (all, tied counted once) | {p["dense"]:,} | {p["exported"]:,} |
+| prunable parameters (heads + FFN) | {p["prunable_dense"]:,} | {p["prunable_exported"]:,} |
+{body}
+| head_dim | {shape["head_dim"]} | {shape["head_dim"]} |
+| layers | {shape["num_hidden_layers"]} | {shape["num_hidden_layers"]} (every one the same shape) |
+
+Sparsity: {100 * p["sparsity"]:.2f}% of all parameters, {100 * p["prunable_removed_share"]:.2f}% of the
+prunable ones; budget {p["budget"]:,} parameters.
+
+"""
+
+
+def _settings_section(report: dict, cfg: PruneConfig, recipe: str) -> str:
+    data = f"{cfg.calib_samples} windows of {cfg.seq_len} tokens from `{cfg.calib}`"
+    if recipe == "one-shot":
+        comp = report.get("bias_compensation")
+        how = (
+            f"`{cfg.method}` scores ({report.get('calibration') or 'one pass'}) on {data}; "
+            + ("FLAP's bias compensation in the exported biases; " if comp else "")
+            + _split_text(report)
+        )
+    elif recipe == "distill":
+        how = f"Distillation: {_training_summary(report['distill'])}; {_loss_text(cfg)}"
+    elif recipe == "prior":
+        how = (
+            f"`{cfg.mask_init}` scores on {min(cfg.prior_samples, cfg.calib_samples)} of {data}; "
+            f"{_split_text(report)}; then "
+            f"{cfg.steps} steps of batch {cfg.batch_size} ({cfg.steps * cfg.batch_size * cfg.seq_len:,} tokens), "
+            f"LoRA {_lora_text(cfg)}; {_loss_text(cfg)}"
+        )
+    else:
+        how = (
+            f"recipe `{cfg.recipe}`: masks from `{cfg.mask_init}` on {data}, "
+            f"{cfg.mask_optimizer} at lr {_mask_lr(cfg)}, "
+            f"selection {_freeze_text(cfg)}; eta1..eta4 = {cfg.eta1}, {cfg.eta2}, {cfg.eta3}, {cfg.eta4}; budget "
+            f"warm-up over {cfg.warmup_share:.0%} of the steps; LoRA {_lora_text(cfg)}; {_loss_text(cfg)}"
+        )
+    how += f"; GQA policy `{cfg.gqa_policy}`; autocast {cfg.dtype}."
+    return f"## Method and settings\n\n{how}\n\n{_parity_text(report)}\n\n"
+
+
+def _split_text(report: dict) -> str:
+    split = report.get("split_search")
+    if not split:
+        return "the head/FFN split as configured"
+    chosen = split["chosen"]
+    n = len(split["candidates"])
+    return f"the head/FFN split measured ({n} candidates by KL; {chosen['k_head']} head units cut per row)"
+
+
+def _lora_text(cfg: PruneConfig) -> str:
+    if cfg.full:
+        return "off (every weight trained)"
+    return f"rank {cfg.lora_rank}, lr {cfg.lora_lr}" if cfg.lora else "off"
+
+
+def _loss_text(cfg: PruneConfig) -> str:
+    text = f"KL ({cfg.kl_direction}) to the teacher's logits"
+    if cfg.alpha:
+        text += f" + {cfg.alpha} x layer MSE"
+    return text + (f" + {cfg.ce_weight} x LM cross-entropy" if cfg.ce_weight else "")
+
+
+def _parity_text(report: dict) -> str:
+    rt, par = report.get("roundtrip") or {}, report["parity"]
+    return (
+        f"Verified at export, on the same probe windows: the folded and sliced fp32 model against the masked model, "
+        f"max |logit difference| {par['max_abs_diff']:.2e} (largest logit {par['ref_max_abs']:.1f}); this saved "
+        f"{rt.get('dtype', '')} checkpoint reloaded with plain `from_pretrained` against the model it was saved "
+        f"from, {rt.get('max_abs_diff', float('nan')):.2e}."
+    )
 
 
 def _freeze_text(cfg: PruneConfig) -> str:
@@ -63,125 +241,25 @@ def _freeze_text(cfg: PruneConfig) -> str:
     )
 
 
-def write_model_card(folder: Path, run: RunReport, command: list[str] | None = None) -> Path:
-    """Write ``folder/README.md`` from the run report: the header, then one section after another."""
-    report, cfg = run.to_dict(), run.config
-    license_ = _base_license(report["model"]["path"]) or "same as the base model"
-    copied = copy_license(report["model"]["path"], folder)
-    cmd = " ".join(shlex.quote(a) for a in (command or ["maskprune", *sys.argv[1:]]))
-    text = (
-        _header(report, cfg, license_)
-        + _shape_section(report)
-        + _settings_section(report, cfg)
-        + _distill_text(report.get("distill"))
-        + _recovery_text(report.get("recovery"))
-        + _evaluation_section(report.get("perplexity") or {})
-        + f"## Reproduce\n\n```bash\n{cmd}\n```\n\n## License\n\n{license_}"
-        + (" (license files copied: " + ", ".join(copied) + ")" if copied else "")
-        + ". The pruned weights\nare a derivative of the base model and carry its license.\n"
-    )
-    out = folder / "README.md"
-    out.write_text(text, encoding="utf-8")
-    return out
+_PPL_ROWS = {
+    "distill": (("dense", "before distillation"), ("exported", "distilled")),
+    "one-shot": (("dense", "dense"), ("before_recovery", "cut, before recovery"), ("exported", "exported")),
+    "prior": (("dense", "dense"), ("before_recovery", "before recovery"), ("exported", "exported")),
+    "learned": (
+        ("dense", "dense"),
+        ("before_cut", "masked, before the cut"),
+        ("after_cut", "after the cut"),
+        ("before_recovery", "before recovery"),
+        ("exported", "exported"),
+    ),
+}
 
 
-def _how(report: dict, cfg: PruneConfig) -> str:
-    """How the units were chosen, in a phrase."""
-    dist = report.get("distill")
-    if dist:
-        return (
-            f"a pruned model recovered by distillation ({dist['mode']}) from its dense original "
-            f"`{dist['teacher']}`; its structure is unchanged"
-        )
-    if cfg.method != "maskprune":
-        return f"attention heads and FFN channels chosen by the one-shot `{cfg.method}` score"
-    if cfg.freeze_share == 0.0:
-        return (
-            f"attention heads and FFN channels chosen by a one-shot `{cfg.mask_init}` score, then LoRA "
-            "trained by distillation from the unpruned model on the pruned structure"
-        )
-    return (
-        "masks on attention heads and FFN channels learned by the minimax method with LoRA and "
-        "distillation from the unpruned model"
-    )
-
-
-def _header(report: dict, cfg: PruneConfig, license_: str) -> str:
-    from .models import hub_id_of
-
-    p = report["params"]
-    base = report["model"]["source"]
-    hub_id = hub_id_of(base)
-    base_line = f"base_model: {hub_id}\n" if hub_id else ""
-    if hub_id and hub_id != base:
-        base = f"{hub_id} (as `{base}`)"
-    title = Path(cfg.out).name if cfg.out else "pruned model"
-    what = "distilled" if report.get("distill") else f"pruned by {100 * p['sparsity']:.1f}%"
-    return f"""---
-license: {license_}
-{base_line}tags: [pruned, structured-pruning, maskprune]
-library_name: transformers
----
-
-# {title}: {base} {what} with maskprune
-
-A layer-uniform structured pruning of **{base}** made with
-maskprune (MaskPrune, arXiv 2502.14008): {_how(report, cfg)}, the same number of units cut from every layer.
-It is a stock `{report["model"]["model_type"]}` checkpoint:
-
-```python
-from transformers import AutoModelForCausalLM, AutoTokenizer
-model = AutoModelForCausalLM.from_pretrained("PATH")
-```
-
-"""
-
-
-def _shape_section(report: dict) -> str:
-    p, shape = report["params"], report["shape"]
-    dense = shape["dense"]
-    return f"""## Shape and size
-
-| | dense | pruned |
-| --- | --- | --- |
-| parameters (all, tied counted once) | {p["dense"]:,} | {p["exported"]:,} |
-| prunable parameters (heads + FFN) | {p["prunable_dense"]:,} | {p["prunable_exported"]:,} |
-| num_attention_heads | {dense["num_attention_heads"]} | {shape["num_attention_heads"]} |
-| num_key_value_heads | {dense["num_key_value_heads"]} | {shape["num_key_value_heads"]} |
-| intermediate_size | {dense["intermediate_size"]} | {shape["intermediate_size"]} |
-| head_dim | {shape["head_dim"]} | {shape["head_dim"]} |
-| layers | {shape["num_hidden_layers"]} | {shape["num_hidden_layers"]} (every one the same shape) |
-
-Sparsity: {100 * p["sparsity"]:.2f}% of all parameters, {100 * p["prunable_removed_share"]:.2f}% of the
-prunable ones; budget {p["budget"]:,} parameters.
-
-"""
-
-
-def _settings_section(report: dict, cfg: PruneConfig) -> str:
-    lora = f"rank {cfg.lora_rank}, lr {cfg.lora_lr}" if cfg.lora else "off"
-    rt = report.get("roundtrip") or {}
-    return f"""## Method and settings
-
-GQA policy `{cfg.gqa_policy}`; {cfg.steps} steps of {cfg.batch_size} x {cfg.seq_len} tokens
-from `{cfg.calib}`; recipe `{cfg.recipe}`: masks from `{cfg.mask_init}`,
-{_selection_text(cfg)}; LoRA {lora};
-eta1..eta4 = {cfg.eta1}, {cfg.eta2}, {cfg.eta3}, {cfg.eta4}; budget warm-up over
-{cfg.warmup_share:.0%} of the steps; distillation KL ({cfg.kl_direction}) + {cfg.alpha} x layer MSE;
-autocast {cfg.dtype}. Verified at export, on the same probe windows: the folded and sliced fp32 model
-against the masked model, max |logit difference| {report["parity"]["max_abs_diff"]:.2e} (largest logit
-{report["parity"]["ref_max_abs"]:.1f}; merging LoRA and folding masks reorder fp32 sums); this saved
-{rt.get("dtype", "")} checkpoint reloaded with plain `from_pretrained` against the model it was saved from,
-{rt.get("max_abs_diff", float("nan")):.2e}.
-
-"""
-
-
-def _evaluation_section(ppl: dict) -> str:
+def _evaluation_section(ppl: dict, recipe: str) -> str:
     rows = [
-        f"| {key.replace('_', ' ')} | {r['ppl']:.3f} | {r['seq_len']} | {r['windows']} of "
-        f"{r['total_windows']} | {r['dtype']} | {r['bos']} |"
-        for key in ("dense", "before_cut", "after_cut", "before_recovery", "exported")
+        f"| {label} | {r['ppl']:.3f} | {r['seq_len']} | {r['windows']} of {r['total_windows']} | {r['dtype']} "
+        f"| {r['bos']} |"
+        for key, label in _PPL_ROWS[recipe]
         if (r := ppl.get(key))
     ]
     table = (
@@ -216,15 +294,4 @@ def _recovery_text(rec: dict | None) -> str:
         f"(`--recover-steps`, the code of `maskprune distill`): {_training_summary(rec)}; KL to the dense "
         'model\'s logits. In the table below, "before recovery" is the cut model as exported, "exported" the '
         "recovered one.\n\n"
-    )
-
-
-def _distill_text(dist: dict | None) -> str:
-    """The model card's recovery section (``maskprune distill``), or nothing."""
-    if not dist:
-        return ""
-    return (
-        f"## Distillation\n\nRecovered from the dense teacher `{dist['teacher']}` by `maskprune distill`: "
-        f"{_training_summary(dist)}; KL to the teacher's logits (see Method and settings). In the table "
-        'below, "dense" is the student before distillation.\n\n'
     )

@@ -19,6 +19,7 @@ from pathlib import Path
 import torch
 
 from .errors import MaskPruneError
+from .runreport import recipe_of
 
 __all__ = ["make_report", "figures_for", "MASK_FIGURES", "FIG_SIZE_PX"]
 
@@ -61,10 +62,7 @@ def _load(run_dir: Path) -> tuple[dict, list[dict], list[dict], dict[str, torch.
 def masks_learned(report: dict) -> bool:
     """Whether the run learned its masks for at least one step (not a one-shot run, a distillation, or the
     default recipe, whose selection is the prior's, fixed at step 0)."""
-    cfg = report["config"]
-    if report.get("distill") or cfg.get("method") != "maskprune":
-        return False
-    return cfg.get("freeze_share", 0.0) > 0.0
+    return recipe_of(report) == "learned"
 
 
 def figures_for(report: dict, metrics: list[dict], recovery: list[dict]) -> list[str]:

@@ -11,7 +11,7 @@ from typing import Any, ClassVar
 
 from .config import GROUP_OF, PruneConfig
 
-__all__ = ["RunReport", "REPORT_FILE"]
+__all__ = ["RunReport", "REPORT_FILE", "recipe_of"]
 
 REPORT_FILE = "maskprune_report.json"
 
@@ -93,3 +93,16 @@ class RunReport:
 
 
 _SECTIONS = frozenset(f.name for f in dataclasses.fields(RunReport))
+
+
+def recipe_of(report: dict) -> str:
+    """What a run did, from its report (a dict as written): ``distill`` (a pruned student distilled from its
+    teacher), ``one-shot`` (units chosen by a one-shot score), ``prior`` (the default: the one-shot prior's
+    selection fixed at step 0, then distillation of the pruned structure) or ``learned`` (masks learned for
+    some steps by the minimax method). A prune + recovery is its cut's kind with a ``recovery`` section."""
+    cfg = report["config"]
+    if report.get("distill"):
+        return "distill"
+    if cfg.get("method", "maskprune") != "maskprune":
+        return "one-shot"
+    return "learned" if cfg.get("freeze_share", 0.0) > 0.0 else "prior"

@@ -51,3 +51,17 @@ def test_options_are_validated_as_the_cli_validates_flags(files):
         maskprune.distill(str(dense), teacher=str(dense), method="flap", progress=False)
     with pytest.raises(MaskPruneError, match="maskprune prune does not take teacher"):
         maskprune.prune(str(dense), teacher=str(dense), progress=False)
+
+
+def test_the_api_documents_its_options_and_speaks_in_keywords():
+    import maskprune
+
+    doc = maskprune.prune.__doc__
+    for name in ("sparsity = 0.2", "steps = 400", "lora_rank = 8", "eval_tasks", "recover_steps"):
+        assert name in doc, name
+    assert "teacher =" not in doc and "teacher =" in maskprune.distill.__doc__
+    assert "sparsity =" not in maskprune.distill.__doc__
+    with pytest.raises(MaskPruneError) as e:
+        maskprune.prune("smollm2-135m", sparsity=2.0, lora=False, recover_steps=3)
+    msg = str(e.value)
+    assert "sparsity=0.5" in msg and "lora=False" in msg and "full=True" in msg and "--" not in msg

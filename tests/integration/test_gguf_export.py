@@ -93,3 +93,20 @@ def test_a_pruned_checkpoint_converts_to_f16_and_reloads_with_its_logits(tmp_pat
     assert q.stat().st_size < 0.6 * (out / "o-f16.gguf").stat().st_size
     assert llamacpp.generate(q, "The capital of France is", max_tokens=8, threads=2).strip()
     assert llamacpp.speed(q, prompt_tokens=32, gen_tokens=4, threads=2, repeats=1).decode_tokens_per_s > 0
+
+
+def test_a_missing_converter_module_is_refused_before_any_fetch(monkeypatch, tmp_path):
+    import importlib.util
+
+    from maskprune import gguf_export
+    from maskprune.errors import MaskPruneError
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(
+        importlib.util, "find_spec", lambda name, *a: None if name == "sentencepiece" else real(name, *a)
+    )
+    fetched = []
+    monkeypatch.setattr(gguf_export.subprocess, "run", lambda *a, **k: fetched.append(a))
+    with pytest.raises(MaskPruneError, match="needs sentencepiece") as e:
+        gguf_export.converter_dir(cache=tmp_path)
+    assert "maskprune[gguf]" in str(e.value) and not fetched
