@@ -39,7 +39,8 @@ def _base_license(source_dir: str | Path) -> str | None:
         if line.strip() == "---":
             break
         if line.startswith("license:"):
-            return line.split(":", 1)[1].strip()
+            value = line.split(":", 1)[1].strip()
+            return value if value and value != "other" else None  # "other" names its license elsewhere
     return None
 
 

@@ -59,7 +59,7 @@ def test_the_api_documents_its_options_and_speaks_in_keywords():
     doc = maskprune.prune.__doc__
     for name in ("sparsity = 0.2", "steps = 400", "lora_rank = 8", "eval_tasks", "recover_steps"):
         assert name in doc, name
-    assert "teacher =" not in doc and "teacher =" in maskprune.distill.__doc__
+    assert "teacher_gguf_file =" not in doc and "teacher_gguf_file =" in maskprune.distill.__doc__
     assert "sparsity =" not in maskprune.distill.__doc__
     with pytest.raises(MaskPruneError) as e:
         maskprune.prune("smollm2-135m", sparsity=2.0, lora=False, recover_steps=3)
