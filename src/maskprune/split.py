@@ -14,14 +14,18 @@ Cost: one teacher forward and one student forward per candidate split on ``windo
 
 from __future__ import annotations
 
+import logging
 from dataclasses import asdict, dataclass
 
 import torch
 from torch import nn
+from tqdm.auto import tqdm
 
 from .cut import CutPlan, hard_masks, kept_indices
 from .losses import KLDirection, kl_divergence
 from .masks import MaskSet, bypass
+
+log = logging.getLogger(__name__)
 
 __all__ = ["SplitResult", "search_split"]
 
@@ -82,7 +86,9 @@ def search_split(
     model.eval()
     try:
         with torch.autocast(device.type, dtype=autocast_dtype or torch.float32, enabled=autocast_dtype is not None):
-            for i in range(0, windows.shape[0], batch_size):
+            starts = range(0, windows.shape[0], batch_size)
+            quiet = not log.isEnabledFor(logging.INFO)
+            for i in tqdm(starts, desc=f"split search ({len(candidates)} candidates)", disable=quiet):
                 batch = windows[i : i + batch_size].to(device)
                 with bypass(model, masks):
                     teacher = model(input_ids=batch, use_cache=False).logits

@@ -394,3 +394,20 @@ def test_the_output_folder_is_readable_by_other_users(tiny_dir, calib, tmp_path,
         os.umask(old)
     assert code == 0, err
     assert out.stat().st_mode & 0o755 == 0o755
+
+
+def test_quiet_runs_print_nothing_but_the_result(tiny_dir, calib, tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    out = tmp_path / "q"
+    argv = [sys.executable, "-m", "maskprune", "prune", str(tiny_dir), "--method", "flap", "-q", "--out", str(out)]
+    env = {**os.environ, "PYTHONWARNINGS": "default"}  # warnings shown unless maskprune silences them
+    r = subprocess.run(
+        [*argv, "--calib", str(calib), *[a for a in FAST if a != "-q"]], capture_output=True, text=True, env=env
+    )
+    assert r.returncode == 0, r.stderr
+    for noise in ("Warning", "Loading weights", "Writing model shards", "INFO", "%|"):
+        assert noise not in r.stderr, (noise, r.stderr[-2000:])
+    assert json.loads(r.stdout)["out"] == str(out)
