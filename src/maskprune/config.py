@@ -205,6 +205,16 @@ class CutConfig(_Group):
     layers before it, as their reference code does, instead of in one pass over the dense model. null
     (default): on for those two ``--method`` baselines.""",
     )
+    reconstruct: bool = _opt(
+        False,
+        """After a one-shot cut, re-fit the kept columns of every o_proj and down_proj by ridge regression to the
+    uncut layer's outputs, layer by layer on the cut prefix, over the calibration windows (docs/method.md, "A
+    reconstructed cut"). Replaces FLAP's bias compensation (off when this is on). One-shot methods only so far.""",
+    )
+    reconstruct_ridge: float = _opt(
+        1e-2,
+        """Ridge of the re-fit, relative to the mean squared kept input (larger: closer to the original weights).""",
+    )
     bias_compensation: Literal["auto", "on", "off"] = _opt(
         "auto",
         """FLAP's bias compensation for one-shot baselines: the mean calibration input of every cut channel and
@@ -246,6 +256,18 @@ class CutConfig(_Group):
                 f"layerwise_calibration applies to the activation metrics (--method wanda-sp or flap), found method "
                 f"{self.method!r}: drop --layerwise-calibration"
             )
+        if self.reconstruct and self.method == "maskprune":
+            problems.append(
+                "reconstruct applies to one-shot methods so far (--method flap, wanda-sp, ...): the learned recipe's "
+                "cut is not re-fit yet; drop --reconstruct or pick a --method"
+            )
+        if self.reconstruct and self.bias_compensation == "on":
+            problems.append(
+                "reconstruct re-fits the kept weights instead of FLAP's bias compensation: drop "
+                "--bias-compensation on (or --reconstruct)"
+            )
+        if not (self.reconstruct_ridge >= 0.0 and math.isfinite(self.reconstruct_ridge)):
+            problems.append(f"reconstruct_ridge must be a finite number >= 0, found {self.reconstruct_ridge}")
         if self.bias_compensation == "on" and self.method == "maskprune":
             problems.append(
                 "bias_compensation 'on' applies to one-shot baselines (--method flap, wanda-sp, ...): the learned "

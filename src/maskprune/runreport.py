@@ -34,6 +34,7 @@ class RunReport:
     bias_compensation: dict | None = None
     kept_units: dict | None = None
     scores: dict | None = None
+    reconstruction: dict | None = None
     method: str | None = None
     final_state: dict | None = None
     cut_mask_mass_share: dict | None = None
@@ -49,7 +50,7 @@ class RunReport:
     gguf: dict | None = None
     out: str | None = None  # where the run was written (not saved in the file: the file is in it)
 
-    OPTIONAL: ClassVar[tuple[str, ...]] = ("distill", "validation", "recovery", "gguf")
+    OPTIONAL: ClassVar[tuple[str, ...]] = ("distill", "validation", "recovery", "gguf", "reconstruction")
 
     def update(self, sections: dict[str, Any]) -> None:
         """Set several sections at once (``sections`` maps section names to values)."""

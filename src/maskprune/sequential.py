@@ -142,3 +142,61 @@ def _compensation_hooks(layer, adapter, structure, stats, li, kept_h, kept_f, pa
         return fn
 
     return [adapter.proj(layer, role).register_forward_hook(add(delta)) for role, delta in deltas.items()]
+
+
+@torch.no_grad()
+def reconstruct_layerwise_(
+    model: nn.Module,
+    adapter: DecoderAdapter,
+    layout,
+    kept,
+    windows: torch.Tensor,
+    *,
+    batch_size: int,
+    ridge: float,
+) -> dict:
+    """Re-fit, layer by layer on the inputs of the already cut (and re-fit) prefix, the kept input columns of every
+    o_proj and down_proj (:func:`maskprune.reconstruct.refit_kept_columns`): o_proj first, then down_proj on the
+    inputs the re-fit attention gives, then the layer's outputs feed the next layer. ``model`` carries hard masks
+    (attached, cut units at 0) and fp32 weights, changed in place. Returns the report's account: the relative
+    output error of each projection before and after the fit, per layer."""
+    from .reconstruct import refit_kept_columns, relative_error
+
+    calls = _first_layer_inputs(model, adapter, windows, batch_size)
+    errors: dict[str, list] = {"o_before": [], "o_after": [], "down_before": [], "down_after": []}
+    bar = tqdm(adapter.layers(model), desc="reconstruct layer by layer", disable=not log.isEnabledFor(logging.INFO))
+    for li, layer in enumerate(bar):
+        q_keep, _ = layout.kept_heads(kept.head[li])
+        for role, cols in (("o", layout.columns(q_keep)), ("down", kept.ffn[li, 0])):
+            proj = adapter.proj(layer, role)
+            gram = _input_gram(layer, proj, calls)
+            cols = cols.to(proj.weight.device)
+            fitted = refit_kept_columns(proj.weight, gram, cols, ridge)
+            errors[f"{role}_before"].append(relative_error(proj.weight, proj.weight[:, cols], gram, cols))
+            errors[f"{role}_after"].append(relative_error(proj.weight, fitted, gram, cols))
+            proj.weight[:, cols] = fitted
+        calls = [_with_hidden(a, k, _output(layer(*a, **k))) for a, k in calls]
+    return {
+        "protocol": "ridge re-fit of the kept o_proj / down_proj columns to the uncut outputs, layer by layer on "
+        "the cut prefix; error = |W'_K a_K - W a|^2 / |W a|^2 on the calibration windows",
+        "ridge": ridge,
+        "windows": int(windows.shape[0]),
+        "relative_error": errors,
+    }
+
+
+def _input_gram(layer: nn.Module, proj: nn.Module, calls: list) -> torch.Tensor:
+    """``sum_t a(t) a(t)^T`` of ``proj``'s input over the calibration calls, before any mask (float64)."""
+    gram: list[torch.Tensor] = []
+
+    def hook(_m, args):
+        x = args[0].detach().double().reshape(-1, args[0].shape[-1])
+        gram.append(x.T @ x if not gram else gram.pop() + x.T @ x)
+
+    handle = proj.register_forward_pre_hook(hook, prepend=True)  # before the mask hook: the uncut input
+    try:
+        for args, kwargs in calls:
+            layer(*args, **kwargs)
+    finally:
+        handle.remove()
+    return gram[0]

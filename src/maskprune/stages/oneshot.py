@@ -35,7 +35,9 @@ def score_and_plan(
     Long because the steps depend on each other in this order: scores -> split -> plan -> the compensation's
     re-plan -> layer-by-layer scores on that plan."""
     calib = windows[: cfg.calib_samples]
-    compensate = cfg.bias_compensation == "on" or (cfg.bias_compensation == "auto" and cfg.method == "flap")
+    compensate = cfg.bias_compensation == "on" or (
+        cfg.bias_compensation == "auto" and cfg.method == "flap" and not cfg.reconstruct  # the re-fit replaces it
+    )
     layerwise = cfg.resolved_layerwise_calibration()
     scores = stats = split = None
     sigma_head = cfg.head_cut_fraction

@@ -15,6 +15,7 @@ from ..checkpoint import checkpoint_dir
 from ..export import harden_
 from ..outputs import machine_info
 from ..runreport import RunReport
+from ..sequential import reconstruct_layerwise_
 from ..version import __version__
 from .context import RunContext
 from .export import export, selection_sections, structure_sections
@@ -56,6 +57,17 @@ def run_stage(ctx: RunContext, folder: Path | None, student_eval: tuple | None =
         shutil.copy2(ckpt_dir / "metrics.jsonl", folder / "metrics.jsonl")
     soft = {"head": outcome.masks.head.detach().clone(), "ffn": outcome.masks.ffn.detach().clone()}
     ppl_before_cut, ppl_after_cut = _cut(ctx, outcome, ppl_dense)
+    if cfg.reconstruct:
+        with ctx.phases("reconstruct"):
+            report.reconstruction = reconstruct_layerwise_(
+                outcome.model,
+                ctx.adapter,
+                ctx.structure.head,
+                outcome.kept,
+                ctx.windows[: cfg.calib_samples],
+                batch_size=cfg.batch_size,
+                ridge=cfg.reconstruct_ridge,
+            )
     exported = export(ctx, outcome, soft, folder)
     report.update(structure_sections(ctx, outcome, exported.model))
     report.update(selection_sections(ctx, outcome, soft))

@@ -1,0 +1,40 @@
+"""The ridge re-fit of kept columns: exact where it must be, better than the plain cut, closed form = lstsq."""
+
+import torch
+
+from maskprune.reconstruct import refit_kept_columns, relative_error
+
+
+def _data(seed=0, tokens=400, width=12, out=5):
+    g = torch.Generator().manual_seed(seed)
+    base = torch.randn(tokens, 4, generator=g)
+    a = base @ torch.randn(4, width, generator=g) + 0.1 * torch.randn(tokens, width, generator=g)  # correlated
+    w = torch.randn(out, width, generator=g)
+    return a, w
+
+
+def test_the_fit_is_the_least_squares_solution_without_ridge():
+    a, w = _data()
+    kept = torch.tensor([0, 2, 3, 5, 7, 8, 11])
+    fitted = refit_kept_columns(w, a.double().T @ a.double(), kept, ridge=0.0)
+    target = a @ w.T  # [tokens, out]
+    ref = torch.linalg.lstsq(a[:, kept].double(), target.double()).solution.T
+    assert torch.allclose(fitted.double(), ref, atol=1e-6)
+
+
+def test_the_fit_lowers_the_error_of_the_plain_cut_and_keeping_everything_is_exact():
+    a, w = _data(1)
+    g = a.T @ a
+    kept = torch.tensor([1, 2, 4, 6, 9, 10])
+    plain = relative_error(w, w[:, kept], g, kept)
+    fitted = relative_error(w, refit_kept_columns(w, g, kept, ridge=1e-3), g, kept)
+    assert fitted < 0.5 * plain  # correlated inputs: the kept columns carry most of the cut ones
+    everything = torch.arange(w.shape[1])
+    assert torch.allclose(refit_kept_columns(w, g, everything, ridge=1e-2), w, atol=1e-5)
+    assert relative_error(w, w, g, everything) < 1e-12
+
+
+def test_a_large_ridge_keeps_the_original_weights():
+    a, w = _data(2)
+    kept = torch.tensor([0, 1, 2, 3])
+    assert torch.allclose(refit_kept_columns(w, a.T @ a, kept, ridge=1e8), w[:, kept], atol=1e-4)
