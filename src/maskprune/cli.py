@@ -125,11 +125,31 @@ def _parse_value(text: str) -> Any:
     return text
 
 
+_DESCRIPTION = """Structured pruning of decoder LLMs into smaller stock checkpoints (every layer the same shape).
+
+  maskprune prune                      prune the embedded SmolLM2-135M by 20 % into runs/smollm2-135m-s20
+  maskprune prune MODEL --sparsity 0.5 --out DIR
+  maskprune eval --compare DENSE PRUNED --seq-len 2048
+  maskprune COMMAND --help             the options of a command"""
+
+
+class _DefaultsFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Shows a default where there is one (not ``None``)."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        if action.default is None or action.default == [] or action.default is False:
+            return action.help or ""
+        return super()._get_help_string(action)
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The command line: one subcommand per job; options are never abbreviated (a misspelt one is refused
     with the closest real one named); ``-q`` / ``-v`` work before or after the subcommand."""
     parser = argparse.ArgumentParser(
-        prog="maskprune", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter, allow_abbrev=False
+        prog="maskprune",
+        description=_DESCRIPTION,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        allow_abbrev=False,
     )
     parser.add_argument("--version", action="version", version=f"maskprune {__version__}")
     _add_verbosity(parser, False)
@@ -195,7 +215,7 @@ def _add_eval_parser(sub) -> None:
         "WikiText-2 perplexity and zero-shot accuracy (lm-eval) of causal LMs",
         "maskprune eval MODEL [MODEL ...] | --compare DENSE PRUNED [options]",
     )
-    e.formatter_class = argparse.ArgumentDefaultsHelpFormatter
+    e.formatter_class = _DefaultsFormatter
     e.add_argument("model", nargs="*", help="HF folder, hub id, .gguf file, or smollm2-135m")
     e.add_argument(
         "--compare",
