@@ -130,6 +130,7 @@ def _recovery_configs(cfg: PruneConfig, out: Path, cut_dir: Path) -> tuple[Prune
             teacher_gguf_file=cfg.gguf_file,
             steps=cfg.recover_steps,
             recover_steps=0,
+            reconstruct=False,  # the cut was re-fit (or not) by the cut stage; the recovery keeps its structure
             out=str(out),
             report=False,
         )

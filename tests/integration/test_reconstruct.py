@@ -46,3 +46,16 @@ def test_reconstruct_replaces_flaps_compensation_and_is_refused_where_it_does_no
     argv = ["-q", "prune", str(dense), "--method", "flap", "--reconstruct", "--bias-compensation", "on"]
     assert main([*argv, "--out", str(tmp_path / "y")]) == 2
     assert "instead of FLAP's bias compensation" in capsys.readouterr().err
+
+
+def test_a_reconstructed_cut_can_be_recovered(tmp_path, capsys):
+    dense = tiny.save_tiny(tmp_path / "m", "llama_gqa")
+    calib = tiny.write_calib(tmp_path / "calib.jsonl")
+    out = tmp_path / "rec"
+    argv = ["-q", "prune", str(dense), "--method", "flap", "--sparsity", "0.3", "--reconstruct", "--recover-steps", "3"]
+    assert main([*argv, *tiny.small_run(calib, dtype="fp32"), "--no-report", "--out", str(out)]) == 0, (
+        capsys.readouterr().err
+    )
+    r = json.loads((out / "maskprune_report.json").read_text())
+    assert r["reconstruction"]["relative_error"]["down_after"] and r["recovery"]["steps"] == 3
+    assert r["config"]["reconstruct"] is True
