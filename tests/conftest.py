@@ -25,3 +25,19 @@ def _one_thread():
     torch.set_num_threads(1)
     torch.manual_seed(0)
     yield
+
+
+@pytest.fixture(scope="module")
+def tiny_dir(tmp_path_factory) -> Path:
+    """A tiny GQA Llama checkpoint folder with its tokenizer, shared by a test module."""
+    import tiny
+
+    return tiny.save_tiny(tmp_path_factory.mktemp("m") / "tiny-llama", "llama_gqa")
+
+
+@pytest.fixture(scope="module")
+def calib(tmp_path_factory) -> Path:
+    """A small calibration text (.jsonl) for the tiny models."""
+    import tiny
+
+    return tiny.write_calib(tmp_path_factory.mktemp("c") / "calib.jsonl")

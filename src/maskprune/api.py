@@ -29,6 +29,8 @@ from .config import (
     PRUNE_ONLY,
     PruneConfig,
     distill_overrides,
+    field_hint,
+    is_switch,
     load_config,
     options_help,
     prune_overrides,
@@ -95,7 +97,7 @@ def _keywords(message: str) -> str:
         negated, name, value = bool(m.group(1)), m.group(2).replace("-", "_"), m.group(3)
         if negated:
             return f"{name}=False" + (m.group(0)[m.end(2) - m.start(0) :] if value else "")
-        if GROUP_OF.get(name) and _is_bool(name):
+        if name in GROUP_OF and is_switch(field_hint(name)):
             return f"{name}=True" + (f" {value}" if value else "")
         if value and value.lower() not in _NOT_VALUES:
             return f"{name}={value}"
@@ -104,10 +106,6 @@ def _keywords(message: str) -> str:
     pattern = re.compile(r"--(no-)?([a-z][a-z0-9-]*)(?: ([a-z0-9_.,-]+))?")
     parts = message.split("`")
     return "`".join(pattern.sub(keyword, p) if i % 2 == 0 else p for i, p in enumerate(parts))
-
-
-def _is_bool(name: str) -> bool:
-    return isinstance(getattr(PruneConfig(), name), bool) or name in ("split_search", "layerwise_calibration")
 
 
 prune.__doc__ = f"{prune.__doc__}\n\n    Options (keyword = default: meaning), by group::\n\n" + "\n".join(

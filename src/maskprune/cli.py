@@ -19,7 +19,16 @@ from typing import Any, Literal, Sequence
 
 import yaml
 
-from .config import DISTILL_ONLY, GROUP_OF, GROUPS, PRUNE_ONLY, distill_overrides, load_config, prune_overrides
+from .config import (
+    DISTILL_ONLY,
+    GROUP_OF,
+    GROUPS,
+    PRUNE_ONLY,
+    distill_overrides,
+    is_switch,
+    load_config,
+    prune_overrides,
+)
 from .errors import Interrupted, MaskPruneError
 from .llamacpp import GGUF_TYPES
 from .version import __version__
@@ -88,7 +97,7 @@ def _add_flag(section, f: dataclasses.Field, hint: Any, *, required: bool = Fals
     elif "default" not in text.lower() or f.default is not None:
         text += f" (default: {_default_text(f.default)})"
     help_ = text.replace("%", "%%")
-    if hint is bool or set(typing.get_args(hint)) == {bool, type(None)}:  # bool | None: unset is the default
+    if is_switch(hint):
         section.add_argument(
             flag, dest=f.name, action=argparse.BooleanOptionalAction, default=argparse.SUPPRESS, help=help_
         )
@@ -174,38 +183,40 @@ def _subparser(sub, name: str, help_: str, usage: str, description: str | None =
     return p
 
 
-def _add_prune_parser(sub) -> None:
-    p = _subparser(
-        sub,
-        "prune",
-        "prune a model to a budget and export a smaller stock checkpoint",
-        "maskprune prune [MODEL] [--sparsity S | --budget-params N] [--out DIR] [options]",
-    )
-    p.add_argument("model", nargs="?", default=None, help="HF folder, hub id, .gguf file, or smollm2-135m (default)")
+def _add_run_parser(sub, command: str, help_: str, usage: str, model_help: str, description: str | None = None):
+    """``prune`` or ``distill``: the model, a config file, --print-config, and the config's flags the command
+    takes."""
+    p = _subparser(sub, command, help_, usage, description)
+    p.add_argument("model", nargs="?" if command == "prune" else None, default=None, help=model_help)
     p.add_argument("--config", type=Path, default=None, help="YAML file of config keys (flat, or under their group)")
     p.add_argument(
         "--print-config", action="store_true", help="print the resolved configuration as YAML (by group) and exit"
     )
-    _add_config_flags(p, "prune", DISTILL_ONLY)
+    _add_config_flags(p, command, DISTILL_ONLY if command == "prune" else PRUNE_ONLY)
+
+
+def _add_prune_parser(sub) -> None:
+    _add_run_parser(
+        sub,
+        "prune",
+        "prune a model to a budget and export a smaller stock checkpoint",
+        "maskprune prune [MODEL] [--sparsity S | --budget-params N] [--out DIR] [options]",
+        "HF folder, hub id, .gguf file, or smollm2-135m (default)",
+    )
 
 
 def _add_distill_parser(sub) -> None:
-    d = _subparser(
+    _add_run_parser(
         sub,
         "distill",
         "recover a pruned model by distillation from its dense original (LoRA merged, or --full)",
         "maskprune distill PRUNED --teacher DENSE [--out DIR] [--steps N] [options]",
+        "the pruned student: HF folder, hub id or .gguf file",
         "maskprune distill PRUNED --teacher DENSE --out DIR: the prune options apply where they mean "
         "the same thing (--steps, --calib, --calib-samples, --seq-len, --batch-size, --lora-rank, ...); the "
         "options that choose the cut (--sparsity, --method, masks, ...) are prune's: the student keeps its shape. "
         "A --config file shared with prune may hold them: they are ignored with a warning.",
     )
-    d.add_argument("model", help="the pruned student: HF folder, hub id or .gguf file")
-    d.add_argument("--config", type=Path, default=None, help="YAML file of config keys (flat, or under their group)")
-    d.add_argument(
-        "--print-config", action="store_true", help="print the resolved configuration as YAML (by group) and exit"
-    )
-    _add_config_flags(d, "distill", PRUNE_ONLY)
 
 
 def _add_eval_parser(sub) -> None:

@@ -53,6 +53,8 @@ __all__ = [
     "distill_overrides",
     "prune_overrides",
     "options_help",
+    "is_switch",
+    "field_hint",
 ]
 
 DEFAULT_MODEL = "smollm2-135m"
@@ -99,6 +101,17 @@ class _Group:
         return {
             f.name: list(v) if isinstance(v := getattr(self, f.name), tuple) else v for f in dataclasses.fields(self)
         }
+
+
+def is_switch(hint: Any) -> bool:
+    """Whether a field of type ``hint`` is an on/off switch (``bool``, or ``bool | None`` where unset is the
+    default): a ``--x`` / ``--no-x`` flag, ``x=True`` / ``x=False`` in the API."""
+    return hint is bool or set(typing.get_args(hint)) == {bool, type(None)}
+
+
+def field_hint(name: str) -> Any:
+    """The type of the flat key ``name``."""
+    return typing.get_type_hints(GROUPS[GROUP_OF[name]])[name]
 
 
 def _at_least_one(group: _Group, names: tuple[str, ...]) -> list[str]:
@@ -722,8 +735,12 @@ class PruneConfig:
             raise AttributeError(f"PruneConfig has no option {name!r}")
         return getattr(object.__getattribute__(self, group), name)
 
-    def __reduce__(self):
-        return (_from_flat, (self.to_dict(),))
+    @classmethod
+    def from_dict(cls, values: Mapping[str, Any]) -> "PruneConfig":
+        """A config from a flat mapping as :meth:`to_dict` writes it (a report read back): lists become the tuples
+        the fields hold, keys this version does not know are dropped, missing keys take their defaults."""
+        known = {k: tuple(v) if isinstance(v, list) else v for k, v in values.items() if k in GROUP_OF}
+        return cls(**known)
 
     def replace(self, **flat: Any) -> "PruneConfig":
         """A copy with the flat keys in ``flat`` changed (``cfg.replace(steps=10, out="x")``)."""
@@ -786,11 +803,6 @@ class PruneConfig:
         """Every problem of every group, then the rules that span groups (empty: valid)."""
         problems = [p for name in GROUPS for p in getattr(self, name).problems()]
         return problems + _distillation_problems(self) + _method_problems(self)
-
-
-def _from_flat(values: dict[str, Any]) -> PruneConfig:
-    values = {**values, "lora_targets": tuple(values["lora_targets"]), "trackers": tuple(values["trackers"])}
-    return PruneConfig(**values)
 
 
 def _distillation_problems(cfg: PruneConfig) -> list[str]:
@@ -1007,8 +1019,7 @@ def load_config(
     for k, v in values.items():
         if k not in GROUP_OF:
             continue
-        hint = typing.get_type_hints(GROUPS[GROUP_OF[k]])[k]
-        v, err = _check_type(k, v, hint)
+        v, err = _check_type(k, v, field_hint(k))
         if err:
             problems.append(err)
         else:

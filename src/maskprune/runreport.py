@@ -9,7 +9,7 @@ import json
 from pathlib import Path
 from typing import Any, ClassVar
 
-from .config import GROUP_OF, PruneConfig
+from .config import PruneConfig
 
 __all__ = ["RunReport", "REPORT_FILE", "recipe_of"]
 
@@ -81,11 +81,7 @@ class RunReport:
         """A report read back (``maskprune report DIR``): keys a later version dropped are ignored, config keys
         an earlier version did not have take their defaults."""
         values = {k: v for k, v in d.items() if k in _SECTIONS}
-        config = {k: v for k, v in d.get("config", {}).items() if k in GROUP_OF}
-        for key in ("lora_targets", "trackers"):
-            if key in config:
-                config[key] = tuple(config[key])
-        values["config"] = PruneConfig(**config)
+        values["config"] = PruneConfig.from_dict(d.get("config", {}))
         return cls(**values)
 
     @classmethod

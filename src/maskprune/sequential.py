@@ -187,11 +187,12 @@ def reconstruct_layerwise_(
 
 def _input_gram(layer: nn.Module, proj: nn.Module, calls: list) -> torch.Tensor:
     """``sum_t a(t) a(t)^T`` of ``proj``'s input over the calibration calls, before any mask (float64)."""
-    gram: list[torch.Tensor] = []
+    width = proj.weight.shape[1]
+    gram = torch.zeros(width, width, dtype=torch.float64, device=proj.weight.device)
 
     def hook(_m, args):
-        x = args[0].detach().double().reshape(-1, args[0].shape[-1])
-        gram.append(x.T @ x if not gram else gram.pop() + x.T @ x)
+        x = args[0].detach().double().reshape(-1, width)
+        gram.addmm_(x.T, x)
 
     handle = proj.register_forward_pre_hook(hook, prepend=True)  # before the mask hook: the uncut input
     try:
@@ -199,4 +200,4 @@ def _input_gram(layer: nn.Module, proj: nn.Module, calls: list) -> torch.Tensor:
             layer(*args, **kwargs)
     finally:
         handle.remove()
-    return gram[0]
+    return gram

@@ -14,16 +14,6 @@ from maskprune.cli import main
 FAST = [*tiny.small_run(None, batch_size=4, dtype="fp32"), "-q"]
 
 
-@pytest.fixture(scope="module")
-def tiny_dir(tmp_path_factory) -> Path:
-    return tiny.save_tiny(tmp_path_factory.mktemp("m") / "tiny-llama", "llama_gqa")
-
-
-@pytest.fixture(scope="module")
-def calib(tmp_path_factory) -> Path:
-    return tiny.write_calib(tmp_path_factory.mktemp("c") / "calib.jsonl")
-
-
 def _run(args, capsys):
     quiet = ["-q"] if "-q" in args else []  # a top-level flag: it goes before the subcommand
     code = main(quiet + [a for a in args if a != "-q"])

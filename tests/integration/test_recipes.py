@@ -11,16 +11,6 @@ import tiny
 from maskprune.cli import main
 
 
-@pytest.fixture(scope="module")
-def dense(tmp_path_factory) -> Path:
-    return tiny.save_tiny(tmp_path_factory.mktemp("m") / "dense", "llama_gqa")
-
-
-@pytest.fixture(scope="module")
-def calib(tmp_path_factory) -> Path:
-    return tiny.write_calib(tmp_path_factory.mktemp("c") / "calib.jsonl")
-
-
 @pytest.mark.parametrize(
     "recipe",
     [
@@ -30,7 +20,7 @@ def calib(tmp_path_factory) -> Path:
     ],
     ids=["learned", "one-shot", "prune-then-recover"],
 )
-def test_the_report_is_written_once_per_run(dense, calib, tmp_path, monkeypatch, recipe):
+def test_the_report_is_written_once_per_run(tiny_dir, calib, tmp_path, monkeypatch, recipe):
     writes: list[str] = []
     write_text = Path.write_text
 
@@ -41,7 +31,7 @@ def test_the_report_is_written_once_per_run(dense, calib, tmp_path, monkeypatch,
 
     monkeypatch.setattr(Path, "write_text", spy)
     out = tmp_path / "pruned"
-    argv = ["-q", "prune", str(dense), "--sparsity", "0.3", *recipe, *tiny.small_run(calib), "--out", str(out)]
+    argv = ["-q", "prune", str(tiny_dir), "--sparsity", "0.3", *recipe, *tiny.small_run(calib), "--out", str(out)]
     assert main(argv) == 0
     assert len(writes) == 1, writes
     report = json.loads((out / "maskprune_report.json").read_text())

@@ -26,7 +26,7 @@ from ..zeroshot import check_sources, resolve_tasks, run_zeroshot
 from .outcome import weight_dtype
 from .teacher import load_teacher
 
-__all__ = ["RunContext", "setup"]
+__all__ = ["RunContext", "setup", "load_source"]
 
 log = logging.getLogger(__name__)
 
@@ -95,15 +95,7 @@ def setup(cfg: PruneConfig, progress: bool) -> RunContext:
     with phases("load"):
         # under FSDP the whole model stays in host memory until fully_shard moves each process's shard to
         # its device; the dense evaluation then runs on rank 0 before sharding, on the host
-        loaded = load_model(
-            cfg.model,
-            gguf_file=cfg.gguf_file,
-            trust_remote_code=cfg.trust_remote_code,
-            device=torch.device("cpu") if cfg.fsdp and D.world() > 1 else device,
-            dtype=weight_dtype(cfg),
-        )
-    adapter = adapter_for(loaded.model)
-    adapter.unfuse_(loaded.model)  # fused projections (Phi-3) seen as their parts for the run; fused again at export
+        loaded, adapter = load_source(cfg, torch.device("cpu") if cfg.fsdp and D.world() > 1 else device)
     structure = Structure.of(loaded.model, adapter, cfg.gqa_policy)
     teacher = None
     if cfg.has_teacher:  # nothing is cut: the budget is the student's size, the teacher checked before any work
@@ -133,6 +125,21 @@ def setup(cfg: PruneConfig, progress: bool) -> RunContext:
         cfg, out, device, D.is_main(), tasks, phases, loaded, adapter, structure, budget, windows,
         eval_windows, bos, progress, teacher, val_windows, started,
     )  # fmt: skip
+
+
+def load_source(cfg: PruneConfig, device: torch.device) -> tuple[LoadedModel, DecoderAdapter]:
+    """The model to prune (or the student) in the learning weight dtype on ``device``, with its adapter; fused
+    projections (Phi-3) are seen as their parts for the run and fused again at export."""
+    loaded = load_model(
+        cfg.model,
+        gguf_file=cfg.gguf_file,
+        trust_remote_code=cfg.trust_remote_code,
+        device=device,
+        dtype=weight_dtype(cfg),
+    )
+    adapter = adapter_for(loaded.model)
+    adapter.unfuse_(loaded.model)
+    return loaded, adapter
 
 
 def _preflight(cfg: PruneConfig) -> tuple[PruneConfig, Path, torch.device, list[str]]:

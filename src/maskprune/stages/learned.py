@@ -29,12 +29,11 @@ from ..errors import MaskPruneError
 from ..learner import Learner, LearnState, attach_lora
 from ..mask_optim import prior_masks
 from ..masks import MaskSet
-from ..models import load_model
 from ..outputs import Phases
 from ..sinks import ExtraSinks
 from ..split import SplitResult
 from ..structure import Structure
-from .context import RunContext
+from .context import RunContext, load_source
 from .outcome import Outcome, measure_split, rebuild_for_export, score_summary, weight_dtype
 
 __all__ = ["LearnerBuild", "build_learner", "learn_and_plan", "validation_curve"]
@@ -78,21 +77,16 @@ def build_learner(
     device = device or torch.device("cpu")
     tokenizer = None
     if model is None:
-        loaded = load_model(
-            cfg.model,
-            gguf_file=cfg.gguf_file,
-            trust_remote_code=cfg.trust_remote_code,
-            device=device,
-            dtype=weight_dtype(cfg),
-        )
-        model, tokenizer, adapter = loaded.model, loaded.tokenizer, adapter_for(loaded.model)
-        adapter.unfuse_(model)
+        loaded, adapter = load_source(cfg, device)
+        model, tokenizer = loaded.model, loaded.tokenizer
     adapter = adapter or adapter_for(model)
     structure = structure or Structure.of(model, adapter, cfg.gqa_policy)
     budget = cfg.budget_for(structure.dense_params) if budget is None else budget
     if windows is None:
         d = cfg.data
-        windows = calibration_windows(d.calib, tokenizer, seq_len=d.seq_len, num_windows=d.calib_samples)
+        windows = calibration_windows(
+            d.calib, tokenizer, seq_len=d.seq_len, num_windows=d.calib_samples, config=d.calib_config
+        )
     model, masks, split, prior = _prepare(cfg, model, adapter, structure, windows, budget, device, phases or Phases())
     learner = Learner(model, masks, windows, cfg, budget, on_step=on_step, teacher=teacher, val_windows=val_windows)
     if split is not None:  # the run starts from the measured split (the freeze plans this head count)
