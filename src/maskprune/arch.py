@@ -157,6 +157,9 @@ class DecoderAdapter:
     (attention attribute, role). Cutting a head changes the statistic the kept heads are normalized by, so the
     masked model computes these norms over the kept heads' columns alone (:meth:`kept_width_norm`) and the
     export slices their weights with the heads: the sliced stock model then computes exactly the same."""
+    norm_offset: float = 0.0
+    """The norms' weight offset: Gemma's RMSNorm scales by ``1 + weight``, the others by ``weight``. A hidden cut
+    folds a scale into a norm (see :mod:`maskprune.surgery`) and needs to know which."""
 
     # ---- navigation -------------------------------------------------------------------------
     def layers(self, model: nn.Module) -> nn.ModuleList:
@@ -190,6 +193,37 @@ class DecoderAdapter:
     def ffn_mask_site(self, layer: nn.Module) -> nn.Module:
         """Module whose *input* is the FFN's intermediate activation (down_proj)."""
         return self.proj(layer, "down")
+
+    # ---- the residual stream (hidden width) --------------------------------------------------
+    @staticmethod
+    def _top(model: nn.Module) -> nn.Module:
+        return model.get_base_model() if hasattr(model, "get_base_model") else model
+
+    def base(self, model: nn.Module) -> nn.Module:
+        """The decoder under the LM head (``model.model``), unwrapping a peft model."""
+        obj: object = self._top(model)
+        for part in self.layers_path.split(".")[:-1]:
+            obj = getattr(obj, part)
+        return obj
+
+    def embedding(self, model: nn.Module) -> nn.Embedding:
+        return self._top(model).get_input_embeddings()
+
+    def lm_head(self, model: nn.Module) -> nn.Linear:
+        return self._top(model).get_output_embeddings()
+
+    def final_norm(self, model: nn.Module) -> nn.Module:
+        return self.base(model).norm
+
+    def residual_norms(self, layer: nn.Module, hidden: int) -> list[tuple[str, nn.Module]]:
+        """The norms of a decoder layer over the residual width (``input_layernorm``, ``post_attention_layernorm``,
+        Gemma's ``pre_/post_feedforward_layernorm``, ...): its direct children named ``*norm*`` with a weight of
+        ``hidden`` entries. Norms inside attention (q/k norms) are over head widths and are not among them."""
+        return [
+            (name, mod)
+            for name, mod in layer.named_children()
+            if "norm" in name.lower() and getattr(mod, "weight", None) is not None and mod.weight.shape == (hidden,)
+        ]
 
     # ---- fused projections (Phi-3) ----------------------------------------------------------
     def unfuse_(self, model: nn.Module) -> nn.Module:
@@ -398,8 +432,8 @@ _REGISTRY: dict[str, Callable[[], DecoderAdapter]] = {
     "qwen3": lambda: DecoderAdapter("qwen3", attn_bias_flag="attention_bias"),
     # the same layout: q/k norms per head (Gemma 3) are shared by all heads and need no slicing; multipliers
     # (Granite), soft-capping and extra norms (Gemma 2) and NoPE layers (SmolLM3) do not depend on the units
-    "gemma2": lambda: DecoderAdapter("gemma2", attn_bias_flag="attention_bias"),
-    "gemma3_text": lambda: DecoderAdapter("gemma3_text", attn_bias_flag="attention_bias"),
+    "gemma2": lambda: DecoderAdapter("gemma2", attn_bias_flag="attention_bias", norm_offset=1.0),
+    "gemma3_text": lambda: DecoderAdapter("gemma3_text", attn_bias_flag="attention_bias", norm_offset=1.0),
     "granite": lambda: DecoderAdapter("granite", attn_bias_flag="attention_bias", mlp_bias_flag="mlp_bias"),
     "smollm3": lambda: DecoderAdapter("smollm3", attn_bias_flag="attention_bias", mlp_bias_flag="mlp_bias"),
     # q/k RMSNorm over the whole projected width: computed over the kept heads, sliced with them

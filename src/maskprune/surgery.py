@@ -1,0 +1,209 @@
+"""Cuts across the whole model: decoder layers (depth) and hidden channels (the residual stream's width).
+
+Both are applied in place, so the model becomes the stock model of the smaller shape (``num_hidden_layers`` or
+``hidden_size`` changed, every per-layer config list kept consistent) and saves and reloads with plain
+``from_pretrained``. What they must compute is defined by :func:`emulated_cut`: the uncut model with the cut
+emulated by hooks (a dropped layer passes its input through; a cut channel is zero in the residual stream and
+every norm over the residual normalises over the kept channels alone). :func:`cut_parity` compares the two.
+
+Forwards that depend on ``hidden_size`` keep parity by folding a factor into weights: Gemma's embedding scale
+``sqrt(hidden_size)`` becomes ``sqrt(kept)``, so the embedding is multiplied by ``sqrt(hidden / kept)``; where the
+LM head is tied to it, the final norm's scale is divided by the same factor (the logits see ``norm * head``).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import math
+from typing import Iterator, Sequence
+
+import torch
+from torch import nn
+
+from .arch import DecoderAdapter, _base_linear
+from .errors import MaskPruneError
+
+__all__ = ["drop_layers_", "slice_hidden_", "emulated_cut", "cut_parity", "INPUT_ROLES", "OUTPUT_ROLES"]
+
+INPUT_ROLES = ("q", "k", "v", "gate", "up")
+"""Projections that read the residual stream (their input columns are hidden channels)."""
+OUTPUT_ROLES = ("o", "down")
+"""Projections that write the residual stream (their output rows are hidden channels)."""
+
+
+def drop_layers_(model: nn.Module, adapter: DecoderAdapter, keep: Sequence[int]) -> None:
+    """Keep only the decoder layers ``keep`` (indices into the current layers), in order. Every config list with
+    one entry per layer (``layer_types``, SmolLM3's ``no_rope_layers``, ...) keeps the kept layers' entries, and
+    the modules' ``layer_idx`` (the KV cache's slot) is renumbered."""
+    layers = adapter.layers(model)
+    n = len(layers)
+    kept = sorted(set(int(i) for i in keep))
+    if not kept or kept[0] < 0 or kept[-1] >= n:
+        raise MaskPruneError("a depth cut must keep at least one layer", expected=f"indices in [0, {n})", found=str(kept))
+    owner = adapter.base(model)
+    setattr(owner, adapter.layers_path.split(".")[-1], nn.ModuleList([layers[i] for i in kept]))
+    for new_idx, layer in enumerate(adapter.layers(model)):
+        for module in layer.modules():
+            if hasattr(module, "layer_idx"):
+                module.layer_idx = new_idx
+    config = model.config
+    for key in list(config.to_dict()):
+        value = getattr(config, key, None)
+        if isinstance(value, list) and len(value) == n and key != "num_hidden_layers":
+            setattr(config, key, [value[i] for i in kept])
+    config.num_hidden_layers = len(kept)
+
+
+def slice_hidden_(model: nn.Module, adapter: DecoderAdapter, keep: torch.Tensor) -> None:
+    """Keep only the hidden channels ``keep`` (sorted indices) everywhere in the residual stream: the embedding's
+    and the LM head's columns (a tied head stays tied), every projection that reads it (input columns) or writes
+    it (output rows, biases), every norm over it; ``hidden_size`` in the config. Fused families must be unfused
+    (:meth:`DecoderAdapter.unfuse_`) first."""
+    config = model.config
+    hidden = int(config.hidden_size)
+    keep = torch.as_tensor(keep, dtype=torch.long).sort().values.unique()
+    if keep.numel() == 0 or int(keep[0]) < 0 or int(keep[-1]) >= hidden:
+        raise MaskPruneError("a hidden cut must keep at least one channel", expected=f"indices in [0, {hidden})")
+    head_dim = adapter.shape(config)["head_dim"]  # before hidden_size changes (Llama derives it from hidden)
+    emb, head = adapter.embedding(model), adapter.lm_head(model)
+    tied = head is not None and head.weight is emb.weight
+    ratio = _embed_scale_ratio_(emb, hidden, keep.numel())
+    _set(emb, "weight", emb.weight.detach()[:, keep.to(emb.weight.device)] * ratio)
+    emb.embedding_dim = keep.numel()
+    if tied:
+        head.weight = emb.weight
+        _scale_norm_(adapter, adapter.final_norm(model), 1.0 / ratio)
+    elif head is not None:
+        _set(head, "weight", head.weight.detach()[:, keep.to(head.weight.device)])
+    if head is not None:
+        head.in_features = keep.numel()
+    for layer in adapter.layers(model):
+        for role in INPUT_ROLES:
+            lin = _base_linear(adapter.proj(layer, role))
+            _set(lin, "weight", lin.weight.detach()[:, keep.to(lin.weight.device)])
+            lin.in_features = keep.numel()
+        for role in OUTPUT_ROLES:
+            lin = _base_linear(adapter.proj(layer, role))
+            _set(lin, "weight", lin.weight.detach()[keep.to(lin.weight.device)])
+            if lin.bias is not None:
+                _set(lin, "bias", lin.bias.detach()[keep.to(lin.bias.device)])
+            lin.out_features = keep.numel()
+        for _, norm in adapter.residual_norms(layer, hidden):
+            _slice_norm_(norm, keep)
+    _slice_norm_(adapter.final_norm(model), keep)
+    config.hidden_size = keep.numel()
+    config.head_dim = head_dim
+
+
+def _embed_scale_ratio_(emb: nn.Module, hidden: int, kept: int) -> float:
+    """Gemma's embedding multiplies by ``sqrt(hidden_size)``, which a stock reload recomputes from the config:
+    set it to ``sqrt(kept)`` and return ``sqrt(hidden / kept)``, the factor the weights must carry. 1 for an
+    embedding without such a scale (or with one that does not depend on the width)."""
+    scale = getattr(emb, "scalar_embed_scale", None)
+    if scale is None or not math.isclose(float(scale), hidden**0.5, rel_tol=1e-6):
+        return 1.0
+    emb.scalar_embed_scale = kept**0.5
+    if isinstance(getattr(emb, "embed_scale", None), torch.Tensor):
+        emb.embed_scale.fill_(kept**0.5)
+    return (hidden / kept) ** 0.5
+
+
+def _slice_norm_(norm: nn.Module, keep: torch.Tensor) -> None:
+    for name in ("weight", "bias"):
+        p = getattr(norm, name, None)
+        if isinstance(p, torch.Tensor):
+            _set(norm, name, p.detach()[keep.to(p.device)])
+    if hasattr(norm, "normalized_shape"):
+        norm.normalized_shape = (keep.numel(),)
+    if hasattr(norm, "hidden_size"):
+        norm.hidden_size = keep.numel()
+
+
+def _scale_norm_(adapter: DecoderAdapter, norm: nn.Module, factor: float) -> None:
+    """Multiply a norm's output by ``factor`` through its weight (``offset + w`` -> ``factor * (offset + w)``)."""
+    off = adapter.norm_offset
+    _set(norm, "weight", (norm.weight.detach() + off) * factor - off)
+    if getattr(norm, "bias", None) is not None:
+        _set(norm, "bias", norm.bias.detach() * factor)
+
+
+def _set(module: nn.Module, name: str, value: torch.Tensor) -> None:
+    old = getattr(module, name)
+    setattr(module, name, nn.Parameter(value.contiguous().clone(), requires_grad=old.requires_grad))
+
+
+class _KeptChannelNorm(nn.Module):
+    """A norm over the residual computed on the kept channels only (the wrapped norm's own forward on a sliced
+    copy); zero on the cut channels."""
+
+    def __init__(self, norm: nn.Module, keep: torch.Tensor) -> None:
+        super().__init__()
+        self.inner = copy.deepcopy(norm)
+        _slice_norm_(self.inner, keep)
+        self.register_buffer("keep", keep.clone(), persistent=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = x.new_zeros(x.shape)
+        out[..., self.keep] = self.inner(x[..., self.keep])
+        return out
+
+
+@contextlib.contextmanager
+def emulated_cut(
+    model: nn.Module,
+    adapter: DecoderAdapter,
+    *,
+    keep_layers: Sequence[int] | None = None,
+    keep_hidden: torch.Tensor | None = None,
+) -> Iterator[nn.Module]:
+    """The uncut ``model`` computing what the cut model must: dropped layers pass their input through, cut hidden
+    channels are zero in the residual stream (embedding and layer outputs masked) and the norms over it normalise
+    over the kept channels. Restored on exit."""
+    hooks: list = []
+    swapped: list[tuple[nn.Module, str, nn.Module]] = []
+    layers = adapter.layers(model)
+    hidden = int(model.config.hidden_size)
+    try:
+        if keep_layers is not None:
+            kept = set(int(i) for i in keep_layers)
+            for i, layer in enumerate(layers):
+                if i not in kept:
+                    hooks.append(layer.register_forward_hook(_pass_through, with_kwargs=True))
+        if keep_hidden is not None:
+            keep = torch.as_tensor(keep_hidden, dtype=torch.long).sort().values
+            emb = adapter.embedding(model)
+            mask = torch.zeros(hidden, dtype=emb.weight.dtype, device=emb.weight.device)
+            mask[keep.to(mask.device)] = 1
+
+            def zero_cut(_m, _args, out):
+                return out * mask.to(out.dtype)
+
+            hooks.append(emb.register_forward_hook(zero_cut))
+            for layer in layers:
+                for role in OUTPUT_ROLES:
+                    hooks.append(adapter.proj(layer, role).register_forward_hook(zero_cut))
+                for name, norm in adapter.residual_norms(layer, hidden):
+                    swapped.append((layer, name, norm))
+            base = adapter.base(model)
+            swapped.append((base, "norm", adapter.final_norm(model)))
+            for owner, name, norm in swapped:
+                setattr(owner, name, _KeptChannelNorm(norm, keep.to(norm.weight.device)))
+        yield model
+    finally:
+        for h in hooks:
+            h.remove()
+        for owner, name, norm in swapped:
+            setattr(owner, name, norm)
+
+
+def _pass_through(_module, args, kwargs, _out):
+    return args[0] if args else kwargs["hidden_states"]
+
+
+@torch.no_grad()
+def cut_parity(reference: torch.Tensor, model: nn.Module, probe: torch.Tensor) -> float:
+    """Largest absolute logit difference between ``reference`` (the emulated cut's logits on ``probe``) and the
+    cut model's, relative to the largest reference logit."""
+    logits = model(input_ids=probe.to(next(model.parameters()).device)).logits.float().cpu()
+    return float((logits - reference).abs().max() / reference.abs().max().clamp_min(1e-12))
