@@ -160,6 +160,10 @@ class SourceConfig(_Group):
         return self.teacher is not None
 
 
+PRUNE_AXES: tuple[str, ...] = ("heads", "ffn", "hidden", "layers")
+"""The axes a cut may shrink (``prune_axes``)."""
+
+
 @dataclass(frozen=True)
 class CutConfig(_Group):
     """What is cut and how much: the budget, the unit kinds and their rounding, the one-shot method, how the
@@ -184,6 +188,18 @@ class CutConfig(_Group):
     gqa_policy: Literal["query", "kv_group"] = _opt(
         "query",
         """GQA unit: one query head per KV group (``query``) or a whole KV group (``kv_group``).""",
+    )
+    prune_axes: tuple[str, ...] = _opt(
+        ("heads", "ffn"),
+        """What the cut may shrink, among heads, ffn, hidden (the residual stream's width: embeddings, norms, every
+    projection's input or output side, the LM head) and layers (whole decoder layers). With hidden or layers the
+    shape is searched (docs/method.md, "The shape search"): candidate shapes that give part of the budget to
+    depth and to width, each ranked by the KL of its cut model to the dense one; ffn always fills the rest.
+    Hidden and layers apply to one-shot methods (``--method``) so far.""",
+    )
+    hidden_multiple: int = _opt(
+        8,
+        """Round the kept hidden width to a multiple of this (a hidden cut only).""",
     )
     head_multiple: int = _opt(
         1,
@@ -251,7 +267,7 @@ class CutConfig(_Group):
         return self.method in ("wanda-sp", "flap")
 
     def problems(self) -> list[str]:
-        problems = _at_least_one(self, ("head_multiple", "ffn_multiple", "split_search_samples"))
+        problems = _at_least_one(self, ("head_multiple", "ffn_multiple", "hidden_multiple", "split_search_samples"))
         if self.budget_params is None:
             if self.sparsity is None or not (0.0 < self.sparsity < 1.0):
                 problems.append(
@@ -260,6 +276,17 @@ class CutConfig(_Group):
                 )
         elif self.budget_params <= 0:
             problems.append(f"budget_params must be a positive parameter count, found {self.budget_params}")
+        unknown = [a for a in self.prune_axes if a not in PRUNE_AXES]
+        if unknown or "ffn" not in self.prune_axes:
+            problems.append(
+                f"prune_axes must be among {','.join(PRUNE_AXES)} and include ffn (it fills the budget), found "
+                f"{','.join(self.prune_axes) or 'none'}: e.g. --prune-axes heads,ffn,hidden,layers"
+            )
+        if self.method == "maskprune" and set(self.prune_axes) - {"heads", "ffn"}:
+            problems.append(
+                "prune_axes hidden and layers apply to one-shot methods so far (--method wanda-sp, flap, ...); the "
+                "learned recipe cuts heads and ffn: drop them from --prune-axes or pick a --method"
+            )
         if not 0.0 <= self.head_cut_fraction < 1.0:
             problems.append(
                 f"head_cut_fraction must be in [0, 1) (of each row's head units), found {self.head_cut_fraction}"

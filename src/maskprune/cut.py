@@ -23,6 +23,9 @@ __all__ = [
     "select_units",
     "hard_masks",
     "cut_mass_share",
+    "ShapeCandidate",
+    "candidate_shapes",
+    "SHAPE_SHARES",
 ]
 
 
@@ -172,3 +175,52 @@ class KeptUnits:
 def select_units(head: torch.Tensor, ffn: torch.Tensor, plan: CutPlan) -> KeptUnits:
     """The units the plan keeps: in every row the ones with the largest masks (or scores)."""
     return KeptUnits(kept_indices(head, plan.k_head), kept_indices(ffn, plan.k_ffn))
+
+
+@dataclass(frozen=True)
+class ShapeCandidate:
+    """A whole-model shape the shape search measures: ``drop_layers`` layers removed and ``hidden`` channels
+    kept, before heads and FFN channels take the rest of the budget; ``layer_share`` / ``hidden_share`` are the
+    shares of the parameters to remove that were asked of each axis."""
+
+    drop_layers: int
+    hidden: int
+    layer_share: float
+    hidden_share: float
+
+
+SHAPE_SHARES: tuple[float, ...] = (0.0, 0.25, 0.5, 0.75, 1.0)
+"""The shares of the parameters to remove that the shape search offers to depth and to hidden width."""
+
+
+def candidate_shapes(
+    *,
+    removed: int,
+    num_layers: int,
+    hidden: int,
+    layer_params: int,
+    hidden_params,
+    axes: tuple[str, ...],
+    hidden_multiple: int = 1,
+    shares: tuple[float, ...] = SHAPE_SHARES,
+) -> list[ShapeCandidate]:
+    """The distinct shapes that give depth a share ``b`` and hidden width a share ``a`` of the ``removed``
+    parameters (``a + b <= 1``; heads and FFN channels take the rest), each axis only where ``axes`` allows it.
+    Layers dropped: ``b * removed / layer_params`` rounded down (at most ``num_layers - 1``); hidden channels
+    cut: ``a * removed`` over what one channel owns once the layers are dropped (``hidden_params(layers_left)``),
+    rounded down so the kept width is a multiple of ``hidden_multiple`` (at least one multiple). Rounding down
+    keeps every shape at or above the budget, so heads and FFN channels can fill it exactly."""
+    depth = shares if "layers" in axes else (0.0,)
+    width = shares if "hidden" in axes else (0.0,)
+    out: dict[tuple[int, int], ShapeCandidate] = {}
+    for b in depth:
+        for a in width:
+            if a + b > 1.0 + 1e-9:
+                continue
+            drop = min(num_layers - 1, int(b * removed // layer_params))
+            per_channel = hidden_params(num_layers - drop)
+            cut = int(a * removed // per_channel)
+            kept = max(hidden_multiple, -(-(hidden - cut) // hidden_multiple) * hidden_multiple)
+            kept = min(hidden, kept)
+            out.setdefault((drop, kept), ShapeCandidate(drop, kept, b, a))
+    return list(out.values())

@@ -30,6 +30,7 @@ class RunReport:
     shape: dict | None = None
     cut: dict | None = None
     split_search: dict | None = None
+    shape_search: dict | None = None
     calibration: str | None = None
     bias_compensation: dict | None = None
     kept_units: dict | None = None
@@ -50,7 +51,14 @@ class RunReport:
     gguf: dict | None = None
     out: str | None = None  # where the run was written (not saved in the file: the file is in it)
 
-    OPTIONAL: ClassVar[tuple[str, ...]] = ("distill", "validation", "recovery", "gguf", "reconstruction")
+    OPTIONAL: ClassVar[tuple[str, ...]] = (
+        "distill",
+        "validation",
+        "recovery",
+        "gguf",
+        "reconstruction",
+        "shape_search",
+    )
 
     def update(self, sections: dict[str, Any]) -> None:
         """Set several sections at once (``sections`` maps section names to values)."""

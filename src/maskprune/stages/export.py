@@ -74,9 +74,11 @@ def export(run: RunContext, outcome: Outcome, soft: dict, folder: Path) -> Expor
 
 def structure_sections(run: RunContext, outcome: Outcome, base: torch.nn.Module) -> dict:
     """The report's ``params`` and ``shape``: sizes against the budget, and the exported shape."""
-    s, cfg = run.structure, run.cfg
+    s, cfg = run.structure, run.cfg  # the structure of the model the heads / FFN cut was planned on
     exported = count_parameters(base)
     shape = run.adapter.shape(base.config)
+    dense = outcome.shape.dense if outcome.shape is not None else None  # before the shape search's cut
+    dense_params = dense["params"] if dense else s.dense_params
     prunable_kept = s.prunable_params - (s.dense_params - exported)
     layout = {
         kind: {"rows": lay.rows, "units_per_row": lay.units_per_row, "params_per_unit": lay.params_per_unit}
@@ -84,10 +86,10 @@ def structure_sections(run: RunContext, outcome: Outcome, base: torch.nn.Module)
     }
     return {
         "params": {
-            "dense": s.dense_params,
+            "dense": dense_params,
             "budget": run.budget,
             "exported": exported,
-            "sparsity": 1 - exported / s.dense_params,
+            "sparsity": 1 - exported / dense_params,
             "prunable_dense": s.prunable_params,
             "prunable_exported": prunable_kept,
             "prunable_removed_share": 1 - prunable_kept / s.prunable_params,
@@ -95,8 +97,11 @@ def structure_sections(run: RunContext, outcome: Outcome, base: torch.nn.Module)
         },
         "shape": {
             "num_hidden_layers": s.num_layers,
+            "hidden_size": shape["hidden_size"],
             **{k: shape[k] for k in ("num_attention_heads", "num_key_value_heads", "head_dim", "intermediate_size")},
             "dense": {
+                "num_hidden_layers": dense["num_hidden_layers"] if dense else s.num_layers,
+                "hidden_size": dense["hidden_size"] if dense else shape["hidden_size"],
                 "num_attention_heads": s.head.num_attention_heads,
                 "num_key_value_heads": s.head.num_key_value_heads,
                 "intermediate_size": s.ffn.units_per_row,
@@ -114,6 +119,7 @@ def selection_sections(run: RunContext, outcome: Outcome, soft: dict) -> dict:
     return {
         "cut": outcome.plan.to_dict(),
         "split_search": outcome.split,
+        "shape_search": outcome.shape.to_dict() if outcome.shape is not None else None,
         "calibration": outcome.calibration,
         "bias_compensation": (
             {

@@ -29,24 +29,28 @@ def score_and_plan(
     budget: int,
     device: torch.device,
     phases: "Phases",
+    *,
+    sigma_head: float | None = None,
 ):
     """A one-shot baseline: unit scores on the calibration windows, the same uniform cut (the head share
     ``head_cut_fraction``, or measured by the split search), FLAP's bias compensation where it applies.
     Long because the steps depend on each other in this order: scores -> split -> plan -> the compensation's
-    re-plan -> layer-by-layer scores on that plan."""
+    re-plan -> layer-by-layer scores on that plan. ``sigma_head``: the head share measured already (by the
+    shape search), so no split search here."""
     calib = windows[: cfg.calib_samples]
     compensate = cfg.bias_compensation == "on" or (
         cfg.bias_compensation == "auto" and cfg.method == "flap" and not cfg.reconstruct  # the re-fit replaces it
     )
     layerwise = cfg.resolved_layerwise_calibration()
     scores = stats = split = None
-    sigma_head = cfg.head_cut_fraction
-    if cfg.resolved_split_search() or not layerwise:  # the one-pass scores
+    searched = cfg.resolved_split_search() and sigma_head is None
+    sigma_head = cfg.head_cut_fraction if sigma_head is None else sigma_head
+    if searched or not layerwise:  # the one-pass scores
         with phases("score"):
             stats = activation_stats(model, adapter, calib, cfg.batch_size) if compensate else None
             scores = unit_scores(cfg.method, model, adapter, structure, calib, batch_size=cfg.batch_size, stats=stats)
     masks = MaskSet(structure).to(device).attach(model)  # all ones: nothing to fold
-    if cfg.resolved_split_search():
+    if searched:
         with phases("split"):
             split = measure_split(cfg, model, masks, structure, scores, windows, budget, device)
         sigma_head = split.best.k_head / structure.head.units_per_row

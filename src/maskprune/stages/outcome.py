@@ -41,6 +41,7 @@ class Outcome:
     extra_params: int = 0  # parameters the compensating biases add
     calibration: str | None = None  # one-shot baselines: "one-pass" or "layerwise" scoring
     scores: dict | None = None  # the one-shot scores that chose the units, summarised (score_summary)
+    shape: object | None = None  # the shape search's ShapeChoice (prune_axes hidden / layers), else None
 
 
 def measure_split(
@@ -69,7 +70,14 @@ def measure_split(
 
 
 def rebuild_for_export(
-    cfg: PruneConfig, model, adapter, structure: Structure, masks: MaskSet, device: torch.device, main: bool
+    cfg: PruneConfig,
+    model,
+    adapter,
+    structure: Structure,
+    masks: MaskSet,
+    device: torch.device,
+    main: bool,
+    reshape=None,
 ):
     """A fresh fp32 model for the cut and the export: base weights reloaded from the source in fp32, the
     learned LoRA (gathered whole when FSDP sharded it; every process takes part) and masks attached.
@@ -78,7 +86,8 @@ def rebuild_for_export(
     away most of its update (a LoRA delta is far below a bf16 weight's ulp) and SmolLM2's activation
     outliers turned that into logit errors of 5 on 36 (measured), so merge, fold and the parity check
     happen in fp32 and only the finished model is cast to ``export_dtype``. Sharded runs rebuild in host
-    memory (the model needed sharding); others on ``device``. Other ranks get ``(None, masks)``."""
+    memory (the model needed sharding); others on ``device``. Other ranks get ``(None, masks)``. ``reshape``:
+    called on the fresh model before anything is attached (the shape search's cut, repeated in fp32)."""
     lora = {n: D.full(p.detach()).float().cpu() for n, p in model.named_parameters() if "lora_" in n}
     if not main:
         return None, masks
@@ -91,6 +100,8 @@ def rebuild_for_export(
         cfg.model, gguf_file=cfg.gguf_file, trust_remote_code=cfg.trust_remote_code, device=where, dtype=torch.float32
     ).model
     adapter.unfuse_(fresh)
+    if reshape is not None:
+        reshape(fresh)
     if lora:
         fresh = attach_lora(fresh, adapter, cfg.lora_targets, rank=cfg.lora_rank, alpha=cfg.lora_alpha)
     params = dict(fresh.named_parameters())

@@ -16,11 +16,13 @@ from ..export import harden_
 from ..outputs import machine_info
 from ..runreport import RunReport
 from ..sequential import reconstruct_layerwise_
+from ..structure import Structure
 from ..version import __version__
 from .context import RunContext
 from .export import export, selection_sections, structure_sections
 from .learned import learn_and_plan, validation_curve
 from .oneshot import score_and_plan
+from .shape import apply_shape_, search_shape, wants_shape_search
 from .outcome import Outcome, rebuild_for_export, weight_dtype
 
 __all__ = ["run_stage", "choose_units"]
@@ -101,13 +103,37 @@ def choose_units(ctx: RunContext, ckpt_dir: Path) -> Outcome:
         ckpt_dir.mkdir(parents=True, exist_ok=True)
     if cfg.method == "maskprune":
         return learn_and_plan(ctx, ckpt_dir)
+    shape = _reshape(ctx) if wants_shape_search(cfg.prune_axes) else None
     args = (cfg, ctx.loaded.model, ctx.adapter, ctx.structure, ctx.windows, ctx.budget, ctx.device)
-    outcome = score_and_plan(*args, ctx.phases)
+    sigma_head = shape.k_head / ctx.structure.head.units_per_row if shape is not None else None
+    outcome = score_and_plan(*args, ctx.phases, sigma_head=sigma_head)
     if weight_dtype(cfg) != torch.float32:  # fold and verify in fp32, as for the learned masks
+        probe = _probe(ctx)
         outcome.model, outcome.masks = rebuild_for_export(
-            cfg, outcome.model, ctx.adapter, ctx.structure, outcome.masks, ctx.device, main
+            cfg,
+            outcome.model,
+            ctx.adapter,
+            ctx.structure,
+            outcome.masks,
+            ctx.device,
+            main,
+            reshape=(lambda m: apply_shape_(m, ctx.adapter, shape, probe, check=True)) if shape else None,
         )
+    outcome.shape = shape
     return outcome
+
+
+def _probe(ctx: RunContext) -> torch.Tensor:
+    return ctx.windows[:2, : min(ctx.cfg.seq_len, 64)]
+
+
+def _reshape(ctx: RunContext):
+    """The shape search, and the run's model cut to its choice (``ctx.structure`` now describes the cut model)."""
+    shape = search_shape(ctx)
+    fp32 = next(ctx.loaded.model.parameters()).dtype == torch.float32
+    apply_shape_(ctx.loaded.model, ctx.adapter, shape, _probe(ctx), check=fp32)
+    ctx.structure = Structure.of(ctx.loaded.model, ctx.adapter, ctx.cfg.gqa_policy)
+    return shape
 
 
 def _cut(ctx: RunContext, outcome: Outcome, ppl_dense: dict | None) -> tuple[dict | None, dict | None]:

@@ -1,0 +1,134 @@
+"""Importance of the whole-model axes: each decoder layer (depth) and each hidden channel (width of the residual
+stream), measured on calibration windows; and what one unit of each costs in parameters.
+
+- A layer's score is the KL of the model's next-token distribution with that layer skipped (its input passed
+  through) to the dense one: what removing it alone costs, measured on the output, as ShortGPT / Minitron's
+  depth ablations do (a cosine between a layer's input and output is cheaper but blind to the head).
+- A hidden channel's score aggregates the activations of every norm over the residual stream (Minitron's
+  embedding-channel importance): per norm, the channel's RMS output over all tokens divided by the norm's mean
+  RMS, summed over the norms (each norm weighs alike whatever its scale).
+"""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from .arch import DecoderAdapter, count_parameters
+from .losses import KLDirection, kl_divergence
+from .surgery import INPUT_ROLES, OUTPUT_ROLES, emulated_cut
+
+__all__ = ["hidden_channel_scores", "layer_skip_kl", "teacher_logits", "layer_params", "hidden_channel_params"]
+
+log = logging.getLogger(__name__)
+
+
+@torch.no_grad()
+def teacher_logits(model: nn.Module, windows: torch.Tensor, batch_size: int, autocast: torch.dtype | None) -> list:
+    """The model's logits on ``windows`` batch by batch (bf16 on the host: a reference to compare cuts with)."""
+    device = next(model.parameters()).device
+    out = []
+    with torch.autocast(device.type, dtype=autocast or torch.float32, enabled=autocast is not None):
+        for i in range(0, windows.shape[0], batch_size):
+            batch = windows[i : i + batch_size].to(device)
+            out.append(model(input_ids=batch, use_cache=False).logits.to(torch.bfloat16).cpu())
+    return out
+
+
+@torch.no_grad()
+def kl_to(
+    model: nn.Module,
+    windows: torch.Tensor,
+    reference: list,
+    batch_size: int,
+    *,
+    direction: KLDirection,
+    autocast: torch.dtype | None,
+) -> float:
+    """Mean per-token KL between ``model``'s distribution and ``reference`` (from :func:`teacher_logits`)."""
+    device = next(model.parameters()).device
+    total, tokens = 0.0, 0
+    with torch.autocast(device.type, dtype=autocast or torch.float32, enabled=autocast is not None):
+        for j, i in enumerate(range(0, windows.shape[0], batch_size)):
+            batch = windows[i : i + batch_size].to(device)
+            student = model(input_ids=batch, use_cache=False).logits
+            total += float(kl_divergence(student, reference[j].to(device), direction=direction)) * batch.numel()
+            tokens += batch.numel()
+    return total / max(1, tokens)
+
+
+def layer_skip_kl(
+    model: nn.Module,
+    adapter: DecoderAdapter,
+    windows: torch.Tensor,
+    reference: list,
+    batch_size: int,
+    *,
+    direction: KLDirection = "teacher_student",
+    autocast: torch.dtype | None = None,
+) -> torch.Tensor:
+    """``[L]``: the KL to ``reference`` (the dense logits) with each layer skipped alone (higher = keep)."""
+    n = len(adapter.layers(model))
+    scores = []
+    for i in tqdm(range(n), desc="layer importance", disable=not log.isEnabledFor(logging.INFO)):
+        with emulated_cut(model, adapter, keep_layers=[j for j in range(n) if j != i]):
+            scores.append(kl_to(model, windows, reference, batch_size, direction=direction, autocast=autocast))
+    return torch.tensor(scores)
+
+
+@torch.no_grad()
+def hidden_channel_scores(
+    model: nn.Module, adapter: DecoderAdapter, windows: torch.Tensor, batch_size: int
+) -> torch.Tensor:
+    """``[hidden]``: per channel, the sum over the norms over the residual stream of the channel's RMS output
+    relative to the norm's mean channel RMS (higher = keep)."""
+    hidden = int(model.config.hidden_size)
+    norms = [n for layer in adapter.layers(model) for _, n in adapter.residual_norms(layer, hidden)]
+    norms.append(adapter.final_norm(model))
+    sumsq = [torch.zeros(hidden, dtype=torch.float64) for _ in norms]
+
+    def hook(k):
+        def fn(_m, _args, out):
+            sumsq[k] += out.detach().double().pow(2).reshape(-1, hidden).sum(0).cpu()
+
+        return fn
+
+    handles = [n.register_forward_hook(hook(k)) for k, n in enumerate(norms)]
+    device = next(model.parameters()).device
+    try:
+        for i in range(0, windows.shape[0], batch_size):
+            model(input_ids=windows[i : i + batch_size].to(device), use_cache=False)
+    finally:
+        for h in handles:
+            h.remove()
+    rms = torch.stack(sumsq).sqrt()  # [norms, hidden] (the token count is common and cancels)
+    return (rms / rms.mean(dim=1, keepdim=True).clamp_min(1e-30)).sum(0).float()
+
+
+def layer_params(model: nn.Module, adapter: DecoderAdapter) -> int:
+    """Parameters of one decoder layer (all layers of a supported family have the same)."""
+    return count_parameters(adapter.layers(model)[0])
+
+
+def hidden_channel_params(model: nn.Module, adapter: DecoderAdapter, num_layers: int | None = None) -> int:
+    """Parameters one hidden channel owns in a model of ``num_layers`` layers (default: the model's): its
+    embedding column (and the LM head's, untied), the final norm's entry, and per layer the columns of every
+    projection reading the residual, the rows of every projection writing it and the norms' entries."""
+    hidden = int(model.config.hidden_size)
+    emb, head = adapter.embedding(model), adapter.lm_head(model)
+    total = emb.weight.shape[0] + (head.weight.shape[0] if head is not None and head.weight is not emb.weight else 0)
+    total += _norm_entries(adapter.final_norm(model))
+    layer = adapter.layers(model)[0]
+    per_layer = sum(adapter.proj(layer, r).weight.shape[0] for r in INPUT_ROLES)
+    for r in OUTPUT_ROLES:
+        lin = adapter.proj(layer, r)
+        per_layer += lin.weight.shape[1] + (1 if getattr(lin, "bias", None) is not None else 0)
+    per_layer += sum(_norm_entries(n) for _, n in adapter.residual_norms(layer, hidden))
+    return total + per_layer * (len(adapter.layers(model)) if num_layers is None else num_layers)
+
+
+def _norm_entries(norm: nn.Module) -> int:
+    return sum(1 for name in ("weight", "bias") if getattr(norm, name, None) is not None)

@@ -1,0 +1,194 @@
+"""The shape search: which whole-model shape a one-shot cut takes when ``prune_axes`` allows hidden width or
+depth (docs/method.md, "The shape search").
+
+Every candidate of :func:`maskprune.cut.candidate_shapes` (a share of the parameters to remove given to depth,
+a share to hidden width) is built from the dense model by :mod:`maskprune.surgery` (the least important layers
+dropped, the least important channels sliced, :mod:`maskprune.axis_scores`), its heads and FFN channels cut by
+the run's one-shot metric to the budget (every head/FFN split the budget allows when the split search is on),
+and ranked by the KL of that cut model to the dense one on ``split_search_samples`` windows. The lowest wins; the
+report carries every candidate's row."""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import logging
+
+import torch
+
+from ..axis_scores import (
+    hidden_channel_params,
+    hidden_channel_scores,
+    kl_to,
+    layer_params,
+    layer_skip_kl,
+    teacher_logits,
+)
+from ..baselines import unit_scores
+from ..cut import ShapeCandidate, candidate_shapes, candidate_splits, hard_masks, kept_indices, plan_cut
+from ..dtypes import autocast_dtype
+from ..errors import MaskPruneError
+from ..masks import MaskSet
+from ..structure import Structure
+from ..surgery import cut_parity, drop_layers_, emulated_cut, slice_hidden_
+from .context import RunContext
+
+__all__ = ["ShapeChoice", "search_shape", "apply_shape_", "wants_shape_search"]
+
+log = logging.getLogger(__name__)
+
+
+@dataclasses.dataclass
+class ShapeChoice:
+    """The chosen whole-model shape (layers and hidden channels kept), the head cut its best split takes, and
+    the evidence: every candidate measured, the layers' and channels' scores, the surgery's parity."""
+
+    keep_layers: list[int]
+    keep_hidden: torch.Tensor
+    k_head: int
+    dense: dict  # the dense model's params, layers and hidden size
+    candidates: list[dict]
+    layer_kl: list[float] | None
+    parity: float | None = None
+
+    def to_dict(self) -> dict:
+        return {
+            "dense": self.dense,
+            "kept_layers": list(self.keep_layers),
+            "hidden_size": int(self.keep_hidden.numel()),
+            "head_units_cut_per_row": self.k_head,
+            "candidates": self.candidates,
+            "layer_skip_kl": self.layer_kl,
+            "parity_max_rel_logit_diff": self.parity,
+            "protocol": "each shape's heads/FFN cut by the one-shot metric to the budget; KL to the dense model "
+            "on the first split_search_samples calibration windows",
+        }
+
+
+def wants_shape_search(axes: tuple[str, ...]) -> bool:
+    return bool(set(axes) & {"hidden", "layers"})
+
+
+def search_shape(ctx: RunContext) -> ShapeChoice:
+    """Measure every candidate shape on the dense model of ``ctx``; the one with the lowest KL after its cut."""
+    cfg, model, ad = ctx.cfg, ctx.loaded.model, ctx.adapter
+    win = ctx.windows[: cfg.split_search_samples]
+    autocast = autocast_dtype(cfg.dtype, ctx.device)
+    bs, direction = cfg.batch_size, cfg.kl_direction
+    n_layers, hidden = len(ad.layers(model)), int(model.config.hidden_size)
+    with ctx.phases("shape_search"):
+        reference = teacher_logits(model, win, bs, autocast)
+        layer_kl = (
+            layer_skip_kl(model, ad, win, reference, bs, direction=direction, autocast=autocast)
+            if "layers" in cfg.prune_axes
+            else torch.zeros(n_layers)
+        )
+        channels = (
+            hidden_channel_scores(model, ad, ctx.windows[: cfg.calib_samples], bs)
+            if "hidden" in cfg.prune_axes
+            else torch.ones(hidden)
+        )
+        shapes = candidate_shapes(
+            removed=ctx.structure.dense_params - ctx.budget,
+            num_layers=n_layers,
+            hidden=hidden,
+            layer_params=layer_params(model, ad),
+            hidden_params=lambda layers: hidden_channel_params(model, ad, layers),
+            axes=cfg.prune_axes,
+            hidden_multiple=cfg.hidden_multiple,
+        )
+        rows, best = [], None
+        for shape in shapes:
+            keep_layers, keep_hidden = _keep(shape, layer_kl, channels)
+            reduced = copy.deepcopy(model)
+            reshape_(reduced, ad, keep_layers, keep_hidden)
+            for row in _measure(ctx, reduced, shape, win, reference, autocast):
+                rows.append(row)
+                if row["kl"] is not None and (best is None or row["kl"] < best[0]["kl"]):
+                    best = (row, keep_layers, keep_hidden)
+            del reduced
+    if best is None:
+        raise MaskPruneError(
+            "no candidate shape reaches the parameter budget", fix="ask for a lower --sparsity or allow more axes"
+        )
+    row, keep_layers, keep_hidden = best
+    log.info(
+        "shape search: %s -> %d layers, hidden %d, %d head units cut per row (KL %.4f)",
+        ", ".join(f"{r['layers']}L/{r['hidden_size']}h/{r['k_head']}: {r['kl']:.4f}" for r in rows if r["kl"]),
+        len(keep_layers),
+        keep_hidden.numel(),
+        row["k_head"],
+        row["kl"],
+    )
+    dense = {"params": ctx.structure.dense_params, "num_hidden_layers": n_layers, "hidden_size": hidden}
+    lkl = layer_kl.tolist() if "layers" in cfg.prune_axes else None
+    return ShapeChoice(keep_layers, keep_hidden, row["k_head"], dense, rows, lkl)
+
+
+def _keep(shape: ShapeCandidate, layer_kl: torch.Tensor, channels: torch.Tensor) -> tuple[list[int], torch.Tensor]:
+    """The layers and channels a shape keeps: the highest-scored ones, in their original order."""
+    n = layer_kl.numel()
+    keep_layers = sorted(torch.sort(layer_kl, descending=True, stable=True).indices[: n - shape.drop_layers].tolist())
+    keep_hidden = torch.sort(channels, descending=True, stable=True).indices[: shape.hidden].sort().values
+    return keep_layers, keep_hidden
+
+
+def _measure(ctx: RunContext, reduced, shape: ShapeCandidate, win, reference, autocast) -> list[dict]:
+    """The KL after the heads/FFN cut of one reduced model, for each split considered (one row each)."""
+    cfg = ctx.cfg
+    s = Structure.of(reduced, ctx.adapter, cfg.gqa_policy)
+    base = {
+        "layers": s.num_layers,
+        "hidden_size": int(reduced.config.hidden_size),
+        "layer_share": shape.layer_share,
+        "hidden_share": shape.hidden_share,
+    }
+    mult = {"head_multiple": cfg.head_multiple, "ffn_multiple": cfg.ffn_multiple}
+    if s.dense_params < ctx.budget:  # the shape alone removes more than asked: not comparable with the others
+        return [{**base, "k_head": None, "k_ffn": None, "params": s.dense_params, "kl": None}]
+    try:
+        if cfg.resolved_split_search():
+            splits = candidate_splits(s, ctx.budget, **mult)
+        else:
+            splits = [plan_cut(s, sigma_head=cfg.head_cut_fraction, budget=ctx.budget, **mult)]
+    except MaskPruneError:  # the shape alone leaves too little for one head and channel per layer
+        return [{**base, "k_head": None, "k_ffn": None, "params": None, "kl": None}]
+    head, ffn = unit_scores(cfg.method, reduced, ctx.adapter, s, win, batch_size=cfg.batch_size)
+    masks = MaskSet(s).to(ctx.device).attach(reduced)
+    rows = []
+    try:
+        for p in splits:
+            masks.set_values_("head", hard_masks(torch.ones_like(head), kept_indices(head, p.k_head)))
+            masks.set_values_("ffn", hard_masks(torch.ones_like(ffn), kept_indices(ffn, p.k_ffn)))
+            kl = kl_to(reduced, win, reference, cfg.batch_size, direction=cfg.kl_direction, autocast=autocast)
+            rows.append({**base, "k_head": p.k_head, "k_ffn": p.k_ffn, "params": p.params, "kl": kl})
+    finally:
+        masks.detach()
+    return rows
+
+
+def reshape_(model, adapter, keep_layers: list[int], keep_hidden: torch.Tensor) -> None:
+    """Drop the layers and slice the hidden channels a shape does not keep (in place; no-ops where it keeps all)."""
+    if len(keep_layers) < len(adapter.layers(model)):
+        drop_layers_(model, adapter, keep_layers)
+    if keep_hidden.numel() < int(model.config.hidden_size):
+        slice_hidden_(model, adapter, keep_hidden)
+
+
+def apply_shape_(model, adapter, choice: ShapeChoice, probe: torch.Tensor, *, check: bool) -> None:
+    """Cut ``model`` to the chosen shape in place; with ``check`` (an fp32 model), compare it with the uncut model
+    emulating the cut on ``probe`` and record the largest relative logit difference in ``choice.parity``."""
+    reference = None
+    if check:
+        with torch.no_grad(), emulated_cut(
+            model, adapter, keep_layers=choice.keep_layers, keep_hidden=choice.keep_hidden
+        ):
+            reference = model(input_ids=probe.to(next(model.parameters()).device)).logits.float().cpu()
+    reshape_(model, adapter, choice.keep_layers, choice.keep_hidden)
+    if reference is not None:
+        choice.parity = cut_parity(reference, model, probe)
+        if choice.parity > 1e-4:
+            raise MaskPruneError(
+                "internal error: the shape cut does not compute what its emulation does",
+                found=f"largest relative logit difference {choice.parity:.2e}",
+            )
