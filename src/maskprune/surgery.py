@@ -40,7 +40,9 @@ def drop_layers_(model: nn.Module, adapter: DecoderAdapter, keep: Sequence[int])
     n = len(layers)
     kept = sorted(set(int(i) for i in keep))
     if not kept or kept[0] < 0 or kept[-1] >= n:
-        raise MaskPruneError("a depth cut must keep at least one layer", expected=f"indices in [0, {n})", found=str(kept))
+        raise MaskPruneError(
+            "a depth cut must keep at least one layer", expected=f"indices in [0, {n})", found=str(kept)
+        )
     owner = adapter.base(model)
     setattr(owner, adapter.layers_path.split(".")[-1], nn.ModuleList([layers[i] for i in kept]))
     for new_idx, layer in enumerate(adapter.layers(model)):

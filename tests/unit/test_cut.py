@@ -72,3 +72,23 @@ def test_cut_mass_is_exactly_zero_when_the_cut_masks_are():
     m = torch.rand(30, 1, 1536, generator=torch.Generator().manual_seed(0)) * 0.1 + 0.9
     kept = kept_indices(m, 1000)
     assert cut_mass_share(hard_masks(m, kept), kept) == 0.0
+
+
+def test_candidate_shapes_share_the_removal_and_stay_above_the_budget():
+    from maskprune.cut import candidate_shapes
+
+    def hidden_params(layers):
+        return 1000 + 50 * layers
+
+    kw = dict(removed=20_000, num_layers=10, hidden=64, layer_params=3_000, hidden_params=hidden_params)
+    only = candidate_shapes(**kw, axes=("heads", "ffn"))
+    assert [(c.drop_layers, c.hidden) for c in only] == [(0, 64)]
+    both = candidate_shapes(**kw, axes=("ffn", "hidden", "layers"), hidden_multiple=4)
+    assert (0, 64) in [(c.drop_layers, c.hidden) for c in both]
+    for c in both:
+        assert c.layer_share + c.hidden_share <= 1.0
+        removed = c.drop_layers * 3_000 + (64 - c.hidden) * hidden_params(10 - c.drop_layers)
+        assert removed <= 20_000 and c.hidden % 4 == 0
+    assert max(c.drop_layers for c in both) == 6  # all of it: 20000 // 3000
+    assert min(c.hidden for c in both) == 52  # 20000 // 1500 = 13 channels, rounded to keep 52
+    assert len({(c.drop_layers, c.hidden) for c in both}) == len(both)

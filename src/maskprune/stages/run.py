@@ -22,8 +22,8 @@ from .context import RunContext
 from .export import export, selection_sections, structure_sections
 from .learned import learn_and_plan, validation_curve
 from .oneshot import score_and_plan
-from .shape import apply_shape_, search_shape, wants_shape_search
 from .outcome import Outcome, rebuild_for_export, weight_dtype
+from .shape import apply_shape_, search_shape, wants_shape_search
 
 __all__ = ["run_stage", "choose_units"]
 

@@ -180,8 +180,9 @@ def apply_shape_(model, adapter, choice: ShapeChoice, probe: torch.Tensor, *, ch
     emulating the cut on ``probe`` and record the largest relative logit difference in ``choice.parity``."""
     reference = None
     if check:
-        with torch.no_grad(), emulated_cut(
-            model, adapter, keep_layers=choice.keep_layers, keep_hidden=choice.keep_hidden
+        with (
+            torch.no_grad(),
+            emulated_cut(model, adapter, keep_layers=choice.keep_layers, keep_hidden=choice.keep_hidden),
         ):
             reference = model(input_ids=probe.to(next(model.parameters()).device)).logits.float().cpu()
     reshape_(model, adapter, choice.keep_layers, choice.keep_hidden)

@@ -1,0 +1,123 @@
+"""Hidden-width and depth cuts: on a tiny model of every supported family the sliced stock checkpoint computes
+what the uncut model emulating the cut computes (tied heads tied, per-layer config lists consistent); the shape
+search runs end to end through the CLI; the options are refused where they do not apply."""
+
+from __future__ import annotations
+
+import copy
+import json
+
+import pytest
+import torch
+
+import tiny
+from maskprune.arch import count_parameters, get_adapter
+from maskprune.axis_scores import hidden_channel_params, layer_params
+from maskprune.cli import main
+from maskprune.surgery import cut_parity, drop_layers_, emulated_cut, slice_hidden_
+
+FAMILIES = [
+    "llama_gqa",
+    "llama_bias",
+    "mistral",
+    "qwen2",
+    "qwen3",
+    "gemma2",
+    "gemma3",
+    "granite",
+    "smollm3",
+    "olmo2",
+    "phi3",
+]
+
+
+@pytest.mark.parametrize("tied", [False, True])
+@pytest.mark.parametrize("kind", FAMILIES)
+def test_depth_and_hidden_cuts_export_stock_in_parity(kind, tied, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    model = tiny.make_model(kind, tied=tied, layers=4)
+    adapter = get_adapter(model.config.model_type)
+    adapter.unfuse_(model)
+    probe = torch.randint(0, tiny.VOCAB, (2, 24))
+    keep_hidden = torch.randperm(64, generator=torch.Generator().manual_seed(1))[:40]
+    keep_layers = [0, 2, 3]
+    with torch.no_grad():
+        dense = model(input_ids=probe).logits.float()
+        with emulated_cut(model, adapter, keep_layers=keep_layers, keep_hidden=keep_hidden):
+            reference = model(input_ids=probe).logits.float()
+    assert (dense - reference).abs().max() > 0.1  # the emulation changes the function: the check below can fail
+    cut = copy.deepcopy(model)
+    drop_layers_(cut, adapter, keep_layers)
+    slice_hidden_(cut, adapter, keep_hidden)
+    assert cut_parity(reference, cut, probe) < 1e-5
+    adapter.fuse_(cut)
+    cut.save_pretrained(tmp_path)
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path, dtype=torch.float32).eval()
+    assert cut_parity(reference, reloaded, probe) < 1e-5
+    cfg = reloaded.config
+    assert (cfg.hidden_size, cfg.num_hidden_layers) == (40, 3)
+    for key, value in cfg.to_dict().items():  # every per-layer list kept consistent
+        if isinstance(value, list) and key in ("layer_types", "no_rope_layers"):
+            assert len(value) == 3, key
+    if tied:
+        assert reloaded.get_output_embeddings().weight is reloaded.get_input_embeddings().weight
+    # the accounting the shape search plans with
+    fresh = tiny.make_model(kind, tied=tied, layers=4)
+    get_adapter(fresh.config.model_type).unfuse_(fresh)
+    assert count_parameters(model) - count_parameters(reloaded) == (
+        layer_params(fresh, adapter) + 24 * hidden_channel_params(fresh, adapter, 3)
+    )
+
+
+def test_gemma_layer_pattern_follows_the_kept_layers():
+    model = tiny.make_model("gemma3", layers=6)
+    model.config.layer_types = ["sliding_attention", "full_attention"] * 3
+    adapter = get_adapter(model.config.model_type)
+    drop_layers_(model, adapter, [1, 2, 5])
+    assert model.config.layer_types == ["full_attention", "sliding_attention", "full_attention"]
+    assert [layer.self_attn.layer_idx for layer in adapter.layers(model)] == [0, 1, 2]
+
+
+@pytest.mark.parametrize("kind", ["llama_gqa", "gemma3", "phi3"])
+def test_the_shape_search_cuts_hidden_and_depth_through_the_cli(kind, tmp_path, capsys, monkeypatch):
+    from transformers import AutoModelForCausalLM
+
+    import maskprune.stages.shape as stage
+
+    real = stage.candidate_shapes
+
+    def forced(**kw):  # only shapes that cut the hidden width and a layer: the export must carry both
+        return [c for c in real(**kw) if c.drop_layers and c.hidden < 64] or pytest.fail("no such shape")
+
+    monkeypatch.setattr(stage, "candidate_shapes", forced)
+    dense = tiny.save_tiny(tmp_path / kind, kind, tied=kind == "gemma3")
+    # four layers, so a layer can go at this sparsity
+    m = tiny.make_model(kind, tied=kind == "gemma3", layers=4)
+    m.save_pretrained(dense)
+    calib = tiny.write_calib(tmp_path / "calib.jsonl")
+    out = tmp_path / "out"
+    argv = ["-q", "prune", str(dense), "--method", "wanda-sp", "--sparsity", "0.45", "--split-search", "--reconstruct"]
+    argv += ["--prune-axes", "heads,ffn,hidden,layers", "--hidden-multiple", "4", "--no-report", "--out", str(out)]
+    assert main([*argv, *tiny.small_run(calib)]) == 0, capsys.readouterr().err
+    r = json.loads((out / "maskprune_report.json").read_text())
+    shape = r["shape_search"]
+    assert shape["hidden_size"] < 64 and len(shape["kept_layers"]) < 4 and shape["parity_max_rel_logit_diff"] < 1e-4
+    assert r["shape"]["hidden_size"] == shape["hidden_size"] and r["shape"]["dense"]["hidden_size"] == 64
+    chosen = min((c for c in shape["candidates"] if c["kl"] is not None), key=lambda c: c["kl"])
+    assert (chosen["hidden_size"], chosen["layers"]) == (shape["hidden_size"], len(shape["kept_layers"]))
+    model = AutoModelForCausalLM.from_pretrained(out)
+    assert sum(p.numel() for p in model.parameters()) == r["params"]["exported"] <= r["params"]["budget"]
+    assert r["params"]["dense"] == count_parameters(m) and r["parity"]["max_abs_diff"] <= r["parity"]["tolerance"]
+    assert model.config.hidden_size == shape["hidden_size"]
+
+
+def test_prune_axes_are_checked(tiny_dir, tmp_path, capsys):
+    base = ["-q", "prune", str(tiny_dir), "--out", str(tmp_path / "x")]
+    assert main([*base, "--prune-axes", "heads,ffn,hidden"]) == 2
+    assert "one-shot methods so far" in capsys.readouterr().err
+    assert main([*base, "--method", "wanda-sp", "--prune-axes", "heads,hidden"]) == 2
+    assert "include ffn" in capsys.readouterr().err
+    assert main([*base, "--method", "wanda-sp", "--prune-axes", "heads,ffn,width"]) == 2
+    assert "prune_axes must be among" in capsys.readouterr().err
+    assert not (tmp_path / "x").exists()
