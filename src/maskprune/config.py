@@ -282,11 +282,6 @@ class CutConfig(_Group):
                 f"prune_axes must be among {','.join(PRUNE_AXES)} and include ffn (it fills the budget), found "
                 f"{','.join(self.prune_axes) or 'none'}: e.g. --prune-axes heads,ffn,hidden,layers"
             )
-        if self.method == "maskprune" and set(self.prune_axes) - {"heads", "ffn"}:
-            problems.append(
-                "prune_axes hidden and layers apply to one-shot methods so far (--method wanda-sp, flap, ...); the "
-                "learned recipe cuts heads and ffn: drop them from --prune-axes or pick a --method"
-            )
         if not 0.0 <= self.head_cut_fraction < 1.0:
             problems.append(
                 f"head_cut_fraction must be in [0, 1) (of each row's head units), found {self.head_cut_fraction}"
@@ -295,11 +290,6 @@ class CutConfig(_Group):
             problems.append(
                 f"layerwise_calibration applies to the activation metrics (--method wanda-sp or flap), found method "
                 f"{self.method!r}: drop --layerwise-calibration"
-            )
-        if self.reconstruct and self.method == "maskprune":
-            problems.append(
-                "reconstruct applies to one-shot methods so far (--method flap, wanda-sp, ...): the learned recipe's "
-                "cut is not re-fit yet; drop --reconstruct or pick a --method"
             )
         if self.reconstruct and self.bias_compensation == "on":
             problems.append(
@@ -365,6 +355,14 @@ class SelectionConfig(_Group):
     mask_lr_schedule: Literal["cosine", "constant"] = _opt(
         "cosine",
         """Mask learning rate over the selection phase: half a cosine to 0 at the freeze, or constant.""",
+    )
+    cut_first: bool = _opt(
+        False,
+        """Where the selection is fixed at step 0 (the default recipe: a one-shot prior, ``freeze_share`` 0), cut
+    first and distil the sliced model: the prior's units by the measured split (and ``--prune-axes``,
+    ``--reconstruct`` where asked) are cut and exported, then ``steps`` steps of distillation train that smaller
+    model, each step cheaper than the masked full-width model's (docs/method.md, "Distilling the sliced
+    model"). A learned selection (``--recipe paper``, ``--freeze-share`` > 0) keeps the masked path.""",
     )
     freeze_share: float = _opt(
         0.0,
@@ -865,6 +863,26 @@ def _method_problems(cfg: PruneConfig) -> list[str]:
     """Rules between the method (cut), the learned selection's options and the batch (data)."""
     method, sel, data = cfg.cut.method, cfg.selection, cfg.data
     problems = []
+    shaped = set(cfg.cut.prune_axes) - {"heads", "ffn"}
+    if method == "maskprune" and not sel.cut_first and (shaped or cfg.cut.reconstruct):
+        problems.append(
+            ("prune_axes hidden and layers" if shaped else "reconstruct")
+            + " apply to a cut made before training: one-shot methods (--method wanda-sp, flap, ...) or the default "
+            "recipe with --cut-first; the masked learned recipe cuts heads and ffn at the end and does not re-fit: "
+            + ("drop them from --prune-axes" if shaped else "drop --reconstruct")
+            + ", add --cut-first or pick a --method"
+        )
+    if sel.cut_first and (
+        method != "maskprune" or sel.mask_init == "ones" or sel.freeze_share or sel.recipe != "maskprune"
+    ):
+        problems.append(
+            "cut_first distils the sliced model where the default recipe fixes the selection at step 0 (method "
+            f"maskprune, a one-shot mask_init, freeze_share 0), found method {method!r}, mask_init "
+            f"{sel.mask_init!r}, freeze_share {sel.freeze_share}, recipe {sel.recipe!r}: drop --cut-first (a "
+            "--method with --recover-steps is the one-shot equivalent)"
+        )
+    if sel.cut_first and (cfg.training.recover_steps or cfg.source.teacher is not None):
+        problems.append("cut_first already distils after the cut for --steps steps: drop --recover-steps")
     if method == "maskprune" and 1 <= data.calib_samples < data.batch_size:
         problems.append(
             f"batch_size {data.batch_size} is larger than calib_samples {data.calib_samples}: every "

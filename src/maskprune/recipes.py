@@ -4,7 +4,8 @@
 - :func:`distill_recipe`: the same stages on a pruned student with a separate teacher and nothing to select
   (``maskprune distill``).
 - :func:`prune_then_recover`: a prune into ``<out>.cut``, then a distillation of that export from the dense
-  model into ``out`` (``maskprune prune --recover-steps N``); one report that tells both.
+  model into ``out`` (``maskprune prune --recover-steps N``); one report that tells both. The default recipe
+  with ``--cut-first`` runs as this (:func:`cut_first_config`).
 
 Every recipe writes its output folder under a staging name (renamed only when every step, the parity checks
 included, passed), and writes the run's report once, with the model card, the figures and the GGUF beside it.
@@ -32,7 +33,7 @@ from .runreport import RunReport
 from .stages.context import setup
 from .stages.run import run_stage
 
-__all__ = ["run", "prune_recipe", "distill_recipe", "prune_then_recover", "distill_config"]
+__all__ = ["run", "prune_recipe", "distill_recipe", "prune_then_recover", "distill_config", "cut_first_config"]
 
 log = logging.getLogger(__name__)
 
@@ -49,6 +50,8 @@ def run(cfg: PruneConfig, *, progress: bool = True) -> dict:
             preflight(cfg.gguf)
         if cfg.has_teacher:
             return distill_recipe(cfg, progress=progress)
+        if cfg.cut_first:
+            return prune_then_recover(cut_first_config(cfg), progress=progress)
         if cfg.recover_steps:
             return prune_then_recover(cfg, progress=progress)
         return prune_recipe(cfg, progress=progress)
@@ -80,6 +83,18 @@ def distill_config(cfg: PruneConfig) -> PruneConfig:
             "distill needs a teacher", fix="pass --teacher DENSE (the model the student was pruned from)"
         )
     return cfg.replace(**DISTILL_SETTINGS).validate()
+
+
+def cut_first_config(cfg: PruneConfig) -> PruneConfig:
+    """The default recipe with ``cut_first`` as the prune + recovery it is: the one-shot prior's metric cuts (one
+    pass, the split measured as the masked path measures it), then ``steps`` steps distil the sliced model."""
+    return cfg.replace(
+        method=cfg.mask_init,
+        split_search=cfg.resolved_split_search(),
+        layerwise_calibration=False,
+        recover_steps=cfg.steps,
+        cut_first=False,
+    ).validate()
 
 
 def prune_then_recover(cfg: PruneConfig, *, progress: bool = True) -> dict:
@@ -130,7 +145,8 @@ def _recovery_configs(cfg: PruneConfig, out: Path, cut_dir: Path) -> tuple[Prune
             teacher_gguf_file=cfg.gguf_file,
             steps=cfg.recover_steps,
             recover_steps=0,
-            reconstruct=False,  # the cut was re-fit (or not) by the cut stage; the recovery keeps its structure
+            reconstruct=False,  # the cut was re-fit (or not) and shaped by the cut stage; the recovery keeps it
+            prune_axes=("heads", "ffn"),
             out=str(out),
             report=False,
         )

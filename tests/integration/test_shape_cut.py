@@ -115,9 +115,53 @@ def test_the_shape_search_cuts_hidden_and_depth_through_the_cli(kind, tmp_path, 
 def test_prune_axes_are_checked(tiny_dir, tmp_path, capsys):
     base = ["-q", "prune", str(tiny_dir), "--out", str(tmp_path / "x")]
     assert main([*base, "--prune-axes", "heads,ffn,hidden"]) == 2
-    assert "one-shot methods so far" in capsys.readouterr().err
+    assert "a cut made before training" in capsys.readouterr().err
     assert main([*base, "--method", "wanda-sp", "--prune-axes", "heads,hidden"]) == 2
     assert "include ffn" in capsys.readouterr().err
     assert main([*base, "--method", "wanda-sp", "--prune-axes", "heads,ffn,width"]) == 2
     assert "prune_axes must be among" in capsys.readouterr().err
     assert not (tmp_path / "x").exists()
+
+
+def test_cut_first_distils_the_sliced_model(tiny_dir, calib, tmp_path, capsys):
+    from transformers import AutoModelForCausalLM
+
+    out = tmp_path / "cf"
+    argv = ["-q", "prune", str(tiny_dir), "--cut-first", "--reconstruct", "--steps", "3", "--sparsity", "0.3"]
+    assert main([*argv, *tiny.small_run(calib), "--no-report", "--out", str(out)]) == 0, capsys.readouterr().err
+    r = json.loads((out / "maskprune_report.json").read_text())
+    # the default recipe's selection (the wanda-sp prior in one pass, the measured split), cut, re-fit, then
+    # every step on the sliced model
+    assert r["config"]["method"] == "wanda-sp" and r["calibration"] == "one-pass" and r["split_search"]
+    assert r["recovery"]["steps"] == 3 and r["reconstruction"]["relative_error"]["down_after"]
+    assert r["perplexity"]["before_recovery"] is not None
+    model = AutoModelForCausalLM.from_pretrained(out)
+    assert sum(p.numel() for p in model.parameters()) == r["params"]["exported"] <= r["params"]["budget"]
+    assert not (tmp_path / "cf.cut").exists()
+
+
+def test_cut_first_is_refused_where_the_selection_is_learned(tiny_dir, tmp_path, capsys):
+    base = ["-q", "prune", str(tiny_dir), "--cut-first", "--out", str(tmp_path / "x")]
+    for extra in (["--recipe", "paper"], ["--freeze-share", "0.5"], ["--method", "flap"]):
+        assert main([*base, *extra]) == 2
+        assert "cut_first distils the sliced model" in capsys.readouterr().err
+    assert main([*base, "--recover-steps", "5"]) == 2
+    assert "drop --recover-steps" in capsys.readouterr().err
+    assert not (tmp_path / "x").exists()
+
+
+def test_a_narrower_student_needs_equal_widths_only_for_the_layer_mse(tmp_path):
+    from maskprune.errors import MaskPruneError
+    from maskprune.stages.teacher import check_teacher
+
+    teacher = tiny.make_model("llama_gqa", layers=4)
+    student = copy.deepcopy(teacher)
+    adapter = get_adapter("llama")
+    drop_layers_(student, adapter, [0, 1, 3])
+    slice_hidden_(student, adapter, torch.arange(48))
+    tok = tiny.make_tokenizer()
+    check_teacher(adapter, student, tok, teacher, tok)  # logits only: fine
+    with pytest.raises(MaskPruneError, match="layer-wise MSE"):
+        check_teacher(adapter, student, tok, teacher, tok, layerwise=True)
+    with pytest.raises(MaskPruneError, match="hidden_size: student 64 > teacher 48"):
+        check_teacher(adapter, teacher, tok, student, tok)

@@ -23,14 +23,18 @@ def load_teacher(cfg: PruneConfig, adapter: DecoderAdapter, student: LoadedModel
         device=device,
         dtype=autocast_dtype(cfg.dtype) or torch.float32,
     )
-    check_teacher(adapter, student.model, student.tokenizer, teacher.model, teacher.tokenizer)
+    check_teacher(adapter, student.model, student.tokenizer, teacher.model, teacher.tokenizer, layerwise=cfg.alpha > 0)
     teacher.model.requires_grad_(False)
     return teacher.model.eval()
 
 
-def check_teacher(adapter: DecoderAdapter, student, student_tok, teacher, teacher_tok) -> None:
+def check_teacher(
+    adapter: DecoderAdapter, student, student_tok, teacher, teacher_tok, *, layerwise: bool = False
+) -> None:
     """Refuse, before any heavy work, a teacher the student cannot learn from: another tokenizer or
-    vocabulary, another family, another hidden size or depth, or a student larger than its teacher."""
+    vocabulary, another family or head size, a student larger than its teacher in any dimension, or (for the
+    layer-wise MSE, ``layerwise``) another hidden size or depth: a hidden or depth cut (``--prune-axes``) makes a
+    student narrower or shallower, which the logit distillation does not mind."""
     problems = []
     if type(teacher).__name__ != type(student).__name__ or teacher.config.model_type != student.config.model_type:
         problems.append(
@@ -39,10 +43,12 @@ def check_teacher(adapter: DecoderAdapter, student, student_tok, teacher, teache
         )
     else:
         s, t = adapter.shape(student.config), adapter.shape(teacher.config)
-        for key in ("hidden_size", "num_hidden_layers", "vocab_size", "head_dim"):
+        for key in ("vocab_size", "head_dim") + (("hidden_size", "num_hidden_layers") if layerwise else ()):
             if s[key] != t[key]:
-                problems.append(f"{key}: student {s[key]}, teacher {t[key]} (structured pruning keeps it)")
-        for key in ("num_attention_heads", "num_key_value_heads", "intermediate_size"):
+                why = "the layer-wise MSE (--alpha) compares hidden states" if layerwise else "pruning keeps it"
+                problems.append(f"{key}: student {s[key]}, teacher {t[key]} ({why})")
+        keys = ("num_attention_heads", "num_key_value_heads", "intermediate_size", "hidden_size", "num_hidden_layers")
+        for key in keys:
             if s[key] > t[key]:
                 problems.append(f"{key}: student {s[key]} > teacher {t[key]} (a pruned model has at most as many)")
     if student_tok.get_vocab() != teacher_tok.get_vocab():
