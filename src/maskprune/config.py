@@ -201,6 +201,16 @@ class CutConfig(_Group):
         8,
         """Round the kept hidden width to a multiple of this (a hidden cut only).""",
     )
+    keep_hidden: int | None = _opt(
+        None,
+        """Hidden width to keep, instead of searching it (needs hidden in ``prune_axes``; heads and FFN channels
+    fill the rest of the budget).""",
+    )
+    keep_layers: int | None = _opt(
+        None,
+        """Decoder layers to keep (the most important by skip-KL), instead of searching the depth (needs layers in
+    ``prune_axes``).""",
+    )
     head_multiple: int = _opt(
         1,
         """Round the kept head count (per KV group under ``query``) to a multiple of this.""",
@@ -276,6 +286,10 @@ class CutConfig(_Group):
                 )
         elif self.budget_params <= 0:
             problems.append(f"budget_params must be a positive parameter count, found {self.budget_params}")
+        for key, axis in (("keep_hidden", "hidden"), ("keep_layers", "layers")):
+            value = getattr(self, key)
+            if value is not None and (value < 1 or axis not in self.prune_axes):
+                problems.append(f"{key} must be a positive count with {axis} in prune_axes, found {value}")
         unknown = [a for a in self.prune_axes if a not in PRUNE_AXES]
         if unknown or "ffn" not in self.prune_axes:
             problems.append(

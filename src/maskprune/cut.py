@@ -185,8 +185,8 @@ class ShapeCandidate:
 
     drop_layers: int
     hidden: int
-    layer_share: float
-    hidden_share: float
+    layer_share: float | None  # None: a shape the user fixed, not one of the searched shares
+    hidden_share: float | None
 
 
 SHAPE_SHARES: tuple[float, ...] = (0.0, 0.25, 0.5, 0.75, 1.0)

@@ -165,3 +165,16 @@ def test_a_narrower_student_needs_equal_widths_only_for_the_layer_mse(tmp_path):
         check_teacher(adapter, student, tok, teacher, tok, layerwise=True)
     with pytest.raises(MaskPruneError, match="hidden_size: student 64 > teacher 48"):
         check_teacher(adapter, teacher, tok, student, tok)
+
+
+def test_a_fixed_shape_is_cut_and_an_impossible_one_refused(tiny_dir, calib, tmp_path, capsys):
+    base = ["-q", "prune", str(tiny_dir), "--method", "wanda-sp", "--prune-axes", "heads,ffn,hidden,layers"]
+    base += [*tiny.small_run(calib, evaluate=False), "--no-report", "--sparsity", "0.4"]
+    assert main([*base, "--keep-hidden", "40", "--out", str(tmp_path / "a")]) == 0, capsys.readouterr().err
+    r = json.loads((tmp_path / "a" / "maskprune_report.json").read_text())
+    assert r["shape"]["hidden_size"] == 40 and [c["hidden_size"] for c in r["shape_search"]["candidates"]] == [40]
+    assert main([*base, "--keep-hidden", "48", "--keep-layers", "1", "--out", str(tmp_path / "b")]) == 2
+    assert "removes more than the budget" in capsys.readouterr().err
+    assert main([*base, "--keep-layers", "1", "--prune-axes", "heads,ffn", "--out", str(tmp_path / "c")]) == 2
+    assert "keep_layers must be a positive count with layers in prune_axes" in capsys.readouterr().err
+    assert not (tmp_path / "b").exists() and not (tmp_path / "c").exists()

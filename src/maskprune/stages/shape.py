@@ -97,6 +97,7 @@ def search_shape(ctx: RunContext) -> ShapeChoice:
             axes=cfg.prune_axes,
             hidden_multiple=cfg.hidden_multiple,
         )
+        shapes = _fixed(shapes, cfg.keep_layers, cfg.keep_hidden, n_layers, hidden)
         rows, best = [], None
         for shape in shapes:
             keep_layers, keep_hidden = _keep(shape, layer_kl, channels)
@@ -108,8 +109,17 @@ def search_shape(ctx: RunContext) -> ShapeChoice:
                     best = (row, keep_layers, keep_hidden)
             del reduced
     if best is None:
+        fixed = cfg.keep_layers is not None or cfg.keep_hidden is not None
         raise MaskPruneError(
-            "no candidate shape reaches the parameter budget", fix="ask for a lower --sparsity or allow more axes"
+            "no candidate shape meets the parameter budget",
+            found="; ".join(
+                f"{r['layers']} layers, hidden {r['hidden_size']}: "
+                + ("removes more than the budget" if r["params"] else "leaves too little for heads and FFN")
+                for r in rows
+            ),
+            fix="keep more layers or hidden channels (--keep-layers / --keep-hidden)"
+            if fixed
+            else "ask for a lower --sparsity",
         )
     row, keep_layers, keep_hidden = best
     log.info(
@@ -123,6 +133,22 @@ def search_shape(ctx: RunContext) -> ShapeChoice:
     dense = {"params": ctx.structure.dense_params, "num_hidden_layers": n_layers, "hidden_size": hidden}
     lkl = layer_kl.tolist() if "layers" in cfg.prune_axes else None
     return ShapeChoice(keep_layers, keep_hidden, row["k_head"], dense, rows, lkl)
+
+
+def _fixed(shapes: list[ShapeCandidate], layers: int | None, width: int | None, n_layers: int, hidden: int):
+    """The candidates with the depth and / or width the user fixed (``keep_layers``, ``keep_hidden``): the
+    searched ones that match, or that one shape alone."""
+    if layers is None and width is None:
+        return shapes
+    if (layers is not None and layers > n_layers) or (width is not None and width > hidden):
+        raise MaskPruneError(
+            "keep_layers / keep_hidden cannot exceed the model's",
+            expected=f"at most {n_layers} layers and {hidden} hidden channels",
+            found=f"keep_layers {layers}, keep_hidden {width}",
+        )
+    drop = None if layers is None else n_layers - layers
+    match = [s for s in shapes if drop in (None, s.drop_layers) and width in (None, s.hidden)]
+    return match or [ShapeCandidate(drop or 0, width or hidden, None, None)]
 
 
 def _keep(shape: ShapeCandidate, layer_kl: torch.Tensor, channels: torch.Tensor) -> tuple[list[int], torch.Tensor]:
