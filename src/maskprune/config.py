@@ -201,6 +201,16 @@ class CutConfig(_Group):
         8,
         """Round the kept hidden width to a multiple of this (a hidden cut only).""",
     )
+    shape_trial_steps: int = _opt(
+        0,
+        """Steps of a short distillation of each of the ``shape_finalists`` best-ranked shapes, the winner then
+    chosen by held-out KL after it (Minitron: rankings before training can mislead). 0 (default): the KL right
+    after the cut decides.""",
+    )
+    shape_finalists: int = _opt(
+        3,
+        """How many of the best-ranked shapes the short distillation compares (with ``shape_trial_steps`` > 0).""",
+    )
     keep_hidden: int | None = _opt(
         None,
         """Hidden width to keep, instead of searching it (needs hidden in ``prune_axes``; heads and FFN channels
@@ -277,7 +287,9 @@ class CutConfig(_Group):
         return self.method in ("wanda-sp", "flap")
 
     def problems(self) -> list[str]:
-        problems = _at_least_one(self, ("head_multiple", "ffn_multiple", "hidden_multiple", "split_search_samples"))
+        problems = _at_least_one(
+            self, ("head_multiple", "ffn_multiple", "hidden_multiple", "split_search_samples", "shape_finalists")
+        )
         if self.budget_params is None:
             if self.sparsity is None or not (0.0 < self.sparsity < 1.0):
                 problems.append(
@@ -286,6 +298,8 @@ class CutConfig(_Group):
                 )
         elif self.budget_params <= 0:
             problems.append(f"budget_params must be a positive parameter count, found {self.budget_params}")
+        if self.shape_trial_steps < 0:
+            problems.append(f"shape_trial_steps must be >= 0, found {self.shape_trial_steps}")
         for key, axis in (("keep_hidden", "hidden"), ("keep_layers", "layers")):
             value = getattr(self, key)
             if value is not None and (value < 1 or axis not in self.prune_axes):

@@ -178,3 +178,15 @@ def test_a_fixed_shape_is_cut_and_an_impossible_one_refused(tiny_dir, calib, tmp
     assert main([*base, "--keep-layers", "1", "--prune-axes", "heads,ffn", "--out", str(tmp_path / "c")]) == 2
     assert "keep_layers must be a positive count with layers in prune_axes" in capsys.readouterr().err
     assert not (tmp_path / "b").exists() and not (tmp_path / "c").exists()
+
+
+def test_shape_trials_distil_the_finalists_and_pick_by_kl_after(tiny_dir, calib, tmp_path, capsys):
+    out = tmp_path / "t"
+    argv = ["-q", "prune", str(tiny_dir), "--method", "wanda-sp", "--prune-axes", "heads,ffn,hidden,layers"]
+    argv += ["--shape-trial-steps", "2", "--shape-finalists", "2", "--sparsity", "0.3", "--no-report"]
+    assert main([*argv, *tiny.small_run(calib, evaluate=False), "--out", str(out)]) == 0, capsys.readouterr().err
+    r = json.loads((out / "maskprune_report.json").read_text())
+    tried = [c for c in r["shape_search"]["candidates"] if "trial_kl" in c]
+    assert len(tried) == 2 and all(c["trial_kl"] > 0 for c in tried)
+    won = min(tried, key=lambda c: c["trial_kl"])
+    assert (won["hidden_size"], won["layers"]) == (r["shape"]["hidden_size"], r["shape"]["num_hidden_layers"])

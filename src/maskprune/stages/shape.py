@@ -5,8 +5,9 @@ Every candidate of :func:`maskprune.cut.candidate_shapes` (a share of the parame
 a share to hidden width) is built from the dense model by :mod:`maskprune.surgery` (the least important layers
 dropped, the least important channels sliced, :mod:`maskprune.axis_scores`), its heads and FFN channels cut by
 the run's one-shot metric to the budget (every head/FFN split the budget allows when the split search is on),
-and ranked by the KL of that cut model to the dense one on ``split_search_samples`` windows. The lowest wins; the
-report carries every candidate's row."""
+and ranked by the KL of that cut model to the dense one on ``split_search_samples`` windows. The lowest wins, or,
+with ``shape_trial_steps``, the best ``shape_finalists`` are each distilled that many steps and the lowest held-out
+KL after it wins; the report carries every candidate's row."""
 
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ import dataclasses
 import logging
 
 import torch
+from tqdm.auto import tqdm
 
 from ..axis_scores import (
     hidden_channel_params,
@@ -25,13 +27,16 @@ from ..axis_scores import (
     teacher_logits,
 )
 from ..baselines import unit_scores
-from ..cut import ShapeCandidate, candidate_shapes, candidate_splits, hard_masks, kept_indices, plan_cut
+from ..config import DISTILL_SETTINGS
+from ..cut import KeptUnits, ShapeCandidate, candidate_shapes, candidate_splits, hard_masks, kept_indices, plan_cut
 from ..dtypes import autocast_dtype
 from ..errors import MaskPruneError
+from ..export import fold_and_slice_
 from ..masks import MaskSet
 from ..structure import Structure
 from ..surgery import cut_parity, drop_layers_, emulated_cut, slice_hidden_
 from .context import RunContext
+from .learned import build_learner
 
 __all__ = ["ShapeChoice", "search_shape", "apply_shape_", "wants_shape_search"]
 
@@ -98,16 +103,21 @@ def search_shape(ctx: RunContext) -> ShapeChoice:
             hidden_multiple=cfg.hidden_multiple,
         )
         shapes = _fixed(shapes, cfg.keep_layers, cfg.keep_hidden, n_layers, hidden)
-        rows, best = [], None
+        rows, ranked = [], []
         for shape in shapes:
             keep_layers, keep_hidden = _keep(shape, layer_kl, channels)
             reduced = copy.deepcopy(model)
             reshape_(reduced, ad, keep_layers, keep_hidden)
-            for row in _measure(ctx, reduced, shape, win, reference, autocast):
-                rows.append(row)
-                if row["kl"] is not None and (best is None or row["kl"] < best[0]["kl"]):
-                    best = (row, keep_layers, keep_hidden)
+            measured = _measure(ctx, reduced, shape, win, reference, autocast)
+            rows += measured
+            scored = [r for r in measured if r["kl"] is not None]
+            if scored:  # the shape's best split stands for it
+                ranked.append((min(scored, key=lambda r: r["kl"]), keep_layers, keep_hidden))
             del reduced
+        ranked.sort(key=lambda entry: entry[0]["kl"])
+        best = ranked[0] if ranked else None
+        if cfg.shape_trial_steps and len(ranked) > 1:
+            best = _trials(ctx, ranked[: cfg.shape_finalists])
     if best is None:
         fixed = cfg.keep_layers is not None or cfg.keep_hidden is not None
         raise MaskPruneError(
@@ -191,6 +201,67 @@ def _measure(ctx: RunContext, reduced, shape: ShapeCandidate, win, reference, au
     finally:
         masks.detach()
     return rows
+
+
+def _trials(ctx: RunContext, finalists: list[tuple]) -> tuple:
+    """The finalists each cut (sliced), distilled from the dense model for ``shape_trial_steps`` steps with the
+    run's LoRA and loss, and scored by KL to the dense model on the held-out windows (the first
+    ``split_search_samples`` calibration windows when the run holds none out); the one with the lowest wins.
+    Each finalist's row gets ``trial_kl``."""
+    cfg, dense = ctx.cfg, ctx.loaded.model
+    held_out = ctx.val_windows if ctx.val_windows is not None else ctx.windows[: cfg.split_search_samples]
+    trial_cfg = cfg.replace(
+        **DISTILL_SETTINGS,
+        teacher=cfg.model,
+        steps=cfg.shape_trial_steps,
+        val_every=cfg.shape_trial_steps,
+        prune_axes=("heads", "ffn"),
+        reconstruct=False,
+    )
+    flags = [p.requires_grad for p in dense.parameters()]
+    dense.requires_grad_(False)
+    try:
+        for row, keep_layers, keep_hidden in tqdm(
+            finalists, desc="shape trials", disable=not log.isEnabledFor(logging.INFO)
+        ):
+            student = _sliced(ctx, row, keep_layers, keep_hidden)
+            s = Structure.of(student, ctx.adapter, cfg.gqa_policy)
+            build = build_learner(
+                trial_cfg,
+                model=student,
+                adapter=ctx.adapter,
+                structure=s,
+                windows=ctx.windows,
+                budget=s.dense_params,
+                device=ctx.device,
+                teacher=dense,
+                val_windows=held_out,
+            )
+            for _ in range(cfg.shape_trial_steps):
+                build.learner.step()
+            row["trial_kl"] = build.learner.validate()["val_kl"]
+            row["trial_held_out"] = ctx.val_windows is not None
+            del build, student
+    finally:
+        for p, flag in zip(dense.parameters(), flags):
+            p.requires_grad_(flag)
+    log.info(
+        "shape trials: %s", ", ".join(f"{r['layers']}L/{r['hidden_size']}h: {r['trial_kl']:.4f}" for r, *_ in finalists)
+    )
+    return min(finalists, key=lambda entry: entry[0]["trial_kl"])
+
+
+def _sliced(ctx: RunContext, row: dict, keep_layers: list[int], keep_hidden: torch.Tensor):
+    """A copy of the dense model cut to a candidate's shape and split (the one-shot metric's units) and sliced."""
+    cfg = ctx.cfg
+    student = copy.deepcopy(ctx.loaded.model)
+    reshape_(student, ctx.adapter, keep_layers, keep_hidden)
+    s = Structure.of(student, ctx.adapter, cfg.gqa_policy)
+    win = ctx.windows[: cfg.split_search_samples]
+    head, ffn = unit_scores(cfg.method, student, ctx.adapter, s, win, batch_size=cfg.batch_size)
+    kept = KeptUnits(kept_indices(head, row["k_head"]), kept_indices(ffn, row["k_ffn"]))
+    fold_and_slice_(student, ctx.adapter, s.head, torch.ones_like(head), torch.ones_like(ffn), kept)
+    return student
 
 
 def reshape_(model, adapter, keep_layers: list[int], keep_hidden: torch.Tensor) -> None:
