@@ -154,7 +154,10 @@ def _shape_section(report: dict, recipe: str) -> str:
 
 """
     dense = shape["dense"]
-    body = "\n".join(f"| {k} | {dense[k]} | {shape[k]} |" for k, _ in rows)
+    if "hidden_size" in shape:  # reports from before the hidden / depth cuts have no such key
+        rows.insert(0, ("hidden_size", "hidden_size"))
+    body = "\n".join(f"| {k} | {dense.get(k, shape[k])} | {shape[k]} |" for k, _ in rows)
+    layers = shape["num_hidden_layers"]
     return f"""## Shape and size
 
 | | dense | pruned |
@@ -163,7 +166,7 @@ def _shape_section(report: dict, recipe: str) -> str:
 | prunable parameters (heads + FFN) | {p["prunable_dense"]:,} | {p["prunable_exported"]:,} |
 {body}
 | head_dim | {shape["head_dim"]} | {shape["head_dim"]} |
-| layers | {shape["num_hidden_layers"]} | {shape["num_hidden_layers"]} (every one the same shape) |
+| layers | {dense.get("num_hidden_layers", layers)} | {layers} (every one the same shape) |
 
 Sparsity: {100 * p["sparsity"]:.2f}% of all parameters, {100 * p["prunable_removed_share"]:.2f}% of the
 prunable ones; budget {p["budget"]:,} parameters.

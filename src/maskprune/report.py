@@ -301,8 +301,8 @@ tr:nth-child(even){{background:#f4f4f4}}</style></head><body>
 <h1>{html.escape(str(report["model"]["source"]))} {what}</h1>
 <p>{html.escape(_recipe_text(report))}</p>
 <p>{p["dense"]:,} &rarr; {p["exported"]:,} parameters ({100 * p["sparsity"]:.2f}% removed; budget {p["budget"]:,}).</p>
-{_shape_table(shape)}{_ppl_table(report.get("perplexity") or {})}{_zeroshot_table(report.get("zeroshot"))}
-{figures}</body></html>"""
+{_shape_table(shape)}{_shape_search_table(report.get("shape_search"))}{_ppl_table(report.get("perplexity") or {})}
+{_zeroshot_table(report.get("zeroshot"))}{figures}</body></html>"""
 
 
 def _recipe_text(report: dict) -> str:
@@ -332,10 +332,33 @@ def _shape_table(shape: dict) -> str:
     dense = shape["dense"]
     rows = [
         [key.replace("_", " "), dense.get(key, shape[key]), shape[key]]
-        for key in ("num_attention_heads", "num_key_value_heads", "head_dim", "intermediate_size")
+        for key in ("hidden_size", "num_attention_heads", "num_key_value_heads", "head_dim", "intermediate_size")
+        if key in shape
     ]
-    rows.append(["layers (every one the same shape)", shape["num_hidden_layers"], shape["num_hidden_layers"]])
+    layers = shape["num_hidden_layers"]
+    rows.append(["layers (every one the same shape)", dense.get("num_hidden_layers", layers), layers])
     return _table(["per layer", "dense", "pruned"], rows)
+
+
+def _shape_search_table(search: dict | None) -> str:
+    """The shape search's candidates (layers, hidden width, head/FFN cut, KL after the cut, after the trial)."""
+    if not search:
+        return ""
+    rows = [
+        [
+            c["layers"],
+            c["hidden_size"],
+            "-" if c["k_head"] is None else c["k_head"],
+            "-" if c["k_ffn"] is None else c["k_ffn"],
+            "-" if c["kl"] is None else f"{c['kl']:.4f}",
+            f"{c['trial_kl']:.4f}" if "trial_kl" in c else "-",
+        ]
+        for c in search["candidates"]
+    ]
+    chosen = f"<p>Shape search: {len(search['kept_layers'])} layers and hidden {search['hidden_size']} chosen.</p>"
+    return chosen + _table(
+        ["layers", "hidden", "head units cut / row", "FFN cut", "KL after cut", "KL after trial"], rows
+    )
 
 
 def _ppl_table(ppl: dict) -> str:

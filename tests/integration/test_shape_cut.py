@@ -98,7 +98,8 @@ def test_the_shape_search_cuts_hidden_and_depth_through_the_cli(kind, tmp_path, 
     calib = tiny.write_calib(tmp_path / "calib.jsonl")
     out = tmp_path / "out"
     argv = ["-q", "prune", str(dense), "--method", "wanda-sp", "--sparsity", "0.45", "--split-search", "--reconstruct"]
-    argv += ["--prune-axes", "heads,ffn,hidden,layers", "--hidden-multiple", "4", "--no-report", "--out", str(out)]
+    argv += ["--prune-axes", "heads,ffn,hidden,layers", "--hidden-multiple", "4", "--out", str(out)]
+    argv += [] if kind == "llama_gqa" else ["--no-report"]  # the figures once
     assert main([*argv, *tiny.small_run(calib)]) == 0, capsys.readouterr().err
     r = json.loads((out / "maskprune_report.json").read_text())
     shape = r["shape_search"]
@@ -110,6 +111,13 @@ def test_the_shape_search_cuts_hidden_and_depth_through_the_cli(kind, tmp_path, 
     assert sum(p.numel() for p in model.parameters()) == r["params"]["exported"] <= r["params"]["budget"]
     assert r["params"]["dense"] == count_parameters(m) and r["parity"]["max_abs_diff"] <= r["parity"]["tolerance"]
     assert model.config.hidden_size == shape["hidden_size"]
+    card = (out / "README.md").read_text()
+    assert (
+        f"| hidden_size | 64 | {shape['hidden_size']} |" in card
+        and f"| layers | 4 | {len(shape['kept_layers'])} " in card
+    )
+    if kind == "llama_gqa":
+        assert "Shape search: " in (out / "report" / "index.html").read_text()
 
 
 def test_prune_axes_are_checked(tiny_dir, tmp_path, capsys):
