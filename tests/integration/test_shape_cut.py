@@ -198,3 +198,19 @@ def test_shape_trials_distil_the_finalists_and_pick_by_kl_after(tiny_dir, calib,
     assert len(tried) == 2 and all(c["trial_kl"] > 0 for c in tried)
     won = min(tried, key=lambda c: c["trial_kl"])
     assert (won["hidden_size"], won["layers"]) == (r["shape"]["hidden_size"], r["shape"]["num_hidden_layers"])
+
+
+def test_the_axis_scores_find_a_dead_layer_and_a_loud_channel():
+    from maskprune.axis_scores import hidden_channel_scores, layer_skip_kl, teacher_logits
+
+    model = tiny.make_model("llama_gqa", layers=4)
+    adapter = get_adapter("llama")
+    windows = torch.randint(0, tiny.VOCAB, (4, 16), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():  # layer 2 writes nothing to the residual: skipping it changes nothing
+        for role in ("o", "down"):
+            adapter.proj(adapter.layers(model)[2], role).weight.zero_()
+        adapter.embedding(model).weight[:, 5] *= 30.0  # channel 5 dominates the residual stream
+    reference = teacher_logits(model, windows, 2, None)
+    kl = layer_skip_kl(model, adapter, windows, reference, 2)
+    assert int(kl.argmin()) == 2 and float(kl[2]) < 1e-6 < float(kl[0])
+    assert int(hidden_channel_scores(model, adapter, windows, 2).argmax()) == 5
