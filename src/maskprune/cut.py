@@ -26,6 +26,7 @@ __all__ = [
     "ShapeCandidate",
     "candidate_shapes",
     "SHAPE_SHARES",
+    "best_layer_subsequence",
 ]
 
 
@@ -224,3 +225,28 @@ def candidate_shapes(
             kept = min(hidden, kept)
             out.setdefault((drop, kept), ShapeCandidate(drop, kept, b, a))
     return list(out.values())
+
+
+def best_layer_subsequence(scores: list[float], pattern: list, target: list) -> list[int] | None:
+    """The layers to keep: indices ``i_1 < ... < i_m`` (``m = len(target)``) whose per-layer attributes
+    ``pattern[i_j]`` equal ``target[j]`` with the largest sum of ``scores``; None where no such choice exists.
+
+    ``target`` is the per-layer pattern (sliding / global attention, NoPE layers) that a model of ``m`` layers of
+    the family derives from its config; engines that recompute it from the layer index (llama.cpp does for Gemma
+    2 / 3) then compute what transformers does. Without a pattern every choice matches and this is the top ``m``.
+    """
+    n, m = len(pattern), len(target)
+    neg = float("-inf")
+    best = [[0.0] + [neg] * m for _ in range(n + 1)]  # best[i][j]: first i layers, first j targets matched
+    for i in range(1, n + 1):
+        for j in range(1, min(i, m) + 1):
+            take = best[i - 1][j - 1] + scores[i - 1] if pattern[i - 1] == target[j - 1] else neg
+            best[i][j] = max(best[i - 1][j], take)
+    if best[n][m] == neg:
+        return None
+    kept, j = [], m
+    for i in range(n, 0, -1):
+        if j and best[i][j] != best[i - 1][j]:
+            kept.append(i - 1)
+            j -= 1
+    return sorted(kept)

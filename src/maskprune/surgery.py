@@ -24,7 +24,16 @@ from torch import nn
 from .arch import DecoderAdapter, _base_linear
 from .errors import MaskPruneError
 
-__all__ = ["drop_layers_", "slice_hidden_", "emulated_cut", "cut_parity", "INPUT_ROLES", "OUTPUT_ROLES"]
+__all__ = [
+    "drop_layers_",
+    "slice_hidden_",
+    "layer_pattern",
+    "canonical_layer_pattern",
+    "emulated_cut",
+    "cut_parity",
+    "INPUT_ROLES",
+    "OUTPUT_ROLES",
+]
 
 INPUT_ROLES = ("q", "k", "v", "gate", "up")
 """Projections that read the residual stream (their input columns are hidden channels)."""
@@ -55,6 +64,40 @@ def drop_layers_(model: nn.Module, adapter: DecoderAdapter, keep: Sequence[int])
         if isinstance(value, list) and len(value) == n and key != "num_hidden_layers":
             setattr(config, key, [value[i] for i in kept])
     config.num_hidden_layers = len(kept)
+
+
+def layer_pattern(config) -> list[tuple]:
+    """Per layer, the values of every config list with one entry per layer (``layer_types``, ``no_rope_layers``,
+    ...), in key order; empty tuples where the config has none."""
+    n = int(config.num_hidden_layers)
+    keys = _per_layer_keys(config)
+    return [tuple(getattr(config, k)[i] for k in keys) for i in range(n)]
+
+
+def canonical_layer_pattern(config, num_layers: int) -> list[tuple] | None:
+    """The per-layer pattern (see :func:`layer_pattern`) that the family's config derives for a model of
+    ``num_layers`` layers when none is given, i.e. what an engine that recomputes it from the layer index
+    computes; None where the config derives none (every choice of layers is then consistent)."""
+    keys = _per_layer_keys(config)
+    if not keys:
+        return None
+    values = config.to_dict()
+    values.update({k: None for k in keys}, num_hidden_layers=num_layers)
+    try:
+        fresh = type(config)(**values)
+    except (TypeError, ValueError):  # pragma: no cover - a config that cannot derive its lists
+        return None
+    lists = [getattr(fresh, k, None) for k in keys]
+    if any(v is None or len(v) != num_layers for v in lists):
+        return None
+    return [tuple(v[i] for v in lists) for i in range(num_layers)]
+
+
+def _per_layer_keys(config) -> list[str]:
+    n = int(config.num_hidden_layers)
+    return sorted(
+        k for k in config.to_dict() if isinstance(getattr(config, k, None), list) and len(getattr(config, k)) == n
+    )
 
 
 def slice_hidden_(model: nn.Module, adapter: DecoderAdapter, keep: torch.Tensor) -> None:

@@ -70,6 +70,16 @@ def test_depth_and_hidden_cuts_export_stock_in_parity(kind, tied, tmp_path):
     )
 
 
+def test_the_depth_cut_keeps_the_pattern_engines_derive():
+    from maskprune.surgery import canonical_layer_pattern, layer_pattern
+
+    model = tiny.make_model("gemma3", layers=12)  # sliding x5, global, sliding x5, global
+    assert canonical_layer_pattern(model.config, 6) == layer_pattern(model.config)[:6]
+    assert canonical_layer_pattern(tiny.make_model("llama_gqa").config, 1) is None
+    smol = tiny.make_model("smollm3", layers=8)
+    assert [p[-1] for p in canonical_layer_pattern(smol.config, 4)] == [1, 1, 1, 0]  # every 4th layer NoPE
+
+
 def test_gemma_layer_pattern_follows_the_kept_layers():
     model = tiny.make_model("gemma3", layers=6)
     model.config.layer_types = ["sliding_attention", "full_attention"] * 3

@@ -92,3 +92,15 @@ def test_candidate_shapes_share_the_removal_and_stay_above_the_budget():
     assert max(c.drop_layers for c in both) == 6  # all of it: 20000 // 3000
     assert min(c.hidden for c in both) == 52  # 20000 // 1500 = 13 channels, rounded to keep 52
     assert len({(c.drop_layers, c.hidden) for c in both}) == len(both)
+
+
+def test_best_layer_subsequence_keeps_the_pattern_or_the_top_scores():
+    from maskprune.cut import best_layer_subsequence
+
+    scores = [5.0, 1.0, 4.0, 2.0, 3.0, 0.5]
+    flat = [()] * 6
+    assert best_layer_subsequence(scores, flat, [()] * 4) == [0, 2, 3, 4]  # no pattern: the top four
+    gemma = ["s", "s", "f", "s", "s", "f"]  # every third layer global, as such a family derives it
+    assert best_layer_subsequence(scores, gemma, ["s", "s", "f"]) == [0, 1, 2]  # 5 + 1 + 4 beats 5 + 3 + 0.5
+    assert best_layer_subsequence([0.0, 9.0, 0.0, 8.0, 9.5, 0.0], gemma, ["s", "s", "f"]) == [1, 4, 5]
+    assert best_layer_subsequence(scores, gemma, ["f", "f", "f"]) is None

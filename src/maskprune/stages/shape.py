@@ -28,13 +28,22 @@ from ..axis_scores import (
 )
 from ..baselines import unit_scores
 from ..config import DISTILL_SETTINGS
-from ..cut import KeptUnits, ShapeCandidate, candidate_shapes, candidate_splits, hard_masks, kept_indices, plan_cut
+from ..cut import (
+    KeptUnits,
+    ShapeCandidate,
+    best_layer_subsequence,
+    candidate_shapes,
+    candidate_splits,
+    hard_masks,
+    kept_indices,
+    plan_cut,
+)
 from ..dtypes import autocast_dtype
 from ..errors import MaskPruneError
 from ..export import fold_and_slice_
 from ..masks import MaskSet
 from ..structure import Structure
-from ..surgery import cut_parity, drop_layers_, emulated_cut, slice_hidden_
+from ..surgery import canonical_layer_pattern, cut_parity, drop_layers_, emulated_cut, layer_pattern, slice_hidden_
 from .context import RunContext
 from .learned import build_learner
 
@@ -105,7 +114,10 @@ def search_shape(ctx: RunContext) -> ShapeChoice:
         shapes = _fixed(shapes, cfg.keep_layers, cfg.keep_hidden, n_layers, hidden)
         rows, ranked = [], []
         for shape in shapes:
-            keep_layers, keep_hidden = _keep(shape, layer_kl, channels)
+            keep_layers, keep_hidden = _keep(shape, layer_kl, channels, model.config)
+            if keep_layers is None:  # no choice of layers keeps the family's per-layer pattern at this depth
+                rows.append(_unmatched(shape, n_layers, keep_hidden))
+                continue
             reduced = copy.deepcopy(model)
             reshape_(reduced, ad, keep_layers, keep_hidden)
             measured = _measure(ctx, reduced, shape, win, reference, autocast)
@@ -161,12 +173,34 @@ def _fixed(shapes: list[ShapeCandidate], layers: int | None, width: int | None, 
     return match or [ShapeCandidate(drop or 0, width or hidden, None, None)]
 
 
-def _keep(shape: ShapeCandidate, layer_kl: torch.Tensor, channels: torch.Tensor) -> tuple[list[int], torch.Tensor]:
-    """The layers and channels a shape keeps: the highest-scored ones, in their original order."""
+def _keep(shape: ShapeCandidate, layer_kl: torch.Tensor, channels: torch.Tensor, config):
+    """The layers and channels a shape keeps, in their original order: the channels with the highest scores; the
+    layers with the highest skip-KL among the choices whose per-layer pattern (Gemma's sliding / global layers,
+    SmolLM3's NoPE layers) is the one the family derives for the new depth, so engines that recompute the
+    pattern from the layer index (llama.cpp) compute the same model. None for the layers where no choice has it."""
     n = layer_kl.numel()
-    keep_layers = sorted(torch.sort(layer_kl, descending=True, stable=True).indices[: n - shape.drop_layers].tolist())
     keep_hidden = torch.sort(channels, descending=True, stable=True).indices[: shape.hidden].sort().values
-    return keep_layers, keep_hidden
+    if not shape.drop_layers:
+        return list(range(n)), keep_hidden
+    target = canonical_layer_pattern(config, n - shape.drop_layers)
+    if target is None:
+        order = torch.sort(layer_kl, descending=True, stable=True).indices[: n - shape.drop_layers]
+        return sorted(order.tolist()), keep_hidden
+    return best_layer_subsequence(layer_kl.tolist(), layer_pattern(config), target), keep_hidden
+
+
+def _unmatched(shape: ShapeCandidate, n_layers: int, keep_hidden: torch.Tensor) -> dict:
+    return {
+        "layers": n_layers - shape.drop_layers,
+        "hidden_size": int(keep_hidden.numel()),
+        "layer_share": shape.layer_share,
+        "hidden_share": shape.hidden_share,
+        "k_head": None,
+        "k_ffn": None,
+        "params": None,
+        "kl": None,
+        "note": "no choice of layers keeps the per-layer pattern the family derives for this depth",
+    }
 
 
 def _measure(ctx: RunContext, reduced, shape: ShapeCandidate, win, reference, autocast) -> list[dict]:
