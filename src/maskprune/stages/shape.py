@@ -131,18 +131,7 @@ def search_shape(ctx: RunContext) -> ShapeChoice:
         if cfg.shape_trial_steps and len(ranked) > 1:
             best = _trials(ctx, ranked[: cfg.shape_finalists])
     if best is None:
-        fixed = cfg.keep_layers is not None or cfg.keep_hidden is not None
-        raise MaskPruneError(
-            "no candidate shape meets the parameter budget",
-            found="; ".join(
-                f"{r['layers']} layers, hidden {r['hidden_size']}: "
-                + ("removes more than the budget" if r["params"] else "leaves too little for heads and FFN")
-                for r in rows
-            ),
-            fix="keep more layers or hidden channels (--keep-layers / --keep-hidden)"
-            if fixed
-            else "ask for a lower --sparsity",
-        )
+        raise _no_shape(cfg, rows)
     row, keep_layers, keep_hidden = best
     log.info(
         "shape search: %s -> %d layers, hidden %d, %d head units cut per row (KL %.4f)",
@@ -187,6 +176,22 @@ def _keep(shape: ShapeCandidate, layer_kl: torch.Tensor, channels: torch.Tensor,
         order = torch.sort(layer_kl, descending=True, stable=True).indices[: n - shape.drop_layers]
         return sorted(order.tolist()), keep_hidden
     return best_layer_subsequence(layer_kl.tolist(), layer_pattern(config), target), keep_hidden
+
+
+def _no_shape(cfg, rows: list[dict]) -> MaskPruneError:
+    fixed = cfg.keep_layers is not None or cfg.keep_hidden is not None
+    why = [
+        f"{r['layers']} layers, hidden {r['hidden_size']}: "
+        + (r.get("note") or ("removes more than the budget" if r["params"] else "leaves too little for heads and FFN"))
+        for r in rows
+    ]
+    return MaskPruneError(
+        "no candidate shape meets the parameter budget",
+        found="; ".join(why),
+        fix="keep more layers or hidden channels (--keep-layers / --keep-hidden)"
+        if fixed
+        else "ask for a lower --sparsity",
+    )
 
 
 def _unmatched(shape: ShapeCandidate, n_layers: int, keep_hidden: torch.Tensor) -> dict:
