@@ -191,6 +191,10 @@ def test_a_fixed_shape_is_cut_and_an_impossible_one_refused(tiny_dir, calib, tmp
     assert main([*base, "--keep-hidden", "40", "--out", str(tmp_path / "a")]) == 0, capsys.readouterr().err
     r = json.loads((tmp_path / "a" / "maskprune_report.json").read_text())
     assert r["shape"]["hidden_size"] == 40 and [c["hidden_size"] for c in r["shape_search"]["candidates"]] == [40]
+    kv = ["--gqa-policy", "kv_group", "--split-search", "--keep-layers", "1", "--out", str(tmp_path / "kv")]
+    assert main([*base, "--sparsity", "0.5", *kv]) == 0, capsys.readouterr().err  # the other GQA policy
+    r = json.loads((tmp_path / "kv" / "maskprune_report.json").read_text())
+    assert r["shape"]["num_hidden_layers"] == 1 and r["shape"]["gqa_policy"] == "kv_group"
     assert main([*base, "--keep-hidden", "48", "--keep-layers", "1", "--out", str(tmp_path / "b")]) == 2
     assert "removes more than the budget" in capsys.readouterr().err
     assert main([*base, "--keep-layers", "1", "--prune-axes", "heads,ffn", "--out", str(tmp_path / "c")]) == 2
