@@ -29,13 +29,16 @@ import sys
 import time
 from pathlib import Path
 
-COMMON = "--calib-samples 256 --seq-len 128 --batch-size 4 --eval-data none --no-report --dtype auto"
+COMMON = "--seq-len 128 --batch-size 4 --eval-data none --no-report --dtype auto"
+FRESH = {"smollm2-135m": "3840"}
+"""Calibration windows of the arms that train on every window the shipped text holds (less the 16 held out),
+so no step sees a window twice; ``maskprune-2026-11-30`` keeps that default's 1024."""
 ARMS = {
     "maskprune-2026-11-30": [],
-    "maskprune": ["--cut-first", "--reconstruct", "--prune-axes", "heads,ffn,hidden,layers"],
-    "heads-ffn": ["--cut-first", "--reconstruct"],
+    "maskprune": ["--cut-first", "--reconstruct", "--prune-axes", "heads,ffn,hidden,layers", "FRESH"],
+    "heads-ffn": ["--cut-first", "--reconstruct", "FRESH"],
     "flap": ["--method", "flap"],
-    "flap+recovery": ["--method", "flap"],
+    "flap+recovery": ["--method", "flap", "FRESH"],
 }
 STEPS_FLAG = {"flap+recovery": "--recover-steps"}
 NAMES = {"smollm2-135m": "smollm2-135m"}
@@ -48,7 +51,10 @@ def run_cell(c: dict, model: str, work: Path, threads: int, tasks: str | None, d
     cmd = [sys.executable, "-m", "maskprune", "-q"]
     timing = work / f"{name}.seconds"
     if not (folder / "maskprune_report.json").is_file():
-        prune = ["prune", model, "--sparsity", f"{c['sparsity'] / 100}", *ARMS[c["method"]], *COMMON.split()]
+        arm = [a for a in ARMS[c["method"]] if a != "FRESH"]
+        if "FRESH" in ARMS[c["method"]] and model in FRESH:
+            arm += ["--calib-samples", FRESH[model]]
+        prune = ["prune", model, "--sparsity", f"{c['sparsity'] / 100}", *arm, *COMMON.split()]
         if c["steps"] is not None:
             prune += [STEPS_FLAG.get(c["method"], "--steps"), str(c["steps"])]
         t = time.perf_counter()

@@ -254,6 +254,12 @@ class CutConfig(_Group):
     layers before it, as their reference code does, instead of in one pass over the dense model. null
     (default): on for those two ``--method`` baselines.""",
     )
+    cut_samples: int | None = _opt(
+        None,
+        """Calibration windows (the first ones) that choose and fit a one-shot cut: the unit scores, the shape
+    search's channel scores and the re-fit's Gram matrices (a few hundred suffice; training may use many more).
+    null: all ``calib_samples``; with ``--cut-first``, ``prior_samples``, as the masked path scores its prior.""",
+    )
     reconstruct: bool = _opt(
         False,
         """After a one-shot cut, re-fit the kept columns of every o_proj and down_proj by ridge regression to the
@@ -298,6 +304,8 @@ class CutConfig(_Group):
                 )
         elif self.budget_params <= 0:
             problems.append(f"budget_params must be a positive parameter count, found {self.budget_params}")
+        if self.cut_samples is not None and self.cut_samples < 1:
+            problems.append(f"cut_samples must be a positive window count, found {self.cut_samples}")
         if self.shape_trial_steps < 0:
             problems.append(f"shape_trial_steps must be >= 0, found {self.shape_trial_steps}")
         for key, axis in (("keep_hidden", "hidden"), ("keep_layers", "layers")):
@@ -834,6 +842,11 @@ class PruneConfig:
 
     def resolved_layerwise_calibration(self) -> bool:
         return self.cut.resolved_layerwise_calibration()
+
+    def resolved_cut_samples(self) -> int:
+        """Windows that choose and fit a one-shot cut: ``cut_samples``, at most ``calib_samples`` (null: all)."""
+        n = self.data.calib_samples
+        return n if self.cut.cut_samples is None else min(self.cut.cut_samples, n)
 
     def resolved_mask_lr(self) -> float:
         """``mask_lr``, or the automatic rate ``mask_init_spread / sqrt(selection steps)`` (0.1 / sqrt(steps) when

@@ -90,6 +90,7 @@ def cut_first_config(cfg: PruneConfig) -> PruneConfig:
     pass, the split measured as the masked path measures it), then ``steps`` steps distil the sliced model."""
     return cfg.replace(
         method=cfg.mask_init,
+        cut_samples=cfg.cut_samples if cfg.cut_samples is not None else cfg.prior_samples,
         split_search=cfg.resolved_split_search(),
         layerwise_calibration=False,
         recover_steps=cfg.steps,
@@ -131,7 +132,20 @@ def prune_then_recover(cfg: PruneConfig, *, progress: bool = True) -> dict:
 
 _STAGE_RECORD = "cut_stage.json"
 """The cut's report inside ``<out>.cut``: what ``--resume`` checks and reuses when the recovery was interrupted."""
-_CUT_KEYS = ("model", "gguf_file", "sparsity", "budget_params", "method", "steps", "seed", "calib", "calib_samples")
+_CUT_KEYS = (
+    "model",
+    "gguf_file",
+    "sparsity",
+    "budget_params",
+    "method",
+    "steps",
+    "seed",
+    "calib",
+    "calib_samples",
+    "cut_samples",
+    "prune_axes",
+    "reconstruct",
+)
 
 
 def _recovery_configs(cfg: PruneConfig, out: Path, cut_dir: Path) -> tuple[PruneConfig, PruneConfig]:

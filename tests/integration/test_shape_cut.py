@@ -151,6 +151,7 @@ def test_cut_first_distils_the_sliced_model(tiny_dir, calib, tmp_path, capsys):
     # the default recipe's selection (the wanda-sp prior in one pass, the measured split), cut, re-fit, then
     # every step on the sliced model
     assert r["config"]["method"] == "wanda-sp" and r["calibration"] == "one-pass" and r["split_search"]
+    assert r["config"]["cut_samples"] == r["config"]["prior_samples"]  # the cut scored as the masked path's prior
     assert r["recovery"]["steps"] == 3 and r["reconstruction"]["relative_error"]["down_after"]
     assert r["perplexity"]["before_recovery"] is not None
     model = AutoModelForCausalLM.from_pretrained(out)

@@ -37,7 +37,7 @@ def score_and_plan(
     Long because the steps depend on each other in this order: scores -> split -> plan -> the compensation's
     re-plan -> layer-by-layer scores on that plan. ``sigma_head``: the head share measured already (by the
     shape search), so no split search here."""
-    calib = windows[: cfg.calib_samples]
+    calib = windows[: cfg.resolved_cut_samples()]
     compensate = cfg.bias_compensation == "on" or (
         cfg.bias_compensation == "auto" and cfg.method == "flap" and not cfg.reconstruct  # the re-fit replaces it
     )

@@ -66,7 +66,7 @@ def run_stage(ctx: RunContext, folder: Path | None, student_eval: tuple | None =
                 ctx.adapter,
                 ctx.structure.head,
                 outcome.kept,
-                ctx.windows[: cfg.calib_samples],
+                ctx.windows[: cfg.resolved_cut_samples()],
                 batch_size=cfg.batch_size,
                 ridge=cfg.reconstruct_ridge,
             )

@@ -98,7 +98,7 @@ def search_shape(ctx: RunContext) -> ShapeChoice:
             else torch.zeros(n_layers)
         )
         channels = (
-            hidden_channel_scores(model, ad, ctx.windows[: cfg.calib_samples], bs)
+            hidden_channel_scores(model, ad, ctx.windows[: cfg.resolved_cut_samples()], bs)
             if "hidden" in cfg.prune_axes
             else torch.ones(hidden)
         )
