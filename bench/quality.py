@@ -68,7 +68,10 @@ def run_cell(c: dict, model: str, work: Path, threads: int, tasks: str | None, d
         subprocess.run([*cmd, *ev], check=True)
     report = json.loads((folder / "maskprune_report.json").read_text())
     result = json.loads(evals.read_text())["models"][str(folder)]
-    zs = result.get("zeroshot") or {}
+    acc = work / f"{name}.acc.json"  # accuracy measured apart (eval --ppl none --tasks piqa,arc_easy)
+    if acc.is_file():
+        result = {**result, "zeroshot": json.loads(acc.read_text())["models"][str(folder)]["zeroshot"]}
+    zs = (result.get("zeroshot") or {}).get("tasks", {})
     shape = report["shape"]
     return {
         "model": NAMES.get(model, Path(model).stem),
@@ -92,8 +95,8 @@ def run_cell(c: dict, model: str, work: Path, threads: int, tasks: str | None, d
 def table(rows: list[dict]) -> str:
     lines = [
         "| model | method | sparsity | seeds | steps | minutes (median) | shape (L / hidden / heads / FFN) |"
-        " ppl@2048 median [min, max] |",
-        "| --- | --- | --- | --- | --- | --- | --- | --- |",
+        " ppl@2048 median [min, max] | PIQA acc (seed 0) | ARC-e acc (seed 0) |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     groups: dict[tuple, list[dict]] = {}
     for r in rows:
@@ -106,8 +109,14 @@ def table(rows: list[dict]) -> str:
         shape = (
             f"{sh['num_hidden_layers']} / {sh['hidden_size']} / {sh['num_attention_heads']} / {sh['intermediate_size']}"
         )
+        first = min(rs, key=lambda r: r["seed"])
+        acc = [
+            f"{100 * first[k]:.2f} ± {100 * first[k.replace('acc', 'stderr')]:.2f}" if first[k] is not None else "-"
+            for k in ("piqa_acc", "arc_easy_acc")
+        ]
         lines.append(
-            f"| {model} | {method} | {s:.0%} | {len(p)} | {rs[0]['steps'] or '-'} | {minutes:.1f} | {shape} | {spread} |"
+            f"| {model} | {method} | {s:.0%} | {len(p)} | {rs[0]['steps'] or '-'} | {minutes:.1f} | {shape} | {spread} "
+            f"| {acc[0]} | {acc[1]} |"
         )
     return "\n".join(lines)
 
