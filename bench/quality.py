@@ -34,7 +34,7 @@ FRESH = {"smollm2-135m": "3840"}
 """Calibration windows of the arms that train on every window the shipped text holds (less the 16 held out),
 so no step sees a window twice; ``maskprune-2026-11-30`` keeps that default's 1024."""
 ARMS = {
-    "maskprune-2026-11-30": [],
+    "maskprune-2026-11-30": ["--calib-samples", "1024"],  # that default's windows (the default is 2048 since)
     "maskprune": ["--cut-first", "--reconstruct", "--prune-axes", "heads,ffn,hidden,layers", "FRESH"],
     "heads-ffn": ["--cut-first", "--reconstruct", "FRESH"],
     "flap": ["--method", "flap"],

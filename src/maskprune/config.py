@@ -258,7 +258,8 @@ class CutConfig(_Group):
         None,
         """Calibration windows (the first ones) that choose and fit a one-shot cut: the unit scores, the shape
     search's channel scores and the re-fit's Gram matrices (a few hundred suffice; training may use many more).
-    null: all ``calib_samples``; with ``--cut-first``, ``prior_samples``, as the masked path scores its prior.""",
+    null: ``calib_samples``, at most 1024; with ``--cut-first``, ``prior_samples``, as the masked path scores its
+    prior.""",
     )
     reconstruct: bool = _opt(
         False,
@@ -569,8 +570,10 @@ class DataConfig(_Group):
         """Hub dataset configuration name (e.g. ``en`` for allenai/c4).""",
     )
     calib_samples: int = _opt(
-        1024,
-        """Number of token windows packed from the calibration text.""",
+        2048,
+        """Number of token windows packed from the calibration text. Training draws batches by epochs over a
+    permutation of them; the default gives each of the default run's steps fresh windows (400 x 4 = 1600): a
+    window seen again buys little on held-out text (docs/method.md, "Fresh windows").""",
     )
     seq_len: int = _opt(
         128,
@@ -844,9 +847,10 @@ class PruneConfig:
         return self.cut.resolved_layerwise_calibration()
 
     def resolved_cut_samples(self) -> int:
-        """Windows that choose and fit a one-shot cut: ``cut_samples``, at most ``calib_samples`` (null: all)."""
+        """Windows that choose and fit a one-shot cut: ``cut_samples``, at most ``calib_samples`` (null: at most
+        1024, what one-shot methods were calibrated on before training took more windows)."""
         n = self.data.calib_samples
-        return n if self.cut.cut_samples is None else min(self.cut.cut_samples, n)
+        return min(n, 1024) if self.cut.cut_samples is None else min(self.cut.cut_samples, n)
 
     def resolved_mask_lr(self) -> float:
         """``mask_lr``, or the automatic rate ``mask_init_spread / sqrt(selection steps)`` (0.1 / sqrt(steps) when
