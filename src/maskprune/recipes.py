@@ -161,6 +161,8 @@ def _recovery_configs(cfg: PruneConfig, out: Path, cut_dir: Path) -> tuple[Prune
             recover_steps=0,
             reconstruct=False,  # the cut was re-fit (or not) and shaped by the cut stage; the recovery keeps it
             prune_axes=("heads", "ffn"),
+            keep_hidden=None,
+            keep_layers=None,
             out=str(out),
             report=False,
         )

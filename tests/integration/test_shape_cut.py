@@ -146,13 +146,16 @@ def test_cut_first_distils_the_sliced_model(tiny_dir, calib, tmp_path, capsys):
 
     out = tmp_path / "cf"
     argv = ["-q", "prune", str(tiny_dir), "--cut-first", "--reconstruct", "--steps", "3", "--sparsity", "0.3"]
+    argv += ["--prune-axes", "heads,ffn,hidden", "--keep-hidden", "56"]  # a fixed shape, then the recovery
     assert main([*argv, *tiny.small_run(calib), "--no-report", "--out", str(out)]) == 0, capsys.readouterr().err
     r = json.loads((out / "maskprune_report.json").read_text())
     # the default recipe's selection (the wanda-sp prior in one pass, the measured split), cut, re-fit, then
     # every step on the sliced model
-    assert r["config"]["method"] == "wanda-sp" and r["calibration"] == "one-pass" and r["split_search"]
+    assert r["config"]["method"] == "wanda-sp" and r["calibration"] == "one-pass"
+    assert r["shape_search"]["candidates"][0]["k_head"] is not None  # the split measured with the shape
     assert r["config"]["cut_samples"] == r["config"]["prior_samples"]  # the cut scored as the masked path's prior
     assert r["recovery"]["steps"] == 3 and r["reconstruction"]["relative_error"]["down_after"]
+    assert r["shape"]["hidden_size"] == 56
     assert r["perplexity"]["before_recovery"] is not None
     model = AutoModelForCausalLM.from_pretrained(out)
     assert sum(p.numel() for p in model.parameters()) == r["params"]["exported"] <= r["params"]["budget"]

@@ -255,6 +255,8 @@ def _trials(ctx: RunContext, finalists: list[tuple]) -> tuple:
         steps=cfg.shape_trial_steps,
         val_every=cfg.shape_trial_steps,
         prune_axes=("heads", "ffn"),
+        keep_hidden=None,
+        keep_layers=None,
         reconstruct=False,
     )
     flags = [p.requires_grad for p in dense.parameters()]
