@@ -24,7 +24,7 @@ win = calibration_windows("default", tok, seq_len=128, num_windows=48)
 score_win, test_win = win[:32], win[32:48]
 ref = teacher_logits(m, test_win, 4, None)
 H = m.config.hidden_size
-sc = hidden_channel_scores(m, ad, score_win, 4)
+sc = hidden_channel_scores(m, ad, score_win, 4)[0]
 norms = [n for layer in ad.layers(m) for _, n in ad.residual_norms(layer, H)] + [ad.final_norm(m)]
 
 

@@ -29,7 +29,7 @@ score_win, test_win = win[:32], win[32:48]
 ref = teacher_logits(m, test_win, 4, None)
 H = m.config.hidden_size
 scores = {}
-scores["norm_rms"] = hidden_channel_scores(m, ad, score_win, 4)
+scores["norm_rms"] = hidden_channel_scores(m, ad, score_win, 4)[0]
 g = torch.Generator().manual_seed(0)
 scores["random"] = torch.rand(H, generator=g)
 # consumer-weighted (Wanda-like): per norm, ||x_c|| * ||W_consumers[:, c]||, summed over the layer's consumers

@@ -19,7 +19,7 @@ from tqdm.auto import tqdm
 
 from .arch import DecoderAdapter, count_parameters
 from .losses import KLDirection, kl_divergence
-from .surgery import INPUT_ROLES, OUTPUT_ROLES, emulated_cut
+from .surgery import INPUT_ROLES, OUTPUT_ROLES, emulated_cut, residual_norm_modules
 
 __all__ = ["hidden_channel_scores", "layer_skip_kl", "teacher_logits", "layer_params", "hidden_channel_params"]
 
@@ -82,17 +82,20 @@ def layer_skip_kl(
 @torch.no_grad()
 def hidden_channel_scores(
     model: nn.Module, adapter: DecoderAdapter, windows: torch.Tensor, batch_size: int
-) -> torch.Tensor:
-    """``[hidden]``: per channel, the sum over the norms over the residual stream of the channel's RMS output
-    relative to the norm's mean channel RMS (higher = keep)."""
+) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """``([hidden], energies)``: per channel, the sum over the norms over the residual stream of the channel's RMS
+    output relative to the norm's mean channel RMS (higher = keep); and per norm (in
+    :func:`maskprune.surgery.residual_norm_modules` order) the summed square of each input channel, which
+    :func:`maskprune.surgery.rescale_norms_` needs."""
     hidden = int(model.config.hidden_size)
-    norms = [n for layer in adapter.layers(model) for _, n in adapter.residual_norms(layer, hidden)]
-    norms.append(adapter.final_norm(model))
-    sumsq = [torch.zeros(hidden, dtype=torch.float64) for _ in norms]
+    norms = residual_norm_modules(model, adapter)
+    out_sq = [torch.zeros(hidden, dtype=torch.float64) for _ in norms]
+    in_sq = [torch.zeros(hidden, dtype=torch.float64) for _ in norms]
 
     def hook(k):
-        def fn(_m, _args, out):
-            sumsq[k] += out.detach().double().pow(2).reshape(-1, hidden).sum(0).cpu()
+        def fn(_m, args, out):
+            out_sq[k] += out.detach().double().pow(2).reshape(-1, hidden).sum(0).cpu()
+            in_sq[k] += args[0].detach().double().pow(2).reshape(-1, hidden).sum(0).cpu()
 
         return fn
 
@@ -104,8 +107,8 @@ def hidden_channel_scores(
     finally:
         for h in handles:
             h.remove()
-    rms = torch.stack(sumsq).sqrt()  # [norms, hidden] (the token count is common and cancels)
-    return (rms / rms.mean(dim=1, keepdim=True).clamp_min(1e-30)).sum(0).float()
+    rms = torch.stack(out_sq).sqrt()  # [norms, hidden] (the token count is common and cancels)
+    return (rms / rms.mean(dim=1, keepdim=True).clamp_min(1e-30)).sum(0).float(), in_sq
 
 
 def layer_params(model: nn.Module, adapter: DecoderAdapter) -> int:

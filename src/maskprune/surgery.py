@@ -29,6 +29,8 @@ __all__ = [
     "slice_hidden_",
     "layer_pattern",
     "canonical_layer_pattern",
+    "residual_norm_modules",
+    "rescale_norms_",
     "emulated_cut",
     "cut_parity",
     "INPUT_ROLES",
@@ -64,6 +66,32 @@ def drop_layers_(model: nn.Module, adapter: DecoderAdapter, keep: Sequence[int])
         if isinstance(value, list) and len(value) == n and key != "num_hidden_layers":
             setattr(config, key, [value[i] for i in kept])
     config.num_hidden_layers = len(kept)
+
+
+def residual_norm_modules(model: nn.Module, adapter: DecoderAdapter) -> list[nn.Module]:
+    """Every norm over the residual stream, layer by layer, then the final norm (the order energies are kept in)."""
+    hidden = int(model.config.hidden_size)
+    norms = [n for layer in adapter.layers(model) for _, n in adapter.residual_norms(layer, hidden)]
+    return norms + [adapter.final_norm(model)]
+
+
+def rescale_norms_(model: nn.Module, adapter: DecoderAdapter, energies: list[torch.Tensor], keep: torch.Tensor) -> None:
+    """Before a hidden cut: scale every norm over the residual by ``rms_kept / rms_all`` of its calibration
+    input (``energies``: per norm, the summed square of each input channel), so that the norm over the kept
+    channels alone gives its output the scale it had over all of them, on average. (A norm over the kept
+    channels divides by their RMS, larger than the whole stream's when the cut channels carried little.)"""
+    norms = residual_norm_modules(model, adapter)
+    if len(norms) != len(energies):
+        raise MaskPruneError("internal error: norm energies do not match the model's norms")
+    hidden = int(model.config.hidden_size)
+    k = keep.numel()
+    for norm, e in zip(norms, energies):
+        e = e.double()
+        total = float(e.sum())
+        if total <= 0.0:
+            continue
+        factor = ((float(e[keep.to(e.device)].sum()) / k) / (total / hidden)) ** 0.5
+        _scale_norm_(adapter, norm, factor)
 
 
 def layer_pattern(config) -> list[tuple]:

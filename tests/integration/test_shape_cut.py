@@ -231,4 +231,5 @@ def test_the_axis_scores_find_a_dead_layer_and_a_loud_channel():
     reference = teacher_logits(model, windows, 2, None)
     kl = layer_skip_kl(model, adapter, windows, reference, 2)
     assert int(kl.argmin()) == 2 and float(kl[2]) < 1e-6 < float(kl[0])
-    assert int(hidden_channel_scores(model, adapter, windows, 2).argmax()) == 5
+    scores, energies = hidden_channel_scores(model, adapter, windows, 2)
+    assert int(scores.argmax()) == 5 and len(energies) == 2 * 4 + 1  # two norms per layer, the final one

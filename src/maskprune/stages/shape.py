@@ -43,7 +43,15 @@ from ..errors import MaskPruneError
 from ..export import fold_and_slice_
 from ..masks import MaskSet
 from ..structure import Structure
-from ..surgery import canonical_layer_pattern, cut_parity, drop_layers_, emulated_cut, layer_pattern, slice_hidden_
+from ..surgery import (
+    canonical_layer_pattern,
+    cut_parity,
+    drop_layers_,
+    emulated_cut,
+    layer_pattern,
+    rescale_norms_,
+    slice_hidden_,
+)
 from .context import RunContext
 from .learned import build_learner
 
@@ -63,6 +71,7 @@ class ShapeChoice:
     dense: dict  # the dense model's params, layers and hidden size
     candidates: list[dict]
     layer_kl: list[float] | None
+    energies: list[torch.Tensor] | None = None  # per norm over the residual, its inputs' summed squares
     parity: float | None = None
 
     def to_dict(self) -> dict:
@@ -97,10 +106,10 @@ def search_shape(ctx: RunContext) -> ShapeChoice:
             if "layers" in cfg.prune_axes
             else torch.zeros(n_layers)
         )
-        channels = (
+        channels, energies = (
             hidden_channel_scores(model, ad, ctx.windows[: cfg.resolved_cut_samples()], bs)
             if "hidden" in cfg.prune_axes
-            else torch.ones(hidden)
+            else (torch.ones(hidden), None)
         )
         shapes = candidate_shapes(
             removed=ctx.structure.dense_params - ctx.budget,
@@ -119,7 +128,7 @@ def search_shape(ctx: RunContext) -> ShapeChoice:
                 rows.append(_unmatched(shape, n_layers, keep_hidden))
                 continue
             reduced = copy.deepcopy(model)
-            reshape_(reduced, ad, keep_layers, keep_hidden)
+            reshape_(reduced, ad, keep_layers, keep_hidden, energies)
             measured = _measure(ctx, reduced, shape, win, reference, autocast)
             rows += measured
             scored = [r for r in measured if r["kl"] is not None]
@@ -129,7 +138,7 @@ def search_shape(ctx: RunContext) -> ShapeChoice:
         ranked.sort(key=lambda entry: entry[0]["kl"])
         best = ranked[0] if ranked else None
         if cfg.shape_trial_steps and len(ranked) > 1:
-            best = _trials(ctx, ranked[: cfg.shape_finalists])
+            best = _trials(ctx, ranked[: cfg.shape_finalists], energies)
     if best is None:
         raise _no_shape(cfg, rows)
     row, keep_layers, keep_hidden = best
@@ -143,7 +152,7 @@ def search_shape(ctx: RunContext) -> ShapeChoice:
     )
     dense = {"params": ctx.structure.dense_params, "num_hidden_layers": n_layers, "hidden_size": hidden}
     lkl = layer_kl.tolist() if "layers" in cfg.prune_axes else None
-    return ShapeChoice(keep_layers, keep_hidden, row["k_head"], dense, rows, lkl)
+    return ShapeChoice(keep_layers, keep_hidden, row["k_head"], dense, rows, lkl, energies)
 
 
 def _fixed(shapes: list[ShapeCandidate], layers: int | None, width: int | None, n_layers: int, hidden: int):
@@ -242,7 +251,7 @@ def _measure(ctx: RunContext, reduced, shape: ShapeCandidate, win, reference, au
     return rows
 
 
-def _trials(ctx: RunContext, finalists: list[tuple]) -> tuple:
+def _trials(ctx: RunContext, finalists: list[tuple], energies) -> tuple:
     """The finalists each cut (sliced), distilled from the dense model for ``shape_trial_steps`` steps with the
     run's LoRA and loss, and scored by KL to the dense model on the held-out windows (the first
     ``split_search_samples`` calibration windows when the run holds none out); the one with the lowest wins.
@@ -265,7 +274,7 @@ def _trials(ctx: RunContext, finalists: list[tuple]) -> tuple:
         for row, keep_layers, keep_hidden in tqdm(
             finalists, desc="shape trials", disable=not log.isEnabledFor(logging.INFO)
         ):
-            student = _sliced(ctx, row, keep_layers, keep_hidden)
+            student = _sliced(ctx, row, keep_layers, keep_hidden, energies)
             s = Structure.of(student, ctx.adapter, cfg.gqa_policy)
             build = build_learner(
                 trial_cfg,
@@ -292,11 +301,11 @@ def _trials(ctx: RunContext, finalists: list[tuple]) -> tuple:
     return min(finalists, key=lambda entry: entry[0]["trial_kl"])
 
 
-def _sliced(ctx: RunContext, row: dict, keep_layers: list[int], keep_hidden: torch.Tensor):
+def _sliced(ctx: RunContext, row: dict, keep_layers: list[int], keep_hidden: torch.Tensor, energies):
     """A copy of the dense model cut to a candidate's shape and split (the one-shot metric's units) and sliced."""
     cfg = ctx.cfg
     student = copy.deepcopy(ctx.loaded.model)
-    reshape_(student, ctx.adapter, keep_layers, keep_hidden)
+    reshape_(student, ctx.adapter, keep_layers, keep_hidden, energies)
     s = Structure.of(student, ctx.adapter, cfg.gqa_policy)
     win = ctx.windows[: cfg.split_search_samples]
     head, ffn = unit_scores(cfg.method, student, ctx.adapter, s, win, batch_size=cfg.batch_size)
@@ -305,17 +314,25 @@ def _sliced(ctx: RunContext, row: dict, keep_layers: list[int], keep_hidden: tor
     return student
 
 
-def reshape_(model, adapter, keep_layers: list[int], keep_hidden: torch.Tensor) -> None:
-    """Drop the layers and slice the hidden channels a shape does not keep (in place; no-ops where it keeps all)."""
+def reshape_(model, adapter, keep_layers: list[int], keep_hidden: torch.Tensor, energies=None) -> None:
+    """Cut a shape in place: the norms rescaled for the kept channels (:func:`rescale_norms_`, with ``energies``),
+    the layers it does not keep dropped, the hidden channels it does not keep sliced (no-ops where it keeps all)."""
+    narrower = keep_hidden.numel() < int(model.config.hidden_size)
+    if narrower and energies is not None:
+        rescale_norms_(model, adapter, energies, keep_hidden)
     if len(keep_layers) < len(adapter.layers(model)):
         drop_layers_(model, adapter, keep_layers)
-    if keep_hidden.numel() < int(model.config.hidden_size):
+    if narrower:
         slice_hidden_(model, adapter, keep_hidden)
 
 
 def apply_shape_(model, adapter, choice: ShapeChoice, probe: torch.Tensor, *, check: bool) -> None:
-    """Cut ``model`` to the chosen shape in place; with ``check`` (an fp32 model), compare it with the uncut model
-    emulating the cut on ``probe`` and record the largest relative logit difference in ``choice.parity``."""
+    """Cut ``model`` to the chosen shape in place; with ``check`` (an fp32 model), compare it with the model
+    emulating the cut (norms rescaled, then :func:`emulated_cut`) on ``probe`` and record the largest relative
+    logit difference in ``choice.parity``."""
+    narrower = choice.keep_hidden.numel() < int(model.config.hidden_size)
+    if narrower and choice.energies is not None:  # part of the cut: the emulation and the slice both see it
+        rescale_norms_(model, adapter, choice.energies, choice.keep_hidden)
     reference = None
     if check:
         with (
@@ -323,7 +340,7 @@ def apply_shape_(model, adapter, choice: ShapeChoice, probe: torch.Tensor, *, ch
             emulated_cut(model, adapter, keep_layers=choice.keep_layers, keep_hidden=choice.keep_hidden),
         ):
             reference = model(input_ids=probe.to(next(model.parameters()).device)).logits.float().cpu()
-    reshape_(model, adapter, choice.keep_layers, choice.keep_hidden)
+    reshape_(model, adapter, choice.keep_layers, choice.keep_hidden)  # the norms are rescaled already
     if reference is not None:
         choice.parity = cut_parity(reference, model, probe)
         if choice.parity > 1e-4:
