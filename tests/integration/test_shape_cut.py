@@ -233,3 +233,31 @@ def test_the_axis_scores_find_a_dead_layer_and_a_loud_channel():
     assert int(kl.argmin()) == 2 and float(kl[2]) < 1e-6 < float(kl[0])
     scores, energies = hidden_channel_scores(model, adapter, windows, 2)
     assert int(scores.argmax()) == 5 and len(energies) == 2 * 4 + 1  # two norms per layer, the final one
+
+
+def test_the_norm_rescale_restores_a_stream_whose_cut_channels_were_empty():
+    """Channels that carry nothing are free to cut, except that a norm over the kept ones divides by a larger
+    RMS; the rescale by rms(kept) / rms(all) of the calibration input undoes exactly that."""
+    from maskprune.axis_scores import hidden_channel_scores
+    from maskprune.surgery import rescale_norms_
+
+    model = tiny.make_model("llama_gqa", layers=2)
+    adapter = get_adapter("llama")
+    cut = torch.arange(40, 64)
+    with torch.no_grad():  # nothing ever writes to channels 40..63 of the residual stream
+        adapter.embedding(model).weight[:, cut] = 0
+        for layer in adapter.layers(model):
+            for role in ("o", "down"):
+                adapter.proj(layer, role).weight[cut] = 0
+    windows = torch.randint(0, tiny.VOCAB, (4, 16), generator=torch.Generator().manual_seed(0))
+    keep = torch.arange(40)
+    _, energies = hidden_channel_scores(model, adapter, windows, 2)
+    with torch.no_grad():
+        dense = model(input_ids=windows).logits
+        with emulated_cut(model, adapter, keep_hidden=keep):
+            plain = model(input_ids=windows).logits
+        rescale_norms_(model, adapter, energies, keep)
+        with emulated_cut(model, adapter, keep_hidden=keep):
+            rescaled = model(input_ids=windows).logits
+    assert (plain - dense).abs().max() > 0.05  # the norms over fewer channels changed the function
+    assert (rescaled - dense).abs().max() < 1e-3 * dense.abs().max()
