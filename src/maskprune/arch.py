@@ -74,6 +74,13 @@ class HeadLayout(UnitLayout):
         """True where a unit owns whole KV heads (MHA, or GQA under ``kv_group``)."""
         return self.group_size == 1 or self.policy == "kv_group"
 
+    def heads_after(self, k: int) -> tuple[int, int]:
+        """``(num_attention_heads, num_key_value_heads)`` of a layer with ``k`` units cut in every row."""
+        if self.unit_is_kv_group:  # one row of whole KV groups (MHA: one head each)
+            kv = self.units_per_row - k
+            return kv * self.group_size, kv
+        return self.rows * (self.units_per_row - k), self.num_key_value_heads
+
     def query_head_mask(self, mask: torch.Tensor) -> torch.Tensor:
         """Expand a unit mask ``[..., rows, units_per_row]`` to ``[..., num_attention_heads]``.
 

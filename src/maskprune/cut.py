@@ -6,6 +6,7 @@ Pure functions of the learned state; nothing here touches a model.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 
@@ -98,7 +99,7 @@ def feasible_plans(
     u_h = s.head.units_per_row
     feasible: list[CutPlan] = []
     for k_h in range(u_h):
-        if head_multiple > 1 and (u_h - k_h) % head_multiple:
+        if (head_multiple > 1 and (u_h - k_h) % head_multiple) or not s.head_cut_allowed(k_h):
             continue
         k_f = _fill(s, k_h, budget, ffn_multiple)
         if k_f is not None:
@@ -203,14 +204,16 @@ def candidate_shapes(
     hidden_params,
     axes: tuple[str, ...],
     hidden_multiple: int = 1,
+    hidden_ok: Callable[[int], bool] = lambda width: True,
     shares: tuple[float, ...] = SHAPE_SHARES,
 ) -> list[ShapeCandidate]:
     """The distinct shapes that give depth a share ``b`` and hidden width a share ``a`` of the ``removed``
     parameters (``a + b <= 1``; heads and FFN channels take the rest), each axis only where ``axes`` allows it.
     Layers dropped: ``b * removed / layer_params`` rounded down (at most ``num_layers - 1``); hidden channels
     cut: ``a * removed`` over what one channel owns once the layers are dropped (``hidden_params(layers_left)``),
-    rounded down so the kept width is a multiple of ``hidden_multiple`` (at least one multiple). Rounding down
-    keeps every shape at or above the budget, so heads and FFN channels can fill it exactly."""
+    rounded down so the kept width is a multiple of ``hidden_multiple`` (at least one multiple) that ``hidden_ok``
+    accepts (the family's config: Llama's needs a multiple of the head count). Cutting fewer channels keeps every
+    shape at or above the budget, so heads and FFN channels can fill it exactly."""
     depth = shares if "layers" in axes else (0.0,)
     width = shares if "hidden" in axes else (0.0,)
     out: dict[tuple[int, int], ShapeCandidate] = {}
@@ -223,6 +226,8 @@ def candidate_shapes(
             cut = int(a * removed // per_channel)
             kept = max(hidden_multiple, -(-(hidden - cut) // hidden_multiple) * hidden_multiple)
             kept = min(hidden, kept)
+            while kept < hidden and not hidden_ok(kept):  # the next width up the config accepts (hidden is one)
+                kept = min(hidden, kept + hidden_multiple)
             out.setdefault((drop, kept), ShapeCandidate(drop, kept, b, a))
     return list(out.values())
 

@@ -8,6 +8,7 @@ from dataclasses import dataclass
 from torch import nn
 
 from .arch import DecoderAdapter, FFNLayout, GQAPolicy, HeadLayout, count_parameters
+from .surgery import config_accepts
 
 __all__ = ["Structure"]
 
@@ -21,13 +22,20 @@ class Structure:
     ffn: FFNLayout
     num_layers: int
     dense_params: int
+    head_cuts: tuple[int, ...] | None = None
+    """Head units per row the cut may remove (None: any): those whose head count the family's config accepts
+    with this hidden size (Llama's and Gemma's configs refuse a hidden size that is not a multiple of the heads)."""
 
     @classmethod
     def of(cls, model: nn.Module, adapter: DecoderAdapter, policy: GQAPolicy) -> "Structure":
         layers = adapter.layers(model)
         base = model.get_base_model() if hasattr(model, "get_base_model") else model
         dense = count_parameters(base) - _lora_parameters(base)
-        return cls(adapter, adapter.head_layout(base, policy), adapter.ffn_layout(base), len(layers), dense)
+        head = adapter.head_layout(base, policy)
+        return cls(adapter, head, adapter.ffn_layout(base), len(layers), dense, _head_cuts(base.config, head))
+
+    def head_cut_allowed(self, k: int) -> bool:
+        return self.head_cuts is None or k in self.head_cuts
 
     @property
     def prunable_params(self) -> int:
@@ -64,6 +72,16 @@ class Structure:
     def min_params(self) -> int:
         """Smallest size the uniform cut can reach (one unit left per row of every kind)."""
         return int(self.params_after(self.head.units_per_row - 1, self.ffn.units_per_row - 1))
+
+
+def _head_cuts(config, head: HeadLayout) -> tuple[int, ...] | None:
+    """The cuts per row whose head counts the config accepts (None when it accepts every one)."""
+    ok = []
+    for k in range(head.units_per_row):
+        n_heads, n_kv = head.heads_after(k)
+        if config_accepts(config, num_attention_heads=n_heads, num_key_value_heads=n_kv, head_dim=head.head_dim):
+            ok.append(k)
+    return None if len(ok) == head.units_per_row else tuple(ok)
 
 
 def _lora_parameters(model: nn.Module) -> int:

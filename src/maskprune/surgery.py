@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import logging
 import math
 from typing import Iterator, Sequence
 
@@ -24,11 +25,14 @@ from torch import nn
 from .arch import DecoderAdapter, _base_linear
 from .errors import MaskPruneError
 
+log = logging.getLogger(__name__)
+
 __all__ = [
     "drop_layers_",
     "slice_hidden_",
     "layer_pattern",
     "canonical_layer_pattern",
+    "config_accepts",
     "residual_norm_modules",
     "rescale_norms_",
     "emulated_cut",
@@ -119,6 +123,22 @@ def canonical_layer_pattern(config, num_layers: int) -> list[tuple] | None:
     if any(v is None or len(v) != num_layers for v in lists):
         return None
     return [tuple(v[i] for v in lists) for i in range(num_layers)]
+
+
+def config_accepts(config, **changes) -> bool:
+    """Whether the family's config class accepts ``config`` with ``changes`` (e.g. ``hidden_size``,
+    ``num_attention_heads``): transformers' validation (Llama's and Gemma's ``hidden_size`` must be a multiple of
+    ``num_attention_heads``, even with an explicit ``head_dim``) refuses to save or load a checkpoint that breaks
+    it, so a cut may only choose shapes it accepts."""
+    values = config.to_dict()
+    values.update(changes)
+    values.pop("quantization_config", None)
+    try:
+        type(config)(**values)
+    except Exception as e:  # noqa: BLE001 - ValueError, TypeError or huggingface_hub's StrictDataclassError
+        log.debug("config refuses %s: %s", changes, e)
+        return False
+    return True
 
 
 def _per_layer_keys(config) -> list[str]:

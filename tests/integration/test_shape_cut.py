@@ -203,7 +203,9 @@ def test_a_fixed_shape_is_cut_and_an_impossible_one_refused(tiny_dir, calib, tmp
     assert "removes more than the budget" in capsys.readouterr().err
     assert main([*base, "--keep-layers", "1", "--prune-axes", "heads,ffn", "--out", str(tmp_path / "c")]) == 2
     assert "keep_layers must be a positive count with layers in prune_axes" in capsys.readouterr().err
-    assert not (tmp_path / "b").exists() and not (tmp_path / "c").exists()
+    assert main([*base, "--keep-hidden", "42", "--out", str(tmp_path / "d")]) == 2  # Llama: 4 heads must divide it
+    assert "LlamaConfig refuses hidden_size 42" in capsys.readouterr().err
+    assert not any((tmp_path / n).exists() for n in "bcd")
 
 
 def test_shape_trials_distil_the_finalists_and_pick_by_kl_after(tiny_dir, calib, tmp_path, capsys):
@@ -261,3 +263,27 @@ def test_the_norm_rescale_restores_a_stream_whose_cut_channels_were_empty():
             rescaled = model(input_ids=windows).logits
     assert (plain - dense).abs().max() > 0.05  # the norms over fewer channels changed the function
     assert (rescaled - dense).abs().max() < 1e-3 * dense.abs().max()
+
+
+def test_the_search_offers_only_shapes_the_config_accepts(tmp_path, capsys):
+    """Llama refuses hidden_size % num_attention_heads != 0 (even with head_dim set): with 3 heads of 16 a width
+    of 40 or 44 (multiples of --hidden-multiple 4) would neither save nor load, so the search skips it."""
+    from transformers import AutoModelForCausalLM, LlamaConfig
+
+    dense = tmp_path / "llama3h"
+    cfg = tiny.config_for("llama_mha", layers=3)
+    cfg = LlamaConfig(**{**cfg.to_dict(), "hidden_size": 48, "num_attention_heads": 3, "num_key_value_heads": 3})
+    torch.manual_seed(0)
+    AutoModelForCausalLM.from_config(cfg).save_pretrained(dense)
+    tiny.make_tokenizer().save_pretrained(dense)
+    calib = tiny.write_calib(tmp_path / "calib.jsonl")
+    out = tmp_path / "out"
+    argv = ["-q", "prune", str(dense), "--method", "wanda-sp", "--sparsity", "0.4", "--split-search", "--no-report"]
+    argv += ["--prune-axes", "heads,ffn,hidden", "--hidden-multiple", "4", "--out", str(out)]
+    assert main([*argv, *tiny.small_run(calib, evaluate=False)]) == 0, capsys.readouterr().err
+    r = json.loads((out / "maskprune_report.json").read_text())
+    rows = r["shape_search"]["candidates"]
+    assert {c["hidden_size"] for c in rows} >= {48, 36} and all(c["hidden_size"] % 3 == 0 for c in rows)
+    assert all(c["hidden_size"] % (3 - c["k_head"]) == 0 for c in rows if c["k_head"] is not None)
+    model = AutoModelForCausalLM.from_pretrained(out)
+    assert model.config.hidden_size % model.config.num_attention_heads == 0

@@ -104,3 +104,50 @@ def test_best_layer_subsequence_keeps_the_pattern_or_the_top_scores():
     assert best_layer_subsequence(scores, gemma, ["s", "s", "f"]) == [0, 1, 2]  # 5 + 1 + 4 beats 5 + 3 + 0.5
     assert best_layer_subsequence([0.0, 9.0, 0.0, 8.0, 9.5, 0.0], gemma, ["s", "s", "f"]) == [1, 4, 5]
     assert best_layer_subsequence(scores, gemma, ["f", "f", "f"]) is None
+
+
+def test_only_shapes_the_family_config_accepts_are_planned():
+    """Llama's and Gemma's configs refuse a hidden size that is not a multiple of the head count (even with an
+    explicit head_dim): such a checkpoint neither saves nor loads, so the cut must never choose it."""
+    from transformers import LlamaConfig, Qwen2Config
+
+    from maskprune.cut import candidate_shapes, feasible_plans
+    from maskprune.structure import _head_cuts
+    from maskprune.surgery import config_accepts
+
+    llama = LlamaConfig(hidden_size=64, num_attention_heads=4, num_key_value_heads=4, intermediate_size=96)
+    assert config_accepts(llama, hidden_size=48) and not config_accepts(llama, hidden_size=50)
+    assert not config_accepts(llama, num_attention_heads=3, num_key_value_heads=3, head_dim=16)
+    qwen = Qwen2Config(hidden_size=64, num_attention_heads=4, num_key_value_heads=4, intermediate_size=96)
+    assert config_accepts(qwen, num_attention_heads=3, num_key_value_heads=3, head_dim=16)
+
+    mha = HeadLayout(
+        kind="head",
+        rows=1,
+        units_per_row=4,
+        params_per_unit=2048,
+        num_attention_heads=4,
+        num_key_value_heads=4,
+        head_dim=16,
+    )
+    assert [mha.heads_after(k) for k in range(4)] == [(4, 4), (3, 3), (2, 2), (1, 1)]
+    assert _head_cuts(llama, mha) == (0, 2, 3)  # 3 heads do not divide 64
+    assert _head_cuts(qwen, mha) is None
+    gqa = _structure(heads=4, kv=2, policy="kv_group")
+    assert gqa.head.heads_after(1) == (2, 1)
+    s = _structure(heads=4, kv=4)
+    s = Structure(s.adapter, mha, s.ffn, s.num_layers, s.dense_params, _head_cuts(llama, mha))
+    plans = feasible_plans(s, 80_000)
+    assert plans and 1 not in [p.k_head for p in plans]
+
+    shapes = candidate_shapes(
+        removed=20_000,
+        num_layers=10,
+        hidden=576,
+        layer_params=3_000,
+        hidden_params=lambda layers: 100,
+        axes=("ffn", "hidden"),
+        hidden_multiple=8,
+        hidden_ok=lambda width: width % 9 == 0,
+    )
+    assert shapes and all(c.hidden % 72 == 0 for c in shapes)  # 8-multiples of 9 heads

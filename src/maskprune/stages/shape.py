@@ -45,6 +45,7 @@ from ..masks import MaskSet
 from ..structure import Structure
 from ..surgery import (
     canonical_layer_pattern,
+    config_accepts,
     cut_parity,
     drop_layers_,
     emulated_cut,
@@ -99,6 +100,14 @@ def search_shape(ctx: RunContext) -> ShapeChoice:
     autocast = autocast_dtype(cfg.dtype, ctx.device)
     bs, direction = cfg.batch_size, cfg.kl_direction
     n_layers, hidden = len(ad.layers(model)), int(model.config.hidden_size)
+    if cfg.keep_hidden is not None and not config_accepts(model.config, hidden_size=cfg.keep_hidden):
+        raise MaskPruneError(
+            f"{type(model.config).__name__} refuses hidden_size {cfg.keep_hidden}",
+            expected=f"a hidden size its config accepts (a multiple of num_attention_heads "
+            f"{model.config.num_attention_heads} for this family)",
+            found=f"--keep-hidden {cfg.keep_hidden}",
+            fix="pick another --keep-hidden, or drop it and let the shape search choose",
+        )
     with ctx.phases("shape_search"):
         reference = teacher_logits(model, win, bs, autocast)
         layer_kl = (
@@ -119,6 +128,7 @@ def search_shape(ctx: RunContext) -> ShapeChoice:
             hidden_params=lambda layers: hidden_channel_params(model, ad, layers),
             axes=cfg.prune_axes,
             hidden_multiple=cfg.hidden_multiple,
+            hidden_ok=lambda width: config_accepts(model.config, hidden_size=width),
         )
         shapes = _fixed(shapes, cfg.keep_layers, cfg.keep_hidden, n_layers, hidden)
         rows, ranked = [], []
