@@ -178,10 +178,12 @@ def _settings_section(report: dict, cfg: PruneConfig, recipe: str) -> str:
     data = f"{cfg.calib_samples} windows of {cfg.seq_len} tokens from `{cfg.calib}`"
     if recipe == "one-shot":
         comp = report.get("bias_compensation")
+        data = f"{cfg.resolved_cut_samples()} windows of {cfg.seq_len} tokens from `{cfg.calib}`"
         how = (
             f"`{cfg.method}` scores ({report.get('calibration') or 'one pass'}) on {data}; "
             + ("FLAP's bias compensation in the exported biases; " if comp else "")
             + _split_text(report)
+            + _refit_text(report.get("reconstruction"))
         )
     elif recipe == "distill":
         how = f"Distillation: {_training_summary(report['distill'])}; {_loss_text(cfg)}"
@@ -201,6 +203,22 @@ def _settings_section(report: dict, cfg: PruneConfig, recipe: str) -> str:
         )
     how += f"; GQA policy `{cfg.gqa_policy}`; autocast {cfg.dtype}."
     return f"## Method and settings\n\n{how}\n\n{_parity_text(report)}\n\n"
+
+
+def _refit_text(rec: dict | None) -> str:
+    """The re-fit of the kept weights (``--reconstruct``) in a phrase, or nothing."""
+    if not rec:
+        return ""
+    err = rec["relative_error"]
+
+    def mean(key: str) -> float:
+        return sum(err[key]) / max(1, len(err[key]))
+
+    return (
+        f"; the kept o_proj / down_proj columns re-fit by ridge regression (ridge {rec['ridge']:g}, {rec['windows']} "
+        f"windows): mean relative output error of down_proj {mean('down_before'):.3f} -> {mean('down_after'):.3f}, "
+        f"of o_proj {mean('o_before'):.3f} -> {mean('o_after'):.3f}"
+    )
 
 
 def _split_text(report: dict) -> str:
@@ -293,9 +311,14 @@ def _recovery_text(rec: dict | None) -> str:
     """The model card's section on prune's recovery after the cut (``--recover-steps``), or nothing."""
     if not rec:
         return ""
+    via = (
+        "the default recipe cuts first and spends its `--steps` on the sliced model"
+        if rec.get("cut_first")
+        else "`--recover-steps`"
+    )
     return (
         f"## Recovery after the cut\n\nThe exported model was then distilled from the dense `{rec['teacher']}` "
-        f"(`--recover-steps`, the code of `maskprune distill`): {_training_summary(rec)}; KL to the dense "
+        f"({via}, the code of `maskprune distill`): {_training_summary(rec)}; KL to the dense "
         'model\'s logits. In the table below, "before recovery" is the cut model as exported, "exported" the '
         "recovered one.\n\n"
     )

@@ -5,7 +5,7 @@
   (``maskprune distill``).
 - :func:`prune_then_recover`: a prune into ``<out>.cut``, then a distillation of that export from the dense
   model into ``out`` (``maskprune prune --recover-steps N``); one report that tells both. The default recipe
-  with ``--cut-first`` runs as this (:func:`cut_first_config`).
+  runs as this wherever its selection is fixed at step 0 (``cut_first``, :func:`cut_first_config`).
 
 Every recipe writes its output folder under a staging name (renamed only when every step, the parity checks
 included, passed), and writes the run's report once, with the model card, the figures and the GGUF beside it.
@@ -50,8 +50,11 @@ def run(cfg: PruneConfig, *, progress: bool = True) -> dict:
             preflight(cfg.gguf)
         if cfg.has_teacher:
             return distill_recipe(cfg, progress=progress)
-        if cfg.cut_first:
-            return prune_then_recover(cut_first_config(cfg), progress=progress)
+        if cfg.resolved_cut_first():
+            first = cut_first_config(cfg)
+            if not first.recover_steps:  # --steps 0: the prior's cut (re-fit, shaped) is the whole run
+                return prune_recipe(first, progress=progress)
+            return prune_then_recover(first, progress=progress, cut_first=True)
         if cfg.recover_steps:
             return prune_then_recover(cfg, progress=progress)
         return prune_recipe(cfg, progress=progress)
@@ -94,14 +97,16 @@ def cut_first_config(cfg: PruneConfig) -> PruneConfig:
         split_search=cfg.resolved_split_search(),
         layerwise_calibration=False,
         recover_steps=cfg.steps,
+        reconstruct=cfg.reconstruct is not False,  # null: on (the default recipe's cut is re-fit)
         cut_first=False,
     ).validate()
 
 
-def prune_then_recover(cfg: PruneConfig, *, progress: bool = True) -> dict:
+def prune_then_recover(cfg: PruneConfig, *, progress: bool = True, cut_first: bool = False) -> dict:
     """``maskprune prune --recover-steps N``: prune into ``<out>.cut``, distil that export from the dense model
     for N steps into ``out``; one report and model card that tell both phases. ``<out>.cut`` is removed once
-    ``out`` is complete; with ``--resume`` a finished cut of the same run is reused."""
+    ``out`` is complete; with ``--resume`` a finished cut of the same run is reused. ``cut_first``: the default
+    recipe runs as this (:func:`cut_first_config`); the report says so."""
     cfg.validate()
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
         raise MaskPruneError(
@@ -114,12 +119,20 @@ def prune_then_recover(cfg: PruneConfig, *, progress: bool = True) -> dict:
     cut_dir = out.with_name(out.name + ".cut")
     cut_cfg, rec_cfg = _recovery_configs(cfg, out, cut_dir)
     cut = _finished_cut(cut_dir, cut_cfg) if cfg.resume else None
+    if cut is None and cfg.resume and cut_cfg.method != "maskprune":  # a one-shot cut keeps no checkpoints
+        raise MaskPruneError(
+            "--resume: nothing to resume",
+            found=f"'{cut_dir}' holds no finished cut of this run, so '{checkpoint_dir(out)}' holds no checkpoint "
+            "of its recovery (the one-shot cut itself is not checkpointed)",
+            fix="run the same command without --resume to start over",
+        )
     if cut is None:
         cut = _cut_stage(cut_cfg, cut_dir, progress)
     rec = setup(rec_cfg, progress)
     known = (cut.perplexity["exported"], (cut.zeroshot or {}).get("exported"))
     with staging(out, cfg.overwrite) as folder:
         report = _merge(cfg, cut, run_stage(rec, folder, student_eval=known))
+        report.recovery["cut_first"] = cut_first
         (folder / "metrics.jsonl").rename(folder / "recovery_metrics.jsonl")
         for name in ("masks.pt", "metrics.jsonl"):  # the cut's: the learning run's masks and metrics
             if (cut_dir / name).exists():

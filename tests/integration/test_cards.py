@@ -20,6 +20,7 @@ def runs(tmp_path_factory) -> dict[str, Path]:
     out = {}
     for name, args in {
         "default": ["--steps", "3"],
+        "masked": ["--steps", "3", "--no-cut-first"],
         "learned": ["--steps", "4", "--freeze-share", "0.5"],
         "magnitude": ["--method", "magnitude"],
         "flap": ["--method", "flap"],
@@ -54,10 +55,14 @@ def test_a_one_shot_card_describes_the_one_shot_run(runs, name):
         assert absent not in body, absent
 
 
-def test_the_default_card_describes_the_prior_and_the_distillation(runs):
-    _, body = _card(runs["default"])
+def test_the_default_card_describes_the_prior_the_refit_and_the_distillation(runs):
+    _, body = _card(runs["default"])  # cut first: the prior's cut, re-fit, then the sliced model distilled
+    assert "`wanda-sp` scores (one-pass) on 8 windows" in body and "re-fit by ridge regression" in body
+    assert "the default recipe cuts first" in body and "lora rank 8, 3 steps" in body
+    assert "eta1" not in body and "masked, before the cut" not in body and "--recover-steps" not in body
+    _, body = _card(runs["masked"])  # --no-cut-first: every step on the masked model
     assert "`wanda-sp` scores on 8 of 8 windows" in body and "3 steps of batch" in body and "LoRA rank 8" in body
-    assert "eta1" not in body and "masked, before the cut" not in body
+    assert "eta1" not in body and "masked, before the cut" not in body and "re-fit" not in body
 
 
 def test_the_learned_card_describes_the_mask_learning(runs):

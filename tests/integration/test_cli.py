@@ -21,12 +21,17 @@ def _run(args, capsys):
     return code, captured.out, captured.err
 
 
-def test_prune_end_to_end_writes_a_stock_checkpoint_and_report(tiny_dir, calib, tmp_path, capsys):
+@pytest.mark.parametrize("path", ["cut-first", "masked"])
+def test_prune_end_to_end_writes_a_stock_checkpoint_and_report(path, tiny_dir, calib, tmp_path, capsys):
+    """The default recipe both ways: cut first, then the sliced model distilled (the default), and every step on
+    the masked full-width model (``--no-cut-first``, what a learned selection and a launcher run)."""
     from transformers import AutoModelForCausalLM
 
     out = tmp_path / "pruned"
+    extra = ["--no-cut-first"] if path == "masked" else []
     code, stdout, err = _run(
-        ["prune", str(tiny_dir), "--sparsity", "0.3", "--steps", "60", "--out", str(out), "--calib", str(calib), *FAST],
+        ["prune", str(tiny_dir), "--sparsity", "0.3", "--steps", "60", "--out", str(out), "--calib", str(calib), *FAST]
+        + extra,
         capsys,
     )
     assert code == 0, err
@@ -40,11 +45,20 @@ def test_prune_end_to_end_writes_a_stock_checkpoint_and_report(tiny_dir, calib, 
     )
     assert report["perplexity"]["dense"]["ppl"] > 1 and report["perplexity"]["exported"]["ppl"] > 1
     assert report["parity"]["max_abs_diff"] <= report["parity"]["tolerance"]
-    assert set(report["seconds"]) >= {"load", "learn", "cut", "export", "total"}
     assert len(report["kept_units"]["ffn"]) == 2
     assert len({len(k) for k in report["kept_units"]["ffn"]}) == 1  # uniform
-    lines = (out / "metrics.jsonl").read_text().splitlines()
-    assert len(lines) == 60 and {"loss", "kl", "sigma_head", "sigma_ffn", "y", "z"} <= set(json.loads(lines[-1]))
+    if path == "masked":
+        assert set(report["seconds"]) >= {"load", "learn", "cut", "export", "total"}
+        lines = (out / "metrics.jsonl").read_text().splitlines()
+        assert len(lines) == 60 and {"loss", "kl", "sigma_head", "sigma_ffn", "y", "z"} <= set(json.loads(lines[-1]))
+    else:  # the cut (re-fit), then 60 steps of the sliced model
+        assert set(report["seconds"]["prune"]) >= {"load", "score", "reconstruct", "export"}
+        assert set(report["seconds"]["recovery"]) >= {"learn", "export"} and report["recovery"]["steps"] == 60
+        assert report["recovery"]["cut_first"] and report["config"]["reconstruct"] and report["reconstruction"]
+        assert not (out / "metrics.jsonl").exists()
+        lines = (out / "recovery_metrics.jsonl").read_text().splitlines()
+        assert len(lines) == 60 and {"loss", "kl"} <= set(json.loads(lines[-1]))
+        assert report["perplexity"]["before_recovery"]["ppl"] > report["perplexity"]["exported"]["ppl"]
     card = (out / "README.md").read_text()
     assert f"{p['exported']:,}" in card and "Reproduce" in card
     assert "base_model:" not in card  # a local folder has no hub id to name
@@ -206,7 +220,7 @@ def test_report_figures_fit_the_run(tiny_dir, calib, tmp_path, capsys):
 
     from maskprune.report import MASK_FIGURES
 
-    out = tmp_path / "run"  # the default recipe: the prior's selection, then distillation with held-out KL
+    out = tmp_path / "run"  # the default recipe: the prior's cut, then the sliced model distilled with held-out KL
     code, _, err = _run(
         ["prune", str(tiny_dir), "--steps", "12", "--out", str(out), "--calib", str(calib), "--no-report", *FAST]
         + ["--val-every", "4", "--val-windows", "4"],
@@ -218,7 +232,7 @@ def test_report_figures_fit_the_run(tiny_dir, calib, tmp_path, capsys):
     assert code == 0, err
     page = _check_figures(out, {"training", "split_search", "scores_head", "scores_ffn"})
     assert "held-out calibration windows" in page and "intermediate size" in page
-    metrics = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    metrics = [json.loads(x) for x in (out / "recovery_metrics.jsonl").read_text().splitlines()]
     assert len({m["loss"] for m in metrics}) > 1 and len([m for m in metrics if "val_kl" in m]) >= 3
     learned = tmp_path / "learned"  # masks learned for half the steps: the paper's mask figures too
     code, _, err = _run(

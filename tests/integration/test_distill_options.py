@@ -41,6 +41,7 @@ def test_no_distill_prunes_without_ever_running_the_teacher(tmp_path, capsys, mo
             "prune",
             str(model),
             "--no-distill",
+            "--no-cut-first",
             "--sparsity",
             "0.3",
             "--steps",

@@ -15,7 +15,8 @@ from safetensors.torch import load_file
 
 import tiny
 
-ARGS = [
+ARGS = [  # the masked path (data-parallel); a single process would cut first by default
+    "--no-cut-first",
     "--sparsity",
     "0.3",
     "--steps",

@@ -36,6 +36,7 @@ def _cmd(model: Path, calib: Path, out: Path, *extra: str) -> list[str]:
         *tiny.small_run(calib, batch_size=4, evaluate=False, dtype="fp32", threads=1),
         "--checkpoint-every",
         "3",
+        "--no-cut-first",  # the masked learner's exact resume (masks, sigma, y, z); the default's: below
         "--out",
         str(out),
         *extra,
@@ -87,6 +88,33 @@ def test_sigkill_then_resume_equals_uninterrupted_run(setup):
     lines = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
     assert [m["step"] for m in lines] == list(range(STEPS))  # one line per step, none twice
     assert not ckpt.exists()  # spent checkpoints are removed after success
+
+
+def test_the_default_killed_in_its_recovery_resumes_from_the_finished_cut(setup):
+    """The default recipe cuts first: a kill during the sliced model's distillation keeps ``<out>.cut``; --resume
+    reuses that cut and the recovery's checkpoints and ends where an uninterrupted run ends."""
+    root, model, calib, _ = setup
+
+    def cmd(out: Path, *extra: str) -> list[str]:
+        return [c for c in _cmd(model, calib, out, *extra) if c != "--no-cut-first"]
+
+    ref, out = root / "cf-ref", root / "cf-killed"
+    subprocess.run(cmd(ref), check=True, env=_env(), timeout=300)
+    ckpt = out.with_name(out.name + ".checkpoints")
+    proc = subprocess.Popen(cmd(out), env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    deadline = time.time() + 240
+    while time.time() < deadline and len(list_checkpoints(ckpt)) < 2 and proc.poll() is None:
+        time.sleep(0.05)
+    assert proc.poll() is None, "the run finished before it could be killed; make it longer"
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert not out.exists() and (root / "cf-killed.cut" / "model.safetensors").is_file()
+    subprocess.run(cmd(out, "--resume"), check=True, env=_env(), timeout=300)
+    wa, wb = _weights(ref), _weights(out)
+    assert wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
+    lines = [json.loads(x) for x in (out / "recovery_metrics.jsonl").read_text().splitlines()]
+    assert [m["step"] for m in lines] == list(range(STEPS))
+    assert not ckpt.exists() and not (root / "cf-killed.cut").exists()
 
 
 def test_sigterm_checkpoints_and_exits_130_then_resume_finishes(setup):

@@ -132,7 +132,9 @@ def test_the_shape_search_cuts_hidden_and_depth_through_the_cli(kind, tmp_path, 
 
 def test_prune_axes_are_checked(tiny_dir, tmp_path, capsys):
     base = ["-q", "prune", str(tiny_dir), "--out", str(tmp_path / "x")]
-    assert main([*base, "--prune-axes", "heads,ffn,hidden"]) == 2
+    assert main([*base, "--prune-axes", "heads,ffn,hidden", "--no-cut-first"]) == 2  # the masked path
+    assert "a cut made before training" in capsys.readouterr().err
+    assert main([*base, "--prune-axes", "heads,ffn,hidden", "--freeze-share", "0.5"]) == 2  # a learned selection
     assert "a cut made before training" in capsys.readouterr().err
     assert main([*base, "--method", "wanda-sp", "--prune-axes", "heads,hidden"]) == 2
     assert "include ffn" in capsys.readouterr().err
