@@ -1,13 +1,12 @@
 """Issue 26's comparison: the arms of a pruned model's quality for its minutes, each a ``method`` name.
 
-Arms (all from the same calibration text, 128-token windows, batch 4, the run's default dtype):
+Arms (all from the same calibration text, the run's default dtype):
 
 - ``maskprune-2026-11-30``: the default recipe as of 2026-11-30 (heads + FFN, Wanda-sp prior, measured split,
-  every step distils the masked full-width model), ``--steps`` the run's default 400.
-- ``maskprune``: the candidate new default: ``--cut-first --reconstruct --prune-axes heads,ffn,hidden,layers``
-  (the prior's cut with the searched shape, re-fit, then the sliced model distilled) for ``--steps`` that fill
-  the same minutes.
-- ``heads-ffn``: the same new start on heads and FFN only (``--cut-first --reconstruct``).
+  every step distils the masked full-width model, 128-token windows, 4 a step), ``--steps`` the run's default 400.
+- ``maskprune``: the default as of 2026-12-04 (the prior's cut with the searched shape, re-fit, then the sliced
+  model distilled on 512-token windows, one a step) for ``--steps`` that fill the same minutes.
+- ``heads-ffn``: the same with heads and FFN channels only (``--prune-axes heads,ffn``).
 - ``flap`` (the one-shot method alone) and ``flap+recovery`` (``--recover-steps`` that fill the same minutes).
 
 Steps per arm are given on the command line (``--steps arm=N``), set from measured seconds per step so every
@@ -29,17 +28,21 @@ import sys
 import time
 from pathlib import Path
 
-COMMON = "--seq-len 128 --batch-size 4 --eval-data none --no-report --dtype auto"
-FRESH = {"smollm2-135m": "3840"}
-"""Calibration windows of the arms that train on every window the shipped text holds (less the 16 held out),
-so no step sees a window twice; ``maskprune-2026-11-30`` keeps that default's 1024."""
+COMMON = "--eval-data none --no-report --dtype auto"
+OLD_WINDOWS = ["--seq-len", "128", "--batch-size", "4", "--prior-samples", "128", "--split-search-samples", "16"]
+"""The 2026-11-30 default's windows: 128 tokens, 4 a step, the prior on 128 windows, the split search on 16."""
 ARMS = {
-    "maskprune-2026-11-30": ["--calib-samples", "1024"],  # that default's windows (the default is 2048 since)
-    "maskprune": ["--cut-first", "--reconstruct", "--prune-axes", "heads,ffn,hidden,layers", "FRESH"],
-    "heads-ffn": ["--cut-first", "--reconstruct", "FRESH"],
+    # the default as of 2026-11-30: the masked path, heads + FFN, no re-fit, its windows (1024 of 128 tokens)
+    "maskprune-2026-11-30": ["--no-cut-first", "--calib-samples", "1024", "--val-windows", "16", *OLD_WINDOWS],
+    "maskprune": [],  # the default: cut first, the shape searched, re-fit, the sliced model distilled
+    "heads-ffn": ["--prune-axes", "heads,ffn"],  # the same with heads and FFN channels only
     "flap": ["--method", "flap"],
-    "flap+recovery": ["--method", "flap", "FRESH"],
+    "flap+recovery": ["--method", "flap"],
 }
+"""Every arm but the first runs the default windows (512 tokens, one a step, 512 of them: fresh each step).
+Runs before the default changed (2026-12-04) passed the same settings explicitly (``--cut-first --reconstruct
+--prune-axes heads,ffn,hidden,layers --seq-len 512 --batch-size 1 --split-search-samples 4 --prior-samples 32
+--calib-samples 512``)."""
 STEPS_FLAG = {"flap+recovery": "--recover-steps"}
 NAMES = {"smollm2-135m": "smollm2-135m"}
 
@@ -51,9 +54,7 @@ def run_cell(c: dict, model: str, work: Path, threads: int, tasks: str | None, d
     cmd = [sys.executable, "-m", "maskprune", "-q"]
     timing = work / f"{name}.seconds"
     if not (folder / "maskprune_report.json").is_file():
-        arm = [a for a in ARMS[c["method"]] if a != "FRESH"]
-        if "FRESH" in ARMS[c["method"]] and model in FRESH:
-            arm += ["--calib-samples", FRESH[model]]
+        arm = ARMS[c["method"]]
         prune = ["prune", model, "--sparsity", f"{c['sparsity'] / 100}", *arm, *COMMON.split()]
         if c["steps"] is not None:
             prune += [STEPS_FLAG.get(c["method"], "--steps"), str(c["steps"])]

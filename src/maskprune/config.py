@@ -190,13 +190,15 @@ class CutConfig(_Group):
         "query",
         """GQA unit: one query head per KV group (``query``) or a whole KV group (``kv_group``).""",
     )
-    prune_axes: tuple[str, ...] = _opt(
-        ("heads", "ffn"),
+    prune_axes: tuple[str, ...] | None = _opt(
+        None,
         """What the cut may shrink, among heads, ffn, hidden (the residual stream's width: embeddings, norms, every
     projection's input or output side, the LM head) and layers (whole decoder layers). With hidden or layers the
     shape is searched (docs/method.md, "The shape search"): candidate shapes that give part of the budget to
     depth and to width, each ranked by the KL of its cut model to the dense one; ffn always fills the rest.
-    Hidden and layers apply to one-shot methods (``--method``) so far.""",
+    Hidden and layers apply to a cut made before training (the default recipe, which cuts first, and
+    ``--method`` baselines). null (default): all four where the default recipe cuts first, heads and ffn
+    elsewhere (the baselines as published; the masked path cuts heads and ffn only).""",
     )
     hidden_multiple: int = _opt(
         8,
@@ -246,7 +248,7 @@ class CutConfig(_Group):
     (it learns the split).""",
     )
     split_search_samples: int = _opt(
-        16,
+        4,
         """Calibration windows (the first ones) the split search measures each candidate split on.""",
     )
     layerwise_calibration: bool | None = _opt(
@@ -259,8 +261,8 @@ class CutConfig(_Group):
         None,
         """Calibration windows (the first ones) that choose and fit a one-shot cut: the unit scores, the shape
     search's channel scores and the re-fit's Gram matrices (a few hundred suffice; training may use many more).
-    null: ``calib_samples``, at most 1024; with ``--cut-first``, ``prior_samples``, as the masked path scores its
-    prior.""",
+    null: ``calib_samples``, at most 256 (128k tokens at the default 512-token windows); where the default recipe
+    cuts first, ``prior_samples``, as the masked path scores its prior.""",
     )
     reconstruct: bool | None = _opt(
         None,
@@ -312,15 +314,16 @@ class CutConfig(_Group):
             problems.append(f"cut_samples must be a positive window count, found {self.cut_samples}")
         if self.shape_trial_steps < 0:
             problems.append(f"shape_trial_steps must be >= 0, found {self.shape_trial_steps}")
+        axes = PRUNE_AXES if self.prune_axes is None else self.prune_axes  # null: checked once resolved
         for key, axis in (("keep_hidden", "hidden"), ("keep_layers", "layers")):
             value = getattr(self, key)
-            if value is not None and (value < 1 or axis not in self.prune_axes):
+            if value is not None and (value < 1 or axis not in axes):
                 problems.append(f"{key} must be a positive count with {axis} in prune_axes, found {value}")
-        unknown = [a for a in self.prune_axes if a not in PRUNE_AXES]
-        if unknown or "ffn" not in self.prune_axes:
+        unknown = [a for a in axes if a not in PRUNE_AXES]
+        if unknown or "ffn" not in axes:
             problems.append(
                 f"prune_axes must be among {','.join(PRUNE_AXES)} and include ffn (it fills the budget), found "
-                f"{','.join(self.prune_axes) or 'none'}: e.g. --prune-axes heads,ffn,hidden,layers"
+                f"{','.join(axes) or 'none'}: e.g. --prune-axes heads,ffn,hidden,layers"
             )
         if not 0.0 <= self.head_cut_fraction < 1.0:
             problems.append(
@@ -377,7 +380,7 @@ class SelectionConfig(_Group):
         """Range of the initial masks under a one-shot prior, in [0, 1).""",
     )
     prior_samples: int = _opt(
-        128,
+        32,
         """Calibration windows the one-shot prior is scored on (the first ones; at most ``calib_samples``): 16k
     tokens at the default window length.""",
     )
@@ -575,18 +578,20 @@ class DataConfig(_Group):
         """Hub dataset configuration name (e.g. ``en`` for allenai/c4).""",
     )
     calib_samples: int = _opt(
-        2048,
+        512,
         """Number of token windows packed from the calibration text. Training draws batches by epochs over a
-    permutation of them; the default gives each of the default run's steps fresh windows (400 x 4 = 1600): a
+    permutation of them; the default gives each of the default run's steps fresh windows (400 x 1): a
     window seen again buys little on held-out text (docs/method.md, "Fresh windows").""",
     )
     seq_len: int = _opt(
-        128,
-        """Tokens per calibration window.""",
+        512,
+        """Tokens per calibration window. Distilling on windows shorter than the contexts the model is used at
+    leaves its long-context behaviour untrained: measured, 512-token windows against 128 at the same 512 tokens
+    a step gave a 9 % lower perplexity at 2048 tokens (docs/method.md, "Window length").""",
     )
     batch_size: int = _opt(
-        4,
-        """Windows per learning step.""",
+        1,
+        """Windows per learning step (one 512-token window: 512 tokens a step).""",
     )
     seed: int = _opt(
         0,
@@ -603,7 +608,7 @@ class DataConfig(_Group):
     off; 0: off.""",
     )
     val_windows: int = _opt(
-        16,
+        4,
         """How many held-out calibration windows ``val_every`` scores (taken after the ``calib_samples``).""",
     )
 
@@ -861,6 +866,12 @@ class PruneConfig:
             and sel.recipe == "maskprune"
         )
 
+    def resolved_prune_axes(self) -> tuple[str, ...]:
+        """``prune_axes``, or its default: every axis where the default recipe cuts first, else heads and ffn."""
+        if self.cut.prune_axes is not None:
+            return self.cut.prune_axes
+        return PRUNE_AXES if self.resolved_cut_first() else ("heads", "ffn")
+
     def resolved_cut_first(self) -> bool:
         """``cut_first``, or its default: on where the selection is fixed at step 0, nothing else distils after the
         cut (``--recover-steps``, ``distill``) and the run is one process (a launcher keeps the masked path, which
@@ -877,9 +888,9 @@ class PruneConfig:
 
     def resolved_cut_samples(self) -> int:
         """Windows that choose and fit a one-shot cut: ``cut_samples``, at most ``calib_samples`` (null: at most
-        1024, what one-shot methods were calibrated on before training took more windows)."""
+        256, the 128k tokens one-shot methods are calibrated on, e.g. FLAP's 1024 x 128)."""
         n = self.data.calib_samples
-        return min(n, 1024) if self.cut.cut_samples is None else min(self.cut.cut_samples, n)
+        return min(n, 256) if self.cut.cut_samples is None else min(self.cut.cut_samples, n)
 
     def resolved_mask_lr(self) -> float:
         """``mask_lr``, or the automatic rate ``mask_init_spread / sqrt(selection steps)`` (0.1 / sqrt(steps) when
@@ -937,7 +948,14 @@ def _method_problems(cfg: PruneConfig) -> list[str]:
     """Rules between the method (cut), the learned selection's options and the batch (data)."""
     method, sel, data = cfg.cut.method, cfg.selection, cfg.data
     problems = []
-    shaped = set(cfg.cut.prune_axes) - {"heads", "ffn"}
+    axes = cfg.resolved_prune_axes()
+    shaped = set(axes) - {"heads", "ffn"}
+    for key, axis in (("keep_hidden", "hidden"), ("keep_layers", "layers")):
+        if getattr(cfg.cut, key) is not None and axis not in axes and cfg.cut.prune_axes is None:
+            problems.append(
+                f"{key} needs {axis} in prune_axes, which this run's default leaves out ({','.join(axes)}: "
+                "a --method baseline or the masked path): add --prune-axes heads,ffn,hidden,layers"
+            )
     if method == "maskprune" and not cfg.resolved_cut_first() and (shaped or cfg.cut.reconstruct):
         problems.append(
             ("prune_axes hidden and layers" if shaped else "reconstruct")

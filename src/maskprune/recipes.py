@@ -98,6 +98,7 @@ def cut_first_config(cfg: PruneConfig) -> PruneConfig:
         layerwise_calibration=False,
         recover_steps=cfg.steps,
         reconstruct=cfg.reconstruct is not False,  # null: on (the default recipe's cut is re-fit)
+        prune_axes=cfg.resolved_prune_axes(),
         cut_first=False,
     ).validate()
 

@@ -230,8 +230,8 @@ def test_report_figures_fit_the_run(tiny_dir, calib, tmp_path, capsys):
     assert not (out / "report").exists()
     code, stdout, err = _run(["report", str(out), "-q"], capsys)
     assert code == 0, err
-    page = _check_figures(out, {"training", "split_search", "scores_head", "scores_ffn"})
-    assert "held-out calibration windows" in page and "intermediate size" in page
+    page = _check_figures(out, {"training", "scores_head", "scores_ffn"})  # the shape search's table, no split
+    assert "held-out calibration windows" in page and "intermediate size" in page and "Shape search: " in page
     metrics = [json.loads(x) for x in (out / "recovery_metrics.jsonl").read_text().splitlines()]
     assert len({m["loss"] for m in metrics}) > 1 and len([m for m in metrics if "val_kl" in m]) >= 3
     learned = tmp_path / "learned"  # masks learned for half the steps: the paper's mask figures too

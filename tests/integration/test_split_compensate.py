@@ -57,8 +57,11 @@ def _prune(tmp_path, kind, *flags):
     return main(argv), out
 
 
-def test_default_learned_run_reports_the_split_it_measured(tmp_path, capsys):
-    code, out = _prune(tmp_path, "llama_mha", "--steps", "2", "--batch-size", "2", "--no-report")
+@pytest.mark.parametrize("path", [["--no-cut-first"], ["--prune-axes", "heads,ffn"]])
+def test_default_learned_run_reports_the_split_it_measured(path, tmp_path, capsys):
+    """Masked or cut first, on heads and FFN channels the split is measured and reported (with hidden and
+    layers, the shape search's candidates carry every split instead)."""
+    code, out = _prune(tmp_path, "llama_mha", "--steps", "2", "--batch-size", "2", "--no-report", *path)
     assert code == 0, capsys.readouterr().err
     r = json.loads((out / "maskprune_report.json").read_text())
     cands = r["split_search"]["candidates"]

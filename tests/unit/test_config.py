@@ -217,3 +217,26 @@ def test_each_group_validates_itself():
     assert any("freeze_share" in p for p in SelectionConfig(freeze_share=2.0).problems())
     assert DataConfig(batch_size=0).problems() == ["batch_size must be >= 1, found 0"]
     assert CutConfig().problems() == [] and SelectionConfig().problems() == []
+
+
+def test_the_default_cuts_first_on_every_axis_and_the_other_paths_keep_theirs(monkeypatch):
+    from maskprune.config import PRUNE_AXES
+    from maskprune.recipes import cut_first_config
+
+    d = load_config()
+    assert d.resolved_cut_first() and d.resolved_prune_axes() == PRUNE_AXES and d.reconstruct is None
+    first = cut_first_config(d)  # what the default runs: the prior's one-shot cut, shaped and re-fit, then steps
+    assert (first.method, first.reconstruct, first.prune_axes) == ("wanda-sp", True, PRUNE_AXES)
+    assert first.recover_steps == d.steps and first.resolved_cut_samples() == d.prior_samples
+    for masked in ({"cut_first": False}, {"freeze_share": 0.5}, {"recipe": "paper"}):
+        c = load_config(overrides=masked)
+        assert not c.resolved_cut_first() and c.resolved_prune_axes() == ("heads", "ffn"), masked
+    flap = load_config(overrides={"method": "flap"})  # baselines as published: heads and FFN, no re-fit
+    assert not flap.resolved_cut_first() and flap.resolved_prune_axes() == ("heads", "ffn") and not flap.reconstruct
+    monkeypatch.setenv("WORLD_SIZE", "2")  # a launcher: the data-parallel masked path
+    assert not load_config().resolved_cut_first()
+    monkeypatch.delenv("WORLD_SIZE")
+    with pytest.raises(MaskPruneError, match="keep_hidden needs hidden in prune_axes"):
+        load_config(overrides={"method": "flap", "keep_hidden": 512})
+    with pytest.raises(MaskPruneError, match="a cut made before training"):
+        load_config(overrides={"cut_first": False, "prune_axes": "heads,ffn,hidden"})

@@ -103,7 +103,7 @@ def choose_units(ctx: RunContext, ckpt_dir: Path) -> Outcome:
         ckpt_dir.mkdir(parents=True, exist_ok=True)
     if cfg.method == "maskprune":
         return learn_and_plan(ctx, ckpt_dir)
-    shape = _reshape(ctx) if wants_shape_search(cfg.prune_axes) else None
+    shape = _reshape(ctx) if wants_shape_search(cfg.resolved_prune_axes()) else None
     args = (cfg, ctx.loaded.model, ctx.adapter, ctx.structure, ctx.windows, ctx.budget, ctx.device)
     sigma_head = shape.k_head / ctx.structure.head.units_per_row if shape is not None else None
     outcome = score_and_plan(*args, ctx.phases, sigma_head=sigma_head)

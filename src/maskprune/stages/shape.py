@@ -112,12 +112,12 @@ def search_shape(ctx: RunContext) -> ShapeChoice:
         reference = teacher_logits(model, win, bs, autocast)
         layer_kl = (
             layer_skip_kl(model, ad, win, reference, bs, direction=direction, autocast=autocast)
-            if "layers" in cfg.prune_axes
+            if "layers" in cfg.resolved_prune_axes()
             else torch.zeros(n_layers)
         )
         channels, energies = (
             hidden_channel_scores(model, ad, ctx.windows[: cfg.resolved_cut_samples()], bs)
-            if "hidden" in cfg.prune_axes
+            if "hidden" in cfg.resolved_prune_axes()
             else (torch.ones(hidden), None)
         )
         shapes = candidate_shapes(
@@ -126,7 +126,7 @@ def search_shape(ctx: RunContext) -> ShapeChoice:
             hidden=hidden,
             layer_params=layer_params(model, ad),
             hidden_params=lambda layers: hidden_channel_params(model, ad, layers),
-            axes=cfg.prune_axes,
+            axes=cfg.resolved_prune_axes(),
             hidden_multiple=cfg.hidden_multiple,
             hidden_ok=lambda width: config_accepts(model.config, hidden_size=width),
         )
@@ -161,7 +161,7 @@ def search_shape(ctx: RunContext) -> ShapeChoice:
         row["kl"],
     )
     dense = {"params": ctx.structure.dense_params, "num_hidden_layers": n_layers, "hidden_size": hidden}
-    lkl = layer_kl.tolist() if "layers" in cfg.prune_axes else None
+    lkl = layer_kl.tolist() if "layers" in cfg.resolved_prune_axes() else None
     return ShapeChoice(keep_layers, keep_hidden, row["k_head"], dense, rows, lkl, energies)
 
 
