@@ -113,11 +113,8 @@ def canonical_layer_pattern(config, num_layers: int) -> list[tuple] | None:
     keys = _per_layer_keys(config)
     if not keys:
         return None
-    values = config.to_dict()
-    values.update({k: None for k in keys}, num_hidden_layers=num_layers)
-    try:
-        fresh = type(config)(**values)
-    except (TypeError, ValueError):  # pragma: no cover - a config that cannot derive its lists
+    fresh = rebuilt_config(config, **{k: None for k in keys}, num_hidden_layers=num_layers)
+    if fresh is None:  # pragma: no cover - a config that cannot derive its lists
         return None
     lists = [getattr(fresh, k, None) for k in keys]
     if any(v is None or len(v) != num_layers for v in lists):
@@ -125,20 +122,25 @@ def canonical_layer_pattern(config, num_layers: int) -> list[tuple] | None:
     return [tuple(v[i] for v in lists) for i in range(num_layers)]
 
 
+def rebuilt_config(config, **changes):
+    """A fresh config of the family's class from ``config`` with ``changes`` (the class derives what is left
+    unset, e.g. per-layer lists set to None, and validates the rest); None where it refuses them."""
+    values = config.to_dict()
+    values.update(changes)
+    values.pop("quantization_config", None)
+    try:
+        return type(config)(**values)
+    except Exception as e:  # noqa: BLE001 - ValueError, TypeError or huggingface_hub's StrictDataclassError
+        log.debug("config refuses %s: %s", changes, e)
+        return None
+
+
 def config_accepts(config, **changes) -> bool:
     """Whether the family's config class accepts ``config`` with ``changes`` (e.g. ``hidden_size``,
     ``num_attention_heads``): transformers' validation (Llama's and Gemma's ``hidden_size`` must be a multiple of
     ``num_attention_heads``, even with an explicit ``head_dim``) refuses to save or load a checkpoint that breaks
     it, so a cut may only choose shapes it accepts."""
-    values = config.to_dict()
-    values.update(changes)
-    values.pop("quantization_config", None)
-    try:
-        type(config)(**values)
-    except Exception as e:  # noqa: BLE001 - ValueError, TypeError or huggingface_hub's StrictDataclassError
-        log.debug("config refuses %s: %s", changes, e)
-        return False
-    return True
+    return rebuilt_config(config, **changes) is not None
 
 
 def _per_layer_keys(config) -> list[str]:
