@@ -149,6 +149,13 @@ class Learner:
             return lr
         return lr * cosine_factor(step, self.cfg.selection_steps())
 
+    def lora_lr(self, step: int) -> float:
+        """The adapters' (or, with ``full``, every weight's) learning rate at ``step``: ``lora_lr``, or half a
+        cosine from it to 0 at the last step (``lora_lr_schedule``)."""
+        if self.cfg.resolved_lora_lr_schedule() == "constant":
+            return self.cfg.lora_lr
+        return self.cfg.lora_lr * cosine_factor(step, self.cfg.steps)
+
     def _plan(self):
         """The uniform cut the current state plans (head count from sigma, FFN count from the budget)."""
         cfg = self.cfg
@@ -274,6 +281,8 @@ class Learner:
         D.all_reduce_grads(self._trainable)
         for g in self.mask_optimizer.param_groups:
             g["lr"] = self.mask_lr(t)
+        for g in self.optimizer.param_groups if self.optimizer is not None else ():
+            g["lr"] = self.lora_lr(t)
         for o in optimizers:
             o.step()
 
