@@ -152,7 +152,7 @@ class Learner:
     def lora_lr(self, step: int) -> float:
         """The adapters' (or, with ``full``, every weight's) learning rate at ``step``: ``lora_lr``, or half a
         cosine from it to 0 at the last step (``lora_lr_schedule``)."""
-        if self.cfg.resolved_lora_lr_schedule() == "constant":
+        if self.cfg.lora_lr_schedule == "constant":
             return self.cfg.lora_lr
         return self.cfg.lora_lr * cosine_factor(step, self.cfg.steps)
 
