@@ -159,6 +159,7 @@ _CUT_KEYS = (
     "cut_samples",
     "prune_axes",
     "reconstruct",
+    "reconstruct_target",
 )
 
 

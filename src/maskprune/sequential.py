@@ -28,7 +28,7 @@ from .structure import Structure
 
 log = logging.getLogger(__name__)
 
-__all__ = ["layerwise_scores"]
+__all__ = ["layerwise_scores", "reconstruct_layerwise_", "reconstruct_to_dense_"]
 
 
 class _Caught(Exception):
@@ -201,3 +201,159 @@ def _input_gram(layer: nn.Module, proj: nn.Module, calls: list) -> torch.Tensor:
     finally:
         handle.remove()
     return gram
+
+
+@torch.no_grad()
+def reconstruct_to_dense_(
+    model: nn.Module,
+    dense: nn.Module,
+    adapter: DecoderAdapter,
+    layout,
+    kept,
+    windows: torch.Tensor,
+    *,
+    keep_layers: list[int],
+    keep_hidden: torch.Tensor,
+    batch_size: int,
+    ridge: float,
+) -> dict:
+    """The cross-model re-fit: like :func:`reconstruct_layerwise_`, but the targets are the *dense* model's, run
+    alongside on the same windows, so the fit also corrects the drift of the cut prefix and what a hidden or
+    depth cut changed. ``model`` is the cut model (its layers the dense ``keep_layers``, its residual the dense
+    channels ``keep_hidden``; hard masks attached, fp32), ``dense`` the uncut one (fp32; consumed: its layers run
+    in place). Student layer ``j`` (dense layer ``d``):
+
+    - o_proj is fit to dense layer ``d``'s o_proj outputs (the kept channels);
+    - down_proj, where it writes straight into the layer's output (probed: an offset added to its output comes
+      out unchanged), is fit so the layer's output matches the dense residual stream where the next kept layer
+      reads it: layer ``d``'s output and the contributions of every dropped layer after it; elsewhere (Gemma's
+      norm after the FFN) to dense layer ``d``'s down_proj outputs.
+
+    Returns the report's account: each projection's relative error to its targets before and after the fit."""
+    calls = _first_layer_inputs(model, adapter, windows, batch_size)
+    ref = _first_layer_inputs(dense, adapter, windows, batch_size)
+    dense_layers = adapter.layers(dense)
+    device = next(model.parameters()).device
+    keep_hidden = keep_hidden.to(device)
+    errors: dict[str, list] = {"o_before": [], "o_after": [], "down_before": [], "down_after": []}
+    targets: list[str] = []
+    done = 0  # dense layers whose outputs ``ref`` holds
+    layers = adapter.layers(model)
+    bar = tqdm(layers, desc="reconstruct to the dense model", disable=not log.isEnabledFor(logging.INFO))
+    for j, layer in enumerate(bar):
+        d = keep_layers[j]
+        following = keep_layers[j + 1] if j + 1 < len(keep_layers) else len(dense_layers)
+        ref = _advance(dense_layers, range(done, d), ref)
+        outs, ref = _dense_outputs(dense_layers[d], adapter, ref, keep_hidden)
+        done = d + 1
+        q_keep, _ = layout.kept_heads(kept.head[j])
+        o_proj, down = adapter.proj(layer, "o"), adapter.proj(layer, "down")
+        o_cols = layout.columns(q_keep).to(device)
+        _fit_(o_proj, layer, calls, o_cols, lambda i, _proj_out, _layer_out, y=outs["o"]: y[i], ridge, errors, "o")
+        straight = _writes_layer_output(layer, down, calls[0])
+        if straight:  # the residual where the next kept layer reads it, past every dropped layer
+            ref_next = _advance(dense_layers, range(done, following), ref)
+            ref, done = ref_next, following
+
+            def target(i, down_out, layer_out, _r=ref_next):
+                return _hidden(*_r[i])[..., keep_hidden] - (layer_out - down_out)
+
+        else:
+
+            def target(i, _down_out, _layer_out, _y=outs["down"]):
+                return _y[i]
+
+        _fit_(down, layer, calls, kept.ffn[j, 0].to(device), target, ridge, errors, "down")
+        targets.append("residual" if straight else "projection")
+        calls = [_with_hidden(a, k, _output(layer(*a, **k))) for a, k in calls]
+    return {
+        "protocol": "ridge re-fit of the kept o_proj / down_proj columns to the dense model's outputs, layer by "
+        "layer on the cut prefix (down_proj to the dense residual stream past any dropped layers where it writes "
+        "the residual directly); error = |W'_K a_K - y|^2 / |y|^2 on the calibration windows",
+        "target": "dense",
+        "down_targets": targets,
+        "ridge": ridge,
+        "windows": int(windows.shape[0]),
+        "relative_error": errors,
+    }
+
+
+def _advance(layers, indices, calls: list) -> list:
+    """``calls`` carried through the dense ``layers[i]`` for ``i`` in ``indices``."""
+    for i in indices:
+        calls = [_with_hidden(a, k, _output(layers[i](*a, **k))) for a, k in calls]
+    return calls
+
+
+def _dense_outputs(layer, adapter: DecoderAdapter, calls: list, keep_hidden: torch.Tensor) -> tuple[dict, list]:
+    """Dense ``layer``'s o_proj and down_proj outputs on each call (the kept channels), and its outputs as the
+    next layer's calls."""
+    outs: dict[str, list] = {"o": [], "down": []}
+
+    def keep(role: str):
+        return lambda _m, _a, out: outs[role].append(out[..., keep_hidden])
+
+    handles = [adapter.proj(layer, role).register_forward_hook(keep(role)) for role in ("o", "down")]
+    try:
+        nxt = [_with_hidden(a, k, _output(layer(*a, **k))) for a, k in calls]
+    finally:
+        for h in handles:
+            h.remove()
+    return outs, nxt
+
+
+def _writes_layer_output(layer, proj, call) -> bool:
+    """Whether ``proj``'s output is added unchanged to ``layer``'s output (no norm or scale after it): an offset
+    added to the projection's output must come out of the layer as it went in."""
+    args, kwargs = call
+    base = _output(layer(*args, **kwargs))
+    offset: list[torch.Tensor] = []
+
+    def add(_m, _a, out):
+        wave = torch.cos(torch.arange(out.numel(), device=out.device, dtype=out.dtype)).reshape(out.shape)
+        offset.append(wave * out.abs().mean().clamp_min(1e-3))  # deterministic: the run's RNG stays untouched
+        return out + offset[0]
+
+    handle = proj.register_forward_hook(add)
+    try:
+        moved = _output(layer(*args, **kwargs))
+    finally:
+        handle.remove()
+    diff = (moved - base - offset[0]).abs().max()
+    return bool(diff <= 1e-3 * offset[0].abs().max())
+
+
+def _fit_(proj, layer, calls: list, cols: torch.Tensor, target, ridge: float, errors: dict, role: str) -> None:
+    """Accumulate the kept inputs' Gram and cross moments with ``target(i, proj_out, layer_out)`` over the calls,
+    re-fit ``proj``'s kept columns in place and record its error before and after."""
+    from .reconstruct import refit_to_targets, target_error
+
+    k = cols.numel()
+    gram = torch.zeros(k, k, dtype=torch.float64, device=cols.device)
+    cross = torch.zeros(proj.weight.shape[0], k, dtype=torch.float64, device=cols.device)
+    sq = torch.zeros((), dtype=torch.float64, device=cols.device)
+    seen: dict[str, torch.Tensor] = {}
+
+    def grab_in(_m, args):
+        seen["a"] = args[0].detach()
+
+    def grab_out(_m, _a, out):
+        seen["y"] = out.detach()
+
+    handles = [proj.register_forward_pre_hook(grab_in, prepend=True), proj.register_forward_hook(grab_out)]
+    try:
+        for i, (args, kwargs) in enumerate(calls):
+            out = _output(layer(*args, **kwargs))
+            a = seen["a"][..., cols].reshape(-1, k).double()
+            y = target(i, seen["y"], out).reshape(-1, cross.shape[0]).double()
+            gram.addmm_(a.T, a)
+            cross.addmm_(y.T, a)
+            sq += (y * y).sum()
+    finally:
+        for h in handles:
+            h.remove()
+    kept_weight = proj.weight[:, cols]
+    fitted = refit_to_targets(kept_weight, gram, cross, ridge)
+    errors[f"{role}_before"].append(target_error(kept_weight, gram, cross, float(sq)))
+    errors[f"{role}_after"].append(target_error(fitted, gram, cross, float(sq)))
+    proj.weight[:, cols] = fitted.to(proj.weight.dtype)

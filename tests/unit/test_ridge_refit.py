@@ -2,7 +2,7 @@
 
 import torch
 
-from maskprune.reconstruct import refit_kept_columns, relative_error
+from maskprune.reconstruct import refit_kept_columns, refit_to_targets, relative_error, target_error
 
 
 def _data(seed=0, tokens=400, width=12, out=5):
@@ -38,3 +38,28 @@ def test_a_large_ridge_keeps_the_original_weights():
     a, w = _data(2)
     kept = torch.tensor([0, 1, 2, 3])
     assert torch.allclose(refit_kept_columns(w, a.T @ a, kept, ridge=1e8), w[:, kept], atol=1e-4)
+
+
+def test_the_fit_to_other_targets_is_their_least_squares_solution_and_its_error_is_exact():
+    """The cross-model form: targets from elsewhere (here a different map of the inputs plus noise)."""
+    a, w = _data(seed=1)
+    kept = torch.tensor([1, 2, 4, 6, 9, 10])
+    g = torch.Generator().manual_seed(5)
+    y = a @ torch.randn(w.shape[1], w.shape[0], generator=g) + 0.05 * torch.randn(a.shape[0], w.shape[0], generator=g)
+    a_k = a[:, kept].double()
+    gram, cross, sq = a_k.T @ a_k, y.double().T @ a_k, float((y.double() ** 2).sum())
+    fitted = refit_to_targets(w[:, kept], gram, cross, ridge=0.0)
+    lstsq = torch.linalg.lstsq(a_k, y.double()).solution.T
+    torch.testing.assert_close(fitted, lstsq, rtol=1e-6, atol=1e-8)
+    direct = float(((a_k @ fitted.T - y.double()) ** 2).sum() / sq)
+    assert abs(target_error(fitted, gram, cross, sq) - direct) < 1e-9
+    assert target_error(fitted, gram, cross, sq) < target_error(w[:, kept], gram, cross, sq)
+    # a large ridge keeps the kept columns; the self targets reproduce refit_kept_columns
+    torch.testing.assert_close(
+        refit_to_targets(w[:, kept], gram, cross, ridge=1e9).float(), w[:, kept], atol=1e-4, rtol=0
+    )
+    g_full = a.double().T @ a.double()
+    torch.testing.assert_close(
+        refit_to_targets(w[:, kept], g_full[kept][:, kept], w.double() @ g_full[:, kept], ridge=0.1).float(),
+        refit_kept_columns(w, g_full, kept, ridge=0.1),
+    )

@@ -42,6 +42,7 @@ class Outcome:
     calibration: str | None = None  # one-shot baselines: "one-pass" or "layerwise" scoring
     scores: dict | None = None  # the one-shot scores that chose the units, summarised (score_summary)
     shape: object | None = None  # the shape search's ShapeChoice (prune_axes hidden / layers), else None
+    reference: torch.nn.Module | None = None  # the uncut model in fp32 (--reconstruct-target dense), until the fit
 
 
 def measure_split(

@@ -3,6 +3,7 @@ of the exported model, into a staging folder; returns the run's report (the reci
 
 from __future__ import annotations
 
+import copy
 import logging
 import shutil
 import time
@@ -15,7 +16,7 @@ from ..checkpoint import checkpoint_dir
 from ..export import harden_
 from ..outputs import machine_info
 from ..runreport import RunReport
-from ..sequential import reconstruct_layerwise_
+from ..sequential import reconstruct_layerwise_, reconstruct_to_dense_
 from ..structure import Structure
 from ..version import __version__
 from .context import RunContext
@@ -61,15 +62,7 @@ def run_stage(ctx: RunContext, folder: Path | None, student_eval: tuple | None =
     ppl_before_cut, ppl_after_cut = _cut(ctx, outcome, ppl_dense)
     if cfg.reconstruct:
         with ctx.phases("reconstruct"):
-            report.reconstruction = reconstruct_layerwise_(
-                outcome.model,
-                ctx.adapter,
-                ctx.structure.head,
-                outcome.kept,
-                ctx.windows[: cfg.resolved_cut_samples()],
-                batch_size=cfg.batch_size,
-                ridge=cfg.reconstruct_ridge,
-            )
+            report.reconstruction = _reconstruct(ctx, outcome)
     exported = export(ctx, outcome, soft, folder)
     report.update(structure_sections(ctx, outcome, exported.model))
     report.update(selection_sections(ctx, outcome, soft))
@@ -96,6 +89,38 @@ def run_stage(ctx: RunContext, folder: Path | None, student_eval: tuple | None =
     return report
 
 
+def _reconstruct(ctx: RunContext, outcome: Outcome) -> dict:
+    """The re-fit of the cut's kept o_proj / down_proj columns: to the dense model's outputs where the outcome
+    holds it (``reconstruct_target`` dense), else to each projection's own uncut outputs."""
+    cfg = ctx.cfg
+    windows = ctx.windows[: cfg.resolved_cut_samples()]
+    if outcome.reference is None:
+        return reconstruct_layerwise_(
+            outcome.model,
+            ctx.adapter,
+            ctx.structure.head,
+            outcome.kept,
+            windows,
+            batch_size=cfg.batch_size,
+            ridge=cfg.reconstruct_ridge,
+        )
+    dense, outcome.reference = outcome.reference, None  # consumed: its layers run in place, then it is freed
+    shape = outcome.shape
+    layers = len(ctx.adapter.layers(dense))
+    return reconstruct_to_dense_(
+        outcome.model,
+        dense,
+        ctx.adapter,
+        ctx.structure.head,
+        outcome.kept,
+        windows,
+        keep_layers=shape.keep_layers if shape is not None else list(range(layers)),
+        keep_hidden=shape.keep_hidden if shape is not None else torch.arange(int(dense.config.hidden_size)),
+        batch_size=cfg.batch_size,
+        ridge=cfg.reconstruct_ridge,
+    )
+
+
 def choose_units(ctx: RunContext, ckpt_dir: Path) -> Outcome:
     """The learned method or a one-shot baseline; either way an fp32 model with masks, plan and kept units."""
     cfg, main = ctx.cfg, ctx.main
@@ -103,23 +128,27 @@ def choose_units(ctx: RunContext, ckpt_dir: Path) -> Outcome:
         ckpt_dir.mkdir(parents=True, exist_ok=True)
     if cfg.method == "maskprune":
         return learn_and_plan(ctx, ckpt_dir)
+    fp32 = weight_dtype(cfg) == torch.float32
+    dense_target = bool(cfg.reconstruct) and cfg.reconstruct_target == "dense"
+    reference = copy.deepcopy(ctx.loaded.model) if dense_target and fp32 else None  # before any cut
     shape = _reshape(ctx) if wants_shape_search(cfg.resolved_prune_axes()) else None
     args = (cfg, ctx.loaded.model, ctx.adapter, ctx.structure, ctx.windows, ctx.budget, ctx.device)
     sigma_head = shape.k_head / ctx.structure.head.units_per_row if shape is not None else None
     outcome = score_and_plan(*args, ctx.phases, sigma_head=sigma_head)
-    if weight_dtype(cfg) != torch.float32:  # fold and verify in fp32, as for the learned masks
-        probe = _probe(ctx)
+    if not fp32:  # fold and verify in fp32, as for the learned masks
+        probe, kept_dense = _probe(ctx), []
+
+        def reshape(m) -> None:  # the fresh fp32 model: keep it whole for the fit, then cut it to the shape
+            if dense_target:
+                kept_dense.append(copy.deepcopy(m))
+            if shape is not None:
+                apply_shape_(m, ctx.adapter, shape, probe, check=True)
+
         outcome.model, outcome.masks = rebuild_for_export(
-            cfg,
-            outcome.model,
-            ctx.adapter,
-            ctx.structure,
-            outcome.masks,
-            ctx.device,
-            main,
-            reshape=(lambda m: apply_shape_(m, ctx.adapter, shape, probe, check=True)) if shape else None,
+            cfg, outcome.model, ctx.adapter, ctx.structure, outcome.masks, ctx.device, main, reshape=reshape
         )
-    outcome.shape = shape
+        reference = kept_dense[0] if kept_dense else None
+    outcome.shape, outcome.reference = shape, reference
     return outcome
 
 
