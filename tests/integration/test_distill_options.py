@@ -82,3 +82,21 @@ def test_teacher_normalised_layer_mse_is_scale_free_and_raw_is_the_plain_sum():
     sg = [x.clone().requires_grad_() for x in s]
     layer_mse(sg, [x.requires_grad_() for x in t], norm="teacher").backward()
     assert t[0].grad is None and sg[0].grad is not None  # the teacher's scale is a constant
+
+
+@pytest.mark.parametrize("schedule", ["constant", "cosine"])
+def test_the_distillation_learning_rate_follows_its_schedule(schedule, tmp_path, capsys):
+    """The default's recovery (cut first) logs the adapters' rate each step: lora_lr throughout, or half a cosine
+    from it to 0 at the last step."""
+    from maskprune.mask_optim import cosine_factor
+
+    model = tiny.save_tiny(tmp_path / "m", "llama_gqa")
+    calib = tiny.write_calib(tmp_path / "c.jsonl")
+    out, steps = tmp_path / "o", 6
+    argv = ["-q", "prune", str(model), "--sparsity", "0.3", "--steps", str(steps), "--lora-lr", "2e-3"]
+    argv += ["--lora-lr-schedule", schedule, "--no-report", "--out", str(out)]
+    assert main([*argv, *tiny.small_run(calib, evaluate=False, dtype="fp32")]) == 0, capsys.readouterr().err
+    metrics = [json.loads(x) for x in (out / "recovery_metrics.jsonl").read_text().splitlines()]
+    expected = [2e-3 * (cosine_factor(t, steps) if schedule == "cosine" else 1.0) for t in range(steps)]
+    assert [m["lr_lora"] for m in metrics] == pytest.approx(expected)
+    assert json.loads((out / "maskprune_report.json").read_text())["config"]["lora_lr_schedule"] == schedule
