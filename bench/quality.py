@@ -7,6 +7,8 @@ Arms (all from the same calibration text, the run's default dtype):
 - ``maskprune``: the default as of 2026-12-04 (the prior's cut with the searched shape, re-fit, then the sliced
   model distilled on 512-token windows, one a step) for ``--steps`` that fill the same minutes.
 - ``heads-ffn``: the same with heads and FFN channels only (``--prune-axes heads,ffn``).
+- ``refit-dense`` / ``no-refit``: the default with the cross-model re-fit (``--reconstruct-target dense``) / with
+  no re-fit (``--no-reconstruct``); with ``--steps arm=0`` the cut alone.
 - ``flap`` (the one-shot method alone) and ``flap+recovery`` (``--recover-steps`` that fill the same minutes).
 
 Steps per arm are given on the command line (``--steps arm=N``), set from measured seconds per step so every
@@ -36,6 +38,8 @@ ARMS = {
     "maskprune-2026-11-30": ["--no-cut-first", "--calib-samples", "1024", "--val-windows", "16", *OLD_WINDOWS],
     "maskprune": [],  # the default: cut first, the shape searched, re-fit, the sliced model distilled
     "heads-ffn": ["--prune-axes", "heads,ffn"],  # the same with heads and FFN channels only
+    "refit-dense": ["--reconstruct-target", "dense"],  # the default with the cross-model re-fit
+    "no-refit": ["--no-reconstruct"],  # the default without any re-fit
     "flap": ["--method", "flap"],
     "flap+recovery": ["--method", "flap"],
 }
