@@ -51,7 +51,9 @@ STEPS_FLAG = {"flap+recovery": "--recover-steps"}
 NAMES = {"smollm2-135m": "smollm2-135m"}
 
 
-def run_cell(c: dict, model: str, work: Path, threads: int, tasks: str | None, data_dir: str | None) -> dict:
+def run_cell(
+    c: dict, model: str, name_: str, work: Path, threads: int, tasks: str | None, data_dir: str | None
+) -> dict:
     """Prune (if not done) and evaluate (if not done) one cell; its row in the issue's schema."""
     name = f"{c['method']}-s{c['sparsity']}-seed{c['seed']}".replace("+", "_")
     folder, evals = work / name, work / f"{name}.eval.json"
@@ -79,7 +81,7 @@ def run_cell(c: dict, model: str, work: Path, threads: int, tasks: str | None, d
     zs = (result.get("zeroshot") or {}).get("tasks", {})
     shape = report["shape"]
     return {
-        "model": NAMES.get(model, Path(model).stem),
+        "model": name_,
         "method": c["method"],
         "sparsity": c["sparsity"] / 100,
         "seed": c["seed"],
@@ -130,6 +132,7 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--work", type=Path, required=True)
     p.add_argument("--model", default="smollm2-135m")
+    p.add_argument("--name", default=None, help="the model's name in the results (default: known names, else the stem)")
     p.add_argument("--sparsity", type=int, default=20, help="percent")
     p.add_argument("--seeds", default="0,1,2")
     p.add_argument("--arms", default=",".join(ARMS))
@@ -146,7 +149,8 @@ def main() -> None:
         for seed in a.seeds.split(",")
         for m in a.arms.split(",")
     ]
-    rows = [run_cell(c, a.model, a.work, a.threads, a.tasks, a.data_dir) for c in cells]
+    name = a.name or NAMES.get(a.model, Path(a.model).stem)
+    rows = [run_cell(c, a.model, name, a.work, a.threads, a.tasks, a.data_dir) for c in cells]
     if a.out:
         path = a.out.with_suffix(".json")
         old = json.loads(path.read_text())["cells"] if path.is_file() else []
