@@ -214,10 +214,15 @@ def _refit_text(rec: dict | None) -> str:
     def mean(key: str) -> float:
         return sum(err[key]) / max(1, len(err[key]))
 
+    target = (
+        "the dense model's outputs (down_proj: the dense residual stream past any dropped layers)"
+        if rec.get("target") == "dense"
+        else "the uncut layers' outputs"
+    )
     return (
-        f"; the kept o_proj / down_proj columns re-fit by ridge regression (ridge {rec['ridge']:g}, {rec['windows']} "
-        f"windows): mean relative output error of down_proj {mean('down_before'):.3f} -> {mean('down_after'):.3f}, "
-        f"of o_proj {mean('o_before'):.3f} -> {mean('o_after'):.3f}"
+        f"; the kept o_proj / down_proj columns re-fit by ridge regression to {target} (ridge {rec['ridge']:g}, "
+        f"{rec['windows']} windows): mean relative error of down_proj {mean('down_before'):.3f} -> "
+        f"{mean('down_after'):.3f}, of o_proj {mean('o_before'):.3f} -> {mean('o_after'):.3f}"
     )
 
 

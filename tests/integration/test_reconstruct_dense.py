@@ -104,6 +104,7 @@ def test_prune_with_the_dense_target_exports_in_parity(kind, dtype, tmp_path, ca
     rec = r["reconstruction"]
     assert rec["target"] == "dense" and len(rec["down_targets"]) == r["shape"]["num_hidden_layers"]
     assert r["config"]["reconstruct_target"] == "dense"
+    assert "re-fit by ridge regression to the dense model's outputs" in (out / "README.md").read_text()
     assert r["parity"]["max_abs_diff"] <= r["parity"]["tolerance"]
     model = AutoModelForCausalLM.from_pretrained(out)
     assert sum(p.numel() for p in model.parameters()) == r["params"]["exported"] <= r["params"]["budget"]
