@@ -494,7 +494,7 @@ class TrainingConfig(_Group):
         400,
         """Training steps of batch ``batch_size``: LoRA distillation of the pruned structure (the default recipe), or
     mask learning then distillation (``--freeze-share`` > 0, ``--recipe paper``). The paper: 7 epochs of 20k x
-    512 tokens at batch 16.""",
+    512 tokens at batch 16. 0 (the default recipe only): its cut alone, shaped and re-fit, no distillation.""",
     )
     recover_steps: int = _opt(
         0,
@@ -559,7 +559,9 @@ class TrainingConfig(_Group):
     )
 
     def problems(self) -> list[str]:
-        problems = _at_least_one(self, ("steps", "lora_rank"))
+        problems = _at_least_one(self, ("lora_rank",))
+        if self.steps < 0:
+            problems.append(f"steps must be >= 1 (0: the default recipe's cut alone), found {self.steps}")
         unknown = [r for r in self.lora_targets if r not in ROLES]
         if unknown or not self.lora_targets:
             problems.append(
@@ -950,6 +952,11 @@ def _distillation_problems(cfg: PruneConfig) -> list[str]:
         problems.append(
             "reconstruct_target dense re-fits a one-shot cut (a --method baseline, or the default run, which cuts "
             "first); learned masks are not re-fit: drop --reconstruct-target dense"
+        )
+    if tr.steps == 0 and cfg.cut.method == "maskprune" and not cfg.resolved_cut_first():
+        problems.append(
+            "steps must be >= 1, found 0 (0 is the default recipe's cut alone, shaped and re-fit, without "
+            "distillation; this run learns or distils on the masked model): pass --steps N"
         )
     if tr.full and src.teacher is None and not tr.recover_steps:
         problems.append("full applies to distillation (`maskprune distill`, or prune's --recover-steps); drop --full")

@@ -164,6 +164,21 @@ def test_cut_first_distils_the_sliced_model(tiny_dir, calib, tmp_path, capsys):
     assert not (tmp_path / "cf.cut").exists()
 
 
+def test_zero_steps_is_the_default_recipes_cut_alone(tiny_dir, calib, tmp_path, capsys):
+    out = tmp_path / "cut"
+    argv = ["-q", "prune", str(tiny_dir), "--steps", "0", "--sparsity", "0.3", "--prune-axes", "heads,ffn,hidden"]
+    argv += ["--keep-hidden", "56", "--no-report"]
+    assert main([*argv, *tiny.small_run(calib, evaluate=False), "--out", str(out)]) == 0, capsys.readouterr().err
+    r = json.loads((out / "maskprune_report.json").read_text())
+    assert r["config"]["method"] == "wanda-sp" and r["shape"]["hidden_size"] == 56  # cut and shaped
+    assert r["reconstruction"]["relative_error"]["down_after"] is not None  # and re-fit
+    assert not r.get("recovery") and not (out / "recovery_metrics.jsonl").exists()  # nothing distilled
+    assert r["params"]["exported"] <= r["params"]["budget"]
+    # where the run learns or distils on the masked model, 0 steps would train nothing: refused, nothing written
+    assert main(["-q", "prune", str(tiny_dir), "--steps", "0", "--no-cut-first", "--out", str(tmp_path / "x")]) == 2
+    assert "steps must be >= 1, found 0" in capsys.readouterr().err and not (tmp_path / "x").exists()
+
+
 def test_cut_first_is_refused_where_the_selection_is_learned(tiny_dir, tmp_path, capsys):
     base = ["-q", "prune", str(tiny_dir), "--cut-first", "--out", str(tmp_path / "x")]
     for extra in (["--recipe", "paper"], ["--freeze-share", "0.5"], ["--method", "flap"]):
