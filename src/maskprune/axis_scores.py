@@ -18,10 +18,18 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .arch import DecoderAdapter, count_parameters
-from .losses import KLDirection, kl_divergence
+from .losses import KLDirection, kl_divergence, summed_nll
 from .surgery import INPUT_ROLES, OUTPUT_ROLES, emulated_cut, residual_norm_modules
 
-__all__ = ["hidden_channel_scores", "layer_skip_kl", "teacher_logits", "layer_params", "hidden_channel_params"]
+__all__ = [
+    "kl_to",
+    "fit_to",
+    "hidden_channel_scores",
+    "layer_skip_kl",
+    "teacher_logits",
+    "layer_params",
+    "hidden_channel_params",
+]
 
 log = logging.getLogger(__name__)
 
@@ -49,15 +57,36 @@ def kl_to(
     autocast: torch.dtype | None,
 ) -> float:
     """Mean per-token KL between ``model``'s distribution and ``reference`` (from :func:`teacher_logits`)."""
+    return fit_to(model, windows, reference, batch_size, direction=direction, autocast=autocast, nll=False)[0]
+
+
+@torch.no_grad()
+def fit_to(
+    model: nn.Module,
+    windows: torch.Tensor,
+    reference: list,
+    batch_size: int,
+    *,
+    direction: KLDirection,
+    autocast: torch.dtype | None,
+    nll: bool = True,
+) -> tuple[float, float | None]:
+    """From one forward: the mean per-token KL to ``reference`` (:func:`teacher_logits`) and, with ``nll``, the
+    mean next-token NLL of ``model`` on ``windows`` themselves (what perplexity measures, where the KL also weighs
+    the reference's whole distribution)."""
     device = next(model.parameters()).device
-    total, tokens = 0.0, 0
+    kl, summed, tokens, targets = 0.0, 0.0, 0, 0
     with torch.autocast(device.type, dtype=autocast or torch.float32, enabled=autocast is not None):
         for j, i in enumerate(range(0, windows.shape[0], batch_size)):
             batch = windows[i : i + batch_size].to(device)
             student = model(input_ids=batch, use_cache=False).logits
-            total += float(kl_divergence(student, reference[j].to(device), direction=direction)) * batch.numel()
+            kl += float(kl_divergence(student, reference[j].to(device), direction=direction)) * batch.numel()
             tokens += batch.numel()
-    return total / max(1, tokens)
+            if nll:
+                flat = student[:, :-1].reshape(-1, student.shape[-1])
+                summed += float(summed_nll(flat, batch[:, 1:].reshape(-1)))
+                targets += flat.shape[0]
+    return kl / max(1, tokens), (summed / max(1, targets) if nll else None)
 
 
 def layer_skip_kl(

@@ -14,6 +14,7 @@ from __future__ import annotations
 import base64
 import html
 import json
+import math
 from pathlib import Path
 
 import torch
@@ -341,7 +342,8 @@ def _shape_table(shape: dict) -> str:
 
 
 def _shape_search_table(search: dict | None) -> str:
-    """The shape search's candidates (layers, hidden width, head/FFN cut, KL after the cut, after the trial)."""
+    """The shape search's candidates (layers, hidden width, head/FFN cut, KL and the text's perplexity after the
+    cut, KL after the trial)."""
     if not search:
         return ""
     rows = [
@@ -351,13 +353,15 @@ def _shape_search_table(search: dict | None) -> str:
             "-" if c["k_head"] is None else c["k_head"],
             "-" if c["k_ffn"] is None else c["k_ffn"],
             "-" if c["kl"] is None else f"{c['kl']:.4f}",
+            f"{math.exp(c['nll']):.2f}" if c.get("nll") is not None else "-",
             f"{c['trial_kl']:.4f}" if "trial_kl" in c else "-",
         ]
         for c in search["candidates"]
     ]
     chosen = f"<p>Shape search: {len(search['kept_layers'])} layers and hidden {search['hidden_size']} chosen.</p>"
     return chosen + _table(
-        ["layers", "hidden", "head units cut / row", "FFN cut", "KL after cut", "KL after trial"], rows
+        ["layers", "hidden", "head units cut / row", "FFN cut", "KL after cut", "ppl after cut", "KL after trial"],
+        rows,
     )
 
 

@@ -117,6 +117,7 @@ def test_the_shape_search_cuts_hidden_and_depth_through_the_cli(kind, tmp_path, 
     assert r["shape"]["hidden_size"] == shape["hidden_size"] and r["shape"]["dense"]["hidden_size"] == 64
     chosen = min((c for c in shape["candidates"] if c["kl"] is not None), key=lambda c: c["kl"])
     assert (chosen["hidden_size"], chosen["layers"]) == (shape["hidden_size"], len(shape["kept_layers"]))
+    assert all(c["nll"] > 0.0 for c in shape["candidates"] if c["kl"] is not None)  # recorded, not ranked on
     model = AutoModelForCausalLM.from_pretrained(out)
     assert sum(p.numel() for p in model.parameters()) == r["params"]["exported"] <= r["params"]["budget"]
     assert r["params"]["dense"] == count_parameters(m) and r["parity"]["max_abs_diff"] <= r["parity"]["tolerance"]
@@ -235,6 +236,24 @@ def test_shape_trials_distil_the_finalists_and_pick_by_kl_after(tiny_dir, calib,
     assert len(tried) == 2 and all(c["trial_kl"] > 0 for c in tried)
     won = min(tried, key=lambda c: c["trial_kl"])
     assert (won["hidden_size"], won["layers"]) == (r["shape"]["hidden_size"], r["shape"]["num_hidden_layers"])
+
+
+def test_fit_to_measures_the_kl_and_the_texts_nll_in_one_forward():
+    from maskprune.axis_scores import fit_to, kl_to, teacher_logits
+
+    model = tiny.make_model("llama_gqa", layers=2)
+    windows = torch.randint(0, tiny.VOCAB, (3, 16), generator=torch.Generator().manual_seed(0))
+    reference = teacher_logits(model, windows, 2, None)
+    kl, nll = fit_to(model, windows, reference, 2, direction="teacher_student", autocast=None)
+    with torch.no_grad():
+        logits = model(input_ids=windows).logits
+    expected = torch.nn.functional.cross_entropy(
+        logits[:, :-1].reshape(-1, logits.shape[-1]), windows[:, 1:].reshape(-1)
+    )
+    assert nll == pytest.approx(float(expected), rel=1e-5) and abs(kl) < 1e-2  # its own (bf16-stored) logits
+    elsewhere = teacher_logits(model, windows.flip(0), 2, None)  # another window's distributions
+    assert kl_to(model, windows, elsewhere, 2, direction="teacher_student", autocast=None) > kl + 1e-3
+    assert fit_to(model, windows, reference, 2, direction="teacher_student", autocast=None, nll=False)[1] is None
 
 
 def test_the_axis_scores_find_a_dead_layer_and_a_loud_channel():

@@ -19,9 +19,9 @@ import torch
 from tqdm.auto import tqdm
 
 from ..axis_scores import (
+    fit_to,
     hidden_channel_params,
     hidden_channel_scores,
-    kl_to,
     layer_params,
     layer_skip_kl,
     teacher_logits,
@@ -85,7 +85,8 @@ class ShapeChoice:
             "layer_skip_kl": self.layer_kl,
             "parity_max_rel_logit_diff": self.parity,
             "protocol": "each shape's heads/FFN cut by the one-shot metric to the budget; KL to the dense model "
-            "on the first split_search_samples calibration windows",
+            "and the cut model's next-token NLL (nll; not used to rank) on the first split_search_samples "
+            "calibration windows",
         }
 
 
@@ -254,8 +255,8 @@ def _measure(ctx: RunContext, reduced, shape: ShapeCandidate, win, reference, au
         for p in splits:
             masks.set_values_("head", hard_masks(torch.ones_like(head), kept_indices(head, p.k_head)))
             masks.set_values_("ffn", hard_masks(torch.ones_like(ffn), kept_indices(ffn, p.k_ffn)))
-            kl = kl_to(reduced, win, reference, cfg.batch_size, direction=cfg.kl_direction, autocast=autocast)
-            rows.append({**base, "k_head": p.k_head, "k_ffn": p.k_ffn, "params": p.params, "kl": kl})
+            kl, nll = fit_to(reduced, win, reference, cfg.batch_size, direction=cfg.kl_direction, autocast=autocast)
+            rows.append({**base, "k_head": p.k_head, "k_ffn": p.k_ffn, "params": p.params, "kl": kl, "nll": nll})
     finally:
         masks.detach()
     return rows
