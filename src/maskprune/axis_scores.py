@@ -19,6 +19,7 @@ from tqdm.auto import tqdm
 
 from .arch import DecoderAdapter, count_parameters
 from .losses import KLDirection, kl_divergence, summed_nll
+from .passes import Execution, resident
 from .surgery import INPUT_ROLES, OUTPUT_ROLES, emulated_cut, residual_norm_modules
 
 __all__ = [
@@ -35,15 +36,21 @@ log = logging.getLogger(__name__)
 
 
 @torch.no_grad()
-def teacher_logits(model: nn.Module, windows: torch.Tensor, batch_size: int, autocast: torch.dtype | None) -> list:
-    """The model's logits on ``windows`` batch by batch (bf16 on the host: a reference to compare cuts with)."""
-    device = next(model.parameters()).device
-    out = []
-    with torch.autocast(device.type, dtype=autocast or torch.float32, enabled=autocast is not None):
-        for i in range(0, windows.shape[0], batch_size):
-            batch = windows[i : i + batch_size].to(device)
-            out.append(model(input_ids=batch, use_cache=False).logits.to(torch.bfloat16).cpu())
-    return out
+def teacher_logits(
+    model: nn.Module,
+    windows: torch.Tensor,
+    batch_size: int,
+    autocast: torch.dtype | None,
+    *,
+    execution: Execution | None = None,
+) -> list:
+    """The model's logits on ``windows`` batch by batch (bf16 on the host: a reference to compare cuts with).
+    ``execution``: where the pass runs (default: resident on the model's device)."""
+    from .arch import adapter_for
+
+    execution = execution or resident(model)
+    passes = execution.logits(model, adapter_for(model), windows, batch_size, autocast=autocast)
+    return [logits.to(torch.bfloat16).cpu() for _, logits in passes]
 
 
 @torch.no_grad()
@@ -70,16 +77,20 @@ def fit_to(
     direction: KLDirection,
     autocast: torch.dtype | None,
     nll: bool = True,
+    execution: Execution | None = None,
 ) -> tuple[float, float | None]:
     """From one forward: the mean per-token KL to ``reference`` (:func:`teacher_logits`) and, with ``nll``, the
     mean next-token NLL of ``model`` on ``windows`` themselves (what perplexity measures, where the KL also weighs
-    the reference's whole distribution)."""
-    device = next(model.parameters()).device
+    the reference's whole distribution). ``execution``: where the pass runs (default: resident)."""
+    from .arch import adapter_for
+
+    execution = execution or resident(model)
     kl, summed, tokens, targets = 0.0, 0.0, 0, 0
-    with torch.autocast(device.type, dtype=autocast or torch.float32, enabled=autocast is not None):
-        for j, i in enumerate(range(0, windows.shape[0], batch_size)):
-            batch = windows[i : i + batch_size].to(device)
-            student = model(input_ids=batch, use_cache=False).logits
+    ctx = torch.autocast(execution.device.type, dtype=autocast or torch.float32, enabled=autocast is not None)
+    with ctx:
+        for j, student in execution.logits(model, adapter_for(model), windows, batch_size, autocast=autocast):
+            device = student.device
+            batch = windows[j * batch_size : (j + 1) * batch_size].to(device)
             kl += float(kl_divergence(student, reference[j].to(device), direction=direction)) * batch.numel()
             tokens += batch.numel()
             if nll:
@@ -110,7 +121,12 @@ def layer_skip_kl(
 
 @torch.no_grad()
 def hidden_channel_scores(
-    model: nn.Module, adapter: DecoderAdapter, windows: torch.Tensor, batch_size: int
+    model: nn.Module,
+    adapter: DecoderAdapter,
+    windows: torch.Tensor,
+    batch_size: int,
+    *,
+    execution: Execution | None = None,
 ) -> tuple[torch.Tensor, list[torch.Tensor]]:
     """``([hidden], energies)``: per channel, the sum over the norms over the residual stream of the channel's RMS
     output relative to the norm's mean channel RMS (higher = keep); and per norm (in
@@ -129,10 +145,8 @@ def hidden_channel_scores(
         return fn
 
     handles = [n.register_forward_hook(hook(k)) for k, n in enumerate(norms)]
-    device = next(model.parameters()).device
     try:
-        for i in range(0, windows.shape[0], batch_size):
-            model(input_ids=windows[i : i + batch_size].to(device), use_cache=False)
+        (execution or resident(model)).forward(model, adapter, windows, batch_size)
     finally:
         for h in handles:
             h.remove()

@@ -27,7 +27,6 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 from torch import nn
-from tqdm.auto import tqdm
 
 from .arch import ROLES, DecoderAdapter, HeadLayout
 from .structure import Structure
@@ -157,18 +156,17 @@ def watch_inputs(stats: dict, adapter: DecoderAdapter, layer: nn.Module, li: int
     return [adapter.proj(layer, r).register_forward_pre_hook(hook((li, r))) for r in ("o", "down")]
 
 
-def activation_stats(model: nn.Module, adapter: DecoderAdapter, windows: torch.Tensor, batch_size: int) -> dict:
-    """Per-channel sum and sum of squares of o_proj's and down_proj's inputs over all tokens."""
+def activation_stats(
+    model: nn.Module, adapter: DecoderAdapter, windows: torch.Tensor, batch_size: int, execution=None
+) -> dict:
+    """Per-channel sum and sum of squares of o_proj's and down_proj's inputs over all tokens (``execution``: where
+    the pass runs, :class:`maskprune.passes.Execution`; default resident on the model's device)."""
+    from .passes import resident
+
     stats: dict = {"sum": {}, "sumsq": {}, "count": 0}
     handles = [h for li, layer in enumerate(adapter.layers(model)) for h in watch_inputs(stats, adapter, layer, li)]
-    device = next(model.parameters()).device
     try:
-        with torch.no_grad():
-            starts = range(0, windows.shape[0], batch_size)
-            for i in tqdm(starts, desc="activation statistics", disable=not log.isEnabledFor(logging.INFO)):
-                batch = windows[i : i + batch_size].to(device)
-                model(input_ids=batch, use_cache=False)
-                stats["count"] += batch.numel()
+        stats["count"] = (execution or resident(model)).forward(model, adapter, windows, batch_size)
     finally:
         for h in handles:
             h.remove()

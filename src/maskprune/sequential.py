@@ -24,48 +24,12 @@ from .baselines import LAYER_SCORERS, watch_inputs
 from .compensate import Parts, layer_delta
 from .cut import CutPlan, hard_masks, kept_indices
 from .masks import MaskSet
+from .passes import Execution, LayerInputs, layer_output, resident
 from .structure import Structure
 
 log = logging.getLogger(__name__)
 
 __all__ = ["layerwise_scores", "reconstruct_layerwise_", "reconstruct_to_dense_"]
-
-
-class _Caught(Exception):
-    """Raised by the catcher hook: the first layer's inputs are all that is needed."""
-
-
-@torch.no_grad()
-def _first_layer_inputs(model: nn.Module, adapter: DecoderAdapter, windows: torch.Tensor, batch_size: int) -> list:
-    """``(args, kwargs)`` of the first decoder layer for every batch of ``windows`` (the model's own
-    position embeddings and attention mask, whatever its family computes)."""
-    calls: list[tuple[tuple, dict]] = []
-
-    def catch(_module, args, kwargs):
-        calls.append((args, kwargs))
-        raise _Caught
-
-    handle = adapter.layers(model)[0].register_forward_pre_hook(catch, with_kwargs=True)
-    device = next(model.parameters()).device
-    try:
-        for i in range(0, windows.shape[0], batch_size):
-            try:
-                model(input_ids=windows[i : i + batch_size].to(device), use_cache=False)
-            except _Caught:
-                pass
-    finally:
-        handle.remove()
-    return calls
-
-
-def _hidden(args: tuple, kwargs: dict) -> torch.Tensor:
-    return args[0] if args else kwargs["hidden_states"]
-
-
-def _with_hidden(args: tuple, kwargs: dict, hidden: torch.Tensor) -> tuple[tuple, dict]:
-    if args:
-        return (hidden, *args[1:]), kwargs
-    return args, {**kwargs, "hidden_states": hidden}
 
 
 @torch.no_grad()
@@ -80,6 +44,7 @@ def layerwise_scores(
     *,
     batch_size: int,
     compensate: Parts = Parts(False, False),
+    execution: Execution | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, dict]:
     """Scores of ``method`` (wanda-sp or flap) for every layer, each on the inputs of the already cut prefix.
 
@@ -87,23 +52,21 @@ def layerwise_scores(
     ``masks`` (attached to ``model``; set back to 1 at the end) and, with ``compensate``, its cut units' mean
     contribution is added back, before its outputs feed layer ``l + 1``. Returns head scores ``[L, rows,
     U_h]``, FFN scores ``[L, 1, U_f]`` and the activation statistics they came from (per-layer token
-    counts), from which :func:`maskprune.baselines.input_means` gives the compensation's means. Long because
-    score, cut and propagate must happen per layer in one loop, with every hook removed in one finally."""
+    counts), from which :func:`maskprune.baselines.input_means` gives the compensation's means. ``execution``:
+    where the pass runs (default: resident on the model's device). Long because score, cut and propagate must
+    happen per layer in one loop, with every hook removed in one finally."""
     scorer = LAYER_SCORERS[method]
-    calls = _first_layer_inputs(model, adapter, windows, batch_size)
+    execution = execution or resident(model)
     stats: dict = {"sum": {}, "sumsq": {}, "count": {}}
     heads, ffns, bias_hooks = [], [], []
     try:
-        layers = adapter.layers(model)
-        bar = tqdm(layers, desc=f"{method} layer by layer", disable=not log.isEnabledFor(logging.INFO))
-        for li, layer in enumerate(bar):  # a line of progress per layer: minutes each on a large model
+        for li, layer, inputs in execution.layerwise(model, adapter, windows, batch_size, f"{method} layer by layer"):
             stats["count"][li] = 0
 
             handles = watch_inputs(stats, adapter, layer, li)
             try:
-                for args, kwargs in calls:
-                    layer(*args, **kwargs)
-                    stats["count"][li] += _hidden(args, kwargs).shape[0] * _hidden(args, kwargs).shape[1]
+                inputs.run(layer, li)
+                stats["count"][li] += sum(h.shape[0] * h.shape[1] for h in inputs.hidden)
             finally:
                 for h in handles:
                     h.remove()
@@ -116,17 +79,13 @@ def layerwise_scores(
             masks.ffn.data[li] = hard_masks(torch.ones_like(f_score), kept_f).to(masks.ffn.device)
             if compensate:
                 bias_hooks += _compensation_hooks(layer, adapter, structure, stats, li, kept_h, kept_f, compensate)
-            calls = [_with_hidden(a, k, _output(layer(*a, **k))) for a, k in calls]
+            inputs.advance_(layer, li)
     finally:
         for h in bias_hooks:
             h.remove()
         masks.head.data.fill_(1.0)
         masks.ffn.data.fill_(1.0)
     return torch.stack(heads), torch.stack(ffns), stats
-
-
-def _output(out) -> torch.Tensor:
-    return out[0] if isinstance(out, tuple) else out
 
 
 def _compensation_hooks(layer, adapter, structure, stats, li, kept_h, kept_f, parts: Parts) -> list:
@@ -154,6 +113,7 @@ def reconstruct_layerwise_(
     *,
     batch_size: int,
     ridge: float,
+    execution: Execution | None = None,
 ) -> dict:
     """Re-fit, layer by layer on the inputs of the already cut (and re-fit) prefix, the kept input columns of every
     o_proj and down_proj (:func:`maskprune.reconstruct.refit_kept_columns`): o_proj first, then down_proj on the
@@ -162,20 +122,19 @@ def reconstruct_layerwise_(
     output error of each projection before and after the fit, per layer."""
     from .reconstruct import refit_kept_columns, relative_error
 
-    calls = _first_layer_inputs(model, adapter, windows, batch_size)
+    execution = execution or resident(model)
     errors: dict[str, list] = {"o_before": [], "o_after": [], "down_before": [], "down_after": []}
-    bar = tqdm(adapter.layers(model), desc="reconstruct layer by layer", disable=not log.isEnabledFor(logging.INFO))
-    for li, layer in enumerate(bar):
+    for li, layer, inputs in execution.layerwise(model, adapter, windows, batch_size, "reconstruct layer by layer"):
         q_keep, _ = layout.kept_heads(kept.head[li])
         for role, cols in (("o", layout.columns(q_keep)), ("down", kept.ffn[li, 0])):
             proj = adapter.proj(layer, role)
-            gram = _input_gram(layer, proj, calls)
+            gram = _input_gram(layer, proj, inputs.calls(li))
             cols = cols.to(proj.weight.device)
             fitted = refit_kept_columns(proj.weight, gram, cols, ridge)
             errors[f"{role}_before"].append(relative_error(proj.weight, proj.weight[:, cols], gram, cols))
             errors[f"{role}_after"].append(relative_error(proj.weight, fitted, gram, cols))
             proj.weight[:, cols] = fitted
-        calls = [_with_hidden(a, k, _output(layer(*a, **k))) for a, k in calls]
+        inputs.advance_(layer, li)
     return {
         "protocol": "ridge re-fit of the kept o_proj / down_proj columns to the uncut outputs, layer by layer on "
         "the cut prefix; error = |W'_K a_K - W a|^2 / |W a|^2 on the calibration windows",
@@ -197,7 +156,7 @@ def _input_gram(layer: nn.Module, proj: nn.Module, calls: list) -> torch.Tensor:
     handle = proj.register_forward_pre_hook(hook, prepend=True)  # before the mask hook: the uncut input
     try:
         for args, kwargs in calls:
-            layer(*args, **kwargs)
+            layer(args[0].to(proj.weight.device), *args[1:], **kwargs)
     finally:
         handle.remove()
     return gram
@@ -230,8 +189,8 @@ def reconstruct_to_dense_(
       norm after the FFN) to dense layer ``d``'s down_proj outputs.
 
     Returns the report's account: each projection's relative error to its targets before and after the fit."""
-    calls = _first_layer_inputs(model, adapter, windows, batch_size)
-    ref = _first_layer_inputs(dense, adapter, windows, batch_size)
+    inputs = resident(model).capture(model, adapter, windows, batch_size)
+    ref = resident(dense).capture(dense, adapter, windows, batch_size)
     dense_layers = adapter.layers(dense)
     device = next(model.parameters()).device
     keep_hidden = keep_hidden.to(device)
@@ -244,11 +203,12 @@ def reconstruct_to_dense_(
         d = keep_layers[j]
         following = keep_layers[j + 1] if j + 1 < len(keep_layers) else len(dense_layers)
         ref = _advance(dense_layers, range(done, d), ref)
-        outs, ref = _dense_outputs(dense_layers[d], adapter, ref, keep_hidden)
+        outs, ref = _dense_outputs(dense_layers[d], d, adapter, ref, keep_hidden)
         done = d + 1
         q_keep, _ = layout.kept_heads(kept.head[j])
         o_proj, down = adapter.proj(layer, "o"), adapter.proj(layer, "down")
         o_cols = layout.columns(q_keep).to(device)
+        calls = inputs.calls(j)
         _fit_(o_proj, layer, calls, o_cols, lambda i, _proj_out, _layer_out, y=outs["o"]: y[i], ridge, errors, "o")
         straight = _writes_layer_output(layer, down, calls[0])
         if straight:  # the residual where the next kept layer reads it, past every dropped layer
@@ -256,16 +216,16 @@ def reconstruct_to_dense_(
             ref, done = ref_next, following
 
             def target(i, down_out, layer_out, _r=ref_next):
-                return _hidden(*_r[i])[..., keep_hidden] - (layer_out - down_out)
+                return _r.hidden[i].to(layer_out.device)[..., keep_hidden] - (layer_out - down_out)
 
         else:
 
             def target(i, _down_out, _layer_out, _y=outs["down"]):
                 return _y[i]
 
-        _fit_(down, layer, calls, kept.ffn[j, 0].to(device), target, ridge, errors, "down")
+        _fit_(down, layer, inputs.calls(j), kept.ffn[j, 0].to(device), target, ridge, errors, "down")
         targets.append("residual" if straight else "projection")
-        calls = [_with_hidden(a, k, _output(layer(*a, **k))) for a, k in calls]
+        inputs.advance_(layer, j)
     return {
         "protocol": "ridge re-fit of the kept o_proj / down_proj columns to the dense model's outputs, layer by "
         "layer on the cut prefix (down_proj to the dense residual stream past any dropped layers where it writes "
@@ -278,16 +238,18 @@ def reconstruct_to_dense_(
     }
 
 
-def _advance(layers, indices, calls: list) -> list:
-    """``calls`` carried through the dense ``layers[i]`` for ``i`` in ``indices``."""
+def _advance(layers, indices, inputs: LayerInputs) -> LayerInputs:
+    """``inputs`` carried through the dense ``layers[i]`` for ``i`` in ``indices``."""
     for i in indices:
-        calls = [_with_hidden(a, k, _output(layers[i](*a, **k))) for a, k in calls]
-    return calls
+        inputs = inputs.advanced(layers[i], i)
+    return inputs
 
 
-def _dense_outputs(layer, adapter: DecoderAdapter, calls: list, keep_hidden: torch.Tensor) -> tuple[dict, list]:
-    """Dense ``layer``'s o_proj and down_proj outputs on each call (the kept channels), and its outputs as the
-    next layer's calls."""
+def _dense_outputs(
+    layer, li: int, adapter: DecoderAdapter, inputs: LayerInputs, keep_hidden: torch.Tensor
+) -> tuple[dict, LayerInputs]:
+    """Dense ``layer``'s (the dense model's layer ``li``) o_proj and down_proj outputs on each batch (the kept
+    channels), and its outputs as the next layer's inputs."""
     outs: dict[str, list] = {"o": [], "down": []}
 
     def keep(role: str):
@@ -295,7 +257,7 @@ def _dense_outputs(layer, adapter: DecoderAdapter, calls: list, keep_hidden: tor
 
     handles = [adapter.proj(layer, role).register_forward_hook(keep(role)) for role in ("o", "down")]
     try:
-        nxt = [_with_hidden(a, k, _output(layer(*a, **k))) for a, k in calls]
+        nxt = inputs.advanced(layer, li)
     finally:
         for h in handles:
             h.remove()
@@ -306,7 +268,7 @@ def _writes_layer_output(layer, proj, call) -> bool:
     """Whether ``proj``'s output is added unchanged to ``layer``'s output (no norm or scale after it): an offset
     added to the projection's output must come out of the layer as it went in."""
     args, kwargs = call
-    base = _output(layer(*args, **kwargs))
+    base = layer_output(layer(*args, **kwargs))
     offset: list[torch.Tensor] = []
 
     def add(_m, _a, out):
@@ -316,7 +278,7 @@ def _writes_layer_output(layer, proj, call) -> bool:
 
     handle = proj.register_forward_hook(add)
     try:
-        moved = _output(layer(*args, **kwargs))
+        moved = layer_output(layer(*args, **kwargs))
     finally:
         handle.remove()
     diff = (moved - base - offset[0]).abs().max()
@@ -343,7 +305,7 @@ def _fit_(proj, layer, calls: list, cols: torch.Tensor, target, ridge: float, er
     handles = [proj.register_forward_pre_hook(grab_in, prepend=True), proj.register_forward_hook(grab_out)]
     try:
         for i, (args, kwargs) in enumerate(calls):
-            out = _output(layer(*args, **kwargs))
+            out = layer_output(layer(*args, **kwargs))
             a = seen["a"][..., cols].reshape(-1, k).double()
             y = target(i, seen["y"], out).reshape(-1, cross.shape[0]).double()
             gram.addmm_(a.T, a)

@@ -15,7 +15,8 @@ from maskprune.arch import adapter_for
 from maskprune.cli import main
 from maskprune.cut import KeptUnits
 from maskprune.masks import MaskSet
-from maskprune.sequential import _first_layer_inputs, _output, reconstruct_to_dense_
+from maskprune.passes import capture_layer_inputs
+from maskprune.sequential import reconstruct_to_dense_
 from maskprune.stages.shape import reshape_
 from maskprune.structure import Structure
 
@@ -66,16 +67,11 @@ def test_the_fit_closes_the_gap_a_dropped_layer_and_sliced_channels_leave():
     windows = _windows()
 
     def gap(model) -> float:  # |student layer 0 output - dense residual before dense layer 2|^2, summed
-        calls = _first_layer_inputs(model, adapter, windows, 2)
-        ref = _first_layer_inputs(dense, adapter, windows, 2)
-        total = 0.0
-        for (a, k), (ra, rk) in zip(calls, ref):
-            out = _output(adapter.layers(model)[0](*a, **k))
-            h = ra[0] if ra else rk["hidden_states"]
-            for layer in adapter.layers(dense)[:2]:
-                h = _output(layer(h, *ra[1:], **{x: v for x, v in rk.items() if x != "hidden_states"}))
-            total += float(((out - h[..., keep_hidden]) ** 2).sum())
-        return total
+        out = capture_layer_inputs(model, adapter, windows, 2).run(adapter.layers(model)[0], 0)
+        ref = capture_layer_inputs(dense, adapter, windows, 2)
+        for li, layer in enumerate(adapter.layers(dense)[:2]):
+            ref = ref.advanced(layer, li)
+        return sum(float(((o - h[..., keep_hidden]) ** 2).sum()) for o, h in zip(out, ref.hidden))
 
     with torch.no_grad():
         before = gap(student)

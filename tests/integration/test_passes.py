@@ -1,0 +1,165 @@
+"""The seam where a pass over the model runs (maskprune.passes): every decoder layer gets the arguments the model
+itself passes it (Gemma 3's per-type masks and rotary embeddings, SmolLM3's NoPE layers), and a streamed pass
+computes what the resident one does."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import tiny
+from maskprune.arch import adapter_for
+from maskprune.baselines import unit_scores
+from maskprune.cut import CutPlan
+from maskprune.masks import MaskSet
+from maskprune.passes import Execution, capture_layer_inputs
+from maskprune.sequential import layerwise_scores, reconstruct_layerwise_
+from maskprune.structure import Structure
+
+FAMILIES = ["gemma3", "gemma2", "smollm3", "granite", "llama_gqa", "qwen2", "olmo2", "phi3"]
+
+
+def mixed(kind: str, layers: int = 6):
+    """A tiny model of ``kind`` with every kind of layer its family has: 6 layers give Gemma 3 five sliding layers
+    and a global one (rope base 10k vs 1M), SmolLM3 a NoPE layer; a sliding window shorter than the windows makes
+    the sliding layers' masks differ from the global ones."""
+    model = tiny.make_model(kind, layers=layers)
+    if hasattr(model.config, "sliding_window") and kind.startswith("gemma"):
+        model.config.sliding_window = 6
+    adapter = adapter_for(model)
+    adapter.unfuse_(model)
+    return model, adapter
+
+
+def test_the_tiny_gemma3_has_both_layer_types_with_their_own_rope():
+    model, _ = mixed("gemma3")
+    assert set(model.config.layer_types) == {"sliding_attention", "full_attention"}
+    thetas = {v["rope_theta"] for v in model.config.rope_parameters.values()}
+    assert len(thetas) == 2
+
+
+def _plain_forward_inputs(model, adapter, windows, batch_size):
+    """``{layer: [(hidden, kwargs) per batch]}`` as a plain forward of the model passes them."""
+    seen: dict[int, list] = {}
+
+    def pre(i):
+        def fn(_m, args, kwargs):
+            h = args[0] if args else kwargs["hidden_states"]
+            seen.setdefault(i, []).append((h.clone(), {k: v for k, v in kwargs.items() if k != "hidden_states"}))
+
+        return fn
+
+    handles = [lay.register_forward_pre_hook(pre(i), with_kwargs=True) for i, lay in enumerate(adapter.layers(model))]
+    try:
+        with torch.no_grad():
+            for i in range(0, windows.shape[0], batch_size):
+                model(input_ids=windows[i : i + batch_size], use_cache=False)
+    finally:
+        for h in handles:
+            h.remove()
+    return seen
+
+
+def _same(a, b) -> bool:
+    if isinstance(a, torch.Tensor):
+        return isinstance(b, torch.Tensor) and torch.equal(a, b)
+    if isinstance(a, (tuple, list)):
+        return len(a) == len(b) and all(_same(x, y) for x, y in zip(a, b))
+    return a is b or a == b
+
+
+@pytest.mark.parametrize("kind", FAMILIES)
+def test_each_layer_is_fed_what_a_plain_forward_feeds_it(kind):
+    model, adapter = mixed(kind)
+    windows = torch.randint(0, tiny.VOCAB, (5, 16))
+    seen = _plain_forward_inputs(model, adapter, windows, 2)
+    inputs = capture_layer_inputs(model, adapter, windows, 2)
+    for li, layer in enumerate(adapter.layers(model)):
+        calls = inputs.calls(li)
+        assert len(calls) == len(seen[li]) == 3
+        for (args, kwargs), (h, ref) in zip(calls, seen[li]):
+            assert torch.equal(args[0], h), f"layer {li}: hidden states"
+            assert set(kwargs) == set(ref), f"layer {li}: argument names"
+            for name, value in ref.items():
+                assert _same(kwargs[name], value), f"{kind} layer {li}: {name} differs from the model's own"
+        with torch.no_grad():
+            inputs.advance_(layer, li)
+
+
+def test_gemma3_global_and_sliding_layers_get_different_rope_and_masks():
+    """The bug the seam must not inherit: layer 0's arguments replayed into every layer."""
+    model, adapter = mixed("gemma3")
+    inputs = capture_layer_inputs(model, adapter, torch.randint(0, tiny.VOCAB, (2, 16)), 2)
+    types = model.config.layer_types
+    glob, slid = types.index("full_attention"), types.index("sliding_attention")
+    (_, kw_g), (_, kw_s) = inputs.calls(glob)[0], inputs.calls(slid)[0]
+    assert not torch.equal(kw_g["position_embeddings"][0], kw_s["position_embeddings"][0])
+    assert isinstance(kw_s["attention_mask"], torch.Tensor)  # the window of 6 masks what a causal mask keeps
+    assert not _same(kw_g["attention_mask"], kw_s["attention_mask"])
+
+
+@pytest.mark.parametrize("kind", FAMILIES)
+def test_streamed_logits_equal_the_models_own(kind):
+    model, adapter = mixed(kind)
+    windows = torch.randint(0, tiny.VOCAB, (5, 16))
+    with torch.no_grad():
+        ref = torch.cat([model(input_ids=windows[i : i + 2], use_cache=False).logits for i in range(0, 5, 2)])
+    for ex in (Execution(torch.device("cpu")), Execution(torch.device("cpu"), streamed=True)):
+        got = torch.cat([logits for _, logits in ex.logits(model, adapter, windows, 2)])
+        torch.testing.assert_close(got, ref, rtol=0, atol=1e-5, msg=f"{ex.name} {kind}")
+
+
+def test_streamed_forward_runs_the_hooks_a_resident_forward_runs():
+    from maskprune.axis_scores import hidden_channel_scores
+
+    model, adapter = mixed("gemma3")
+    windows = torch.randint(0, tiny.VOCAB, (4, 16))
+    scores_r, energies_r = hidden_channel_scores(model, adapter, windows, 2)
+    scores_s, energies_s = hidden_channel_scores(
+        model, adapter, windows, 2, execution=Execution(torch.device("cpu"), streamed=True)
+    )
+    torch.testing.assert_close(scores_s, scores_r)
+    for a, b in zip(energies_s, energies_r):
+        torch.testing.assert_close(a, b)
+
+
+@pytest.mark.parametrize("method", ["wanda-sp", "flap"])
+def test_layerwise_scores_with_nothing_cut_are_the_one_pass_scores_on_every_layer_type(method):
+    """With nothing cut, each layer's inputs in the layer-by-layer pass are the dense model's, so its scores must be
+    the one-pass scores, the global layer's included (wrong rotary or mask there changes them)."""
+    model, adapter = mixed("gemma3")
+    s = Structure.of(model, adapter, "query")
+    windows = torch.randint(0, tiny.VOCAB, (4, 16))
+    head, ffn = unit_scores(method, model, adapter, s, windows, batch_size=2)
+    masks = MaskSet(s).attach(model)
+    try:
+        for ex in (Execution(torch.device("cpu")), Execution(torch.device("cpu"), streamed=True)):
+            lh, lf, _ = layerwise_scores(
+                method, model, adapter, s, masks, CutPlan(0, 0, s.dense_params, s.dense_params), windows,
+                batch_size=2, execution=ex,
+            )  # fmt: skip
+            torch.testing.assert_close(lh, head, rtol=1e-5, atol=1e-6)
+            torch.testing.assert_close(lf, ffn, rtol=1e-5, atol=1e-6)
+    finally:
+        masks.detach()
+
+
+def test_streamed_and_resident_refit_give_the_same_weights():
+    from maskprune.cut import KeptUnits, hard_masks, kept_indices
+
+    results = []
+    for streamed in (False, True):
+        model, adapter = mixed("gemma3")
+        s = Structure.of(model, adapter, "query")
+        windows = torch.randint(0, tiny.VOCAB, (4, 16), generator=torch.Generator().manual_seed(0))
+        head, ffn = unit_scores("wanda-sp", model, adapter, s, windows, batch_size=2)
+        kept = KeptUnits(kept_indices(head, 1), kept_indices(ffn, 40))
+        masks = MaskSet(s).attach(model)
+        masks.set_values_("head", hard_masks(torch.ones_like(head), kept.head))
+        masks.set_values_("ffn", hard_masks(torch.ones_like(ffn), kept.ffn))
+        ex = Execution(torch.device("cpu"), streamed=streamed)
+        reconstruct_layerwise_(model, adapter, s.head, kept, windows, batch_size=2, ridge=1e-3, execution=ex)
+        masks.detach()
+        results.append({k: v.clone() for k, v in model.state_dict().items()})
+    for name in results[0]:
+        torch.testing.assert_close(results[1][name], results[0][name], rtol=0, atol=0, msg=name)
