@@ -62,9 +62,12 @@ def kl_to(
     *,
     direction: KLDirection,
     autocast: torch.dtype | None,
+    execution: Execution | None = None,
 ) -> float:
     """Mean per-token KL between ``model``'s distribution and ``reference`` (from :func:`teacher_logits`)."""
-    return fit_to(model, windows, reference, batch_size, direction=direction, autocast=autocast, nll=False)[0]
+    return fit_to(
+        model, windows, reference, batch_size, direction=direction, autocast=autocast, nll=False, execution=execution
+    )[0]
 
 
 @torch.no_grad()
@@ -109,13 +112,15 @@ def layer_skip_kl(
     *,
     direction: KLDirection = "teacher_student",
     autocast: torch.dtype | None = None,
+    execution: Execution | None = None,
 ) -> torch.Tensor:
     """``[L]``: the KL to ``reference`` (the dense logits) with each layer skipped alone (higher = keep)."""
-    n = len(adapter.layers(model))
+    n, ex = len(adapter.layers(model)), execution
     scores = []
     for i in tqdm(range(n), desc="layer importance", disable=not log.isEnabledFor(logging.INFO)):
         with emulated_cut(model, adapter, keep_layers=[j for j in range(n) if j != i]):
-            scores.append(kl_to(model, windows, reference, batch_size, direction=direction, autocast=autocast))
+            kl = kl_to(model, windows, reference, batch_size, direction=direction, autocast=autocast, execution=ex)
+            scores.append(kl)
     return torch.tensor(scores)
 
 

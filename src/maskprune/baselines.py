@@ -211,13 +211,15 @@ def unit_scores(
     windows: torch.Tensor,
     batch_size: int = 4,
     stats: dict | None = None,
+    execution=None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Importance of every head unit ``[L, rows, U_h]`` and FFN channel ``[L, 1, U_f]`` (higher = keep).
 
-    ``stats``: :func:`activation_stats` of ``windows`` if the caller has them already."""
+    ``stats``: :func:`activation_stats` of ``windows`` if the caller has them already; ``execution``: where an
+    activation pass runs (:class:`maskprune.passes.Execution`; the gradient pass of ``taylor`` is resident)."""
     scorer, needs = BASELINES[method]
     if needs == "activations":
-        stats = stats if stats is not None else activation_stats(model, adapter, windows, batch_size)
+        stats = stats if stats is not None else activation_stats(model, adapter, windows, batch_size, execution)
     elif needs == "grads":
         stats = _weight_grads(model, adapter, windows, batch_size)
     else:

@@ -658,6 +658,20 @@ class RuntimeConfig(_Group):
         None,
         """torch CPU threads (default: torch's choice).""",
     )
+    streaming: Literal["auto", "on", "off"] = _opt(
+        "auto",
+        """Where each pass of the cut over the model runs (scores, hidden energies, layer importance, the shape
+    search's KLs, the re-fit, the perplexity evaluations): ``off``, the whole model resident on the device; ``on``,
+    one decoder layer at a time, each fed the arguments the model itself passes it, the activations between
+    layers kept in the autocast dtype, and on a GPU the layers waiting in host memory; ``auto``: on where the
+    run's plan (``maskprune plan``) says a resident run does not fit in ``max_memory``.""",
+    )
+    max_memory: str | None = _opt(
+        None,
+        """The memory the run may use, as ``24GB``, ``80GiB`` or a number of bytes: ``prune`` refuses, before any heavy
+    work, a run whose plan needs more, with what to switch on. Default: the memory free on the machine (on a GPU
+    run, the device's free memory).""",
+    )
     gradient_checkpointing: bool = _opt(
         False,
         """Recompute each layer's activations in the backward pass (less memory, about a third more compute).""",
@@ -702,6 +716,13 @@ class RuntimeConfig(_Group):
 
     def problems(self) -> list[str]:
         problems = _at_least_one(self, ("keep_checkpoints", "log_every", "sync_check_every"))
+        if self.max_memory is not None:
+            from .memory import parse_bytes
+
+            try:
+                parse_bytes(self.max_memory)
+            except ValueError as exc:
+                problems.append(f"max_memory: {exc}")
         if self.checkpoint_every < 0:
             problems.append(f"checkpoint_every must be >= 0, found {self.checkpoint_every}")
         return problems

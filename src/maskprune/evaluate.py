@@ -60,12 +60,14 @@ def perplexity(
     progress: bool = True,
     desc: str = "ppl",
     chunk_tokens: int = 1024,
+    execution=None,
 ) -> PerplexityResult:
     """exp(mean token NLL) of ``model`` over ``windows`` ``[n, seq_len]`` (first ``max_windows``).
 
     The output head and the cross-entropy run ``chunk_tokens`` positions at a time on the decoder's
     hidden states (:func:`_window_nll`), so no full ``[b, T, V]`` logits tensor, let alone an fp32
-    copy of it, is ever built.
+    copy of it, is ever built. ``execution``: a streamed :class:`maskprune.passes.Execution` runs the
+    decoder one layer at a time over every window (default: the model's own forward, batch by batch).
     """
     total = windows.shape[0]
     if total == 0:
@@ -77,11 +79,16 @@ def perplexity(
     was_training = model.training
     model.eval()
     try:
-        for i in tqdm(range(0, use.shape[0], batch_size), desc=desc, disable=not progress, leave=False):
-            batch = use[i : i + batch_size].to(device)  # [b, T]
-            with torch.autocast(device.type, dtype=autocast_dtype or torch.float32, enabled=autocast_dtype is not None):
-                nll_sum += float(_window_nll(model, batch, chunk_tokens))
-            count += batch[:, 1:].numel()
+        if execution is not None and execution.streamed:  # the decoder layer by layer over every window
+            nll_sum = _streamed_nll(model, use, batch_size, execution, autocast_dtype, chunk_tokens)
+            count = use[:, 1:].numel()
+        else:
+            for i in tqdm(range(0, use.shape[0], batch_size), desc=desc, disable=not progress, leave=False):
+                batch = use[i : i + batch_size].to(device)  # [b, T]
+                on = autocast_dtype is not None
+                with torch.autocast(device.type, dtype=autocast_dtype or torch.float32, enabled=on):
+                    nll_sum += float(_window_nll(model, batch, chunk_tokens))
+                count += batch[:, 1:].numel()
     finally:
         model.train(was_training)
     nll = nll_sum / count
@@ -127,13 +134,38 @@ def _window_nll(model: torch.nn.Module, batch: torch.Tensor, chunk_tokens: int) 
         logits = model(input_ids=batch, use_cache=False).logits  # [b, T, V]
         return summed_nll(logits[:, :-1].reshape(-1, logits.shape[-1]), targets.reshape(-1))
     decoder, head = parts
-    hidden = decoder(input_ids=batch, use_cache=False).last_hidden_state[:, :-1]  # [b, T-1, H]
-    hidden = hidden.reshape(-1, hidden.shape[-1])  # [b*(T-1), H]
-    flat = targets.reshape(-1)
+    return _chunked_nll(head, decoder(input_ids=batch, use_cache=False).last_hidden_state, targets, chunk_tokens)
+
+
+def _chunked_nll(head: torch.nn.Module, hidden: torch.Tensor, targets: torch.Tensor, chunk_tokens: int):
+    """Summed NLL of ``targets`` ``[b, T-1]`` from the final hidden states ``[b, T, H]``, the head applied
+    ``chunk_tokens`` positions at a time."""
+    hidden = hidden[:, :-1].reshape(-1, hidden.shape[-1])  # [b*(T-1), H]
+    flat = targets.reshape(-1).to(hidden.device)
     total = hidden.new_zeros((), dtype=torch.float32)
     for start in range(0, hidden.shape[0], chunk_tokens):
         logits = head(hidden[start : start + chunk_tokens])  # [n, V]
         total = total + summed_nll(logits, flat[start : start + chunk_tokens])
+    return total
+
+
+def _streamed_nll(model, windows, batch_size: int, execution, autocast, chunk_tokens: int) -> float:
+    """Summed next-token NLL of ``windows`` with the decoder run layer by layer (``execution``, streamed)."""
+    from .arch import adapter_for
+
+    adapter = adapter_for(model)
+    parts = _split_head(model)
+    total = 0.0
+    ctx = torch.autocast(execution.device.type, dtype=autocast or torch.float32, enabled=autocast is not None)
+    if parts is None:  # the model post-processes its logits: its own head on the streamed hidden states
+        for j, logits in execution.logits(model, adapter, windows, batch_size, autocast=autocast):
+            targets = windows[j * batch_size : (j + 1) * batch_size, 1:].to(logits.device)
+            total += float(summed_nll(logits[:, :-1].reshape(-1, logits.shape[-1]), targets.reshape(-1)))
+        return total
+    _, head = parts
+    for j, hidden in execution.hidden_states(model, adapter, windows, batch_size, autocast=autocast):
+        with ctx:
+            total += float(_chunked_nll(head, hidden, windows[j * batch_size : (j + 1) * batch_size, 1:], chunk_tokens))
     return total
 
 

@@ -10,6 +10,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 __all__ = [
+    "parse_bytes",
+    "format_bytes",
     "ModelShape",
     "activation_bytes_per_token",
     "estimate_learning_memory",
@@ -21,6 +23,31 @@ __all__ = [
     "LLAMA3_70B",
     "shape_of",
 ]
+
+
+_UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12}
+_UNITS.update({"kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40, "k": 2**10, "m": 2**20, "g": 2**30, "t": 2**40})
+
+
+def parse_bytes(text: str | int | float) -> int:
+    """Bytes from ``24GB`` (10^9), ``80GiB`` / ``80G`` (2^30), or a plain number of bytes; ValueError otherwise."""
+    if isinstance(text, (int, float)) and not isinstance(text, bool):
+        value, unit = float(text), ""
+    else:
+        import re
+
+        match = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([a-zA-Z]*)\s*", str(text))
+        if match is None or match.group(2).lower() not in _UNITS:
+            raise ValueError(f"expected a size like 24GB, 80GiB or a number of bytes, found {text!r}")
+        value, unit = float(match.group(1)), match.group(2).lower()
+    if value <= 0:
+        raise ValueError(f"expected a size above 0, found {text!r}")
+    return int(value * _UNITS[unit])
+
+
+def format_bytes(n: float) -> str:
+    """``n`` bytes as GiB / MiB with one decimal."""
+    return f"{n / 2**30:.1f} GiB" if n >= 2**30 else f"{n / 2**20:.0f} MiB"
 
 
 @dataclass(frozen=True)

@@ -74,19 +74,92 @@ def staging(out: Path, overwrite: bool) -> Iterator[Path]:
 
 
 class Phases:
-    """Wall-clock seconds of each named phase of a run (the report's ``seconds``)."""
+    """Wall-clock seconds (the report's ``seconds``) and peak resident memory (the report's ``memory``) of each named
+    phase of a run.
+
+    The peak is the whole process's resident set at its highest during the phase: Linux's high-water mark
+    (``VmHWM``) reset at the phase's start (``/proc/self/clear_refs``), so each phase reads its own peak, not the
+    run's so far; a phase inside another counts toward both. Where the mark cannot be reset, the process's peak so
+    far is recorded and ``memory["per_phase"]`` says so. On a CUDA run the device's peak allocated bytes are
+    recorded per phase too."""
 
     def __init__(self) -> None:
         self.seconds: dict[str, float] = {}
+        self.peak_rss: dict[str, int] = {}
+        self.peak_device: dict[str, int] = {}
+        self._open: list[int] = []  # the running peak of each open phase (inner phases' peaks folded in)
+        self.per_phase = _reset_peak_rss()
 
     @contextmanager
     def __call__(self, name: str) -> Iterator[None]:
         t = time.perf_counter()
         log.info("phase %s ...", name)
+        self._fold_and_reset()
+        self._open.append(0)
+        if torch.cuda.is_available() and torch.cuda.is_initialized():
+            torch.cuda.reset_peak_memory_stats()
         try:
             yield
         finally:
             self.seconds[name] = round(time.perf_counter() - t, 3)
+            peak = max(self._open.pop(), peak_rss_bytes() or 0)
+            self.peak_rss[name] = max(peak, self.peak_rss.get(name, 0))
+            if self._open:
+                self._open[-1] = max(self._open[-1], peak)
+            _reset_peak_rss()
+            if torch.cuda.is_available() and torch.cuda.is_initialized():
+                self.peak_device[name] = int(torch.cuda.max_memory_allocated())
+
+    def _fold_and_reset(self) -> None:
+        """Before a phase starts inside another: the outer phase's peak so far kept, the mark reset."""
+        if self._open:
+            self._open[-1] = max(self._open[-1], peak_rss_bytes() or 0)
+        _reset_peak_rss()
+
+    def memory(self) -> dict:
+        """The report's ``memory`` section: per phase, the peak resident bytes (and the device's, on a GPU)."""
+        out: dict = {
+            "peak_rss_bytes": dict(self.peak_rss),
+            "process_peak_rss_bytes": process_peak_rss_bytes(),
+            "per_phase": self.per_phase,
+            "protocol": "peak resident set of the whole process during each phase (VmHWM reset at each phase's "
+            "start); per_phase false: the process's peak so far",
+        }
+        if self.peak_device:
+            out["peak_device_bytes"] = dict(self.peak_device)
+        return out
+
+
+def _reset_peak_rss() -> bool:
+    """Reset the process's resident high-water mark to its current resident size (Linux); False where it cannot."""
+    try:
+        with open("/proc/self/clear_refs", "w") as fh:
+            fh.write("5")
+        return True
+    except OSError:
+        return False
+
+
+def peak_rss_bytes() -> int | None:
+    """The process's resident high-water mark since the last reset (``VmHWM``), else its peak so far."""
+    try:
+        with open("/proc/self/status") as fh:
+            for line in fh:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return process_peak_rss_bytes()
+
+
+def process_peak_rss_bytes() -> int | None:
+    """The process's peak resident size over its life (``ru_maxrss``; what ``/usr/bin/time -v`` reports)."""
+    try:
+        import resource
+
+        return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024
+    except (ImportError, OSError):
+        return None
 
 
 def resolve_device(name: str) -> torch.device:

@@ -276,6 +276,32 @@ class Execution:
             yield from inputs.replay(model, adapter, model, windows, batch_size)
 
     @torch.no_grad()
+    def hidden_states(
+        self,
+        model: nn.Module,
+        adapter: DecoderAdapter,
+        windows: torch.Tensor,
+        batch_size: int,
+        *,
+        autocast: torch.dtype | None = None,
+    ) -> Iterator[tuple[int, torch.Tensor]]:
+        """``(batch index, final hidden states [batch, seq, hidden])``: the decoder under the LM head (its final
+        norm included) on every batch of ``windows``, in order; the hooks a pass attached to the layers and norms
+        run as in a forward of the model."""
+        ctx = torch.autocast(self.device.type, dtype=autocast or torch.float32, enabled=autocast is not None)
+        base = adapter.base(model)
+        with ctx:
+            if not self.streamed:
+                for j, i in enumerate(range(0, windows.shape[0], batch_size)):
+                    out = base(input_ids=windows[i : i + batch_size].to(self.device), use_cache=False)
+                    yield j, out.last_hidden_state
+                return
+            inputs = self.capture(model, adapter, windows, batch_size)
+            for li, layer in enumerate(adapter.layers(model)):
+                with self.onloaded(layer):
+                    inputs = inputs.advanced(layer, li)
+            yield from inputs.replay(base, adapter, model, windows, batch_size)
+
     def forward(
         self,
         model: nn.Module,
@@ -285,21 +311,10 @@ class Execution:
         *,
         autocast: torch.dtype | None = None,
     ) -> int:
-        """Run the decoder layers on every batch for their side effects (the hooks a pass attached: activation
-        statistics, norm energies); no logits. Returns the number of tokens seen."""
-        ctx = torch.autocast(self.device.type, dtype=autocast or torch.float32, enabled=autocast is not None)
-        with ctx:
-            if not self.streamed:
-                base = adapter.base(model)
-                for i in range(0, windows.shape[0], batch_size):
-                    base(input_ids=windows[i : i + batch_size].to(self.device), use_cache=False)
-                return int(windows.numel())
-            inputs = self.capture(model, adapter, windows, batch_size)
-            for li, layer in enumerate(adapter.layers(model)):
-                with self.onloaded(layer):
-                    inputs = inputs.advanced(layer, li)
-            for _ in inputs.replay(adapter.base(model), adapter, model, windows, batch_size):  # the final norm's hooks
-                pass
+        """Run the decoder on every batch for the side effects of the hooks a pass attached (activation statistics,
+        norm energies); no logits. Returns the number of tokens seen."""
+        for _ in self.hidden_states(model, adapter, windows, batch_size, autocast=autocast):
+            pass
         return int(windows.numel())
 
 

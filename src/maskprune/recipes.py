@@ -231,6 +231,7 @@ def _merge(cfg: PruneConfig, cut: RunReport, rec: RunReport) -> RunReport:
         "recovery": rec.seconds,
         "total": round(cut.seconds["total"] + rec.seconds["total"], 3),
     }
+    report.memory = {"prune": cut.memory, "recovery": rec.memory}
     return report
 
 

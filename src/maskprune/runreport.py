@@ -48,6 +48,7 @@ class RunReport:
     parity: dict | None = None
     roundtrip: dict | None = None
     seconds: dict | None = None
+    memory: dict | None = None
     gguf: dict | None = None
     out: str | None = None  # where the run was written (not saved in the file: the file is in it)
 
@@ -58,6 +59,7 @@ class RunReport:
         "gguf",
         "reconstruction",
         "shape_search",
+        "memory",
     )
 
     def update(self, sections: dict[str, Any]) -> None:

@@ -163,3 +163,37 @@ def test_streamed_and_resident_refit_give_the_same_weights():
         results.append({k: v.clone() for k, v in model.state_dict().items()})
     for name in results[0]:
         torch.testing.assert_close(results[1][name], results[0][name], rtol=0, atol=0, msg=name)
+
+
+@pytest.mark.parametrize("kind", ["gemma3", "llama_gqa"])
+def test_the_default_cut_streamed_and_resident_agree_through_the_cli(kind, calib, tmp_path, capsys):
+    """The default recipe's cut (shape search over heads, FFN, hidden width and depth; scores; re-fit; export) in
+    fp32, with ``--streaming on`` and ``off``: the same shape, kept units, re-fit weights and export."""
+    import json
+
+    from safetensors.torch import load_file
+
+    from maskprune.cli import main
+
+    src = tmp_path / "src"
+    model, _ = mixed(kind)
+    model.save_pretrained(src)
+    tiny.make_tokenizer().save_pretrained(src)
+    reports, weights = [], []
+    for mode in ("off", "on"):
+        out = tmp_path / mode
+        argv = ["-q", "prune", str(src), "--steps", "0", "--sparsity", "0.3", "--dtype", "fp32", "--no-report"]
+        argv += ["--streaming", mode, "--out", str(out), *tiny.small_run(calib, evaluate=True)]
+        assert main(argv) == 0, capsys.readouterr().err
+        reports.append(json.loads((out / "maskprune_report.json").read_text()))
+        weights.append(load_file(out / "model.safetensors"))
+    resident, streamed = reports
+    assert streamed["config"]["streaming"] == "on" and resident["config"]["streaming"] == "off"
+    assert streamed["shape"] == resident["shape"]
+    assert streamed["shape_search"]["kept_layers"] == resident["shape_search"]["kept_layers"]
+    for a, b in zip(streamed["shape_search"]["candidates"], resident["shape_search"]["candidates"]):
+        assert a["kl"] == pytest.approx(b["kl"], rel=1e-4, abs=1e-7)
+    assert streamed["perplexity"]["exported"]["ppl"] == pytest.approx(resident["perplexity"]["exported"]["ppl"], 1e-5)
+    assert set(weights[0]) == set(weights[1])
+    for name in weights[0]:
+        torch.testing.assert_close(weights[1][name], weights[0][name], rtol=1e-5, atol=1e-6, msg=name)

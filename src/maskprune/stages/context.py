@@ -20,6 +20,7 @@ from ..errors import MaskPruneError
 from ..evaluate import perplexity, tokenize_windows
 from ..models import LoadedModel, load_model
 from ..outputs import Phases, check_output_path, default_out, resolve_device
+from ..passes import Execution
 from ..sinks import ExtraSinks
 from ..structure import Structure
 from ..zeroshot import check_sources, resolve_tasks, run_zeroshot
@@ -52,6 +53,12 @@ class RunContext:
     teacher: torch.nn.Module | None = None  # distill: the dense teacher (frozen, no gradient)
     val_windows: torch.Tensor | None = None  # held-out calibration windows (--val-every)
     started: float = dataclasses.field(default_factory=time.perf_counter)  # when setup began
+    execution: Execution | None = None  # where the cut's passes over the model run (maskprune.passes)
+
+    @property
+    def passes(self) -> Execution:
+        """Where the cut's passes run: the run's execution, or resident on the run's device."""
+        return self.execution or Execution(self.device)
 
     def ppl(self, m: torch.nn.Module, desc: str) -> dict | None:
         """WikiText-2 perplexity of ``m`` (rank 0; None without eval data)."""
@@ -62,6 +69,7 @@ class RunContext:
             return perplexity(
                 m,
                 self.eval_windows,
+                execution=self.execution if self.execution is not None and self.execution.streamed else None,
                 batch_size=self.cfg.data.batch_size,
                 max_windows=ev.eval_max_windows,
                 autocast_dtype=autocast_dtype(self.cfg.runtime.dtype),
@@ -123,8 +131,19 @@ def setup(cfg: PruneConfig, progress: bool) -> RunContext:
     )
     return RunContext(
         cfg, out, device, D.is_main(), tasks, phases, loaded, adapter, structure, budget, windows,
-        eval_windows, bos, progress, teacher, val_windows, started,
+        eval_windows, bos, progress, teacher, val_windows, started, execution_for(cfg, device),
     )  # fmt: skip
+
+
+def execution_for(cfg: PruneConfig, device: torch.device, streamed: bool | None = None) -> Execution:
+    """The execution the cut's passes run on: streamed with ``--streaming on`` (or ``streamed``, the plan's answer
+    for ``auto``), the activations between layers in the autocast dtype and, on a GPU, the layers waiting in host
+    memory; resident otherwise."""
+    streamed = cfg.streaming == "on" if streamed is None else streamed
+    if not streamed:
+        return Execution(device)
+    offload = torch.device("cpu") if device.type != "cpu" else None
+    return Execution(device, streamed=True, offload=offload, store_dtype=autocast_dtype(cfg.dtype, device))
 
 
 def load_source(cfg: PruneConfig, device: torch.device) -> tuple[LoadedModel, DecoderAdapter]:

@@ -31,12 +31,13 @@ def score_and_plan(
     phases: "Phases",
     *,
     sigma_head: float | None = None,
+    execution=None,
 ):
     """A one-shot baseline: unit scores on the calibration windows, the same uniform cut (the head share
     ``head_cut_fraction``, or measured by the split search), FLAP's bias compensation where it applies.
     Long because the steps depend on each other in this order: scores -> split -> plan -> the compensation's
     re-plan -> layer-by-layer scores on that plan. ``sigma_head``: the head share measured already (by the
-    shape search), so no split search here."""
+    shape search), so no split search here. ``execution``: where the passes run (:mod:`maskprune.passes`)."""
     calib = windows[: cfg.resolved_cut_samples()]
     compensate = cfg.bias_compensation == "on" or (
         cfg.bias_compensation == "auto" and cfg.method == "flap" and not cfg.reconstruct  # the re-fit replaces it
@@ -47,8 +48,9 @@ def score_and_plan(
     sigma_head = cfg.head_cut_fraction if sigma_head is None else sigma_head
     if searched or not layerwise:  # the one-pass scores
         with phases("score"):
-            stats = activation_stats(model, adapter, calib, cfg.batch_size) if compensate else None
-            scores = unit_scores(cfg.method, model, adapter, structure, calib, batch_size=cfg.batch_size, stats=stats)
+            stats = activation_stats(model, adapter, calib, cfg.batch_size, execution) if compensate else None
+            bs, ex = cfg.batch_size, execution
+            scores = unit_scores(cfg.method, model, adapter, structure, calib, batch_size=bs, stats=stats, execution=ex)
     masks = MaskSet(structure).to(device).attach(model)  # all ones: nothing to fold
     if searched:
         with phases("split"):
@@ -77,8 +79,9 @@ def score_and_plan(
     if layerwise:
         with phases("score_layerwise"):
             *scores, stats = layerwise_scores(
-                cfg.method, model, adapter, structure, masks, plan, calib, batch_size=cfg.batch_size, compensate=parts
-            )
+                cfg.method, model, adapter, structure, masks, plan, calib, batch_size=cfg.batch_size, compensate=parts,
+                execution=execution,
+            )  # fmt: skip
     kept = KeptUnits(kept_indices(scores[0], plan.k_head), kept_indices(scores[1], plan.k_ffn))
     return Outcome(
         model,

@@ -85,6 +85,7 @@ def run_stage(ctx: RunContext, folder: Path | None, student_eval: tuple | None =
     report.parity = exported.parity.to_dict()
     report.roundtrip = {**exported.roundtrip.to_dict(), "dtype": str(exported.dtype).replace("torch.", "")}
     report.seconds = {**ctx.phases.seconds, "total": round(time.perf_counter() - ctx.started, 3)}
+    report.memory = ctx.phases.memory()
     torch.save(soft, folder / "masks.pt")
     return report
 
@@ -103,6 +104,7 @@ def _reconstruct(ctx: RunContext, outcome: Outcome) -> dict:
             windows,
             batch_size=cfg.batch_size,
             ridge=cfg.reconstruct_ridge,
+            execution=ctx.passes,
         )
     dense, outcome.reference = outcome.reference, None  # consumed: its layers run in place, then it is freed
     shape = outcome.shape
@@ -134,7 +136,7 @@ def choose_units(ctx: RunContext, ckpt_dir: Path) -> Outcome:
     shape = _reshape(ctx) if wants_shape_search(cfg.resolved_prune_axes()) else None
     args = (cfg, ctx.loaded.model, ctx.adapter, ctx.structure, ctx.windows, ctx.budget, ctx.device)
     sigma_head = shape.k_head / ctx.structure.head.units_per_row if shape is not None else None
-    outcome = score_and_plan(*args, ctx.phases, sigma_head=sigma_head)
+    outcome = score_and_plan(*args, ctx.phases, sigma_head=sigma_head, execution=ctx.passes)
     if not fp32:  # fold and verify in fp32, as for the learned masks
         probe, kept_dense = _probe(ctx), []
 

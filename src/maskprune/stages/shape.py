@@ -110,14 +110,15 @@ def search_shape(ctx: RunContext) -> ShapeChoice:
             fix="pick another --keep-hidden, or drop it and let the shape search choose",
         )
     with ctx.phases("shape_search"):
-        reference = teacher_logits(model, win, bs, autocast)
+        ex = ctx.passes
+        reference = teacher_logits(model, win, bs, autocast, execution=ex)
         layer_kl = (
-            layer_skip_kl(model, ad, win, reference, bs, direction=direction, autocast=autocast)
+            layer_skip_kl(model, ad, win, reference, bs, direction=direction, autocast=autocast, execution=ex)
             if "layers" in cfg.resolved_prune_axes()
             else torch.zeros(n_layers)
         )
         channels, energies = (
-            hidden_channel_scores(model, ad, ctx.windows[: cfg.resolved_cut_samples()], bs)
+            hidden_channel_scores(model, ad, ctx.windows[: cfg.resolved_cut_samples()], bs, execution=ex)
             if "hidden" in cfg.resolved_prune_axes()
             else (torch.ones(hidden), None)
         )
@@ -248,14 +249,17 @@ def _measure(ctx: RunContext, reduced, shape: ShapeCandidate, win, reference, au
             splits = [plan_cut(s, sigma_head=cfg.head_cut_fraction, budget=ctx.budget, **mult)]
     except MaskPruneError:  # the shape alone leaves too little for one head and channel per layer
         return [{**base, "k_head": None, "k_ffn": None, "params": None, "kl": None}]
-    head, ffn = unit_scores(cfg.method, reduced, ctx.adapter, s, win, batch_size=cfg.batch_size)
+    ex = ctx.passes
+    head, ffn = unit_scores(cfg.method, reduced, ctx.adapter, s, win, batch_size=cfg.batch_size, execution=ex)
     masks = MaskSet(s).to(ctx.device).attach(reduced)
     rows = []
     try:
         for p in splits:
             masks.set_values_("head", hard_masks(torch.ones_like(head), kept_indices(head, p.k_head)))
             masks.set_values_("ffn", hard_masks(torch.ones_like(ffn), kept_indices(ffn, p.k_ffn)))
-            kl, nll = fit_to(reduced, win, reference, cfg.batch_size, direction=cfg.kl_direction, autocast=autocast)
+            kl, nll = fit_to(
+                reduced, win, reference, cfg.batch_size, direction=cfg.kl_direction, autocast=autocast, execution=ex
+            )
             rows.append({**base, "k_head": p.k_head, "k_ffn": p.k_ffn, "params": p.params, "kl": kl, "nll": nll})
     finally:
         masks.detach()
@@ -319,7 +323,7 @@ def _sliced(ctx: RunContext, row: dict, keep_layers: list[int], keep_hidden: tor
     reshape_(student, ctx.adapter, keep_layers, keep_hidden, energies)
     s = Structure.of(student, ctx.adapter, cfg.gqa_policy)
     win = ctx.windows[: cfg.split_search_samples]
-    head, ffn = unit_scores(cfg.method, student, ctx.adapter, s, win, batch_size=cfg.batch_size)
+    head, ffn = unit_scores(cfg.method, student, ctx.adapter, s, win, batch_size=cfg.batch_size, execution=ctx.passes)
     kept = KeptUnits(kept_indices(head, row["k_head"]), kept_indices(ffn, row["k_ffn"]))
     fold_and_slice_(student, ctx.adapter, s.head, torch.ones_like(head), torch.ones_like(ffn), kept)
     return student
