@@ -162,8 +162,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--version", action="version", version=f"maskprune {__version__}")
     _add_verbosity(parser, False)
-    sub = parser.add_subparsers(dest="command", required=True, metavar="{prune,distill,eval,export-gguf,report}")
+    sub = parser.add_subparsers(
+        dest="command", required=True, metavar="{prune,plan,distill,eval,export-gguf,report}"
+    )
     _add_prune_parser(sub)
+    _add_plan_parser(sub)
     _add_distill_parser(sub)
     _add_eval_parser(sub)
     _add_gguf_parser(sub)
@@ -203,6 +206,24 @@ def _add_prune_parser(sub) -> None:
         "maskprune prune [MODEL] [--sparsity S | --budget-params N] [--out DIR] [options]",
         "HF folder, hub id, .gguf file, or smollm2-135m (default)",
     )
+
+
+def _add_plan_parser(sub) -> None:
+    p = _subparser(
+        sub,
+        "plan",
+        "say before a run whether it fits: peak memory, FLOPs and minutes of each phase, from the config alone",
+        "maskprune plan [MODEL] [--sparsity S] [--device cuda] [--max-memory 80GB] [--json] [prune's options]",
+        "maskprune plan MODEL [prune's options]: reads the model's config only (config.json, a GGUF header, or a "
+        "hub id where the hub is reachable), builds the model on PyTorch's meta device (no weight is read), and "
+        "prints for each phase of `maskprune prune` with the same options its peak memory, FLOPs and time at a "
+        "matmul rate measured on this machine, and what to switch on where it does not fit. Exit status 0: it "
+        "fits in --max-memory (default: the memory free now); 1: it does not.",
+    )
+    p.add_argument("model", nargs="?", default=None, help="HF folder, hub id, .gguf file, or smollm2-135m (default)")
+    p.add_argument("--config", type=Path, default=None, help="YAML file of config keys (flat, or under their group)")
+    p.add_argument("--json", action="store_true", help='print {"fits", "phases", "advice", ...} as JSON')
+    _add_config_flags(p, "prune", DISTILL_ONLY)
 
 
 def _add_distill_parser(sub) -> None:
@@ -347,6 +368,14 @@ def _run_prune(args: argparse.Namespace, progress: bool) -> int:
     return 0
 
 
+def _run_plan(args: argparse.Namespace) -> int:
+    from .plan import plan_for
+
+    plan = plan_for(load_config(args.config, _overrides(args), ignore=DISTILL_ONLY))
+    sys.stdout.write((json.dumps(plan.to_dict(), indent=1) if args.json else plan.table()) + "\n")
+    return 0 if plan.fits else 1
+
+
 def _run_eval(args: argparse.Namespace, progress: bool) -> int:
     from .evaluate import evaluate_models
 
@@ -428,6 +457,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         if args.command in ("prune", "distill"):
             return _run_prune(args, progress)
+        if args.command == "plan":
+            return _run_plan(args)
         if args.command == "export-gguf":
             return _run_export_gguf(args)
         if args.command == "report":

@@ -57,7 +57,8 @@ def staging(out: Path, overwrite: bool) -> Iterator[Path]:
     """A folder named like ``out`` inside a hidden temporary folder beside it (so what reads the folder's name,
     the GGUF converter, sees the final one), renamed to ``out`` on success; all removed on failure."""
     out.absolute().parent.mkdir(parents=True, exist_ok=True)
-    holder = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.absolute().parent))
+    remove_stale_staging(out)
+    holder = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-{os.getpid()}-", dir=out.absolute().parent))
     tmp = holder / out.name
     tmp.mkdir()
     try:
@@ -71,6 +72,35 @@ def staging(out: Path, overwrite: bool) -> Iterator[Path]:
             os.replace(tmp, out)
     finally:
         shutil.rmtree(holder, ignore_errors=True)
+
+
+def remove_stale_staging(out: Path) -> list[Path]:
+    """Remove the hidden staging folders of ``out`` that a killed run left (``.NAME.partial-PID-*`` and
+    ``.NAME.old-PID`` whose process is gone: a run killed with -9 cannot clean up after itself); returns them."""
+    removed = []
+    import glob
+
+    for path in out.absolute().parent.glob(f".{glob.escape(out.name)}.*"):
+        rest = path.name[len(out.name) + 2 :]
+        kind, _, tail = rest.partition("-")
+        pid = tail.split("-")[0]
+        if kind in ("partial", "old") and pid.isdigit() and not _alive(int(pid)):
+            shutil.rmtree(path, ignore_errors=True)
+            removed.append(path)
+    if removed:
+        names = ", ".join(p.name for p in removed)
+        log.info("removed %d staging folder(s) left by a killed run: %s", len(removed), names)
+    return removed
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 class Phases:

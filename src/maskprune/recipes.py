@@ -48,6 +48,7 @@ def run(cfg: PruneConfig, *, progress: bool = True) -> dict:
             from .gguf_export import preflight
 
             preflight(cfg.gguf)
+        cfg = planned(cfg)
         if cfg.has_teacher:
             return distill_recipe(cfg, progress=progress)
         if cfg.resolved_cut_first():
@@ -62,16 +63,48 @@ def run(cfg: PruneConfig, *, progress: bool = True) -> dict:
         D.shutdown()
 
 
+def planned(cfg: PruneConfig) -> PruneConfig:
+    """``cfg`` checked against its plan before any heavy work (:mod:`maskprune.plan`): what it asks of the model's
+    shape, and whether its largest phase fits in ``max_memory`` (refused with advice where not); ``streaming auto``
+    settled by the plan. A distillation and a run of several processes are not planned yet (logged)."""
+    from .plan import check_plan, check_request, model_facts, plan_for
+
+    if cfg.has_teacher or int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        log.info("no plan: distillation and runs of several processes are not planned yet")
+        return cfg
+    cfg.validate()
+    facts = model_facts(cfg.model, gguf_file=cfg.gguf_file, trust_remote_code=cfg.trust_remote_code)
+    check_request(cfg, facts)
+    plan = plan_for(cfg, facts)
+    peak = plan.peak
+    log.info(
+        "plan: largest phase %s, about %.1f GiB of %.1f GiB allowed; about %.0f minutes at %.0f GFLOP/s (streaming %s)",
+        peak.name, peak.peak_bytes / 2**30, plan.max_memory / 2**30, plan.seconds / 60, plan.rate_flops / 1e9,
+        "on" if plan.streamed else "off",
+    )  # fmt: skip
+    check_plan(plan)
+    return cfg.replace(streaming="on" if plan.streamed else "off") if cfg.streaming == "auto" else cfg
+
+
 def prune_recipe(cfg: PruneConfig, *, progress: bool = True) -> dict:
     """Set up; choose the units, cut, export and evaluate into a staging folder; write the outputs; publish."""
     ctx = setup(cfg, progress)
-    with staging(ctx.out, ctx.cfg.overwrite) if ctx.main else contextlib.nullcontext(None) as folder:
-        report = run_stage(ctx, folder)
-        if not ctx.main:
-            return report
-        _write_outputs(folder, report, figures=ctx.cfg.report)
+    try:
+        with staging(ctx.out, ctx.cfg.overwrite) if ctx.main else contextlib.nullcontext(None) as folder:
+            report = run_stage(ctx, folder)
+            if not ctx.main:
+                return report
+            _write_outputs(folder, report, figures=ctx.cfg.report)
+    except BaseException:
+        _remove_if_empty(checkpoint_dir(ctx.out))  # a run refused before its first checkpoint leaves nothing
+        raise
     shutil.rmtree(checkpoint_dir(ctx.out), ignore_errors=True)  # the run is complete; its checkpoints are spent
     return _published(report, ctx.out)
+
+
+def _remove_if_empty(folder: Path) -> None:
+    with contextlib.suppress(OSError):
+        folder.rmdir()  # only an empty folder goes
 
 
 def distill_recipe(cfg: PruneConfig, *, progress: bool = True) -> dict:

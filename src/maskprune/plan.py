@@ -1,0 +1,542 @@
+"""The plan before a run: for each phase of ``maskprune prune``, its peak memory, its FLOPs and its time at a rate
+measured on this machine, from the model's config alone (the model is built on PyTorch's meta device: shapes, no
+weights), and what to switch on where it does not fit (``maskprune plan``; ``prune`` runs the same plan first and
+refuses a run that cannot fit, before any heavy work).
+
+Memory is the whole process's peak resident set (host) per phase, as :class:`maskprune.outputs.Phases` measures it,
+or the device's peak allocation on a GPU run. Each phase's peak is the sum of named components (``parts``), each a
+formula of the shape and the settings that follows what the code holds at that moment (the comments say which
+code). ``RUNTIME_BYTES``, the process's resident size with torch and transformers loaded and nothing else, and the
+time efficiency were measured (bench/results/2026-12-07-plan.md); everything else is predicted.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import time
+from pathlib import Path
+
+import torch
+
+from .config import PruneConfig
+from .memory import format_bytes, parse_bytes
+
+__all__ = ["Phase", "RunPlan", "ModelFacts", "model_facts", "plan_run", "available_memory", "matmul_rate"]
+
+log = logging.getLogger(__name__)
+
+RUNTIME_BYTES = 650 * 2**20
+"""Resident size of a maskprune process with torch, transformers and the tokenizer loaded, before any weight
+(measured: VmRSS after setup on the 2-core AMD EPYC, torch 2.13 CPU, transformers 5.25)."""
+
+EFFICIENCY = 0.35
+"""Share of the measured matmul rate a whole pass reaches (attention, norms, small batches, Python): measured on
+the default's cut of SmolLM2-135M (bench/results/2026-12-07-plan.md)."""
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelFacts:
+    """What the plan needs of a model, read from its config (built on the meta device)."""
+
+    name: str
+    model_type: str
+    params: int
+    layers: int
+    hidden: int
+    intermediate: int
+    heads: int
+    kv_heads: int
+    head_dim: int
+    vocab: int
+    tied: bool
+    layer_params: int
+    file_bytes: int | None  # the checkpoint's weight files on disk, where local
+    max_positions: int | None
+    config: object = dataclasses.field(default=None, repr=False, compare=False)  # the model's config
+
+    @property
+    def embedding_params(self) -> int:
+        return self.vocab * self.hidden * (1 if self.tied else 2)
+
+    def forward_flops(self, tokens: int, seq_len: int, *, head: bool = True, layers: int | None = None) -> float:
+        """FLOPs of a forward over ``tokens`` in windows of ``seq_len``: 2 per weight and token through the layers
+        (and the LM head), plus causal attention (QK^T and AV: 2 * 2 * seq_len / 2 * heads * head_dim a layer)."""
+        n = self.layers if layers is None else layers
+        attn = 2 * seq_len * self.heads * self.head_dim
+        per_token = n * (2 * self.layer_params + attn) + (2 * self.vocab * self.hidden if head else 0)
+        return float(per_token * tokens)
+
+
+@dataclasses.dataclass(frozen=True)
+class Phase:
+    """One phase of a run: peak bytes (with the components that make it), FLOPs and seconds."""
+
+    name: str
+    peak_bytes: int
+    flops: float
+    seconds: float
+    parts: dict[str, int]
+    where: str = "host"
+
+    def to_dict(self) -> dict:
+        return {
+            "name": self.name,
+            "peak_bytes": int(self.peak_bytes),
+            "flops": float(self.flops),
+            "seconds": round(self.seconds, 1),
+            "where": self.where,
+            "parts": {k: int(v) for k, v in self.parts.items()},
+        }
+
+
+@dataclasses.dataclass(frozen=True)
+class RunPlan:
+    """The plan of one run: its phases, whether the largest fits in ``max_memory``, and advice where not."""
+
+    model: ModelFacts
+    device: str
+    dtype: str
+    weight_dtype: str
+    streamed: bool
+    max_memory: int
+    phases: list[Phase]
+    advice: list[str]
+    rate_flops: float
+    host_memory: int | None = None  # a GPU run's host limit (None: the phases all live where max_memory is)
+
+    def limit(self, phase: Phase) -> int:
+        """The memory ``phase`` may use: ``max_memory`` where the run computes, the host's on a GPU run's host."""
+        return self.host_memory if phase.where == "host" and self.host_memory is not None else self.max_memory
+
+    def over(self) -> list[Phase]:
+        return [p for p in self.phases if p.peak_bytes > self.limit(p)]
+
+    @property
+    def peak(self) -> Phase:
+        return max(self.phases, key=lambda p: p.peak_bytes)
+
+    @property
+    def fits(self) -> bool:
+        return not self.over()
+
+    @property
+    def seconds(self) -> float:
+        return sum(p.seconds for p in self.phases)
+
+    def to_dict(self) -> dict:
+        m = self.model
+        return {
+            "fits": self.fits,
+            "phases": [p.to_dict() for p in self.phases],
+            "advice": list(self.advice),
+            "model": {"name": m.name, "model_type": m.model_type, "params": m.params, "layers": m.layers},
+            "device": self.device,
+            "dtype": self.dtype,
+            "weight_dtype": self.weight_dtype,
+            "streaming": "on" if self.streamed else "off",
+            "max_memory_bytes": self.max_memory,
+            "host_memory_bytes": self.host_memory,
+            "peak_bytes": self.peak.peak_bytes,
+            "seconds": round(self.seconds, 1),
+            "rate_flops_per_second": self.rate_flops,
+            "predicted": "every figure but max_memory_bytes and the measured rate is predicted from the config",
+        }
+
+    def table(self) -> str:
+        """The plan as a terminal table."""
+        m = self.model
+        lines = [
+            f"{m.name}: {m.model_type}, {m.params / 1e9:.2f}B parameters, {m.layers} layers, hidden {m.hidden}, "
+            f"vocab {m.vocab}",
+            f"device {self.device}, autocast {self.dtype}, weights {self.weight_dtype}, streaming "
+            f"{'on' if self.streamed else 'off'}; memory allowed {format_bytes(self.max_memory)}",
+            "",
+            f"{'phase':<22}{'peak memory':>14}{'TFLOP':>10}{'minutes':>10}",
+        ]
+        for p in self.phases:
+            mark = "  <- over" if p.peak_bytes > self.limit(p) else ""
+            mark += "  (host)" if p.where == "host" and self.host_memory is not None else ""
+            lines.append(
+                f"{p.name:<22}{format_bytes(p.peak_bytes):>14}{p.flops / 1e12:>10.2f}{p.seconds / 60:>10.1f}{mark}"
+            )
+        lines.append(f"{'whole run':<22}{format_bytes(self.peak.peak_bytes):>14}{'':>10}{self.seconds / 60:>10.1f}")
+        lines.append("")
+        worst = max(self.over(), key=lambda p: p.peak_bytes - self.limit(p), default=self.peak)
+        lines.append(
+            ("fits" if self.fits else "does NOT fit")
+            + f": the largest phase ({worst.name}) needs {format_bytes(worst.peak_bytes)}"
+        )
+        lines += [f"- {a}" for a in self.advice]
+        return "\n".join(lines)
+
+
+# ---- reading a model's config -------------------------------------------------------------------------------
+def model_facts(model: str, *, gguf_file: str | None = None, trust_remote_code: bool = False) -> ModelFacts:
+    """The shapes of ``model`` (a folder, a GGUF file, a hub id, or the embedded default) from its config alone:
+    the model is built on the meta device, so parameter counts are exact and no weight is read or allocated."""
+    from transformers import AutoModelForCausalLM
+
+    from .arch import adapter_for
+    from .models import DEFAULT_ALIASES, Source, _check_architecture, _smollm2_gguf, resolve_source
+
+    if model in DEFAULT_ALIASES:
+        gguf = _smollm2_gguf()
+        src = Source(str(gguf.parent), gguf.name, True)
+    else:
+        src = resolve_source(model, gguf_file)
+    config = _check_architecture(src, trust_remote_code)
+    if hasattr(config, "quantization_config"):
+        delattr(config, "quantization_config")
+    with torch.device("meta"):
+        meta = AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)
+    adapter = adapter_for(meta)
+    adapter.unfuse_(meta)
+    shape = adapter.shape(meta.config)
+    layers = adapter.layers(meta)
+    emb, head = adapter.embedding(meta), adapter.lm_head(meta)
+    return ModelFacts(
+        name=Path(model).name if model not in DEFAULT_ALIASES else "smollm2-135m",
+        model_type=adapter.model_type,
+        params=sum(p.numel() for p in meta.parameters()),
+        layers=len(layers),
+        hidden=shape["hidden_size"],
+        intermediate=shape["intermediate_size"],
+        heads=shape["num_attention_heads"],
+        kv_heads=shape["num_key_value_heads"],
+        head_dim=shape["head_dim"],
+        vocab=shape["vocab_size"],
+        tied=head is None or head.weight is emb.weight,
+        layer_params=sum(p.numel() for p in layers[0].parameters()),
+        file_bytes=_weight_file_bytes(src),
+        max_positions=getattr(meta.config, "max_position_embeddings", None),
+        config=meta.config,
+    )
+
+
+def _weight_file_bytes(src) -> int | None:
+    if not src.is_local:
+        return None
+    folder = Path(src.location)
+    if src.gguf_file:
+        return (folder / src.gguf_file).stat().st_size
+    files = list(folder.glob("*.safetensors")) or list(folder.glob("*.bin"))
+    return sum(f.stat().st_size for f in files) or None
+
+
+# ---- what the machine has ------------------------------------------------------------------------------------
+def available_memory(device: torch.device) -> int:
+    """Free memory where the run's largest phase lives: the GPU's free bytes on a CUDA run, the host's available
+    memory (``MemAvailable``) otherwise."""
+    if device.type == "cuda":
+        free, _total = torch.cuda.mem_get_info(device)
+        return int(free)
+    try:
+        with open("/proc/meminfo") as fh:
+            for line in fh:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    import os
+
+    return int(os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE"))
+
+
+def matmul_rate(device: torch.device, dtype: torch.dtype, seconds: float = 0.15) -> float:
+    """FLOP/s of a square matmul of this device and dtype, measured now (``seconds``, after one warm-up)."""
+    n = 1024
+    a = torch.randn(n, n, device=device, dtype=dtype)
+    b = torch.randn(n, n, device=device, dtype=dtype)
+    (a @ b).sum().item()  # warm-up
+    reps, start = 0, time.perf_counter()
+    while time.perf_counter() - start < seconds:
+        c = a @ b
+        reps += 1
+    c.sum().item()
+    return 2 * n**3 * reps / (time.perf_counter() - start)
+
+
+# ---- the plan ------------------------------------------------------------------------------------------------
+_BYTES = {torch.float32: 4, torch.bfloat16: 2, torch.float16: 2}
+
+
+def plan_run(
+    cfg: PruneConfig,
+    facts: ModelFacts,
+    *,
+    device: torch.device,
+    max_memory: int | None = None,
+    rate: float | None = None,
+    streamed: bool | None = None,
+    host_memory: int | None = None,
+) -> RunPlan:
+    """The plan of ``cfg`` on a model of ``facts``: phases in run order. ``streamed``: force the execution (None:
+    ``cfg.streaming``, with ``auto`` resolved to on only where a resident run does not fit)."""
+    from .dtypes import autocast_dtype, resolve_dtype
+    from .recipes import cut_first_config
+    from .stages.outcome import weight_dtype
+
+    absent = device.type == "cuda" and not torch.cuda.is_available()  # planned for a GPU this machine lacks
+    dtype_name = "bf16" if absent and cfg.dtype == "auto" else resolve_dtype(cfg.dtype, device)
+    cfg = cfg.replace(dtype=dtype_name)
+    if cfg.resolved_cut_first():  # the default recipe: a one-shot cut, then its distillation (recipes.run)
+        cfg = cut_first_config(cfg)
+    autocast = autocast_dtype(dtype_name, device)
+    wdtype = weight_dtype(cfg)
+    max_memory = max_memory if max_memory is not None else available_memory(device)
+    if host_memory is None and device.type == "cuda":
+        host_memory = available_memory(torch.device("cpu"))
+    if rate is None:
+        rate = matmul_rate(device, autocast or torch.float32)
+    if streamed is None:
+        if cfg.streaming == "auto":
+            resident = _plan(cfg, facts, device, wdtype, autocast, max_memory, host_memory, rate, False)
+            streamed = not resident.fits
+        else:
+            streamed = cfg.streaming == "on"
+    return _plan(cfg, facts, device, wdtype, autocast, max_memory, host_memory, rate, streamed)
+
+
+def _plan(cfg, facts: ModelFacts, device, wdtype, autocast, max_memory, host_memory, rate, streamed) -> RunPlan:
+    f = facts
+    wb = _BYTES[wdtype]
+    ab = _BYTES[autocast or torch.float32]
+    gpu = device.type == "cuda"
+    weights = f.params * wb
+    fp32_weights = f.params * 4
+    layer_bytes = f.layer_params * wb
+    embed_head = f.embedding_params * wb
+    base = 0 if gpu else RUNTIME_BYTES
+    # what the device holds of the model: all of it resident, one layer and the embedding / head streamed
+    held = embed_head + 2 * layer_bytes if streamed and gpu else weights
+    T, B = cfg.seq_len, cfg.batch_size
+    n_cut = cfg.resolved_cut_samples()
+    n_split = min(cfg.split_search_samples, cfg.calib_samples)
+    eval_T = cfg.eval_seq_len
+    eval_windows = cfg.eval_max_windows or _wikitext_windows(eval_T)
+    eff = rate * EFFICIENCY
+
+    def act(tokens: int, width_factor: float = 1.0) -> int:
+        """Inference activations of one layer on ``tokens`` (no backward): q/k/v/o and the FFN's widest tensors,
+        in the autocast dtype (a layer's are freed before the next)."""
+        per_token = (4 * f.hidden + (f.heads + 2 * f.kv_heads) * f.head_dim + 3 * f.intermediate) * width_factor
+        return int(tokens * per_token * ab) + int(B * f.heads * T * T * ab)  # the attention scores of a batch
+
+    def logits(tokens: int, copies: float) -> int:
+        return int(tokens * f.vocab * 4 * copies)
+
+    def stream(tokens: int) -> int:  # a streamed pass: every window's hidden states held between layers, twice
+        return 2 * tokens * f.hidden * ab if streamed else 0
+
+    phases: list[Phase] = []
+
+    def add(name: str, parts: dict[str, int], flops: float, where: str | None = None) -> None:
+        seconds = flops / eff if eff else 0.0
+        phases.append(Phase(name, sum(parts.values()), flops, seconds, parts, where or ("device" if gpu else "host")))
+
+    # load: the weights in the learning dtype; transformers reads the safetensors through a memory map, so the
+    # file's pages are resident while the weights are converted (fp32 file -> bf16 weights: both at once)
+    file_pages = f.file_bytes if f.file_bytes is not None else f.params * 4
+    add("load", {"runtime": base, "weights": weights, "file_pages": 0 if gpu else file_pages}, 0.0, "host")
+    add(
+        "eval_dense",
+        {"runtime": base, "weights": held, "activations": act(B * eval_T), "head_chunks": logits(1024, 3),
+         "streamed_hidden": stream(eval_windows * eval_T)},
+        f.forward_flops(eval_windows * eval_T, eval_T),
+    )  # fmt: skip
+    axes = cfg.resolved_prune_axes()
+    if {"hidden", "layers"} & set(axes):
+        n_shapes, n_splits = _search_size(cfg, f)
+        split_tokens = n_split * T
+        flops = f.forward_flops(split_tokens, T)  # the dense reference
+        if "layers" in axes:
+            flops += f.layers * f.forward_flops(split_tokens, T)  # each layer skipped alone
+        flops += f.forward_flops(n_cut * T, T, head=False)  # hidden energies
+        flops += n_shapes * (f.forward_flops(split_tokens, T, head=False) + n_splits * f.forward_flops(split_tokens, T))
+        add(
+            "shape_search",
+            {"runtime": base, "weights": held, "candidate_copy": weights if not streamed else held,
+             "reference_logits_bf16": split_tokens * f.vocab * 2, "candidate_logits": logits(B * T, 3),
+             "activations": act(B * T), "streamed_hidden": stream(split_tokens)},
+            flops,
+        )  # fmt: skip
+    add(
+        "score",
+        {"runtime": base, "weights": held, "activations": act(B * T), "streamed_hidden": stream(n_cut * T)},
+        f.forward_flops(n_cut * T, T, head=False),
+    )  # fmt: skip
+    # the re-fit runs on fp32 weights: a half-precision run reloads the source in fp32 while its learning copy is
+    # still referenced (stages.outcome.rebuild_for_export); it keeps every window's hidden states between layers
+    # and a float64 Gram of the widest projection input
+    # (resident whatever the execution: the fp32 rebuild is the whole model on the device, streamed or not)
+    refit_weights = fp32_weights + (weights if wb != 4 else 0)
+    add(
+        "reconstruct",
+        {"runtime": base, "weights_fp32": refit_weights, "layer_inputs": 2 * n_cut * T * f.hidden * 4,
+         "gram_fp64": f.intermediate**2 * 8 * 2, "activations": act(B * T, 4 / ab)},
+        3 * f.forward_flops(n_cut * T, T, head=False),
+    )  # fmt: skip
+    kept = 1.0 - (cfg.sparsity if cfg.sparsity is not None else 0.0)
+    add(
+        "export",
+        {"runtime": base, "weights_fp32": fp32_weights, "sliced_copy": int(fp32_weights * kept),
+         "written_copy": int(f.params * kept * 2)},
+        0.0,
+    )  # fmt: skip
+    add(
+        "eval_exported",
+        {"runtime": base, "weights": int(fp32_weights * kept), "activations": act(B * eval_T),
+         "head_chunks": logits(1024, 3)},
+        kept * f.forward_flops(eval_windows * eval_T, eval_T),
+    )  # fmt: skip
+    steps = cfg.recover_steps
+    if steps:
+        from .memory import ModelShape, estimate_distill_memory, pruned_shape
+
+        teacher = ModelShape(
+            f.params, f.layers, f.hidden, f.intermediate, f.heads, f.kv_heads, f.head_dim, f.vocab
+        )
+        student = pruned_shape(teacher, 1.0 - kept)
+        est = estimate_distill_memory(
+            student, teacher, batch_tokens=B * T, full=cfg.full, lora_rank=cfg.lora_rank,
+            gradient_checkpointing=cfg.gradient_checkpointing,
+        )  # fmt: skip
+        parts = {k: int(v) for k, v in est.items() if k != "total"}
+        parts["teacher_weights_bf16"] = int(f.params * wb)
+        parts["student_weights"] = int(student.params * (4 if cfg.full else wb))
+        parts["weights"] = 0
+        parts["runtime"] = base
+        tokens = steps * B * T
+        flops = f.forward_flops(tokens, T) + 3 * kept * f.forward_flops(tokens, T)
+        add("distill", parts, flops)
+    plan = RunPlan(f, str(device), cfg.dtype, str(wdtype).replace("torch.", ""), streamed, max_memory, phases,
+                   [], rate, host_memory)  # fmt: skip
+    return dataclasses.replace(plan, advice=_advice(cfg, plan))
+
+
+def _wikitext_windows(seq_len: int) -> int:
+    """Windows of the shipped WikiText-2 test split at ``seq_len`` (about 290k tokens with a 49k-token BPE)."""
+    return max(1, 290_000 // seq_len)
+
+
+def _search_size(cfg: PruneConfig, f: ModelFacts) -> tuple[int, int]:
+    """``(candidate shapes, splits per shape)`` the shape search ranks: the shares it tries on each axis, and the
+    head / FFN splits within one FFN step of the budget (at most one per head count)."""
+    from .cut import SHAPE_SHARES
+
+    axes = cfg.resolved_prune_axes()
+    depth = len(SHAPE_SHARES) if "layers" in axes else 1
+    width = len(SHAPE_SHARES) if "hidden" in axes else 1
+    shapes = sum(1 for b in range(depth) for a in range(width) if (SHAPE_SHARES[b] if depth > 1 else 0)
+                 + (SHAPE_SHARES[a] if width > 1 else 0) <= 1.0 + 1e-9)  # fmt: skip
+    splits = f.kv_heads if cfg.resolved_split_search() else 1
+    return max(1, shapes), max(1, min(splits, 8))
+
+
+def _advice(cfg, plan: RunPlan) -> list[str]:
+    over = plan.over()
+    if not over:
+        return []
+    out = []
+    streamed, gpu, max_memory = plan.streamed, plan.device.startswith("cuda"), plan.limit(over[0])
+    worst = max(over, key=lambda p: p.peak_bytes - plan.limit(p))
+    parts = worst.parts
+    if not streamed and gpu:
+        out.append("--streaming on: the model waits in host memory and one decoder layer at a time is on the GPU")
+    if not streamed and not gpu:
+        out.append(
+            "--streaming on runs each pass one layer at a time, but on a CPU the weights stay in host memory: it "
+            "lowers the activations' share, not the weights'"
+        )
+    if parts.get("reference_logits_bf16", 0) > max_memory / 8:
+        out.append(f"--split-search-samples {max(1, cfg.split_search_samples // 4)}: the shape search keeps the dense "
+                   "model's logits of every window it ranks on")  # fmt: skip
+    if parts.get("layer_inputs", 0) > max_memory / 8 or parts.get("streamed_hidden", 0) > max_memory / 8:
+        out.append(f"--cut-samples {max(8, cfg.resolved_cut_samples() // 4)}: fewer windows' activations held")
+    if worst.name == "distill":
+        if not cfg.gradient_checkpointing:
+            out.append("--gradient-checkpointing: recompute each layer's activations in the backward pass")
+        out.append("--batch-size 1 (fewer tokens' activations), or FSDP over several GPUs (--fsdp under torchrun)")
+    if parts.get("weights_fp32", 0) > max_memory / 2:
+        out.append("the re-fit and the export hold fp32 weights: --no-reconstruct drops the re-fit; a machine "
+                   f"with {format_bytes(worst.peak_bytes * 1.1)} runs it as asked")  # fmt: skip
+    out.append(f"or give more memory: --max-memory above {format_bytes(worst.peak_bytes)} on a machine that has it")
+    return out
+
+
+NOMINAL_CUDA_RATE = 400e12
+"""The bf16 dense matmul rate assumed for a GPU this machine does not have (an H100's order; measured where the GPU
+is present)."""
+
+
+def plan_for(cfg: PruneConfig, facts: ModelFacts | None = None) -> RunPlan:
+    """The plan of ``cfg`` on this machine (or on the device it names, with ``max_memory`` given where this machine
+    lacks it)."""
+    from .errors import MaskPruneError
+
+    cfg = cfg.validate()
+    facts = facts or model_facts(cfg.model, gguf_file=cfg.gguf_file, trust_remote_code=cfg.trust_remote_code)
+    device = _planned_device(cfg.device)
+    present = device.type != "cuda" or torch.cuda.is_available()
+    if not present and cfg.max_memory is None:
+        raise MaskPruneError(
+            f"this machine has no {device.type} device to read the free memory of",
+            fix="give --max-memory (the device's memory, e.g. 80GB) to plan for it",
+        )
+    rate = None if present else NOMINAL_CUDA_RATE
+    max_memory = parse_bytes(cfg.max_memory) if cfg.max_memory is not None else available_memory(device)
+    return plan_run(cfg, facts, device=device, max_memory=max_memory, rate=rate)
+
+
+def _planned_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def check_request(cfg: PruneConfig, facts: ModelFacts) -> None:
+    """The checks of what the run asks that need the model's config only, made before anything is loaded: a fixed
+    hidden width or depth the model has (and its family's config accepts)."""
+    from .errors import MaskPruneError
+    from .surgery import config_accepts
+
+    if cfg.keep_hidden is not None and (cfg.keep_hidden > facts.hidden or cfg.keep_hidden < 1):
+        raise MaskPruneError(
+            "--keep-hidden is outside the model's hidden width",
+            expected=f"1 to {facts.hidden} (the model's hidden_size)",
+            found=f"--keep-hidden {cfg.keep_hidden}",
+            fix="pick a smaller --keep-hidden, or drop it and let the shape search choose",
+        )
+    if cfg.keep_hidden is not None and not config_accepts(facts.config, hidden_size=cfg.keep_hidden):
+        raise MaskPruneError(
+            f"{type(facts.config).__name__} refuses hidden_size {cfg.keep_hidden}",
+            expected=f"a hidden size its config accepts (a multiple of num_attention_heads {facts.heads} for this "
+            "family)",
+            found=f"--keep-hidden {cfg.keep_hidden}",
+            fix="pick another --keep-hidden, or drop it and let the shape search choose",
+        )
+    if cfg.keep_layers is not None and (cfg.keep_layers > facts.layers or cfg.keep_layers < 1):
+        raise MaskPruneError(
+            "--keep-layers is outside the model's depth",
+            expected=f"1 to {facts.layers} (the model's num_hidden_layers)",
+            found=f"--keep-layers {cfg.keep_layers}",
+            fix="pick a smaller --keep-layers, or drop it and let the shape search choose",
+        )
+
+
+def check_plan(plan: RunPlan) -> None:
+    """Refuse a plan that does not fit, with its advice (a :class:`maskprune.errors.MaskPruneError`)."""
+    from .errors import MaskPruneError
+
+    if plan.fits:
+        return
+    worst = max(plan.over(), key=lambda p: p.peak_bytes - plan.limit(p))
+    raise MaskPruneError(
+        f"this run does not fit: its {worst.name} phase needs about {format_bytes(worst.peak_bytes)}",
+        expected=f"at most {format_bytes(plan.limit(worst))} (--max-memory, default: the memory free now)",
+        found=", ".join(f"{k} {format_bytes(v)}" for k, v in sorted(worst.parts.items(), key=lambda kv: -kv[1]) if v),
+        fix="; ".join(plan.advice) + " (see `maskprune plan MODEL ...` for every phase)",
+    )
+
+

@@ -1,0 +1,111 @@
+"""The plan before a run (maskprune.plan, `maskprune plan`): read from the config alone, refused before any heavy
+work where it cannot fit, and the checks that need only the config made first."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+import tiny
+from maskprune.cli import main
+from maskprune.config import load_config
+from maskprune.plan import ModelFacts, model_facts, plan_run
+
+PHASE_KEYS = {"name", "peak_bytes", "flops", "seconds"}
+
+
+def test_plan_json_has_every_phase_of_the_default_run(tiny_dir, capsys):
+    assert main(["-q", "plan", str(tiny_dir), "--json", "--max-memory", "64GB"]) == 0
+    plan = json.loads(capsys.readouterr().out)
+    assert plan["fits"] is True and plan["advice"] == []
+    names = [p["name"] for p in plan["phases"]]
+    assert names[:2] == ["load", "eval_dense"] and "shape_search" in names and names[-1] == "distill"
+    for phase in plan["phases"]:
+        assert PHASE_KEYS <= set(phase) and phase["peak_bytes"] > 0
+    assert plan["peak_bytes"] == max(p["peak_bytes"] for p in plan["phases"])
+
+
+def test_plan_reads_the_config_only(tiny_dir):
+    facts = model_facts(str(tiny_dir))
+    model = tiny.make_model("llama_gqa")
+    assert facts.params == sum(p.numel() for p in model.parameters())
+    assert (facts.layers, facts.hidden, facts.vocab) == (2, 64, tiny.VOCAB)
+    assert facts.file_bytes is not None and facts.file_bytes >= facts.params * 4
+
+
+def test_plan_says_when_it_does_not_fit_and_what_to_switch_on(tiny_dir, capsys):
+    assert main(["-q", "plan", str(tiny_dir), "--max-memory", "1MB"]) == 1
+    out = capsys.readouterr().out
+    assert "does NOT fit" in out and "--max-memory above" in out
+
+
+def test_prune_refuses_a_run_that_cannot_fit_before_any_heavy_work(tiny_dir, calib, tmp_path, capsys):
+    out = tmp_path / "x"
+    argv = ["-q", "prune", str(tiny_dir), "--max-memory", "1MB", "--out", str(out), *tiny.small_run(calib)]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert "this run does not fit" in err and "expected: at most 1 MiB" in err.replace("1.0 MiB", "1 MiB")
+    assert not any(tmp_path.iterdir()), sorted(p.name for p in tmp_path.iterdir())  # nothing written at all
+
+
+def test_a_width_the_model_lacks_is_refused_before_loading(tiny_dir, calib, tmp_path, capsys, monkeypatch):
+    import maskprune.stages.context as context
+
+    def no_load(*_a, **_k):
+        raise AssertionError("the model was loaded before the request was checked")
+
+    monkeypatch.setattr(context, "load_source", no_load)
+    for flag, value, text in (("--keep-hidden", "100000", "hidden width"), ("--keep-layers", "9", "depth")):
+        argv = ["-q", "prune", str(tiny_dir), flag, value, "--steps", "0", "--out", str(tmp_path / "x")]
+        assert main([*argv, *tiny.small_run(calib)]) == 2
+        assert text in capsys.readouterr().err
+        assert not any(tmp_path.iterdir()), sorted(p.name for p in tmp_path.iterdir())
+
+
+def test_a_killed_runs_staging_folder_is_removed_by_the_next_run(tiny_dir, calib, tmp_path, capsys):
+    out = tmp_path / "run"
+    stale = tmp_path / ".run.partial-999999999-abcd"  # a process id no process has
+    (stale / "run").mkdir(parents=True)
+    stale_cut = tmp_path / ".run.cut.partial-999999999-efgh"
+    stale_cut.mkdir()
+    argv = ["-q", "prune", str(tiny_dir), "--steps", "1", "--out", str(out), *tiny.small_run(calib, evaluate=False)]
+    assert main(argv) == 0, capsys.readouterr().err
+    assert out.is_dir() and not stale.exists() and not stale_cut.exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["run"]
+
+
+def _facts_8b() -> ModelFacts:
+    """Llama-3.1-8B's shape (no model built)."""
+    return ModelFacts(
+        "llama-3.1-8b-shape", "llama", 8_030_261_248, 32, 4096, 14336, 32, 8, 128, 128256, False, 218_112_000,
+        16_060_522_496, 131072,
+    )  # fmt: skip
+
+
+def test_auto_streaming_is_chosen_where_a_resident_run_does_not_fit_on_a_gpu():
+    cfg = load_config(None, {"model": "x", "steps": 0})
+    facts = _facts_8b()
+    gpu, host = torch.device("cuda"), 256 * 2**30
+    roomy = plan_run(cfg, facts, device=gpu, max_memory=200 * 2**30, rate=1e14, host_memory=host)
+    assert not roomy.streamed and roomy.fits and roomy.dtype == "bf16"
+    tight = plan_run(cfg, facts, device=gpu, max_memory=8 * 2**30, rate=1e14, host_memory=host)
+    assert tight.streamed, tight.table()
+    by_name = {p.name: p for p in tight.phases}
+    for name in ("eval_dense", "shape_search", "score"):  # the passes: a layer at a time on the GPU
+        assert by_name[name].peak_bytes < 8 * 2**30, tight.table()
+        assert by_name[name].peak_bytes < {p.name: p for p in roomy.phases}[name].peak_bytes / 2
+    assert by_name["load"].where == "host" and by_name["load"].peak_bytes <= host
+    # the re-fit and the export still rebuild the whole model in fp32 on the device: the plan says so and refuses
+    assert not tight.fits and {"reconstruct", "export"} <= {p.name for p in tight.over()}
+    assert any("fp32 weights" in a for a in tight.advice)
+
+
+def test_the_plans_time_scales_with_the_rate_and_its_memory_does_not(tiny_dir):
+    cfg = load_config(None, {"model": str(tiny_dir)})
+    facts = model_facts(str(tiny_dir))
+    slow = plan_run(cfg, facts, device=torch.device("cpu"), max_memory=2**40, rate=1e9)
+    fast = plan_run(cfg, facts, device=torch.device("cpu"), max_memory=2**40, rate=2e9)
+    assert slow.seconds == pytest.approx(2 * fast.seconds)
+    assert [p.peak_bytes for p in slow.phases] == [p.peak_bytes for p in fast.phases]
