@@ -107,71 +107,98 @@ class Phases:
     """Wall-clock seconds (the report's ``seconds``) and peak resident memory (the report's ``memory``) of each named
     phase of a run.
 
-    The peak is the whole process's resident set at its highest during the phase: Linux's high-water mark
-    (``VmHWM``) reset at the phase's start (``/proc/self/clear_refs``), so each phase reads its own peak, not the
-    run's so far; a phase inside another counts toward both. Where the mark cannot be reset, the process's peak so
-    far is recorded and ``memory["per_phase"]`` says so. On a CUDA run the device's peak allocated bytes are
-    recorded per phase too."""
+    A phase's peak is the whole process's resident set at its highest during the phase: exact where the phase set
+    a new high for the process (Linux's high-water mark ``VmHWM`` rose during it), else the highest of samples
+    taken every ``sample_seconds`` while it ran. The high-water mark is never reset, so ``/usr/bin/time -v`` still
+    reads the process's true peak. A phase inside another counts toward both. On a CUDA run the device's peak
+    allocated bytes are recorded per phase too."""
 
-    def __init__(self) -> None:
+    def __init__(self, sample_seconds: float = 0.02) -> None:
         self.seconds: dict[str, float] = {}
         self.peak_rss: dict[str, int] = {}
         self.peak_device: dict[str, int] = {}
-        self._open: list[int] = []  # the running peak of each open phase (inner phases' peaks folded in)
-        self.per_phase = _reset_peak_rss()
+        self._sampler = _RssSampler(sample_seconds)
 
     @contextmanager
     def __call__(self, name: str) -> Iterator[None]:
         t = time.perf_counter()
         log.info("phase %s ...", name)
-        self._fold_and_reset()
-        self._open.append(0)
+        mark = self._sampler.open()
         if torch.cuda.is_available() and torch.cuda.is_initialized():
             torch.cuda.reset_peak_memory_stats()
         try:
             yield
         finally:
             self.seconds[name] = round(time.perf_counter() - t, 3)
-            peak = max(self._open.pop(), peak_rss_bytes() or 0)
-            self.peak_rss[name] = max(peak, self.peak_rss.get(name, 0))
-            if self._open:
-                self._open[-1] = max(self._open[-1], peak)
-            _reset_peak_rss()
+            self.peak_rss[name] = max(self._sampler.close(mark), self.peak_rss.get(name, 0))
             if torch.cuda.is_available() and torch.cuda.is_initialized():
                 self.peak_device[name] = int(torch.cuda.max_memory_allocated())
-
-    def _fold_and_reset(self) -> None:
-        """Before a phase starts inside another: the outer phase's peak so far kept, the mark reset."""
-        if self._open:
-            self._open[-1] = max(self._open[-1], peak_rss_bytes() or 0)
-        _reset_peak_rss()
 
     def memory(self) -> dict:
         """The report's ``memory`` section: per phase, the peak resident bytes (and the device's, on a GPU)."""
         out: dict = {
             "peak_rss_bytes": dict(self.peak_rss),
             "process_peak_rss_bytes": process_peak_rss_bytes(),
-            "per_phase": self.per_phase,
-            "protocol": "peak resident set of the whole process during each phase (VmHWM reset at each phase's "
-            "start); per_phase false: the process's peak so far",
+            "protocol": "peak resident set of the whole process during each phase: the high-water mark (VmHWM) where "
+            "the phase raised it, else the highest of samples every 20 ms",
         }
         if self.peak_device:
             out["peak_device_bytes"] = dict(self.peak_device)
         return out
 
 
-def _reset_peak_rss() -> bool:
-    """Reset the process's resident high-water mark to its current resident size (Linux); False where it cannot."""
+class _RssSampler:
+    """Samples the process's resident size in a daemon thread while any phase is open."""
+
+    def __init__(self, interval: float) -> None:
+        import threading
+
+        self.interval = interval
+        self._lock = threading.Lock()
+        self._open: dict[int, list[int]] = {}  # phase token -> [highest sample, VmHWM at its start]
+        self._next = 0
+        self._thread: threading.Thread | None = None
+
+    def open(self) -> int:
+        import threading
+
+        with self._lock:
+            token, self._next = self._next, self._next + 1
+            self._open[token] = [current_rss_bytes() or 0, peak_rss_bytes() or 0]
+            if self._thread is None or not self._thread.is_alive():
+                self._thread = threading.Thread(target=self._run, name="maskprune-rss", daemon=True)
+                self._thread.start()
+        return token
+
+    def close(self, token: int) -> int:
+        now, hwm = current_rss_bytes() or 0, peak_rss_bytes() or 0
+        with self._lock:
+            highest, hwm_at_start = self._open.pop(token)
+        return hwm if hwm > hwm_at_start else max(highest, now)
+
+    def _run(self) -> None:
+        while True:
+            time.sleep(self.interval)
+            rss = current_rss_bytes() or 0
+            with self._lock:
+                if not self._open:
+                    self._thread = None
+                    return
+                for entry in self._open.values():
+                    entry[0] = max(entry[0], rss)
+
+
+def current_rss_bytes() -> int | None:
+    """The process's resident size now (``/proc/self/statm``)."""
     try:
-        with open("/proc/self/clear_refs", "w") as fh:
-            fh.write("5")
-        return True
-    except OSError:
-        return False
+        with open("/proc/self/statm") as fh:
+            return int(fh.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError, IndexError):
+        return None
 
 
 def peak_rss_bytes() -> int | None:
-    """The process's resident high-water mark since the last reset (``VmHWM``), else its peak so far."""
+    """The process's resident high-water mark (``VmHWM``), else its peak from ``getrusage``."""
     try:
         with open("/proc/self/status") as fh:
             for line in fh:

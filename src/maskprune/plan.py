@@ -26,11 +26,12 @@ __all__ = ["Phase", "RunPlan", "ModelFacts", "model_facts", "plan_run", "availab
 
 log = logging.getLogger(__name__)
 
-RUNTIME_BYTES = 650 * 2**20
+RUNTIME_BYTES = 420 * 2**20
 """Resident size of a maskprune process with torch, transformers and the tokenizer loaded, before any weight
-(measured: VmRSS after setup on the 2-core AMD EPYC, torch 2.13 CPU, transformers 5.25)."""
+(measured: VmRSS with maskprune imported and the tokenizer loaded, 2-core AMD EPYC, torch 2.13 CPU,
+transformers 5.25)."""
 
-EFFICIENCY = 0.35
+EFFICIENCY = 0.6
 """Share of the measured matmul rate a whole pass reaches (attention, norms, small batches, Python): measured on
 the default's cut of SmolLM2-135M (bench/results/2026-12-07-plan.md)."""
 
@@ -54,6 +55,7 @@ class ModelFacts:
     file_bytes: int | None  # the checkpoint's weight files on disk, where local
     max_positions: int | None
     config: object = dataclasses.field(default=None, repr=False, compare=False)  # the model's config
+    meta: object = dataclasses.field(default=None, repr=False, compare=False)  # the model on the meta device
 
     @property
     def embedding_params(self) -> int:
@@ -211,6 +213,7 @@ def model_facts(model: str, *, gguf_file: str | None = None, trust_remote_code: 
         file_bytes=_weight_file_bytes(src),
         max_positions=getattr(meta.config, "max_position_embeddings", None),
         config=meta.config,
+        meta=meta,
     )
 
 
@@ -316,6 +319,7 @@ def _plan(cfg, facts: ModelFacts, device, wdtype, autocast, max_memory, host_mem
     eval_T = cfg.eval_seq_len
     eval_windows = cfg.eval_max_windows or _wikitext_windows(eval_T)
     eff = rate * EFFICIENCY
+    kept = 1.0 - (cfg.sparsity if cfg.sparsity is not None else 1.0 - cfg.budget_params / f.params)
 
     def act(tokens: int, width_factor: float = 1.0) -> int:
         """Inference activations of one layer on ``tokens`` (no backward): q/k/v/o and the FFN's widest tensors,
@@ -347,13 +351,14 @@ def _plan(cfg, facts: ModelFacts, device, wdtype, autocast, max_memory, host_mem
     )  # fmt: skip
     axes = cfg.resolved_prune_axes()
     if {"hidden", "layers"} & set(axes):
-        n_shapes, n_splits = _search_size(cfg, f)
         split_tokens = n_split * T
         flops = f.forward_flops(split_tokens, T)  # the dense reference
         if "layers" in axes:
             flops += f.layers * f.forward_flops(split_tokens, T)  # each layer skipped alone
         flops += f.forward_flops(n_cut * T, T, head=False)  # hidden energies
-        flops += n_shapes * (f.forward_flops(split_tokens, T, head=False) + n_splits * f.forward_flops(split_tokens, T))
+        for layers, params, splits in _search_candidates(cfg, f):  # its scores, then one KL pass per split
+            scale = params / f.params
+            flops += scale * (f.forward_flops(split_tokens, T, head=False) + splits * f.forward_flops(split_tokens, T))
         add(
             "shape_search",
             {"runtime": base, "weights": held, "candidate_copy": weights if not streamed else held,
@@ -371,13 +376,13 @@ def _plan(cfg, facts: ModelFacts, device, wdtype, autocast, max_memory, host_mem
     # and a float64 Gram of the widest projection input
     # (resident whatever the execution: the fp32 rebuild is the whole model on the device, streamed or not)
     refit_weights = fp32_weights + (weights if wb != 4 else 0)
+    gram_flops = 2 * n_cut * T * (f.intermediate**2 + (f.heads * f.head_dim) ** 2) * f.layers * kept
     add(
         "reconstruct",
         {"runtime": base, "weights_fp32": refit_weights, "layer_inputs": 2 * n_cut * T * f.hidden * 4,
          "gram_fp64": f.intermediate**2 * 8 * 2, "activations": act(B * T, 4 / ab)},
-        3 * f.forward_flops(n_cut * T, T, head=False),
+        3 * kept * f.forward_flops(n_cut * T, T, head=False) + 2 * gram_flops,  # float64 Grams: half the rate
     )  # fmt: skip
-    kept = 1.0 - (cfg.sparsity if cfg.sparsity is not None else 0.0)
     add(
         "export",
         {"runtime": base, "weights_fp32": fp32_weights, "sliced_copy": int(fp32_weights * kept),
@@ -420,18 +425,49 @@ def _wikitext_windows(seq_len: int) -> int:
     return max(1, 290_000 // seq_len)
 
 
-def _search_size(cfg: PruneConfig, f: ModelFacts) -> tuple[int, int]:
-    """``(candidate shapes, splits per shape)`` the shape search ranks: the shares it tries on each axis, and the
-    head / FFN splits within one FFN step of the budget (at most one per head count)."""
-    from .cut import SHAPE_SHARES
+def _search_candidates(cfg: PruneConfig, f: ModelFacts) -> list[tuple[int, int, int]]:
+    """``(layers, parameters, splits)`` of every shape the shape search ranks, enumerated as the search does
+    (:func:`maskprune.cut.candidate_shapes`) on copies of the meta-device model (free: no storage), each shape's
+    splits as :func:`maskprune.cut.candidate_splits` gives them. Shapes that remove more than the budget, or leave
+    too little for heads and FFN, cost no pass and are left out."""
+    import copy
 
-    axes = cfg.resolved_prune_axes()
-    depth = len(SHAPE_SHARES) if "layers" in axes else 1
-    width = len(SHAPE_SHARES) if "hidden" in axes else 1
-    shapes = sum(1 for b in range(depth) for a in range(width) if (SHAPE_SHARES[b] if depth > 1 else 0)
-                 + (SHAPE_SHARES[a] if width > 1 else 0) <= 1.0 + 1e-9)  # fmt: skip
-    splits = f.kv_heads if cfg.resolved_split_search() else 1
-    return max(1, shapes), max(1, min(splits, 8))
+    from .arch import adapter_for
+    from .axis_scores import hidden_channel_params, layer_params
+    from .cut import candidate_shapes, candidate_splits
+    from .errors import MaskPruneError
+    from .stages.shape import _fixed, reshape_
+    from .structure import Structure
+    from .surgery import config_accepts
+
+    meta = f.meta
+    ad = adapter_for(meta)
+    structure = Structure.of(meta, ad, cfg.gqa_policy)
+    budget = cfg.budget_for(structure.dense_params)
+    shapes = candidate_shapes(
+        removed=structure.dense_params - budget,
+        num_layers=f.layers,
+        hidden=f.hidden,
+        layer_params=layer_params(meta, ad),
+        hidden_params=lambda layers: hidden_channel_params(meta, ad, layers),
+        axes=cfg.resolved_prune_axes(),
+        hidden_multiple=cfg.hidden_multiple,
+        hidden_ok=lambda width: config_accepts(meta.config, hidden_size=width),
+    )
+    out = []
+    for shape in _fixed(shapes, cfg.keep_layers, cfg.keep_hidden, f.layers, f.hidden):
+        reduced = copy.deepcopy(meta)
+        reshape_(reduced, ad, list(range(f.layers - shape.drop_layers)), torch.arange(shape.hidden))
+        s = Structure.of(reduced, ad, cfg.gqa_policy)
+        if s.dense_params < budget:
+            continue
+        try:
+            mult = {"head_multiple": cfg.head_multiple, "ffn_multiple": cfg.ffn_multiple}
+            splits = len(candidate_splits(s, budget, **mult)) if cfg.resolved_split_search() else 1
+        except MaskPruneError:
+            continue
+        out.append((s.num_layers, s.dense_params, splits))
+    return out
 
 
 def _advice(cfg, plan: RunPlan) -> list[str]:

@@ -76,17 +76,22 @@ def test_a_killed_runs_staging_folder_is_removed_by_the_next_run(tiny_dir, calib
     assert sorted(p.name for p in tmp_path.iterdir()) == ["run"]
 
 
-def _facts_8b() -> ModelFacts:
-    """Llama-3.1-8B's shape (no model built)."""
-    return ModelFacts(
-        "llama-3.1-8b-shape", "llama", 8_030_261_248, 32, 4096, 14336, 32, 8, 128, 128256, False, 218_112_000,
-        16_060_522_496, 131072,
-    )  # fmt: skip
+def _facts_8b(folder) -> ModelFacts:
+    """Llama-3.1-8B's shape from its config alone (built on the meta device: no weight exists)."""
+    from transformers import LlamaConfig
+
+    LlamaConfig(
+        hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=8,
+        vocab_size=128256, max_position_embeddings=131072, tie_word_embeddings=False,
+    ).save_pretrained(folder)  # fmt: skip
+    facts = model_facts(str(folder))
+    assert facts.params == 8_030_261_248  # Llama-3.1-8B's count
+    return facts
 
 
-def test_auto_streaming_is_chosen_where_a_resident_run_does_not_fit_on_a_gpu():
+def test_auto_streaming_is_chosen_where_a_resident_run_does_not_fit_on_a_gpu(tmp_path):
     cfg = load_config(None, {"model": "x", "steps": 0})
-    facts = _facts_8b()
+    facts = _facts_8b(tmp_path)
     gpu, host = torch.device("cuda"), 256 * 2**30
     roomy = plan_run(cfg, facts, device=gpu, max_memory=200 * 2**30, rate=1e14, host_memory=host)
     assert not roomy.streamed and roomy.fits and roomy.dtype == "bf16"
