@@ -45,16 +45,31 @@ def _head_column_scores(layout: HeadLayout, per_column: torch.Tensor) -> torch.T
     return per_head.view(layout.rows, layout.units_per_row)
 
 
+_WRITES_RESIDUAL = ("o", "down")  # their rows are the residual's channels; the others' columns are
+
+
+def _weight(adapter: DecoderAdapter, layer: nn.Module, role: str, hidden: torch.Tensor | None) -> torch.Tensor:
+    """A projection's weight, restricted to the residual channels ``hidden`` (rows of o / down, columns of the
+    others) where a hidden cut is emulated: what the sliced model's weight would be."""
+    w = adapter.proj(layer, role).weight
+    if hidden is None:
+        return w
+    hidden = hidden.to(w.device)
+    return w[hidden] if role in _WRITES_RESIDUAL else w[:, hidden]
+
+
 def _row_norm_sq(w: torch.Tensor, heads: int, head_dim: int) -> torch.Tensor:
     """Squared norm of the rows of each head of a ``[heads * head_dim, in]`` projection -> ``[heads]``."""
     return (w.float() ** 2).sum(-1).view(heads, head_dim).sum(-1)
 
 
-def _magnitude(model: nn.Module, adapter: DecoderAdapter, s: Structure, _stats) -> tuple[torch.Tensor, torch.Tensor]:
+def _magnitude(
+    model: nn.Module, adapter: DecoderAdapter, s: Structure, _stats, hidden=None
+) -> tuple[torch.Tensor, torch.Tensor]:
     lay = s.head
     heads, ffns = [], []
     for layer in adapter.layers(model):
-        q, k, v, o = (adapter.proj(layer, r).weight for r in ("q", "k", "v", "o"))
+        q, k, v, o = (_weight(adapter, layer, r, hidden) for r in ("q", "k", "v", "o"))
         per_q = _row_norm_sq(q, lay.num_attention_heads, lay.head_dim) + (o.float() ** 2).sum(0).view(
             lay.num_attention_heads, lay.head_dim
         ).sum(-1)  # [n_heads]
@@ -66,19 +81,24 @@ def _magnitude(model: nn.Module, adapter: DecoderAdapter, s: Structure, _stats) 
         else:
             unit = per_q
         heads.append(unit.sqrt().view(lay.rows, lay.units_per_row))
-        g, u, d = (adapter.proj(layer, r).weight.float() for r in ("gate", "up", "down"))
+        g, u, d = (_weight(adapter, layer, r, hidden).float() for r in ("gate", "up", "down"))
         ffns.append(((g**2).sum(1) + (u**2).sum(1) + (d**2).sum(0)).sqrt().view(1, -1))
     return torch.stack(heads), torch.stack(ffns)
 
 
-def _taylor(model: nn.Module, adapter: DecoderAdapter, s: Structure, stats) -> tuple[torch.Tensor, torch.Tensor]:
+def _taylor(
+    model: nn.Module, adapter: DecoderAdapter, s: Structure, stats, hidden=None
+) -> tuple[torch.Tensor, torch.Tensor]:
     lay = s.head
     grads = stats["grads"]
     heads, ffns = [], []
     for li, layer in enumerate(adapter.layers(model)):
 
         def wg(role: str) -> torch.Tensor:
-            return (adapter.proj(layer, role).weight.float() * grads[(li, role)]).abs()  # per-weight salience
+            salience = (adapter.proj(layer, role).weight.float() * grads[(li, role)]).abs()  # per weight
+            if hidden is None:
+                return salience
+            return salience[hidden] if role in _WRITES_RESIDUAL else salience[:, hidden]
 
         q, k, v, o = wg("q"), wg("k"), wg("v"), wg("o")
         per_q = q.sum(-1).view(lay.num_attention_heads, lay.head_dim).sum(-1) + o.sum(0).view(
@@ -97,17 +117,17 @@ def _taylor(model: nn.Module, adapter: DecoderAdapter, s: Structure, stats) -> t
     return torch.stack(heads), torch.stack(ffns)
 
 
-def _wanda_sp_layer(layer: nn.Module, adapter: DecoderAdapter, s: Structure, stats: dict, li: int):
+def _wanda_sp_layer(layer: nn.Module, adapter: DecoderAdapter, s: Structure, stats: dict, li: int, hidden=None):
     """Wanda-sp scores of one layer: head units ``[rows, U_h]`` and FFN channels ``[1, U_f]``."""
-    o, d = adapter.proj(layer, "o").weight.float(), adapter.proj(layer, "down").weight.float()
+    o, d = _weight(adapter, layer, "o", hidden).float(), _weight(adapter, layer, "down", hidden).float()
     o_norm = stats["sumsq"][(li, "o")].sqrt()  # [n_heads * head_dim]
     d_norm = stats["sumsq"][(li, "down")].sqrt()  # [d_ff]
     return _head_column_scores(s.head, o.abs().sum(0) * o_norm), (d.abs().sum(0) * d_norm).view(1, -1)
 
 
-def _flap_layer(layer: nn.Module, adapter: DecoderAdapter, s: Structure, stats: dict, li: int):
+def _flap_layer(layer: nn.Module, adapter: DecoderAdapter, s: Structure, stats: dict, li: int, hidden=None):
     """FLAP's fluctuation scores of one layer: head units ``[rows, U_h]`` and FFN channels ``[1, U_f]``."""
-    o, d = adapter.proj(layer, "o").weight.float(), adapter.proj(layer, "down").weight.float()
+    o, d = _weight(adapter, layer, "o", hidden).float(), _weight(adapter, layer, "down", hidden).float()
     n = stats["count"] if isinstance(stats["count"], (int, float)) else stats["count"][li]
 
     def var(role: str) -> torch.Tensor:
@@ -122,8 +142,11 @@ LAYER_SCORERS = {"wanda-sp": _wanda_sp_layer, "flap": _flap_layer}
 
 
 def _by_layer(layer_scorer):
-    def scorer(model: nn.Module, adapter: DecoderAdapter, s: Structure, stats) -> tuple[torch.Tensor, torch.Tensor]:
-        pairs = [layer_scorer(layer, adapter, s, stats, li) for li, layer in enumerate(adapter.layers(model))]
+    def scorer(
+        model: nn.Module, adapter: DecoderAdapter, s: Structure, stats, hidden=None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        layers = adapter.layers(model)
+        pairs = [layer_scorer(layer, adapter, s, stats, li, hidden) for li, layer in enumerate(layers)]
         return torch.stack([h for h, _ in pairs]), torch.stack([f for _, f in pairs])
 
     return scorer
@@ -132,7 +155,7 @@ def _by_layer(layer_scorer):
 _wanda_sp, _flap = _by_layer(_wanda_sp_layer), _by_layer(_flap_layer)
 
 
-_Scorer = Callable[[nn.Module, DecoderAdapter, Structure, dict], tuple[torch.Tensor, torch.Tensor]]
+_Scorer = Callable[..., tuple[torch.Tensor, torch.Tensor]]
 BASELINES: dict[str, tuple[_Scorer, str]] = {
     "magnitude": (_magnitude, "none"),
     "taylor": (_taylor, "grads"),
@@ -195,7 +218,11 @@ def _weight_grads(model: nn.Module, adapter: DecoderAdapter, windows: torch.Tens
             logits = model(input_ids=batch, use_cache=False).logits
             loss = F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]).float(), batch[:, 1:].reshape(-1))
             loss.backward()
-        grads = {k: p.grad.detach().float().clone() for k, p in params.items()}
+        # a weight the loss does not reach (a layer whose cut is emulated by passing its input through) has none
+        grads = {
+            k: p.grad.detach().float().clone() if p.grad is not None else torch.zeros_like(p, dtype=torch.float32)
+            for k, p in params.items()
+        }
     finally:
         for p, flag in was.values():
             p.grad = None
@@ -212,11 +239,14 @@ def unit_scores(
     batch_size: int = 4,
     stats: dict | None = None,
     execution=None,
+    hidden: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Importance of every head unit ``[L, rows, U_h]`` and FFN channel ``[L, 1, U_f]`` (higher = keep).
 
     ``stats``: :func:`activation_stats` of ``windows`` if the caller has them already; ``execution``: where an
-    activation pass runs (:class:`maskprune.passes.Execution`; the gradient pass of ``taylor`` is resident)."""
+    activation pass runs (:class:`maskprune.passes.Execution`; the gradient pass of ``taylor`` is resident);
+    ``hidden``: the residual channels a hidden cut keeps, where the model emulates it (the weights' other channels
+    do not count, as in the sliced model)."""
     scorer, needs = BASELINES[method]
     if needs == "activations":
         stats = stats if stats is not None else activation_stats(model, adapter, windows, batch_size, execution)
@@ -224,4 +254,4 @@ def unit_scores(
         stats = _weight_grads(model, adapter, windows, batch_size)
     else:
         stats = {}
-    return scorer(model, adapter, structure, stats)
+    return scorer(model, adapter, structure, stats, hidden)

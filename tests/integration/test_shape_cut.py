@@ -323,3 +323,54 @@ def test_the_search_offers_only_shapes_the_config_accepts(tmp_path, capsys):
     assert all(c["hidden_size"] % (3 - c["k_head"]) == 0 for c in rows if c["k_head"] is not None)
     model = AutoModelForCausalLM.from_pretrained(out)
     assert model.config.hidden_size % model.config.num_attention_heads == 0
+
+
+@pytest.mark.parametrize("kind", ["llama_gqa", "gemma3", "qwen2", "phi3"])
+@pytest.mark.parametrize("method", ["wanda-sp", "flap", "magnitude", "taylor"])
+def test_a_candidate_ranked_without_a_copy_scores_and_measures_as_its_sliced_copy(kind, method):
+    """The shape search emulates each candidate on the dense model (norms rescaled, layers passed through, channels
+    zeroed, scores over the kept channels) instead of copying it: the same unit scores, parameter counts and KL
+    as the copy cut to the shape."""
+    from maskprune.arch import adapter_for
+    from maskprune.axis_scores import fit_to, hidden_channel_scores, teacher_logits
+    from maskprune.baselines import unit_scores
+    from maskprune.cut import hard_masks, kept_indices
+    from maskprune.masks import MaskSet
+    from maskprune.stages.shape import emulated_shape, meta_twin, reduced_structure, reshape_
+    from maskprune.structure import Structure
+
+    model = tiny.make_model(kind, layers=6)
+    ad = adapter_for(model)
+    ad.unfuse_(model)
+    win = torch.randint(0, tiny.VOCAB, (4, 16), generator=torch.Generator().manual_seed(1))
+    reference = teacher_logits(model, win, 2, None)
+    channels, energies = hidden_channel_scores(model, ad, win, 2)
+    keep_hidden = torch.sort(channels, descending=True).indices[:48].sort().values
+    keep_layers = [0, 2, 3, 5]
+    dense = Structure.of(model, ad, "query")
+
+    copy_ = copy.deepcopy(model)
+    reshape_(copy_, ad, keep_layers, keep_hidden, energies)
+    s = Structure.of(copy_, ad, "query")
+    assert reduced_structure(meta_twin(model, ad), ad, keep_layers, keep_hidden, "query") == s
+    head_c, ffn_c = unit_scores(method, copy_, ad, s, win, batch_size=2)
+    kh, kf = 1, 30
+    masks = MaskSet(s).attach(copy_)
+    masks.set_values_("head", hard_masks(torch.ones_like(head_c), kept_indices(head_c, kh)))
+    masks.set_values_("ffn", hard_masks(torch.ones_like(ffn_c), kept_indices(ffn_c, kf)))
+    kl_c, nll_c = fit_to(copy_, win, reference, 2, direction="teacher_student", autocast=None)
+    masks.detach()
+
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with emulated_shape(model, ad, keep_layers, keep_hidden, energies):
+        head_e, ffn_e = unit_scores(method, model, ad, dense, win, batch_size=2, hidden=keep_hidden)
+        torch.testing.assert_close(head_e[keep_layers], head_c, rtol=2e-4, atol=1e-6)
+        torch.testing.assert_close(ffn_e[keep_layers], ffn_c, rtol=2e-4, atol=1e-6)
+        masks = MaskSet(dense).attach(model)
+        masks.set_values_("head", hard_masks(torch.ones_like(head_e), kept_indices(head_e, kh)))
+        masks.set_values_("ffn", hard_masks(torch.ones_like(ffn_e), kept_indices(ffn_e, kf)))
+        kl_e, nll_e = fit_to(model, win, reference, 2, direction="teacher_student", autocast=None)
+        masks.detach()
+    assert kl_e == pytest.approx(kl_c, rel=1e-4, abs=1e-7) and nll_e == pytest.approx(nll_c, rel=1e-5)
+    for k, v in model.state_dict().items():  # the dense model is given back unchanged
+        assert torch.equal(v, before[k]), k

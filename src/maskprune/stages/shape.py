@@ -11,6 +11,7 @@ KL after it wins; the report carries every candidate's row."""
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import dataclasses
 import logging
@@ -51,6 +52,7 @@ from ..surgery import (
     emulated_cut,
     layer_pattern,
     rescale_norms_,
+    residual_norm_modules,
     slice_hidden_,
 )
 from .context import RunContext
@@ -134,19 +136,17 @@ def search_shape(ctx: RunContext) -> ShapeChoice:
         )
         shapes = _fixed(shapes, cfg.keep_layers, cfg.keep_hidden, n_layers, hidden)
         rows, ranked = [], []
+        twin = meta_twin(model, ad)
         for shape in shapes:
             keep_layers, keep_hidden = _keep(shape, layer_kl, channels, model.config)
             if keep_layers is None:  # no choice of layers keeps the family's per-layer pattern at this depth
                 rows.append(_unmatched(shape, n_layers, keep_hidden))
                 continue
-            reduced = copy.deepcopy(model)
-            reshape_(reduced, ad, keep_layers, keep_hidden, energies)
-            measured = _measure(ctx, reduced, shape, win, reference, autocast)
+            measured = _measure(ctx, twin, shape, keep_layers, keep_hidden, energies, win, reference, autocast)
             rows += measured
             scored = [r for r in measured if r["kl"] is not None]
             if scored:  # the shape's best split stands for it
                 ranked.append((min(scored, key=lambda r: r["kl"]), keep_layers, keep_hidden))
-            del reduced
         ranked.sort(key=lambda entry: entry[0]["kl"])
         best = ranked[0] if ranked else None
         if cfg.shape_trial_steps and len(ranked) > 1:
@@ -229,13 +229,17 @@ def _unmatched(shape: ShapeCandidate, n_layers: int, keep_hidden: torch.Tensor) 
     }
 
 
-def _measure(ctx: RunContext, reduced, shape: ShapeCandidate, win, reference, autocast) -> list[dict]:
-    """The KL after the heads/FFN cut of one reduced model, for each split considered (one row each)."""
-    cfg = ctx.cfg
-    s = Structure.of(reduced, ctx.adapter, cfg.gqa_policy)
+def _measure(
+    ctx: RunContext, twin, shape: ShapeCandidate, keep_layers, keep_hidden, energies, win, reference, autocast
+) -> list[dict]:
+    """The KL after the heads/FFN cut of one candidate shape, for each split considered (one row each). The dense
+    model computes what the candidate's cut model would (:func:`emulated_shape`), so no copy of it is made; the
+    candidate's parameter counts come from ``twin``, the model on the meta device, cut to the shape."""
+    cfg, model, ad = ctx.cfg, ctx.loaded.model, ctx.adapter
+    s = reduced_structure(twin, ad, keep_layers, keep_hidden, cfg.gqa_policy)
     base = {
         "layers": s.num_layers,
-        "hidden_size": int(reduced.config.hidden_size),
+        "hidden_size": int(keep_hidden.numel()),
         "layer_share": shape.layer_share,
         "hidden_share": shape.hidden_share,
     }
@@ -249,21 +253,65 @@ def _measure(ctx: RunContext, reduced, shape: ShapeCandidate, win, reference, au
             splits = [plan_cut(s, sigma_head=cfg.head_cut_fraction, budget=ctx.budget, **mult)]
     except MaskPruneError:  # the shape alone leaves too little for one head and channel per layer
         return [{**base, "k_head": None, "k_ffn": None, "params": None, "kl": None}]
-    ex = ctx.passes
-    head, ffn = unit_scores(cfg.method, reduced, ctx.adapter, s, win, batch_size=cfg.batch_size, execution=ex)
-    masks = MaskSet(s).to(ctx.device).attach(reduced)
+    ex, hidden = ctx.passes, (keep_hidden if keep_hidden.numel() < int(model.config.hidden_size) else None)
     rows = []
-    try:
-        for p in splits:
-            masks.set_values_("head", hard_masks(torch.ones_like(head), kept_indices(head, p.k_head)))
-            masks.set_values_("ffn", hard_masks(torch.ones_like(ffn), kept_indices(ffn, p.k_ffn)))
-            kl, nll = fit_to(
-                reduced, win, reference, cfg.batch_size, direction=cfg.kl_direction, autocast=autocast, execution=ex
-            )
-            rows.append({**base, "k_head": p.k_head, "k_ffn": p.k_ffn, "params": p.params, "kl": kl, "nll": nll})
-    finally:
-        masks.detach()
+    with emulated_shape(model, ad, keep_layers, keep_hidden, energies):
+        dense = ctx.structure  # the candidate's heads and FFN channels per layer; its dropped layers pass through
+        bs = cfg.batch_size
+        head, ffn = unit_scores(cfg.method, model, ad, dense, win, batch_size=bs, execution=ex, hidden=hidden)
+        masks = MaskSet(dense).to(ctx.device).attach(model)
+        try:
+            for p in splits:
+                masks.set_values_("head", hard_masks(torch.ones_like(head), kept_indices(head, p.k_head)))
+                masks.set_values_("ffn", hard_masks(torch.ones_like(ffn), kept_indices(ffn, p.k_ffn)))
+                kl, nll = fit_to(
+                    model, win, reference, cfg.batch_size, direction=cfg.kl_direction, autocast=autocast, execution=ex
+                )
+                rows.append({**base, "k_head": p.k_head, "k_ffn": p.k_ffn, "params": p.params, "kl": kl, "nll": nll})
+        finally:
+            masks.detach()
     return rows
+
+
+def meta_twin(model, adapter):
+    """``model`` rebuilt from its config on PyTorch's meta device (shapes only, no storage): what a candidate
+    shape's parameter counts are read from."""
+    from transformers import AutoModelForCausalLM
+
+    with torch.device("meta"):
+        twin = AutoModelForCausalLM.from_config(copy.deepcopy(model.config))
+    adapter.unfuse_(twin)
+    return twin
+
+
+def reduced_structure(twin, adapter, keep_layers: list[int], keep_hidden: torch.Tensor, policy) -> Structure:
+    """The structure of ``twin`` (:func:`meta_twin`) cut to a shape: a copy of it costs nothing."""
+    reduced = copy.deepcopy(twin)
+    reshape_(reduced, adapter, keep_layers, keep_hidden.cpu())
+    return Structure.of(reduced, adapter, policy)
+
+
+@contextlib.contextmanager
+def emulated_shape(model, adapter, keep_layers: list[int], keep_hidden: torch.Tensor, energies):
+    """The dense ``model`` computing what its cut to a shape computes, without a copy: the norms over the residual
+    rescaled for the kept channels (:func:`rescale_norms_`; their weights put back on exit), then
+    :func:`maskprune.surgery.emulated_cut` (dropped layers pass their input through, cut channels are zero, the
+    norms normalise over the kept ones). The equality with the sliced model is :func:`apply_shape_`'s check."""
+    narrower = keep_hidden.numel() < int(model.config.hidden_size)
+    fewer = len(keep_layers) < len(adapter.layers(model))
+    norms = residual_norm_modules(model, adapter) if narrower and energies is not None else []
+    saved = [n.weight.detach().clone() for n in norms]
+    try:
+        if norms:
+            rescale_norms_(model, adapter, energies, keep_hidden)
+        with emulated_cut(
+            model, adapter, keep_layers=keep_layers if fewer else None, keep_hidden=keep_hidden if narrower else None
+        ):
+            yield model
+    finally:
+        with torch.no_grad():
+            for norm, weight in zip(norms, saved):
+                norm.weight.copy_(weight)
 
 
 def _trials(ctx: RunContext, finalists: list[tuple], energies) -> tuple:
