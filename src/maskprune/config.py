@@ -557,6 +557,15 @@ class TrainingConfig(_Group):
         0.0,
         """Weight of an added language-modelling cross-entropy term.""",
     )
+    teacher_topk: int = _opt(
+        0,
+        """Distil from the teacher's ``K`` most likely tokens and the mass of the rest (``0``: the full vocabulary, as
+    measured so far). The teacher's top-``K`` log-probabilities on the calibration windows are computed once, in one
+    pass, and cached on disk (keyed by the teacher, the windows and ``K``), so the teacher is not in memory while
+    the student trains and later runs (seeds, sparsities, resumes) reuse the cache; the loss is the exact KL over
+    the ``K`` tokens and the tail (``losses.topk_kl``), and so is the validation's ``val_kl``. Not yet the default:
+    it is measured against the full vocabulary first.""",
+    )
 
     def problems(self) -> list[str]:
         problems = _at_least_one(self, ("lora_rank",))
@@ -986,6 +995,18 @@ def _distillation_problems(cfg: PruneConfig) -> list[str]:
             "distillation trains LoRA adapters (the default) or every weight (--full); with --no-lora and "
             "no --full nothing would train: drop --no-lora or add --full"
         )
+    if tr.teacher_topk < 0:
+        problems.append(f"teacher_topk must be >= 0 (0: the full vocabulary), found {tr.teacher_topk}")
+    distils = src.teacher is not None or tr.recover_steps or (cfg.resolved_cut_first() and tr.steps)
+    if tr.teacher_topk and not distils:
+        problems.append(
+            "teacher_topk applies to distillation from the dense model (the default recipe's steps after its cut, "
+            "prune's --recover-steps, `maskprune distill`); a run that learns masks uses the model itself as its "
+            "teacher: drop --teacher-topk"
+        )
+    if tr.teacher_topk and tr.alpha > 0:
+        problems.append("teacher_topk keeps the teacher's logits only; the layer MSE (--alpha) needs its hidden "
+                        "states: drop --teacher-topk or --alpha")  # fmt: skip
     if tr.recover_steps and src.teacher is not None:
         problems.append("recover_steps belongs to prune; `maskprune distill` takes --steps")
     if tr.full and cfg.runtime.fsdp:

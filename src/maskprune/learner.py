@@ -21,7 +21,7 @@ from .config import PruneConfig
 from .cut import plan_cut
 from .dtypes import autocast_dtype
 from .errors import Interrupted, MaskPruneError, NonFiniteError
-from .losses import distillation_loss, kl_divergence, lm_cross_entropy
+from .losses import distillation_loss, kl_divergence, lm_cross_entropy, topk_kl
 from .mask_optim import LayerAdam, cosine_factor
 from .masks import POLARIZATION_EPS, MaskSet, bypass
 from .structure import Structure
@@ -80,6 +80,8 @@ class Learner:
         on_step: Callable[[dict], None] | None = None,
         teacher: nn.Module | None = None,
         val_windows: torch.Tensor | None = None,
+        teacher_topk=None,
+        val_teacher_topk=None,
     ) -> None:
         self.model = model
         self.masks = masks
@@ -92,6 +94,11 @@ class Learner:
         self.on_step = on_step
         self.teacher = teacher
         """A separate dense teacher (``maskprune distill``); None: the model itself with masks and LoRA off."""
+        self.teacher_topk, self.val_teacher_topk = teacher_topk, val_teacher_topk
+        """With ``--teacher-topk``: the teacher's top-k on ``windows`` and ``val_windows``
+        (:class:`maskprune.teacher_cache.TeacherTopK`), used in place of any teacher forward."""
+        if teacher_topk is not None and len(teacher_topk) != windows.shape[0]:
+            raise ValueError(f"the teacher's top-k covers {len(teacher_topk)} windows, training has {windows.shape[0]}")
         self.val_every = cfg.resolved_val_every()
         self.val_windows = val_windows if self.val_every else None
         """Held-out windows ``[M, seq_len]`` scored every ``val_every`` steps (None: no validation)."""
@@ -222,9 +229,10 @@ class Learner:
         if self.freeze_step is not None and st.frozen_at is None and t >= self.freeze_step:
             self.freeze()
         frozen = st.frozen_at is not None
-        batch = self.windows[self.batch_indices(t)].to(self.device)  # [B, T]
+        rows = self.batch_indices(t)
+        batch = self.windows[rows].to(self.device)  # [B, T]
         k_cut = self._k_cut()
-        terms = self._loss(batch, k_cut, frozen)
+        terms = self._loss(batch, k_cut, frozen, rows)
         self._descend(terms["loss"], t)
         if frozen:
             return self._finish_step(t, t0, batch, terms, k_cut, {"head": False, "ffn": False}, 0, 0.0)
@@ -240,16 +248,20 @@ class Learner:
             kind: minimax.num_cut(sigma[kind], lay.units_per_row) for kind, lay in (("head", s.head), ("ffn", s.ffn))
         }
 
-    def _loss(self, batch: torch.Tensor, k_cut: dict[str, int], frozen: bool) -> dict:
-        """The teacher's and the student's forwards and the loss terms (with the L0 gates' sparsity term)."""
+    def _loss(self, batch: torch.Tensor, k_cut: dict[str, int], frozen: bool, rows: torch.Tensor) -> dict:
+        """The teacher's and the student's forwards (the teacher's top-k read from its cache instead, with
+        ``--teacher-topk``) and the loss terms (with the L0 gates' sparsity term)."""
         cfg, st = self.cfg, self.state
         want_hidden = cfg.alpha > 0.0 and cfg.distill
+        cached = self.teacher_topk.rows(rows, self.device) if self.teacher_topk is not None and cfg.distill else None
         with torch.autocast(self.device.type, dtype=self.amp or torch.float32, enabled=self.amp is not None):
-            teacher = self._teacher_forward(self._forward, batch, want_hidden) if cfg.distill else None
+            live = cfg.distill and cached is None
+            teacher = self._teacher_forward(self._forward, batch, want_hidden) if live else None
             student = self._forward(input_ids=batch, output_hidden_states=want_hidden, use_cache=False)
             terms = distillation_loss(
                 student.logits,
                 teacher.logits if teacher is not None else None,
+                teacher_topk=cached,
                 student_hidden=student.hidden_states[1:] if want_hidden else None,
                 teacher_hidden=teacher.hidden_states[1:] if want_hidden else None,
                 alpha=cfg.alpha,
@@ -406,7 +418,11 @@ class Learner:
                 with torch.autocast(self.device.type, dtype=self.amp or torch.float32, enabled=self.amp is not None):
                     student = self.model(input_ids=batch, use_cache=False).logits
                     sums["ce"] += float(lm_cross_entropy(student, batch)) * batch.shape[0]
-                    if cfg.distill:
+                    if cfg.distill and self.val_teacher_topk is not None:  # the KL over the top-k and the tail
+                        rows = torch.arange(i, i + batch.shape[0])
+                        cached = self.val_teacher_topk.rows(rows, self.device)
+                        sums["kl"] += float(topk_kl(student, *cached, direction=cfg.kl_direction)) * batch.shape[0]
+                    elif cfg.distill:
                         teacher = self._teacher_forward(self.model, batch, False).logits
                         kl = kl_divergence(student, teacher, direction=cfg.kl_direction)
                         sums["kl"] += float(kl) * batch.shape[0]

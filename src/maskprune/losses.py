@@ -9,6 +9,8 @@ import torch.nn.functional as F
 
 __all__ = [
     "KLDirection",
+    "topk_kl",
+    "teacher_topk",
     "LayerMSENorm",
     "kl_divergence",
     "layer_mse",
@@ -110,6 +112,46 @@ def kl_divergence(
     return _BlockedKL.apply(s, t, direction == "student_teacher", rows) / s.shape[0]
 
 
+def teacher_topk(teacher_logits: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The compact teacher of :func:`topk_kl`: ``(log-probabilities [..., k] of the k most likely tokens, their
+    indices [..., k], log of the rest's total probability [...])``, from logits ``[..., V]`` (fp32 math)."""
+    logits = teacher_logits.float()
+    norm = torch.logsumexp(logits, dim=-1, keepdim=True)  # [..., 1]
+    top, index = logits.topk(k, dim=-1)  # [..., k]
+    rest = logits.scatter(-1, index, float("-inf"))
+    tail = torch.logsumexp(rest, dim=-1) - norm[..., 0]  # [...]: -inf where k = V
+    return top - norm, index, tail
+
+
+def topk_kl(
+    student_logits: torch.Tensor,
+    topk_logprob: torch.Tensor,
+    topk_index: torch.Tensor,
+    tail_logprob: torch.Tensor,
+    *,
+    direction: KLDirection = "teacher_student",
+) -> torch.Tensor:
+    """Mean per-token KL between the teacher and the student over ``k + 1`` outcomes: the teacher's ``k`` most likely
+    tokens, each alone, and all the others as one (the tail), as DistillKit's and Megatron's offline-logit KD
+    store the teacher. ``student_logits [..., V]``; ``topk_logprob``, ``topk_index [..., k]`` and ``tail_logprob
+    [...]`` from :func:`teacher_topk`. The student's distribution is coarsened to the same outcomes, so the result
+    is an exact KL between two distributions on ``k + 1`` outcomes: at most the full-vocabulary KL (the data
+    processing inequality), equal to it where ``k = V`` or the two agree within the tail. The student's
+    log-softmax is taken in fp32."""
+    index = topk_index.long()
+    s = student_logits.float().log_softmax(dim=-1)  # [..., V]
+    s_top = s.gather(-1, index)  # [..., k]
+    s_tail = s.scatter(-1, index, float("-inf")).logsumexp(-1)  # [...]: the rest's log share, -inf where k = V
+    # an empty tail (-inf) becomes a mass of exactly 0 in fp32 (exp(-1e4)), so its terms vanish, gradients too
+    s_tail = s_tail.clamp(min=-1e4)
+    t_top, t_tail = topk_logprob.float(), tail_logprob.float().clamp(min=-1e4)
+    if direction == "teacher_student":  # KL(p_t || p_s)
+        kl = (t_top.exp() * (t_top - s_top)).sum(-1) + t_tail.exp() * (t_tail - s_tail)
+    else:  # KL(p_s || p_t)
+        kl = (s_top.exp() * (s_top - t_top)).sum(-1) + s_tail.exp() * (s_tail - t_tail)
+    return kl.mean()
+
+
 def layer_mse(
     student_hidden: Sequence[torch.Tensor], teacher_hidden: Sequence[torch.Tensor], *, norm: LayerMSENorm = "teacher"
 ) -> torch.Tensor:
@@ -171,12 +213,22 @@ def distillation_loss(
     ce_weight: float = 0.0,
     chunk_tokens: int | None = None,
     layer_mse_norm: LayerMSENorm = "teacher",
+    teacher_topk: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
 ) -> dict[str, torch.Tensor]:
     """``KL + alpha * layer MSE (+ ce_weight * LM cross-entropy)``; returns every term and ``loss``.
 
     ``teacher_logits=None`` (distillation off): the loss is the cross-entropy alone, ``labels`` required.
+    ``teacher_topk``: the teacher as its top-k ``(log-probabilities, indices, tail log-mass)`` instead of its
+    logits (:func:`topk_kl`; no layer MSE).
     """
     out: dict[str, torch.Tensor] = {}
+    if teacher_topk is not None:
+        out["kl"] = topk_kl(student_logits, *teacher_topk, direction=direction)
+        out["loss"] = out["kl"]
+        if ce_weight > 0.0 and labels is not None:
+            out["ce"] = lm_cross_entropy(student_logits, labels)
+            out["loss"] = out["loss"] + ce_weight * out["ce"]
+        return out
     if teacher_logits is None:
         if labels is None:
             raise ValueError("without a teacher the loss is the LM cross-entropy, which needs labels")

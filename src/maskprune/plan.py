@@ -343,12 +343,13 @@ def _plan(cfg, facts: ModelFacts, device, wdtype, autocast, max_memory, host_mem
     # file's pages are resident while the weights are converted (fp32 file -> bf16 weights: both at once)
     file_pages = f.file_bytes if f.file_bytes is not None else f.params * 4
     add("load", {"runtime": base, "weights": weights, "file_pages": 0 if gpu else file_pages}, 0.0, "host")
+    evaluates = cfg.eval_data != "none"
     add(
         "eval_dense",
         {"runtime": base, "weights": held, "activations": act(B * eval_T), "head_chunks": logits(1024, 3),
          "streamed_hidden": stream(eval_windows * eval_T)},
         f.forward_flops(eval_windows * eval_T, eval_T),
-    )  # fmt: skip
+    ) if evaluates else None  # fmt: skip
     axes = cfg.resolved_prune_axes()
     if {"hidden", "layers"} & set(axes):
         split_tokens = n_split * T
@@ -361,7 +362,7 @@ def _plan(cfg, facts: ModelFacts, device, wdtype, autocast, max_memory, host_mem
             flops += scale * (f.forward_flops(split_tokens, T, head=False) + splits * f.forward_flops(split_tokens, T))
         add(
             "shape_search",
-            {"runtime": base, "weights": held, "candidate_copy": weights if not streamed else held,
+            {"runtime": base, "weights": held, "norm_weights_saved": 2 * f.layers * f.hidden * wb,
              "reference_logits_bf16": split_tokens * f.vocab * 2, "candidate_logits": logits(B * T, 3),
              "activations": act(B * T), "streamed_hidden": stream(split_tokens)},
             flops,
@@ -394,7 +395,7 @@ def _plan(cfg, facts: ModelFacts, device, wdtype, autocast, max_memory, host_mem
         {"runtime": base, "weights": int(fp32_weights * kept), "activations": act(B * eval_T),
          "head_chunks": logits(1024, 3)},
         kept * f.forward_flops(eval_windows * eval_T, eval_T),
-    )  # fmt: skip
+    ) if evaluates else None  # fmt: skip
     steps = cfg.recover_steps
     if steps:
         from .memory import ModelShape, estimate_distill_memory, pruned_shape
@@ -494,9 +495,11 @@ def _advice(cfg, plan: RunPlan) -> list[str]:
         if not cfg.gradient_checkpointing:
             out.append("--gradient-checkpointing: recompute each layer's activations in the backward pass")
         out.append("--batch-size 1 (fewer tokens' activations), or FSDP over several GPUs (--fsdp under torchrun)")
-    if parts.get("weights_fp32", 0) > max_memory / 2:
-        out.append("the re-fit and the export hold fp32 weights: --no-reconstruct drops the re-fit; a machine "
-                   f"with {format_bytes(worst.peak_bytes * 1.1)} runs it as asked")  # fmt: skip
+    if worst.name == "reconstruct":
+        out.append("--no-reconstruct: the re-fit rebuilds the whole model in fp32 (not streamed yet)")
+    if worst.name == "export":
+        out.append("nothing to switch on yet: the export folds and slices the whole model in fp32 in memory (not "
+                   f"streamed yet); a machine with {format_bytes(worst.peak_bytes * 1.1)} runs it")  # fmt: skip
     out.append(f"or give more memory: --max-memory above {format_bytes(worst.peak_bytes)} on a machine that has it")
     return out
 

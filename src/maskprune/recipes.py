@@ -198,7 +198,9 @@ _CUT_KEYS = (
 
 def _recovery_configs(cfg: PruneConfig, out: Path, cut_dir: Path) -> tuple[PruneConfig, PruneConfig]:
     """The cut's config and the recovery's (settled and checked before the cut, so a bad setting costs no cut)."""
-    cut_cfg = cfg.replace(recover_steps=0, full=False, out=str(cut_dir), overwrite=True, gguf=None, report=False)
+    cut_cfg = cfg.replace(
+        recover_steps=0, full=False, teacher_topk=0, out=str(cut_dir), overwrite=True, gguf=None, report=False
+    )
     rec_cfg = distill_config(
         cfg.replace(
             model=str(cut_dir),

@@ -25,7 +25,7 @@ from ..sinks import ExtraSinks
 from ..structure import Structure
 from ..zeroshot import check_sources, resolve_tasks, run_zeroshot
 from .outcome import weight_dtype
-from .teacher import load_teacher
+from .teacher import load_teacher, teacher_topk_caches
 
 __all__ = ["RunContext", "setup", "load_source"]
 
@@ -54,6 +54,8 @@ class RunContext:
     val_windows: torch.Tensor | None = None  # held-out calibration windows (--val-every)
     started: float = dataclasses.field(default_factory=time.perf_counter)  # when setup began
     execution: Execution | None = None  # where the cut's passes over the model run (maskprune.passes)
+    teacher_topk: object = None  # distill with --teacher-topk: the teacher's top-k on the training windows
+    val_teacher_topk: object = None  # ... and on the held-out windows
 
     @property
     def passes(self) -> Execution:
@@ -108,8 +110,9 @@ def setup(cfg: PruneConfig, progress: bool) -> RunContext:
     teacher = None
     if cfg.has_teacher:  # nothing is cut: the budget is the student's size, the teacher checked before any work
         budget = structure.dense_params
-        with phases("load_teacher"):
-            teacher = load_teacher(cfg, adapter, loaded, device)
+        if not cfg.teacher_topk:
+            with phases("load_teacher"):
+                teacher = load_teacher(cfg, adapter, loaded, device)
     else:
         budget = cfg.budget_for(structure.dense_params)
         check_budget(structure, budget)
@@ -129,9 +132,14 @@ def setup(cfg: PruneConfig, progress: bool) -> RunContext:
         cfg.steps,
         cfg.batch_size,
     )
+    execution = execution_for(cfg, device)
+    topk = val_topk = None
+    if cfg.has_teacher and cfg.teacher_topk:  # the teacher's top-k once (or from the cache), the teacher freed
+        with phases("teacher_topk"):
+            topk, val_topk = teacher_topk_caches(cfg, adapter, loaded, device, windows, val_windows, execution)
     return RunContext(
         cfg, out, device, D.is_main(), tasks, phases, loaded, adapter, structure, budget, windows,
-        eval_windows, bos, progress, teacher, val_windows, started, execution_for(cfg, device),
+        eval_windows, bos, progress, teacher, val_windows, started, execution, topk, val_topk,
     )  # fmt: skip
 
 

@@ -70,6 +70,8 @@ def build_learner(
     on_step=None,
     teacher: torch.nn.Module | None = None,
     val_windows: torch.Tensor | None = None,
+    teacher_topk=None,
+    val_teacher_topk=None,
 ) -> LearnerBuild:
     """The one way to build a learner from a config: load -> adapter -> structure -> prior -> LoRA -> masks ->
     split -> learner. What is given is used as it is (a run passes what its setup built); what is not is made
@@ -88,7 +90,10 @@ def build_learner(
             d.calib, tokenizer, seq_len=d.seq_len, num_windows=d.calib_samples, config=d.calib_config
         )
     model, masks, split, prior = _prepare(cfg, model, adapter, structure, windows, budget, device, phases or Phases())
-    learner = Learner(model, masks, windows, cfg, budget, on_step=on_step, teacher=teacher, val_windows=val_windows)
+    learner = Learner(
+        model, masks, windows, cfg, budget, on_step=on_step, teacher=teacher, val_windows=val_windows,
+        teacher_topk=teacher_topk, val_teacher_topk=val_teacher_topk,
+    )  # fmt: skip
     if split is not None:  # the run starts from the measured split (the freeze plans this head count)
         learner.state.sigma["head"] = split.best.k_head / structure.head.units_per_row
     return LearnerBuild(learner, model, masks, adapter, structure, windows, budget, split, prior, tokenizer)
@@ -121,6 +126,8 @@ def learn_and_plan(ctx: RunContext, ckpt_dir: Path) -> Outcome:
             on_step=_on_step(cfg, ctx.budget, bar, metrics_file, trackers),
             teacher=ctx.teacher,
             val_windows=ctx.val_windows,
+            teacher_topk=ctx.teacher_topk,
+            val_teacher_topk=ctx.val_teacher_topk,
         )
         split = _split_record(build.split, ckpt_dir / "split_search.json", main, cfg.resume)
         if cfg.resume:

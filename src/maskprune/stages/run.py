@@ -188,4 +188,6 @@ def _distill_section(ctx: RunContext, outcome: Outcome) -> dict:
         "tokens": outcome.state.step * cfg.batch_size * cfg.seq_len,
         "seconds": ctx.phases.seconds.get("learn"),
         "calib": cfg.calib,
+        "teacher_topk": cfg.teacher_topk,  # 0: the full vocabulary; k: the cached top-k and the tail (val_kl too)
+        "teacher_topk_cache": str(ctx.teacher_topk.path) if ctx.teacher_topk is not None else None,
     }

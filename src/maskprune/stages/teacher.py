@@ -11,7 +11,7 @@ from ..dtypes import autocast_dtype
 from ..errors import MaskPruneError
 from ..models import LoadedModel, load_model
 
-__all__ = ["check_teacher", "load_teacher"]
+__all__ = ["check_teacher", "load_teacher", "teacher_topk_caches"]
 
 
 def load_teacher(cfg: PruneConfig, adapter: DecoderAdapter, student: LoadedModel, device: torch.device):
@@ -64,3 +64,59 @@ def check_teacher(
             found="; ".join(problems),
             fix="pass as --teacher the model the student was pruned from",
         )
+
+
+def teacher_topk_caches(cfg: PruneConfig, adapter: DecoderAdapter, student: LoadedModel, device, windows, val_windows,
+                        execution):  # fmt: skip
+    """``(top-k of the training windows, of the held-out windows or None)`` (:mod:`maskprune.teacher_cache`): read
+    from the cache, or computed in one pass of the teacher, which is then freed. The teacher is checked against the
+    student either way (from its config and tokenizer alone when the cache holds both)."""
+    from ..teacher_cache import cached_teacher_topk, compute_teacher_topk, teacher_key
+
+    k, dtype = cfg.teacher_topk, cfg.dtype
+    held: dict = {}
+
+    def teacher():
+        if "model" not in held:
+            held["model"] = load_teacher(cfg, adapter, student, device)
+        return held["model"]
+
+    def build(w):
+        def run():
+            model = teacher()
+            if k > model.config.vocab_size:
+                raise MaskPruneError(
+                    f"teacher_topk {k} is above the vocabulary ({model.config.vocab_size} tokens)",
+                    fix="lower --teacher-topk (0: the full vocabulary)",
+                )
+            batch = cfg.batch_size
+            passes = lambda: execution.logits(model, adapter, w, batch, autocast=autocast_dtype(dtype))  # noqa: E731
+            return compute_teacher_topk(passes, w, k, batch)
+
+        return run
+
+    train = cached_teacher_topk(teacher_key(cfg.teacher, cfg.teacher_gguf_file, windows, k, dtype), build(windows))
+    val = None
+    if val_windows is not None:
+        key = teacher_key(cfg.teacher, cfg.teacher_gguf_file, val_windows, k, dtype)
+        val = cached_teacher_topk(key, build(val_windows))
+    if "model" not in held:  # every cache was read: check the teacher from its config and tokenizer alone
+        _check_teacher_source(cfg, adapter, student)
+    held.clear()
+    return train, val
+
+
+def _check_teacher_source(cfg: PruneConfig, adapter: DecoderAdapter, student: LoadedModel) -> None:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from ..models import _check_architecture, resolve_source
+
+    src = resolve_source(cfg.teacher, cfg.teacher_gguf_file)
+    config = _check_architecture(src, cfg.trust_remote_code)
+    if hasattr(config, "quantization_config"):
+        delattr(config, "quantization_config")
+    with torch.device("meta"):
+        meta = AutoModelForCausalLM.from_config(config, trust_remote_code=cfg.trust_remote_code)
+    tok = AutoTokenizer.from_pretrained(src.location, gguf_file=src.gguf_file, trust_remote_code=cfg.trust_remote_code)
+    adapter.unfuse_(meta)
+    check_teacher(adapter, student.model, student.tokenizer, meta, tok)
