@@ -1,0 +1,99 @@
+"""Full-vocabulary distillation against the cached top-k teacher (--teacher-topk) at equal tokens: the same student
+(a cut export), the same windows, steps and seeds; per run the perplexity of the export, the seconds a step, the
+whole process's peak resident memory (/usr/bin/time -v) and the report's per-phase peaks.
+
+    python bench/teacher_topk.py STUDENT --teacher smollm2-135m --steps 100 --seeds 0,1,2 --topk 0,64 \
+        --out bench/results/2026-12-07-teacher-topk.json
+
+Runs one at a time (each uses every core); the top-k cache is built by the first top-k run and read by the
+others, which the JSON records (``cache``: computed / read).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import re
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+
+def _run(student: str, teacher: str, steps: int, seed: int, k: int, extra: list[str], work: Path) -> dict:
+    out = work / f"k{k}-s{seed}"
+    argv = [sys.executable, "-m", "maskprune", "distill", student, "--teacher", teacher, "--steps", str(steps)]
+    argv += ["--seed", str(seed), "--teacher-topk", str(k), "--out", str(out), "--overwrite", "--no-report", *extra]
+    start = time.perf_counter()
+    proc = subprocess.run(["/usr/bin/time", "-v", *argv], capture_output=True, text=True)
+    wall = time.perf_counter() - start
+    if proc.returncode != 0:
+        raise SystemExit(f"run failed ({proc.returncode}): {' '.join(argv)}\n{proc.stderr[-3000:]}")
+    peak_kb = int(re.search(r"Maximum resident set size \(kbytes\): (\d+)", proc.stderr).group(1))
+    report = json.loads((out / "maskprune_report.json").read_text())
+    d = report["distill"]
+    return {
+        "teacher_topk": k,
+        "seed": seed,
+        "steps": d["steps"],
+        "ppl_exported": report["perplexity"]["exported"]["ppl"],
+        "eval_windows": report["perplexity"]["exported"]["windows"],
+        "eval_seq_len": report["perplexity"]["exported"]["seq_len"],
+        "seconds_per_step": d["seconds"] / max(1, d["steps"]),
+        "peak_rss_gb": peak_kb * 1024 / 1e9,
+        "phase_peak_rss_gb": {k2: v / 1e9 for k2, v in report["memory"]["peak_rss_bytes"].items()},
+        "phase_seconds": report["seconds"],
+        "cache": "computed" if "computed and cached" in proc.stderr else ("read" if k else None),
+        "wall_seconds": wall,
+    }
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("student")
+    p.add_argument("--teacher", required=True)
+    p.add_argument("--steps", type=int, default=100)
+    p.add_argument("--seeds", default="0,1,2")
+    p.add_argument("--topk", default="0,64", help="comma-separated k (0: the full vocabulary)")
+    p.add_argument("--out", type=Path, required=True)
+    p.add_argument("extra", nargs=argparse.REMAINDER, help="more distill flags after --")
+    a = p.parse_args()
+    extra = [x for x in a.extra if x != "--"]
+    cells = []
+    with tempfile.TemporaryDirectory(prefix="topk-bench-") as tmp:
+        for k in (int(x) for x in a.topk.split(",")):
+            for seed in (int(x) for x in a.seeds.split(",")):
+                cells.append(_run(a.student, a.teacher, a.steps, seed, k, extra, Path(tmp)))
+                print(json.dumps(cells[-1]), flush=True)
+    summary = {}
+    for k in sorted({c["teacher_topk"] for c in cells}):
+        mine = [c for c in cells if c["teacher_topk"] == k]
+        ppl = [c["ppl_exported"] for c in mine]
+        summary[str(k)] = {
+            "ppl_median": statistics.median(ppl),
+            "ppl_range": [min(ppl), max(ppl)],
+            "seconds_per_step_median": statistics.median(c["seconds_per_step"] for c in mine),
+            "peak_rss_gb_median": statistics.median(c["peak_rss_gb"] for c in mine),
+        }
+    a.out.parent.mkdir(parents=True, exist_ok=True)
+    a.out.write_text(
+        json.dumps(
+            {
+                "command": " ".join([os.path.basename(sys.executable), *sys.argv]),
+                "date": time.strftime("%Y-%m-%d %H:%M"),
+                "machine": {"platform": platform.platform(), "cpu": platform.processor(), "cores": os.cpu_count()},
+                "cells": cells,
+                "summary": summary,
+            },
+            indent=1,
+        )
+    )
+    print(json.dumps(summary, indent=1))
+
+
+if __name__ == "__main__":
+    main()
