@@ -369,7 +369,7 @@ def _run_prune(args: argparse.Namespace, progress: bool) -> int:
 
 
 def _run_plan(args: argparse.Namespace) -> int:
-    from .plan import plan_for
+    from .stages.plan import plan_for
 
     plan = plan_for(load_config(args.config, _overrides(args), ignore=DISTILL_ONLY))
     sys.stdout.write((json.dumps(plan.to_dict(), indent=1) if args.json else plan.table()) + "\n")

@@ -35,6 +35,7 @@ log = logging.getLogger("maskprune")
 
 __all__ = [
     "PruneConfig",
+    "cut_first_config",
     "SourceConfig",
     "CutConfig",
     "SelectionConfig",
@@ -1240,3 +1241,18 @@ def load_config(
     if problems:
         raise MaskPruneError("invalid configuration: " + "; ".join(problems))
     return config
+
+
+def cut_first_config(cfg: PruneConfig) -> PruneConfig:
+    """The default recipe with ``cut_first`` as the prune + recovery it is: the one-shot prior's metric cuts (one
+    pass, the split measured as the masked path measures it), then ``steps`` steps distil the sliced model."""
+    return cfg.replace(
+        method=cfg.mask_init,
+        cut_samples=cfg.cut_samples if cfg.cut_samples is not None else cfg.prior_samples,
+        split_search=cfg.resolved_split_search(),
+        layerwise_calibration=False,
+        recover_steps=cfg.steps,
+        reconstruct=cfg.reconstruct is not False,  # null: on (the default recipe's cut is re-fit)
+        prune_axes=cfg.resolved_prune_axes(),
+        cut_first=False,
+    ).validate()

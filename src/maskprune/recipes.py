@@ -24,7 +24,7 @@ from pathlib import Path
 
 from . import distributed as D
 from .checkpoint import checkpoint_dir
-from .config import DISTILL_SETTINGS, PruneConfig
+from .config import DISTILL_SETTINGS, PruneConfig, cut_first_config
 from .errors import MaskPruneError
 from .modelcard import write_model_card
 from .outputs import check_output_path, default_out, staging
@@ -67,7 +67,7 @@ def planned(cfg: PruneConfig) -> PruneConfig:
     """``cfg`` checked against its plan before any heavy work (:mod:`maskprune.plan`): what it asks of the model's
     shape, and whether its largest phase fits in ``max_memory`` (refused with advice where not); ``streaming auto``
     settled by the plan. A distillation and a run of several processes are not planned yet (logged)."""
-    from .plan import check_plan, check_request, model_facts, plan_for
+    from .stages.plan import check_plan, check_request, model_facts, plan_for
 
     if cfg.has_teacher or int(os.environ.get("WORLD_SIZE", "1")) > 1:
         log.info("no plan: distillation and runs of several processes are not planned yet")
@@ -119,21 +119,6 @@ def distill_config(cfg: PruneConfig) -> PruneConfig:
             "distill needs a teacher", fix="pass --teacher DENSE (the model the student was pruned from)"
         )
     return cfg.replace(**DISTILL_SETTINGS).validate()
-
-
-def cut_first_config(cfg: PruneConfig) -> PruneConfig:
-    """The default recipe with ``cut_first`` as the prune + recovery it is: the one-shot prior's metric cuts (one
-    pass, the split measured as the masked path measures it), then ``steps`` steps distil the sliced model."""
-    return cfg.replace(
-        method=cfg.mask_init,
-        cut_samples=cfg.cut_samples if cfg.cut_samples is not None else cfg.prior_samples,
-        split_search=cfg.resolved_split_search(),
-        layerwise_calibration=False,
-        recover_steps=cfg.steps,
-        reconstruct=cfg.reconstruct is not False,  # null: on (the default recipe's cut is re-fit)
-        prune_axes=cfg.resolved_prune_axes(),
-        cut_first=False,
-    ).validate()
 
 
 def prune_then_recover(cfg: PruneConfig, *, progress: bool = True, cut_first: bool = False) -> dict:

@@ -220,8 +220,7 @@ def test_each_group_validates_itself():
 
 
 def test_the_default_cuts_first_on_every_axis_and_the_other_paths_keep_theirs(monkeypatch):
-    from maskprune.config import PRUNE_AXES
-    from maskprune.recipes import cut_first_config
+    from maskprune.config import PRUNE_AXES, cut_first_config
 
     d = load_config()
     assert d.resolved_cut_first() and d.resolved_prune_axes() == PRUNE_AXES and d.reconstruct is None

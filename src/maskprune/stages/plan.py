@@ -19,8 +19,8 @@ from pathlib import Path
 
 import torch
 
-from .config import PruneConfig
-from .memory import format_bytes, parse_bytes
+from ..config import PruneConfig, cut_first_config
+from ..memory import format_bytes, parse_bytes
 
 __all__ = ["Phase", "RunPlan", "ModelFacts", "model_facts", "plan_run", "available_memory", "matmul_rate"]
 
@@ -179,8 +179,8 @@ def model_facts(model: str, *, gguf_file: str | None = None, trust_remote_code: 
     the model is built on the meta device, so parameter counts are exact and no weight is read or allocated."""
     from transformers import AutoModelForCausalLM
 
-    from .arch import adapter_for
-    from .models import DEFAULT_ALIASES, Source, _check_architecture, _smollm2_gguf, resolve_source
+    from ..arch import adapter_for
+    from ..models import DEFAULT_ALIASES, Source, _check_architecture, _smollm2_gguf, resolve_source
 
     if model in DEFAULT_ALIASES:
         gguf = _smollm2_gguf()
@@ -276,9 +276,8 @@ def plan_run(
 ) -> RunPlan:
     """The plan of ``cfg`` on a model of ``facts``: phases in run order. ``streamed``: force the execution (None:
     ``cfg.streaming``, with ``auto`` resolved to on only where a resident run does not fit)."""
-    from .dtypes import autocast_dtype, resolve_dtype
-    from .recipes import cut_first_config
-    from .stages.outcome import weight_dtype
+    from ..dtypes import autocast_dtype, resolve_dtype
+    from .outcome import weight_dtype
 
     absent = device.type == "cuda" and not torch.cuda.is_available()  # planned for a GPU this machine lacks
     dtype_name = "bf16" if absent and cfg.dtype == "auto" else resolve_dtype(cfg.dtype, device)
@@ -302,123 +301,184 @@ def plan_run(
 
 
 def _plan(cfg, facts: ModelFacts, device, wdtype, autocast, max_memory, host_memory, rate, streamed) -> RunPlan:
-    f = facts
-    wb = _BYTES[wdtype]
-    ab = _BYTES[autocast or torch.float32]
-    gpu = device.type == "cuda"
-    weights = f.params * wb
-    fp32_weights = f.params * 4
-    layer_bytes = f.layer_params * wb
-    embed_head = f.embedding_params * wb
-    base = 0 if gpu else RUNTIME_BYTES
-    # what the device holds of the model: all of it resident, one layer and the embedding / head streamed
-    held = embed_head + 2 * layer_bytes if streamed and gpu else weights
-    T, B = cfg.seq_len, cfg.batch_size
-    n_cut = cfg.resolved_cut_samples()
-    n_split = min(cfg.split_search_samples, cfg.calib_samples)
-    eval_T = cfg.eval_seq_len
-    eval_windows = cfg.eval_max_windows or _wikitext_windows(eval_T)
+    z = _Sizes(cfg, facts, device.type == "cuda", _BYTES[wdtype], _BYTES[autocast or torch.float32], streamed)
+    phases = [
+        phase
+        for phase in (z.load(), z.eval_dense(), z.shape_search(), z.score(), z.reconstruct(), z.export(),
+                      z.eval_exported(), z.teacher_topk(), z.distill())  # fmt: skip
+        if phase is not None
+    ]
     eff = rate * EFFICIENCY
-    kept = 1.0 - (cfg.sparsity if cfg.sparsity is not None else 1.0 - cfg.budget_params / f.params)
-
-    def act(tokens: int, width_factor: float = 1.0) -> int:
-        """Inference activations of one layer on ``tokens`` (no backward): q/k/v/o and the FFN's widest tensors,
-        in the autocast dtype (a layer's are freed before the next)."""
-        per_token = (4 * f.hidden + (f.heads + 2 * f.kv_heads) * f.head_dim + 3 * f.intermediate) * width_factor
-        return int(tokens * per_token * ab) + int(B * f.heads * T * T * ab)  # the attention scores of a batch
-
-    def logits(tokens: int, copies: float) -> int:
-        return int(tokens * f.vocab * 4 * copies)
-
-    def stream(tokens: int) -> int:  # a streamed pass: every window's hidden states held between layers, twice
-        return 2 * tokens * f.hidden * ab if streamed else 0
-
-    phases: list[Phase] = []
-
-    def add(name: str, parts: dict[str, int], flops: float, where: str | None = None) -> None:
-        seconds = flops / eff if eff else 0.0
-        phases.append(Phase(name, sum(parts.values()), flops, seconds, parts, where or ("device" if gpu else "host")))
-
-    # load: the weights in the learning dtype; transformers reads the safetensors through a memory map, so the
-    # file's pages are resident while the weights are converted (fp32 file -> bf16 weights: both at once)
-    file_pages = f.file_bytes if f.file_bytes is not None else f.params * 4
-    add("load", {"runtime": base, "weights": weights, "file_pages": 0 if gpu else file_pages}, 0.0, "host")
-    evaluates = cfg.eval_data != "none"
-    add(
-        "eval_dense",
-        {"runtime": base, "weights": held, "activations": act(B * eval_T), "head_chunks": logits(1024, 3),
-         "streamed_hidden": stream(eval_windows * eval_T)},
-        f.forward_flops(eval_windows * eval_T, eval_T),
-    ) if evaluates else None  # fmt: skip
-    axes = cfg.resolved_prune_axes()
-    if {"hidden", "layers"} & set(axes):
-        split_tokens = n_split * T
-        flops = f.forward_flops(split_tokens, T)  # the dense reference
-        if "layers" in axes:
-            flops += f.layers * f.forward_flops(split_tokens, T)  # each layer skipped alone
-        flops += f.forward_flops(n_cut * T, T, head=False)  # hidden energies
-        for layers, params, splits in _search_candidates(cfg, f):  # its scores, then one KL pass per split
-            scale = params / f.params
-            flops += scale * (f.forward_flops(split_tokens, T, head=False) + splits * f.forward_flops(split_tokens, T))
-        add(
-            "shape_search",
-            {"runtime": base, "weights": held, "norm_weights_saved": 2 * f.layers * f.hidden * wb,
-             "reference_logits_bf16": split_tokens * f.vocab * 2, "candidate_logits": logits(B * T, 3),
-             "activations": act(B * T), "streamed_hidden": stream(split_tokens)},
-            flops,
-        )  # fmt: skip
-    add(
-        "score",
-        {"runtime": base, "weights": held, "activations": act(B * T), "streamed_hidden": stream(n_cut * T)},
-        f.forward_flops(n_cut * T, T, head=False),
-    )  # fmt: skip
-    # the re-fit runs on fp32 weights: a half-precision run reloads the source in fp32 while its learning copy is
-    # still referenced (stages.outcome.rebuild_for_export); it keeps every window's hidden states between layers
-    # and a float64 Gram of the widest projection input
-    # (resident whatever the execution: the fp32 rebuild is the whole model on the device, streamed or not)
-    refit_weights = fp32_weights + (weights if wb != 4 else 0)
-    gram_flops = 2 * n_cut * T * (f.intermediate**2 + (f.heads * f.head_dim) ** 2) * f.layers * kept
-    add(
-        "reconstruct",
-        {"runtime": base, "weights_fp32": refit_weights, "layer_inputs": 2 * n_cut * T * f.hidden * 4,
-         "gram_fp64": f.intermediate**2 * 8 * 2, "activations": act(B * T, 4 / ab)},
-        3 * kept * f.forward_flops(n_cut * T, T, head=False) + 2 * gram_flops,  # float64 Grams: half the rate
-    )  # fmt: skip
-    add(
-        "export",
-        {"runtime": base, "weights_fp32": fp32_weights, "sliced_copy": int(fp32_weights * kept),
-         "written_copy": int(f.params * kept * 2)},
-        0.0,
-    )  # fmt: skip
-    add(
-        "eval_exported",
-        {"runtime": base, "weights": int(fp32_weights * kept), "activations": act(B * eval_T),
-         "head_chunks": logits(1024, 3)},
-        kept * f.forward_flops(eval_windows * eval_T, eval_T),
-    ) if evaluates else None  # fmt: skip
-    steps = cfg.recover_steps
-    if steps:
-        from .memory import ModelShape, estimate_distill_memory, pruned_shape
-
-        teacher = ModelShape(
-            f.params, f.layers, f.hidden, f.intermediate, f.heads, f.kv_heads, f.head_dim, f.vocab
-        )
-        student = pruned_shape(teacher, 1.0 - kept)
-        est = estimate_distill_memory(
-            student, teacher, batch_tokens=B * T, full=cfg.full, lora_rank=cfg.lora_rank,
-            gradient_checkpointing=cfg.gradient_checkpointing,
-        )  # fmt: skip
-        parts = {k: int(v) for k, v in est.items() if k != "total"}
-        parts["teacher_weights_bf16"] = int(f.params * wb)
-        parts["student_weights"] = int(student.params * (4 if cfg.full else wb))
-        parts["weights"] = 0
-        parts["runtime"] = base
-        tokens = steps * B * T
-        flops = f.forward_flops(tokens, T) + 3 * kept * f.forward_flops(tokens, T)
-        add("distill", parts, flops)
-    plan = RunPlan(f, str(device), cfg.dtype, str(wdtype).replace("torch.", ""), streamed, max_memory, phases,
+    phases = [dataclasses.replace(p, seconds=p.flops / eff if eff else 0.0) for p in phases]
+    plan = RunPlan(facts, str(device), cfg.dtype, str(wdtype).replace("torch.", ""), streamed, max_memory, phases,
                    [], rate, host_memory)  # fmt: skip
     return dataclasses.replace(plan, advice=_advice(cfg, plan))
+
+
+@dataclasses.dataclass(frozen=True)
+class _Sizes:
+    """Each phase's peak bytes (by component) and FLOPs, following what the code holds at that moment. ``wb`` /
+    ``ab``: bytes of a learning weight and of an activation (the autocast dtype)."""
+
+    cfg: PruneConfig
+    f: ModelFacts
+    gpu: bool
+    wb: int
+    ab: int
+    streamed: bool
+
+    @property
+    def base(self) -> int:
+        return 0 if self.gpu else RUNTIME_BYTES
+
+    @property
+    def where(self) -> str:
+        return "device" if self.gpu else "host"
+
+    @property
+    def weights(self) -> int:
+        return self.f.params * self.wb
+
+    @property
+    def held(self) -> int:
+        """What the compute device holds of the model during a pass: all of it resident; streamed on a GPU, the
+        embedding and head and two layers (the one computing and the next)."""
+        if self.streamed and self.gpu:
+            return (self.f.embedding_params + 2 * self.f.layer_params) * self.wb
+        return self.weights
+
+    @property
+    def kept(self) -> float:
+        c = self.cfg
+        return 1.0 - (c.sparsity if c.sparsity is not None else 1.0 - c.budget_params / self.f.params)
+
+    @property
+    def eval_tokens(self) -> int:
+        c = self.cfg
+        return (c.eval_max_windows or _wikitext_windows(c.eval_seq_len)) * c.eval_seq_len
+
+    def act(self, tokens: int, width_factor: float = 1.0) -> int:
+        """Inference activations of one layer on ``tokens`` (no backward): q/k/v/o and the FFN's widest tensors,
+        in the autocast dtype (a layer's are freed before the next), and one batch's attention scores."""
+        f, c = self.f, self.cfg
+        per_token = (4 * f.hidden + (f.heads + 2 * f.kv_heads) * f.head_dim + 3 * f.intermediate) * width_factor
+        return int(tokens * per_token * self.ab) + int(c.batch_size * f.heads * c.seq_len**2 * self.ab)
+
+    def logits(self, tokens: int, copies: float) -> int:
+        return int(tokens * self.f.vocab * 4 * copies)
+
+    def stream(self, tokens: int) -> int:
+        """A streamed pass holds every window's hidden states between layers (inputs and outputs)."""
+        return 2 * tokens * self.f.hidden * self.ab if self.streamed else 0
+
+    def _phase(self, name: str, parts: dict[str, int], flops: float, where: str | None = None) -> Phase:
+        return Phase(name, sum(parts.values()), flops, 0.0, parts, where or self.where)
+
+    def load(self) -> Phase:
+        # transformers reads safetensors through a memory map: the file's pages are resident while the weights are
+        # converted (an fp32 file to bf16 weights: both at once; the same dtype: the pages are the weights)
+        pages = self.f.file_bytes if self.f.file_bytes is not None else self.f.params * 4
+        parts = {"runtime": self.base, "weights": self.weights, "file_pages": 0 if self.gpu else pages}
+        return self._phase("load", parts, 0.0, "host")
+
+    def eval_dense(self) -> Phase | None:
+        if self.cfg.eval_data == "none":
+            return None
+        n, t = self.eval_tokens, self.cfg.eval_seq_len
+        parts = {"runtime": self.base, "weights": self.held, "activations": self.act(self.cfg.batch_size * t),
+                 "head_chunks": self.logits(1024, 3), "streamed_hidden": self.stream(n)}  # fmt: skip
+        return self._phase("eval_dense", parts, self.f.forward_flops(n, t))
+
+    def shape_search(self) -> Phase | None:
+        c, f = self.cfg, self.f
+        axes = c.resolved_prune_axes()
+        if not {"hidden", "layers"} & set(axes):
+            return None
+        t, n_cut = c.seq_len, c.resolved_cut_samples()
+        tokens = min(c.split_search_samples, c.calib_samples) * t
+        flops = f.forward_flops(tokens, t)  # the dense reference
+        if "layers" in axes:
+            flops += f.layers * f.forward_flops(tokens, t)  # each layer skipped alone
+        flops += f.forward_flops(n_cut * t, t, head=False)  # hidden energies
+        for _layers, params, splits in _search_candidates(c, f):  # its scores, then one KL pass per split
+            flops += params / f.params * (f.forward_flops(tokens, t, head=False) + splits * f.forward_flops(tokens, t))
+        # each candidate is emulated on the dense model (no copy): the norms' weights are saved and put back
+        parts = {"runtime": self.base, "weights": self.held, "norm_weights_saved": 2 * f.layers * f.hidden * self.wb,
+                 "reference_logits_bf16": tokens * f.vocab * 2, "candidate_logits": self.logits(c.batch_size * t, 3),
+                 "activations": self.act(c.batch_size * t), "streamed_hidden": self.stream(tokens)}  # fmt: skip
+        return self._phase("shape_search", parts, flops)
+
+    def score(self) -> Phase:
+        c = self.cfg
+        tokens = c.resolved_cut_samples() * c.seq_len
+        parts = {"runtime": self.base, "weights": self.held, "activations": self.act(c.batch_size * c.seq_len),
+                 "streamed_hidden": self.stream(tokens)}  # fmt: skip
+        return self._phase("score", parts, self.f.forward_flops(tokens, c.seq_len, head=False))
+
+    def reconstruct(self) -> Phase | None:
+        # the re-fit runs on fp32 weights: a half-precision run reloads the source in fp32 while its learning copy is
+        # still referenced (stages.outcome.rebuild_for_export), resident whatever the execution; it keeps every
+        # window's hidden states between layers and a float64 Gram of the widest projection input
+        c, f = self.cfg, self.f
+        if not c.reconstruct:
+            return None
+        tokens = c.resolved_cut_samples() * c.seq_len
+        weights = f.params * 4 + (self.weights if self.wb != 4 else 0)
+        grams = 2 * tokens * (f.intermediate**2 + (f.heads * f.head_dim) ** 2) * f.layers * self.kept
+        acts = self.act(c.batch_size * c.seq_len, 4 / self.ab)
+        parts = {"runtime": self.base, "weights_fp32": weights, "layer_inputs": 2 * tokens * f.hidden * 4,
+                 "gram_fp64": f.intermediate**2 * 8 * 2, "activations": acts}  # fmt: skip
+        flops = 3 * self.kept * f.forward_flops(tokens, c.seq_len, head=False) + 2 * grams  # float64: half the rate
+        return self._phase("reconstruct", parts, flops)
+
+    def export(self) -> Phase:
+        fp32 = self.f.params * 4  # fold and slice in fp32, cast, write, reload and compare
+        parts = {"runtime": self.base, "weights_fp32": fp32, "sliced_copy": int(fp32 * self.kept),
+                 "written_copy": int(self.f.params * self.kept * 2)}  # fmt: skip
+        return self._phase("export", parts, 0.0)
+
+    def eval_exported(self) -> Phase | None:
+        if self.cfg.eval_data == "none":
+            return None
+        t = self.cfg.eval_seq_len
+        parts = {"runtime": self.base, "weights": int(self.f.params * 4 * self.kept),
+                 "activations": self.act(self.cfg.batch_size * t), "head_chunks": self.logits(1024, 3)}  # fmt: skip
+        return self._phase("eval_exported", parts, self.kept * self.f.forward_flops(self.eval_tokens, t))
+
+    def _cache_bytes(self) -> int:
+        c = self.cfg
+        return c.calib_samples * c.seq_len * (c.teacher_topk * 6 + 4)  # fp16 log-probs, int32 ids, fp32 tail
+
+    def teacher_topk(self) -> Phase | None:
+        c = self.cfg
+        if not (c.recover_steps and c.teacher_topk):
+            return None
+        tokens = c.calib_samples * c.seq_len
+        parts = {"runtime": self.base, "student_weights": int(self.weights * self.kept), "teacher_weights": self.held,
+                 "logits": self.logits(c.batch_size * c.seq_len, 3), "cache": self._cache_bytes(),
+                 "streamed_hidden": self.stream(tokens)}  # fmt: skip
+        return self._phase("teacher_topk", parts, self.f.forward_flops(tokens, c.seq_len))
+
+    def distill(self) -> Phase | None:
+        from ..memory import ModelShape, estimate_distill_memory, pruned_shape
+
+        c, f = self.cfg, self.f
+        if not c.recover_steps:
+            return None
+        teacher = ModelShape(f.params, f.layers, f.hidden, f.intermediate, f.heads, f.kv_heads, f.head_dim, f.vocab)
+        student = pruned_shape(teacher, 1.0 - self.kept)
+        tokens = c.batch_size * c.seq_len
+        est = estimate_distill_memory(student, teacher, batch_tokens=tokens, full=c.full, lora_rank=c.lora_rank,
+                                      gradient_checkpointing=c.gradient_checkpointing)  # fmt: skip
+        parts = {k: int(v) for k, v in est.items() if k != "total"}
+        parts.update(runtime=self.base, weights=int(student.params * (4 if c.full else self.wb)))
+        parts["teacher_weights_bf16"] = 0 if c.teacher_topk else self.weights
+        if c.teacher_topk:  # the cache instead of the teacher and its logits
+            parts["logits_student_and_teacher_bf16"] //= 2
+            parts["teacher_topk_cache"] = self._cache_bytes()
+        total = c.recover_steps * tokens
+        teacher_flops = 0 if c.teacher_topk else f.forward_flops(total, c.seq_len)
+        return self._phase("distill", parts, teacher_flops + 3 * self.kept * f.forward_flops(total, c.seq_len))
 
 
 def _wikitext_windows(seq_len: int) -> int:
@@ -433,13 +493,13 @@ def _search_candidates(cfg: PruneConfig, f: ModelFacts) -> list[tuple[int, int, 
     too little for heads and FFN, cost no pass and are left out."""
     import copy
 
-    from .arch import adapter_for
-    from .axis_scores import hidden_channel_params, layer_params
-    from .cut import candidate_shapes, candidate_splits
-    from .errors import MaskPruneError
-    from .stages.shape import _fixed, reshape_
-    from .structure import Structure
-    from .surgery import config_accepts
+    from ..arch import adapter_for
+    from ..axis_scores import hidden_channel_params, layer_params
+    from ..cut import candidate_shapes, candidate_splits
+    from ..errors import MaskPruneError
+    from ..structure import Structure
+    from ..surgery import config_accepts
+    from .shape import _fixed, reshape_
 
     meta = f.meta
     ad = adapter_for(meta)
@@ -512,7 +572,7 @@ is present)."""
 def plan_for(cfg: PruneConfig, facts: ModelFacts | None = None) -> RunPlan:
     """The plan of ``cfg`` on this machine (or on the device it names, with ``max_memory`` given where this machine
     lacks it)."""
-    from .errors import MaskPruneError
+    from ..errors import MaskPruneError
 
     cfg = cfg.validate()
     facts = facts or model_facts(cfg.model, gguf_file=cfg.gguf_file, trust_remote_code=cfg.trust_remote_code)
@@ -537,8 +597,8 @@ def _planned_device(name: str) -> torch.device:
 def check_request(cfg: PruneConfig, facts: ModelFacts) -> None:
     """The checks of what the run asks that need the model's config only, made before anything is loaded: a fixed
     hidden width or depth the model has (and its family's config accepts)."""
-    from .errors import MaskPruneError
-    from .surgery import config_accepts
+    from ..errors import MaskPruneError
+    from ..surgery import config_accepts
 
     if cfg.keep_hidden is not None and (cfg.keep_hidden > facts.hidden or cfg.keep_hidden < 1):
         raise MaskPruneError(
@@ -566,7 +626,7 @@ def check_request(cfg: PruneConfig, facts: ModelFacts) -> None:
 
 def check_plan(plan: RunPlan) -> None:
     """Refuse a plan that does not fit, with its advice (a :class:`maskprune.errors.MaskPruneError`)."""
-    from .errors import MaskPruneError
+    from ..errors import MaskPruneError
 
     if plan.fits:
         return
