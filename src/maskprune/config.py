@@ -673,8 +673,9 @@ class RuntimeConfig(_Group):
         """Where each pass of the cut over the model runs (scores, hidden energies, layer importance, the shape
     search's KLs, the re-fit, the perplexity evaluations): ``off``, the whole model resident on the device; ``on``,
     one decoder layer at a time, each fed the arguments the model itself passes it, the activations between
-    layers kept in the autocast dtype, and on a GPU the layers waiting in host memory; ``auto``: on where the
-    run's plan (``maskprune plan``) says a resident run does not fit in ``max_memory``.""",
+    layers kept in the autocast dtype (the model is still loaded whole: weights are not streamed from host memory
+    or disk yet); ``auto``: on where the run's plan (``maskprune plan``) says a resident run does not fit in
+    ``max_memory``.""",
     )
     max_memory: str | None = _opt(
         None,

@@ -217,15 +217,18 @@ class Execution:
 
     @contextlib.contextmanager
     def onloaded(self, module: nn.Module) -> Iterator[nn.Module]:
-        """``module`` on the compute device for the duration (streamed with an offload device), then back."""
-        if not self.streamed or self.offload is None or self.offload == self.device:
+        """``module`` on the compute device for the duration, then back where it was: a streamed layer that waits in
+        host memory (``offload``) visits the device for its turn; one already on the device stays (a model loaded
+        whole on the GPU is streamed without saving device memory, but every stage after finds it as it was)."""
+        home = _device_of(module)
+        if not self.streamed or self.offload is None or home == self.device or home != self.offload:
             yield module
             return
         module.to(self.device)
         try:
             yield module
         finally:
-            module.to(self.offload)
+            module.to(home)
 
     def capture(self, model: nn.Module, adapter: DecoderAdapter, windows: torch.Tensor, batch_size: int):
         return capture_layer_inputs(

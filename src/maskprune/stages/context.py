@@ -145,8 +145,8 @@ def setup(cfg: PruneConfig, progress: bool) -> RunContext:
 
 def execution_for(cfg: PruneConfig, device: torch.device, streamed: bool | None = None) -> Execution:
     """The execution the cut's passes run on: streamed with ``--streaming on`` (or ``streamed``, the plan's answer
-    for ``auto``), the activations between layers in the autocast dtype and, on a GPU, the layers waiting in host
-    memory; resident otherwise."""
+    for ``auto``), the activations between layers in the autocast dtype, and a layer kept in host memory visiting
+    the GPU for its turn (none is, yet: the model loads whole); resident otherwise."""
     streamed = cfg.streaming == "on" if streamed is None else streamed
     if not streamed:
         return Execution(device)

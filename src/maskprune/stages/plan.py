@@ -341,10 +341,10 @@ class _Sizes:
 
     @property
     def held(self) -> int:
-        """What the compute device holds of the model during a pass: all of it resident; streamed on a GPU, the
-        embedding and head and two layers (the one computing and the next)."""
-        if self.streamed and self.gpu:
-            return (self.f.embedding_params + 2 * self.f.layer_params) * self.wb
+        """What the compute device holds of the model during a pass: all of it. (A streamed pass visits one layer at
+        a time, but the run loads the model whole onto the device, so nothing waits in host memory yet: the
+        loader placing the layers on the host is what would let streaming lower this to the embedding, the head
+        and two layers.)"""
         return self.weights
 
     @property
@@ -536,15 +536,13 @@ def _advice(cfg, plan: RunPlan) -> list[str]:
     if not over:
         return []
     out = []
-    streamed, gpu, max_memory = plan.streamed, plan.device.startswith("cuda"), plan.limit(over[0])
+    streamed, max_memory = plan.streamed, plan.limit(over[0])
     worst = max(over, key=lambda p: p.peak_bytes - plan.limit(p))
     parts = worst.parts
-    if not streamed and gpu:
-        out.append("--streaming on: the model waits in host memory and one decoder layer at a time is on the GPU")
-    if not streamed and not gpu:
+    if not streamed:
         out.append(
-            "--streaming on runs each pass one layer at a time, but on a CPU the weights stay in host memory: it "
-            "lowers the activations' share, not the weights'"
+            "--streaming on runs each pass one layer at a time; the model is still loaded whole, so it lowers the "
+            "activations' share, not the weights'"
         )
     if parts.get("reference_logits_bf16", 0) > max_memory / 8:
         out.append(f"--split-search-samples {max(1, cfg.split_search_samples // 4)}: the shape search keeps the dense "
