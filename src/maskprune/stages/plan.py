@@ -221,8 +221,8 @@ def _weight_file_bytes(src) -> int | None:
     if not src.is_local:
         return None
     folder = Path(src.location)
-    if src.gguf_file:
-        return (folder / src.gguf_file).stat().st_size
+    if src.gguf_file:  # the run reads the fp32 checkpoint the GGUF is dequantized into, once
+        return None
     files = list(folder.glob("*.safetensors")) or list(folder.glob("*.bin"))
     return sum(f.stat().st_size for f in files) or None
 
