@@ -115,10 +115,6 @@ class LayerInputs:
         nxt = self.advanced(layer, li)
         self.hidden, self.layer = nxt.hidden, nxt.layer
 
-    def with_hidden(self, hidden: list[torch.Tensor], li: int) -> "LayerInputs":
-        """These inputs with other hidden states, as layer ``li``'s."""
-        return dataclasses.replace(self, hidden=[self._store(h) for h in hidden], layer=li)
-
     def _store(self, h: torch.Tensor) -> torch.Tensor:
         return h.to(device=self.store_device or h.device, dtype=self.store_dtype or h.dtype)
 
@@ -144,12 +140,17 @@ class LayerInputs:
             for j, i in enumerate(range(0, windows.shape[0], batch_size)):
                 current["h"] = self.hidden[j]
                 out = module(input_ids=windows[i : i + batch_size].to(device), use_cache=False)
-                yield j, (out.logits if hasattr(out, "logits") else out.last_hidden_state)
+                yield j, _main_output(out)
 
 
 class _Captured(Exception):
     """Raised by the last layer's recorder: what comes after the layers (the final norm and its hooks) must not
     run on inputs that never went through them."""
+
+
+def _main_output(out) -> torch.Tensor:
+    """The logits of a causal LM's output, or the last hidden states of a decoder's."""
+    return out.logits if hasattr(out, "logits") else out.last_hidden_state
 
 
 def _device_of(module: nn.Module) -> torch.device:
@@ -252,7 +253,6 @@ class Execution:
             with self.onloaded(layers[li]) as layer:
                 yield li, layer, inputs
 
-    @torch.no_grad()
     def logits(
         self,
         model: nn.Module,
@@ -265,20 +265,8 @@ class Execution:
         """``(batch index, logits [batch, seq, vocab])`` of the model on every batch of ``windows``, in order.
         Resident: the model's forward; streamed: layer by layer (every batch's hidden states held at once, in
         ``store_dtype``), then the model's head."""
-        ctx = torch.autocast(self.device.type, dtype=autocast or torch.float32, enabled=autocast is not None)
-        if not self.streamed:
-            with ctx:
-                for j, i in enumerate(range(0, windows.shape[0], batch_size)):
-                    yield j, model(input_ids=windows[i : i + batch_size].to(self.device), use_cache=False).logits
-            return
-        with ctx:
-            inputs = self.capture(model, adapter, windows, batch_size)
-            for li, layer in enumerate(adapter.layers(model)):
-                with self.onloaded(layer):
-                    inputs = inputs.advanced(layer, li)
-            yield from inputs.replay(model, adapter, model, windows, batch_size)
+        return self._through(model, model, adapter, windows, batch_size, autocast)
 
-    @torch.no_grad()
     def hidden_states(
         self,
         model: nn.Module,
@@ -291,19 +279,24 @@ class Execution:
         """``(batch index, final hidden states [batch, seq, hidden])``: the decoder under the LM head (its final
         norm included) on every batch of ``windows``, in order; the hooks a pass attached to the layers and norms
         run as in a forward of the model."""
+        return self._through(adapter.base(model), model, adapter, windows, batch_size, autocast)
+
+    @torch.no_grad()
+    def _through(self, module, model, adapter, windows, batch_size, autocast) -> Iterator[tuple[int, torch.Tensor]]:
+        """``module`` (the causal LM ``model``, or the decoder under its head) on every batch: its own forward where
+        resident; streamed, the layers one at a time and then ``module``'s own forward fed their outputs."""
         ctx = torch.autocast(self.device.type, dtype=autocast or torch.float32, enabled=autocast is not None)
-        base = adapter.base(model)
         with ctx:
             if not self.streamed:
                 for j, i in enumerate(range(0, windows.shape[0], batch_size)):
-                    out = base(input_ids=windows[i : i + batch_size].to(self.device), use_cache=False)
-                    yield j, out.last_hidden_state
+                    out = module(input_ids=windows[i : i + batch_size].to(self.device), use_cache=False)
+                    yield j, _main_output(out)
                 return
             inputs = self.capture(model, adapter, windows, batch_size)
             for li, layer in enumerate(adapter.layers(model)):
                 with self.onloaded(layer):
                     inputs = inputs.advanced(layer, li)
-            yield from inputs.replay(base, adapter, model, windows, batch_size)
+            yield from inputs.replay(module, adapter, model, windows, batch_size)
 
     def forward(
         self,

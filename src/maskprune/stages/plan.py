@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 
 from ..config import PruneConfig, cut_first_config
-from ..memory import format_bytes, parse_bytes
+from ..memory import ModelShape, format_bytes, parse_bytes
 
 __all__ = ["Phase", "RunPlan", "ModelFacts", "model_facts", "plan_run", "available_memory", "matmul_rate"]
 
@@ -37,23 +37,15 @@ the default's cut of SmolLM2-135M (bench/results/2026-12-07-plan.md)."""
 
 
 @dataclasses.dataclass(frozen=True)
-class ModelFacts:
-    """What the plan needs of a model, read from its config (built on the meta device)."""
+class ModelFacts(ModelShape):
+    """What the plan needs of a model, read from its config (built on the meta device): its shape and more."""
 
-    name: str
-    model_type: str
-    params: int
-    layers: int
-    hidden: int
-    intermediate: int
-    heads: int
-    kv_heads: int
-    head_dim: int
-    vocab: int
-    tied: bool
-    layer_params: int
-    file_bytes: int | None  # the checkpoint's weight files on disk, where local
-    max_positions: int | None
+    name: str = ""
+    model_type: str = ""
+    tied: bool = False
+    layer_params: int = 0
+    file_bytes: int | None = None  # the checkpoint's weight files on disk, where local
+    max_positions: int | None = None
     config: object = dataclasses.field(default=None, repr=False, compare=False)  # the model's config
     meta: object = dataclasses.field(default=None, repr=False, compare=False)  # the model on the meta device
 
@@ -460,12 +452,12 @@ class _Sizes:
         return self._phase("teacher_topk", parts, self.f.forward_flops(tokens, c.seq_len))
 
     def distill(self) -> Phase | None:
-        from ..memory import ModelShape, estimate_distill_memory, pruned_shape
+        from ..memory import estimate_distill_memory, pruned_shape
 
         c, f = self.cfg, self.f
         if not c.recover_steps:
             return None
-        teacher = ModelShape(f.params, f.layers, f.hidden, f.intermediate, f.heads, f.kv_heads, f.head_dim, f.vocab)
+        teacher = ModelShape(*(getattr(f, k.name) for k in dataclasses.fields(ModelShape)))
         student = pruned_shape(teacher, 1.0 - self.kept)
         tokens = c.batch_size * c.seq_len
         est = estimate_distill_memory(student, teacher, batch_tokens=tokens, full=c.full, lora_rank=c.lora_rank,
@@ -598,13 +590,17 @@ def check_request(cfg: PruneConfig, facts: ModelFacts) -> None:
     from ..errors import MaskPruneError
     from ..surgery import config_accepts
 
-    if cfg.keep_hidden is not None and (cfg.keep_hidden > facts.hidden or cfg.keep_hidden < 1):
-        raise MaskPruneError(
-            "--keep-hidden is outside the model's hidden width",
-            expected=f"1 to {facts.hidden} (the model's hidden_size)",
-            found=f"--keep-hidden {cfg.keep_hidden}",
-            fix="pick a smaller --keep-hidden, or drop it and let the shape search choose",
-        )
+    def within(flag: str, value: int | None, top: int, what: str) -> None:
+        if value is not None and not 1 <= value <= top:
+            raise MaskPruneError(
+                f"--{flag} is outside the model's {what}",
+                expected=f"1 to {top} (the model's {what})",
+                found=f"--{flag} {value}",
+                fix=f"pick a smaller --{flag}, or drop it and let the shape search choose",
+            )
+
+    within("keep-hidden", cfg.keep_hidden, facts.hidden, "hidden width")
+    within("keep-layers", cfg.keep_layers, facts.layers, "depth")
     if cfg.keep_hidden is not None and not config_accepts(facts.config, hidden_size=cfg.keep_hidden):
         raise MaskPruneError(
             f"{type(facts.config).__name__} refuses hidden_size {cfg.keep_hidden}",
@@ -612,13 +608,6 @@ def check_request(cfg: PruneConfig, facts: ModelFacts) -> None:
             "family)",
             found=f"--keep-hidden {cfg.keep_hidden}",
             fix="pick another --keep-hidden, or drop it and let the shape search choose",
-        )
-    if cfg.keep_layers is not None and (cfg.keep_layers > facts.layers or cfg.keep_layers < 1):
-        raise MaskPruneError(
-            "--keep-layers is outside the model's depth",
-            expected=f"1 to {facts.layers} (the model's num_hidden_layers)",
-            found=f"--keep-layers {cfg.keep_layers}",
-            fix="pick a smaller --keep-layers, or drop it and let the shape search choose",
         )
 
 

@@ -103,14 +103,7 @@ def search_shape(ctx: RunContext) -> ShapeChoice:
     autocast = autocast_dtype(cfg.dtype, ctx.device)
     bs, direction = cfg.batch_size, cfg.kl_direction
     n_layers, hidden = len(ad.layers(model)), int(model.config.hidden_size)
-    if cfg.keep_hidden is not None and not config_accepts(model.config, hidden_size=cfg.keep_hidden):
-        raise MaskPruneError(
-            f"{type(model.config).__name__} refuses hidden_size {cfg.keep_hidden}",
-            expected=f"a hidden size its config accepts (a multiple of num_attention_heads "
-            f"{model.config.num_attention_heads} for this family)",
-            found=f"--keep-hidden {cfg.keep_hidden}",
-            fix="pick another --keep-hidden, or drop it and let the shape search choose",
-        )
+    # a --keep-hidden the config refuses was refused before the run (stages.plan.check_request)
     with ctx.phases("shape_search"):
         ex = ctx.passes
         reference = teacher_logits(model, win, bs, autocast, execution=ex)
