@@ -351,10 +351,11 @@ class _Sizes:
 
     def act(self, tokens: int, width_factor: float = 1.0) -> int:
         """Inference activations of one layer on ``tokens`` (no backward): q/k/v/o and the FFN's widest tensors,
-        in the autocast dtype (a layer's are freed before the next), and one batch's attention scores."""
-        f, c = self.f, self.cfg
+        in the autocast dtype (a layer's are freed before the next). Attention scores are not counted: SDPA's
+        fused kernels do not hold them (an eager attention at long context would)."""
+        f = self.f
         per_token = (4 * f.hidden + (f.heads + 2 * f.kv_heads) * f.head_dim + 3 * f.intermediate) * width_factor
-        return int(tokens * per_token * self.ab) + int(c.batch_size * f.heads * c.seq_len**2 * self.ab)
+        return int(tokens * per_token * self.ab)
 
     def logits(self, tokens: int, copies: float) -> int:
         return int(tokens * self.f.vocab * 4 * copies)
