@@ -46,6 +46,7 @@ class ModelFacts(ModelShape):
     layer_params: int = 0
     file_bytes: int | None = None  # the checkpoint's weight files on disk, where local
     max_positions: int | None = None
+    source_bytes: int = 2  # bytes of a weight in the checkpoint the run reads (a GGUF's dequantized one: fp32)
     config: object = dataclasses.field(default=None, repr=False, compare=False)  # the model's config
     meta: object = dataclasses.field(default=None, repr=False, compare=False)  # the model on the meta device
 
@@ -204,9 +205,17 @@ def model_facts(model: str, *, gguf_file: str | None = None, trust_remote_code: 
         layer_params=sum(p.numel() for p in layers[0].parameters()),
         file_bytes=_weight_file_bytes(src),
         max_positions=getattr(meta.config, "max_position_embeddings", None),
+        source_bytes=4 if src.gguf_file else _DTYPE_BYTES.get(str(_declared(config)).replace("torch.", ""), 2),
         config=meta.config,
         meta=meta,
     )
+
+
+_DTYPE_BYTES = {"fp32": 4, "bf16": 2, "fp16": 2, "float32": 4, "bfloat16": 2, "float16": 2}
+
+
+def _declared(config):
+    return getattr(config, "dtype", None) or getattr(config, "torch_dtype", None)
 
 
 def _weight_file_bytes(src) -> int | None:
@@ -360,6 +369,11 @@ class _Sizes:
     def logits(self, tokens: int, copies: float) -> int:
         return int(tokens * self.f.vocab * 4 * copies)
 
+    def head_chunks(self, seq_len: int) -> int:
+        """The perplexity's head on at most 1024 positions at a time (``evaluate._window_nll``): the logits and
+        their log-softmax in fp32."""
+        return self.logits(min(1024, self.cfg.batch_size * (seq_len - 1)), 2)
+
     def stream(self, tokens: int) -> int:
         """A streamed pass holds every window's hidden states between layers (inputs and outputs)."""
         return 2 * tokens * self.f.hidden * self.ab if self.streamed else 0
@@ -370,8 +384,9 @@ class _Sizes:
     def load(self) -> Phase:
         # transformers reads safetensors through a memory map: the file's pages are resident while the weights are
         # converted (an fp32 file to bf16 weights: both at once; the same dtype: the pages are the weights)
-        pages = self.f.file_bytes if self.f.file_bytes is not None else self.f.params * 4
-        parts = {"runtime": self.base, "weights": self.weights, "file_pages": 0 if self.gpu else pages}
+        file = self.f.file_bytes if self.f.file_bytes is not None else self.f.params * 4  # a GGUF's fp32 checkpoint
+        pages = 0 if self.gpu or abs(file - self.weights) <= 0.05 * self.weights else file  # same dtype: one copy
+        parts = {"runtime": self.base, "weights": self.weights, "file_pages": pages}
         return self._phase("load", parts, 0.0, "host")
 
     def eval_dense(self) -> Phase | None:
@@ -379,7 +394,7 @@ class _Sizes:
             return None
         n, t = self.eval_tokens, self.cfg.eval_seq_len
         parts = {"runtime": self.base, "weights": self.held, "activations": self.act(self.cfg.batch_size * t),
-                 "head_chunks": self.logits(1024, 3), "streamed_hidden": self.stream(n)}  # fmt: skip
+                 "head_chunks": self.head_chunks(t), "streamed_hidden": self.stream(n)}  # fmt: skip
         return self._phase("eval_dense", parts, self.f.forward_flops(n, t))
 
     def shape_search(self) -> Phase | None:
@@ -424,10 +439,15 @@ class _Sizes:
         flops = 3 * self.kept * f.forward_flops(tokens, c.seq_len, head=False) + 2 * grams  # float64: half the rate
         return self._phase("reconstruct", parts, flops)
 
+    @property
+    def export_bytes(self) -> int:
+        """Bytes of an exported weight: ``export_dtype``, or (``auto``) the source checkpoint's dtype."""
+        return _DTYPE_BYTES[self.cfg.export_dtype] if self.cfg.export_dtype != "auto" else self.f.source_bytes
+
     def export(self) -> Phase:
-        fp32 = self.f.params * 4  # fold and slice in fp32, cast, write, reload and compare
+        fp32 = self.f.params * 4  # fold and slice in fp32, cast, write, reload with from_pretrained and compare
         parts = {"runtime": self.base, "weights_fp32": fp32, "sliced_copy": int(fp32 * self.kept),
-                 "written_copy": int(self.f.params * self.kept * 2)}  # fmt: skip
+                 "reloaded_copy": int(self.f.params * self.kept * self.export_bytes)}  # fmt: skip
         return self._phase("export", parts, 0.0)
 
     def eval_exported(self) -> Phase | None:
@@ -435,7 +455,7 @@ class _Sizes:
             return None
         t = self.cfg.eval_seq_len
         parts = {"runtime": self.base, "weights": int(self.f.params * 4 * self.kept),
-                 "activations": self.act(self.cfg.batch_size * t), "head_chunks": self.logits(1024, 3)}  # fmt: skip
+                 "activations": self.act(self.cfg.batch_size * t), "head_chunks": self.head_chunks(t)}  # fmt: skip
         return self._phase("eval_exported", parts, self.kept * self.f.forward_flops(self.eval_tokens, t))
 
     def _cache_bytes(self) -> int:
