@@ -408,8 +408,10 @@ class _Sizes:
         if "layers" in axes:
             flops += f.layers * f.forward_flops(tokens, t)  # each layer skipped alone
         flops += f.forward_flops(n_cut * t, t, head=False)  # hidden energies
-        for _layers, params, splits in _search_candidates(c, f):  # its scores, then one KL pass per split
-            flops += params / f.params * (f.forward_flops(tokens, t, head=False) + splits * f.forward_flops(tokens, t))
+        # each candidate: its scores, then one KL pass per split, on the dense model emulating it (dropped layers
+        # and cut channels still compute: the dense model's FLOPs)
+        for _layers, _params, splits in _search_candidates(c, f):
+            flops += f.forward_flops(tokens, t, head=False) + splits * f.forward_flops(tokens, t)
         # each candidate is emulated on the dense model (no copy): the norms' weights are saved and put back
         parts = {"runtime": self.base, "weights": self.held, "norm_weights_saved": 2 * f.layers * f.hidden * self.wb,
                  "reference_logits_bf16": tokens * f.vocab * 2, "candidate_logits": self.logits(c.batch_size * t, 3),
