@@ -65,10 +65,17 @@ def main() -> None:
     extra = [x for x in a.extra if x != "--"]
     cells = []
     with tempfile.TemporaryDirectory(prefix="topk-bench-") as tmp:
-        for k in (int(x) for x in a.topk.split(",")):
-            for seed in (int(x) for x in a.seeds.split(",")):
+        for seed in (int(x) for x in a.seeds.split(",")):  # seeds outermost: a cut-short run still compares arms
+            for k in (int(x) for x in a.topk.split(",")):
                 cells.append(_run(a.student, a.teacher, a.steps, seed, k, extra, Path(tmp)))
                 print(json.dumps(cells[-1]), flush=True)
+                _write(a.out, cells)
+    _write(a.out, cells)
+
+
+def _write(out: Path, cells: list[dict]) -> None:
+    """The results so far (rewritten after every run)."""
+
     summary = {}
     for k in sorted({c["teacher_topk"] for c in cells}):
         mine = [c for c in cells if c["teacher_topk"] == k]
@@ -79,8 +86,8 @@ def main() -> None:
             "seconds_per_step_median": statistics.median(c["seconds_per_step"] for c in mine),
             "peak_rss_gb_median": statistics.median(c["peak_rss_gb"] for c in mine),
         }
-    a.out.parent.mkdir(parents=True, exist_ok=True)
-    a.out.write_text(
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(
         json.dumps(
             {
                 "command": " ".join([os.path.basename(sys.executable), *sys.argv]),
