@@ -30,7 +30,7 @@ def _peak_kb(time_log: str) -> int:
     return int(re.search(r"Maximum resident set size \(kbytes\): (\d+)", time_log).group(1))
 
 
-def cell(report: dict, time_log: str, plan: dict, source: str) -> dict:
+def cell(report: dict, time_log: str, plan: dict, source: str, method: str = "maskprune", code: str = "") -> dict:
     """One cell from a finished run's report, the `time -v` output and the plan of the same flags."""
     cfg = report["config"]
     seconds = report["seconds"]
@@ -44,7 +44,8 @@ def cell(report: dict, time_log: str, plan: dict, source: str) -> dict:
         "model": report["model"]["source"],
         "params": report["params"]["dense"],
         "source": source,
-        "method": "maskprune" if cfg.get("cut_first") is not False or cfg["method"] != "maskprune" else cfg["method"],
+        "method": method,
+        "code": code,
         "sparsity": cfg["sparsity"],
         "seed": cfg["seed"],
         "steps": cfg.get("recover_steps") or cfg.get("steps"),
@@ -88,6 +89,8 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--results", type=Path, required=True)
     p.add_argument("--source", required=True, help="where the checkpoint came from (package, version, checksum)")
+    p.add_argument("--method", default="maskprune", help="the cell's method: maskprune (the default), flap, dense")
+    p.add_argument("--code", default="", help="the commit the run's code was at")
     p.add_argument("--collect", type=Path, help="a finished run's folder")
     p.add_argument("--time-log", type=Path, help="with --collect: the /usr/bin/time -v output of that run")
     p.add_argument("--plan-json", type=Path, help="with --collect: `maskprune plan ... --json` of the same flags")
@@ -95,7 +98,7 @@ def main() -> None:
     a = p.parse_args()
     if a.collect:
         report = json.loads((a.collect / "maskprune_report.json").read_text())
-        new = cell(report, a.time_log.read_text(), json.loads(a.plan_json.read_text()), a.source)
+        new = cell(report, a.time_log.read_text(), json.loads(a.plan_json.read_text()), a.source, a.method, a.code)
         _append(a.results, new, f"collected {a.collect}")
         print(json.dumps(new, indent=1))
         return
@@ -109,7 +112,9 @@ def main() -> None:
     if run.returncode != 0:
         raise SystemExit(f"prune failed ({run.returncode}):\n{run.stderr[-3000:]}")
     out = Path(args[args.index("--out") + 1])
-    new = cell(json.loads((out / "maskprune_report.json").read_text()), run.stderr, json.loads(plan.stdout), a.source)
+    code = subprocess.run(["git", "rev-parse", "--short", "HEAD"], text=True, capture_output=True).stdout.strip()
+    report = json.loads((out / "maskprune_report.json").read_text())
+    new = cell(report, run.stderr, json.loads(plan.stdout), a.source, a.method, code)
     _append(a.results, new, " ".join(["maskprune prune", *args]))
     print(json.dumps(new, indent=1))
 
