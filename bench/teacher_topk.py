@@ -60,9 +60,8 @@ def main() -> None:
     p.add_argument("--seeds", default="0,1,2")
     p.add_argument("--topk", default="0,64", help="comma-separated k (0: the full vocabulary)")
     p.add_argument("--out", type=Path, required=True)
-    p.add_argument("extra", nargs=argparse.REMAINDER, help="more distill flags after --")
-    a = p.parse_args()
-    extra = [x for x in a.extra if x != "--"]
+    a, extra = p.parse_known_args()  # what is left: more distill flags (after --)
+    extra = [x for x in extra if x != "--"]
     cells = []
     with tempfile.TemporaryDirectory(prefix="topk-bench-") as tmp:
         for seed in (int(x) for x in a.seeds.split(",")):  # seeds outermost: a cut-short run still compares arms
