@@ -71,7 +71,7 @@ class RunContext:
             return perplexity(
                 m,
                 self.eval_windows,
-                execution=self.execution if self.execution is not None and self.execution.streamed else None,
+                execution=self.passes,
                 batch_size=self.cfg.data.batch_size,
                 max_windows=ev.eval_max_windows,
                 autocast_dtype=autocast_dtype(self.cfg.runtime.dtype),
@@ -116,7 +116,7 @@ def setup(cfg: PruneConfig, progress: bool) -> RunContext:
     else:
         budget = cfg.budget_for(structure.dense_params)
         check_budget(structure, budget)
-    check_context(cfg.data, cfg.evaluation, getattr(loaded.model.config, "max_position_embeddings", None))
+    _check_context(cfg.data, cfg.evaluation, getattr(loaded.model.config, "max_position_embeddings", None))
     with phases("data"):
         windows, val_windows, eval_windows, bos = _data(cfg, loaded.tokenizer)
     log.info(
@@ -237,7 +237,7 @@ def _hold_out(windows: torch.Tensor, held_out: int, data: DataConfig) -> tuple[t
     return windows[:-held_out], windows[-held_out:]
 
 
-def check_context(data: DataConfig, evaluation: EvalConfig, max_pos: int | None) -> None:
+def _check_context(data: DataConfig, evaluation: EvalConfig, max_pos: int | None) -> None:
     lengths = {"seq_len": data.seq_len}
     if evaluation.eval_data != "none":
         lengths["eval_seq_len"] = evaluation.eval_seq_len
