@@ -29,6 +29,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .arch import ROLES, DecoderAdapter, HeadLayout
+from .offload import held
 from .structure import Structure
 
 log = logging.getLogger(__name__)
@@ -69,7 +70,9 @@ def _magnitude(
     lay = s.head
     heads, ffns = [], []
     for layer in adapter.layers(model):
-        q, k, v, o = (_weight(adapter, layer, r, hidden) for r in ("q", "k", "v", "o"))
+        with held(layer):
+            q, k, v, o = (_weight(adapter, layer, r, hidden) for r in ("q", "k", "v", "o"))
+            g, u, d = (_weight(adapter, layer, r, hidden).float() for r in ("gate", "up", "down"))
         per_q = _row_norm_sq(q, lay.num_attention_heads, lay.head_dim) + (o.float() ** 2).sum(0).view(
             lay.num_attention_heads, lay.head_dim
         ).sum(-1)  # [n_heads]
@@ -81,7 +84,6 @@ def _magnitude(
         else:
             unit = per_q
         heads.append(unit.sqrt().view(lay.rows, lay.units_per_row))
-        g, u, d = (_weight(adapter, layer, r, hidden).float() for r in ("gate", "up", "down"))
         ffns.append(((g**2).sum(1) + (u**2).sum(1) + (d**2).sum(0)).sqrt().view(1, -1))
     return torch.stack(heads), torch.stack(ffns)
 
@@ -146,7 +148,10 @@ def _by_layer(layer_scorer):
         model: nn.Module, adapter: DecoderAdapter, s: Structure, stats, hidden=None
     ) -> tuple[torch.Tensor, torch.Tensor]:
         layers = adapter.layers(model)
-        pairs = [layer_scorer(layer, adapter, s, stats, li, hidden) for li, layer in enumerate(layers)]
+        pairs = []
+        for li, layer in enumerate(layers):
+            with held(layer):  # a layer whose weights wait on disk is read for its scores
+                pairs.append(layer_scorer(layer, adapter, s, stats, li, hidden))
         return torch.stack([h for h, _ in pairs]), torch.stack([f for _, f in pairs])
 
     return scorer

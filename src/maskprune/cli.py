@@ -162,9 +162,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--version", action="version", version=f"maskprune {__version__}")
     _add_verbosity(parser, False)
-    sub = parser.add_subparsers(
-        dest="command", required=True, metavar="{prune,plan,distill,eval,export-gguf,report}"
-    )
+    sub = parser.add_subparsers(dest="command", required=True, metavar="{prune,plan,distill,eval,export-gguf,report}")
     _add_prune_parser(sub)
     _add_plan_parser(sub)
     _add_distill_parser(sub)

@@ -15,6 +15,7 @@ import torch
 from tqdm.auto import tqdm
 
 from .losses import summed_nll
+from .offload import home_device
 
 __all__ = ["PerplexityResult", "tokenize_windows", "perplexity", "evaluate_model", "evaluate_models", "format_table"]
 
@@ -73,7 +74,7 @@ def perplexity(
     if total == 0:
         raise ValueError("no evaluation window: the text is shorter than seq_len")
     use = windows[:max_windows] if max_windows else windows
-    device = next(model.parameters()).device
+    device = home_device(model)
     nll_sum, count = 0.0, 0
     start = time.perf_counter()
     was_training = model.training

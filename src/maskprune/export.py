@@ -8,6 +8,7 @@ down_proj column (never gate_proj, whose output passes through the activation).
 
 from __future__ import annotations
 
+import json
 import logging
 from dataclasses import dataclass
 from pathlib import Path
@@ -15,10 +16,11 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .arch import DecoderAdapter, HeadLayout
+from .arch import DecoderAdapter, HeadLayout, adapter_for
 from .cut import KeptUnits, hard_masks
 from .errors import ParityError
 from .masks import MaskSet
+from .offload import disk_weights, held, home_device
 
 __all__ = ["masked_logits", "fold_and_slice_", "save_and_verify", "ParityReport"]
 
@@ -45,7 +47,7 @@ def harden_(masks: MaskSet, kept: KeptUnits) -> None:
 @torch.no_grad()
 def masked_logits(model: nn.Module, probe: torch.Tensor) -> torch.Tensor:
     """fp32 logits ``[B, T, V]`` of ``model`` as it stands (hooks on), for the parity check."""
-    device = next(model.parameters()).device
+    device = home_device(model)
     return model(input_ids=probe.to(device), use_cache=False).logits.float().cpu()
 
 
@@ -75,32 +77,35 @@ def fold_and_slice_(
     d = layout.head_dim
     n_q = n_kv = d_ff = 0
     for li, layer in enumerate(adapter.layers(model)):
-        attn, mlp = adapter.attn(layer), adapter.mlp(layer)
-        q, k, v, o = (adapter.proj(layer, r) for r in ("q", "k", "v", "o"))
-        dev = o.weight.device
-        q_keep, kv_keep = layout.kept_heads(kept.head[li])
-        qmask = layout.query_head_mask(head_masks[li]).to(o.weight.dtype).to(dev)  # [n_heads]
-        col_scale = qmask.repeat_interleave(d)  # [n_heads * d]
-        q_rows, kv_rows = layout.columns(q_keep, dev), layout.columns(kv_keep, dev)
-        o_w = (o.weight * col_scale[None, :])[:, q_rows]  # [hidden, n_q' * d]
-        setattr(attn, adapter.o_name, _sliced_linear(o, o_w, o.bias))
-        for name, mod, rows in (
-            (adapter.q_name, q, q_rows),
-            (adapter.k_name, k, kv_rows),
-            (adapter.v_name, v, kv_rows),
-        ):
-            setattr(attn, name, _sliced_linear(mod, mod.weight[rows], mod.bias[rows] if mod.bias is not None else None))
-        adapter.slice_width_norms_(layer, q_rows, kv_rows)
+        with held(layer):  # where the weights wait on disk: read, folded and sliced, written
+            attn, mlp = adapter.attn(layer), adapter.mlp(layer)
+            q, k, v, o = (adapter.proj(layer, r) for r in ("q", "k", "v", "o"))
+            dev = o.weight.device
+            q_keep, kv_keep = layout.kept_heads(kept.head[li])
+            qmask = layout.query_head_mask(head_masks[li]).to(o.weight.dtype).to(dev)  # [n_heads]
+            col_scale = qmask.repeat_interleave(d)  # [n_heads * d]
+            q_rows, kv_rows = layout.columns(q_keep, dev), layout.columns(kv_keep, dev)
+            o_w = (o.weight * col_scale[None, :])[:, q_rows]  # [hidden, n_q' * d]
+            setattr(attn, adapter.o_name, _sliced_linear(o, o_w, o.bias))
+            for name, mod, rows in (
+                (adapter.q_name, q, q_rows),
+                (adapter.k_name, k, kv_rows),
+                (adapter.v_name, v, kv_rows),
+            ):
+                setattr(
+                    attn, name, _sliced_linear(mod, mod.weight[rows], mod.bias[rows] if mod.bias is not None else None)
+                )
+            adapter.slice_width_norms_(layer, q_rows, kv_rows)
 
-        gate, up, down = (adapter.proj(layer, r) for r in ("gate", "up", "down"))
-        ch = kept.ffn[li, 0].to(down.weight.device)  # [d_ff']
-        fm = ffn_masks[li, 0].to(down.weight.dtype).to(down.weight.device)  # [d_ff]
-        down_w = (down.weight * fm[None, :])[:, ch]  # [hidden, d_ff']
-        setattr(mlp, adapter.down_name, _sliced_linear(down, down_w, down.bias))
-        for name, mod in ((adapter.gate_name, gate), (adapter.up_name, up)):
-            setattr(mlp, name, _sliced_linear(mod, mod.weight[ch], mod.bias[ch] if mod.bias is not None else None))
-        n_q, n_kv, d_ff = len(q_keep), len(kv_keep), int(ch.numel())
-        adapter.set_layer_shape_(layer, n_heads=n_q, n_kv=n_kv, d_ff=d_ff)
+            gate, up, down = (adapter.proj(layer, r) for r in ("gate", "up", "down"))
+            ch = kept.ffn[li, 0].to(down.weight.device)  # [d_ff']
+            fm = ffn_masks[li, 0].to(down.weight.dtype).to(down.weight.device)  # [d_ff]
+            down_w = (down.weight * fm[None, :])[:, ch]  # [hidden, d_ff']
+            setattr(mlp, adapter.down_name, _sliced_linear(down, down_w, down.bias))
+            for name, mod in ((adapter.gate_name, gate), (adapter.up_name, up)):
+                setattr(mlp, name, _sliced_linear(mod, mod.weight[ch], mod.bias[ch] if mod.bias is not None else None))
+            n_q, n_kv, d_ff = len(q_keep), len(kv_keep), int(ch.numel())
+            adapter.set_layer_shape_(layer, n_heads=n_q, n_kv=n_kv, d_ff=d_ff)
     adapter.set_shape_(model.config, n_heads=n_q, n_kv=n_kv, d_ff=d_ff, head_dim=d)
 
 
@@ -129,6 +134,75 @@ def verify_parity(
     return report
 
 
+def save_streamed(model: nn.Module, folder: Path, shard_bytes: int = 2**30) -> None:
+    """Save a model whose weights wait on disk (:mod:`maskprune.offload`) as a stock sharded safetensors checkpoint
+    (``model.safetensors.index.json``, the layout ``save_pretrained`` writes): each module read once, in order, and
+    its tensors written; at most ``shard_bytes`` per shard unless one module alone is larger. Tensors shared by
+    several names (a tied LM head) are written once, under the first name, as ``save_pretrained`` does."""
+    from safetensors.torch import save_file
+
+    folder.mkdir(parents=True, exist_ok=True)
+    model.config.save_pretrained(folder)
+    if getattr(model, "generation_config", None) is not None and model.can_generate():
+        model.generation_config.save_pretrained(folder)
+    groups = _save_groups(model)
+    weight_map, pending, size, shard, total = {}, {}, 0, 0, 0
+    names: list[str] = []
+
+    def flush() -> None:
+        nonlocal pending, size, shard
+        if pending:
+            shard += 1
+            file = f"model-{shard:05d}.safetensors"
+            save_file(pending, str(folder / file), metadata={"format": "pt"})
+            names.append(file)
+            weight_map.update({k: file for k in pending})
+        pending, size = {}, 0
+
+    for module, keys in groups:
+        with held(module):
+            state = module.state_dict() if module is not model else None
+            for key, local in keys:
+                t = (state[local] if state is not None else _resident_tensor(model, key)).detach().to("cpu")
+                pending[key] = t.contiguous()
+                size += t.numel() * t.element_size()
+                total += t.numel() * t.element_size()
+        if size >= shard_bytes:
+            flush()
+    flush()
+    final = {f: f"model-{i + 1:05d}-of-{len(names):05d}.safetensors" for i, f in enumerate(names)}
+    for old, new in final.items():
+        (folder / old).rename(folder / new)
+    index = {"metadata": {"total_size": total}, "weight_map": {k: final[f] for k, f in sorted(weight_map.items())}}
+    (folder / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
+
+
+def _resident_tensor(model: nn.Module, key: str) -> torch.Tensor:
+    return model.state_dict(keep_vars=True)[key]
+
+
+def _save_groups(model: nn.Module) -> list[tuple[nn.Module, list[tuple[str, str]]]]:
+    """The checkpoint's tensors grouped by the module read to write them: each slot's owner (its keys, local to
+    it), then the model for the rest; a tensor under several names once."""
+    from .offload import slot_owners
+
+    owners = slot_owners(model)  # prefix -> module, in the model's order
+    full = model.state_dict(keep_vars=True)
+    seen: set[int] = set()
+    groups: dict[str, list[tuple[str, str]]] = {p: [] for p in owners}
+    rest: list[tuple[str, str]] = []
+    for key, t in full.items():
+        if id(t) in seen:
+            continue
+        seen.add(id(t))
+        prefix = next((p for p in owners if key.startswith(p + ".")), None)
+        if prefix is None:
+            rest.append((key, key))
+        else:
+            groups[prefix].append((key, key[len(prefix) + 1 :]))
+    return [(owners[p], keys) for p, keys in groups.items() if keys] + [(model, rest)]
+
+
 def save_and_verify(
     model: nn.Module, tokenizer, folder: Path, probe: torch.Tensor, reference: torch.Tensor, *, tolerance: float = 1e-4
 ) -> ParityReport:
@@ -139,11 +213,26 @@ def save_and_verify(
     """
     from transformers import AutoModelForCausalLM
 
-    model.save_pretrained(folder)
+    store = disk_weights(model)
+    if store is not None:
+        save_streamed(model, folder)
+    else:
+        model.save_pretrained(folder)
     if tokenizer is not None:
         tokenizer.save_pretrained(folder)
     dtype = next(model.parameters()).dtype
-    reloaded = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype).to(next(model.parameters()).device)
+    if store is not None:  # the stock classes on the written files, their weights read a layer at a time
+        from .offload import DiskWeights
+
+        config = type(model.config).from_pretrained(folder)
+        reloaded, reloaded_store = DiskWeights.build(
+            config, folder, adapter_for(model), device=store.device, dtype=dtype
+        )
+        try:
+            return verify_parity(reloaded, probe, reference, tolerance=tolerance, what="the exported checkpoint")
+        finally:
+            reloaded_store.close()
+    reloaded = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype).to(home_device(model))
     reloaded.eval()
     try:
         report = verify_parity(reloaded, probe, reference, tolerance=tolerance, what="the exported checkpoint")

@@ -246,10 +246,14 @@ def load_model(
     trust_remote_code: bool = False,
     dtype: torch.dtype = torch.float32,
     device: str | torch.device = "cpu",
+    offload: bool = False,
 ) -> LoadedModel:
-    """Load model and tokenizer; refuse unsupported architectures before reading weights."""
+    """Load model and tokenizer; refuse unsupported architectures before reading weights. ``offload``: the
+    decoder layers, embedding and LM head wait on disk (:class:`maskprune.offload.DiskWeights`), read one at a time
+    when a pass or a change needs them; only the small parameters are read now."""
     src = resolve_source(spec, gguf_file)
-    declared = _declared_dtype(_check_architecture(src, trust_remote_code))
+    config = _check_architecture(src, trust_remote_code)
+    declared = _declared_dtype(config)
     location, gguf = src.location, src.gguf_file
     if gguf is not None:
         if not src.is_local:
@@ -267,6 +271,9 @@ def load_model(
             expected="tokenizer.json or tokenizer.model (+ tokenizer_config.json) beside the weights",
             fix="copy the base model's tokenizer files into the folder",
         ) from None
+    if offload:
+        model = _offloaded(location, dtype, device, trust_remote_code)
+        return LoadedModel(model=model, tokenizer=tokenizer, source=spec, path=location, source_dtype=declared)
     try:
         model = AutoModelForCausalLM.from_pretrained(
             location, dtype=dtype, use_safetensors=True, trust_remote_code=trust_remote_code
@@ -280,6 +287,26 @@ def load_model(
     model.to(device)
     model.eval()
     return LoadedModel(model=model, tokenizer=tokenizer, source=spec, path=location, source_dtype=declared)
+
+
+def _offloaded(location: str, dtype: torch.dtype, device, trust_remote_code: bool) -> PreTrainedModel:
+    """The model at ``location`` (a safetensors folder, or a hub id fetched to one) with its matrices on disk."""
+    from .offload import DiskWeights
+
+    folder = Path(location)
+    if not folder.is_dir():  # a hub id (a GGUF source was converted to a local folder already)
+        from huggingface_hub import snapshot_download
+
+        folder = Path(snapshot_download(location, allow_patterns=["*.json", "*.safetensors"]))
+    config = AutoConfig.from_pretrained(folder, trust_remote_code=trust_remote_code)
+    adapter = get_adapter(config.model_type)
+    if adapter.fused:
+        raise MaskPruneError(
+            f"the weights of a {config.model_type} model cannot wait on disk yet (its projections are fused)",
+            fix="run with --streaming off",
+        )
+    model, _ = DiskWeights.build(config, folder, adapter, device=device, dtype=dtype)
+    return model
 
 
 def _declared_dtype(cfg: PretrainedConfig) -> torch.dtype | None:

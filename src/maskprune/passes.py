@@ -34,6 +34,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .arch import DecoderAdapter
+from .offload import PATCHED, held, home_device, is_offloaded
 
 __all__ = ["Execution", "LayerInputs", "capture_layer_inputs", "layer_output", "patched_layers"]
 
@@ -54,9 +55,11 @@ def patched_layers(layers: nn.ModuleList, make: Callable[[int], Callable]) -> It
     try:
         for i, layer in enumerate(layers):
             layer.forward = make(i)
+            setattr(layer, PATCHED, True)  # a layer whose weights wait on disk is not read for it
         yield
     finally:
         for layer, old in zip(layers, saved):
+            layer.__dict__.pop(PATCHED, None)
             if old is None:
                 layer.__dict__.pop("forward", None)
             else:
@@ -136,11 +139,37 @@ class LayerInputs:
 
             return forward
 
-        with patched_layers(adapter.layers(model), feeder):
+        with (
+            patched_layers(adapter.layers(model), feeder),
+            _unread_embedding(adapter, model),
+            held(adapter.lm_head(model) if module is model else None),
+        ):
             for j, i in enumerate(range(0, windows.shape[0], batch_size)):
                 current["h"] = self.hidden[j]
                 out = module(input_ids=windows[i : i + batch_size].to(device), use_cache=False)
                 yield j, _main_output(out)
+
+
+@contextlib.contextmanager
+def _unread_embedding(adapter: DecoderAdapter, model: nn.Module) -> Iterator[None]:
+    """While the layers replay held hidden states, an embedding whose weights wait on disk is not read for the
+    outputs nobody uses: it gives zeros of its shape and dtype (the masks and positions only read their shape)."""
+    emb = adapter.embedding(model)
+    if not is_offloaded(emb):
+        yield
+        return
+    width, dtype, device = emb.weight.shape[1], emb.weight.dtype, home_device(emb)
+
+    def forward(ids, *_a, **_k):
+        return torch.zeros(*ids.shape, width, dtype=dtype, device=device)
+
+    emb.forward = forward
+    setattr(emb, PATCHED, True)
+    try:
+        yield
+    finally:
+        emb.__dict__.pop("forward", None)
+        emb.__dict__.pop(PATCHED, None)
 
 
 class _Captured(Exception):
@@ -154,8 +183,7 @@ def _main_output(out) -> torch.Tensor:
 
 
 def _device_of(module: nn.Module) -> torch.device:
-    p = next(module.parameters(), None)
-    return p.device if p is not None else torch.device("cpu")
+    return home_device(module)
 
 
 @torch.no_grad()
@@ -190,7 +218,7 @@ def capture_layer_inputs(
 
         return forward
 
-    with patched_layers(layers, recorder):
+    with patched_layers(layers, recorder), held(adapter.embedding(model)):
         for i in range(0, windows.shape[0], batch_size):
             try:
                 base(input_ids=windows[i : i + batch_size].to(device), use_cache=False)
@@ -221,6 +249,10 @@ class Execution:
         """``module`` on the compute device for the duration, then back where it was: a streamed layer that waits in
         host memory (``offload``) visits the device for its turn; one already on the device stays (a model loaded
         whole on the GPU is streamed without saving device memory, but every stage after finds it as it was)."""
+        if is_offloaded(module):  # its weights wait on disk: read for the turn, changes kept
+            with held(module):
+                yield module
+            return
         home = _device_of(module)
         if not self.streamed or self.offload is None or home == self.device or home != self.offload:
             yield module

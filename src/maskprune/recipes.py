@@ -27,6 +27,7 @@ from .checkpoint import checkpoint_dir
 from .config import DISTILL_SETTINGS, PruneConfig, cut_first_config
 from .errors import MaskPruneError
 from .modelcard import write_model_card
+from .offload import close_all
 from .outputs import check_output_path, default_out, staging
 from .report import make_report
 from .runreport import RunReport
@@ -60,6 +61,7 @@ def run(cfg: PruneConfig, *, progress: bool = True) -> dict:
             return prune_then_recover(cfg, progress=progress)
         return prune_recipe(cfg, progress=progress)
     finally:
+        close_all()  # weights that waited on disk: their scratch folders go with the run
         D.shutdown()
 
 

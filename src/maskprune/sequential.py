@@ -24,6 +24,7 @@ from .baselines import LAYER_SCORERS, watch_inputs
 from .compensate import Parts, layer_delta
 from .cut import CutPlan, hard_masks, kept_indices
 from .masks import MaskSet
+from .offload import held, home_device
 from .passes import Execution, LayerInputs, layer_output, resident
 from .structure import Structure
 
@@ -192,7 +193,7 @@ def reconstruct_to_dense_(
     inputs = resident(model).capture(model, adapter, windows, batch_size)
     ref = resident(dense).capture(dense, adapter, windows, batch_size)
     dense_layers = adapter.layers(dense)
-    device = next(model.parameters()).device
+    device = home_device(model)
     keep_hidden = keep_hidden.to(device)
     errors: dict[str, list] = {"o_before": [], "o_after": [], "down_before": [], "down_after": []}
     targets: list[str] = []
@@ -200,32 +201,33 @@ def reconstruct_to_dense_(
     layers = adapter.layers(model)
     bar = tqdm(layers, desc="reconstruct to the dense model", disable=not log.isEnabledFor(logging.INFO))
     for j, layer in enumerate(bar):
-        d = keep_layers[j]
-        following = keep_layers[j + 1] if j + 1 < len(keep_layers) else len(dense_layers)
-        ref = _advance(dense_layers, range(done, d), ref)
-        outs, ref = _dense_outputs(dense_layers[d], d, adapter, ref, keep_hidden)
-        done = d + 1
-        q_keep, _ = layout.kept_heads(kept.head[j])
-        o_proj, down = adapter.proj(layer, "o"), adapter.proj(layer, "down")
-        o_cols = layout.columns(q_keep).to(device)
-        calls = inputs.calls(j)
-        _fit_(o_proj, layer, calls, o_cols, lambda i, _proj_out, _layer_out, y=outs["o"]: y[i], ridge, errors, "o")
-        straight = _writes_layer_output(layer, down, calls[0])
-        if straight:  # the residual where the next kept layer reads it, past every dropped layer
-            ref_next = _advance(dense_layers, range(done, following), ref)
-            ref, done = ref_next, following
+        with held(layer):  # where the weights wait on disk: read, re-fit, written back
+            d = keep_layers[j]
+            following = keep_layers[j + 1] if j + 1 < len(keep_layers) else len(dense_layers)
+            ref = _advance(dense_layers, range(done, d), ref)
+            outs, ref = _dense_outputs(dense_layers[d], d, adapter, ref, keep_hidden)
+            done = d + 1
+            q_keep, _ = layout.kept_heads(kept.head[j])
+            o_proj, down = adapter.proj(layer, "o"), adapter.proj(layer, "down")
+            o_cols = layout.columns(q_keep).to(device)
+            calls = inputs.calls(j)
+            _fit_(o_proj, layer, calls, o_cols, lambda i, _proj_out, _layer_out, y=outs["o"]: y[i], ridge, errors, "o")
+            straight = _writes_layer_output(layer, down, calls[0])
+            if straight:  # the residual where the next kept layer reads it, past every dropped layer
+                ref_next = _advance(dense_layers, range(done, following), ref)
+                ref, done = ref_next, following
 
-            def target(i, down_out, layer_out, _r=ref_next):
-                return _r.hidden[i].to(layer_out.device)[..., keep_hidden] - (layer_out - down_out)
+                def target(i, down_out, layer_out, _r=ref_next):
+                    return _r.hidden[i].to(layer_out.device)[..., keep_hidden] - (layer_out - down_out)
 
-        else:
+            else:
 
-            def target(i, _down_out, _layer_out, _y=outs["down"]):
-                return _y[i]
+                def target(i, _down_out, _layer_out, _y=outs["down"]):
+                    return _y[i]
 
-        _fit_(down, layer, inputs.calls(j), kept.ffn[j, 0].to(device), target, ridge, errors, "down")
-        targets.append("residual" if straight else "projection")
-        inputs.advance_(layer, j)
+            _fit_(down, layer, inputs.calls(j), kept.ffn[j, 0].to(device), target, ridge, errors, "down")
+            targets.append("residual" if straight else "projection")
+            inputs.advance_(layer, j)
     return {
         "protocol": "ridge re-fit of the kept o_proj / down_proj columns to the dense model's outputs, layer by "
         "layer on the cut prefix (down_proj to the dense residual stream past any dropped layers where it writes "
@@ -241,7 +243,8 @@ def reconstruct_to_dense_(
 def _advance(layers, indices, inputs: LayerInputs) -> LayerInputs:
     """``inputs`` carried through the dense ``layers[i]`` for ``i`` in ``indices``."""
     for i in indices:
-        inputs = inputs.advanced(layers[i], i)
+        with held(layers[i]):
+            inputs = inputs.advanced(layers[i], i)
     return inputs
 
 
@@ -257,7 +260,8 @@ def _dense_outputs(
 
     handles = [adapter.proj(layer, role).register_forward_hook(keep(role)) for role in ("o", "down")]
     try:
-        nxt = inputs.advanced(layer, li)
+        with held(layer):
+            nxt = inputs.advanced(layer, li)
     finally:
         for h in handles:
             h.remove()

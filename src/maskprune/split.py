@@ -24,6 +24,7 @@ from tqdm.auto import tqdm
 from .cut import CutPlan, hard_masks, kept_indices
 from .losses import KLDirection, kl_divergence
 from .masks import MaskSet, bypass
+from .offload import home_device
 
 log = logging.getLogger(__name__)
 
@@ -79,7 +80,7 @@ def search_split(
         )
         for p in candidates
     ]
-    device = next(model.parameters()).device
+    device = home_device(model)
     totals = [0.0] * len(candidates)
     tokens = 0
     was_training = model.training

@@ -24,6 +24,7 @@ from torch import nn
 
 from .arch import DecoderAdapter, _base_linear
 from .errors import MaskPruneError
+from .offload import held, home_device
 
 log = logging.getLogger(__name__)
 
@@ -162,33 +163,40 @@ def slice_hidden_(model: nn.Module, adapter: DecoderAdapter, keep: torch.Tensor)
         raise MaskPruneError("a hidden cut must keep at least one channel", expected=f"indices in [0, {hidden})")
     head_dim = adapter.shape(config)["head_dim"]  # before hidden_size changes (Llama derives it from hidden)
     emb, head = adapter.embedding(model), adapter.lm_head(model)
-    tied = head is not None and head.weight is emb.weight
-    ratio = _embed_scale_ratio_(emb, hidden, keep.numel())
-    _set(emb, "weight", emb.weight.detach()[:, keep.to(emb.weight.device)] * ratio)
-    emb.embedding_dim = keep.numel()
-    if tied:
-        head.weight = emb.weight
-        _scale_norm_(adapter, adapter.final_norm(model), 1.0 / ratio)
-    elif head is not None:
-        _set(head, "weight", head.weight.detach()[:, keep.to(head.weight.device)])
-    if head is not None:
-        head.in_features = keep.numel()
+    with held(emb), held(head):  # where the weights wait on disk, each module is read for its cut, then written
+        tied = head is not None and head.weight is emb.weight
+        ratio = _embed_scale_ratio_(emb, hidden, keep.numel())
+        _set(emb, "weight", emb.weight.detach()[:, keep.to(emb.weight.device)] * ratio)
+        emb.embedding_dim = keep.numel()
+        if tied:
+            head.weight = emb.weight
+            _scale_norm_(adapter, adapter.final_norm(model), 1.0 / ratio)
+        elif head is not None:
+            _set(head, "weight", head.weight.detach()[:, keep.to(head.weight.device)])
+        if head is not None:
+            head.in_features = keep.numel()
     for layer in adapter.layers(model):
-        for role in INPUT_ROLES:
-            lin = _base_linear(adapter.proj(layer, role))
-            _set(lin, "weight", lin.weight.detach()[:, keep.to(lin.weight.device)])
-            lin.in_features = keep.numel()
-        for role in OUTPUT_ROLES:
-            lin = _base_linear(adapter.proj(layer, role))
-            _set(lin, "weight", lin.weight.detach()[keep.to(lin.weight.device)])
-            if lin.bias is not None:
-                _set(lin, "bias", lin.bias.detach()[keep.to(lin.bias.device)])
-            lin.out_features = keep.numel()
-        for _, norm in adapter.residual_norms(layer, hidden):
-            _slice_norm_(norm, keep)
+        with held(layer):
+            _slice_layer_hidden_(layer, adapter, keep, hidden)
     _slice_norm_(adapter.final_norm(model), keep)
     config.hidden_size = keep.numel()
     config.head_dim = head_dim
+
+
+def _slice_layer_hidden_(layer: nn.Module, adapter: DecoderAdapter, keep: torch.Tensor, hidden: int) -> None:
+    """One decoder layer's share of :func:`slice_hidden_`."""
+    for role in INPUT_ROLES:
+        lin = _base_linear(adapter.proj(layer, role))
+        _set(lin, "weight", lin.weight.detach()[:, keep.to(lin.weight.device)])
+        lin.in_features = keep.numel()
+    for role in OUTPUT_ROLES:
+        lin = _base_linear(adapter.proj(layer, role))
+        _set(lin, "weight", lin.weight.detach()[keep.to(lin.weight.device)])
+        if lin.bias is not None:
+            _set(lin, "bias", lin.bias.detach()[keep.to(lin.bias.device)])
+        lin.out_features = keep.numel()
+    for _, norm in adapter.residual_norms(layer, hidden):
+        _slice_norm_(norm, keep)
 
 
 def _embed_scale_ratio_(emb: nn.Module, hidden: int, kept: int) -> float:
@@ -268,7 +276,7 @@ def emulated_cut(
         if keep_hidden is not None:
             keep = torch.as_tensor(keep_hidden, dtype=torch.long).sort().values
             emb = adapter.embedding(model)
-            mask = torch.zeros(hidden, dtype=emb.weight.dtype, device=emb.weight.device)
+            mask = torch.zeros(hidden, dtype=emb.weight.dtype, device=home_device(emb))
             mask[keep.to(mask.device)] = 1
 
             def zero_cut(_m, _args, out):
@@ -300,5 +308,5 @@ def _pass_through(_module, args, kwargs, _out):
 def cut_parity(reference: torch.Tensor, model: nn.Module, probe: torch.Tensor) -> float:
     """Largest absolute logit difference between ``reference`` (the emulated cut's logits on ``probe``) and the
     cut model's, relative to the largest reference logit."""
-    logits = model(input_ids=probe.to(next(model.parameters()).device)).logits.float().cpu()
+    logits = model(input_ids=probe.to(home_device(model))).logits.float().cpu()
     return float((logits - reference).abs().max() / reference.abs().max().clamp_min(1e-12))

@@ -171,8 +171,6 @@ def test_the_default_cut_streamed_and_resident_agree_through_the_cli(kind, calib
     fp32, with ``--streaming on`` and ``off``: the same shape, kept units, re-fit weights and export."""
     import json
 
-    from safetensors.torch import load_file
-
     from maskprune.cli import main
 
     src = tmp_path / "src"
@@ -186,7 +184,7 @@ def test_the_default_cut_streamed_and_resident_agree_through_the_cli(kind, calib
         argv += ["--streaming", mode, "--out", str(out), *tiny.small_run(calib, evaluate=True)]
         assert main(argv) == 0, capsys.readouterr().err
         reports.append(json.loads((out / "maskprune_report.json").read_text()))
-        weights.append(load_file(out / "model.safetensors"))
+        weights.append(_checkpoint_tensors(out))
     resident, streamed = reports
     assert streamed["config"]["streaming"] == "on" and resident["config"]["streaming"] == "off"
     assert streamed["shape"] == resident["shape"]
@@ -197,3 +195,10 @@ def test_the_default_cut_streamed_and_resident_agree_through_the_cli(kind, calib
     assert set(weights[0]) == set(weights[1])
     for name in weights[0]:
         torch.testing.assert_close(weights[1][name], weights[0][name], rtol=1e-5, atol=1e-6, msg=name)
+
+
+def _checkpoint_tensors(folder) -> dict:
+    """Every tensor of a safetensors checkpoint folder, one file or sharded."""
+    from safetensors.torch import load_file
+
+    return {k: v for f in sorted(folder.glob("*.safetensors")) for k, v in load_file(f).items()}

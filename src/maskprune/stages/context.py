@@ -24,7 +24,7 @@ from ..passes import Execution
 from ..sinks import ExtraSinks
 from ..structure import Structure
 from ..zeroshot import check_sources, resolve_tasks, run_zeroshot
-from .outcome import weight_dtype
+from .outcome import on_disk, weight_dtype
 from .teacher import load_teacher, teacher_topk_caches
 
 __all__ = ["RunContext", "setup", "load_source"]
@@ -163,6 +163,7 @@ def load_source(cfg: PruneConfig, device: torch.device) -> tuple[LoadedModel, De
         trust_remote_code=cfg.trust_remote_code,
         device=device,
         dtype=weight_dtype(cfg),
+        offload=on_disk(cfg),
     )
     adapter = adapter_for(loaded.model)
     adapter.unfuse_(loaded.model)

@@ -20,7 +20,7 @@ from ..models import load_model
 from ..split import SplitResult, search_split
 from ..structure import Structure
 
-__all__ = ["score_summary", "Outcome", "measure_split", "rebuild_for_export", "weight_dtype"]
+__all__ = ["score_summary", "Outcome", "measure_split", "rebuild_for_export", "weight_dtype", "on_disk"]
 
 log = logging.getLogger(__name__)
 
@@ -98,7 +98,12 @@ def rebuild_for_export(
     del model
     where = torch.device("cpu") if sharded else device
     fresh = load_model(
-        cfg.model, gguf_file=cfg.gguf_file, trust_remote_code=cfg.trust_remote_code, device=where, dtype=torch.float32
+        cfg.model,
+        gguf_file=cfg.gguf_file,
+        trust_remote_code=cfg.trust_remote_code,
+        device=where,
+        dtype=torch.float32,
+        offload=on_disk(cfg),
     ).model
     adapter.unfuse_(fresh)
     if reshape is not None:
@@ -117,6 +122,13 @@ def rebuild_for_export(
             p.copy_(learned[kind])
     fresh.eval()
     return fresh, rebuilt.attach(fresh)
+
+
+def on_disk(cfg: PruneConfig) -> bool:
+    """Whether the model's weights wait on disk between their turns (:mod:`maskprune.offload`): a streamed one-shot
+    cut (``--streaming on``, or ``auto`` where the plan says the model does not fit whole). Learning, distillation
+    and Taylor's gradients hold the weights they train or differentiate."""
+    return cfg.streaming == "on" and cfg.method not in ("maskprune", "taylor") and not cfg.has_teacher
 
 
 def weight_dtype(cfg: PruneConfig) -> torch.dtype:

@@ -305,8 +305,17 @@ def _plan(cfg, facts: ModelFacts, device, wdtype, autocast, max_memory, host_mem
     z = _Sizes(cfg, facts, device.type == "cuda", _BYTES[wdtype], _BYTES[autocast or torch.float32], streamed)
     phases = [
         phase
-        for phase in (z.load(), z.eval_dense(), z.shape_search(), z.score(), z.reconstruct(), z.export(),
-                      z.eval_exported(), z.teacher_topk(), z.distill())  # fmt: skip
+        for phase in (
+            z.load(),
+            z.eval_dense(),
+            z.shape_search(),
+            z.score(),
+            z.reconstruct(),
+            z.export(),
+            z.eval_exported(),
+            z.teacher_topk(),
+            z.distill(),
+        )  # fmt: skip
         if phase is not None
     ]
     eff = rate * EFFICIENCY
@@ -647,5 +656,3 @@ def check_plan(plan: RunPlan) -> None:
         found=", ".join(f"{k} {format_bytes(v)}" for k, v in sorted(worst.parts.items(), key=lambda kv: -kv[1]) if v),
         fix="; ".join(plan.advice) + " (see `maskprune plan MODEL ...` for every phase)",
     )
-
-

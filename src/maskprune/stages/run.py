@@ -14,6 +14,8 @@ import torch
 from .. import distributed as D
 from ..checkpoint import checkpoint_dir
 from ..export import harden_
+from ..models import load_model
+from ..offload import disk_weights
 from ..outputs import machine_info
 from ..runreport import RunReport
 from ..sequential import reconstruct_layerwise_, reconstruct_to_dense_
@@ -132,7 +134,7 @@ def choose_units(ctx: RunContext, ckpt_dir: Path) -> Outcome:
         return learn_and_plan(ctx, ckpt_dir)
     fp32 = weight_dtype(cfg) == torch.float32
     dense_target = bool(cfg.reconstruct) and cfg.reconstruct_target == "dense"
-    reference = copy.deepcopy(ctx.loaded.model) if dense_target and fp32 else None  # before any cut
+    reference = _dense_copy(ctx, ctx.loaded.model) if dense_target and fp32 else None  # before any cut
     shape = _reshape(ctx) if wants_shape_search(cfg.resolved_prune_axes()) else None
     args = (cfg, ctx.loaded.model, ctx.adapter, ctx.structure, ctx.windows, ctx.budget, ctx.device)
     sigma_head = shape.k_head / ctx.structure.head.units_per_row if shape is not None else None
@@ -142,7 +144,7 @@ def choose_units(ctx: RunContext, ckpt_dir: Path) -> Outcome:
 
         def reshape(m) -> None:  # the fresh fp32 model: keep it whole for the fit, then cut it to the shape
             if dense_target:
-                kept_dense.append(copy.deepcopy(m))
+                kept_dense.append(_dense_copy(ctx, m))
             if shape is not None:
                 apply_shape_(m, ctx.adapter, shape, probe, check=True)
 
@@ -152,6 +154,18 @@ def choose_units(ctx: RunContext, ckpt_dir: Path) -> Outcome:
         reference = kept_dense[0] if kept_dense else None
     outcome.shape, outcome.reference = shape, reference
     return outcome
+
+
+def _dense_copy(ctx: RunContext, model):
+    """A second, uncut copy of ``model`` (the re-fit's targets): where the weights wait on disk, the source read
+    again the same way (nothing is copied in memory), else a deep copy."""
+    if disk_weights(model) is None:
+        return copy.deepcopy(model)
+    dtype = next(model.parameters()).dtype
+    return load_model(
+        ctx.cfg.model, gguf_file=ctx.cfg.gguf_file, trust_remote_code=ctx.cfg.trust_remote_code,
+        device=ctx.device, dtype=dtype, offload=True,
+    ).model  # fmt: skip
 
 
 def _probe(ctx: RunContext) -> torch.Tensor:

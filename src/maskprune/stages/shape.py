@@ -43,6 +43,7 @@ from ..dtypes import autocast_dtype
 from ..errors import MaskPruneError
 from ..export import fold_and_slice_
 from ..masks import MaskSet
+from ..offload import home_device
 from ..structure import Structure
 from ..surgery import (
     canonical_layer_pattern,
@@ -395,7 +396,7 @@ def apply_shape_(model, adapter, choice: ShapeChoice, probe: torch.Tensor, *, ch
             torch.no_grad(),
             emulated_cut(model, adapter, keep_layers=choice.keep_layers, keep_hidden=choice.keep_hidden),
         ):
-            reference = model(input_ids=probe.to(next(model.parameters()).device)).logits.float().cpu()
+            reference = model(input_ids=probe.to(home_device(model))).logits.float().cpu()
     reshape_(model, adapter, choice.keep_layers, choice.keep_hidden)  # the norms are rescaled already
     if reference is not None:
         choice.parity = cut_parity(reference, model, probe)
