@@ -37,7 +37,8 @@ def refit_to_targets(kept_weight: torch.Tensor, gram: torch.Tensor, cross: torch
     ``lam = ridge * mean(diag G_KK)`` (float64). The cross-model re-fit takes ``y`` from the dense model."""
     g = gram.double()
     lam = ridge * float(g.diagonal().mean().clamp_min(1e-12))
-    lhs = g + lam * torch.eye(g.shape[0], dtype=torch.float64, device=g.device)
+    lhs = g.clone()
+    lhs.diagonal().add_(lam)  # G + lam I without an identity matrix beside it (1 GB at an 8B model's FFN)
     rhs = cross.double() + lam * kept_weight.double()  # [out, |K|]
     # W' = rhs lhs^-1  <=>  lhs^T W'^T = rhs^T (lhs is symmetric)
     return torch.linalg.solve(lhs, rhs.T).T

@@ -201,30 +201,29 @@ def reconstruct_to_dense_(
     layers = adapter.layers(model)
     bar = tqdm(layers, desc="reconstruct to the dense model", disable=not log.isEnabledFor(logging.INFO))
     for j, layer in enumerate(bar):
-        with held(layer):  # where the weights wait on disk: read, re-fit, written back
-            d = keep_layers[j]
-            following = keep_layers[j + 1] if j + 1 < len(keep_layers) else len(dense_layers)
-            ref = _advance(dense_layers, range(done, d), ref)
-            outs, ref = _dense_outputs(dense_layers[d], d, adapter, ref, keep_hidden)
-            done = d + 1
+        d = keep_layers[j]
+        following = keep_layers[j + 1] if j + 1 < len(keep_layers) else len(dense_layers)
+        ref = _advance(dense_layers, range(done, d), ref)
+        outs, straight, ref = _dense_outputs(dense_layers[d], d, adapter, ref, keep_hidden)
+        done = d + 1
+        if straight:  # the residual where the next kept layer reads it, past every dropped layer
+            ref = _advance(dense_layers, range(done, following), ref)
+            done = following
+
+            def target(i, down_out, layer_out, _r=ref):
+                return _r.hidden[i].to(layer_out.device)[..., keep_hidden] - (layer_out - down_out)
+
+        else:
+
+            def target(i, _down_out, _layer_out, _y=outs["down"]):
+                return _y[i]
+
+        with held(layer):  # where the weights wait on disk: read after the dense layers let go, re-fit, written
             q_keep, _ = layout.kept_heads(kept.head[j])
             o_proj, down = adapter.proj(layer, "o"), adapter.proj(layer, "down")
             o_cols = layout.columns(q_keep).to(device)
             calls = inputs.calls(j)
             _fit_(o_proj, layer, calls, o_cols, lambda i, _proj_out, _layer_out, y=outs["o"]: y[i], ridge, errors, "o")
-            straight = _writes_layer_output(layer, down, calls[0])
-            if straight:  # the residual where the next kept layer reads it, past every dropped layer
-                ref_next = _advance(dense_layers, range(done, following), ref)
-                ref, done = ref_next, following
-
-                def target(i, down_out, layer_out, _r=ref_next):
-                    return _r.hidden[i].to(layer_out.device)[..., keep_hidden] - (layer_out - down_out)
-
-            else:
-
-                def target(i, _down_out, _layer_out, _y=outs["down"]):
-                    return _y[i]
-
             _fit_(down, layer, inputs.calls(j), kept.ffn[j, 0].to(device), target, ridge, errors, "down")
             targets.append("residual" if straight else "projection")
             inputs.advance_(layer, j)
@@ -250,22 +249,24 @@ def _advance(layers, indices, inputs: LayerInputs) -> LayerInputs:
 
 def _dense_outputs(
     layer, li: int, adapter: DecoderAdapter, inputs: LayerInputs, keep_hidden: torch.Tensor
-) -> tuple[dict, LayerInputs]:
+) -> tuple[dict, bool, LayerInputs]:
     """Dense ``layer``'s (the dense model's layer ``li``) o_proj and down_proj outputs on each batch (the kept
-    channels), and its outputs as the next layer's inputs."""
+    channels), whether its down_proj writes the layer's output unchanged (:func:`_writes_layer_output`: a property
+    of the family's layer, the same for its cut twin), and its outputs as the next layer's inputs."""
     outs: dict[str, list] = {"o": [], "down": []}
 
     def keep(role: str):
         return lambda _m, _a, out: outs[role].append(out[..., keep_hidden])
 
-    handles = [adapter.proj(layer, role).register_forward_hook(keep(role)) for role in ("o", "down")]
-    try:
-        with held(layer):
+    with held(layer):
+        straight = _writes_layer_output(layer, adapter.proj(layer, "down"), inputs.calls(li)[0])
+        handles = [adapter.proj(layer, role).register_forward_hook(keep(role)) for role in ("o", "down")]
+        try:
             nxt = inputs.advanced(layer, li)
-    finally:
-        for h in handles:
-            h.remove()
-    return outs, nxt
+        finally:
+            for h in handles:
+                h.remove()
+    return outs, straight, nxt
 
 
 def _writes_layer_output(layer, proj, call) -> bool:

@@ -163,18 +163,22 @@ def slice_hidden_(model: nn.Module, adapter: DecoderAdapter, keep: torch.Tensor)
         raise MaskPruneError("a hidden cut must keep at least one channel", expected=f"indices in [0, {hidden})")
     head_dim = adapter.shape(config)["head_dim"]  # before hidden_size changes (Llama derives it from hidden)
     emb, head = adapter.embedding(model), adapter.lm_head(model)
-    with held(emb), held(head):  # where the weights wait on disk, each module is read for its cut, then written
+    with held(head):
         tied = head is not None and head.weight is emb.weight
+    with held(emb):  # where the weights wait on disk, each module is read for its cut, then written (one at a time)
         ratio = _embed_scale_ratio_(emb, hidden, keep.numel())
-        _set(emb, "weight", emb.weight.detach()[:, keep.to(emb.weight.device)] * ratio)
+        sliced = emb.weight.detach()[:, keep.to(emb.weight.device)]
+        _set(emb, "weight", sliced.mul_(ratio) if ratio != 1.0 else sliced)
+        del sliced
         emb.embedding_dim = keep.numel()
         if tied:
             head.weight = emb.weight
             _scale_norm_(adapter, adapter.final_norm(model), 1.0 / ratio)
-        elif head is not None:
+    if head is not None and not tied:
+        with held(head):
             _set(head, "weight", head.weight.detach()[:, keep.to(head.weight.device)])
-        if head is not None:
-            head.in_features = keep.numel()
+    if head is not None:
+        head.in_features = keep.numel()
     for layer in adapter.layers(model):
         with held(layer):
             _slice_layer_hidden_(layer, adapter, keep, hidden)
@@ -232,8 +236,13 @@ def _scale_norm_(adapter: DecoderAdapter, norm: nn.Module, factor: float) -> Non
 
 
 def _set(module: nn.Module, name: str, value: torch.Tensor) -> None:
+    """``module.name`` replaced by ``value`` as a parameter of its own storage (a copy only where ``value`` is a
+    view: at 8B, a second copy of a sliced embedding is 2 GB)."""
     old = getattr(module, name)
-    setattr(module, name, nn.Parameter(value.contiguous().clone(), requires_grad=old.requires_grad))
+    own = value.contiguous()
+    if own._base is not None or own.data_ptr() == old.data_ptr():
+        own = own.clone()
+    setattr(module, name, nn.Parameter(own, requires_grad=old.requires_grad))
 
 
 class _KeptChannelNorm(nn.Module):

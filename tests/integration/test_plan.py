@@ -100,9 +100,14 @@ def test_an_8b_model_on_a_gpu_is_planned_from_its_config_and_the_export_named_as
     # the export folds and slices fp32 weights: four bytes a parameter and a sliced copy
     assert by_name["export"].peak_bytes >= facts.params * 4 * 1.7
     tight = plan_run(cfg, facts, device=gpu, max_memory=40 * 2**30, rate=1e14, host_memory=host)
-    assert tight.streamed and not tight.fits  # auto tried streaming: it does not lower what the export holds
-    assert {"reconstruct", "export"} <= {p.name for p in tight.over()}
-    assert any("in fp32" in a for a in tight.advice)
+    assert tight.streamed and tight.fits  # auto streams: the cut's weights wait on disk, a layer at a time
+    assert tight.peak.peak_bytes < 8 * 2**30
+    # the largest module read at once (the 128256 x 4096 embedding, in fp32) and its pages bound every phase
+    assert all(p.peak_bytes >= 128256 * 4096 * 4 for p in tight.phases if p.name != "load")
+    cut_only = load_config(None, {"model": "x", "steps": 0, "streaming": "off"})
+    whole = plan_run(cut_only, facts, device=gpu, max_memory=40 * 2**30, rate=1e14, host_memory=host)
+    assert not whole.fits and {"reconstruct", "export"} <= {p.name for p in whole.over()}
+    assert any("--streaming on" in a for a in whole.advice)
 
 
 def test_the_plans_time_scales_with_the_rate_and_its_memory_does_not(tiny_dir):

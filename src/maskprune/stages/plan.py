@@ -350,12 +350,37 @@ class _Sizes:
         return self.f.params * self.wb
 
     @property
+    def on_disk(self) -> bool:
+        """Whether the weights wait on disk (:mod:`maskprune.offload`): a streamed one-shot cut."""
+        c = self.cfg
+        return self.streamed and c.method not in ("maskprune", "taylor") and not c.has_teacher
+
+    @property
+    def small(self) -> int:
+        """The parameters that stay in memory when the rest waits on disk: every one-dimensional one."""
+        return sum(p.numel() for p in self.f.meta.parameters() if p.dim() < 2) * self.wb
+
+    @property
+    def layer_slot(self) -> int:
+        """Parameters of a decoder layer's matrices (what one read from disk brings during a pass)."""
+        return self.f.layer_params - sum(p.numel() for p in _first_layer(self.f.meta).parameters() if p.dim() < 2)
+
+    @property
+    def end_slot(self) -> int:
+        """Parameters of the embedding (or of an untied LM head, the same size): read at a pass's start and end."""
+        return self.f.vocab * self.f.hidden
+
+    def read(self, params: int, dtype_bytes: int | None = None) -> int:
+        """``params`` read from disk: in ``dtype_bytes`` (default: the learning dtype), with the file's pages
+        mapped while they are converted (the checkpoint's dtype)."""
+        return params * ((dtype_bytes or self.wb) + self.f.source_bytes)
+
+    @property
     def held(self) -> int:
-        """What the compute device holds of the model during a pass: all of it. (A streamed pass visits one layer at
-        a time, but the run loads the model whole onto the device, so nothing waits in host memory yet: the
-        loader placing the layers on the host is what would let streaming lower this to the embedding, the head
-        and two layers.)"""
-        return self.weights
+        """What a pass holds of the model: all of it where it is loaded whole (a streamed pass on a model loaded
+        whole visits one layer at a time, but the others stay); the small parameters and one slot being read where
+        the weights wait on disk."""
+        return self.small + self.read(max(self.layer_slot, self.end_slot)) if self.on_disk else self.weights
 
     @property
     def kept(self) -> float:
@@ -396,6 +421,8 @@ class _Sizes:
         file = self.f.file_bytes if self.f.file_bytes is not None else self.f.params * 4  # a GGUF's fp32 checkpoint
         pages = 0 if self.gpu or abs(file - self.weights) <= 0.05 * self.weights else file  # same dtype: one copy
         parts = {"runtime": self.base, "weights": self.weights, "file_pages": pages}
+        if self.on_disk:  # the small parameters only; the matrices wait in the files
+            parts = {"runtime": self.base, "weights": self.small}
         return self._phase("load", parts, 0.0, "host")
 
     def eval_dense(self) -> Phase | None:
@@ -442,11 +469,22 @@ class _Sizes:
         if not c.reconstruct:
             return None
         tokens = c.resolved_cut_samples() * c.seq_len
-        weights = f.params * 4 + (self.weights if self.wb != 4 else 0)
         grams = 2 * tokens * (f.intermediate**2 + (f.heads * f.head_dim) ** 2) * f.layers * self.kept
         acts = self.act(c.batch_size * c.seq_len, 4 / self.ab)
-        parts = {"runtime": self.base, "weights_fp32": weights, "layer_inputs": 2 * tokens * f.hidden * 4,
-                 "gram_fp64": f.intermediate**2 * 8 * 2, "activations": acts}  # fmt: skip
+        gram = int(3 * (f.intermediate * self.kept) ** 2 * 8)  # the kept inputs' Gram, its ridge copy, the solve's
+        if self.on_disk:  # the layers of the cut model and of its dense twin read in turn, one at a time, in fp32;
+            # the embeddings at the start, the Grams in the layer loop (never both)
+            layer_part = self.read(self.layer_slot, 4) + gram
+            parts = {"runtime": self.base, "small_fp32": 2 * self.small, "layer_inputs": 2 * tokens * f.hidden * 4,
+                     "activations": acts}  # fmt: skip
+            if layer_part >= self.read(self.end_slot, 4):
+                parts.update(layer_fp32=self.read(self.layer_slot, 4), gram_fp64=gram)
+            else:
+                parts.update(embedding_fp32=self.read(self.end_slot, 4))
+        else:
+            weights = f.params * 4 + (self.weights if self.wb != 4 else 0)
+            parts = {"runtime": self.base, "weights_fp32": weights, "layer_inputs": 2 * tokens * f.hidden * 4,
+                     "gram_fp64": gram, "activations": acts}  # fmt: skip
         flops = 3 * self.kept * f.forward_flops(tokens, c.seq_len, head=False) + 2 * grams  # float64: half the rate
         return self._phase("reconstruct", parts, flops)
 
@@ -456,6 +494,15 @@ class _Sizes:
         return _DTYPE_BYTES[self.cfg.export_dtype] if self.cfg.export_dtype != "auto" else self.f.source_bytes
 
     def export(self) -> Phase:
+        if self.on_disk:  # each module read in fp32, folded and sliced, written; then each read in the export
+            # dtype into a shard of at most 1 GiB (or one layer); the largest module is the embedding or the head
+            slot = max(self.layer_slot, self.end_slot)
+            fold = self.read(slot, 4) + int(slot * self.kept) * 4
+            save = slot * (self.export_bytes + 4) + max(2**30, int(self.layer_slot * self.kept) * self.export_bytes)
+            parts = {"runtime": self.base, "small_fp32": self.small,
+                     "probe_logits": self.logits(2 * min(self.cfg.seq_len, 64), 3)}  # fmt: skip
+            parts.update({"fold_and_slice": fold} if fold >= save else {"save": save})
+            return self._phase("export", parts, 0.0)
         fp32 = self.f.params * 4  # fold and slice in fp32, cast, write, reload with from_pretrained and compare
         parts = {"runtime": self.base, "weights_fp32": fp32, "sliced_copy": int(fp32 * self.kept),
                  "reloaded_copy": int(self.f.params * self.kept * self.export_bytes)}  # fmt: skip
@@ -465,8 +512,9 @@ class _Sizes:
         if self.cfg.eval_data == "none":
             return None
         t = self.cfg.eval_seq_len
-        parts = {"runtime": self.base, "weights": int(self.f.params * 4 * self.kept),
-                 "activations": self.act(self.cfg.batch_size * t), "head_chunks": self.head_chunks(t)}  # fmt: skip
+        weights = self.small + self.read(self.end_slot, 4) if self.on_disk else int(self.f.params * 4 * self.kept)
+        parts = {"runtime": self.base, "weights": weights, "activations": self.act(self.cfg.batch_size * t),
+                 "head_chunks": self.head_chunks(t), "streamed_hidden": self.stream(self.eval_tokens)}  # fmt: skip
         return self._phase("eval_exported", parts, self.kept * self.f.forward_flops(self.eval_tokens, t))
 
     def _cache_bytes(self) -> int:
@@ -503,6 +551,12 @@ class _Sizes:
         total = c.recover_steps * tokens
         teacher_flops = 0 if c.teacher_topk else f.forward_flops(total, c.seq_len)
         return self._phase("distill", parts, teacher_flops + 3 * self.kept * f.forward_flops(total, c.seq_len))
+
+
+def _first_layer(meta) -> torch.nn.Module:
+    from ..arch import adapter_for
+
+    return adapter_for(meta).layers(meta)[0]
 
 
 def _wikitext_windows(seq_len: int) -> int:
@@ -565,8 +619,8 @@ def _advice(cfg, plan: RunPlan) -> list[str]:
     parts = worst.parts
     if not streamed:
         out.append(
-            "--streaming on runs each pass one layer at a time; the model is still loaded whole, so it lowers the "
-            "activations' share, not the weights'"
+            "--streaming on: a one-shot cut (the default's) then keeps its weights on disk and reads one layer at a "
+            "time; learning (--method maskprune) and distillation still hold the whole model"
         )
     if parts.get("reference_logits_bf16", 0) > max_memory / 8:
         out.append(f"--split-search-samples {max(1, cfg.split_search_samples // 4)}: the shape search keeps the dense "
@@ -577,9 +631,9 @@ def _advice(cfg, plan: RunPlan) -> list[str]:
         if not cfg.gradient_checkpointing:
             out.append("--gradient-checkpointing: recompute each layer's activations in the backward pass")
         out.append("--batch-size 1 (fewer tokens' activations), or FSDP over several GPUs (--fsdp under torchrun)")
-    if worst.name == "reconstruct":
-        out.append("--no-reconstruct: the re-fit rebuilds the whole model in fp32 (not streamed yet)")
-    if worst.name == "export":
+    if worst.name == "reconstruct" and not streamed:
+        out.append("--no-reconstruct: the re-fit rebuilds the whole model in fp32 where it is not streamed")
+    if worst.name == "export" and not streamed:
         out.append("nothing to switch on yet: the export folds and slices the whole model in fp32 in memory (not "
                    f"streamed yet); a machine with {format_bytes(worst.peak_bytes * 1.1)} runs it")  # fmt: skip
     out.append(f"or give more memory: --max-memory above {format_bytes(worst.peak_bytes)} on a machine that has it")
