@@ -134,51 +134,66 @@ def verify_parity(
     return report
 
 
+class ShardWriter:
+    """Tensors written as they come into safetensors shards of about ``shard_bytes`` (a tensor larger alone gets its
+    own), renamed at :meth:`close` to transformers' ``model-0000i-of-0000n.safetensors`` and indexed in
+    ``model.safetensors.index.json``: the layout ``save_pretrained`` writes, so ``from_pretrained`` loads it stock.
+    Holds at most one shard's tensors."""
+
+    def __init__(self, folder: Path, shard_bytes: int = 2**30) -> None:
+        self.folder, self.shard_bytes = Path(folder), shard_bytes
+        self.folder.mkdir(parents=True, exist_ok=True)
+        self.pending: dict[str, torch.Tensor] = {}
+        self.size = self.total = 0
+        self.files: list[str] = []
+        self.weight_map: dict[str, str] = {}
+
+    def add(self, name: str, tensor: torch.Tensor) -> None:
+        t = tensor.detach().to("cpu").contiguous()
+        self.pending[name] = t
+        self.size += t.numel() * t.element_size()
+        self.total += t.numel() * t.element_size()
+        if self.size >= self.shard_bytes:
+            self._flush()
+
+    def _flush(self) -> None:
+        from safetensors.torch import save_file
+
+        if self.pending:
+            file = f"shard-{len(self.files) + 1:05d}.safetensors"
+            save_file(self.pending, str(self.folder / file), metadata={"format": "pt"})
+            self.files.append(file)
+            self.weight_map.update(dict.fromkeys(self.pending, file))
+        self.pending, self.size = {}, 0
+
+    def close(self) -> None:
+        self._flush()
+        n = len(self.files)
+        final = {f: f"model-{i + 1:05d}-of-{n:05d}.safetensors" for i, f in enumerate(self.files)}
+        for old, new in final.items():
+            (self.folder / old).rename(self.folder / new)
+        index = {
+            "metadata": {"total_size": self.total},
+            "weight_map": {k: final[f] for k, f in sorted(self.weight_map.items())},
+        }
+        (self.folder / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
+
+
 def save_streamed(model: nn.Module, folder: Path, shard_bytes: int = 2**30) -> None:
     """Save a model whose weights wait on disk (:mod:`maskprune.offload`) as a stock sharded safetensors checkpoint
-    (``model.safetensors.index.json``, the layout ``save_pretrained`` writes): each module read once, in order, and
-    its tensors written; at most ``shard_bytes`` per shard unless one module alone is larger. Tensors shared by
-    several names (a tied LM head) are written once, under the first name, as ``save_pretrained`` does."""
-    from safetensors.torch import save_file
-
-    folder.mkdir(parents=True, exist_ok=True)
+    (:class:`ShardWriter`): each module read once, in order, and its tensors written. Tensors shared by several
+    names (a tied LM head) are written once, under the first name, as ``save_pretrained`` does."""
+    writer = ShardWriter(folder, shard_bytes)
     model.config.save_pretrained(folder)
     if getattr(model, "generation_config", None) is not None and model.can_generate():
         model.generation_config.save_pretrained(folder)
-    groups = _save_groups(model)
-    weight_map, pending, size, shard, total = {}, {}, 0, 0, 0
-    names: list[str] = []
-
-    def flush() -> None:
-        nonlocal pending, size, shard
-        if pending:
-            shard += 1
-            file = f"model-{shard:05d}.safetensors"
-            save_file(pending, str(folder / file), metadata={"format": "pt"})
-            names.append(file)
-            weight_map.update({k: file for k in pending})
-        pending, size = {}, 0
-
-    for module, keys in groups:
+    resident = model.state_dict(keep_vars=True)
+    for module, keys in _save_groups(model):
         with held(module):
-            state = module.state_dict() if module is not model else None
+            state = module.state_dict() if module is not model else resident
             for key, local in keys:
-                t = (state[local] if state is not None else _resident_tensor(model, key)).detach().to("cpu")
-                pending[key] = t.contiguous()
-                size += t.numel() * t.element_size()
-                total += t.numel() * t.element_size()
-        if size >= shard_bytes:
-            flush()
-    flush()
-    final = {f: f"model-{i + 1:05d}-of-{len(names):05d}.safetensors" for i, f in enumerate(names)}
-    for old, new in final.items():
-        (folder / old).rename(folder / new)
-    index = {"metadata": {"total_size": total}, "weight_map": {k: final[f] for k, f in sorted(weight_map.items())}}
-    (folder / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
-
-
-def _resident_tensor(model: nn.Module, key: str) -> torch.Tensor:
-    return model.state_dict(keep_vars=True)[key]
+                writer.add(key, state[local])
+    writer.close()
 
 
 def _save_groups(model: nn.Module) -> list[tuple[nn.Module, list[tuple[str, str]]]]:

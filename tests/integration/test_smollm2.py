@@ -72,3 +72,23 @@ def test_smollm2_prune_20_percent_export_reload_generate(tmp_path, capsys):
     gen = model.generate(**ids, max_new_tokens=8, do_sample=False)
     text = tok.decode(gen[0][ids["input_ids"].shape[1] :], skip_special_tokens=True)
     assert gen.shape[1] > ids["input_ids"].shape[1] and isinstance(text, str)
+
+
+def test_the_streamed_gguf_conversion_gives_transformers_own_tensors(tmp_path):
+    """The GGUF is dequantized one tensor at a time into shards (bounded memory at any size); the tensors are the
+    ones transformers' whole-model GGUF loader gives, bit for bit."""
+    from safetensors.torch import load_file
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from maskprune.models import _smollm2_gguf, write_gguf_weights
+
+    gguf = _smollm2_gguf()
+    config = AutoConfig.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+    write_gguf_weights(gguf, config, tmp_path, shard_bytes=100_000_000)
+    assert len(list(tmp_path.glob("model-*-of-*.safetensors"))) > 1
+    ours = {k: v for f in sorted(tmp_path.glob("*.safetensors")) for k, v in load_file(f).items()}
+    theirs = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32)
+    state = {k: v for k, v in theirs.state_dict().items() if k != "lm_head.weight"}  # tied: saved once
+    assert set(ours) == set(state)
+    for name, tensor in state.items():
+        torch.testing.assert_close(ours[name], tensor, rtol=0, atol=0, msg=name)

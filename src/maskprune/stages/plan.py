@@ -46,6 +46,7 @@ class ModelFacts(ModelShape):
     layer_params: int = 0
     file_bytes: int | None = None  # the checkpoint's weight files on disk, where local
     max_positions: int | None = None
+    folder: str | None = None  # the local safetensors checkpoint, where there is one (the read rate is measured on it)
     source_bytes: int = 2  # bytes of a weight in the checkpoint the run reads (a GGUF's dequantized one: fp32)
     config: object = dataclasses.field(default=None, repr=False, compare=False)  # the model's config
     meta: object = dataclasses.field(default=None, repr=False, compare=False)  # the model on the meta device
@@ -73,6 +74,7 @@ class Phase:
     seconds: float
     parts: dict[str, int]
     where: str = "host"
+    read_bytes: float = 0.0  # read from disk where the weights wait there (seconds at the plan's read rate)
 
     def to_dict(self) -> dict:
         return {
@@ -81,6 +83,7 @@ class Phase:
             "flops": float(self.flops),
             "seconds": round(self.seconds, 1),
             "where": self.where,
+            "read_bytes": int(self.read_bytes),
             "parts": {k: int(v) for k, v in self.parts.items()},
         }
 
@@ -99,6 +102,7 @@ class RunPlan:
     advice: list[str]
     rate_flops: float
     host_memory: int | None = None  # a GPU run's host limit (None: the phases all live where max_memory is)
+    read_rate: float | None = None  # bytes/s a slot is read from the checkpoint and converted (weights on disk)
 
     def limit(self, phase: Phase) -> int:
         """The memory ``phase`` may use: ``max_memory`` where the run computes, the host's on a GPU run's host."""
@@ -135,6 +139,7 @@ class RunPlan:
             "peak_bytes": self.peak.peak_bytes,
             "seconds": round(self.seconds, 1),
             "rate_flops_per_second": self.rate_flops,
+            "read_bytes_per_second": self.read_rate,
             "predicted": "every figure but max_memory_bytes and the measured rate is predicted from the config",
         }
 
@@ -204,6 +209,7 @@ def model_facts(model: str, *, gguf_file: str | None = None, trust_remote_code: 
         tied=head is None or head.weight is emb.weight,
         layer_params=sum(p.numel() for p in layers[0].parameters()),
         file_bytes=_weight_file_bytes(src),
+        folder=src.location if src.is_local and not src.gguf_file and _weight_file_bytes(src) else None,
         max_positions=getattr(meta.config, "max_position_embeddings", None),
         source_bytes=4 if src.gguf_file else _DTYPE_BYTES.get(str(_declared(config)).replace("torch.", ""), 2),
         config=meta.config,
@@ -319,9 +325,13 @@ def _plan(cfg, facts: ModelFacts, device, wdtype, autocast, max_memory, host_mem
         if phase is not None
     ]
     eff = rate * EFFICIENCY
-    phases = [dataclasses.replace(p, seconds=p.flops / eff if eff else 0.0) for p in phases]
+    reading = read_rate(facts, wdtype, device) if z.on_disk else None
+    phases = [
+        dataclasses.replace(p, seconds=(p.flops / eff if eff else 0.0) + (p.read_bytes / reading if reading else 0.0))
+        for p in phases
+    ]
     plan = RunPlan(facts, str(device), cfg.dtype, str(wdtype).replace("torch.", ""), streamed, max_memory, phases,
-                   [], rate, host_memory)  # fmt: skip
+                   [], rate, host_memory, reading)  # fmt: skip
     return dataclasses.replace(plan, advice=_advice(cfg, plan))
 
 
@@ -412,8 +422,16 @@ class _Sizes:
         """A streamed pass holds every window's hidden states between layers (inputs and outputs)."""
         return 2 * tokens * self.f.hidden * self.ab if self.streamed else 0
 
-    def _phase(self, name: str, parts: dict[str, int], flops: float, where: str | None = None) -> Phase:
-        return Phase(name, sum(parts.values()), flops, 0.0, parts, where or self.where)
+    def _phase(
+        self, name: str, parts: dict[str, int], flops: float, where: str | None = None, passes: float = 0.0
+    ) -> Phase:
+        """``passes``: reads of every matrix of the model from disk in the phase (where the weights wait there)."""
+        reads = passes * self.matrix_params * self.f.source_bytes if self.on_disk else 0.0
+        return Phase(name, sum(parts.values()), flops, 0.0, parts, where or self.where, reads)
+
+    @property
+    def matrix_params(self) -> int:
+        return sum(p.numel() for p in self.f.meta.parameters() if p.dim() >= 2)
 
     def load(self) -> Phase:
         # transformers reads safetensors through a memory map: the file's pages are resident while the weights are
@@ -431,7 +449,7 @@ class _Sizes:
         n, t = self.eval_tokens, self.cfg.eval_seq_len
         parts = {"runtime": self.base, "weights": self.held, "activations": self.act(self.cfg.batch_size * t),
                  "head_chunks": self.head_chunks(t), "streamed_hidden": self.stream(n)}  # fmt: skip
-        return self._phase("eval_dense", parts, self.f.forward_flops(n, t))
+        return self._phase("eval_dense", parts, self.f.forward_flops(n, t), passes=1)
 
     def shape_search(self) -> Phase | None:
         c, f = self.cfg, self.f
@@ -441,25 +459,28 @@ class _Sizes:
         t, n_cut = c.seq_len, c.resolved_cut_samples()
         tokens = min(c.split_search_samples, c.calib_samples) * t
         flops = f.forward_flops(tokens, t)  # the dense reference
+        passes = 2.0  # the reference, the hidden energies
         if "layers" in axes:
             flops += f.layers * f.forward_flops(tokens, t)  # each layer skipped alone
+            passes += f.layers
         flops += f.forward_flops(n_cut * t, t, head=False)  # hidden energies
-        # each candidate: its scores, then one KL pass per split, on the dense model emulating it (dropped layers
-        # and cut channels still compute: the dense model's FLOPs)
+        # each candidate: its scores (a pass, then every layer read again for its weights), then one KL pass per
+        # split, on the dense model emulating it (dropped layers and cut channels still compute: the dense FLOPs)
         for _layers, _params, splits in _search_candidates(c, f):
             flops += f.forward_flops(tokens, t, head=False) + splits * f.forward_flops(tokens, t)
+            passes += 2 + splits
         # each candidate is emulated on the dense model (no copy): the norms' weights are saved and put back
         parts = {"runtime": self.base, "weights": self.held, "norm_weights_saved": 2 * f.layers * f.hidden * self.wb,
                  "reference_logits_bf16": tokens * f.vocab * 2, "candidate_logits": self.logits(c.batch_size * t, 3),
                  "activations": self.act(c.batch_size * t), "streamed_hidden": self.stream(tokens)}  # fmt: skip
-        return self._phase("shape_search", parts, flops)
+        return self._phase("shape_search", parts, flops, passes=passes)
 
     def score(self) -> Phase:
         c = self.cfg
         tokens = c.resolved_cut_samples() * c.seq_len
         parts = {"runtime": self.base, "weights": self.held, "activations": self.act(c.batch_size * c.seq_len),
                  "streamed_hidden": self.stream(tokens)}  # fmt: skip
-        return self._phase("score", parts, self.f.forward_flops(tokens, c.seq_len, head=False))
+        return self._phase("score", parts, self.f.forward_flops(tokens, c.seq_len, head=False), passes=2)
 
     def reconstruct(self) -> Phase | None:
         # the re-fit runs on fp32 weights: a half-precision run reloads the source in fp32 while its learning copy is
@@ -486,7 +507,7 @@ class _Sizes:
             parts = {"runtime": self.base, "weights_fp32": weights, "layer_inputs": 2 * tokens * f.hidden * 4,
                      "gram_fp64": gram, "activations": acts}  # fmt: skip
         flops = 3 * self.kept * f.forward_flops(tokens, c.seq_len, head=False) + 2 * grams  # float64: half the rate
-        return self._phase("reconstruct", parts, flops)
+        return self._phase("reconstruct", parts, flops, passes=2)  # the dense twin's layers and the cut's
 
     @property
     def export_bytes(self) -> int:
@@ -502,7 +523,7 @@ class _Sizes:
             parts = {"runtime": self.base, "small_fp32": self.small,
                      "probe_logits": self.logits(2 * min(self.cfg.seq_len, 64), 3)}  # fmt: skip
             parts.update({"fold_and_slice": fold} if fold >= save else {"save": save})
-            return self._phase("export", parts, 0.0)
+            return self._phase("export", parts, 0.0, passes=5)  # fold, two parity checks, the save, the reload's
         fp32 = self.f.params * 4  # fold and slice in fp32, cast, write, reload with from_pretrained and compare
         parts = {"runtime": self.base, "weights_fp32": fp32, "sliced_copy": int(fp32 * self.kept),
                  "reloaded_copy": int(self.f.params * self.kept * self.export_bytes)}  # fmt: skip
@@ -515,7 +536,7 @@ class _Sizes:
         weights = self.small + self.read(self.end_slot, 4) if self.on_disk else int(self.f.params * 4 * self.kept)
         parts = {"runtime": self.base, "weights": weights, "activations": self.act(self.cfg.batch_size * t),
                  "head_chunks": self.head_chunks(t), "streamed_hidden": self.stream(self.eval_tokens)}  # fmt: skip
-        return self._phase("eval_exported", parts, self.kept * self.f.forward_flops(self.eval_tokens, t))
+        return self._phase("eval_exported", parts, self.kept * self.f.forward_flops(self.eval_tokens, t), passes=1)
 
     def _cache_bytes(self) -> int:
         c = self.cfg
@@ -551,6 +572,36 @@ class _Sizes:
         total = c.recover_steps * tokens
         teacher_flops = 0 if c.teacher_topk else f.forward_flops(total, c.seq_len)
         return self._phase("distill", parts, teacher_flops + 3 * self.kept * f.forward_flops(total, c.seq_len))
+
+
+NOMINAL_READ_RATE = 1e9
+"""Bytes/s of reading and converting weights that wait on disk, assumed where no local checkpoint can be timed."""
+
+
+def read_rate(facts: ModelFacts, wdtype: torch.dtype, device: torch.device) -> float:
+    """Bytes/s (of the checkpoint) at which a layer's matrices are read from disk and converted to ``wdtype`` on
+    ``device``, measured now on the first layer of a local safetensors checkpoint (its second read: the passes after
+    the first find the file in the page cache where it fits in free memory); :data:`NOMINAL_READ_RATE` otherwise."""
+    from ..offload import _read, checkpoint_files
+
+    if facts.folder is None:
+        return NOMINAL_READ_RATE
+    try:
+        files = checkpoint_files(Path(facts.folder))
+    except Exception:  # noqa: BLE001 - a folder the plan cannot time is planned at the nominal rate
+        return NOMINAL_READ_RATE
+    prefix = next((n.rsplit(".layers.0.", 1)[0] for n in files if ".layers.0." in n), None)
+    names = [n for n in files if prefix is not None and n.startswith(f"{prefix}.layers.0.")]
+    if not names:
+        return NOMINAL_READ_RATE
+    sources = {n: (files[n], n) for n in names}
+    dtypes = dict.fromkeys(names, wdtype)
+    _read(sources, names, device, dtypes)
+    start = time.perf_counter()
+    got = _read(sources, names, device, dtypes)
+    seconds = time.perf_counter() - start
+    nbytes = sum(t.numel() for t in got.values()) * facts.source_bytes
+    return nbytes / max(seconds, 1e-6)
 
 
 def _first_layer(meta) -> torch.nn.Module:
