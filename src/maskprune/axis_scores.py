@@ -11,6 +11,7 @@ stream), measured on calibration windows; and what one unit of each costs in par
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 
 import torch
@@ -19,6 +20,7 @@ from tqdm.auto import tqdm
 
 from .arch import DecoderAdapter, count_parameters
 from .losses import KLDirection, kl_divergence, summed_nll
+from .offload import held
 from .passes import Execution, resident
 from .surgery import INPUT_ROLES, OUTPUT_ROLES, emulated_cut, residual_norm_modules
 
@@ -114,13 +116,54 @@ def layer_skip_kl(
     autocast: torch.dtype | None = None,
     execution: Execution | None = None,
 ) -> torch.Tensor:
-    """``[L]``: the KL to ``reference`` (the dense logits) with each layer skipped alone (higher = keep)."""
+    """``[L]``: the KL to ``reference`` (the dense logits) with each layer skipped alone (higher = keep). A streamed
+    execution computes every skip in one pass (:func:`_layer_skip_kl_together`); a resident one runs the model once
+    per skipped layer."""
     n, ex = len(adapter.layers(model)), execution
+    if ex is not None and ex.streamed:
+        return _layer_skip_kl_together(model, adapter, windows, reference, batch_size, direction, autocast, ex)
     scores = []
     for i in tqdm(range(n), desc="layer importance", disable=not log.isEnabledFor(logging.INFO)):
         with emulated_cut(model, adapter, keep_layers=[j for j in range(n) if j != i]):
             kl = kl_to(model, windows, reference, batch_size, direction=direction, autocast=autocast, execution=ex)
             scores.append(kl)
+    return torch.tensor(scores)
+
+
+@torch.no_grad()
+def _layer_skip_kl_together(
+    model: nn.Module, adapter: DecoderAdapter, windows, reference: list, batch_size: int, direction, autocast, ex
+) -> torch.Tensor:
+    """:func:`layer_skip_kl` in one streamed pass: each layer is visited (read from disk) once and runs on the dense
+    hidden states and on those of every model that skipped an earlier layer; the model that skips layer ``i`` starts
+    from layer ``i``'s inputs (a skipped layer passes its input through), so the dense prefix is shared. Layer
+    visits fall from ``L`` passes of ``L`` layers to ``L (L + 1) / 2`` layer runs and ``L`` layer reads; the
+    variants' hidden states are held at once (``L`` times a pass's). The same numbers as skipping each layer in its
+    own pass: every layer runs on the same batches and inputs."""
+    layers = adapter.layers(model)
+    cast = torch.autocast(ex.device.type, dtype=autocast or torch.float32, enabled=autocast is not None)
+    with cast:
+        dense = ex.capture(model, adapter, windows, batch_size)
+        skipped: list = []  # skipped[i]: the model without layer i, carried to the layer visited now
+        for li, layer in enumerate(layers):
+            with ex.onloaded(layer):
+                skipped = [v.advanced(layer, li) for v in skipped]
+                following = dense.advanced(layer, li)
+            skipped.append(dataclasses.replace(dense, layer=li + 1))  # layer li's input, passed through
+            dense = following
+        scores = []
+        with held(adapter.lm_head(model)):  # the head read once for every variant
+            for v in skipped:
+                v.tuple_output = dense.tuple_output
+                kl, tokens = 0.0, 0
+                for j, logits in v.replay(model, adapter, model, windows, batch_size):
+                    batch = windows[j * batch_size : (j + 1) * batch_size]
+                    kl += (
+                        float(kl_divergence(logits, reference[j].to(logits.device), direction=direction))
+                        * batch.numel()
+                    )
+                    tokens += batch.numel()
+                scores.append(kl / max(1, tokens))
     return torch.tensor(scores)
 
 

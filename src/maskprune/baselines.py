@@ -185,16 +185,24 @@ def watch_inputs(stats: dict, adapter: DecoderAdapter, layer: nn.Module, li: int
 
 
 def activation_stats(
-    model: nn.Module, adapter: DecoderAdapter, windows: torch.Tensor, batch_size: int, execution=None
+    model: nn.Module,
+    adapter: DecoderAdapter,
+    windows: torch.Tensor,
+    batch_size: int,
+    execution=None,
+    after_layer: Callable[[int, nn.Module, dict], None] | None = None,
 ) -> dict:
     """Per-channel sum and sum of squares of o_proj's and down_proj's inputs over all tokens (``execution``: where
-    the pass runs, :class:`maskprune.passes.Execution`; default resident on the model's device)."""
+    the pass runs, :class:`maskprune.passes.Execution`; default resident on the model's device).
+    ``after_layer(index, layer, stats)``: called once a layer's statistics are complete (``stats["count"]`` set),
+    during a streamed layer's turn (its weights still in memory)."""
     from .passes import resident
 
-    stats: dict = {"sum": {}, "sumsq": {}, "count": 0}
+    stats: dict = {"sum": {}, "sumsq": {}, "count": int(windows.numel())}
     handles = [h for li, layer in enumerate(adapter.layers(model)) for h in watch_inputs(stats, adapter, layer, li)]
+    done = None if after_layer is None else (lambda li, layer: after_layer(li, layer, stats))
     try:
-        stats["count"] = (execution or resident(model)).forward(model, adapter, windows, batch_size)
+        stats["count"] = (execution or resident(model)).forward(model, adapter, windows, batch_size, after_layer=done)
     finally:
         for h in handles:
             h.remove()
@@ -253,6 +261,16 @@ def unit_scores(
     ``hidden``: the residual channels a hidden cut keeps, where the model emulates it (the weights' other channels
     do not count, as in the sliced model)."""
     scorer, needs = BASELINES[method]
+    if needs == "activations" and stats is None and method in LAYER_SCORERS and execution is not None:
+        if execution.streamed:  # each layer scored during its turn: its weights are not read a second time
+            scored: dict = {}
+
+            def score(li, layer, live):
+                scored[li] = LAYER_SCORERS[method](layer, adapter, structure, live, li, hidden)
+
+            activation_stats(model, adapter, windows, batch_size, execution, after_layer=score)
+            pairs = [scored[li] for li in range(len(adapter.layers(model)))]
+            return torch.stack([h for h, _ in pairs]), torch.stack([f for _, f in pairs])
     if needs == "activations":
         stats = stats if stats is not None else activation_stats(model, adapter, windows, batch_size, execution)
     elif needs == "grads":

@@ -307,14 +307,18 @@ class Execution:
         batch_size: int,
         *,
         autocast: torch.dtype | None = None,
+        after_layer: Callable[[int, nn.Module], None] | None = None,
     ) -> Iterator[tuple[int, torch.Tensor]]:
         """``(batch index, final hidden states [batch, seq, hidden])``: the decoder under the LM head (its final
         norm included) on every batch of ``windows``, in order; the hooks a pass attached to the layers and norms
-        run as in a forward of the model."""
-        return self._through(adapter.base(model), model, adapter, windows, batch_size, autocast)
+        run as in a forward of the model. ``after_layer(index, layer)``: called once a layer has run on every batch
+        (streamed: during its turn, its weights still in memory; resident: after the pass)."""
+        return self._through(adapter.base(model), model, adapter, windows, batch_size, autocast, after_layer)
 
     @torch.no_grad()
-    def _through(self, module, model, adapter, windows, batch_size, autocast) -> Iterator[tuple[int, torch.Tensor]]:
+    def _through(
+        self, module, model, adapter, windows, batch_size, autocast, after_layer=None
+    ) -> Iterator[tuple[int, torch.Tensor]]:
         """``module`` (the causal LM ``model``, or the decoder under its head) on every batch: its own forward where
         resident; streamed, the layers one at a time and then ``module``'s own forward fed their outputs."""
         ctx = torch.autocast(self.device.type, dtype=autocast or torch.float32, enabled=autocast is not None)
@@ -323,11 +327,15 @@ class Execution:
                 for j, i in enumerate(range(0, windows.shape[0], batch_size)):
                     out = module(input_ids=windows[i : i + batch_size].to(self.device), use_cache=False)
                     yield j, _main_output(out)
+                for li, layer in enumerate(adapter.layers(model) if after_layer is not None else []):
+                    after_layer(li, layer)
                 return
             inputs = self.capture(model, adapter, windows, batch_size)
             for li, layer in enumerate(adapter.layers(model)):
                 with self.onloaded(layer):
                     inputs = inputs.advanced(layer, li)
+                    if after_layer is not None:
+                        after_layer(li, layer)
             yield from inputs.replay(module, adapter, model, windows, batch_size)
 
     def forward(
@@ -338,10 +346,12 @@ class Execution:
         batch_size: int,
         *,
         autocast: torch.dtype | None = None,
+        after_layer: Callable[[int, nn.Module], None] | None = None,
     ) -> int:
         """Run the decoder on every batch for the side effects of the hooks a pass attached (activation statistics,
-        norm energies); no logits. Returns the number of tokens seen."""
-        for _ in self.hidden_states(model, adapter, windows, batch_size, autocast=autocast):
+        norm energies); no logits. Returns the number of tokens seen. ``after_layer``: as for
+        :meth:`hidden_states`."""
+        for _ in self.hidden_states(model, adapter, windows, batch_size, autocast=autocast, after_layer=after_layer):
             pass
         return int(windows.numel())
 

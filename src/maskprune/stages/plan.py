@@ -460,19 +460,27 @@ class _Sizes:
         tokens = min(c.split_search_samples, c.calib_samples) * t
         flops = f.forward_flops(tokens, t)  # the dense reference
         passes = 2.0  # the reference, the hidden energies
-        if "layers" in axes:
+        variants = 0
+        if "layers" in axes and self.streamed:  # every skip in one pass: L (L + 1) / 2 layer runs, L heads
+            flops += (f.layers + 1) / 2 * f.forward_flops(tokens, t, head=False)
+            flops += f.layers * (f.forward_flops(tokens, t) - f.forward_flops(tokens, t, head=False))
+            passes += 1
+            variants = f.layers * tokens * f.hidden * self.ab  # every variant's hidden states at the last layer
+        elif "layers" in axes:
             flops += f.layers * f.forward_flops(tokens, t)  # each layer skipped alone
             passes += f.layers
         flops += f.forward_flops(n_cut * t, t, head=False)  # hidden energies
         # each candidate: its scores (a pass, then every layer read again for its weights), then one KL pass per
         # split, on the dense model emulating it (dropped layers and cut channels still compute: the dense FLOPs)
+        together = self.streamed and c.method in ("wanda-sp", "flap")  # scores and splits in one pass (layer scorer)
         for _layers, _params, splits in _search_candidates(c, f):
             flops += f.forward_flops(tokens, t, head=False) + splits * f.forward_flops(tokens, t)
-            passes += 2 + splits
+            passes += 1 if together else 2 + splits
         # each candidate is emulated on the dense model (no copy): the norms' weights are saved and put back
         parts = {"runtime": self.base, "weights": self.held, "norm_weights_saved": 2 * f.layers * f.hidden * self.wb,
                  "reference_logits_bf16": tokens * f.vocab * 2, "candidate_logits": self.logits(c.batch_size * t, 3),
-                 "activations": self.act(c.batch_size * t), "streamed_hidden": self.stream(tokens)}  # fmt: skip
+                 "activations": self.act(c.batch_size * t), "streamed_hidden": self.stream(tokens),
+                 "skip_variants_hidden": variants}  # fmt: skip
         return self._phase("shape_search", parts, flops, passes=passes)
 
     def score(self) -> Phase:

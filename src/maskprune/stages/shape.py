@@ -27,7 +27,7 @@ from ..axis_scores import (
     layer_skip_kl,
     teacher_logits,
 )
-from ..baselines import unit_scores
+from ..baselines import LAYER_SCORERS, unit_scores
 from ..config import DISTILL_SETTINGS
 from ..cut import (
     KeptUnits,
@@ -43,7 +43,7 @@ from ..dtypes import autocast_dtype
 from ..errors import MaskPruneError
 from ..export import fold_and_slice_
 from ..masks import MaskSet
-from ..offload import home_device
+from ..offload import held, home_device
 from ..structure import Structure
 from ..surgery import (
     canonical_layer_pattern,
@@ -249,6 +249,11 @@ def _measure(
         return [{**base, "k_head": None, "k_ffn": None, "params": None, "kl": None}]
     ex, hidden = ctx.passes, (keep_hidden if keep_hidden.numel() < int(model.config.hidden_size) else None)
     rows = []
+    if ex.streamed and cfg.method in LAYER_SCORERS:
+        with emulated_shape(model, ad, keep_layers, keep_hidden, energies):
+            fits = _splits_together(ctx, splits, win, reference, autocast, hidden)
+        return [{**base, "k_head": p.k_head, "k_ffn": p.k_ffn, "params": p.params, "kl": kl, "nll": nll}
+                for p, (kl, nll) in zip(splits, fits)]  # fmt: skip
     with emulated_shape(model, ad, keep_layers, keep_hidden, energies):
         dense = ctx.structure  # the candidate's heads and FFN channels per layer; its dropped layers pass through
         bs = cfg.batch_size
@@ -265,6 +270,63 @@ def _measure(
         finally:
             masks.detach()
     return rows
+
+
+@torch.no_grad()
+def _splits_together(ctx: RunContext, splits, win, reference, autocast, hidden) -> list[tuple[float, float]]:
+    """``(KL, NLL)`` of every split of one candidate in one streamed pass over the model emulating it: at each layer
+    (visited, read from disk, once) the unmasked model runs for the layer's activation statistics, the layer is
+    scored (its weights still in memory), and each split's model, its own hidden states carried from the layers
+    before, runs with this layer's units cut by the scores. The scores, units, KLs and NLLs are those of scoring in
+    one pass and then measuring each split in its own (``_measure``'s other branch): a layer's units depend only on
+    its own scores, and a layer's scores only on the unmasked model's activations."""
+    from ..baselines import watch_inputs
+
+    cfg, model, ad = ctx.cfg, ctx.loaded.model, ctx.adapter
+    ex, s, bs = ctx.passes, ctx.structure, cfg.batch_size
+    cast = torch.autocast(ex.device.type, dtype=autocast or torch.float32, enabled=autocast is not None)
+    masks = MaskSet(s).to(ctx.device).attach(model)
+    stats: dict = {"sum": {}, "sumsq": {}, "count": int(win.numel())}
+    try:
+        with cast:
+            plain = ex.capture(model, ad, win, bs)
+            cut = [plain] * len(splits)  # each split's hidden states (the same until the first layer runs)
+            for li, layer in enumerate(ad.layers(model)):
+                with ex.onloaded(layer):
+                    handles = watch_inputs(stats, ad, layer, li)
+                    try:
+                        plain = plain.advanced(layer, li)
+                    finally:
+                        for h in handles:
+                            h.remove()
+                    head, ffn = LAYER_SCORERS[cfg.method](layer, ad, s, stats, li, hidden)
+                    for k, p in enumerate(splits):
+                        masks.head.data[li] = hard_masks(torch.ones_like(head), kept_indices(head[None], p.k_head)[0])
+                        masks.ffn.data[li] = hard_masks(torch.ones_like(ffn), kept_indices(ffn[None], p.k_ffn)[0])
+                        cut[k] = cut[k].advanced(layer, li)
+                    masks.head.data[li] = 1.0
+                    masks.ffn.data[li] = 1.0
+            with held(ad.lm_head(model)):  # the head read once for every split
+                return [_fit_of(model, ad, v, win, reference, bs, cfg.kl_direction) for v in cut]
+    finally:
+        masks.detach()
+
+
+def _fit_of(model, ad, inputs, win, reference, batch_size, direction) -> tuple[float, float]:
+    """``(mean KL to reference, mean next-token NLL)`` from the last layer's outputs ``inputs`` (as
+    :func:`maskprune.axis_scores.fit_to` computes them from a pass)."""
+    from ..losses import kl_divergence, summed_nll
+
+    kl, summed, tokens, targets = 0.0, 0.0, 0, 0
+    for j, student in inputs.replay(model, ad, model, win, batch_size):
+        device = student.device
+        batch = win[j * batch_size : (j + 1) * batch_size].to(device)
+        kl += float(kl_divergence(student, reference[j].to(device), direction=direction)) * batch.numel()
+        tokens += batch.numel()
+        flat = student[:, :-1].reshape(-1, student.shape[-1])
+        summed += float(summed_nll(flat, batch[:, 1:].reshape(-1)))
+        targets += flat.shape[0]
+    return kl / max(1, tokens), summed / max(1, targets)
 
 
 def meta_twin(model, adapter):
