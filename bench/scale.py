@@ -59,6 +59,10 @@ def cell(report: dict, time_log: str, plan: dict, source: str, method: str = "ma
         "phase_minutes": {k: v / 60 for k, v in flat.items() if k != "total"},
         "phase_peak_rss_gb": {k: v / 1e9 for k, v in measured.items()},
         "phase_predicted_peak_gb": predicted,
+        "phase_predicted_minutes": {p["name"]: p["seconds"] / 60 for p in plan["phases"]},
+        "exported_params": report["params"]["exported"],
+        "shape": report.get("shape"),
+        "roundtrip": report.get("roundtrip"),
         "ppl_2048": ppl.get("ppl") if ppl.get("seq_len") == 2048 else None,
         "ppl": {"value": ppl.get("ppl"), "seq_len": ppl.get("seq_len"), "windows": ppl.get("windows")} if ppl else None,
         "piqa_acc": (zs.get("piqa") or {}).get("acc") if isinstance(zs, dict) else None,
@@ -91,6 +95,7 @@ def main() -> None:
     p.add_argument("--source", required=True, help="where the checkpoint came from (package, version, checksum)")
     p.add_argument("--method", default="maskprune", help="the cell's method: maskprune (the default), flap, dense")
     p.add_argument("--code", default="", help="the commit the run's code was at")
+    p.add_argument("--model-name", help="the cell's model name (default: the report's model source)")
     p.add_argument("--collect", type=Path, help="a finished run's folder")
     p.add_argument("--time-log", type=Path, help="with --collect: the /usr/bin/time -v output of that run")
     p.add_argument("--plan-json", type=Path, help="with --collect: `maskprune plan ... --json` of the same flags")
@@ -99,6 +104,7 @@ def main() -> None:
     if a.collect:
         report = json.loads((a.collect / "maskprune_report.json").read_text())
         new = cell(report, a.time_log.read_text(), json.loads(a.plan_json.read_text()), a.source, a.method, a.code)
+        new["model"] = a.model_name or new["model"]
         _append(a.results, new, f"collected {a.collect}")
         print(json.dumps(new, indent=1))
         return
@@ -115,6 +121,7 @@ def main() -> None:
     code = subprocess.run(["git", "rev-parse", "--short", "HEAD"], text=True, capture_output=True).stdout.strip()
     report = json.loads((out / "maskprune_report.json").read_text())
     new = cell(report, run.stderr, json.loads(plan.stdout), a.source, a.method, code)
+    new["model"] = a.model_name or new["model"]
     _append(a.results, new, " ".join(["maskprune prune", *args]))
     print(json.dumps(new, indent=1))
 

@@ -145,7 +145,8 @@ def _layer_skip_kl_together(
     with cast:
         dense = ex.capture(model, adapter, windows, batch_size)
         skipped: list = []  # skipped[i]: the model without layer i, carried to the layer visited now
-        for li, layer in enumerate(layers):
+        bar = tqdm(layers, desc="layer importance", disable=not log.isEnabledFor(logging.INFO))
+        for li, layer in enumerate(bar):
             with ex.onloaded(layer):
                 skipped = [v.advanced(layer, li) for v in skipped]
                 following = dense.advanced(layer, li)

@@ -687,6 +687,8 @@ def _advice(cfg, plan: RunPlan) -> list[str]:
     if parts.get("layer_inputs", 0) > max_memory / 8 or parts.get("streamed_hidden", 0) > max_memory / 8:
         out.append(f"--cut-samples {max(8, cfg.resolved_cut_samples() // 4)}: fewer windows' activations held")
     if worst.name == "distill":
+        out.append("--steps 0: the cut alone (its weights wait on disk with --streaming on, one layer in memory); "
+                   "then `maskprune distill` the cut where the student fits")  # fmt: skip
         if not cfg.gradient_checkpointing:
             out.append("--gradient-checkpointing: recompute each layer's activations in the backward pass")
         out.append("--batch-size 1 (fewer tokens' activations), or FSDP over several GPUs (--fsdp under torchrun)")

@@ -131,7 +131,7 @@ def search_shape(ctx: RunContext) -> ShapeChoice:
         shapes = _fixed(shapes, cfg.keep_layers, cfg.keep_hidden, n_layers, hidden)
         rows, ranked = [], []
         twin = meta_twin(model, ad)
-        for shape in shapes:
+        for shape in tqdm(shapes, desc="shape search", disable=not log.isEnabledFor(logging.INFO)):
             keep_layers, keep_hidden = _keep(shape, layer_kl, channels, model.config)
             if keep_layers is None:  # no choice of layers keeps the family's per-layer pattern at this depth
                 rows.append(_unmatched(shape, n_layers, keep_hidden))
