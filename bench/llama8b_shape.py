@@ -5,6 +5,7 @@ tokenizer (its ids are all below 128256).
 
     python bench/llama8b_shape.py OUT                # config and tokenizer only (enough for `maskprune plan OUT`)
     python bench/llama8b_shape.py OUT --weights      # and the ~16 GB of random bf16 weights
+    python bench/llama8b_shape.py OUT --shallow-of FULL --layers 4   # the same width, 4 layers (links, no copy)
 
 The weights are random (std 0.02, norms at 1): the model computes nothing useful; it measures memory and time.
 """
@@ -103,13 +104,43 @@ def write(out: Path, weights: bool, seed: int = 0) -> None:
     )
 
 
+def shallow_view(out: Path, source: Path, layers: int) -> None:
+    """A checkpoint of the same width with only the first ``layers`` decoder layers of ``source`` (written by
+    :func:`write`): its config with ``num_hidden_layers`` changed, links to the source's shard files and an index
+    of the tensors it keeps. Every module is the 8B model's size (what a streamed cut's memory depends on); only the
+    depth, and with it the time, is smaller."""
+    out.mkdir(parents=True, exist_ok=True)
+    config = json.loads((source / "config.json").read_text())
+    config["num_hidden_layers"] = layers
+    (out / "config.json").write_text(json.dumps(config, indent=1))
+    index = json.loads((source / "model.safetensors.index.json").read_text())
+    keep = {
+        k: f
+        for k, f in index["weight_map"].items()
+        if ".layers." not in k or int(k.split(".layers.")[1].split(".")[0]) < layers
+    }
+    for file in sorted(set(keep.values())):
+        link = out / file
+        if not link.exists():
+            link.symlink_to((source / file).resolve())
+    (out / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": keep}, indent=1))
+    for extra in source.iterdir():
+        if extra.name.startswith("tokenizer") or extra.name.endswith(".jinja"):
+            (out / extra.name).write_bytes(extra.read_bytes())
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("out", type=Path)
     p.add_argument("--weights", action="store_true", help="write the ~16 GB of random bf16 weights too")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--shallow-of", type=Path, help="a checkpoint written with --weights: link its first --layers")
+    p.add_argument("--layers", type=int, default=4)
     a = p.parse_args()
-    write(a.out, a.weights, a.seed)
+    if a.shallow_of is not None:
+        shallow_view(a.out, a.shallow_of, a.layers)
+    else:
+        write(a.out, a.weights, a.seed)
 
 
 if __name__ == "__main__":
