@@ -498,7 +498,13 @@ class _Sizes:
         if not c.reconstruct:
             return None
         tokens = c.resolved_cut_samples() * c.seq_len
-        grams = 2 * tokens * (f.intermediate**2 + (f.heads * f.head_dim) ** 2) * f.layers * self.kept
+        grams = 0.0  # float64 work per layer and projection (o_proj, down_proj): Gram, cross moment, Cholesky and
+        # its solve, the errors before and after (each a product with the whole Gram)
+        for width in (f.heads * f.head_dim, f.intermediate):
+            k = width * self.kept
+            grams += 2 * tokens * width**2 + 2 * f.hidden * width * k + k**3 / 3 + 2 * f.hidden * k**2
+            grams += 2 * 2 * f.hidden * width**2
+        grams *= f.layers * self.kept
         acts = self.act(c.batch_size * c.seq_len, 4 / self.ab)
         gram = int(3 * (f.intermediate * self.kept) ** 2 * 8)  # the kept inputs' Gram, its ridge copy, the solve's
         if self.on_disk:  # the layers of the cut model and of its dense twin read in turn, one at a time, in fp32;
