@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any, Iterable
 
 from .errors import MaskPruneError
+from .offload import disk_weights, home_device
 
 __all__ = [
     "check_sources",
@@ -312,6 +313,8 @@ def run_zeroshot(
     manager = TaskManager()
     specs: list[Any] = [_offline_spec(t, data_dir, manager) if data_dir is not None else t for t in tasks]
     lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size)
+    if disk_weights(model) is not None:  # a placeholder's device is meta: the inputs go where the layers compute
+        lm._device = home_device(model)
     start = time.perf_counter()
     res = simple_evaluate(
         model=lm,

@@ -115,6 +115,21 @@ def test_lm_eval_runs_every_task_offline_on_a_tiny_model(tmp_path):
     assert 0.0 <= res["average"] <= 1.0 and res["lm_eval_version"]
 
 
+def test_lm_eval_on_a_model_whose_weights_wait_on_disk_scores_as_the_loaded_model(tmp_path):
+    """A streamed cut evaluates its dense and exported models with weights on disk: lm-eval must send its inputs where
+    the layers compute (a placeholder's device is meta) and get the loaded model's answers."""
+    from maskprune.models import load_model
+
+    root = write_all_formats(tmp_path / "data")
+    folder = tiny.save_tiny(tmp_path / "m", "llama_gqa")
+    loaded = load_model(str(folder)).model
+    on_disk = load_model(str(folder), offload=True).model
+    tok = tiny.make_tokenizer()
+    a = run_zeroshot(loaded, tok, ["piqa", "boolq"], data_dir=root, batch_size=2, progress=False)
+    b = run_zeroshot(on_disk, tok, ["piqa", "boolq"], data_dir=root, batch_size=2, progress=False)
+    assert {t: e["acc"] for t, e in a["tasks"].items()} == {t: e["acc"] for t, e in b["tasks"].items()}
+
+
 def test_errors_name_the_task_the_file_and_the_formats(tmp_path):
     with pytest.raises(MaskPruneError, match=r"piqa: no data file found.*valid.jsonl.*goal, sol1, sol2"):
         load_local_rows("piqa", tmp_path)
