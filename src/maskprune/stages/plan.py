@@ -533,7 +533,8 @@ class _Sizes:
             # dtype into a shard of at most 1 GiB (or one layer); the largest module is the embedding or the head
             slot = max(self.layer_slot, self.end_slot)
             fold = self.read(slot, 4) + int(slot * self.kept) * 4
-            save = slot * (self.export_bytes + 4) + max(2**30, int(self.layer_slot * self.kept) * self.export_bytes)
+            shard = min(2**30, int(self.f.params * self.kept) * self.export_bytes)  # at most the whole export
+            save = slot * (self.export_bytes + 4) + max(shard, int(self.layer_slot * self.kept) * self.export_bytes)
             parts = {"runtime": self.base, "small_fp32": self.small,
                      "probe_logits": self.logits(2 * min(self.cfg.seq_len, 64), 3)}  # fmt: skip
             parts.update({"fold_and_slice": fold} if fold >= save else {"save": save})
