@@ -44,6 +44,7 @@ __all__ = [
     "held",
     "home_device",
     "checkpoint_files",
+    "read_tensors",
     "is_offloaded",
 ]
 
@@ -75,7 +76,9 @@ def checkpoint_files(folder: Path) -> dict[str, Path]:
         return {name: single for name in f.keys()}
 
 
-def _read(sources: dict[str, tuple[Path, str]], names: list[str], device, dtypes: dict[str, torch.dtype]) -> dict:
+def read_tensors(
+    sources: dict[str, tuple[Path, str]], names: list[str], device, dtypes: dict[str, torch.dtype]
+) -> dict:
     """The tensors ``names`` (each read from its ``(file, key)``), on ``device`` in their dtype in ``dtypes``; each
     file is opened once and closed after, so no mapping of it outlives the read."""
     from safetensors import safe_open
@@ -169,7 +172,7 @@ class DiskWeights:
                 fix="run with --streaming off (the model then loads whole)",
             )
         small = [n for n, p in names.items() if p.dim() < 2]
-        values = _read({n: (files[n], n) for n in small}, small, device, {n: dtype for n in small})
+        values = read_tensors({n: (files[n], n) for n in small}, small, device, {n: dtype for n in small})
         for n, v in values.items():
             mod_name, _, attr = n.rpartition(".")
             mod = model.get_submodule(mod_name)
@@ -182,7 +185,7 @@ class DiskWeights:
         for n in stray:  # a matrix outside the layers, embedding and head: read once, kept
             mod_name, _, attr = n.rpartition(".")
             mod = model.get_submodule(mod_name)
-            value = _read({n: (files[n], n)}, [n], device, {n: dtype})[n]
+            value = read_tensors({n: (files[n], n)}, [n], device, {n: dtype})[n]
             mod._parameters[attr] = nn.Parameter(value, requires_grad=False)
         return model, cls(model, slots, device, Path(scratch) if scratch is not None else new_scratch())
 
@@ -222,7 +225,7 @@ class DiskWeights:
             )
         dtypes = {n: m._parameters[a].dtype for n, m, a in mats}
         todo = [n for n, m, a in mats if m._parameters[a].is_meta]
-        values = _read(slot.sources, todo, self.device, dtypes) if todo else {}
+        values = read_tensors(slot.sources, todo, self.device, dtypes) if todo else {}
         self.reads += 1
         for n, mod, attr in mats:
             if n in values:

@@ -597,7 +597,7 @@ def read_rate(facts: ModelFacts, wdtype: torch.dtype, device: torch.device) -> f
     """Bytes/s (of the checkpoint) at which a layer's matrices are read from disk and converted to ``wdtype`` on
     ``device``, measured now on the first layer of a local safetensors checkpoint (its second read: the passes after
     the first find the file in the page cache where it fits in free memory); :data:`NOMINAL_READ_RATE` otherwise."""
-    from ..offload import _read, checkpoint_files
+    from ..offload import checkpoint_files, read_tensors
 
     if facts.folder is None:
         return NOMINAL_READ_RATE
@@ -611,9 +611,9 @@ def read_rate(facts: ModelFacts, wdtype: torch.dtype, device: torch.device) -> f
         return NOMINAL_READ_RATE
     sources = {n: (files[n], n) for n in names}
     dtypes = dict.fromkeys(names, wdtype)
-    _read(sources, names, device, dtypes)
+    read_tensors(sources, names, device, dtypes)
     start = time.perf_counter()
-    got = _read(sources, names, device, dtypes)
+    got = read_tensors(sources, names, device, dtypes)
     seconds = time.perf_counter() - start
     nbytes = sum(t.numel() for t in got.values()) * facts.source_bytes
     return nbytes / max(seconds, 1e-6)
