@@ -27,6 +27,7 @@ from .surgery import INPUT_ROLES, OUTPUT_ROLES, emulated_cut, residual_norm_modu
 __all__ = [
     "kl_to",
     "fit_to",
+    "fit_of_batches",
     "hidden_channel_scores",
     "layer_skip_kl",
     "teacher_logits",
@@ -90,18 +91,27 @@ def fit_to(
     from .arch import adapter_for
 
     execution = execution or resident(model)
-    kl, summed, tokens, targets = 0.0, 0.0, 0, 0
     ctx = torch.autocast(execution.device.type, dtype=autocast or torch.float32, enabled=autocast is not None)
     with ctx:
-        for j, student in execution.logits(model, adapter_for(model), windows, batch_size, autocast=autocast):
-            device = student.device
-            batch = windows[j * batch_size : (j + 1) * batch_size].to(device)
-            kl += float(kl_divergence(student, reference[j].to(device), direction=direction)) * batch.numel()
-            tokens += batch.numel()
-            if nll:
-                flat = student[:, :-1].reshape(-1, student.shape[-1])
-                summed += float(summed_nll(flat, batch[:, 1:].reshape(-1)))
-                targets += flat.shape[0]
+        batches = execution.logits(model, adapter_for(model), windows, batch_size, autocast=autocast)
+        return fit_of_batches(batches, windows, reference, batch_size, direction=direction, nll=nll)
+
+
+def fit_of_batches(
+    batches, windows: torch.Tensor, reference: list, batch_size: int, *, direction: KLDirection, nll: bool = True
+) -> tuple[float, float | None]:
+    """:func:`fit_to` from ``(batch index, logits)`` pairs already computed (a pass's, or a streamed replay's): the
+    mean per-token KL to ``reference`` and, with ``nll``, the mean next-token NLL on ``windows``."""
+    kl, summed, tokens, targets = 0.0, 0.0, 0, 0
+    for j, student in batches:
+        device = student.device
+        batch = windows[j * batch_size : (j + 1) * batch_size].to(device)
+        kl += float(kl_divergence(student, reference[j].to(device), direction=direction)) * batch.numel()
+        tokens += batch.numel()
+        if nll:
+            flat = student[:, :-1].reshape(-1, student.shape[-1])
+            summed += float(summed_nll(flat, batch[:, 1:].reshape(-1)))
+            targets += flat.shape[0]
     return kl / max(1, tokens), (summed / max(1, targets) if nll else None)
 
 
@@ -156,15 +166,10 @@ def _layer_skip_kl_together(
         with held(adapter.lm_head(model)):  # the head read once for every variant
             for v in skipped:
                 v.tuple_output = dense.tuple_output
-                kl, tokens = 0.0, 0
-                for j, logits in v.replay(model, adapter, model, windows, batch_size):
-                    batch = windows[j * batch_size : (j + 1) * batch_size]
-                    kl += (
-                        float(kl_divergence(logits, reference[j].to(logits.device), direction=direction))
-                        * batch.numel()
-                    )
-                    tokens += batch.numel()
-                scores.append(kl / max(1, tokens))
+                replayed = v.replay(model, adapter, model, windows, batch_size)
+                scores.append(
+                    fit_of_batches(replayed, windows, reference, batch_size, direction=direction, nll=False)[0]
+                )
     return torch.tensor(scores)
 
 

@@ -20,6 +20,7 @@ import torch
 from tqdm.auto import tqdm
 
 from ..axis_scores import (
+    fit_of_batches,
     fit_to,
     hidden_channel_params,
     hidden_channel_scores,
@@ -307,26 +308,12 @@ def _splits_together(ctx: RunContext, splits, win, reference, autocast, hidden) 
                     masks.head.data[li] = 1.0
                     masks.ffn.data[li] = 1.0
             with held(ad.lm_head(model)):  # the head read once for every split
-                return [_fit_of(model, ad, v, win, reference, bs, cfg.kl_direction) for v in cut]
+                return [
+                    fit_of_batches(v.replay(model, ad, model, win, bs), win, reference, bs, direction=cfg.kl_direction)
+                    for v in cut
+                ]
     finally:
         masks.detach()
-
-
-def _fit_of(model, ad, inputs, win, reference, batch_size, direction) -> tuple[float, float]:
-    """``(mean KL to reference, mean next-token NLL)`` from the last layer's outputs ``inputs`` (as
-    :func:`maskprune.axis_scores.fit_to` computes them from a pass)."""
-    from ..losses import kl_divergence, summed_nll
-
-    kl, summed, tokens, targets = 0.0, 0.0, 0, 0
-    for j, student in inputs.replay(model, ad, model, win, batch_size):
-        device = student.device
-        batch = win[j * batch_size : (j + 1) * batch_size].to(device)
-        kl += float(kl_divergence(student, reference[j].to(device), direction=direction)) * batch.numel()
-        tokens += batch.numel()
-        flat = student[:, :-1].reshape(-1, student.shape[-1])
-        summed += float(summed_nll(flat, batch[:, 1:].reshape(-1)))
-        targets += flat.shape[0]
-    return kl / max(1, tokens), summed / max(1, targets)
 
 
 def meta_twin(model, adapter):
