@@ -132,12 +132,10 @@ class DiskWeights:
     ``device``: where a held slot's matrices go; ``scratch``: the folder of changed matrices (removed by
     :meth:`close`)."""
 
-    def __init__(self, model: nn.Module, slots: list[_Slot], device: torch.device, scratch: Path) -> None:
-        self.model_ref = weakref.ref(model)
+    def __init__(self, slots: list[_Slot], device: torch.device, scratch: Path) -> None:
         self.slots = slots
         self.device = torch.device(device)
         self.scratch = Path(scratch)
-        self.reads = 0  # slots read from disk (a measure of the traffic)
         self.spills = 0  # slots written to the scratch folder
         self._hooks: list = []
         weakref.finalize(self, shutil.rmtree, str(self.scratch), True)  # dropped without close(), or at exit
@@ -187,7 +185,7 @@ class DiskWeights:
             mod = model.get_submodule(mod_name)
             value = read_tensors({n: (files[n], n)}, [n], device, {n: dtype})[n]
             mod._parameters[attr] = nn.Parameter(value, requires_grad=False)
-        return model, cls(model, slots, device, Path(scratch) if scratch is not None else new_scratch())
+        return model, cls(slots, device, Path(scratch) if scratch is not None else new_scratch())
 
     @staticmethod
     def _slots(model: nn.Module, adapter, files: dict[str, Path]) -> list[_Slot]:
@@ -226,7 +224,6 @@ class DiskWeights:
         dtypes = {n: m._parameters[a].dtype for n, m, a in mats}
         todo = [n for n, m, a in mats if m._parameters[a].is_meta]
         values = read_tensors(slot.sources, todo, self.device, dtypes) if todo else {}
-        self.reads += 1
         for n, mod, attr in mats:
             if n in values:
                 value, placeholder = values.pop(n), mod._parameters[attr]
@@ -294,17 +291,6 @@ class DiskWeights:
             self.release(slot)
 
     # ---- the end ------------------------------------------------------------------------------------------------
-    def set_dtype_(self, dtype: torch.dtype) -> None:
-        """Every waiting matrix read as ``dtype`` from now on (the export's cast)."""
-        for slot in self.slots:
-            for _n, mod, attr in _matrices(slot.owner):
-                p = mod._parameters[attr]
-                if p.is_meta:
-                    mod._parameters[attr] = nn.Parameter(
-                        torch.empty(p.shape, dtype=dtype, device="meta"), requires_grad=p.requires_grad
-                    )
-            self._tie(slot)
-
     def close(self) -> None:
         """The hooks removed and the scratch folder deleted (the model's matrices are placeholders after)."""
         for h in self._hooks:
