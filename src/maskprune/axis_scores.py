@@ -22,13 +22,14 @@ from .arch import DecoderAdapter, count_parameters
 from .losses import KLDirection, kl_divergence, summed_nll
 from .offload import held
 from .passes import Execution, resident
-from .surgery import INPUT_ROLES, OUTPUT_ROLES, emulated_cut, residual_norm_modules
+from .surgery import INPUT_ROLES, OUTPUT_ROLES, residual_norm_modules
 
 __all__ = [
     "kl_to",
     "fit_to",
     "fit_of_batches",
     "hidden_channel_scores",
+    "NormEnergies",
     "layer_skip_kl",
     "teacher_logits",
     "layer_params",
@@ -126,30 +127,22 @@ def layer_skip_kl(
     autocast: torch.dtype | None = None,
     execution: Execution | None = None,
 ) -> torch.Tensor:
-    """``[L]``: the KL to ``reference`` (the dense logits) with each layer skipped alone (higher = keep). A streamed
-    execution computes every skip in one pass (:func:`_layer_skip_kl_together`); a resident one runs the model once
-    per skipped layer."""
-    n, ex = len(adapter.layers(model)), execution
-    if ex is not None and ex.streamed:
-        return _layer_skip_kl_together(model, adapter, windows, reference, batch_size, direction, autocast, ex)
-    scores = []
-    for i in tqdm(range(n), desc="layer importance", disable=not log.isEnabledFor(logging.INFO)):
-        with emulated_cut(model, adapter, keep_layers=[j for j in range(n) if j != i]):
-            kl = kl_to(model, windows, reference, batch_size, direction=direction, autocast=autocast, execution=ex)
-            scores.append(kl)
-    return torch.tensor(scores)
+    """``[L]``: the KL to ``reference`` (the dense logits) with each layer skipped alone (higher = keep), every skip in
+    one pass sharing the dense prefix (:func:`_layer_skip_kl_together`), resident or streamed."""
+    ex = execution or resident(model)
+    return _layer_skip_kl_together(model, adapter, windows, reference, batch_size, direction, autocast, ex)
 
 
 @torch.no_grad()
 def _layer_skip_kl_together(
     model: nn.Module, adapter: DecoderAdapter, windows, reference: list, batch_size: int, direction, autocast, ex
 ) -> torch.Tensor:
-    """:func:`layer_skip_kl` in one streamed pass: each layer is visited (read from disk) once and runs on the dense
-    hidden states and on those of every model that skipped an earlier layer; the model that skips layer ``i`` starts
-    from layer ``i``'s inputs (a skipped layer passes its input through), so the dense prefix is shared. Layer
-    visits fall from ``L`` passes of ``L`` layers to ``L (L + 1) / 2`` layer runs and ``L`` layer reads; the
+    """:func:`layer_skip_kl` in one pass: each layer is visited (read from disk, where it waits there) once and runs
+    on the dense hidden states and on those of every model that skipped an earlier layer; the model that skips
+    layer ``i`` starts from layer ``i``'s inputs (a skipped layer passes its input through), so the dense prefix is
+    shared. Layer runs fall from ``L`` passes of ``L`` layers to ``L (L + 1) / 2``, layer reads to ``L``; the
     variants' hidden states are held at once (``L`` times a pass's). The same numbers as skipping each layer in its
-    own pass: every layer runs on the same batches and inputs."""
+    own pass (tested): every layer runs on the same batches and inputs."""
     layers = adapter.layers(model)
     cast = torch.autocast(ex.device.type, dtype=autocast or torch.float32, enabled=autocast is not None)
     with cast:
@@ -173,6 +166,39 @@ def _layer_skip_kl_together(
     return torch.tensor(scores)
 
 
+class NormEnergies:
+    """Forward hooks on every norm over the residual stream (:func:`maskprune.surgery.residual_norm_modules` order)
+    that sum, per channel, the squares of each norm's input and output over the tokens of the passes they watch:
+    what :func:`hidden_channel_scores` ranks the channels by. Attach, run passes, :meth:`detach`, read
+    :meth:`scores`."""
+
+    def __init__(self, model: nn.Module, adapter: DecoderAdapter) -> None:
+        self.hidden = int(model.config.hidden_size)
+        norms = residual_norm_modules(model, adapter)
+        self.out_sq = [torch.zeros(self.hidden, dtype=torch.float64) for _ in norms]
+        self.in_sq = [torch.zeros(self.hidden, dtype=torch.float64) for _ in norms]
+        self._handles = [n.register_forward_hook(self._hook(k)) for k, n in enumerate(norms)]
+
+    def _hook(self, k: int):
+        def fn(_m, args, out):
+            self.out_sq[k] += out.detach().double().pow(2).reshape(-1, self.hidden).sum(0).cpu()
+            self.in_sq[k] += args[0].detach().double().pow(2).reshape(-1, self.hidden).sum(0).cpu()
+
+        return fn
+
+    def detach(self) -> None:
+        for h in self._handles:
+            h.remove()
+        self._handles = []
+
+    def scores(self) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """``([hidden], energies)``: per channel, the sum over the norms of the channel's RMS output relative to the
+        norm's mean channel RMS (higher = keep); per norm, the summed square of each input channel (what
+        :func:`maskprune.surgery.rescale_norms_` needs)."""
+        rms = torch.stack(self.out_sq).sqrt()  # [norms, hidden] (the token count is common and cancels)
+        return (rms / rms.mean(dim=1, keepdim=True).clamp_min(1e-30)).sum(0).float(), self.in_sq
+
+
 @torch.no_grad()
 def hidden_channel_scores(
     model: nn.Module,
@@ -182,30 +208,14 @@ def hidden_channel_scores(
     *,
     execution: Execution | None = None,
 ) -> tuple[torch.Tensor, list[torch.Tensor]]:
-    """``([hidden], energies)``: per channel, the sum over the norms over the residual stream of the channel's RMS
-    output relative to the norm's mean channel RMS (higher = keep); and per norm (in
-    :func:`maskprune.surgery.residual_norm_modules` order) the summed square of each input channel, which
-    :func:`maskprune.surgery.rescale_norms_` needs."""
-    hidden = int(model.config.hidden_size)
-    norms = residual_norm_modules(model, adapter)
-    out_sq = [torch.zeros(hidden, dtype=torch.float64) for _ in norms]
-    in_sq = [torch.zeros(hidden, dtype=torch.float64) for _ in norms]
-
-    def hook(k):
-        def fn(_m, args, out):
-            out_sq[k] += out.detach().double().pow(2).reshape(-1, hidden).sum(0).cpu()
-            in_sq[k] += args[0].detach().double().pow(2).reshape(-1, hidden).sum(0).cpu()
-
-        return fn
-
-    handles = [n.register_forward_hook(hook(k)) for k, n in enumerate(norms)]
+    """:meth:`NormEnergies.scores` of one pass over ``windows``: per channel its score over the norms (higher =
+    keep), per norm its inputs' summed squares."""
+    watch = NormEnergies(model, adapter)
     try:
         (execution or resident(model)).forward(model, adapter, windows, batch_size)
     finally:
-        for h in handles:
-            h.remove()
-    rms = torch.stack(out_sq).sqrt()  # [norms, hidden] (the token count is common and cancels)
-    return (rms / rms.mean(dim=1, keepdim=True).clamp_min(1e-30)).sum(0).float(), in_sq
+        watch.detach()
+    return watch.scores()
 
 
 def layer_params(model: nn.Module, adapter: DecoderAdapter) -> int:

@@ -34,7 +34,15 @@ from .structure import Structure
 
 log = logging.getLogger(__name__)
 
-__all__ = ["BASELINES", "LAYER_SCORERS", "unit_scores", "activation_stats", "input_means", "watch_inputs"]
+__all__ = [
+    "BASELINES",
+    "LAYER_SCORERS",
+    "unit_scores",
+    "activation_stats",
+    "input_means",
+    "watch_inputs",
+    "scoring_statistics",
+]
 
 
 def _head_column_scores(layout: HeadLayout, per_column: torch.Tensor) -> torch.Tensor:
@@ -241,6 +249,21 @@ def _weight_grads(model: nn.Module, adapter: DecoderAdapter, windows: torch.Tens
             p.grad = None
             p.requires_grad_(flag)
     return {"grads": grads}
+
+
+def scoring_statistics(
+    method: str, model: nn.Module, adapter: DecoderAdapter, windows: torch.Tensor, batch_size: int, execution=None
+) -> dict | None:
+    """What ``method`` scores units from, measured once on ``windows``: the activation statistics (one pass; wanda-sp,
+    flap), the loss's weight gradients (one resident pass with backward; taylor), or None (magnitude: the weights
+    alone; no pass runs). ``BASELINES[method][0](model, adapter, structure, stats, hidden)`` then scores any cut of
+    the model's hidden channels without another pass."""
+    needs = BASELINES[method][1]
+    if needs == "activations":
+        return activation_stats(model, adapter, windows, batch_size, execution)
+    if needs == "grads":
+        return _weight_grads(model, adapter, windows, batch_size)
+    return None
 
 
 def unit_scores(

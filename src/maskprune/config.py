@@ -252,6 +252,17 @@ class CutConfig(_Group):
         4,
         """Calibration windows (the first ones) the split search measures each candidate split on.""",
     )
+    shape_screen_samples: int = _opt(
+        1,
+        """Windows (the first of the ``split_search_samples``) on which the shape search first measures every split
+    of every candidate shape; only those within ``shape_screen_margin`` times the lowest KL there are measured on
+    the rest, and rank. 0: every split on every window.""",
+    )
+    shape_screen_margin: float = _opt(
+        1.5,
+        """How far above the lowest screening KL a split may be and still be measured on every window (a ratio,
+    >= 1; docs/method.md, "The shape search", says what it was checked on).""",
+    )
     layerwise_calibration: bool | None = _opt(
         None,
         """Score ``wanda-sp`` / ``flap`` one layer at a time on the inputs of the already cut (and compensated)
@@ -318,6 +329,10 @@ class CutConfig(_Group):
                 )
         elif self.budget_params <= 0:
             problems.append(f"budget_params must be a positive parameter count, found {self.budget_params}")
+        if self.shape_screen_samples < 0:
+            problems.append(f"shape_screen_samples must be >= 0 (0: no screening), found {self.shape_screen_samples}")
+        if not self.shape_screen_margin >= 1.0:
+            problems.append(f"shape_screen_margin must be a ratio >= 1, found {self.shape_screen_margin}")
         if self.cut_samples is not None and self.cut_samples < 1:
             problems.append(f"cut_samples must be a positive window count, found {self.cut_samples}")
         if self.shape_trial_steps < 0:

@@ -52,7 +52,7 @@ def test_prune_end_to_end_writes_a_stock_checkpoint_and_report(path, tiny_dir, c
         lines = (out / "metrics.jsonl").read_text().splitlines()
         assert len(lines) == 60 and {"loss", "kl", "sigma_head", "sigma_ffn", "y", "z"} <= set(json.loads(lines[-1]))
     else:  # the cut (re-fit), then 60 steps of the sliced model
-        assert set(report["seconds"]["prune"]) >= {"load", "score", "reconstruct", "export"}
+        assert set(report["seconds"]["prune"]) >= {"load", "shape_search", "reconstruct", "export"}
         assert set(report["seconds"]["recovery"]) >= {"learn", "export"} and report["recovery"]["steps"] == 60
         assert report["recovery"]["cut_first"] and report["config"]["reconstruct"] and report["reconstruction"]
         assert not (out / "metrics.jsonl").exists()

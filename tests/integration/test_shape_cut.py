@@ -374,3 +374,61 @@ def test_a_candidate_ranked_without_a_copy_scores_and_measures_as_its_sliced_cop
     assert kl_e == pytest.approx(kl_c, rel=1e-4, abs=1e-7) and nll_e == pytest.approx(nll_c, rel=1e-5)
     for k, v in model.state_dict().items():  # the dense model is given back unchanged
         assert torch.equal(v, before[k]), k
+
+
+@pytest.mark.parametrize("kind", ["llama_gqa", "gemma3"])
+def test_the_model_ranked_is_the_model_cut(kind, tmp_path, capsys, monkeypatch):
+    """Scored once: the shape search scores every candidate's units from one pass over the dense model on the cut's
+    windows, and the cut keeps the winner's units. So the exported model (no re-fit) is the model the winning row
+    measured: its KL to the dense model on the ranking windows is the row's, and no second scoring pass runs."""
+    from transformers import AutoModelForCausalLM
+
+    import maskprune.stages.run as run_stage
+    from maskprune.axis_scores import kl_to, teacher_logits
+
+    seen = {}
+    real = run_stage.search_shape
+
+    def spy(ctx):
+        seen["windows"] = ctx.windows[: ctx.cfg.split_search_samples].clone()
+        return real(ctx)
+
+    monkeypatch.setattr(run_stage, "search_shape", spy)
+    src = tmp_path / "src"
+    tiny.make_model(kind, layers=4).save_pretrained(src)
+    tiny.make_tokenizer().save_pretrained(src)
+    calib = tiny.write_calib(tmp_path / "calib.jsonl")
+    out = tmp_path / "out"
+    argv = ["-q", "prune", str(src), "--steps", "0", "--sparsity", "0.3", "--no-reconstruct", "--dtype", "fp32"]
+    argv += ["--shape-screen-samples", "0", "--no-report", "--out", str(out), *tiny.small_run(calib, evaluate=False)]
+    assert main(argv) == 0, capsys.readouterr().err
+    r = json.loads((out / "maskprune_report.json").read_text())
+    row = min((c for c in r["shape_search"]["candidates"] if c["kl"] is not None), key=lambda c: c["kl"])
+    dense, cut = AutoModelForCausalLM.from_pretrained(src), AutoModelForCausalLM.from_pretrained(out)
+    reference = teacher_logits(dense, seen["windows"], 1, None)
+    kl = kl_to(cut, seen["windows"], reference, 1, direction="teacher_student", autocast=None)
+    assert kl == pytest.approx(row["kl"], rel=1e-4, abs=1e-7)
+    assert "score" not in r["seconds"]  # the cut took the ranked units: no scoring pass of its own
+
+
+def test_the_screen_measures_fully_only_what_can_win(tiny_dir, calib, tmp_path, capsys):
+    """The screening pass measures every split on the first window; the splits within the margin of the lowest are
+    measured on every window and rank, the others are left out (kl null). The choice is the unscreened one."""
+    reports = []
+    for screen in ("0", "1"):
+        out = tmp_path / screen
+        argv = ["-q", "prune", str(tiny_dir), "--steps", "0", "--sparsity", "0.4", "--no-reconstruct", "--no-report"]
+        argv += ["--shape-screen-samples", screen, "--shape-screen-margin", "1.2", "--out", str(out)]
+        assert main([*argv, *tiny.small_run(calib, evaluate=False)]) == 0, capsys.readouterr().err
+        reports.append(json.loads((out / "maskprune_report.json").read_text())["shape_search"])
+    full, screened = reports
+    assert (screened["hidden_size"], screened["kept_layers"]) == (full["hidden_size"], full["kept_layers"])
+    rows = [c for c in screened["candidates"] if c["k_head"] is not None]
+    low = min(c["screen_kl"] for c in rows)
+    assert any(c["kl"] is None for c in rows), "nothing screened out: the test shows nothing"
+    for row, ref in zip(screened["candidates"], full["candidates"]):
+        if row["k_head"] is None:
+            continue
+        assert (row["kl"] is None) == (row["screen_kl"] > 1.2 * low)
+        if row["kl"] is not None:
+            assert row["windows"] == 4 and row["kl"] == pytest.approx(ref["kl"], rel=1e-5, abs=1e-7)

@@ -32,21 +32,28 @@ def score_and_plan(
     *,
     sigma_head: float | None = None,
     execution=None,
+    scores: tuple[torch.Tensor, torch.Tensor] | None = None,
 ):
     """A one-shot baseline: unit scores on the calibration windows, the same uniform cut (the head share
     ``head_cut_fraction``, or measured by the split search), FLAP's bias compensation where it applies.
     Long because the steps depend on each other in this order: scores -> split -> plan -> the compensation's
     re-plan -> layer-by-layer scores on that plan. ``sigma_head``: the head share measured already (by the
-    shape search), so no split search here. ``execution``: where the passes run (:mod:`maskprune.passes`)."""
+    shape search), so no split search here. ``execution``: where the passes run (:mod:`maskprune.passes`).
+    ``scores``: the units' scores measured already (the shape search's, for the shape it chose): no scoring pass,
+    the units ranked are the units cut (a layer-by-layer calibration still scores again, on the cut prefix)."""
     calib = windows[: cfg.resolved_cut_samples()]
     compensate = cfg.bias_compensation == "on" or (
         cfg.bias_compensation == "auto" and cfg.method == "flap" and not cfg.reconstruct  # the re-fit replaces it
     )
     layerwise = cfg.resolved_layerwise_calibration()
-    scores = stats = split = None
+    stats = split = None
     searched = cfg.resolved_split_search() and sigma_head is None
     sigma_head = cfg.head_cut_fraction if sigma_head is None else sigma_head
-    if searched or not layerwise:  # the one-pass scores
+    if scores is not None:
+        if compensate:  # the compensation's input means, on the model as it is now
+            with phases("score"):
+                stats = activation_stats(model, adapter, calib, cfg.batch_size, execution)
+    elif searched or not layerwise:  # the one-pass scores
         with phases("score"):
             stats = activation_stats(model, adapter, calib, cfg.batch_size, execution) if compensate else None
             bs, ex = cfg.batch_size, execution

@@ -459,23 +459,27 @@ class _Sizes:
         t, n_cut = c.seq_len, c.resolved_cut_samples()
         tokens = min(c.split_search_samples, c.calib_samples) * t
         flops = f.forward_flops(tokens, t)  # the dense reference
-        passes = 2.0  # the reference, the hidden energies
+        passes = 2.0  # the reference; the hidden energies and the metric's statistics (one pass)
         variants = 0
-        if "layers" in axes and self.streamed:  # every skip in one pass: L (L + 1) / 2 layer runs, L heads
+        if "layers" in axes:  # every skip in one pass: L (L + 1) / 2 layer runs, L heads
             flops += (f.layers + 1) / 2 * f.forward_flops(tokens, t, head=False)
             flops += f.layers * (f.forward_flops(tokens, t) - f.forward_flops(tokens, t, head=False))
             passes += 1
             variants = f.layers * tokens * f.hidden * self.ab  # every variant's hidden states at the last layer
-        elif "layers" in axes:
-            flops += f.layers * f.forward_flops(tokens, t)  # each layer skipped alone
-            passes += f.layers
-        flops += f.forward_flops(n_cut * t, t, head=False)  # hidden energies
-        # each candidate: its scores (a pass, then every layer read again for its weights), then one KL pass per
-        # split, on the dense model emulating it (dropped layers and cut channels still compute: the dense FLOPs)
-        together = self.streamed and c.method in ("wanda-sp", "flap")  # scores and splits in one pass (layer scorer)
+        flops += f.forward_flops(n_cut * t, t, head=False)  # hidden energies and the metric's statistics
+        # each candidate is scored from those statistics (no pass); every split is measured on the screening windows,
+        # and those within the margin on the rest (assumed: one split a shape, the others screened out)
+        n_win = min(c.split_search_samples, c.calib_samples)
+        screen = -(-c.shape_screen_samples // c.batch_size) * c.batch_size if c.shape_screen_samples else 0
+        screen = screen if screen < n_win else 0
+        streamed_split_passes = self.streamed  # all of a shape's splits in one pass over the layers
         for _layers, _params, splits in _search_candidates(c, f):
-            flops += f.forward_flops(tokens, t, head=False) + splits * f.forward_flops(tokens, t)
-            passes += 1 if together else 2 + splits
+            if screen:
+                flops += splits * f.forward_flops(screen * t, t) + f.forward_flops((n_win - screen) * t, t)
+                passes += 2 if streamed_split_passes else splits + 1
+            else:
+                flops += splits * f.forward_flops(tokens, t)
+                passes += 1 if streamed_split_passes else splits
         # each candidate is emulated on the dense model (no copy): the norms' weights are saved and put back
         parts = {"runtime": self.base, "weights": self.held, "norm_weights_saved": 2 * f.layers * f.hidden * self.wb,
                  "reference_logits_bf16": tokens * f.vocab * 2, "candidate_logits": self.logits(c.batch_size * t, 3),
@@ -483,8 +487,10 @@ class _Sizes:
                  "skip_variants_hidden": variants}  # fmt: skip
         return self._phase("shape_search", parts, flops, passes=passes)
 
-    def score(self) -> Phase:
+    def score(self) -> Phase | None:
         c = self.cfg
+        if {"hidden", "layers"} & set(c.resolved_prune_axes()) and not c.resolved_layerwise_calibration():
+            return None  # the shape search scored the units already (FLAP's compensation means: a pass, not counted)
         tokens = c.resolved_cut_samples() * c.seq_len
         parts = {"runtime": self.base, "weights": self.held, "activations": self.act(c.batch_size * c.seq_len),
                  "streamed_hidden": self.stream(tokens)}  # fmt: skip

@@ -138,7 +138,8 @@ def choose_units(ctx: RunContext, ckpt_dir: Path) -> Outcome:
     shape = _reshape(ctx) if wants_shape_search(cfg.resolved_prune_axes()) else None
     args = (cfg, ctx.loaded.model, ctx.adapter, ctx.structure, ctx.windows, ctx.budget, ctx.device)
     sigma_head = shape.k_head / ctx.structure.head.units_per_row if shape is not None else None
-    outcome = score_and_plan(*args, ctx.phases, sigma_head=sigma_head, execution=ctx.passes)
+    scores = shape.cut_scores() if shape is not None else None
+    outcome = score_and_plan(*args, ctx.phases, sigma_head=sigma_head, execution=ctx.passes, scores=scores)
     if not fp32:  # fold and verify in fp32, as for the learned masks
         probe, kept_dense = _probe(ctx), []
 

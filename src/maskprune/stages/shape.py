@@ -2,12 +2,18 @@
 depth (docs/method.md, "The shape search").
 
 Every candidate of :func:`maskprune.cut.candidate_shapes` (a share of the parameters to remove given to depth,
-a share to hidden width) is built from the dense model by :mod:`maskprune.surgery` (the least important layers
-dropped, the least important channels sliced, :mod:`maskprune.axis_scores`), its heads and FFN channels cut by
-the run's one-shot metric to the budget (every head/FFN split the budget allows when the split search is on),
+a share to hidden width) is emulated on the dense model by :mod:`maskprune.surgery` (the least important layers
+passed through, the least important channels zeroed, :mod:`maskprune.axis_scores`), its heads and FFN channels cut
+by the run's one-shot metric to the budget (every head/FFN split the budget allows when the split search is on),
 and ranked by the KL of that cut model to the dense one on ``split_search_samples`` windows. The lowest wins, or,
 with ``shape_trial_steps``, the best ``shape_finalists`` are each distilled that many steps and the lowest held-out
-KL after it wins; the report carries every candidate's row."""
+KL after it wins; the report carries every candidate's row.
+
+Scored once: the metric's statistics (activations, or gradients) are measured in one pass over the dense model on
+the cut's windows (``cut_samples``), the pass that also measures the hidden channels; every candidate's units
+are scored from them over its kept channels, and the cut takes the winner's units, so the model ranked is the
+model cut. Screened: every split of every candidate is first measured on the first ``shape_screen_samples``
+windows; only those within ``shape_screen_margin`` times the lowest KL there are measured on the rest."""
 
 from __future__ import annotations
 
@@ -20,17 +26,18 @@ import torch
 from tqdm.auto import tqdm
 
 from ..axis_scores import (
+    NormEnergies,
     fit_of_batches,
     fit_to,
     hidden_channel_params,
-    hidden_channel_scores,
     layer_params,
     layer_skip_kl,
     teacher_logits,
 )
-from ..baselines import LAYER_SCORERS, unit_scores
+from ..baselines import BASELINES, LAYER_SCORERS, scoring_statistics
 from ..config import DISTILL_SETTINGS
 from ..cut import (
+    CutPlan,
     KeptUnits,
     ShapeCandidate,
     best_layer_subsequence,
@@ -78,6 +85,14 @@ class ShapeChoice:
     layer_kl: list[float] | None
     energies: list[torch.Tensor] | None = None  # per norm over the residual, its inputs' summed squares
     parity: float | None = None
+    scores: tuple[torch.Tensor, torch.Tensor] | None = None  # the units' scores over the shape, per dense layer
+
+    def cut_scores(self) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """The head and FFN scores the shape was ranked with, for the model cut to it (its layers only): the cut
+        keeps the units the ranking measured."""
+        if self.scores is None:
+            return None
+        return self.scores[0][self.keep_layers], self.scores[1][self.keep_layers]
 
     def to_dict(self) -> dict:
         return {
@@ -88,14 +103,29 @@ class ShapeChoice:
             "candidates": self.candidates,
             "layer_skip_kl": self.layer_kl,
             "parity_max_rel_logit_diff": self.parity,
-            "protocol": "each shape's heads/FFN cut by the one-shot metric to the budget; KL to the dense model "
-            "and the cut model's next-token NLL (nll; not used to rank) on the first split_search_samples "
-            "calibration windows",
+            "protocol": "each shape's heads/FFN cut by the one-shot metric (scored once, on the cut_samples "
+            "windows) to the budget; KL to the dense model and the cut model's next-token NLL (nll; not used to "
+            "rank) on the first split_search_samples calibration windows; screen_kl on the first "
+            "shape_screen_samples of them, only the splits within shape_screen_margin times its lowest measured on "
+            "the rest (kl null: screened out)",
         }
 
 
 def wants_shape_search(axes: tuple[str, ...]) -> bool:
     return bool(set(axes) & {"hidden", "layers"})
+
+
+@dataclasses.dataclass
+class _Candidate:
+    """One candidate shape under measurement: what it keeps, the head/FFN splits the budget allows on it (one row
+    each in the report), and its units' scores (every dense layer's, over its kept channels) once scored."""
+
+    keep_layers: list[int]
+    keep_hidden: torch.Tensor
+    splits: list[CutPlan]
+    rows: list[dict]
+    scores: tuple[torch.Tensor, torch.Tensor] | None = None
+    screened: list[tuple[float, float]] | None = None  # (KL, NLL) of every split on the screening windows
 
 
 def search_shape(ctx: RunContext) -> ShapeChoice:
@@ -105,61 +135,133 @@ def search_shape(ctx: RunContext) -> ShapeChoice:
     autocast = autocast_dtype(cfg.dtype, ctx.device)
     bs, direction = cfg.batch_size, cfg.kl_direction
     n_layers, hidden = len(ad.layers(model)), int(model.config.hidden_size)
+    axes = cfg.resolved_prune_axes()
     # a --keep-hidden the config refuses was refused before the run (stages.plan.check_request)
     with ctx.phases("shape_search"):
         ex = ctx.passes
         reference = teacher_logits(model, win, bs, autocast, execution=ex)
         layer_kl = (
             layer_skip_kl(model, ad, win, reference, bs, direction=direction, autocast=autocast, execution=ex)
-            if "layers" in cfg.resolved_prune_axes()
+            if "layers" in axes
             else torch.zeros(n_layers)
         )
-        channels, energies = (
-            hidden_channel_scores(model, ad, ctx.windows[: cfg.resolved_cut_samples()], bs, execution=ex)
-            if "hidden" in cfg.resolved_prune_axes()
-            else (torch.ones(hidden), None)
-        )
+        channels, energies, stats = _dense_statistics(ctx, "hidden" in axes)
         shapes = candidate_shapes(
             removed=ctx.structure.dense_params - ctx.budget,
             num_layers=n_layers,
             hidden=hidden,
             layer_params=layer_params(model, ad),
             hidden_params=lambda layers: hidden_channel_params(model, ad, layers),
-            axes=cfg.resolved_prune_axes(),
+            axes=axes,
             hidden_multiple=cfg.hidden_multiple,
             hidden_ok=lambda width: config_accepts(model.config, hidden_size=width),
         )
         shapes = _fixed(shapes, cfg.keep_layers, cfg.keep_hidden, n_layers, hidden)
-        rows, ranked = [], []
+        rows, candidates = [], []
         twin = meta_twin(model, ad)
-        for shape in tqdm(shapes, desc="shape search", disable=not log.isEnabledFor(logging.INFO)):
+        for shape in shapes:
             keep_layers, keep_hidden = _keep(shape, layer_kl, channels, model.config)
             if keep_layers is None:  # no choice of layers keeps the family's per-layer pattern at this depth
                 rows.append(_unmatched(shape, n_layers, keep_hidden))
                 continue
-            measured = _measure(ctx, twin, shape, keep_layers, keep_hidden, energies, win, reference, autocast)
-            rows += measured
-            scored = [r for r in measured if r["kl"] is not None]
-            if scored:  # the shape's best split stands for it
-                ranked.append((min(scored, key=lambda r: r["kl"]), keep_layers, keep_hidden))
+            candidate = _candidate(ctx, twin, shape, keep_layers, keep_hidden)
+            rows += candidate.rows
+            if candidate.splits:
+                candidates.append(candidate)
+        _rank(ctx, candidates, win, reference, stats, energies, autocast)
+        # a shape's best split stands for it
+        ranked = [
+            (min((r for r in c.rows if r["kl"] is not None), key=lambda r: r["kl"]), c)
+            for c in candidates
+            if any(r["kl"] is not None for r in c.rows)
+        ]
         ranked.sort(key=lambda entry: entry[0]["kl"])
         best = ranked[0] if ranked else None
         if cfg.shape_trial_steps and len(ranked) > 1:
             best = _trials(ctx, ranked[: cfg.shape_finalists], energies)
     if best is None:
         raise _no_shape(cfg, rows)
-    row, keep_layers, keep_hidden = best
+    row, chosen = best
     log.info(
         "shape search: %s -> %d layers, hidden %d, %d head units cut per row (KL %.4f)",
         ", ".join(f"{r['layers']}L/{r['hidden_size']}h/{r['k_head']}: {r['kl']:.4f}" for r in rows if r["kl"]),
-        len(keep_layers),
-        keep_hidden.numel(),
+        len(chosen.keep_layers),
+        chosen.keep_hidden.numel(),
         row["k_head"],
         row["kl"],
     )
     dense = {"params": ctx.structure.dense_params, "num_hidden_layers": n_layers, "hidden_size": hidden}
-    lkl = layer_kl.tolist() if "layers" in cfg.resolved_prune_axes() else None
-    return ShapeChoice(keep_layers, keep_hidden, row["k_head"], dense, rows, lkl, energies)
+    lkl = layer_kl.tolist() if "layers" in axes else None
+    return ShapeChoice(
+        chosen.keep_layers, chosen.keep_hidden, row["k_head"], dense, rows, lkl, energies, scores=chosen.scores
+    )
+
+
+def _dense_statistics(ctx: RunContext, hidden_axis: bool) -> tuple[torch.Tensor, list | None, dict | None]:
+    """``(channel scores, norm energies, the metric's statistics)`` from one pass over the dense model on the cut's
+    windows (``cut_samples``): the hidden channels' (where hidden is searched) and what the one-shot metric scores
+    every candidate's units from (:func:`maskprune.baselines.scoring_statistics`)."""
+    cfg, model, ad = ctx.cfg, ctx.loaded.model, ctx.adapter
+    win = ctx.windows[: cfg.resolved_cut_samples()]
+    watch = NormEnergies(model, ad) if hidden_axis else None
+    try:
+        stats = scoring_statistics(cfg.method, model, ad, win, cfg.batch_size, ctx.passes)
+        if watch is not None and stats is None:  # a metric of the weights alone: the energies need their own pass
+            ctx.passes.forward(model, ad, win, cfg.batch_size)
+    finally:
+        if watch is not None:
+            watch.detach()
+    if watch is None:
+        return torch.ones(int(model.config.hidden_size)), None, stats
+    channels, energies = watch.scores()
+    return channels, energies, stats
+
+
+def _screen_windows(cfg, n: int) -> int:
+    """How many of the ``n`` ranking windows the screening pass measures (a whole number of batches); 0: no screening
+    (off, or it would measure them all)."""
+    if not cfg.shape_screen_samples:
+        return 0
+    bs = cfg.batch_size
+    first = -(-cfg.shape_screen_samples // bs) * bs
+    return first if first < n else 0
+
+
+def _rank(ctx: RunContext, candidates: list[_Candidate], win, reference, stats, energies, autocast) -> None:
+    """Each candidate's rows get their KL and NLL on ``win``. With screening (:func:`_screen_windows`), every split is
+    first measured on the first windows (``screen_kl``); those within ``shape_screen_margin`` times the lowest there
+    (and the best ``shape_finalists`` where shape trials follow) are measured on the rest too, their KL and NLL the
+    token-weighted means over all (what one pass over all the windows gives); the others keep ``kl`` None."""
+    cfg = ctx.cfg
+    bar = {"desc": "shape search", "disable": not log.isEnabledFor(logging.INFO)}
+    first = _screen_windows(cfg, win.shape[0])
+    if not first:
+        for c in tqdm(candidates, **bar):
+            for row, (kl, nll) in zip(c.rows, _measure(ctx, c, c.splits, win, reference, stats, energies, autocast)):
+                row.update(kl=kl, nll=nll, windows=win.shape[0])
+        return
+    bs, n = cfg.batch_size, win.shape[0]
+    head, rest = (win[:first], reference[: first // bs]), (win[first:], reference[first // bs :])
+    for c in tqdm(candidates, desc="shape search (screen)", disable=bar["disable"]):
+        c.screened = _measure(ctx, c, c.splits, *head, stats, energies, autocast)
+        for row, (kl, _) in zip(c.rows, c.screened):
+            row["screen_kl"] = kl
+    order = sorted((row["screen_kl"], id(row)) for c in candidates for row in c.rows)
+    floor = order[0][0] * cfg.shape_screen_margin if order else 0.0
+    least = cfg.shape_finalists if cfg.shape_trial_steps else 1
+    survivors = {key for i, (kl, key) in enumerate(order) if kl <= floor or i < least}
+    for c in tqdm(candidates, desc="shape search (measure)", disable=bar["disable"]):
+        picked = [k for k, row in enumerate(c.rows) if id(row) in survivors]
+        for k, row in enumerate(c.rows):
+            if k not in picked:
+                row.update(kl=None, nll=None, windows=first, note="screened out")
+        if not picked:
+            continue
+        fits = _measure(ctx, c, [c.splits[k] for k in picked], *rest, stats, energies, autocast)
+        for k, (kl, nll) in zip(picked, fits):
+            kl0, nll0 = c.screened[k]  # equal windows: the token-weighted mean is the window-weighted one
+            kl, nll = (kl0 * first + kl * (n - first)) / n, (nll0 * first + nll * (n - first)) / n
+            c.rows[k].update(kl=kl, nll=nll, windows=n)
 
 
 def _fixed(shapes: list[ShapeCandidate], layers: int | None, width: int | None, n_layers: int, hidden: int):
@@ -224,14 +326,13 @@ def _unmatched(shape: ShapeCandidate, n_layers: int, keep_hidden: torch.Tensor) 
     }
 
 
-def _measure(
-    ctx: RunContext, twin, shape: ShapeCandidate, keep_layers, keep_hidden, energies, win, reference, autocast
-) -> list[dict]:
-    """The KL after the heads/FFN cut of one candidate shape, for each split considered (one row each). The dense
-    model computes what the candidate's cut model would (:func:`emulated_shape`), so no copy of it is made; the
-    candidate's parameter counts come from ``twin``, the model on the meta device, cut to the shape."""
-    cfg, model, ad = ctx.cfg, ctx.loaded.model, ctx.adapter
-    s = reduced_structure(twin, ad, keep_layers, keep_hidden, cfg.gqa_policy)
+def _candidate(ctx: RunContext, twin, shape: ShapeCandidate, keep_layers, keep_hidden) -> _Candidate:
+    """A candidate shape's splits (every head/FFN split the budget allows with the split search, else the run's head
+    share), one report row each; none, with one row that says why, where the shape alone removes more than the
+    budget or leaves too little for a head and a channel per layer. Its parameter counts come from ``twin``, the
+    model on the meta device cut to the shape."""
+    cfg = ctx.cfg
+    s = reduced_structure(twin, ctx.adapter, keep_layers, keep_hidden, cfg.gqa_policy)
     base = {
         "layers": s.num_layers,
         "hidden_size": int(keep_hidden.numel()),
@@ -239,68 +340,85 @@ def _measure(
         "hidden_share": shape.hidden_share,
     }
     mult = {"head_multiple": cfg.head_multiple, "ffn_multiple": cfg.ffn_multiple}
+    nothing = {**base, "k_head": None, "k_ffn": None, "params": None, "kl": None}
+    none = _Candidate(keep_layers, keep_hidden, [], [nothing])
     if s.dense_params < ctx.budget:  # the shape alone removes more than asked: not comparable with the others
-        return [{**base, "k_head": None, "k_ffn": None, "params": s.dense_params, "kl": None}]
+        none.rows[0]["params"] = s.dense_params
+        return none
     try:
         if cfg.resolved_split_search():
             splits = candidate_splits(s, ctx.budget, **mult)
         else:
             splits = [plan_cut(s, sigma_head=cfg.head_cut_fraction, budget=ctx.budget, **mult)]
     except MaskPruneError:  # the shape alone leaves too little for one head and channel per layer
-        return [{**base, "k_head": None, "k_ffn": None, "params": None, "kl": None}]
-    ex, hidden = ctx.passes, (keep_hidden if keep_hidden.numel() < int(model.config.hidden_size) else None)
-    rows = []
-    if ex.streamed and cfg.method in LAYER_SCORERS:
-        with emulated_shape(model, ad, keep_layers, keep_hidden, energies):
-            fits = _splits_together(ctx, splits, win, reference, autocast, hidden)
-        return [{**base, "k_head": p.k_head, "k_ffn": p.k_ffn, "params": p.params, "kl": kl, "nll": nll}
-                for p, (kl, nll) in zip(splits, fits)]  # fmt: skip
-    with emulated_shape(model, ad, keep_layers, keep_hidden, energies):
-        dense = ctx.structure  # the candidate's heads and FFN channels per layer; its dropped layers pass through
-        bs = cfg.batch_size
-        head, ffn = unit_scores(cfg.method, model, ad, dense, win, batch_size=bs, execution=ex, hidden=hidden)
+        return none
+    rows = [{**base, "k_head": p.k_head, "k_ffn": p.k_ffn, "params": p.params, "kl": None} for p in splits]
+    return _Candidate(keep_layers, keep_hidden, splits, rows)
+
+
+def _measure(
+    ctx: RunContext, c: _Candidate, splits: list[CutPlan], win, reference, stats, energies, autocast
+) -> list[tuple[float, float]]:
+    """``(KL, NLL)`` on ``win`` of candidate ``c`` cut by each of ``splits``: the dense model computes what the
+    candidate's cut model would (:func:`emulated_shape`), so no copy of it is made. Its units are scored on first
+    use from ``stats`` (the dense model's, :func:`_dense_statistics`) over its kept channels, and kept in ``c``."""
+    cfg, model, ad = ctx.cfg, ctx.loaded.model, ctx.adapter
+    ex, hidden = ctx.passes, (c.keep_hidden if c.keep_hidden.numel() < int(model.config.hidden_size) else None)
+    dense = ctx.structure  # the candidate's heads and FFN channels per layer; its dropped layers pass through
+    if c.scores is None and not (ex.streamed and cfg.method in LAYER_SCORERS):  # streamed: during each layer's turn
+        c.scores = BASELINES[cfg.method][0](model, ad, dense, stats, hidden)
+    with emulated_shape(model, ad, c.keep_layers, c.keep_hidden, energies):
+        if ex.streamed:
+            fits, c.scores = _splits_together(ctx, splits, win, reference, autocast, hidden, stats, c.scores)
+            return fits
+        head, ffn = c.scores
         masks = MaskSet(dense).to(ctx.device).attach(model)
+        fits = []
         try:
             for p in splits:
                 masks.set_values_("head", hard_masks(torch.ones_like(head), kept_indices(head, p.k_head)))
                 masks.set_values_("ffn", hard_masks(torch.ones_like(ffn), kept_indices(ffn, p.k_ffn)))
-                kl, nll = fit_to(
-                    model, win, reference, cfg.batch_size, direction=cfg.kl_direction, autocast=autocast, execution=ex
+                fits.append(
+                    fit_to(
+                        model,
+                        win,
+                        reference,
+                        cfg.batch_size,
+                        direction=cfg.kl_direction,
+                        autocast=autocast,
+                        execution=ex,
+                    )  # fmt: skip
                 )
-                rows.append({**base, "k_head": p.k_head, "k_ffn": p.k_ffn, "params": p.params, "kl": kl, "nll": nll})
         finally:
             masks.detach()
-    return rows
+    return fits
 
 
 @torch.no_grad()
-def _splits_together(ctx: RunContext, splits, win, reference, autocast, hidden) -> list[tuple[float, float]]:
-    """``(KL, NLL)`` of every split of one candidate in one streamed pass over the model emulating it: at each layer
-    (visited, read from disk, once) the unmasked model runs for the layer's activation statistics, the layer is
-    scored (its weights still in memory), and each split's model, its own hidden states carried from the layers
-    before, runs with this layer's units cut by the scores. The scores, units, KLs and NLLs are those of scoring in
-    one pass and then measuring each split in its own (``_measure``'s other branch): a layer's units depend only on
-    its own scores, and a layer's scores only on the unmasked model's activations."""
-    from ..baselines import watch_inputs
-
+def _splits_together(
+    ctx: RunContext, splits, win, reference, autocast, hidden, stats, scores
+) -> tuple[list[tuple[float, float]], tuple[torch.Tensor, torch.Tensor]]:
+    """``(KL, NLL)`` of every split of one candidate in one streamed pass over the model emulating it, and the
+    candidate's unit scores: at each layer (visited, read from disk, once) the layer is scored from ``stats`` where
+    ``scores`` are not given yet (its weights in memory for its turn), and each split's model, its own hidden states
+    carried from the layers before, runs with this layer's units cut by the scores. The KLs and NLLs are those of
+    measuring each split in its own pass (``_measure``'s resident branch): a layer's units depend only on its own
+    scores."""
     cfg, model, ad = ctx.cfg, ctx.loaded.model, ctx.adapter
     ex, s, bs = ctx.passes, ctx.structure, cfg.batch_size
     cast = torch.autocast(ex.device.type, dtype=autocast or torch.float32, enabled=autocast is not None)
     masks = MaskSet(s).to(ctx.device).attach(model)
-    stats: dict = {"sum": {}, "sumsq": {}, "count": int(win.numel())}
+    per_layer = []
     try:
         with cast:
-            plain = ex.capture(model, ad, win, bs)
-            cut = [plain] * len(splits)  # each split's hidden states (the same until the first layer runs)
+            cut = [ex.capture(model, ad, win, bs)] * len(splits)  # each split's hidden states (alike until layer 0)
             for li, layer in enumerate(ad.layers(model)):
                 with ex.onloaded(layer):
-                    handles = watch_inputs(stats, ad, layer, li)
-                    try:
-                        plain = plain.advanced(layer, li)
-                    finally:
-                        for h in handles:
-                            h.remove()
-                    head, ffn = LAYER_SCORERS[cfg.method](layer, ad, s, stats, li, hidden)
+                    if scores is None:
+                        head, ffn = LAYER_SCORERS[cfg.method](layer, ad, s, stats, li, hidden)
+                    else:
+                        head, ffn = scores[0][li], scores[1][li]
+                    per_layer.append((head, ffn))
                     for k, p in enumerate(splits):
                         masks.head.data[li] = hard_masks(torch.ones_like(head), kept_indices(head[None], p.k_head)[0])
                         masks.ffn.data[li] = hard_masks(torch.ones_like(ffn), kept_indices(ffn[None], p.k_ffn)[0])
@@ -308,12 +426,13 @@ def _splits_together(ctx: RunContext, splits, win, reference, autocast, hidden) 
                     masks.head.data[li] = 1.0
                     masks.ffn.data[li] = 1.0
             with held(ad.lm_head(model)):  # the head read once for every split
-                return [
+                fits = [
                     fit_of_batches(v.replay(model, ad, model, win, bs), win, reference, bs, direction=cfg.kl_direction)
                     for v in cut
                 ]
     finally:
         masks.detach()
+    return fits, (torch.stack([h for h, _ in per_layer]), torch.stack([f for _, f in per_layer]))
 
 
 def meta_twin(model, adapter):
@@ -377,10 +496,8 @@ def _trials(ctx: RunContext, finalists: list[tuple], energies) -> tuple:
     flags = [p.requires_grad for p in dense.parameters()]
     dense.requires_grad_(False)
     try:
-        for row, keep_layers, keep_hidden in tqdm(
-            finalists, desc="shape trials", disable=not log.isEnabledFor(logging.INFO)
-        ):
-            student = _sliced(ctx, row, keep_layers, keep_hidden, energies)
+        for row, candidate in tqdm(finalists, desc="shape trials", disable=not log.isEnabledFor(logging.INFO)):
+            student = _sliced(ctx, row, candidate, energies)
             s = Structure.of(student, ctx.adapter, cfg.gqa_policy)
             build = build_learner(
                 trial_cfg,
@@ -407,14 +524,13 @@ def _trials(ctx: RunContext, finalists: list[tuple], energies) -> tuple:
     return min(finalists, key=lambda entry: entry[0]["trial_kl"])
 
 
-def _sliced(ctx: RunContext, row: dict, keep_layers: list[int], keep_hidden: torch.Tensor, energies):
-    """A copy of the dense model cut to a candidate's shape and split (the one-shot metric's units) and sliced."""
+def _sliced(ctx: RunContext, row: dict, c: _Candidate, energies):
+    """A copy of the dense model cut to a candidate's shape and split (the units it was ranked with) and sliced."""
     cfg = ctx.cfg
     student = copy.deepcopy(ctx.loaded.model)
-    reshape_(student, ctx.adapter, keep_layers, keep_hidden, energies)
+    reshape_(student, ctx.adapter, c.keep_layers, c.keep_hidden, energies)
     s = Structure.of(student, ctx.adapter, cfg.gqa_policy)
-    win = ctx.windows[: cfg.split_search_samples]
-    head, ffn = unit_scores(cfg.method, student, ctx.adapter, s, win, batch_size=cfg.batch_size, execution=ctx.passes)
+    head, ffn = c.scores[0][c.keep_layers], c.scores[1][c.keep_layers]
     kept = KeptUnits(kept_indices(head, row["k_head"]), kept_indices(ffn, row["k_ffn"]))
     fold_and_slice_(student, ctx.adapter, s.head, torch.ones_like(head), torch.ones_like(ffn), kept)
     return student
