@@ -13,6 +13,7 @@ in the model's dtype: 75 MB for 256 x 128 tokens of SmolLM2 in fp32).
 
 from __future__ import annotations
 
+import contextlib
 import logging
 
 import torch
@@ -145,22 +146,34 @@ def reconstruct_layerwise_(
     }
 
 
+class _Seen(Exception):
+    """Raised by a hook once it has what it needs from a layer's forward: the rest of the layer need not run."""
+
+
 def _input_gram(layer: nn.Module, proj: nn.Module, calls: list) -> torch.Tensor:
-    """``sum_t a(t) a(t)^T`` of ``proj``'s input over the calibration calls, before any mask (float64)."""
+    """``sum_t a(t) a(t)^T`` of ``proj``'s input over the calibration calls, before any mask (float64). Each call's
+    product is taken in the input's float dtype (at least fp32: on a CPU 2-3 times the float64 rate; a sum over one
+    batch's tokens) and summed over the calls in float64; the layer stops at ``proj``'s input."""
     width = proj.weight.shape[1]
     gram = torch.zeros(width, width, dtype=torch.float64, device=proj.weight.device)
 
     def hook(_m, args):
-        x = args[0].detach().double().reshape(-1, width)
-        gram.addmm_(x.T, x)
+        x = _at_least_fp32(args[0].detach().reshape(-1, width))
+        gram.add_(x.T @ x)
+        raise _Seen
 
     handle = proj.register_forward_pre_hook(hook, prepend=True)  # before the mask hook: the uncut input
     try:
         for args, kwargs in calls:
-            layer(args[0].to(proj.weight.device), *args[1:], **kwargs)
+            with contextlib.suppress(_Seen):
+                layer(args[0].to(proj.weight.device), *args[1:], **kwargs)
     finally:
         handle.remove()
     return gram
+
+
+def _at_least_fp32(x: torch.Tensor) -> torch.Tensor:
+    return x if x.dtype in (torch.float32, torch.float64) else x.float()
 
 
 @torch.no_grad()
@@ -223,7 +236,8 @@ def reconstruct_to_dense_(
             o_proj, down = adapter.proj(layer, "o"), adapter.proj(layer, "down")
             o_cols = layout.columns(q_keep).to(device)
             calls = inputs.calls(j)
-            _fit_(o_proj, layer, calls, o_cols, lambda i, _proj_out, _layer_out, y=outs["o"]: y[i], ridge, errors, "o")
+            o_target = _inputs_only(lambda i, _proj_out, _layer_out, y=outs["o"]: y[i])
+            _fit_(o_proj, layer, calls, o_cols, o_target, ridge, errors, "o")
             _fit_(down, layer, inputs.calls(j), kept.ffn[j, 0].to(device), target, ridge, errors, "down")
             targets.append("residual" if straight else "projection")
             inputs.advance_(layer, j)
@@ -292,7 +306,9 @@ def _writes_layer_output(layer, proj, call) -> bool:
 
 def _fit_(proj, layer, calls: list, cols: torch.Tensor, target, ridge: float, errors: dict, role: str) -> None:
     """Accumulate the kept inputs' Gram and cross moments with ``target(i, proj_out, layer_out)`` over the calls,
-    re-fit ``proj``'s kept columns in place and record its error before and after."""
+    re-fit ``proj``'s kept columns in place and record its error before and after. Each call's products are taken in
+    fp32 and summed in float64 (:func:`_input_gram`); where the target needs neither the projection's output nor the
+    layer's (``target.inputs_only``), the layer stops at the projection's input."""
     from .reconstruct import refit_to_targets, target_error
 
     k = cols.numel()
@@ -300,9 +316,12 @@ def _fit_(proj, layer, calls: list, cols: torch.Tensor, target, ridge: float, er
     cross = torch.zeros(proj.weight.shape[0], k, dtype=torch.float64, device=cols.device)
     sq = torch.zeros((), dtype=torch.float64, device=cols.device)
     seen: dict[str, torch.Tensor] = {}
+    inputs_only = getattr(target, "inputs_only", False)
 
     def grab_in(_m, args):
         seen["a"] = args[0].detach()
+        if inputs_only:
+            raise _Seen
 
     def grab_out(_m, _a, out):
         seen["y"] = out.detach()
@@ -310,12 +329,15 @@ def _fit_(proj, layer, calls: list, cols: torch.Tensor, target, ridge: float, er
     handles = [proj.register_forward_pre_hook(grab_in, prepend=True), proj.register_forward_hook(grab_out)]
     try:
         for i, (args, kwargs) in enumerate(calls):
-            out = layer_output(layer(*args, **kwargs))
-            a = seen["a"][..., cols].reshape(-1, k).double()
-            y = target(i, seen["y"], out).reshape(-1, cross.shape[0]).double()
-            gram.addmm_(a.T, a)
-            cross.addmm_(y.T, a)
-            sq += (y * y).sum()
+            out = None
+            with contextlib.suppress(_Seen):
+                out = layer_output(layer(*args, **kwargs))
+            a = _at_least_fp32(seen["a"][..., cols].reshape(-1, k))
+            y = target(i, seen.get("y"), out).reshape(-1, cross.shape[0])
+            y = y.to(a.dtype)
+            gram.add_(a.T @ a)
+            cross.add_(y.T @ a)
+            sq += (y.double() ** 2).sum()
     finally:
         for h in handles:
             h.remove()
@@ -324,3 +346,9 @@ def _fit_(proj, layer, calls: list, cols: torch.Tensor, target, ridge: float, er
     errors[f"{role}_before"].append(target_error(kept_weight, gram, cross, float(sq)))
     errors[f"{role}_after"].append(target_error(fitted, gram, cross, float(sq)))
     proj.weight[:, cols] = fitted.to(proj.weight.dtype)
+
+
+def _inputs_only(fn):
+    """Mark a target of :func:`_fit_` that reads neither the projection's output nor the layer's."""
+    fn.inputs_only = True
+    return fn

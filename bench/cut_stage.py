@@ -1,0 +1,100 @@
+"""The cut stage's cost and choice, before and after a change: for each pair of `maskprune prune --steps 0` runs of the
+same model and sparsity (one made by the code before, one by the code after), the chosen shape, the winning row's
+KL, the perplexity after the cut and after the re-fit, and the seconds of the phases that make the cut stage (the
+shape search, the scoring, the re-fit); the ratio of the cut stage's seconds. Issue 36 part 3: the cut stage at
+least 2x cheaper with the same chosen shapes.
+
+    python bench/cut_stage.py --out bench/results/2026-12-07-cut-stage.json \
+        --pair "smollm2-135m 20%" /tmp/b36/old-smol-0.2 /tmp/b36/new-smol-0.2 \
+        --pair "smollm2-135m 50%" /tmp/b36/old-smol-0.5 /tmp/b36/new-smol-0.5 ...
+
+Each run folder is a `maskprune prune ... --steps 0 --out DIR` (its maskprune_report.json is read); the runs of a
+pair must be made on the same machine, one at a time, quiet.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import time
+from pathlib import Path
+
+CUT_PHASES = ("shape_search", "score", "reconstruct")
+
+
+def summary(report: dict) -> dict:
+    """One run's chosen shape, its winning row, its perplexities and its cut stage's seconds."""
+    shape = report["shape_search"]
+    rows = [r for r in shape["candidates"] if r.get("kl") is not None]
+    best = min(rows, key=lambda r: r["kl"])
+    seconds = report["seconds"]
+    ppl = report["perplexity"]
+    return {
+        "layers": len(shape["kept_layers"]),
+        "hidden_size": shape["hidden_size"],
+        "k_head": best["k_head"],
+        "k_ffn": best["k_ffn"],
+        "kl": best["kl"],
+        "rows": len(shape["candidates"]),
+        "rows_measured_fully": len(rows),
+        "ppl_after_cut": ppl["after_cut"]["ppl"],
+        "ppl_exported": ppl["exported"]["ppl"],
+        "seconds": {k: seconds.get(k, 0.0) for k in CUT_PHASES},
+        "cut_stage_seconds": sum(seconds.get(k, 0.0) for k in CUT_PHASES),
+        "total_seconds": seconds["total"],
+        "code": report["maskprune_version"],
+    }
+
+
+def compare(label: str, before: Path, after: Path) -> dict:
+    old = summary(json.loads((before / "maskprune_report.json").read_text()))
+    new = summary(json.loads((after / "maskprune_report.json").read_text()))
+    same = all(old[k] == new[k] for k in ("layers", "hidden_size", "k_head"))
+    return {
+        "case": label,
+        "before": old,
+        "after": new,
+        "same_shape": same,
+        "cut_stage_speedup": old["cut_stage_seconds"] / max(new["cut_stage_seconds"], 1e-9),
+        "run_speedup": old["total_seconds"] / max(new["total_seconds"], 1e-9),
+    }
+
+
+def table(rows: list[dict]) -> str:
+    head = (
+        "| case | shape before | shape after | KL before | KL after | ppl exported before | after | "
+        "cut stage s before | after | speedup |\n|---|---|---|---|---|---|---|---|---|---|\n"
+    )
+
+    def shape(s: dict) -> str:
+        return f"{s['layers']}L/{s['hidden_size']}h/k_head {s['k_head']}"
+
+    return head + "".join(
+        f"| {r['case']} | {shape(r['before'])} | {shape(r['after'])} | {r['before']['kl']:.4f} | "
+        f"{r['after']['kl']:.4f} | {r['before']['ppl_exported']:.3f} | {r['after']['ppl_exported']:.3f} | "
+        f"{r['before']['cut_stage_seconds']:.0f} | {r['after']['cut_stage_seconds']:.0f} | "
+        f"{r['cut_stage_speedup']:.2f}x |\n"
+        for r in rows
+    )
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--pair", nargs=3, action="append", metavar=("LABEL", "BEFORE", "AFTER"), required=True)
+    ap.add_argument("--out", type=Path, required=True)
+    ap.add_argument("--command", default="", help="the command that made the runs (recorded)")
+    args = ap.parse_args()
+    rows = [compare(label, Path(b), Path(a)) for label, b, a in args.pair]
+    result = {
+        "date": time.strftime("%Y-%m-%d"),
+        "machine": {"platform": platform.platform(), "processor": platform.processor()},
+        "command": args.command,
+        "cases": rows,
+    }
+    args.out.write_text(json.dumps(result, indent=1) + "\n")
+    print(table(rows))
+
+
+if __name__ == "__main__":
+    main()
