@@ -60,6 +60,8 @@ __all__ = [
 ]
 
 DEFAULT_MODEL = "smollm2-135m"
+DEFAULT_MINUTES = 10.0
+"""The time budget of a run that distils with a fixed selection where no step count is given (``minutes``)."""
 
 DISTILL_SETTINGS: dict[str, Any] = {
     "method": "maskprune",
@@ -510,7 +512,18 @@ class TrainingConfig(_Group):
         400,
         """Training steps of batch ``batch_size``: LoRA distillation of the pruned structure (the default recipe), or
     mask learning then distillation (``--freeze-share`` > 0, ``--recipe paper``). The paper: 7 epochs of 20k x
-    512 tokens at batch 16. 0 (the default recipe only): its cut alone, shaped and re-fit, no distillation.""",
+    512 tokens at batch 16. 0 (the default recipe only): its cut alone, shaped and re-fit, no distillation. With
+    ``minutes``: the most steps the budget may buy.""",
+    )
+    minutes: float | None = _opt(
+        None,
+        """Time budget of the whole run, in minutes (evaluations and export included): the run measures its own
+    pace (the cut, then its first distillation steps, re-measured as it goes) and sets the distillation's step
+    count so that it ends by then, at most ``steps``. Applies where the run distils with a fixed selection (the
+    default recipe, which cuts first; ``maskprune distill``). null: ``steps`` fixes the count. Where neither
+    ``steps``, ``recover_steps`` nor ``minutes`` is given, such a run takes 10 minutes, at most one pass over the
+    calibration windows (``calib_samples / batch_size`` steps; a window seen again buys little). A faster machine
+    buys more steps: the report and the model card record the budget, the steps run and the minutes taken.""",
     )
     recover_steps: int = _opt(
         0,
@@ -602,6 +615,8 @@ class TrainingConfig(_Group):
                 f"loss is the cross-entropy alone (ce_weight={self.ce_weight} is implied): drop "
                 "--alpha/--ce-weight or drop --no-distill"
             )
+        if self.minutes is not None and not (self.minutes > 0.0 and math.isfinite(self.minutes)):
+            problems.append(f"minutes must be a time budget > 0 (null: --steps fixes the count), found {self.minutes}")
         return problems
 
 
@@ -935,6 +950,11 @@ class PruneConfig:
             return self.cut.prune_axes
         return PRUNE_AXES if self.resolved_cut_first() else ("heads", "ffn")
 
+    def distils_fixed_selection(self) -> bool:
+        """Whether the run's training is a distillation of a fixed structure (the default recipe cutting first, or
+        ``maskprune distill``): where a time budget (``minutes``) sets the step count."""
+        return self.source.teacher is not None or self.resolved_cut_first()
+
     def resolved_cut_first(self) -> bool:
         """``cut_first``, or its default: on where the selection is fixed at step 0, nothing else distils after the
         cut (``--recover-steps``, ``distill``) and the run is one process (a launcher keeps the masked path, which
@@ -1253,6 +1273,10 @@ def load_config(
     if "budget_params" in clean and clean["budget_params"] is not None and "sparsity" not in clean:
         clean["sparsity"] = None
     config = PruneConfig(**clean)  # the values of the right type; their ranges are checked with the rest
+    if not problems and not {"steps", "recover_steps"} & set(clean) and config.distils_fixed_selection():
+        minutes = clean["minutes"] if "minutes" in clean else DEFAULT_MINUTES  # null given: --steps' default
+        if minutes is not None:  # the budget's cap: one pass over the calibration windows
+            config = config.replace(minutes=minutes, steps=max(1, config.calib_samples // config.batch_size))
     problems += config.problems()
     if problems:
         raise MaskPruneError("invalid configuration: " + "; ".join(problems))

@@ -524,14 +524,21 @@ class Learner:
         checkpoint: Callable[["Learner"], None] | None = None,
         every: int = 0,
         should_stop: Callable[[], bool] | None = None,
+        retarget: Callable[[int], int | None] | None = None,
     ) -> LearnState:
         """Step until ``cfg.steps``. ``checkpoint(self)`` is called every ``every`` steps and, when
-        ``should_stop()`` turns true (a signal), once more before :class:`Interrupted` is raised."""
+        ``should_stop()`` turns true (a signal), once more before :class:`Interrupted` is raised. ``retarget(steps
+        done)``, after every step, may return a new step count (a time budget's :class:`maskprune.budget.Pacer`):
+        the learning-rate schedule and the last validation follow it. A distillation only (the selection's own
+        schedule is fixed at the start)."""
         self.model.train()
         self.masks.train()
         try:
             while self.state.step < self.cfg.steps:
                 self.step()
+                new = retarget(self.state.step) if retarget is not None else None
+                if new is not None and new != self.cfg.steps:
+                    self.cfg = self.cfg.replace(steps=max(new, self.state.step))
                 if should_stop is not None and D.any_true(should_stop(), self.device):
                     if checkpoint is not None:
                         checkpoint(self)

@@ -302,6 +302,12 @@ def _training_summary(d: dict) -> str:
     """``mode, N steps, T tokens of `calib`, M minutes`` of a distillation phase (its report section)."""
     secs = f", {d['seconds'] / 60:.1f} minutes" if d.get("seconds") else ""
     text = f"{d['mode']}, {d['steps']} steps, {d['tokens']:,} tokens of `{d['calib']}`{secs}"
+    if d.get("budget_minutes"):
+        taken = f"; the run took {d['run_minutes']:.1f}" if d.get("run_minutes") is not None else ""
+        text += (
+            f" (set by a {d['budget_minutes']:g}-minute time budget, at most {d['steps_cap']} steps{taken}: a faster "
+            "machine buys more steps)"
+        )
     curve = d.get("validation")
     if curve:
         first, last = curve[0], curve[-1]

@@ -23,6 +23,7 @@ import shutil
 from pathlib import Path
 
 from . import distributed as D
+from .budget import TimeBudget, after_steps
 from .checkpoint import checkpoint_dir
 from .config import DISTILL_SETTINGS, PruneConfig, cut_first_config
 from .errors import MaskPruneError
@@ -44,6 +45,9 @@ def run(cfg: PruneConfig, *, progress: bool = True) -> dict:
 
     Under a launcher (``torchrun``, ``accelerate launch``) every process calls this; the process group it
     joins is destroyed before it returns or raises (a group the caller created is left alone)."""
+    clock = TimeBudget(cfg.minutes) if cfg.minutes and cfg.distils_fixed_selection() else None
+    if cfg.minutes and clock is None:
+        log.warning("--minutes applies to a distillation of a fixed selection: this run's %d --steps stand", cfg.steps)
     try:
         if cfg.gguf:  # the converter (and the quantizer) are checked before any work, not after it
             from .gguf_export import preflight
@@ -51,12 +55,12 @@ def run(cfg: PruneConfig, *, progress: bool = True) -> dict:
             preflight(cfg.gguf)
         cfg = planned(cfg)
         if cfg.has_teacher:
-            return distill_recipe(cfg, progress=progress)
+            return distill_recipe(cfg, progress=progress, clock=clock)
         if cfg.resolved_cut_first():
             first = cut_first_config(cfg)
             if not first.recover_steps:  # --steps 0: the prior's cut (re-fit, shaped) is the whole run
                 return prune_recipe(first, progress=progress)
-            return prune_then_recover(first, progress=progress, cut_first=True)
+            return prune_then_recover(first, progress=progress, cut_first=True, clock=clock)
         if cfg.recover_steps:
             return prune_then_recover(cfg, progress=progress)
         return prune_recipe(cfg, progress=progress)
@@ -88,9 +92,11 @@ def planned(cfg: PruneConfig) -> PruneConfig:
     return cfg.replace(streaming="on" if plan.streamed else "off") if cfg.streaming == "auto" else cfg
 
 
-def prune_recipe(cfg: PruneConfig, *, progress: bool = True) -> dict:
-    """Set up; choose the units, cut, export and evaluate into a staging folder; write the outputs; publish."""
+def prune_recipe(cfg: PruneConfig, *, progress: bool = True, clock: TimeBudget | None = None) -> dict:
+    """Set up; choose the units, cut, export and evaluate into a staging folder; write the outputs; publish.
+    ``clock``: a time budget that sets a distillation's steps (:mod:`maskprune.budget`)."""
     ctx = setup(cfg, progress)
+    ctx.clock = clock
     try:
         with staging(ctx.out, ctx.cfg.overwrite) if ctx.main else contextlib.nullcontext(None) as folder:
             report = run_stage(ctx, folder)
@@ -109,9 +115,9 @@ def _remove_if_empty(folder: Path) -> None:
         folder.rmdir()  # only an empty folder goes
 
 
-def distill_recipe(cfg: PruneConfig, *, progress: bool = True) -> dict:
+def distill_recipe(cfg: PruneConfig, *, progress: bool = True, clock: TimeBudget | None = None) -> dict:
     """``maskprune distill``: the prune recipe's stages on the student, with the teacher and no selection."""
-    return prune_recipe(distill_config(cfg), progress=progress)
+    return prune_recipe(distill_config(cfg), progress=progress, clock=clock)
 
 
 def distill_config(cfg: PruneConfig) -> PruneConfig:
@@ -123,11 +129,14 @@ def distill_config(cfg: PruneConfig) -> PruneConfig:
     return cfg.replace(**DISTILL_SETTINGS).validate()
 
 
-def prune_then_recover(cfg: PruneConfig, *, progress: bool = True, cut_first: bool = False) -> dict:
+def prune_then_recover(
+    cfg: PruneConfig, *, progress: bool = True, cut_first: bool = False, clock: TimeBudget | None = None
+) -> dict:
     """``maskprune prune --recover-steps N``: prune into ``<out>.cut``, distil that export from the dense model
     for N steps into ``out``; one report and model card that tell both phases. ``<out>.cut`` is removed once
     ``out`` is complete; with ``--resume`` a finished cut of the same run is reused. ``cut_first``: the default
-    recipe runs as this (:func:`cut_first_config`); the report says so."""
+    recipe runs as this (:func:`cut_first_config`); the report says so. ``clock``: a time budget that sets the
+    recovery's steps; what the run needs after them is measured on the cut (its export and evaluations)."""
     cfg.validate()
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
         raise MaskPruneError(
@@ -150,6 +159,9 @@ def prune_then_recover(cfg: PruneConfig, *, progress: bool = True, cut_first: bo
     if cut is None:
         cut = _cut_stage(cut_cfg, cut_dir, progress)
     rec = setup(rec_cfg, progress)
+    if clock is not None:
+        clock.reserve = after_steps(cut.seconds)
+        rec.clock = clock
     known = (cut.perplexity["exported"], (cut.zeroshot or {}).get("exported"))
     with staging(out, cfg.overwrite) as folder:
         report = _merge(cfg, cut, run_stage(rec, folder, student_eval=known))
@@ -241,6 +253,8 @@ def _merge(cfg: PruneConfig, cut: RunReport, rec: RunReport) -> RunReport:
         report=cfg.report,
     )
     report.recovery = {**rec.distill, "teacher": cut.config.model}
+    if rec.distill.get("budget_minutes"):  # the whole run against its time budget
+        report.recovery["run_minutes"] = round((cut.seconds["total"] + rec.seconds["total"]) / 60, 3)
     report.perplexity = {**cut.perplexity, "before_recovery": cut.perplexity["exported"]}
     report.perplexity["exported"] = rec.perplexity["exported"]
     if cut.zeroshot or rec.zeroshot:

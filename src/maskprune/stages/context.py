@@ -56,6 +56,8 @@ class RunContext:
     execution: Execution | None = None  # where the cut's passes over the model run (maskprune.passes)
     teacher_topk: object = None  # distill with --teacher-topk: the teacher's top-k on the training windows
     val_teacher_topk: object = None  # ... and on the held-out windows
+    clock: object = None  # a time budget (maskprune.budget.TimeBudget) that sets the distillation's steps
+    paced: dict | None = None  # what the budget's pacer measured and set (the report's distill section)
 
     @property
     def passes(self) -> Execution:

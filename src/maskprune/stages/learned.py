@@ -21,6 +21,7 @@ from tqdm.contrib.logging import logging_redirect_tqdm
 from .. import distributed as D
 from ..arch import DecoderAdapter, adapter_for
 from ..baselines import unit_scores
+from ..budget import Pacer, after_steps
 from ..checkpoint import config_fingerprint, load_latest, save_checkpoint
 from ..config import DataConfig, PruneConfig
 from ..cut import plan_cut, select_units
@@ -133,7 +134,7 @@ def learn_and_plan(ctx: RunContext, ckpt_dir: Path) -> Outcome:
         if cfg.resume:
             _resume(build.learner, ckpt_dir, cfg, metrics_path if main else None, metrics_file)
             bar.update(build.learner.state.step)
-        state = _learn(build.learner, ctx, ckpt_dir, metrics_file)
+        state = _learn(build.learner, ctx, ckpt_dir, metrics_file, bar)
     finally:
         bar.close()
         metrics_file.close()
@@ -153,7 +154,7 @@ def _split_record(split: SplitResult | None, path: Path, main: bool, resume: boo
     return None
 
 
-def _learn(learner: Learner, ctx: RunContext, ckpt_dir: Path, metrics_file) -> LearnState:
+def _learn(learner: Learner, ctx: RunContext, ckpt_dir: Path, metrics_file, bar) -> LearnState:
     """The learning loop with a checkpoint every ``checkpoint_every`` steps and on SIGINT / SIGTERM."""
     cfg, main = ctx.cfg, ctx.main
 
@@ -167,10 +168,60 @@ def _learn(learner: Learner, ctx: RunContext, ckpt_dir: Path, metrics_file) -> L
         path = save_checkpoint(ckpt_dir, payload, lrn.state.step, cfg.keep_checkpoints)
         log.info("checkpoint %s", path)
 
+    pacer = _pacer(learner, ctx, bar)
     with ctx.phases("learn"), _stop_on_signals() as stop, logging_redirect_tqdm():  # log lines above the bar
-        return learner.run(
-            checkpoint=write_checkpoint, every=cfg.checkpoint_every, should_stop=lambda: stop["requested"]
+        state = learner.run(
+            checkpoint=write_checkpoint,
+            every=cfg.checkpoint_every,
+            should_stop=lambda: stop["requested"],
+            retarget=None if pacer is None else _following(pacer, bar),
         )
+    if pacer is not None:
+        ctx.paced = {"seconds_per_step": pacer.seconds_per_step, "steps_cap": pacer.cap, "steps": state.step}
+    return state
+
+
+def _pacer(learner: Learner, ctx: RunContext, bar) -> Pacer | None:
+    """Where a time budget runs (``ctx.clock``) over a distillation, the pacer that sets its step count (at most
+    ``steps``) from the steps' measured pace; None otherwise. A budget spent before the first step leaves none."""
+    if ctx.clock is None or not ctx.cfg.has_teacher:
+        return None
+    if not ctx.clock.reserve:  # a distillation alone: its student's evaluation, measured at the start
+        ctx.clock.reserve = after_steps(ctx.phases.seconds)
+    pacer = Pacer(ctx.clock, ctx.cfg.steps)
+    first = pacer.start()
+    if first < learner.cfg.steps:
+        log.warning(
+            "time budget: %.1f of %.1f minutes spent before the distillation (%.1f kept for the export and the "
+            "evaluations): no steps; give more --minutes, or --steps N",
+            ctx.clock.elapsed_minutes(), ctx.clock.minutes, ctx.clock.reserve / 60,
+        )  # fmt: skip
+        learner.cfg = learner.cfg.replace(steps=first)
+        bar.total = first
+    return pacer
+
+
+def _following(pacer: Pacer, bar):
+    """The learner's ``retarget``: the pacer's step count, the progress bar's total following it."""
+
+    said = []
+
+    def retarget(done: int) -> int | None:
+        steps = pacer(done)
+        if steps is not None and not said:
+            said.append(steps)
+            log.info(
+                "time budget: %.2f s a step, %d steps fit the %.1f minutes left (%.1f kept for the export and the "
+                "evaluations)",
+                pacer.seconds_per_step, steps, (pacer.budget.left() + pacer.budget.reserve) / 60,
+                pacer.budget.reserve / 60,
+            )  # fmt: skip
+        if steps is not None and steps != bar.total:
+            bar.total = steps
+            bar.refresh()
+        return steps
+
+    return retarget
 
 
 def _plan(ctx: RunContext, build: LearnerBuild, state: LearnState, split: dict | None) -> Outcome:
@@ -234,7 +285,7 @@ def _on_step(cfg: PruneConfig, budget: int, bar, metrics_file, trackers):
         clock[1] += 1
         if cfg.compile and clock[1] == 3:  # the first steps compiled; time the next three
             clock[0] = time.perf_counter()
-        if clock[1] == (6 if cfg.compile else 3):  # say up front how long this will take
+        if clock[1] == (6 if cfg.compile else 3) and not cfg.minutes:  # say up front how long this will take
             per_step = (time.perf_counter() - clock[0]) / 3
             log.info(
                 "mask learning: %.1f s/step, about %.0f min left for %d steps (then cut, export, eval)",

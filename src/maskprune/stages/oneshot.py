@@ -3,6 +3,7 @@ compensation, and the same uniform cut as the learned method."""
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 
 import torch
@@ -46,18 +47,12 @@ def score_and_plan(
         cfg.bias_compensation == "auto" and cfg.method == "flap" and not cfg.reconstruct  # the re-fit replaces it
     )
     layerwise = cfg.resolved_layerwise_calibration()
-    stats = split = None
+    split = stats = None
     searched = cfg.resolved_split_search() and sigma_head is None
     sigma_head = cfg.head_cut_fraction if sigma_head is None else sigma_head
-    if scores is not None:
-        if compensate:  # the compensation's input means, on the model as it is now
-            with phases("score"):
-                stats = activation_stats(model, adapter, calib, cfg.batch_size, execution)
-    elif searched or not layerwise:  # the one-pass scores
-        with phases("score"):
-            stats = activation_stats(model, adapter, calib, cfg.batch_size, execution) if compensate else None
-            bs, ex = cfg.batch_size, execution
-            scores = unit_scores(cfg.method, model, adapter, structure, calib, batch_size=bs, stats=stats, execution=ex)
+    if scores is not None or searched or not layerwise:
+        with phases("score") if scores is None or compensate else contextlib.nullcontext():
+            scores, stats = _one_pass(cfg, model, adapter, structure, calib, execution, scores, compensate)
     masks = MaskSet(structure).to(device).attach(model)  # all ones: nothing to fold
     if searched:
         with phases("split"):
@@ -103,3 +98,13 @@ def score_and_plan(
         calibration="layerwise" if layerwise else "one-pass",
         scores=score_summary(cfg.method, scores, kept),
     )
+
+
+def _one_pass(cfg, model, adapter, structure, calib, execution, scores, compensate) -> tuple:
+    """``(scores, stats)``: the one-pass unit scores (``scores`` where measured already, by the shape search) and,
+    for FLAP's compensation, the activation statistics of the model as it is now (its input means)."""
+    stats = activation_stats(model, adapter, calib, cfg.batch_size, execution) if compensate else None
+    if scores is None:
+        bs, ex = cfg.batch_size, execution
+        scores = unit_scores(cfg.method, model, adapter, structure, calib, batch_size=bs, stats=stats, execution=ex)
+    return scores, stats

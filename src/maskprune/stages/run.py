@@ -205,4 +205,17 @@ def _distill_section(ctx: RunContext, outcome: Outcome) -> dict:
         "calib": cfg.calib,
         "teacher_topk": cfg.teacher_topk,  # 0: the full vocabulary; k: the cached top-k and the tail (val_kl too)
         "teacher_topk_cache": str(ctx.teacher_topk.path) if ctx.teacher_topk is not None else None,
+        **_budget_section(ctx),
+    }
+
+
+def _budget_section(ctx: RunContext) -> dict:
+    """Where a time budget set the steps: the budget, the most steps it could buy, the measured seconds a step."""
+    if ctx.paced is None:
+        return {}
+    return {
+        "budget_minutes": ctx.clock.minutes,
+        "steps_cap": ctx.paced["steps_cap"],
+        "seconds_per_step": ctx.paced["seconds_per_step"],
+        "reserve_minutes": round(ctx.clock.reserve / 60, 3),
     }

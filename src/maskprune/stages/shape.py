@@ -230,11 +230,12 @@ def _screen_windows(cfg, n: int) -> int:
 def _rank(ctx: RunContext, candidates: list[_Candidate], win, reference, stats, energies, autocast) -> None:
     """Each candidate's rows get their KL and NLL on ``win``. With screening (:func:`_screen_windows`), every split is
     first measured on the first windows (``screen_kl``); those within ``shape_screen_margin`` times the lowest there
-    (and the best ``shape_finalists`` where shape trials follow) are measured on the rest too, their KL and NLL the
+    (and the best split of the best ``shape_finalists`` shapes where shape trials follow) are measured on the rest
+    too, their KL and NLL the
     token-weighted means over all (what one pass over all the windows gives); the others keep ``kl`` None."""
     cfg = ctx.cfg
     bar = {"desc": "shape search", "disable": not log.isEnabledFor(logging.INFO)}
-    first = _screen_windows(cfg, win.shape[0])
+    first = _screen_windows(cfg, win.shape[0]) if candidates else 0
     if not first:
         for c in tqdm(candidates, **bar):
             for row, (kl, nll) in zip(c.rows, _measure(ctx, c, c.splits, win, reference, stats, energies, autocast)):
@@ -246,10 +247,10 @@ def _rank(ctx: RunContext, candidates: list[_Candidate], win, reference, stats, 
         c.screened = _measure(ctx, c, c.splits, *head, stats, energies, autocast)
         for row, (kl, _) in zip(c.rows, c.screened):
             row["screen_kl"] = kl
-    order = sorted((row["screen_kl"], id(row)) for c in candidates for row in c.rows)
-    floor = order[0][0] * cfg.shape_screen_margin if order else 0.0
-    least = cfg.shape_finalists if cfg.shape_trial_steps else 1
-    survivors = {key for i, (kl, key) in enumerate(order) if kl <= floor or i < least}
+    floor = min(row["screen_kl"] for c in candidates for row in c.rows) * cfg.shape_screen_margin
+    survivors = {id(row) for c in candidates for row in c.rows if row["screen_kl"] <= floor}
+    bests = sorted((min(c.rows, key=lambda r: r["screen_kl"]) for c in candidates), key=lambda r: r["screen_kl"])
+    survivors |= {id(row) for row in bests[: cfg.shape_finalists if cfg.shape_trial_steps else 1]}  # the trials'
     for c in tqdm(candidates, desc="shape search (measure)", disable=bar["disable"]):
         picked = [k for k, row in enumerate(c.rows) if id(row) in survivors]
         for k, row in enumerate(c.rows):
