@@ -118,3 +118,14 @@ def test_the_plans_time_scales_with_the_rate_and_its_memory_does_not(tiny_dir):
     fast = plan_run(cfg, facts, device=torch.device("cpu"), max_memory=2**40, rate=2e9)
     assert slow.seconds == pytest.approx(2 * fast.seconds)
     assert [p.peak_bytes for p in slow.phases] == [p.peak_bytes for p in fast.phases]
+
+
+def test_under_a_time_budget_the_distillation_takes_what_the_cut_leaves(tiny_dir):
+    facts = model_facts(str(tiny_dir))
+    cpu, rate = torch.device("cpu"), 1e9  # the cut in under a minute, the distillation in several
+    fixed = plan_run(load_config(None, {"model": "x", "steps": 512, "minutes": None}), facts, device=cpu, rate=rate)
+    budget = plan_run(load_config(None, {"model": "x", "minutes": 1}), facts, device=cpu, rate=rate)
+    distill = {p.name: p for p in fixed.phases}["distill"].seconds
+    assert fixed.seconds > 60 and distill > 0
+    assert budget.seconds == pytest.approx(60.0)  # the cut's phases, then what is left of the minute
+    assert {p.name: p for p in budget.phases}["distill"].seconds < distill

@@ -330,9 +330,25 @@ def _plan(cfg, facts: ModelFacts, device, wdtype, autocast, max_memory, host_mem
         dataclasses.replace(p, seconds=(p.flops / eff if eff else 0.0) + (p.read_bytes / reading if reading else 0.0))
         for p in phases
     ]
+    phases = _within_budget(cfg, phases)
     plan = RunPlan(facts, str(device), cfg.dtype, str(wdtype).replace("torch.", ""), streamed, max_memory, phases,
                    [], rate, host_memory, reading)  # fmt: skip
     return dataclasses.replace(plan, advice=_advice(cfg, plan))
+
+
+def _within_budget(cfg: PruneConfig, phases: list[Phase]) -> list[Phase]:
+    """Under a time budget (``minutes``) the distillation takes what the other phases leave of it, at most its
+    ``steps`` (:mod:`maskprune.budget`): its seconds (and FLOPs) scaled down to that."""
+    if not cfg.minutes or not any(p.name == "distill" for p in phases):
+        return phases
+    others = sum(p.seconds for p in phases if p.name != "distill")
+    out = []
+    for p in phases:
+        if p.name == "distill" and p.seconds > 0:
+            share = max(0.0, min(1.0, (60.0 * cfg.minutes - others) / p.seconds))
+            p = dataclasses.replace(p, seconds=p.seconds * share, flops=p.flops * share)
+        out.append(p)
+    return out
 
 
 @dataclasses.dataclass(frozen=True)
