@@ -34,12 +34,12 @@ def fitting_steps(done: int, seconds_left: float, seconds_per_step: float, cap: 
 def after_steps(seconds: dict) -> float:
     """Seconds a distillation needs after its last step, from the phases a run measured on a model of the student's
     size (a cut's own ``*_exported`` phases, or a distillation's ``*_dense`` ones, its student's): the perplexity
-    twice (the trained model, then the export), the zero-shot tasks once, the export (fold, save, reload, parity;
-    where not measured, the load), times :data:`MARGIN`."""
+    and the zero-shot tasks of the export, the export itself (fold, save, reload, parity; where not measured, the
+    load), times :data:`MARGIN`."""
     ppl = seconds.get("eval_exported", seconds.get("eval_dense", 0.0))
     tasks = seconds.get("zeroshot_exported", seconds.get("zeroshot_dense", 0.0))
     export = seconds.get("export", seconds.get("load", 0.0))
-    return MARGIN * (2.0 * ppl + tasks + export)
+    return MARGIN * (ppl + tasks + export)
 
 
 @dataclasses.dataclass

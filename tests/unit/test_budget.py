@@ -53,9 +53,9 @@ def test_a_budget_spent_before_the_first_step_leaves_none():
 
 def test_the_reserve_is_measured_on_a_model_of_the_students_size():
     cut = {"eval_exported": 20.0, "zeroshot_exported": 30.0, "export": 4.0, "eval_dense": 99.0}
-    assert after_steps(cut) == pytest.approx(1.25 * (2 * 20.0 + 30.0 + 4.0))
+    assert after_steps(cut) == pytest.approx(1.25 * (20.0 + 30.0 + 4.0))
     student = {"eval_dense": 10.0, "load": 2.0}  # a distillation: its student's evaluation at the start
-    assert after_steps(student) == pytest.approx(1.25 * (2 * 10.0 + 2.0))
+    assert after_steps(student) == pytest.approx(1.25 * (10.0 + 2.0))
 
 
 def test_the_default_run_takes_ten_minutes_and_steps_fix_the_count():

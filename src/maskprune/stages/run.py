@@ -185,7 +185,12 @@ def _reshape(ctx: RunContext):
 def _cut(ctx: RunContext, outcome: Outcome, ppl_dense: dict | None) -> tuple[dict | None, dict | None]:
     """Harden the masks to the kept units; the perplexity just before and just after. Evaluations that would
     repeat one already made are not run again: a one-shot baseline's model before the cut is the dense model
-    (masks at 1), and a frozen selection is already the cut (hard masks)."""
+    (masks at 1), a frozen selection is already the cut (hard masks), and a distillation cuts nothing (its model is
+    the one exported, evaluated then): none."""
+    if ctx.cfg.has_teacher:
+        with ctx.phases("cut"):
+            harden_(outcome.masks, outcome.kept)
+        return None, None
     ppl_before_cut = ppl_dense if outcome.state is None else ctx.ppl(outcome.model, "before_cut")
     with ctx.phases("cut"):
         harden_(outcome.masks, outcome.kept)
