@@ -63,3 +63,28 @@ def test_the_fit_to_other_targets_is_their_least_squares_solution_and_its_error_
         refit_to_targets(w[:, kept], g_full[kept][:, kept], w.double() @ g_full[:, kept], ridge=0.1).float(),
         refit_kept_columns(w, g_full, kept, ridge=0.1),
     )
+
+
+def test_a_gram_of_fp32_products_summed_in_float64_fits_as_the_float64_one():
+    """The re-fit's Grams take each batch's product in fp32 and sum the batches in float64 (sequential._input_gram):
+    on activations with outlier channels (100x the others, as LLM activations have) the fit and its error are those
+    of the all-float64 Gram, to far below what the fit changes."""
+    g = torch.Generator().manual_seed(3)
+    width, out, batches = 256, 64, 16
+    scale = torch.ones(width)
+    scale[:4] = 100.0
+    mix = torch.randn(32, width, generator=g)
+    acts = [(torch.randn(512, 32, generator=g) @ mix + 0.3 * torch.randn(512, width, generator=g)) * scale
+            for _ in range(batches)]  # fmt: skip
+    w = torch.randn(out, width, generator=g) / width**0.5
+    exact = sum(a.double().T @ a.double() for a in acts)
+    mixed = torch.zeros(width, width, dtype=torch.float64)
+    for a in acts:
+        mixed.add_(a.T @ a)
+    kept = torch.arange(0, width, 3)
+    fit_exact = refit_kept_columns(w, exact, kept, ridge=1e-2)
+    fit_mixed = refit_kept_columns(w, mixed, kept, ridge=1e-2)
+    moved = (fit_exact - w[:, kept]).norm()
+    assert (fit_mixed - fit_exact).norm() < 1e-4 * moved
+    err_exact = relative_error(w, fit_exact, exact, kept)
+    assert abs(relative_error(w, fit_mixed, exact, kept) - err_exact) < 1e-5 * max(err_exact, 1e-3)
