@@ -9,7 +9,9 @@ least 2x cheaper with the same chosen shapes.
         --pair "smollm2-135m 50%" /tmp/b36/old-smol-0.5 /tmp/b36/new-smol-0.5 ...
 
 Each run folder is a `maskprune prune ... --steps 0 --out DIR` (its maskprune_report.json is read); the runs of a
-pair must be made on the same machine, one at a time, quiet.
+pair must be made on the same machine, one at a time, quiet. `--held-out N` also measures each exported model's KL
+to the dense one on the last N of the run's calibration windows (the cut scores and ranks on the first
+`cut_samples`, so these are unseen by it): which of two different choices is the better model.
 """
 
 from __future__ import annotations
@@ -47,9 +49,39 @@ def summary(report: dict) -> dict:
     }
 
 
-def compare(label: str, before: Path, after: Path) -> dict:
+def held_out_kl(folders: list[Path], windows: int) -> list[float]:
+    """Each exported model's mean per-token KL (the run's direction) to the dense model it was cut from, on the last
+    ``windows`` of the run's calibration windows (the same windows for every folder; the first run's settings)."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from maskprune.axis_scores import kl_to, teacher_logits
+    from maskprune.config import PruneConfig
+    from maskprune.data import calibration_windows
+    from maskprune.models import load_model
+
+    report = json.loads((folders[0] / "maskprune_report.json").read_text())
+    cfg = PruneConfig.from_dict(report["config"])
+    dense = load_model(cfg.model, gguf_file=cfg.gguf_file, dtype=torch.float32, device=torch.device("cpu"))
+    all_windows = calibration_windows(
+        cfg.calib, dense.tokenizer, seq_len=cfg.seq_len, num_windows=cfg.calib_samples, config=cfg.calib_config
+    )
+    win = all_windows[-windows:]
+    reference = teacher_logits(dense.model, win, 1, None)
+    del dense
+    out = []
+    for folder in folders:
+        model = AutoModelForCausalLM.from_pretrained(folder, torch_dtype=torch.float32)
+        out.append(kl_to(model, win, reference, 1, direction=cfg.kl_direction, autocast=None))
+        del model
+    return out
+
+
+def compare(label: str, before: Path, after: Path, held_out: int = 0) -> dict:
     old = summary(json.loads((before / "maskprune_report.json").read_text()))
     new = summary(json.loads((after / "maskprune_report.json").read_text()))
+    if held_out:
+        old["held_out_kl"], new["held_out_kl"] = held_out_kl([before, after], held_out)
     same = all(old[k] == new[k] for k in ("layers", "hidden_size", "k_head"))
     return {
         "case": label,
@@ -64,8 +96,12 @@ def compare(label: str, before: Path, after: Path) -> dict:
 def table(rows: list[dict]) -> str:
     head = (
         "| case | shape before | shape after | KL before | KL after | ppl exported before | after | "
-        "cut stage s before | after | speedup |\n|---|---|---|---|---|---|---|---|---|---|\n"
+        "held-out KL exported before | after | cut stage s before | after | speedup |\n"
+        "|---|---|---|---|---|---|---|---|---|---|---|---|\n"
     )
+
+    def held(s: dict) -> str:
+        return f"{s['held_out_kl']:.4f}" if "held_out_kl" in s else "-"
 
     def shape(s: dict) -> str:
         return f"{s['layers']}L/{s['hidden_size']}h/k_head {s['k_head']}"
@@ -73,7 +109,7 @@ def table(rows: list[dict]) -> str:
     return head + "".join(
         f"| {r['case']} | {shape(r['before'])} | {shape(r['after'])} | {r['before']['kl']:.4f} | "
         f"{r['after']['kl']:.4f} | {r['before']['ppl_exported']:.3f} | {r['after']['ppl_exported']:.3f} | "
-        f"{r['before']['cut_stage_seconds']:.0f} | {r['after']['cut_stage_seconds']:.0f} | "
+        f"{held(r['before'])} | {held(r['after'])} | {r['before']['cut_stage_seconds']:.0f} | {r['after']['cut_stage_seconds']:.0f} | "
         f"{r['cut_stage_speedup']:.2f}x |\n"
         for r in rows
     )
@@ -84,8 +120,9 @@ def main() -> None:
     ap.add_argument("--pair", nargs=3, action="append", metavar=("LABEL", "BEFORE", "AFTER"), required=True)
     ap.add_argument("--out", type=Path, required=True)
     ap.add_argument("--command", default="", help="the command that made the runs (recorded)")
+    ap.add_argument("--held-out", type=int, default=0, help="windows (the last of the calibration) for held-out KL")
     args = ap.parse_args()
-    rows = [compare(label, Path(b), Path(a)) for label, b, a in args.pair]
+    rows = [compare(label, Path(b), Path(a), args.held_out) for label, b, a in args.pair]
     result = {
         "date": time.strftime("%Y-%m-%d"),
         "machine": {"platform": platform.platform(), "processor": platform.processor()},
