@@ -123,7 +123,7 @@ def setup(cfg: PruneConfig, progress: bool) -> RunContext:
         windows, val_windows, eval_windows, bos = _data(cfg, loaded.tokenizer)
     log.info(
         "model %s: %s layers, %d params; budget %d (%.1f%% removed); %d calibration windows "
-        "of %d tokens; %d steps of batch %d",
+        "of %d tokens; %s%d steps of batch %d",
         loaded.source,
         structure.num_layers,
         structure.dense_params,
@@ -131,6 +131,7 @@ def setup(cfg: PruneConfig, progress: bool) -> RunContext:
         100 * (1 - budget / structure.dense_params),
         windows.shape[0],
         cfg.seq_len,
+        f"a {cfg.minutes:g}-minute time budget, at most " if cfg.minutes else "",
         cfg.steps,
         cfg.batch_size,
     )
