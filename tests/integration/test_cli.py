@@ -116,13 +116,32 @@ def test_sparsity_outside_0_1_is_refused(tiny_dir, tmp_path, capsys, value):
 
 def test_budget_that_removes_every_unit_is_refused(tiny_dir, calib, tmp_path, capsys):
     out = tmp_path / "o"
-    _assert_refused(
-        ["prune", str(tiny_dir), "--sparsity", "0.95", "--out", str(out), "--calib", str(calib), *FAST],
-        capsys,
-        "below what a layer-uniform cut can reach",
-        "lower --sparsity",
-        out=out,
-    )
+    base = ["prune", str(tiny_dir), "--sparsity", "0.95", "--out", str(out), "--calib", str(calib), *FAST]
+    _assert_refused([*base, "--prune-axes", "heads,ffn"], capsys, "below what a layer-uniform cut can reach",
+                    "lower --sparsity", out=out)  # fmt: skip
+    # the default searches hidden width and depth too: refused from the config, before loading, where no shape fits
+    _assert_refused(base, capsys, "no candidate shape meets the parameter budget", "lower --sparsity", out=out)
+
+
+def test_a_budget_past_the_heads_and_ffn_floor_is_cut_by_the_shape(tiny_dir, calib, tmp_path, capsys):
+    """Hidden width and depth reach further than heads and FFN channels (the embeddings shrink, layers go): a budget
+    below the heads/FFN floor is cut where a shape meets it (before: refused by the heads/FFN floor alone)."""
+    import json
+
+    from transformers import AutoModelForCausalLM
+
+    from maskprune.arch import adapter_for
+    from maskprune.structure import Structure
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_dir)
+    s = Structure.of(model, adapter_for(model), "query")
+    floor = 1 - s.min_params() / s.dense_params
+    out = tmp_path / "o"
+    argv = ["prune", str(tiny_dir), "--sparsity", f"{floor + 0.02:.3f}", "--steps", "0", "--out", str(out)]
+    assert main([*argv, "--calib", str(calib), "--no-report", *FAST]) == 0, capsys.readouterr().err
+    r = json.loads((out / "maskprune_report.json").read_text())
+    assert r["params"]["exported"] <= r["params"]["budget"] < s.min_params()
+    assert r["shape_search"]["hidden_size"] < 64 or len(r["shape_search"]["kept_layers"]) < 2
 
 
 def test_empty_calibration_data_is_refused(tiny_dir, tmp_path, capsys):

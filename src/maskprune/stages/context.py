@@ -117,7 +117,7 @@ def setup(cfg: PruneConfig, progress: bool) -> RunContext:
                 teacher = load_teacher(cfg, adapter, loaded, device)
     else:
         budget = cfg.budget_for(structure.dense_params)
-        check_budget(structure, budget)
+        check_budget(structure, budget, shaped=bool({"hidden", "layers"} & set(cfg.resolved_prune_axes())))
     _check_context(cfg.data, cfg.evaluation, getattr(loaded.model.config, "max_position_embeddings", None))
     with phases("data"):
         windows, val_windows, eval_windows, bos = _data(cfg, loaded.tokenizer)
@@ -254,8 +254,11 @@ def _check_context(data: DataConfig, evaluation: EvalConfig, max_pos: int | None
             )
 
 
-def check_budget(structure: Structure, budget: int) -> None:
-    """Refuse a budget that removes nothing, or more than a layer-uniform cut can remove."""
+def check_budget(structure: Structure, budget: int, *, shaped: bool = False) -> None:
+    """Refuse a budget that removes nothing, or more than a layer-uniform cut of heads and FFN channels can remove.
+    ``shaped``: hidden width or depth is cut too, which reaches further (the embeddings shrink, layers go); whether
+    a shape meets the budget was checked from the config before the run (:func:`maskprune.stages.plan.
+    check_request`), and the shape search says so again."""
     if budget >= structure.dense_params:
         raise MaskPruneError(
             "the budget removes nothing",
@@ -264,7 +267,7 @@ def check_budget(structure: Structure, budget: int) -> None:
             fix="raise --sparsity or lower --budget-params",
         )
     floor = structure.min_params()
-    if budget < floor:
+    if budget < floor and not shaped:
         raise MaskPruneError(
             "the budget is below what a layer-uniform cut can reach: it would remove every unit of "
             "a kind in every layer",

@@ -762,7 +762,8 @@ def _planned_device(name: str) -> torch.device:
 
 def check_request(cfg: PruneConfig, facts: ModelFacts) -> None:
     """The checks of what the run asks that need the model's config only, made before anything is loaded: a fixed
-    hidden width or depth the model has (and its family's config accepts)."""
+    hidden width or depth the model has (and its family's config accepts); where the shape is searched, a candidate
+    shape that meets the parameter budget."""
     from ..errors import MaskPruneError
     from ..surgery import config_accepts
 
@@ -785,6 +786,24 @@ def check_request(cfg: PruneConfig, facts: ModelFacts) -> None:
             found=f"--keep-hidden {cfg.keep_hidden}",
             fix="pick another --keep-hidden, or drop it and let the shape search choose",
         )
+    if {"hidden", "layers"} & set(cfg.resolved_prune_axes()) and not cfg.has_teacher:
+        _check_shapes(cfg, facts)
+
+
+def _check_shapes(cfg: PruneConfig, facts: ModelFacts) -> None:
+    """Refuse a budget no candidate shape meets (every one removes more, or leaves too little for a head and an FFN
+    channel per layer), from the config alone: the shape search would say so only after the dense evaluation."""
+    from ..errors import MaskPruneError
+
+    if _search_candidates(cfg, facts):
+        return
+    fixed = cfg.keep_layers is not None or cfg.keep_hidden is not None
+    raise MaskPruneError(
+        "no candidate shape meets the parameter budget",
+        expected=f"a cut of {', '.join(cfg.resolved_prune_axes())} that keeps heads and FFN channels in every layer",
+        found=f"sparsity {cfg.sparsity}" if cfg.budget_params is None else f"budget {cfg.budget_params:,} parameters",
+        fix="keep more layers or hidden channels (--keep-layers / --keep-hidden)" if fixed else "lower --sparsity",
+    )
 
 
 def check_plan(plan: RunPlan) -> None:
