@@ -151,7 +151,8 @@ def _layer_skip_kl_together(
         bar = tqdm(layers, desc="layer importance", disable=not log.isEnabledFor(logging.INFO))
         for li, layer in enumerate(bar):
             with ex.onloaded(layer):
-                skipped = [v.advanced(layer, li) for v in skipped]
+                for k, v in enumerate(skipped):  # in place: each variant's last states freed once carried on
+                    skipped[k] = v.advanced(layer, li)
                 following = dense.advanced(layer, li)
             skipped.append(dataclasses.replace(dense, layer=li + 1))  # layer li's input, passed through
             dense = following

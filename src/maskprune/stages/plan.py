@@ -652,7 +652,7 @@ def _wikitext_windows(seq_len: int) -> int:
     return max(1, 290_000 // seq_len)
 
 
-def _search_candidates(cfg: PruneConfig, f: ModelFacts) -> list[tuple[int, int, int]]:
+def _search_candidates(cfg: PruneConfig, f: ModelFacts, refused: list | None = None) -> list[tuple[int, int, int]]:
     """``(layers, parameters, splits)`` of every shape the shape search ranks, enumerated as the search does
     (:func:`maskprune.cut.candidate_shapes`) on copies of the meta-device model (free: no storage), each shape's
     splits as :func:`maskprune.cut.candidate_splits` gives them. Shapes that remove more than the budget, or leave
@@ -686,12 +686,15 @@ def _search_candidates(cfg: PruneConfig, f: ModelFacts) -> list[tuple[int, int, 
         reduced = copy.deepcopy(meta)
         reshape_(reduced, ad, list(range(f.layers - shape.drop_layers)), torch.arange(shape.hidden))
         s = Structure.of(reduced, ad, cfg.gqa_policy)
+        what = f"{s.num_layers} layers, hidden {shape.hidden}"
         if s.dense_params < budget:
+            (refused if refused is not None else []).append(f"{what}: removes more than the budget")
             continue
         try:
             mult = {"head_multiple": cfg.head_multiple, "ffn_multiple": cfg.ffn_multiple}
             splits = len(candidate_splits(s, budget, **mult)) if cfg.resolved_split_search() else 1
         except MaskPruneError:
+            (refused if refused is not None else []).append(f"{what}: leaves too little for heads and FFN")
             continue
         out.append((s.num_layers, s.dense_params, splits))
     return out
@@ -795,13 +798,15 @@ def _check_shapes(cfg: PruneConfig, facts: ModelFacts) -> None:
     channel per layer), from the config alone: the shape search would say so only after the dense evaluation."""
     from ..errors import MaskPruneError
 
-    if _search_candidates(cfg, facts):
+    refused: list[str] = []
+    if _search_candidates(cfg, facts, refused):
         return
     fixed = cfg.keep_layers is not None or cfg.keep_hidden is not None
+    asked = f"sparsity {cfg.sparsity}" if cfg.budget_params is None else f"budget {cfg.budget_params:,} parameters"
     raise MaskPruneError(
         "no candidate shape meets the parameter budget",
         expected=f"a cut of {', '.join(cfg.resolved_prune_axes())} that keeps heads and FFN channels in every layer",
-        found=f"sparsity {cfg.sparsity}" if cfg.budget_params is None else f"budget {cfg.budget_params:,} parameters",
+        found=f"{asked}: " + "; ".join(refused),
         fix="keep more layers or hidden channels (--keep-layers / --keep-hidden)" if fixed else "lower --sparsity",
     )
 
