@@ -9,7 +9,6 @@ student's size); :class:`Pacer` turns the seconds the steps took into the step c
 from __future__ import annotations
 
 import dataclasses
-import logging
 import time
 from typing import Callable
 
@@ -18,8 +17,6 @@ __all__ = ["TimeBudget", "Pacer", "fitting_steps", "after_steps"]
 MARGIN = 1.25
 """What the reserve measured after the last step is multiplied by: the export and evaluations of the distilled
 model vary a little from those they are measured on."""
-
-log = logging.getLogger(__name__)
 
 
 def fitting_steps(done: int, seconds_left: float, seconds_per_step: float, cap: int) -> int:

@@ -950,6 +950,10 @@ class PruneConfig:
             return self.cut.prune_axes
         return PRUNE_AXES if self.resolved_cut_first() else ("heads", "ffn")
 
+    def searches_shape(self) -> bool:
+        """Whether the cut searches the whole model's shape (hidden width or depth among ``prune_axes``)."""
+        return bool({"hidden", "layers"} & set(self.resolved_prune_axes()))
+
     def distils_fixed_selection(self) -> bool:
         """Whether the run's training is a distillation of a fixed structure (the default recipe cutting first, or
         ``maskprune distill``): where a time budget (``minutes``) sets the step count."""

@@ -57,7 +57,7 @@ class RunContext:
     teacher_topk: object = None  # distill with --teacher-topk: the teacher's top-k on the training windows
     val_teacher_topk: object = None  # ... and on the held-out windows
     clock: object = None  # a time budget (maskprune.budget.TimeBudget) that sets the distillation's steps
-    paced: dict | None = None  # what the budget's pacer measured and set (the report's distill section)
+    pacer: object = None  # the budget's pacer, once the distillation ran under it (maskprune.budget.Pacer)
 
     @property
     def passes(self) -> Execution:
@@ -117,7 +117,7 @@ def setup(cfg: PruneConfig, progress: bool) -> RunContext:
                 teacher = load_teacher(cfg, adapter, loaded, device)
     else:
         budget = cfg.budget_for(structure.dense_params)
-        check_budget(structure, budget, shaped=bool({"hidden", "layers"} & set(cfg.resolved_prune_axes())))
+        check_budget(structure, budget, shaped=cfg.searches_shape())
     _check_context(cfg.data, cfg.evaluation, getattr(loaded.model.config, "max_position_embeddings", None))
     with phases("data"):
         windows, val_windows, eval_windows, bos = _data(cfg, loaded.tokenizer)

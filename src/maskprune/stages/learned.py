@@ -176,8 +176,7 @@ def _learn(learner: Learner, ctx: RunContext, ckpt_dir: Path, metrics_file, bar)
             should_stop=lambda: stop["requested"],
             retarget=None if pacer is None else _following(pacer, bar),
         )
-    if pacer is not None:
-        ctx.paced = {"seconds_per_step": pacer.seconds_per_step, "steps_cap": pacer.cap, "steps": state.step}
+    ctx.pacer = pacer
     return state
 
 

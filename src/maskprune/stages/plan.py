@@ -470,7 +470,7 @@ class _Sizes:
     def shape_search(self) -> Phase | None:
         c, f = self.cfg, self.f
         axes = c.resolved_prune_axes()
-        if not {"hidden", "layers"} & set(axes):
+        if not c.searches_shape():
             return None
         t, n_cut = c.seq_len, c.resolved_cut_samples()
         tokens = min(c.split_search_samples, c.calib_samples) * t
@@ -505,7 +505,7 @@ class _Sizes:
 
     def score(self) -> Phase | None:
         c = self.cfg
-        if {"hidden", "layers"} & set(c.resolved_prune_axes()) and not c.resolved_layerwise_calibration():
+        if c.searches_shape() and not c.resolved_layerwise_calibration():
             return None  # the shape search scored the units already (FLAP's compensation means: a pass, not counted)
         tokens = c.resolved_cut_samples() * c.seq_len
         parts = {"runtime": self.base, "weights": self.held, "activations": self.act(c.batch_size * c.seq_len),
@@ -789,7 +789,7 @@ def check_request(cfg: PruneConfig, facts: ModelFacts) -> None:
             found=f"--keep-hidden {cfg.keep_hidden}",
             fix="pick another --keep-hidden, or drop it and let the shape search choose",
         )
-    if {"hidden", "layers"} & set(cfg.resolved_prune_axes()) and not cfg.has_teacher:
+    if cfg.searches_shape() and not cfg.has_teacher:
         _check_shapes(cfg, facts)
 
 

@@ -216,11 +216,11 @@ def _distill_section(ctx: RunContext, outcome: Outcome) -> dict:
 
 def _budget_section(ctx: RunContext) -> dict:
     """Where a time budget set the steps: the budget, the most steps it could buy, the measured seconds a step."""
-    if ctx.paced is None:
+    if ctx.pacer is None:
         return {}
     return {
         "budget_minutes": ctx.clock.minutes,
-        "steps_cap": ctx.paced["steps_cap"],
-        "seconds_per_step": ctx.paced["seconds_per_step"],
+        "steps_cap": ctx.pacer.cap,
+        "seconds_per_step": ctx.pacer.seconds_per_step,
         "reserve_minutes": round(ctx.clock.reserve / 60, 3),
     }
