@@ -13,10 +13,20 @@ See :mod:`maskprune.api`.
 
 from __future__ import annotations
 
-from .api import PruneResult, distill, prune
+from .api import PruneResult, distill, prune, sweep
 from .config import PruneConfig, load_config
 from .errors import MaskPruneError
 from .evaluate import evaluate_models as evaluate
 from .version import __version__
 
-__all__ = ["PruneConfig", "PruneResult", "load_config", "prune", "distill", "evaluate", "MaskPruneError", "__version__"]
+__all__ = [
+    "PruneConfig",
+    "PruneResult",
+    "load_config",
+    "prune",
+    "distill",
+    "sweep",
+    "evaluate",
+    "MaskPruneError",
+    "__version__",
+]

@@ -37,7 +37,7 @@ from .config import (
 )
 from .errors import MaskPruneError
 
-__all__ = ["PruneResult", "prune", "distill"]
+__all__ = ["PruneResult", "prune", "distill", "sweep"]
 
 
 @dataclass
@@ -76,6 +76,40 @@ def distill(
     if out is not None:
         overrides["out"] = str(out)
     return _run(_load(overrides), progress)
+
+
+def sweep(
+    model: str = DEFAULT_MODEL,
+    *,
+    out: str | Path,
+    sparsity: list[float] | None = None,
+    budget_params: list[int] | None = None,
+    params: list[str] | None = None,
+    table_seq_len: int = 2048,
+    tasks: list[str] | tuple[str, ...] = ("piqa", "arc_easy"),
+    data_dir: str | None = None,
+    limit: int | None = None,
+    max_ppl_ratio: float | None = None,
+    min_accuracy_share: float | None = None,
+    max_params: int | None = None,
+    max_gguf_bytes: int | None = None,
+    progress: bool = True,
+    **options,
+) -> dict:
+    """``maskprune sweep``: ``model`` pruned to every size (``sparsity=[0.1, 0.3]``, ``budget_params=[...]`` or
+    ``params=["100M", "80M"]``; default 0.1-0.5) into ``out``, each measured on WikiText-2 at ``table_seq_len`` and
+    the zero-shot ``tasks``; the bounds given pick the smallest size that meets them. Options as for :func:`prune`
+    (per size). Returns the sweep's record (``sizes``, ``dense``, ``chosen``: a label or None; ``page``)."""
+    from .sweeps import TableProtocol, Target, run_sweep, sizes_from
+
+    def listed(values) -> str | None:
+        return None if values is None else ",".join(str(v) for v in values)
+
+    sizes = sizes_from(listed(sparsity), listed(budget_params), listed(params))
+    cfg = _load({"model": model, **prune_overrides(options)})
+    table = TableProtocol(seq_len=table_seq_len, tasks=tuple(tasks), data_dir=data_dir, limit=limit)
+    target = Target(max_ppl_ratio, min_accuracy_share, max_params, max_gguf_bytes)
+    return run_sweep(cfg, sizes, out, table=table, target=target, progress=progress)
 
 
 def _load(overrides: dict[str, Any]) -> PruneConfig:

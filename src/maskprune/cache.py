@@ -13,12 +13,27 @@ from typing import Callable
 
 from filelock import FileLock
 
-__all__ = ["cache_dir", "build_once"]
+__all__ = ["cache_dir", "build_once", "source_fingerprint"]
 
 
 def cache_dir() -> Path:
     """``$MASKPRUNE_CACHE``, else ``~/.cache/maskprune``."""
     return Path(os.environ.get("MASKPRUNE_CACHE", Path.home() / ".cache" / "maskprune"))
+
+
+def source_fingerprint(source: str, gguf_file: str | None = None) -> str:
+    """What identifies a model's weights for a cache key: its path or hub id, the GGUF file, and for a local source
+    the name, size and modification time of every weight and config file (a rewritten checkpoint changes it)."""
+    parts = [f"source={source}", f"gguf={gguf_file}"]
+    path = Path(source).expanduser()
+    if path.exists():
+        files = [path] if path.is_file() else sorted(
+            p for p in path.iterdir() if p.suffix in (".safetensors", ".bin", ".gguf", ".json")
+        )  # fmt: skip
+        for f in files:
+            st = f.stat()
+            parts.append(f"{f.name}:{st.st_size}:{st.st_mtime_ns}")
+    return "\n".join(parts)
 
 
 def build_once(target: Path, is_complete: Callable[[Path], bool], build: Callable[[Path], None]) -> Path:

@@ -51,6 +51,7 @@ _GROUP_TITLES = {
 _ESSENTIAL = {
     "prune": ("sparsity", "budget_params", "out", "method", "steps", "recover_steps"),
     "distill": ("teacher", "out", "steps", "full"),
+    "sweep": ("method", "steps", "minutes"),
 }
 """The options ``--help`` lists first, in this order; the rest follow in one section per config group."""
 _GROUP_ORDER = ("cut", "training", "data", "runtime", "evaluation", "output", "source", "selection")
@@ -162,8 +163,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--version", action="version", version=f"maskprune {__version__}")
     _add_verbosity(parser, False)
-    sub = parser.add_subparsers(dest="command", required=True, metavar="{prune,plan,distill,eval,export-gguf,report}")
+    sub = parser.add_subparsers(
+        dest="command", required=True, metavar="{prune,sweep,plan,distill,eval,export-gguf,report}"
+    )
     _add_prune_parser(sub)
+    _add_sweep_parser(sub)
     _add_plan_parser(sub)
     _add_distill_parser(sub)
     _add_eval_parser(sub)
@@ -204,6 +208,50 @@ def _add_prune_parser(sub) -> None:
         "maskprune prune [MODEL] [--sparsity S | --budget-params N] [--out DIR] [options]",
         "HF folder, hub id, .gguf file, or smollm2-135m (default)",
     )
+
+
+_SWEEP_OWN = frozenset({"sparsity", "budget_params", "out", "overwrite", "shared_cache"})
+"""Config keys a sweep sets itself (the sizes, their folders, the shared store)."""
+
+
+def _add_sweep_parser(sub) -> None:
+    p = _subparser(
+        sub,
+        "sweep",
+        "prune to several sizes at once and draw the size/quality curve (one stock checkpoint per size)",
+        "maskprune sweep [MODEL] [--sparsity 0.1,0.2,... | --budget-params N,N | --params 100M,80M] [--out DIR] "
+        "[--max-ppl-ratio R] [--min-accuracy-share S] [--max-params N] [--max-gguf-bytes N] [prune's options]",
+        "maskprune sweep MODEL --sparsity 0.1,0.2,0.3,0.4,0.5: one `maskprune prune` per size (same recipe and "
+        "options; --steps or --minutes per size) into OUT/<size>, sharing what does not depend on the size (the "
+        "dense evaluations, the shape search's dense facts, a cached top-k teacher). Every size and the dense model "
+        "are measured on WikiText-2 at --table-seq-len and the zero-shot --tasks; OUT/sweep.json, sweep.md, "
+        "sweep.png and index.html give the table and the figure. A target (--max-ppl-ratio, --min-accuracy-share, "
+        "--max-params, --max-gguf-bytes) picks the smallest size that meets it. Exit status 0: done (and a size "
+        "meets the target, where one is given); 1: no size meets it; 2: bad input. --resume continues a sweep "
+        "that was cut off: finished sizes are kept.",
+    )
+    p.add_argument("model", nargs="?", default=None, help="HF folder, hub id, .gguf file, or smollm2-135m (default)")
+    p.add_argument("--config", type=Path, default=None, help="YAML file of config keys (flat, or under their group)")
+    sizes = p.add_argument_group("the sizes (one list; default --sparsity 0.1,0.2,0.3,0.4,0.5)")
+    sizes.add_argument("--sparsity", default=None, metavar="LIST", help="comma-separated sparsities, e.g. 0.1,0.3,0.5")
+    sizes.add_argument("--budget-params", default=None, metavar="LIST", help="comma-separated parameter budgets")
+    sizes.add_argument("--params", default=None, metavar="LIST", help="parameter counts with units, e.g. 100M,80M")
+    sizes.add_argument("--out", type=Path, default=None, help="the sweep's folder (default: runs/<model>-sweep)")
+    table = p.add_argument_group("the table every size is measured on")
+    table.add_argument("--table-seq-len", type=int, default=2048, help="WikiText-2 window length (default 2048)")
+    table.add_argument(
+        "--tasks", default="piqa,arc_easy", help="zero-shot lm-eval tasks, comma-separated ('' for none)"
+    )
+    table.add_argument("--data-dir", default=None, help="local task data (offline); see `maskprune eval`")
+    table.add_argument("--limit", type=int, default=None, help="only the first N windows and N examples per task")
+    target = p.add_argument_group("the target: the smallest size that meets every bound given is chosen")
+    target.add_argument("--max-ppl-ratio", type=float, default=None, help="perplexity at most R times the dense one")
+    target.add_argument(
+        "--min-accuracy-share", type=float, default=None, help="mean accuracy at least S times the dense one"
+    )
+    target.add_argument("--max-params", default=None, metavar="N", help="at most N parameters (e.g. 100M)")
+    target.add_argument("--max-gguf-bytes", default=None, metavar="N", help="a GGUF of at most N bytes (needs --gguf)")
+    _add_config_flags(p, "sweep", DISTILL_ONLY | _SWEEP_OWN)
 
 
 def _add_plan_parser(sub) -> None:
@@ -366,6 +414,33 @@ def _run_prune(args: argparse.Namespace, progress: bool) -> int:
     return 0
 
 
+def _run_sweep(args: argparse.Namespace, progress: bool) -> int:
+    from .memory import parse_bytes
+    from .sweeps import TableProtocol, Target, parse_count, run_sweep, sizes_from
+
+    overrides = {k: v for k, v in _overrides(args).items() if k not in _SWEEP_OWN}
+    cfg = load_config(args.config, overrides, ignore=DISTILL_ONLY | _SWEEP_OWN)
+    sizes = sizes_from(args.sparsity, args.budget_params, args.params)
+    try:
+        target = Target(
+            max_ppl_ratio=args.max_ppl_ratio,
+            min_accuracy_share=args.min_accuracy_share,
+            max_params=parse_count(args.max_params) if args.max_params is not None else None,
+            max_gguf_bytes=parse_bytes(args.max_gguf_bytes) if args.max_gguf_bytes is not None else None,
+        )
+    except ValueError as exc:
+        raise MaskPruneError(f"the target: {exc}") from None
+    if args.data_dir is not None and not Path(args.data_dir).is_dir():
+        raise MaskPruneError(f"--data-dir {args.data_dir!r} is not a folder")
+    tasks = tuple(t.strip() for t in (args.tasks or "").split(",") if t.strip())
+    table = TableProtocol(seq_len=args.table_seq_len, tasks=tasks, data_dir=args.data_dir, limit=args.limit)
+    out = args.out or Path("runs") / f"{Path(cfg.model).stem or 'model'}-sweep"
+    record = run_sweep(cfg, sizes, out, table=table, target=target, progress=progress)
+    sys.stdout.write((Path(out) / "sweep.md").read_text())
+    sys.stdout.write(f"wrote {out}/ (sweep.json, sweep.md, sweep.png, index.html)\n")
+    return 1 if target.given() and record["chosen"] is None else 0
+
+
 def _run_plan(args: argparse.Namespace) -> int:
     from .stages.plan import plan_for
 
@@ -457,6 +532,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _run_prune(args, progress)
         if args.command == "plan":
             return _run_plan(args)
+        if args.command == "sweep":
+            return _run_sweep(args, progress)
         if args.command == "export-gguf":
             return _run_export_gguf(args)
         if args.command == "report":

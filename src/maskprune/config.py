@@ -754,6 +754,13 @@ class RuntimeConfig(_Group):
         (),
         """Optional metric trackers besides metrics.jsonl: tensorboard, wandb (each needs its package).""",
     )
+    shared_cache: str | None = _opt(
+        None,
+        """A folder where work that depends on the dense model, the data and the settings but not on the size is kept
+    and reused by later runs: the dense evaluations, the shape search's reference logits, layer-skip KLs, metric
+    statistics and channel energies (``maskprune sweep`` sets it for its sizes; null: nothing is kept).""",
+        only="prune",
+    )
 
     def problems(self) -> list[str]:
         problems = _at_least_one(self, ("keep_checkpoints", "log_every", "sync_check_every"))

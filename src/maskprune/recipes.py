@@ -24,7 +24,7 @@ from pathlib import Path
 
 from . import distributed as D
 from .budget import TimeBudget, after_steps
-from .checkpoint import checkpoint_dir
+from .checkpoint import checkpoint_dir, list_checkpoints
 from .config import DISTILL_SETTINGS, PruneConfig, cut_first_config
 from .errors import MaskPruneError
 from .modelcard import write_model_card
@@ -35,7 +35,15 @@ from .runreport import RunReport
 from .stages.context import setup
 from .stages.run import run_stage
 
-__all__ = ["run", "prune_recipe", "distill_recipe", "prune_then_recover", "distill_config", "cut_first_config"]
+__all__ = [
+    "run",
+    "resumable",
+    "prune_recipe",
+    "distill_recipe",
+    "prune_then_recover",
+    "distill_config",
+    "cut_first_config",
+]
 
 log = logging.getLogger(__name__)
 
@@ -158,6 +166,8 @@ def prune_then_recover(
         )
     if cut is None:
         cut = _cut_stage(cut_cfg, cut_dir, progress)
+    if cfg.resume and not list_checkpoints(checkpoint_dir(out)):  # the cut finished, the recovery had no checkpoint
+        rec_cfg = rec_cfg.replace(resume=False)
     rec = setup(rec_cfg, progress)
     if clock is not None:
         clock.reserve = after_steps(cut.seconds)
@@ -174,6 +184,14 @@ def prune_then_recover(
     shutil.rmtree(checkpoint_dir(out), ignore_errors=True)
     shutil.rmtree(cut_dir, ignore_errors=True)
     return _published(report, out)
+
+
+def resumable(out: Path) -> bool:
+    """Whether a run into ``out`` that was cut off left work ``--resume`` continues: a finished cut of prune +
+    recovery (``<out>.cut``), or checkpoints (``<out>.checkpoints``)."""
+    out = Path(out)
+    cut_dir = out.with_name(out.name + ".cut")
+    return (cut_dir / _STAGE_RECORD).is_file() or bool(list_checkpoints(checkpoint_dir(out)))
 
 
 _STAGE_RECORD = "cut_stage.json"

@@ -50,6 +50,7 @@ class RunReport:
     seconds: dict | None = None
     memory: dict | None = None
     gguf: dict | None = None
+    shared: dict | None = None  # --shared-cache: the store, and which dense facts were read or computed
     out: str | None = None  # where the run was written (not saved in the file: the file is in it)
 
     OPTIONAL: ClassVar[tuple[str, ...]] = (
@@ -60,6 +61,7 @@ class RunReport:
         "reconstruction",
         "shape_search",
         "memory",
+        "shared",
     )
 
     def update(self, sections: dict[str, Any]) -> None:

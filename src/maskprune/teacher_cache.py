@@ -20,7 +20,7 @@ from typing import Callable
 
 import torch
 
-from .cache import build_once, cache_dir
+from .cache import build_once, cache_dir, source_fingerprint
 from .losses import teacher_topk
 
 __all__ = ["TeacherTopK", "teacher_key", "cached_teacher_topk", "compute_teacher_topk"]
@@ -82,14 +82,7 @@ def teacher_key(teacher: str, gguf_file: str | None, windows: torch.Tensor, k: i
     and modification times where local), the windows' token ids, ``k`` and the dtype of the logits."""
     h = hashlib.sha256()
     h.update(json.dumps({"teacher": teacher, "gguf": gguf_file, "k": k, "dtype": dtype}).encode())
-    path = Path(teacher).expanduser()
-    if path.exists():
-        files = [path] if path.is_file() else sorted(
-            p for p in path.iterdir() if p.suffix in (".safetensors", ".bin", ".gguf", ".json")
-        )  # fmt: skip
-        for f in files:
-            st = f.stat()
-            h.update(f"{f.name}:{st.st_size}:{st.st_mtime_ns}".encode())
+    h.update(source_fingerprint(teacher, gguf_file).encode())
     h.update(str(tuple(windows.shape)).encode())
     h.update(windows.to(torch.int64).contiguous().numpy().tobytes())
     return h.hexdigest()[:16]

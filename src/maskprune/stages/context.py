@@ -21,6 +21,7 @@ from ..evaluate import perplexity, tokenize_windows
 from ..models import LoadedModel, load_model
 from ..outputs import Phases, check_output_path, default_out, resolve_device
 from ..passes import Execution
+from ..shared import SharedWork
 from ..sinks import ExtraSinks
 from ..structure import Structure
 from ..zeroshot import check_sources, resolve_tasks, run_zeroshot
@@ -58,6 +59,7 @@ class RunContext:
     val_teacher_topk: object = None  # ... and on the held-out windows
     clock: object = None  # a time budget (maskprune.budget.TimeBudget) that sets the distillation's steps
     pacer: object = None  # the budget's pacer, once the distillation ran under it (maskprune.budget.Pacer)
+    shared: SharedWork = dataclasses.field(default_factory=lambda: SharedWork(None, ""))  # --shared-cache
 
     @property
     def passes(self) -> Execution:
@@ -81,6 +83,22 @@ class RunContext:
                 progress=self.progress,
                 desc=desc,
             ).to_dict()
+
+    def dense_evaluation(self) -> tuple[dict | None, dict | None]:
+        """``(perplexity, zero-shot)`` of the dense model, from the shared work where a run with the same model,
+        windows and settings computed them (:mod:`maskprune.shared`)."""
+        cfg, ev, model = self.cfg, self.cfg.evaluation, self.loaded.model
+        settings = {"max_windows": ev.eval_max_windows, "dtype": cfg.dtype, "batch_size": cfg.batch_size,
+                    "bos": self.bos, "streamed": self.passes.streamed}  # fmt: skip
+        ppl = None
+        if self.eval_windows is not None:
+            ppl = self.shared.get("dense_perplexity", settings, self.eval_windows, lambda: self.ppl(model, "dense"))
+        zs = None
+        if self.tasks:
+            settings = {"tasks": self.tasks, "data_dir": ev.eval_data_dir, "limit": ev.eval_limit,
+                        "batch_size": cfg.batch_size}  # fmt: skip
+            zs = self.shared.get("dense_zeroshot", settings, None, lambda: self.zeroshot(model, "dense"))
+        return ppl, zs
 
     def zeroshot(self, m: torch.nn.Module, desc: str) -> dict | None:
         """The configured zero-shot tasks on ``m`` (rank 0; None without tasks)."""
@@ -140,10 +158,13 @@ def setup(cfg: PruneConfig, progress: bool) -> RunContext:
     if cfg.has_teacher and cfg.teacher_topk:  # the teacher's top-k once (or from the cache), the teacher freed
         with phases("teacher_topk"):
             topk, val_topk = teacher_topk_caches(cfg, adapter, loaded, device, windows, val_windows, execution)
-    return RunContext(
+    ctx = RunContext(
         cfg, out, device, D.is_main(), tasks, phases, loaded, adapter, structure, budget, windows,
         eval_windows, bos, progress, teacher, val_windows, started, execution, topk, val_topk,
     )  # fmt: skip
+    if cfg.shared_cache and not cfg.has_teacher and ctx.main:  # the dense model's work (a distillation has none)
+        ctx.shared = SharedWork(cfg.shared_cache, cfg.model, cfg.gguf_file, str(device))
+    return ctx
 
 
 def execution_for(cfg: PruneConfig, device: torch.device, streamed: bool | None = None) -> Execution:

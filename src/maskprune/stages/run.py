@@ -52,7 +52,7 @@ def run_stage(ctx: RunContext, folder: Path | None, student_eval: tuple | None =
     if student_eval is not None:
         ppl_dense, zs_dense = student_eval
     else:
-        ppl_dense, zs_dense = ctx.ppl(ctx.loaded.model, "dense"), ctx.zeroshot(ctx.loaded.model, "dense")
+        ppl_dense, zs_dense = ctx.dense_evaluation()
     ckpt_dir = checkpoint_dir(ctx.out)
     outcome = choose_units(ctx, ckpt_dir)
     if not ctx.main:  # rank 0 alone cuts, exports, evaluates and writes
@@ -88,6 +88,7 @@ def run_stage(ctx: RunContext, folder: Path | None, student_eval: tuple | None =
     report.roundtrip = {**exported.roundtrip.to_dict(), "dtype": str(exported.dtype).replace("torch.", "")}
     report.seconds = {**ctx.phases.seconds, "total": round(time.perf_counter() - ctx.started, 3)}
     report.memory = ctx.phases.memory()
+    report.shared = ctx.shared.summary()
     torch.save(soft, folder / "masks.pt")
     return report
 

@@ -133,19 +133,11 @@ def search_shape(ctx: RunContext) -> ShapeChoice:
     cfg, model, ad = ctx.cfg, ctx.loaded.model, ctx.adapter
     win = ctx.windows[: cfg.split_search_samples]
     autocast = autocast_dtype(cfg.dtype, ctx.device)
-    bs, direction = cfg.batch_size, cfg.kl_direction
     n_layers, hidden = len(ad.layers(model)), int(model.config.hidden_size)
     axes = cfg.resolved_prune_axes()
     # a --keep-hidden the config refuses was refused before the run (stages.plan.check_request)
     with ctx.phases("shape_search"):
-        ex = ctx.passes
-        reference = teacher_logits(model, win, bs, autocast, execution=ex)
-        layer_kl = (
-            layer_skip_kl(model, ad, win, reference, bs, direction=direction, autocast=autocast, execution=ex)
-            if "layers" in axes
-            else torch.zeros(n_layers)
-        )
-        channels, energies, stats = _dense_statistics(ctx, "hidden" in axes)
+        reference, layer_kl, channels, energies, stats = _dense_facts(ctx, win, axes, autocast)
         shapes = candidate_shapes(
             removed=ctx.structure.dense_params - ctx.budget,
             num_layers=n_layers,
@@ -195,6 +187,38 @@ def search_shape(ctx: RunContext) -> ShapeChoice:
     return ShapeChoice(
         chosen.keep_layers, chosen.keep_hidden, row["k_head"], dense, rows, lkl, energies, scores=chosen.scores
     )
+
+
+def _dense_facts(ctx: RunContext, win: torch.Tensor, axes, autocast) -> tuple:
+    """``(reference logits, layer-skip KLs, channel scores, norm energies, metric statistics)``: what the search
+    measures on the dense model, whatever the size; from the run's shared work where a run of the same model, data
+    and settings measured them (:mod:`maskprune.shared`)."""
+    cfg, model, ad = ctx.cfg, ctx.loaded.model, ctx.adapter
+    bs, direction, n_layers = cfg.batch_size, cfg.kl_direction, len(ad.layers(model))
+    ex, shared = ctx.passes, ctx.shared  # the dense model's facts: computed once per model, data and settings
+    common = {"batch_size": bs, "dtype": cfg.dtype, "streamed": ex.streamed}
+    reference = shared.get(
+        "reference_logits", common, win, lambda: teacher_logits(model, win, bs, autocast, execution=ex)
+    )
+    layer_kl = (
+        shared.get(
+            "layer_skip_kl",
+            {**common, "direction": direction},
+            win,
+            lambda: layer_skip_kl(
+                model, ad, win, reference, bs, direction=direction, autocast=autocast, execution=ex
+            ),
+        )
+        if "layers" in axes
+        else torch.zeros(n_layers)
+    )
+    channels, energies, stats = shared.get(
+        "dense_statistics",
+        {**common, "method": cfg.method, "hidden": "hidden" in axes},
+        ctx.windows[: cfg.resolved_cut_samples()],
+        lambda: _dense_statistics(ctx, "hidden" in axes),
+    )
+    return reference, layer_kl, channels, energies, stats
 
 
 def _dense_statistics(ctx: RunContext, hidden_axis: bool) -> tuple[torch.Tensor, list | None, dict | None]:

@@ -1,0 +1,131 @@
+"""``maskprune sweep`` end to end on tiny models: one stock checkpoint per size, the dense model's work shared, the
+table, the figure and the page; the target's choice and its exit status; a sweep cut off between sizes or inside one
+resumes without losing or redoing a finished size. And the shared store itself: a run that reads it reports what a
+run that computes everything reports."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from test_zeroshot import write_all_formats
+
+import maskprune
+import tiny
+from maskprune.cli import main
+
+
+def _sweep_argv(dense, calib, out, *extra) -> list[str]:
+    argv = ["-q", "sweep", str(dense), "--sparsity", "0.2,0.4", "--steps", "1", "--table-seq-len", "32", "--limit"]
+    return [*argv, "3", "--tasks", "", "--out", str(out), "--no-report", *tiny.small_run(calib), *extra]
+
+
+def test_a_sweep_writes_every_size_shares_the_dense_work_and_picks(tiny_dir, calib, tmp_path, capsys):
+    from transformers import AutoModelForCausalLM
+
+    data = write_all_formats(tmp_path / "data")
+    out = tmp_path / "sweep"
+    argv = _sweep_argv(tiny_dir, calib, out, "--max-ppl-ratio", "1000")
+    argv[argv.index("--tasks") + 1] = "piqa"
+    argv[argv.index("--no-report")] = "--report"
+    assert main([*argv, "--data-dir", str(data)]) == 0, capsys.readouterr().err
+    record = json.loads((out / "sweep.json").read_text())
+    sizes = record["sizes"]
+    assert [r["label"] for r in sizes] == ["sparsity-0.20", "sparsity-0.40"]  # largest first
+    assert record["chosen"] == "sparsity-0.40"  # the smallest that meets a loose target
+    assert record["dense"]["params"] > sizes[0]["params"] > sizes[1]["params"]
+    for row in sizes:
+        report = json.loads((out / row["label"] / "maskprune_report.json").read_text())
+        model = AutoModelForCausalLM.from_pretrained(out / row["label"])  # a stock checkpoint
+        assert sum(p.numel() for p in model.parameters()) == report["params"]["exported"] == row["params"]
+        assert report["roundtrip"]["max_abs_diff"] <= report["roundtrip"]["tolerance"]
+        assert row["ppl_32"] > 1.0 and 0.0 <= row["piqa_acc"] <= 1.0 and row["minutes"] > 0
+    first = json.loads((out / "sparsity-0.20" / "maskprune_report.json").read_text())["shared"]
+    second = json.loads((out / "sparsity-0.40" / "maskprune_report.json").read_text())["shared"]
+    assert "reference_logits" in first["computed"] and "dense_perplexity" in first["computed"]
+    assert {"reference_logits", "dense_statistics", "dense_perplexity"} <= set(second["read"])
+    assert not second["computed"]
+    page = (out / "index.html").read_text()
+    assert "data:image/png;base64," in page and "Chosen: sparsity-0.40" in page
+    assert (out / "sweep.png").stat().st_size > 10_000 and "sparsity-0.20/report/index.html" in page
+    table = (out / "sweep.md").read_text()
+    assert table.splitlines()[2].startswith("| dense |") and "| chosen |" in table
+
+
+def test_no_size_meets_the_target_exit_1_and_finished_sizes_are_kept(tiny_dir, calib, tmp_path, capsys):
+    out = tmp_path / "sweep"
+    assert main(_sweep_argv(tiny_dir, calib, out, "--sparsity", "0.3")) == 0, capsys.readouterr().err
+    report = out / "sparsity-0.30" / "maskprune_report.json"
+    stamp = report.stat().st_mtime_ns
+    capsys.readouterr()
+    assert main(_sweep_argv(tiny_dir, calib, out)) == 2  # an earlier sweep there: --resume or another folder
+    assert "--resume" in capsys.readouterr().err
+    argv = _sweep_argv(tiny_dir, calib, out, "--sparsity", "0.3,0.45", "--resume", "--max-ppl-ratio", "0.5")
+    assert main(argv) == 1
+    said = capsys.readouterr().out
+    assert "No size meets the target." in said and said.count("misses: ppl@32") == 2
+    assert report.stat().st_mtime_ns == stamp  # kept, not run again
+    record = json.loads((out / "sweep.json").read_text())
+    assert record["chosen"] is None and [r["label"] for r in record["sizes"]] == ["sparsity-0.30", "sparsity-0.45"]
+    other = _sweep_argv(tiny_dir, calib, out, "--sparsity", "0.3", "--resume", "--seed", "7")
+    assert main(other) == 2 and "other options" in capsys.readouterr().err  # never keeps another run's size
+
+
+def test_a_size_cut_off_after_its_cut_resumes_from_it(tiny_dir, calib, tmp_path, monkeypatch):
+    import maskprune.recipes as recipes
+
+    calls = {"cut": 0, "recovery": 0}
+    real_cut, real_setup = recipes._cut_stage, recipes.setup
+
+    def counted_cut(*a, **k):
+        calls["cut"] += 1
+        return real_cut(*a, **k)
+
+    def setup_that_dies_once(cfg, progress):
+        if cfg.has_teacher:
+            calls["recovery"] += 1
+            if calls["recovery"] == 1:
+                raise KeyboardInterrupt  # the process stops between the cut and its distillation
+        return real_setup(cfg, progress)
+
+    monkeypatch.setattr(recipes, "_cut_stage", counted_cut)
+    monkeypatch.setattr(recipes, "setup", setup_that_dies_once)
+    out = tmp_path / "sweep"
+    kw = dict(out=out, sparsity=[0.3], steps=1, table_seq_len=32, tasks=(), limit=2, progress=False, report=False)
+    kw.update(seq_len=32, calib_samples=16, calib=str(calib), eval_seq_len=64, eval_max_windows=2)
+    with pytest.raises(KeyboardInterrupt):
+        maskprune.sweep(str(tiny_dir), **kw)
+    assert (out / "sparsity-0.30.cut" / "cut_stage.json").is_file() and not (out / "sparsity-0.30").exists()
+    record = maskprune.sweep(str(tiny_dir), resume=True, **kw)
+    assert calls == {"cut": 1, "recovery": 2}  # the finished cut was reused
+    assert [r["label"] for r in record["sizes"]] == ["sparsity-0.30"] and record["chosen"] is None
+    assert (out / "sparsity-0.30" / "maskprune_report.json").is_file()
+    assert not (out / "sparsity-0.30.cut").exists()
+
+
+def test_a_run_that_reads_the_shared_work_reports_what_computing_it_gives(calib, tmp_path, capsys):
+    dense = tiny.save_tiny(tmp_path / "g3", "gemma3", tied=True)
+    tiny.make_model("gemma3", tied=True, layers=6).save_pretrained(dense)  # global and sliding layers, a depth to cut
+
+    def run(name: str, *extra: str) -> dict:
+        out = tmp_path / name
+        argv = ["-q", "prune", str(dense), "--sparsity", "0.3", "--steps", "1", "--no-report", "--out", str(out)]
+        assert main([*argv, *tiny.small_run(calib), *extra]) == 0, capsys.readouterr().err
+        return json.loads((out / "maskprune_report.json").read_text())
+
+    store = ["--shared-cache", str(tmp_path / "shared")]
+    plain, first, second = run("plain"), run("first", *store), run("second", *store)
+    assert "shared" not in plain and not first["shared"]["read"]
+    facts = {"dense_perplexity", "reference_logits", "layer_skip_kl", "dense_statistics"}
+    assert set(second["shared"]["read"]) == facts
+    def ppl(r: dict) -> dict:
+        return {k: v["ppl"] for k, v in r["perplexity"].items() if isinstance(v, dict)}
+
+    for r in (first, second):
+        assert ppl(r) == ppl(plain) and len(ppl(plain)) >= 4
+        assert r["shape_search"]["candidates"] == plain["shape_search"]["candidates"]
+        assert r["shape_search"]["layer_skip_kl"] == plain["shape_search"]["layer_skip_kl"]
+    a = torch.load(tmp_path / "plain" / "masks.pt", weights_only=True)
+    b = torch.load(tmp_path / "second" / "masks.pt", weights_only=True)
+    assert all(torch.equal(a[k], b[k]) for k in a)
