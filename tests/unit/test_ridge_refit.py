@@ -65,10 +65,14 @@ def test_the_fit_to_other_targets_is_their_least_squares_solution_and_its_error_
     )
 
 
-def test_a_gram_of_fp32_products_summed_in_float64_fits_as_the_float64_one():
-    """The re-fit's Grams take each batch's product in fp32 and sum the batches in float64 (sequential._input_gram):
-    on activations with outlier channels (100x the others, as LLM activations have) the fit and its error are those
-    of the all-float64 Gram, to far below what the fit changes."""
+def test_a_gram_of_fp32_products_summed_in_float64_fits_as_the_float64_one(monkeypatch):
+    """The re-fit's Grams take each batch's product in fp32 and sum the batches in float64, a block of rows at a time
+    (sequential.add_product_; blocks of 100 rows here, the last one ragged): on activations with outlier channels
+    (100x the others, as LLM activations have) the fit and its error are those of the all-float64 Gram, to far below
+    what the fit changes."""
+    import maskprune.sequential as seq
+
+    monkeypatch.setattr(seq, "PRODUCT_ROWS", 100)
     g = torch.Generator().manual_seed(3)
     width, out, batches = 256, 64, 16
     scale = torch.ones(width)
@@ -79,8 +83,14 @@ def test_a_gram_of_fp32_products_summed_in_float64_fits_as_the_float64_one():
     w = torch.randn(out, width, generator=g) / width**0.5
     exact = sum(a.double().T @ a.double() for a in acts)
     mixed = torch.zeros(width, width, dtype=torch.float64)
+    whole = torch.zeros(width, width, dtype=torch.float64)
     for a in acts:
-        mixed.add_(a.T @ a)
+        seq.add_product_(mixed, a, a)
+        whole += a.T @ a
+    torch.testing.assert_close(mixed, whole, rtol=1e-6, atol=0)  # the blocks are the whole product's rows
+    cross = torch.zeros(out, width, dtype=torch.float64)
+    seq.add_product_(cross, acts[0][:, :out], acts[0])  # a moment with fewer rows than a block, and more columns
+    torch.testing.assert_close(cross, (acts[0][:, :out].T @ acts[0]).double(), rtol=1e-6, atol=0)
     kept = torch.arange(0, width, 3)
     fit_exact = refit_kept_columns(w, exact, kept, ridge=1e-2)
     fit_mixed = refit_kept_columns(w, mixed, kept, ridge=1e-2)

@@ -1,0 +1,112 @@
+"""What a sweep costs against one run (issue 37): in one session on one machine, one after the other,
+
+1. one point of the curve by hand: ``maskprune prune MODEL --sparsity S --steps N`` and then ``maskprune eval
+   --compare MODEL OUT`` on the table's protocol (WikiText-2 at 2048, PIQA + ARC-e): what a user runs today per size;
+2. ``maskprune sweep MODEL --sparsity LIST --steps N`` with the same options and protocol,
+
+each timed by the wall clock. Writes ``{"sizes": [{"sparsity", "params", "ppl_2048", "piqa_acc", "arc_easy_acc",
+"minutes"}], "one_run_minutes", "sweep_minutes", "cost_ratio_vs_one_run", ...}`` with the command, date and machine,
+and the ratios both ways: against the prune with its evaluation (what one point costs), and against the prune alone
+with the sweep's table evaluations taken out (what the sharing saves in the runs themselves).
+
+    python bench/sweep_cost.py --out /tmp/sc --results bench/results/<date>-sweep.json --data-dir ../shared/data \
+        --sparsity 0.1,0.2,0.3,0.4,0.5 --one 0.3 --steps 20 -- smollm2-135m
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import platform
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+
+def _timed(cmd: list[str], log: Path) -> float:
+    t = time.perf_counter()
+    with log.open("w") as f:
+        rc = subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT).returncode
+    if rc not in (0, 1):  # sweep: 1 = no size met a target (none is given here)
+        sys.exit(f"{' '.join(cmd)} failed ({rc}); see {log}")
+    return time.perf_counter() - t
+
+
+def _cpu() -> str:
+    try:
+        return next(
+            line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")
+        )
+    except (OSError, StopIteration):
+        return platform.processor()
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--out", type=Path, required=True, help="work folder (replaced)")
+    ap.add_argument("--results", type=Path, required=True)
+    ap.add_argument("--sparsity", default="0.1,0.2,0.3,0.4,0.5")
+    ap.add_argument("--one", type=float, default=0.3, help="the sparsity of the one run")
+    ap.add_argument("--steps", type=int, default=20)
+    ap.add_argument("--data-dir", required=True)
+    ap.add_argument("--tasks", default="piqa,arc_easy")
+    ap.add_argument("--limit", type=int, default=None)
+    ap.add_argument("rest", nargs=argparse.REMAINDER, help="-- MODEL [prune options]")
+    a = ap.parse_args()
+    rest = a.rest[1:] if a.rest[:1] == ["--"] else a.rest
+    model, options = rest[0], rest[1:]
+    shutil.rmtree(a.out, ignore_errors=True)
+    a.out.mkdir(parents=True)
+    mp = [sys.executable, "-m", "maskprune", "-q"]
+    limit = ["--limit", str(a.limit)] if a.limit else []
+    one = a.out / "one"
+    prune = [*mp, "prune", model, "--sparsity", str(a.one), "--steps", str(a.steps), "--out", str(one), *options]
+    evaluate = [*mp, "eval", "--compare", model, str(one), "--seq-len", "2048", "--tasks", a.tasks]
+    evaluate += ["--data-dir", a.data_dir, "--out", str(a.out / "one-eval.json"), *limit]
+    sweep = [*mp, "sweep", model, "--sparsity", a.sparsity, "--steps", str(a.steps), "--out", str(a.out / "sweep")]
+    sweep += ["--tasks", a.tasks, "--data-dir", a.data_dir, *limit, *options]
+    prune_s = _timed(prune, a.out / "one-prune.log")
+    eval_s = _timed(evaluate, a.out / "one-eval.log")
+    sweep_s = _timed(sweep, a.out / "sweep.log")
+    record = json.loads((a.out / "sweep" / "sweep.json").read_text())
+    eval_min = sum(r["eval_minutes"] for r in record["sizes"]) + record["dense"]["eval_minutes"]
+    one_min, sweep_min = (prune_s + eval_s) / 60, sweep_s / 60
+    result = {
+        "command": " ".join(sys.argv),
+        "date": datetime.datetime.now().strftime("%Y-%m-%d %H:%M"),
+        "machine": {"cpu": _cpu(), "cores": __import__("os").cpu_count(), "platform": platform.platform()},
+        "commands": {"one_prune": " ".join(prune), "one_eval": " ".join(evaluate), "sweep": " ".join(sweep)},
+        "sizes": [
+            {
+                "sparsity": r["sparsity_asked"],
+                "params": r["params"],
+                "ppl_2048": r.get("ppl_2048"),
+                "piqa_acc": r.get("piqa_acc"),
+                "arc_easy_acc": r.get("arc_easy_acc"),
+                "minutes": r["minutes"],
+                "run_minutes": r["run_minutes"],
+                "eval_minutes": r["eval_minutes"],
+                "shape": r["shape"],
+            }
+            for r in record["sizes"]
+        ],
+        "dense": {k: record["dense"].get(k) for k in ("params", "ppl_2048", "piqa_acc", "arc_easy_acc")},
+        "steps": a.steps,
+        "one_run_minutes": round(one_min, 3),
+        "one_run_prune_minutes": round(prune_s / 60, 3),
+        "one_run_eval_minutes": round(eval_s / 60, 3),
+        "sweep_minutes": round(sweep_min, 3),
+        "sweep_eval_minutes": round(eval_min, 3),
+        "cost_ratio_vs_one_run": round(sweep_min / one_min, 3),
+        "cost_ratio_runs_only": round((sweep_min - eval_min) / (prune_s / 60), 3),
+    }
+    a.results.parent.mkdir(parents=True, exist_ok=True)
+    a.results.write_text(json.dumps(result, indent=1) + "\n")
+    print(json.dumps({k: v for k, v in result.items() if k not in ("sizes", "commands")}, indent=1))
+
+
+if __name__ == "__main__":
+    main()
