@@ -144,7 +144,9 @@ class DiskWeights:
             for module in [slot.owner] + [m for m, _ in slot.aliases]:
                 setattr(module, _SLOT, (self, slot))
                 self._hooks.append(module.register_forward_pre_hook(self._before))
-                self._hooks.append(module.register_forward_hook(self._after))
+                # always_call: a forward stopped early by an exception (the re-fit stops a layer at the input it
+                # needs) still lets go of what it read; without it the slot stayed held for the rest of the run
+                self._hooks.append(module.register_forward_hook(self._after, always_call=True))
 
     # ---- building -----------------------------------------------------------------------------------------------
     @classmethod
