@@ -38,6 +38,7 @@ from .stages.run import run_stage
 __all__ = [
     "run",
     "resumable",
+    "check_request",
     "prune_recipe",
     "distill_recipe",
     "prune_then_recover",
@@ -75,6 +76,17 @@ def run(cfg: PruneConfig, *, progress: bool = True) -> dict:
     finally:
         close_all()  # weights that waited on disk: their scratch folders go with the run
         D.shutdown()
+
+
+def check_request(cfg: PruneConfig) -> None:
+    """The checks of ``cfg`` that need the model's config only (nothing loaded): the options, and what the run asks
+    of the model's shape (a fixed width or depth it has; a shape that meets the budget). ``maskprune sweep`` makes
+    them for every size before the first runs."""
+    from .stages.plan import check_request as check_shape
+    from .stages.plan import model_facts
+
+    cfg.validate()
+    check_shape(cfg, model_facts(cfg.model, gguf_file=cfg.gguf_file, trust_remote_code=cfg.trust_remote_code))
 
 
 def planned(cfg: PruneConfig) -> PruneConfig:

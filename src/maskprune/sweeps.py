@@ -263,8 +263,10 @@ def _check(cfg: PruneConfig, sizes: list[Size], out: Path, table: TableProtocol,
         raise MaskPruneError("the sweep's target cannot be measured: " + "; ".join(problems))
     if table.tasks:
         check_sources(resolve_tasks(list(table.tasks)), table.data_dir)
-    for size in sizes:
-        size.config(cfg).replace(out=str(out / size.label)).validate()
+    from .recipes import check_request
+
+    for size in sizes:  # every size's options and what it asks of the model's shape, before the first run
+        check_request(size.config(cfg).replace(out=str(out / size.label)))
     if out.exists() and not out.is_dir():
         raise MaskPruneError(f"--out {str(out)!r} is a file", fix="give a folder for the sweep")
     if out.is_dir() and any(p for p in out.iterdir() if not p.name.startswith(".")) and not cfg.resume:

@@ -129,3 +129,13 @@ def test_a_run_that_reads_the_shared_work_reports_what_computing_it_gives(calib,
     a = torch.load(tmp_path / "plain" / "masks.pt", weights_only=True)
     b = torch.load(tmp_path / "second" / "masks.pt", weights_only=True)
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_a_size_the_model_cannot_take_is_refused_before_any_size_runs(tiny_dir, calib, tmp_path, capsys):
+    out = tmp_path / "sweep"
+    assert main(_sweep_argv(tiny_dir, calib, out, "--sparsity", "0.2,0.97")) == 2
+    err = capsys.readouterr().err
+    assert "no candidate shape meets the parameter budget" in err and "sparsity 0.97" in err
+    assert not out.exists()  # nothing half-written: the first size did not run
+    assert main(_sweep_argv(tiny_dir, calib, out, "--min-accuracy-share", "0.9")) == 2  # --tasks '': unmeasurable
+    assert "needs zero-shot tasks" in capsys.readouterr().err and not out.exists()
