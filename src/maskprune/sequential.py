@@ -122,7 +122,7 @@ def reconstruct_layerwise_(
     inputs the re-fit attention gives, then the layer's outputs feed the next layer. ``model`` carries hard masks
     (attached, cut units at 0) and fp32 weights, changed in place. Returns the report's account: the relative
     output error of each projection before and after the fit, per layer."""
-    from .reconstruct import refit_kept_columns, relative_error
+    from .reconstruct import refit_with_errors
 
     execution = execution or resident(model)
     errors: dict[str, list] = {"o_before": [], "o_after": [], "down_before": [], "down_after": []}
@@ -130,11 +130,11 @@ def reconstruct_layerwise_(
         q_keep, _ = layout.kept_heads(kept.head[li])
         for role, cols in (("o", layout.columns(q_keep)), ("down", kept.ffn[li, 0])):
             proj = adapter.proj(layer, role)
-            gram = _input_gram(layer, proj, inputs.calls(li))
+            grams = [_input_gram(layer, proj, inputs.calls(li))]  # handed over: the fit lets it go before its solve
             cols = cols.to(proj.weight.device)
-            fitted = refit_kept_columns(proj.weight, gram, cols, ridge)
-            errors[f"{role}_before"].append(relative_error(proj.weight, proj.weight[:, cols], gram, cols))
-            errors[f"{role}_after"].append(relative_error(proj.weight, fitted, gram, cols))
+            fitted, before, after = refit_with_errors(proj.weight, grams, cols, ridge)
+            errors[f"{role}_before"].append(before)
+            errors[f"{role}_after"].append(after)
             proj.weight[:, cols] = fitted
         inputs.advance_(layer, li)
     return {

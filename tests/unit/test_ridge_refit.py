@@ -122,3 +122,27 @@ def test_the_errors_a_block_of_rows_at_a_time_equal_the_whole_quadratic_forms(mo
     wk = fitted.double()
     exact = float(((a[:, kept] @ wk.T - y) ** 2).sum() / (y**2).sum())
     assert target_error(fitted, gk, cross, float((y**2).sum())) == pytest.approx(exact, rel=1e-9)
+
+
+@pytest.mark.parametrize("every", [False, True])
+def test_the_fit_with_its_errors_in_one_gram_equals_the_fit_and_the_errors_from_the_gram(every):
+    """refit_with_errors lets the Gram go before its solve and takes the error after the fit from the fit's equation;
+    the fit and both errors are those of refit_kept_columns and relative_error on the whole Gram."""
+    from maskprune.reconstruct import refit_with_errors
+
+    g = torch.Generator().manual_seed(7)
+    width, out = 96, 40
+    scale = torch.ones(width)
+    scale[:3] = 50.0  # outlier channels
+    a = torch.randn(400, width, generator=g) * scale
+    gram = a.double().T @ a.double()
+    w = torch.randn(out, width, generator=g) / width**0.5
+    kept = torch.arange(width) if every else torch.sort(torch.randperm(width, generator=g)[:70]).values
+    grams = [gram.clone()]
+    fitted, before, after = refit_with_errors(w, grams, kept, ridge=1e-2)
+    assert grams == []  # handed over
+    ref = refit_kept_columns(w, gram, kept, ridge=1e-2)
+    torch.testing.assert_close(fitted, ref, rtol=1e-5, atol=1e-6)
+    assert before == pytest.approx(relative_error(w, w[:, kept], gram, kept), rel=1e-9, abs=1e-15)
+    assert after == pytest.approx(relative_error(w, ref, gram, kept), rel=1e-6, abs=1e-12)
+    assert (after == 0.0) if every else (0.0 < after < before)
