@@ -106,6 +106,9 @@ def sweep_figure(record: dict, path: Path) -> Path:
             ax.axhline(bound, ls="--", color="tab:red", lw=1, label="target")
         if target.get("max_params"):
             ax.axvline(target["max_params"] / 1e6, ls=":", color="tab:red", lw=1, label="max params")
+        values = [v for _, v in pts] + ([dense[key]] if dense.get(key) else [])
+        if key == ppl_key and values and min(values) > 0 and max(values) > 5 * min(values):
+            ax.set_yscale("log")  # perplexities that span several fold: the small sizes would flatten the rest
         ax.set_xlabel("parameters (millions)")
         ax.set_ylabel(title.split(" (")[0])
         ax.set_title(title, fontsize=10)
