@@ -72,6 +72,7 @@ def _row_norm_sq(w: torch.Tensor, heads: int, head_dim: int) -> torch.Tensor:
     return (w.float() ** 2).sum(-1).view(heads, head_dim).sum(-1)
 
 
+@torch.no_grad()
 def _magnitude(
     model: nn.Module, adapter: DecoderAdapter, s: Structure, _stats, hidden=None
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -96,6 +97,7 @@ def _magnitude(
     return torch.stack(heads), torch.stack(ffns)
 
 
+@torch.no_grad()
 def _taylor(
     model: nn.Module, adapter: DecoderAdapter, s: Structure, stats, hidden=None
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -152,6 +154,7 @@ LAYER_SCORERS = {"wanda-sp": _wanda_sp_layer, "flap": _flap_layer}
 
 
 def _by_layer(layer_scorer):
+    @torch.no_grad()  # scores, not a graph: a candidate's scores kept a graph of its sliced weights (0.15 GB each)
     def scorer(
         model: nn.Module, adapter: DecoderAdapter, s: Structure, stats, hidden=None
     ) -> tuple[torch.Tensor, torch.Tensor]:
