@@ -1,6 +1,8 @@
 """Full-vocabulary distillation against the cached top-k teacher (--teacher-topk) at equal tokens: the same student
 (a cut export), the same windows, steps and seeds; per run the perplexity of the export, the seconds a step, the
-whole process's peak resident memory (/usr/bin/time -v) and the report's per-phase peaks.
+whole process's peak resident memory (/usr/bin/time -v) and the report's per-phase peaks. With ``--tasks`` each export
+(and the dense teacher, once) is also measured on the table protocol: WikiText-2 at 2048 tokens (``--ppl-tokens``: the
+first N tokens, the same for every model) and the zero-shot tasks on their full sets (``--data-dir``).
 
     python bench/teacher_topk.py STUDENT --teacher smollm2-135m --steps 100 --seeds 0,1,2 --topk 0,64 \
         --out bench/results/2026-12-07-teacher-topk.json
@@ -22,6 +24,26 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+
+
+def _table(model: str, a: argparse.Namespace, work: Path, name: str) -> dict:
+    """ppl@2048 on the first ``--ppl-tokens`` tokens and the tasks' accuracies of ``model`` (``maskprune eval``)."""
+    out = work / f"{name}-eval.json"
+    argv = [sys.executable, "-m", "maskprune", "-q", "eval", model, "--seq-len", "2048", "--tasks", a.tasks]
+    argv += ["--data-dir", a.data_dir, "--out", str(out)]
+    argv += ["--ppl-tokens", str(a.ppl_tokens)] if a.ppl_tokens else []
+    start = time.perf_counter()
+    proc = subprocess.run(argv, capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise SystemExit(f"eval failed ({proc.returncode}): {' '.join(argv)}\n{proc.stderr[-3000:]}")
+    (m,) = json.loads(out.read_text())["models"].values()
+    ppl = m["perplexity"]["2048"]
+    row = {"ppl_2048": ppl["ppl"], "ppl_windows": ppl["windows"], "eval_seconds": time.perf_counter() - start}
+    for task, r in m.get("zeroshot", {}).get("tasks", {}).items():
+        row[f"{task}_acc"], row[f"{task}_n"] = r["acc"], r["n"]
+    accs = [v for key, v in row.items() if key.endswith("_acc")]
+    row["accuracy_mean"] = statistics.mean(accs) if accs else None
+    return row
 
 
 def _run(student: str, teacher: str, steps: int, seed: int, k: int, extra: list[str], work: Path) -> dict:
@@ -60,6 +82,9 @@ def main() -> None:
     p.add_argument("--seeds", default="0,1,2")
     p.add_argument("--topk", default="0,64", help="comma-separated k (0: the full vocabulary)")
     p.add_argument("--out", type=Path, required=True)
+    p.add_argument("--tasks", default=None, help="e.g. piqa,arc_easy: measure every export on the table protocol")
+    p.add_argument("--data-dir", default=None, help="offline task data (with --tasks)")
+    p.add_argument("--ppl-tokens", type=int, default=None, help="score the first N WikiText-2 tokens at 2048")
     a, extra = p.parse_known_args()  # what is left: more distill flags (after --)
     extra = [x for x in extra if x != "--"]
     cells = []
@@ -67,8 +92,12 @@ def main() -> None:
         for seed in (int(x) for x in a.seeds.split(",")):  # seeds outermost: a cut-short run still compares arms
             for k in (int(x) for x in a.topk.split(",")):
                 cells.append(_run(a.student, a.teacher, a.steps, seed, k, extra, Path(tmp)))
+                if a.tasks:
+                    cells[-1].update(_table(str(Path(tmp) / f"k{k}-s{seed}"), a, Path(tmp), f"k{k}-s{seed}"))
                 print(json.dumps(cells[-1]), flush=True)
                 _write(a.out, cells)
+        if a.tasks:  # the dense teacher on the same protocol, last (a cut-short run still compares the arms)
+            cells.append({"method": "dense", **_table(a.teacher, a, Path(tmp), "dense")})
     _write(a.out, cells)
 
 
@@ -76,8 +105,8 @@ def _write(out: Path, cells: list[dict]) -> None:
     """The results so far (rewritten after every run)."""
 
     summary = {}
-    for k in sorted({c["teacher_topk"] for c in cells}):
-        mine = [c for c in cells if c["teacher_topk"] == k]
+    for k in sorted({c["teacher_topk"] for c in cells if "teacher_topk" in c}):
+        mine = [c for c in cells if c.get("teacher_topk") == k]
         ppl = [c["ppl_exported"] for c in mine]
         summary[str(k)] = {
             "ppl_median": statistics.median(ppl),
@@ -85,6 +114,12 @@ def _write(out: Path, cells: list[dict]) -> None:
             "seconds_per_step_median": statistics.median(c["seconds_per_step"] for c in mine),
             "peak_rss_gb_median": statistics.median(c["peak_rss_gb"] for c in mine),
         }
+        for key in ("ppl_2048", "piqa_acc", "arc_easy_acc", "accuracy_mean"):
+            vals = [c[key] for c in mine if c.get(key) is not None]
+            if vals:
+                summary[str(k)][f"{key}_median"] = statistics.median(vals)
+                summary[str(k)][f"{key}_range"] = [min(vals), max(vals)]
+    summary.update({"dense": c for c in cells if c.get("method") == "dense"})
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(
         json.dumps(
