@@ -589,11 +589,12 @@ class TrainingConfig(_Group):
     teacher_topk: int = _opt(
         0,
         """Distil from the teacher's ``K`` most likely tokens and the mass of the rest (``0``: the full vocabulary, as
-    measured so far). The teacher's top-``K`` log-probabilities on the calibration windows are computed once, in one
-    pass, and cached on disk (keyed by the teacher, the windows and ``K``), so the teacher is not in memory while
-    the student trains and later runs (seeds, sparsities, resumes) reuse the cache; the loss is the exact KL over
-    the ``K`` tokens and the tail (``losses.topk_kl``), and so is the validation's ``val_kl``. Not yet the default:
-    it is measured against the full vocabulary first.""",
+    measured so far). The teacher's top-``K`` log-probabilities are cached on disk window by window (keyed by the
+    teacher, ``K``, the dtype and each window's tokens): a run computes the windows it draws, and later runs that
+    draw them (a sweep's other sizes, resumes, other seeds where they overlap) read them, without loading the
+    teacher where every window is cached (``teacher_cache``); the loss is the exact KL over the ``K`` tokens and
+    the tail (``losses.topk_kl``), and so is the validation's ``val_kl``. Not yet the default: it is measured
+    against the full vocabulary first.""",
     )
 
     def problems(self) -> list[str]:

@@ -26,7 +26,17 @@ from .mask_optim import LayerAdam, cosine_factor
 from .masks import POLARIZATION_EPS, MaskSet, bypass
 from .structure import Structure
 
-__all__ = ["LearnState", "Learner", "Interrupted", "attach_lora"]
+__all__ = ["LearnState", "Learner", "Interrupted", "attach_lora", "window_batch"]
+
+
+def window_batch(n: int, batch_size: int, seed: int, step: int) -> torch.Tensor:
+    """The global batch of window indices that ``step`` draws from ``n`` windows: epochs over a permutation seeded
+    by ``seed`` and the epoch (a pure function, so the windows a run will draw are known before it starts)."""
+    per_epoch = max(1, n // batch_size)
+    epoch, pos = divmod(step, per_epoch)
+    gen = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
+    order = torch.randperm(n, generator=gen)
+    return order[pos * batch_size : pos * batch_size + batch_size] if n >= batch_size else order
 
 
 @dataclass
@@ -138,12 +148,7 @@ class Learner:
     def batch_indices(self, step: int) -> torch.Tensor:
         """Window indices of ``step`` for this process: epochs over a seeded permutation (a pure
         function of the step), the global batch of ``batch_size`` split evenly over processes."""
-        n, b = self.windows.shape[0], self.cfg.batch_size
-        per_epoch = max(1, n // b)
-        epoch, pos = divmod(step, per_epoch)
-        gen = torch.Generator().manual_seed(self.cfg.seed * 1_000_003 + epoch)
-        order = torch.randperm(n, generator=gen)
-        batch = order[pos * b : pos * b + b] if n >= b else order
+        batch = window_batch(self.windows.shape[0], self.cfg.batch_size, self.cfg.seed, step)
         w, r = D.world(), D.rank()
         share = batch.numel() // w
         return batch[r * share : (r + 1) * share]

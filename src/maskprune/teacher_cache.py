@@ -1,12 +1,18 @@
 """The teacher off the hot path (DistillKit's and Megatron-LM's offline-logit distillation): the dense teacher's
-top-``k`` log-probabilities on every training window, with the log-mass of the rest, computed once in one pass
-(resident or streamed, :mod:`maskprune.passes`) and kept on disk, so the student trains with no teacher in memory
-and later runs with the same teacher, windows and ``k`` (other seeds, sparsities, a resumed run) read the cache.
+top-``k`` log-probabilities on a training window, with the log-mass of the rest, computed once and kept on disk, so
+a later run with the same teacher, ``k`` and dtype that draws the same window (another size of a sweep, a resumed
+run, another seed drawing it too) reads it instead of running the teacher.
 
-On disk: ``<cache>/teacher-topk/<key>/topk.safetensors`` with ``logprob`` (fp16 ``[N, T, k]``), ``index`` (int32
-``[N, T, k]``) and ``tail`` (fp32 ``[N, T]``), built under :func:`maskprune.cache.build_once` (complete or absent).
-The key hashes the teacher (its path, gguf file, and the size and modification time of its weight files), the
-windows' token ids, ``k`` and the autocast dtype the logits were computed in.
+The cache is **per window**: a run computes the windows it draws and no others. A run of 60 steps over 512
+calibration windows pays 60 teacher forwards, as a full-vocabulary run does, not 512 (the default's time budget
+draws far fewer windows than it has). A run whose every window is cached never loads the teacher.
+
+On disk: ``<cache>/teacher-topk/<key>/<window hash>.safetensors`` with ``logprob`` (fp16 ``[T, k]``), ``index``
+(int32 ``[T, k]``) and ``tail`` (fp32 ``[T]``), each written to a temporary name and renamed (complete or absent).
+The key hashes the teacher (its path, gguf file, and the size and modification time of its weight files), ``k`` and
+the autocast dtype the logits were computed in; a window's name hashes its token ids. What is read equals what was
+written, and a window computed in the run is rounded the same way before use, so a run that reads the cache trains
+exactly as the run that wrote it.
 """
 
 from __future__ import annotations
@@ -15,25 +21,28 @@ import dataclasses
 import hashlib
 import json
 import logging
+import os
+import tempfile
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterable, Iterator
 
 import torch
 
-from .cache import build_once, cache_dir, source_fingerprint
+from .cache import cache_dir, source_fingerprint
 from .losses import teacher_topk
 
-__all__ = ["TeacherTopK", "teacher_key", "cached_teacher_topk", "compute_teacher_topk"]
+__all__ = ["TeacherTopK", "TopKStore", "WindowTopK", "compute_teacher_topk", "teacher_key"]
 
 log = logging.getLogger(__name__)
 
-_FILE = "topk.safetensors"
+Rows = tuple[torch.Tensor, torch.Tensor, torch.Tensor]  # (logprob fp16 [.., T, k], index int32 [.., T, k], tail fp32)
+Passes = Callable[[torch.Tensor], Iterator[tuple[int, torch.Tensor]]]  # windows -> (batch index, logits [b, T, V])
 
 
 @dataclasses.dataclass(frozen=True)
 class TeacherTopK:
-    """The teacher's top-``k`` on ``N`` windows of ``T`` tokens: ``logprob [N, T, k]``, ``index [N, T, k]``,
-    ``tail [N, T]`` (log of the probability of every other token; -inf where ``k`` is the vocabulary)."""
+    """The teacher's top-``k`` on ``N`` windows of ``T`` tokens, in memory: ``logprob [N, T, k]``, ``index [N, T,
+    k]``, ``tail [N, T]`` (log of the probability of every other token; -inf where ``k`` is the vocabulary)."""
 
     logprob: torch.Tensor
     index: torch.Tensor
@@ -47,7 +56,7 @@ class TeacherTopK:
     def __len__(self) -> int:
         return int(self.index.shape[0])
 
-    def rows(self, windows: torch.Tensor, device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def rows(self, windows: torch.Tensor, device: torch.device) -> Rows:
         """The teacher of the windows with indices ``windows`` (a 1-d index tensor), on ``device``."""
         return (
             self.logprob[windows].to(device),
@@ -60,9 +69,16 @@ class TeacherTopK:
         return sum(t.numel() * t.element_size() for t in (self.logprob, self.index, self.tail))
 
 
+def _rounded(logits: torch.Tensor, k: int) -> Rows:
+    """The stored form of the top-``k`` of ``logits [b, T, V]``: fp16 log-probabilities, int32 ids, fp32 tail, on
+    the host (what the cache holds, and so what every run trains on)."""
+    lp, idx, rest = teacher_topk(logits, k)
+    return lp.cpu().half(), idx.cpu().int(), rest.cpu().float()
+
+
 @torch.no_grad()
 def compute_teacher_topk(
-    logits_of: Callable[[], object], windows: torch.Tensor, k: int, batch_size: int
+    logits_of: Callable[[], Iterable[tuple[int, torch.Tensor]]], windows: torch.Tensor, k: int, batch_size: int
 ) -> TeacherTopK:
     """The top-``k`` of the logits ``logits_of()`` yields, ``(batch index, logits [b, T, V])`` for consecutive
     batches of ``batch_size`` windows (:meth:`maskprune.passes.Execution.logits`)."""
@@ -71,41 +87,124 @@ def compute_teacher_topk(
     index = torch.empty(n, t, k, dtype=torch.int32)
     tail = torch.empty(n, t, dtype=torch.float32)
     for j, logits in logits_of():
-        lp, idx, rest = teacher_topk(logits, k)
         rows = slice(j * batch_size, j * batch_size + logits.shape[0])
-        logprob[rows], index[rows], tail[rows] = lp.cpu().half(), idx.cpu().int(), rest.cpu()
+        logprob[rows], index[rows], tail[rows] = _rounded(logits, k)
     return TeacherTopK(logprob, index, tail)
 
 
-def teacher_key(teacher: str, gguf_file: str | None, windows: torch.Tensor, k: int, dtype: str) -> str:
-    """A short hash of what the cache depends on: the teacher (path or hub id, gguf file, its weight files' sizes
-    and modification times where local), the windows' token ids, ``k`` and the dtype of the logits."""
+def teacher_key(teacher: str, gguf_file: str | None, k: int, dtype: str) -> str:
+    """A short hash of what a cached window depends on besides its tokens: the teacher (path or hub id, gguf file,
+    its weight files' sizes and modification times where local), ``k`` and the dtype of the logits."""
     h = hashlib.sha256()
-    h.update(json.dumps({"teacher": teacher, "gguf": gguf_file, "k": k, "dtype": dtype}).encode())
+    h.update(json.dumps({"teacher": teacher, "gguf": gguf_file, "k": k, "dtype": dtype, "layout": 2}).encode())
     h.update(source_fingerprint(teacher, gguf_file).encode())
-    h.update(str(tuple(windows.shape)).encode())
-    h.update(windows.to(torch.int64).contiguous().numpy().tobytes())
     return h.hexdigest()[:16]
 
 
-def cached_teacher_topk(key: str, build: Callable[[], TeacherTopK]) -> TeacherTopK:
-    """The cache of ``key``: read from disk, or built once by ``build()`` (which may load the teacher) and written."""
-    from safetensors.torch import load_file, save_file
+class TopKStore:
+    """The per-window files of one teacher, ``k`` and dtype (``key`` from :func:`teacher_key`)."""
 
-    target = cache_dir() / "teacher-topk" / key
-    built = False
+    def __init__(self, key: str) -> None:
+        self.folder = cache_dir() / "teacher-topk" / key
 
-    def write(tmp: Path) -> None:
-        nonlocal built
-        top = build()
-        save_file({"logprob": top.logprob, "index": top.index, "tail": top.tail}, tmp / _FILE)
-        built = True
+    @staticmethod
+    def name(window: torch.Tensor) -> str:
+        """The file name of a window ``[T]``: a hash of its token ids."""
+        return hashlib.sha256(window.to(torch.int64).contiguous().numpy().tobytes()).hexdigest()[:24]
 
-    build_once(target, lambda p: (p / _FILE).is_file(), write)
-    tensors = load_file(target / _FILE)
-    top = TeacherTopK(tensors["logprob"], tensors["index"], tensors["tail"], target)
-    log.info(
-        "teacher top-%d %s %s (%d windows, %.0f MB)",
-        top.k, "computed and cached at" if built else "read from the cache at", target, len(top), top.nbytes / 1e6,
-    )  # fmt: skip
-    return top
+    def read(self, window: torch.Tensor) -> Rows | None:
+        from safetensors.torch import load_file
+
+        path = self.folder / f"{self.name(window)}.safetensors"
+        if not path.is_file():
+            return None
+        t = load_file(path)
+        return t["logprob"], t["index"], t["tail"]
+
+    def write(self, window: torch.Tensor, rows: Rows) -> None:
+        """Keep one window's rows (written to a temporary file and renamed: complete or absent)."""
+        from safetensors.torch import save_file
+
+        self.folder.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=".", suffix=".tmp", dir=self.folder)
+        os.close(fd)
+        try:
+            lp, idx, tail = rows
+            save_file({"logprob": lp.contiguous(), "index": idx.contiguous(), "tail": tail.contiguous()}, tmp)
+            os.replace(tmp, self.folder / f"{self.name(window)}.safetensors")
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
+
+
+class WindowTopK:
+    """The teacher's top-``k`` on the run's ``windows [N, T]``, window by window: read from ``store`` where it holds
+    them, else computed by ``logits(batch [b, T]) -> [b, T, V]`` (which may load the teacher on first use), kept in
+    the store and in memory. :meth:`rows` is what the learner asks; :meth:`fill` computes in one pass the windows
+    of a list that are missing (before training, where the teacher must not stay in memory)."""
+
+    def __init__(
+        self,
+        windows: torch.Tensor,
+        k: int,
+        store: TopKStore,
+        logits: Callable[[torch.Tensor], torch.Tensor],
+        batch_size: int,
+    ) -> None:
+        self.windows, self.k, self.store, self._logits, self.batch_size = windows, k, store, logits, batch_size
+        self._held: dict[int, Rows] = {}
+        self.read = 0  # windows read from the store during this run
+        self.computed = 0  # windows computed (teacher forwards) during this run
+
+    @property
+    def path(self) -> Path:
+        return self.store.folder
+
+    def __len__(self) -> int:
+        return int(self.windows.shape[0])
+
+    def _missing(self, indices: Iterable[int]) -> list[int]:
+        out = []
+        for i in dict.fromkeys(int(j) for j in indices):
+            if i in self._held:
+                continue
+            got = self.store.read(self.windows[i])
+            if got is None:
+                out.append(i)
+            else:
+                self._held[i] = got
+                self.read += 1
+        return out
+
+    def _keep(self, indices: list[int], logits: torch.Tensor) -> None:
+        lp, idx, tail = _rounded(logits, self.k)
+        for j, i in enumerate(indices):
+            rows = (lp[j].clone(), idx[j].clone(), tail[j].clone())
+            self.store.write(self.windows[i], rows)
+            self._held[i] = rows
+        self.computed += len(indices)
+
+    @torch.no_grad()
+    def rows(self, indices: torch.Tensor, device: torch.device) -> Rows:
+        """The teacher of the windows with indices ``indices`` (1-d), on ``device``; missing windows computed now."""
+        missing = self._missing(indices.tolist())
+        for s in range(0, len(missing), self.batch_size):
+            part = missing[s : s + self.batch_size]
+            self._keep(part, self._logits(self.windows[part]))
+        got = [self._held[int(i)] for i in indices.tolist()]
+        return tuple(torch.stack([g[n] for g in got]).to(device) for n in range(3))  # type: ignore[return-value]
+
+    @torch.no_grad()
+    def fill(
+        self, indices: Iterable[int], passes: Callable[[torch.Tensor], Iterator[tuple[int, torch.Tensor]]]
+    ) -> None:
+        """Compute the missing windows among ``indices`` in one pass ``passes(windows) -> (batch index, logits)``
+        over consecutive batches of ``batch_size`` (:meth:`maskprune.passes.Execution.logits`, streamed or not)."""
+        missing = self._missing(indices)
+        if not missing:
+            return
+        for j, logits in passes(self.windows[missing]):
+            self._keep(missing[j * self.batch_size : j * self.batch_size + logits.shape[0]], logits)
+
+    def summary(self) -> str:
+        return f"{self.read} windows read from the cache, {self.computed} computed ({self.path})"

@@ -129,3 +129,16 @@ def test_under_a_time_budget_the_distillation_takes_what_the_cut_leaves(tiny_dir
     assert fixed.seconds > 60 and distill > 0
     assert budget.seconds == pytest.approx(60.0)  # the cut's phases, then what is left of the minute
     assert {p.name: p for p in budget.phases}["distill"].seconds < distill
+
+
+@pytest.mark.parametrize("streaming", ["off", "on"])
+def test_the_plan_of_a_top_k_teacher_keeps_it_where_it_computes_windows_lazily(tiny_dir, capsys, streaming):
+    """Resident, the teacher stays in memory to compute the windows the cache lacks as steps draw them: the plan
+    counts it. Streamed, every drawn window is computed before the steps and the teacher freed: it does not, and
+    its top-k pass covers the windows the steps draw and the held-out ones, not every calibration window."""
+    argv = ["-q", "plan", str(tiny_dir), "--json", "--max-memory", "64GB", "--teacher-topk", "8", "--steps", "3"]
+    assert main([*argv, "--streaming", streaming, "--calib-samples", "64", "--seq-len", "32"]) == 0
+    phases = {p["name"]: p for p in json.loads(capsys.readouterr().out)["phases"]}
+    teacher = phases["distill"]["parts"]["teacher_weights_bf16"]
+    assert (teacher > 0) == (streaming == "off")
+    assert phases["teacher_topk"]["parts"]["cache"] == (3 + 4) * 32 * (8 * 6 + 4)  # 3 steps of batch 1, 4 held out

@@ -16,31 +16,48 @@ def _run(tiny_dir, calib, out, *extra):
     return main([*argv, *tiny.small_run(calib, evaluate=False), *extra])
 
 
+def _windows(out):
+    return json.loads((out / "maskprune_report.json").read_text())["recovery"]["teacher_topk_windows"]
+
+
 def test_the_default_recipe_distils_from_the_cached_top_k_and_reuses_it(
     tiny_dir, calib, tmp_path, monkeypatch, caplog, capsys
 ):
+    """The cache holds the windows a run draws, no others; a run of another size with the same seed (a sweep's
+    next size) reads every window and never loads the teacher; another seed computes only the windows it adds."""
     import maskprune.stages.teacher as teacher_stage
+    from maskprune.learner import window_batch
 
     monkeypatch.setenv("MASKPRUNE_CACHE", str(tmp_path / "cache"))
     caplog.set_level(logging.INFO, logger="maskprune")
-    assert _run(tiny_dir, calib, tmp_path / "a", "--teacher-topk", "16", "--val-every", "3") == 0, capsys.readouterr()
+    argv = ("--teacher-topk", "16", "--val-every", "3", "--batch-size", "2")
+    assert _run(tiny_dir, calib, tmp_path / "a", *argv) == 0, capsys.readouterr()
     r = json.loads((tmp_path / "a" / "maskprune_report.json").read_text())
     rec = r["recovery"]
     assert rec["teacher_topk"] == 16 and rec["steps"] == 3
-    assert "computed and cached" in caplog.text
     assert rec["validation"] and all(m["kl"] >= 0 for m in rec["validation"])  # the top-k KL on held-out windows
-    caches = [p for p in (tmp_path / "cache" / "teacher-topk").iterdir() if p.is_dir()]
-    assert len(caches) == 2  # the training windows and the held-out ones
+    drawn = {i for t in range(3) for i in window_batch(16, 2, 0, t).tolist()}  # 16 windows, batch 2, seed 0
+    assert len(drawn) == 6  # 3 steps of 2 windows of one epoch: 6 of the 16, not all
+    (folder,) = [p for p in (tmp_path / "cache" / "teacher-topk").iterdir() if p.is_dir()]
+    val = _windows(tmp_path / "a")["held_out"]["computed"]
+    assert _windows(tmp_path / "a")["training"] == {"read": 0, "computed": 6}
+    assert len(list(folder.glob("*.safetensors"))) == 6 + val
 
     def no_teacher(*_a, **_k):
         raise AssertionError("the teacher was loaded although its top-k is cached")
 
     monkeypatch.setattr(teacher_stage, "load_teacher", no_teacher)
-    caplog.clear()
-    argv = ("--teacher-topk", "16", "--val-every", "3", "--seed", "1")
-    assert _run(tiny_dir, calib, tmp_path / "b", *argv) == 0, capsys.readouterr()
-    assert "read from the cache" in caplog.text and "computed and cached" not in caplog.text
-    assert len([p for p in (tmp_path / "cache" / "teacher-topk").iterdir() if p.is_dir()]) == 2
+    assert _run(tiny_dir, calib, tmp_path / "b", *argv, "--sparsity", "0.5") == 0, capsys.readouterr()
+    assert _windows(tmp_path / "b") == {
+        "training": {"read": 6, "computed": 0},
+        "held_out": {"read": val, "computed": 0},
+    }
+    monkeypatch.undo()
+    monkeypatch.setenv("MASKPRUNE_CACHE", str(tmp_path / "cache"))
+    assert _run(tiny_dir, calib, tmp_path / "c", *argv, "--seed", "1") == 0, capsys.readouterr()
+    again = {i for t in range(3) for i in window_batch(16, 2, 1, t).tolist()}
+    assert _windows(tmp_path / "c")["training"] == {"read": len(again & drawn), "computed": len(again - drawn)}
+    assert len(list(folder.glob("*.safetensors"))) == len(drawn | again) + val
 
 
 def test_top_k_with_the_whole_vocabulary_trains_as_the_full_kl(tiny_dir, calib, tmp_path, monkeypatch, capsys):
@@ -64,3 +81,31 @@ def test_top_k_with_the_whole_vocabulary_trains_as_the_full_kl(tiny_dir, calib, 
 def test_top_k_is_refused_where_it_cannot_apply(tiny_dir, calib, tmp_path, capsys, extra, message):
     assert _run(tiny_dir, calib, tmp_path / "x", *extra) == 2
     assert message in capsys.readouterr().err and not (tmp_path / "x").exists()
+
+
+def test_streamed_the_windows_the_steps_draw_are_computed_before_them(
+    tiny_dir, calib, tmp_path, monkeypatch, capsys, caplog
+):
+    """--streaming on: one pass of the teacher over the windows the steps will draw (and the held-out ones) before
+    the first step, then the steps read them: the same windows as a resident run, the same top-k rows."""
+    from safetensors.torch import load_file
+
+    from maskprune.learner import window_batch
+
+    rows = {}
+    caplog.set_level(logging.INFO, logger="maskprune")
+    for mode in ("on", "off"):
+        caplog.clear()
+        monkeypatch.setenv("MASKPRUNE_CACHE", str(tmp_path / f"cache-{mode}"))
+        argv = ("--teacher-topk", "16", "--batch-size", "2", "--dtype", "fp32", "--streaming", mode)
+        assert _run(tiny_dir, calib, tmp_path / mode, *argv) == 0, capsys.readouterr()
+        assert _windows(tmp_path / mode)["training"] == {"read": 0, "computed": 6}
+        before = "of the training windows: 0 windows read from the cache, 6 computed" in caplog.text
+        assert before == (mode == "on")  # computed before the steps (streamed) or as the steps draw them
+        (folder,) = (tmp_path / f"cache-{mode}" / "teacher-topk").iterdir()
+        rows[mode] = {p.name: load_file(p) for p in folder.glob("*.safetensors")}
+    assert rows["on"].keys() == rows["off"].keys()
+    assert len({i for t in range(3) for i in window_batch(16, 2, 0, t).tolist()}) == 6
+    for name, t in rows["on"].items():
+        assert (t["index"] == rows["off"][name]["index"]).float().mean() > 0.99  # ties may order differently
+        assert (t["tail"] - rows["off"][name]["tail"]).abs().max() < 1e-4

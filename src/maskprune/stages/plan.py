@@ -575,15 +575,22 @@ class _Sizes:
                  "head_chunks": self.head_chunks(t), "streamed_hidden": self.stream(self.eval_tokens)}  # fmt: skip
         return self._phase("eval_exported", parts, self.kept * self.f.forward_flops(self.eval_tokens, t), passes=1)
 
+    def _drawn(self) -> int:
+        """Windows the teacher's top-k covers: those the steps draw (one pass at most) and the held-out ones."""
+        c = self.cfg
+        return min(c.calib_samples, c.recover_steps * c.batch_size) + c.val_windows
+
     def _cache_bytes(self) -> int:
         c = self.cfg
-        return c.calib_samples * c.seq_len * (c.teacher_topk * 6 + 4)  # fp16 log-probs, int32 ids, fp32 tail
+        return self._drawn() * c.seq_len * (c.teacher_topk * 6 + 4)  # fp16 log-probs, int32 ids, fp32 tail
 
     def teacher_topk(self) -> Phase | None:
+        """Streamed, every window the steps can draw in one pass before them; resident, the held-out windows only
+        (a training window is computed when a step first draws it, the teacher kept, as without top-k)."""
         c = self.cfg
         if not (c.recover_steps and c.teacher_topk):
             return None
-        tokens = c.calib_samples * c.seq_len
+        tokens = (self._drawn() if self.streamed else c.val_windows) * c.seq_len
         parts = {"runtime": self.base, "student_weights": int(self.weights * self.kept), "teacher_weights": self.held,
                  "logits": self.logits(c.batch_size * c.seq_len, 3), "cache": self._cache_bytes(),
                  "streamed_hidden": self.stream(tokens)}  # fmt: skip
@@ -602,12 +609,15 @@ class _Sizes:
                                       gradient_checkpointing=c.gradient_checkpointing)  # fmt: skip
         parts = {k: int(v) for k, v in est.items() if k != "total"}
         parts.update(runtime=self.base, weights=int(student.params * (4 if c.full else self.wb)))
-        parts["teacher_weights_bf16"] = 0 if c.teacher_topk else self.weights
-        if c.teacher_topk:  # the cache instead of the teacher and its logits
-            parts["logits_student_and_teacher_bf16"] //= 2
+        # top-k: streamed, the cache instead of the teacher and its logits; resident, the teacher is kept for the
+        # windows the cache lacks (a run that finds them all never loads it: the plan assumes it does not)
+        parts["teacher_weights_bf16"] = 0 if c.teacher_topk and self.streamed else self.weights
+        if c.teacher_topk:
+            if self.streamed:
+                parts["logits_student_and_teacher_bf16"] //= 2
             parts["teacher_topk_cache"] = self._cache_bytes()
         total = c.recover_steps * tokens
-        teacher_flops = 0 if c.teacher_topk else f.forward_flops(total, c.seq_len)
+        teacher_flops = 0 if c.teacher_topk and self.streamed else f.forward_flops(total, c.seq_len)
         return self._phase("distill", parts, teacher_flops + 3 * self.kept * f.forward_flops(total, c.seq_len))
 
 

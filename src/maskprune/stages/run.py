@@ -211,6 +211,11 @@ def _distill_section(ctx: RunContext, outcome: Outcome) -> dict:
         "calib": cfg.calib,
         "teacher_topk": cfg.teacher_topk,  # 0: the full vocabulary; k: the cached top-k and the tail (val_kl too)
         "teacher_topk_cache": str(ctx.teacher_topk.path) if ctx.teacher_topk is not None else None,
+        "teacher_topk_windows": {  # windows read from the cache and computed by this run (teacher forwards)
+            name: {"read": top.read, "computed": top.computed}
+            for name, top in (("training", ctx.teacher_topk), ("held_out", ctx.val_teacher_topk))
+            if top is not None
+        },
         **_budget_section(ctx),
     }
 

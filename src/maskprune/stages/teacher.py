@@ -3,6 +3,8 @@ the student cannot learn from it."""
 
 from __future__ import annotations
 
+import logging
+
 import torch
 
 from ..arch import DecoderAdapter
@@ -12,6 +14,8 @@ from ..errors import MaskPruneError
 from ..models import LoadedModel, load_model
 
 __all__ = ["check_teacher", "load_teacher", "teacher_topk_caches"]
+
+log = logging.getLogger(__name__)
 
 
 def load_teacher(cfg: PruneConfig, adapter: DecoderAdapter, student: LoadedModel, device: torch.device):
@@ -68,41 +72,56 @@ def check_teacher(
 
 def teacher_topk_caches(cfg: PruneConfig, adapter: DecoderAdapter, student: LoadedModel, device, windows, val_windows,
                         execution):  # fmt: skip
-    """``(top-k of the training windows, of the held-out windows or None)`` (:mod:`maskprune.teacher_cache`): read
-    from the cache, or computed in one pass of the teacher, which is then freed. The teacher is checked against the
-    student either way (from its config and tokenizer alone when the cache holds both)."""
-    from ..teacher_cache import cached_teacher_topk, compute_teacher_topk, teacher_key
+    """``(top-k of the training windows, of the held-out windows or None)`` (:class:`maskprune.teacher_cache.
+    WindowTopK`), window by window from the cache. The held-out windows are filled now (every validation scores
+    them). Resident, a training window the cache lacks is computed when a step first draws it, the teacher loaded
+    then and kept, as a full-vocabulary run keeps it. Streamed (a model too large to keep resident twice), every
+    window the run can draw in its ``steps`` is filled now in one pass and the teacher freed. The teacher is checked
+    against the student either way (from its config and tokenizer alone where it is never loaded)."""
+    from ..learner import window_batch
+    from ..teacher_cache import TopKStore, WindowTopK, teacher_key
 
-    k, dtype = cfg.teacher_topk, cfg.dtype
+    k, dtype, batch = cfg.teacher_topk, cfg.dtype, cfg.batch_size
+    amp = autocast_dtype(dtype)
     held: dict = {}
 
     def teacher():
         if "model" not in held:
             held["model"] = load_teacher(cfg, adapter, student, device)
-        return held["model"]
-
-    def build(w):
-        def run():
-            model = teacher()
-            if k > model.config.vocab_size:
+            if k > held["model"].config.vocab_size:
                 raise MaskPruneError(
-                    f"teacher_topk {k} is above the vocabulary ({model.config.vocab_size} tokens)",
+                    f"teacher_topk {k} is above the vocabulary ({held['model'].config.vocab_size} tokens)",
                     fix="lower --teacher-topk (0: the full vocabulary)",
                 )
-            batch = cfg.batch_size
-            passes = lambda: execution.logits(model, adapter, w, batch, autocast=autocast_dtype(dtype))  # noqa: E731
-            return compute_teacher_topk(passes, w, k, batch)
+        return held["model"]
 
-        return run
+    def logits(w: torch.Tensor) -> torch.Tensor:
+        with torch.autocast(device.type, dtype=amp or torch.float32, enabled=amp is not None):
+            return teacher()(input_ids=w.to(device), use_cache=False).logits
 
-    train = cached_teacher_topk(teacher_key(cfg.teacher, cfg.teacher_gguf_file, windows, k, dtype), build(windows))
-    val = None
-    if val_windows is not None:
-        key = teacher_key(cfg.teacher, cfg.teacher_gguf_file, val_windows, k, dtype)
-        val = cached_teacher_topk(key, build(val_windows))
-    if "model" not in held:  # every cache was read: check the teacher from its config and tokenizer alone
+    def passes(w: torch.Tensor):
+        return execution.logits(teacher(), adapter, w, batch, autocast=amp)
+
+    store = TopKStore(teacher_key(cfg.teacher, cfg.teacher_gguf_file, k, dtype))
+    train = WindowTopK(windows, k, store, logits, batch)
+    val = WindowTopK(val_windows, k, store, logits, batch) if val_windows is not None else None
+    if val is not None:
+        val.fill(range(len(val)), passes)
+    if execution.streamed:
+        n = windows.shape[0]
+        drawn = torch.cat([window_batch(n, batch, cfg.seed, t) for t in range(max(1, cfg.steps))]).tolist()
+        train.fill(drawn, passes)
+        held.clear()  # the steps read the cache only; a window missed after all reloads the teacher
+    if "model" not in held:  # not loaded (yet): check the teacher from its config and tokenizer alone
         _check_teacher_source(cfg, adapter, student)
-    held.clear()
+        if k > student.model.config.vocab_size:
+            raise MaskPruneError(
+                f"teacher_topk {k} is above the vocabulary ({student.model.config.vocab_size} tokens)",
+                fix="lower --teacher-topk (0: the full vocabulary)",
+            )
+    for name, top in (("held-out", val), ("training", train)):
+        if top is not None and (top.read or top.computed):
+            log.info("teacher top-%d of the %s windows: %s", k, name, top.summary())
     return train, val
 
 
