@@ -89,6 +89,7 @@ def sweep(
     tasks: list[str] | tuple[str, ...] = ("piqa", "arc_easy"),
     data_dir: str | None = None,
     limit: int | None = None,
+    ppl_tokens: int | None = None,
     max_ppl_ratio: float | None = None,
     min_accuracy_share: float | None = None,
     max_params: int | None = None,
@@ -107,7 +108,9 @@ def sweep(
 
     sizes = sizes_from(listed(sparsity), listed(budget_params), listed(params))
     cfg = _load({"model": model, **prune_overrides(options)})
-    table = TableProtocol(seq_len=table_seq_len, tasks=tuple(tasks), data_dir=data_dir, limit=limit)
+    table = TableProtocol(
+        seq_len=table_seq_len, tasks=tuple(tasks), data_dir=data_dir, limit=limit, ppl_tokens=ppl_tokens
+    )
     target = Target(max_ppl_ratio, min_accuracy_share, max_params, max_gguf_bytes)
     return run_sweep(cfg, sizes, out, table=table, target=target, progress=progress)
 

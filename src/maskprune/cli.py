@@ -244,6 +244,13 @@ def _add_sweep_parser(sub) -> None:
     )
     table.add_argument("--data-dir", default=None, help="local task data (offline); see `maskprune eval`")
     table.add_argument("--limit", type=int, default=None, help="only the first N windows and N examples per task")
+    table.add_argument(
+        "--ppl-tokens",
+        type=int,
+        default=None,
+        metavar="N",
+        help="score only the first N tokens of WikiText-2 (the same for every size; the tasks stay whole)",
+    )
     target = p.add_argument_group("the target: the smallest size that meets every bound given is chosen")
     target.add_argument("--max-ppl-ratio", type=float, default=None, help="perplexity at most R times the dense one")
     target.add_argument(
@@ -433,7 +440,9 @@ def _run_sweep(args: argparse.Namespace, progress: bool) -> int:
     if args.data_dir is not None and not Path(args.data_dir).is_dir():
         raise MaskPruneError(f"--data-dir {args.data_dir!r} is not a folder")
     tasks = tuple(t.strip() for t in (args.tasks or "").split(",") if t.strip())
-    table = TableProtocol(seq_len=args.table_seq_len, tasks=tasks, data_dir=args.data_dir, limit=args.limit)
+    table = TableProtocol(
+        seq_len=args.table_seq_len, tasks=tasks, data_dir=args.data_dir, limit=args.limit, ppl_tokens=args.ppl_tokens
+    )
     out = args.out or Path("runs") / f"{Path(cfg.model).stem or 'model'}-sweep"
     record = run_sweep(cfg, sizes, out, table=table, target=target, progress=progress)
     sys.stdout.write((Path(out) / "sweep.md").read_text())

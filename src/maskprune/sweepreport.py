@@ -163,6 +163,8 @@ def write_sweep_report(out: Path, record: dict) -> Path:
                else "<p><b>No size meets the target.</b></p>" if wanted else "")  # fmt: skip
     proto = record["table_protocol"]
     first = "" if proto["limit"] is None else f" (the first {proto['limit']} windows and examples)"
+    if proto.get("ppl_tokens"):
+        first = f" (the first {proto['ppl_tokens']} tokens){first}"
     page = out / "index.html"
     page.write_text(
         f"""<!doctype html><html><head><meta charset="utf-8"><title>maskprune sweep</title>

@@ -115,14 +115,21 @@ def sizes_from(sparsity: str | None = None, budget_params: str | None = None, pa
 @dataclasses.dataclass(frozen=True)
 class TableProtocol:
     """What every size and the dense model are measured on for the table: WikiText-2 perplexity at ``seq_len``
-    (every window; ``limit``: the first ones) and the zero-shot ``tasks`` (``data_dir``: offline task data;
-    ``limit``: examples per task), in the run's dtype."""
+    (every window; ``ppl_tokens``: the first ``ppl_tokens`` tokens of the text, the same for every model;
+    ``limit``: the first windows) and the zero-shot ``tasks`` (``data_dir``: offline task data; ``limit``: examples
+    per task), in the run's dtype."""
 
     seq_len: int = 2048
     tasks: tuple[str, ...] = ("piqa", "arc_easy")
     data_dir: str | None = None
     limit: int | None = None
     batch_size: int = 4
+    ppl_tokens: int | None = None
+
+    def problems(self) -> list[str]:
+        if self.ppl_tokens is not None and self.ppl_tokens < self.seq_len:
+            return [f"--ppl-tokens {self.ppl_tokens} is less than one window of --table-seq-len {self.seq_len}"]
+        return []
 
     def settings(self) -> dict:
         return dataclasses.asdict(self)
@@ -256,7 +263,7 @@ def _check(cfg: PruneConfig, sizes: list[Size], out: Path, table: TableProtocol,
     each size's config (a bad option fails now, not after the first size)."""
     from .zeroshot import check_sources, resolve_tasks
 
-    problems = target.problems(table, cfg.gguf)
+    problems = target.problems(table, cfg.gguf) + table.problems()
     if table.seq_len < 2:
         problems.append(f"--table-seq-len must be at least 2 tokens, found {table.seq_len}")
     if problems:
@@ -329,6 +336,7 @@ def _measure(cfg: PruneConfig, model: str, gguf_file: str | None, table: TablePr
         tasks=list(table.tasks),
         data_dir=table.data_dir,
         limit=table.limit,
+        ppl_tokens=table.ppl_tokens,
         batch_size=table.batch_size,
         autocast_dtype=autocast_dtype(cfg.dtype, device),
         progress=progress,

@@ -21,15 +21,16 @@ def _sweep_argv(dense, calib, out, *extra) -> list[str]:
     return [*argv, "3", "--tasks", "", "--out", str(out), "--no-report", *tiny.small_run(calib), *extra]
 
 
-def test_a_sweep_writes_every_size_shares_the_dense_work_and_picks(tiny_dir, calib, tmp_path, capsys):
+def test_a_sweep_writes_every_size_shares_the_dense_work_and_picks(tiny_dir, calib, tmp_path, capsys, monkeypatch):
     from transformers import AutoModelForCausalLM
 
+    monkeypatch.setenv("MASKPRUNE_CACHE", str(tmp_path / "cache"))
     data = write_all_formats(tmp_path / "data")
     out = tmp_path / "sweep"
     argv = _sweep_argv(tiny_dir, calib, out, "--max-ppl-ratio", "1000")
     argv[argv.index("--tasks") + 1] = "piqa"
     argv[argv.index("--no-report")] = "--report"
-    assert main([*argv, "--data-dir", str(data)]) == 0, capsys.readouterr().err
+    assert main([*argv, "--data-dir", str(data), "--teacher-topk", "8"]) == 0, capsys.readouterr().err
     record = json.loads((out / "sweep.json").read_text())
     sizes = record["sizes"]
     assert [r["label"] for r in sizes] == ["sparsity-0.20", "sparsity-0.40"]  # largest first
@@ -46,6 +47,12 @@ def test_a_sweep_writes_every_size_shares_the_dense_work_and_picks(tiny_dir, cal
     assert "reference_logits" in first["computed"] and "dense_perplexity" in first["computed"]
     assert {"reference_logits", "dense_statistics", "dense_perplexity"} <= set(second["read"])
     assert not second["computed"]
+    teacher = [  # the teacher's top-k: the second size draws the first size's windows and reads them
+        json.loads((out / label / "maskprune_report.json").read_text())["recovery"]["teacher_topk_windows"]
+        for label in ("sparsity-0.20", "sparsity-0.40")
+    ]
+    assert teacher[0]["training"]["computed"] > 0 and teacher[0]["training"]["read"] == 0
+    assert teacher[1]["training"] == {"read": teacher[0]["training"]["computed"], "computed": 0}
     page = (out / "index.html").read_text()
     assert "data:image/png;base64," in page and "Chosen: sparsity-0.40" in page
     assert (out / "sweep.png").stat().st_size > 10_000 and "sparsity-0.20/report/index.html" in page
@@ -139,3 +146,5 @@ def test_a_size_the_model_cannot_take_is_refused_before_any_size_runs(tiny_dir, 
     assert not out.exists()  # nothing half-written: the first size did not run
     assert main(_sweep_argv(tiny_dir, calib, out, "--min-accuracy-share", "0.9")) == 2  # --tasks '': unmeasurable
     assert "needs zero-shot tasks" in capsys.readouterr().err and not out.exists()
+    assert main(_sweep_argv(tiny_dir, calib, out, "--ppl-tokens", "16")) == 2  # less than one 32-token window
+    assert "less than one window" in capsys.readouterr().err and not out.exists()
