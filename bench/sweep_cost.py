@@ -4,7 +4,8 @@
    --compare MODEL OUT`` on the table's protocol (WikiText-2 at 2048, PIQA + ARC-e): what a user runs today per size;
 2. ``maskprune sweep MODEL --sparsity LIST --steps N`` with the same options and protocol,
 
-each timed by the wall clock. Writes ``{"sizes": [{"sparsity", "params", "ppl_2048", "piqa_acc", "arc_easy_acc",
+each timed by the wall clock, after one untimed load of the model (a GGUF's conversion is cached on disk by the first
+run of all: neither arm pays it). Writes ``{"sizes": [{"sparsity", "params", "ppl_2048", "piqa_acc", "arc_easy_acc",
 "minutes"}], "one_run_minutes", "sweep_minutes", "cost_ratio_vs_one_run", ...}`` with the command, date and machine,
 and the ratios both ways: against the prune with its evaluation (what one point costs), and against the prune alone
 with the sweep's table evaluations taken out (what the sharing saves in the runs themselves).
@@ -35,6 +36,11 @@ def _timed(cmd: list[str], log: Path) -> float:
     return time.perf_counter() - t
 
 
+def _report(folder: Path) -> dict:
+    """A size's run report (its export's reload parity, what it read from the caches)."""
+    return json.loads((folder / "maskprune_report.json").read_text())
+
+
 def _cpu() -> str:
     try:
         return next(
@@ -54,6 +60,7 @@ def main() -> None:
     ap.add_argument("--data-dir", required=True)
     ap.add_argument("--tasks", default="piqa,arc_easy")
     ap.add_argument("--limit", type=int, default=None)
+    ap.add_argument("--ppl-tokens", type=int, default=None, help="the table's perplexity on the first N tokens")
     ap.add_argument("rest", nargs=argparse.REMAINDER, help="-- MODEL [prune options]")
     a = ap.parse_args()
     rest = a.rest[1:] if a.rest[:1] == ["--"] else a.rest
@@ -62,12 +69,15 @@ def main() -> None:
     a.out.mkdir(parents=True)
     mp = [sys.executable, "-m", "maskprune", "-q"]
     limit = ["--limit", str(a.limit)] if a.limit else []
+    limit += ["--ppl-tokens", str(a.ppl_tokens)] if a.ppl_tokens else []
     one = a.out / "one"
     prune = [*mp, "prune", model, "--sparsity", str(a.one), "--steps", str(a.steps), "--out", str(one), *options]
     evaluate = [*mp, "eval", "--compare", model, str(one), "--seq-len", "2048", "--tasks", a.tasks]
     evaluate += ["--data-dir", a.data_dir, "--out", str(a.out / "one-eval.json"), *limit]
     sweep = [*mp, "sweep", model, "--sparsity", a.sparsity, "--steps", str(a.steps), "--out", str(a.out / "sweep")]
     sweep += ["--tasks", a.tasks, "--data-dir", a.data_dir, *limit, *options]
+    warm = [*mp, "eval", model, "--ppl-tokens", "256", "--seq-len", "128", "--out", str(a.out / "warm.json")]
+    _timed(warm, a.out / "warm.log")  # untimed: converts and caches a GGUF once, for both arms
     prune_s = _timed(prune, a.out / "one-prune.log")
     eval_s = _timed(evaluate, a.out / "one-eval.log")
     sweep_s = _timed(sweep, a.out / "sweep.log")
@@ -90,6 +100,11 @@ def main() -> None:
                 "run_minutes": r["run_minutes"],
                 "eval_minutes": r["eval_minutes"],
                 "shape": r["shape"],
+                "roundtrip_max_abs_diff": _report(a.out / "sweep" / r["label"])["roundtrip"]["max_abs_diff"],
+                "roundtrip_tolerance": _report(a.out / "sweep" / r["label"])["roundtrip"]["tolerance"],
+                "teacher_topk_windows": _report(a.out / "sweep" / r["label"]).get("recovery", {}).get(
+                    "teacher_topk_windows"
+                ),
             }
             for r in record["sizes"]
         ],
