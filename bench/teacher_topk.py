@@ -32,6 +32,7 @@ def _table(model: str, a: argparse.Namespace, work: Path, name: str) -> dict:
     argv = [sys.executable, "-m", "maskprune", "-q", "eval", model, "--seq-len", "2048", "--tasks", a.tasks]
     argv += ["--data-dir", a.data_dir, "--out", str(out)]
     argv += ["--ppl-tokens", str(a.ppl_tokens)] if a.ppl_tokens else []
+    argv += ["--limit", str(a.limit)] if a.limit else []  # examples per task (the perplexity: --ppl-tokens)
     start = time.perf_counter()
     proc = subprocess.run(argv, capture_output=True, text=True)
     if proc.returncode != 0:
@@ -48,6 +49,8 @@ def _table(model: str, a: argparse.Namespace, work: Path, name: str) -> dict:
 
 def _run(student: str, teacher: str, steps: int, seed: int, k: int, extra: list[str], work: Path) -> dict:
     out = work / f"k{k}-s{seed}"
+    if (out / "maskprune_report.json").exists():  # a persistent --work: the distillation finished earlier
+        return _cell(out, k, seed, None, None)
     argv = [sys.executable, "-m", "maskprune", "distill", student, "--teacher", teacher, "--steps", str(steps)]
     argv += ["--seed", str(seed), "--teacher-topk", str(k), "--out", str(out), "--overwrite", "--no-report", *extra]
     start = time.perf_counter()
@@ -56,8 +59,14 @@ def _run(student: str, teacher: str, steps: int, seed: int, k: int, extra: list[
     if proc.returncode != 0:
         raise SystemExit(f"run failed ({proc.returncode}): {' '.join(argv)}\n{proc.stderr[-3000:]}")
     peak_kb = int(re.search(r"Maximum resident set size \(kbytes\): (\d+)", proc.stderr).group(1))
+    return _cell(out, k, seed, peak_kb * 1024 / 1e9, wall)
+
+
+def _cell(out: Path, k: int, seed: int, peak_gb: float | None, wall: float | None) -> dict:
     report = json.loads((out / "maskprune_report.json").read_text())
     d = report["distill"]
+    windows = (d.get("teacher_topk_windows") or {}).get("training")  # what the run read and computed
+    cache = None if not k else ("read" if windows and not windows["computed"] else "computed")
     return {
         "teacher_topk": k,
         "seed": seed,
@@ -66,10 +75,11 @@ def _run(student: str, teacher: str, steps: int, seed: int, k: int, extra: list[
         "eval_windows": report["perplexity"]["exported"]["windows"],
         "eval_seq_len": report["perplexity"]["exported"]["seq_len"],
         "seconds_per_step": d["seconds"] / max(1, d["steps"]),
-        "peak_rss_gb": peak_kb * 1024 / 1e9,
+        "peak_rss_gb": peak_gb,  # the process's (/usr/bin/time -v); None where the run was not timed here
         "phase_peak_rss_gb": {k2: v / 1e9 for k2, v in report["memory"]["peak_rss_bytes"].items()},
         "phase_seconds": report["seconds"],
-        "cache": "computed" if "computed and cached" in proc.stderr else ("read" if k else None),
+        "cache": cache,
+        "teacher_topk_windows": d.get("teacher_topk_windows"),
         "wall_seconds": wall,
     }
 
@@ -85,10 +95,14 @@ def main() -> None:
     p.add_argument("--tasks", default=None, help="e.g. piqa,arc_easy: measure every export on the table protocol")
     p.add_argument("--data-dir", default=None, help="offline task data (with --tasks)")
     p.add_argument("--ppl-tokens", type=int, default=None, help="score the first N WikiText-2 tokens at 2048")
+    p.add_argument("--limit", type=int, default=None, help="the first N examples of each task")
+    p.add_argument("--work", type=Path, default=None, help="keep the exports here (a finished one is not rerun)")
     a, extra = p.parse_known_args()  # what is left: more distill flags (after --)
     extra = [x for x in extra if x != "--"]
     cells = []
-    with tempfile.TemporaryDirectory(prefix="topk-bench-") as tmp:
+    with tempfile.TemporaryDirectory(prefix="topk-bench-") as scratch:
+        tmp = str(a.work or scratch)
+        Path(tmp).mkdir(parents=True, exist_ok=True)
         for seed in (int(x) for x in a.seeds.split(",")):  # seeds outermost: a cut-short run still compares arms
             for k in (int(x) for x in a.topk.split(",")):
                 cells.append(_run(a.student, a.teacher, a.steps, seed, k, extra, Path(tmp)))
@@ -112,7 +126,9 @@ def _write(out: Path, cells: list[dict]) -> None:
             "ppl_median": statistics.median(ppl),
             "ppl_range": [min(ppl), max(ppl)],
             "seconds_per_step_median": statistics.median(c["seconds_per_step"] for c in mine),
-            "peak_rss_gb_median": statistics.median(c["peak_rss_gb"] for c in mine),
+            "peak_rss_gb_median": statistics.median(c["peak_rss_gb"] for c in mine if c["peak_rss_gb"] is not None)
+            if any(c["peak_rss_gb"] is not None for c in mine)
+            else None,
         }
         for key in ("ppl_2048", "piqa_acc", "arc_easy_acc", "accuracy_mean"):
             vals = [c[key] for c in mine if c.get(key) is not None]
