@@ -92,7 +92,7 @@ def main() -> None:
     p.add_argument("--seeds", default="0,1,2")
     p.add_argument("--topk", default="0,64", help="comma-separated k (0: the full vocabulary)")
     p.add_argument("--out", type=Path, required=True)
-    p.add_argument("--tasks", default=None, help="e.g. piqa,arc_easy: measure every export on the table protocol")
+    p.add_argument("--tasks", default=None, help="e.g. piqa,arc_easy (or '': perplexity alone): measure every export on the table protocol")
     p.add_argument("--data-dir", default=None, help="offline task data (with --tasks)")
     p.add_argument("--ppl-tokens", type=int, default=None, help="score the first N WikiText-2 tokens at 2048")
     p.add_argument("--limit", type=int, default=None, help="the first N examples of each task")
@@ -106,11 +106,11 @@ def main() -> None:
         for seed in (int(x) for x in a.seeds.split(",")):  # seeds outermost: a cut-short run still compares arms
             for k in (int(x) for x in a.topk.split(",")):
                 cells.append(_run(a.student, a.teacher, a.steps, seed, k, extra, Path(tmp)))
-                if a.tasks:
+                if a.tasks is not None:
                     cells[-1].update(_table(str(Path(tmp) / f"k{k}-s{seed}"), a, Path(tmp), f"k{k}-s{seed}"))
                 print(json.dumps(cells[-1]), flush=True)
                 _write(a.out, cells)
-        if a.tasks:  # the dense teacher on the same protocol, last (a cut-short run still compares the arms)
+        if a.tasks is not None:  # the dense teacher on the same protocol, last (a cut-short run still compares the arms)
             cells.append({"method": "dense", **_table(a.teacher, a, Path(tmp), "dense")})
     _write(a.out, cells)
 
