@@ -40,7 +40,7 @@ def _table(model: str, a: argparse.Namespace, work: Path, name: str) -> dict:
     (m,) = json.loads(out.read_text())["models"].values()
     ppl = m["perplexity"]["2048"]
     row = {"ppl_2048": ppl["ppl"], "ppl_windows": ppl["windows"], "eval_seconds": time.perf_counter() - start}
-    for task, r in m.get("zeroshot", {}).get("tasks", {}).items():
+    for task, r in (m.get("zeroshot") or {}).get("tasks", {}).items():
         row[f"{task}_acc"], row[f"{task}_n"] = r["acc"], r["n"]
     accs = [v for key, v in row.items() if key.endswith("_acc")]
     row["accuracy_mean"] = statistics.mean(accs) if accs else None
