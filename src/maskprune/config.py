@@ -63,6 +63,11 @@ DEFAULT_MODEL = "smollm2-135m"
 DEFAULT_MINUTES = 10.0
 """The time budget of a run that distils with a fixed selection where no step count is given (``minutes``)."""
 
+DEFAULT_TEACHER_TOPK = 0
+"""The teacher's top-k a distillation of logits alone keeps where ``teacher_topk`` is not given (at most the
+vocabulary; 0: the full vocabulary). 0 until the top-k teacher is shown to hold quality at equal tokens on the
+protocol (perplexity and accuracy, 3 seeds; ``bench/teacher_topk.py``); 64 is the candidate."""
+
 DISTILL_SETTINGS: dict[str, Any] = {
     "method": "maskprune",
     "mask_init": "ones",
@@ -586,15 +591,17 @@ class TrainingConfig(_Group):
         0.0,
         """Weight of an added language-modelling cross-entropy term.""",
     )
-    teacher_topk: int = _opt(
-        0,
-        """Distil from the teacher's ``K`` most likely tokens and the mass of the rest (``0``: the full vocabulary, as
-    measured so far). The teacher's top-``K`` log-probabilities are cached on disk window by window (keyed by the
+    teacher_topk: int | None = _opt(
+        None,
+        """Distil from the teacher's ``K`` most likely tokens and the mass of the rest (``0``: the full vocabulary).
+    null: ``DEFAULT_TEACHER_TOPK`` (at most the vocabulary) where the run distils the teacher's logits alone
+    (``alpha`` 0: the default recipe's steps after its cut, prune's ``recover_steps``, ``maskprune distill``), 0
+    elsewhere. The default stays the full vocabulary until the top-k is measured to hold quality (docs/results.md).
+    The teacher's top-``K`` log-probabilities are cached on disk window by window (keyed by the
     teacher, ``K``, the dtype and each window's tokens): a run computes the windows it draws, and later runs that
     draw them (a sweep's other sizes, resumes, other seeds where they overlap) read them, without loading the
     teacher where every window is cached (``teacher_cache``); the loss is the exact KL over the ``K`` tokens and
-    the tail (``losses.topk_kl``), and so is the validation's ``val_kl``. Not yet the default: it is measured
-    against the full vocabulary first.""",
+    the tail (``losses.topk_kl``), and so is the validation's ``val_kl``.""",
     )
 
     def problems(self) -> list[str]:
@@ -962,6 +969,23 @@ class PruneConfig:
         """Whether the cut searches the whole model's shape (hidden width or depth among ``prune_axes``)."""
         return bool({"hidden", "layers"} & set(self.resolved_prune_axes()))
 
+    def distils_from_teacher(self) -> bool:
+        """Whether the run distils from a separate dense teacher: `maskprune distill`, prune's ``recover_steps``, or
+        the default recipe's steps after its cut."""
+        return bool(
+            self.source.teacher is not None
+            or self.training.recover_steps
+            or (self.resolved_cut_first() and self.training.steps)
+        )
+
+    def resolved_teacher_topk(self) -> int:
+        """``teacher_topk``, or its default: :data:`DEFAULT_TEACHER_TOPK` where the run distils the teacher's logits
+        alone (no layer MSE), 0 (the full vocabulary) elsewhere. At most the vocabulary is applied where it is known
+        (``stages.teacher``)."""
+        if self.training.teacher_topk is not None:
+            return self.training.teacher_topk
+        return DEFAULT_TEACHER_TOPK if self.distils_from_teacher() and self.training.alpha == 0 else 0
+
     def distils_fixed_selection(self) -> bool:
         """Whether the run's training is a distillation of a fixed structure (the default recipe cutting first, or
         ``maskprune distill``): where a time budget (``minutes``) sets the step count."""
@@ -1044,9 +1068,9 @@ def _distillation_problems(cfg: PruneConfig) -> list[str]:
             "distillation trains LoRA adapters (the default) or every weight (--full); with --no-lora and "
             "no --full nothing would train: drop --no-lora or add --full"
         )
-    if tr.teacher_topk < 0:
+    if tr.teacher_topk is not None and tr.teacher_topk < 0:
         problems.append(f"teacher_topk must be >= 0 (0: the full vocabulary), found {tr.teacher_topk}")
-    distils = src.teacher is not None or tr.recover_steps or (cfg.resolved_cut_first() and tr.steps)
+    distils = cfg.distils_from_teacher()
     if tr.teacher_topk and not distils:
         problems.append(
             "teacher_topk applies to distillation from the dense model (the default recipe's steps after its cut, "

@@ -62,7 +62,7 @@ def test_the_default_recipe_distils_from_the_cached_top_k_and_reuses_it(
 
 def test_top_k_with_the_whole_vocabulary_trains_as_the_full_kl(tiny_dir, calib, tmp_path, monkeypatch, capsys):
     monkeypatch.setenv("MASKPRUNE_CACHE", str(tmp_path / "cache"))
-    assert _run(tiny_dir, calib, tmp_path / "full", "--dtype", "fp32") == 0, capsys.readouterr()
+    assert _run(tiny_dir, calib, tmp_path / "full", "--dtype", "fp32", "--teacher-topk", "0") == 0, capsys.readouterr()
     assert _run(tiny_dir, calib, tmp_path / "topk", "--dtype", "fp32", "--teacher-topk", str(tiny.VOCAB)) == 0
     full = [json.loads(x) for x in (tmp_path / "full" / "recovery_metrics.jsonl").read_text().splitlines()]
     topk = [json.loads(x) for x in (tmp_path / "topk" / "recovery_metrics.jsonl").read_text().splitlines()]
@@ -109,3 +109,19 @@ def test_streamed_the_windows_the_steps_draw_are_computed_before_them(
     for name, t in rows["on"].items():
         assert (t["index"] == rows["off"][name]["index"]).float().mean() > 0.99  # ties may order differently
         assert (t["tail"] - rows["off"][name]["tail"]).abs().max() < 1e-4
+
+
+def test_an_unset_top_k_takes_the_default_where_logits_alone_are_distilled(monkeypatch):
+    import maskprune.config as config
+    from maskprune.config import distill_overrides, load_config
+
+    monkeypatch.setattr(config, "DEFAULT_TEACHER_TOPK", 64)
+
+    def distill(**options):
+        return load_config(None, distill_overrides({"model": "x", "teacher": "y", **options}))
+
+    assert load_config(None, {"sparsity": 0.2}).resolved_teacher_topk() == 64  # the default recipe: cut, then distil
+    assert distill().resolved_teacher_topk() == 64  # maskprune distill
+    assert load_config(None, {"sparsity": 0.2, "cut_first": False}).resolved_teacher_topk() == 0  # masks learned
+    assert distill(alpha=0.5).resolved_teacher_topk() == 0  # the layer MSE needs the teacher's hidden states
+    assert load_config(None, {"sparsity": 0.2, "teacher_topk": 0}).resolved_teacher_topk() == 0  # asked for

@@ -130,7 +130,7 @@ def setup(cfg: PruneConfig, progress: bool) -> RunContext:
     teacher = None
     if cfg.has_teacher:  # nothing is cut: the budget is the student's size, the teacher checked before any work
         budget = structure.dense_params
-        if not cfg.teacher_topk:
+        if not cfg.resolved_teacher_topk():
             with phases("load_teacher"):
                 teacher = load_teacher(cfg, adapter, loaded, device)
     else:
@@ -155,7 +155,7 @@ def setup(cfg: PruneConfig, progress: bool) -> RunContext:
     )
     execution = execution_for(cfg, device)
     topk = val_topk = None
-    if cfg.has_teacher and cfg.teacher_topk:  # the teacher's top-k once (or from the cache), the teacher freed
+    if cfg.has_teacher and cfg.resolved_teacher_topk():  # the teacher's top-k, window by window from the cache
         with phases("teacher_topk"):
             topk, val_topk = teacher_topk_caches(cfg, adapter, loaded, device, windows, val_windows, execution)
     ctx = RunContext(

@@ -582,13 +582,14 @@ class _Sizes:
 
     def _cache_bytes(self) -> int:
         c = self.cfg
-        return self._drawn() * c.seq_len * (c.teacher_topk * 6 + 4)  # fp16 log-probs, int32 ids, fp32 tail
+        k = c.resolved_teacher_topk()
+        return self._drawn() * c.seq_len * (k * 6 + 4)  # fp16 log-probs, int32 ids, fp32 tail
 
     def teacher_topk(self) -> Phase | None:
         """Streamed, every window the steps can draw in one pass before them; resident, the held-out windows only
         (a training window is computed when a step first draws it, the teacher kept, as without top-k)."""
         c = self.cfg
-        if not (c.recover_steps and c.teacher_topk):
+        if not (c.recover_steps and c.resolved_teacher_topk()):
             return None
         tokens = (self._drawn() if self.streamed else c.val_windows) * c.seq_len
         parts = {"runtime": self.base, "student_weights": int(self.weights * self.kept), "teacher_weights": self.held,
@@ -611,13 +612,13 @@ class _Sizes:
         parts.update(runtime=self.base, weights=int(student.params * (4 if c.full else self.wb)))
         # top-k: streamed, the cache instead of the teacher and its logits; resident, the teacher is kept for the
         # windows the cache lacks (a run that finds them all never loads it: the plan assumes it does not)
-        parts["teacher_weights_bf16"] = 0 if c.teacher_topk and self.streamed else self.weights
-        if c.teacher_topk:
+        parts["teacher_weights_bf16"] = 0 if c.resolved_teacher_topk() and self.streamed else self.weights
+        if c.resolved_teacher_topk():
             if self.streamed:
                 parts["logits_student_and_teacher_bf16"] //= 2
             parts["teacher_topk_cache"] = self._cache_bytes()
         total = c.recover_steps * tokens
-        teacher_flops = 0 if c.teacher_topk and self.streamed else f.forward_flops(total, c.seq_len)
+        teacher_flops = 0 if c.resolved_teacher_topk() and self.streamed else f.forward_flops(total, c.seq_len)
         return self._phase("distill", parts, teacher_flops + 3 * self.kept * f.forward_flops(total, c.seq_len))
 
 

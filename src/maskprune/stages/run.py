@@ -209,7 +209,8 @@ def _distill_section(ctx: RunContext, outcome: Outcome) -> dict:
         "tokens": outcome.state.step * cfg.batch_size * cfg.seq_len,
         "seconds": ctx.phases.seconds.get("learn"),
         "calib": cfg.calib,
-        "teacher_topk": cfg.teacher_topk,  # 0: the full vocabulary; k: the cached top-k and the tail (val_kl too)
+        # 0: the full vocabulary; k: the cached top-k and the tail (val_kl too)
+        "teacher_topk": ctx.teacher_topk.k if ctx.teacher_topk is not None else 0,
         "teacher_topk_cache": str(ctx.teacher_topk.path) if ctx.teacher_topk is not None else None,
         "teacher_topk_windows": {  # windows read from the cache and computed by this run (teacher forwards)
             name: {"read": top.read, "computed": top.computed}

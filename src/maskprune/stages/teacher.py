@@ -81,18 +81,21 @@ def teacher_topk_caches(cfg: PruneConfig, adapter: DecoderAdapter, student: Load
     from ..learner import window_batch
     from ..teacher_cache import TopKStore, WindowTopK, teacher_key
 
-    k, dtype, batch = cfg.teacher_topk, cfg.dtype, cfg.batch_size
+    k, dtype, batch = cfg.resolved_teacher_topk(), cfg.dtype, cfg.batch_size
+    vocab = student.model.config.vocab_size  # the teacher's too (check_teacher)
+    if cfg.teacher_topk is None:  # the default: at most the vocabulary (all of it: the exact full KL)
+        k = min(k, vocab)
+    elif k > vocab:
+        raise MaskPruneError(
+            f"teacher_topk {k} is above the vocabulary ({vocab} tokens)",
+            fix="lower --teacher-topk (0: the full vocabulary)",
+        )
     amp = autocast_dtype(dtype)
     held: dict = {}
 
     def teacher():
         if "model" not in held:
             held["model"] = load_teacher(cfg, adapter, student, device)
-            if k > held["model"].config.vocab_size:
-                raise MaskPruneError(
-                    f"teacher_topk {k} is above the vocabulary ({held['model'].config.vocab_size} tokens)",
-                    fix="lower --teacher-topk (0: the full vocabulary)",
-                )
         return held["model"]
 
     def logits(w: torch.Tensor) -> torch.Tensor:
@@ -114,11 +117,6 @@ def teacher_topk_caches(cfg: PruneConfig, adapter: DecoderAdapter, student: Load
         held.clear()  # the steps read the cache only; a window missed after all reloads the teacher
     if "model" not in held:  # not loaded (yet): check the teacher from its config and tokenizer alone
         _check_teacher_source(cfg, adapter, student)
-        if k > student.model.config.vocab_size:
-            raise MaskPruneError(
-                f"teacher_topk {k} is above the vocabulary ({student.model.config.vocab_size} tokens)",
-                fix="lower --teacher-topk (0: the full vocabulary)",
-            )
     for name, top in (("held-out", val), ("training", train)):
         if top is not None and (top.read or top.computed):
             log.info("teacher top-%d of the %s windows: %s", k, name, top.summary())
