@@ -155,6 +155,7 @@ class WindowTopK:
         self._held: dict[int, Rows] = {}
         self.read = 0  # windows read from the store during this run
         self.computed = 0  # windows computed (teacher forwards) during this run
+        self._mass: list[float] = []  # per window held: the mean share of the teacher's probability in its top-k
 
     @property
     def path(self) -> Path:
@@ -172,16 +173,26 @@ class WindowTopK:
             if got is None:
                 out.append(i)
             else:
-                self._held[i] = got
+                self._hold(i, got)
                 self.read += 1
         return out
+
+    def _hold(self, i: int, rows: Rows) -> None:
+        self._held[i] = rows
+        self._mass.append(float((-rows[2].double().exp()).add(1.0).mean()))
+
+    @property
+    def mass(self) -> float | None:
+        """The mean share of the teacher's probability its top-``k`` holds, over the windows this run used (1: all
+        of it; what the rest, the tail, holds is matched only as a whole)."""
+        return sum(self._mass) / len(self._mass) if self._mass else None
 
     def _keep(self, indices: list[int], logits: torch.Tensor) -> None:
         lp, idx, tail = _rounded(logits, self.k)
         for j, i in enumerate(indices):
             rows = (lp[j].clone(), idx[j].clone(), tail[j].clone())
             self.store.write(self.windows[i], rows)
-            self._held[i] = rows
+            self._hold(i, rows)
         self.computed += len(indices)
 
     @torch.no_grad()
@@ -207,4 +218,5 @@ class WindowTopK:
             self._keep(missing[j * self.batch_size : j * self.batch_size + logits.shape[0]], logits)
 
     def summary(self) -> str:
-        return f"{self.read} windows read from the cache, {self.computed} computed ({self.path})"
+        mass = "" if self.mass is None else f"; the top-{self.k} hold {100 * self.mass:.1f} % of the teacher's mass"
+        return f"{self.read} windows read from the cache, {self.computed} computed ({self.path}){mass}"

@@ -16,8 +16,13 @@ def _run(tiny_dir, calib, out, *extra):
     return main([*argv, *tiny.small_run(calib, evaluate=False), *extra])
 
 
-def _windows(out):
-    return json.loads((out / "maskprune_report.json").read_text())["recovery"]["teacher_topk_windows"]
+def _windows(out, k=16):
+    """The report's teacher top-k windows (read, computed), its mass checked: a share of the teacher's probability
+    (the tiny models' near-uniform teachers put about k / 256 of it in their top k)."""
+    got = json.loads((out / "maskprune_report.json").read_text())["recovery"]["teacher_topk_windows"]
+    for part in got.values():
+        assert 0.5 * k / 256 < part.pop("mass") <= 1.0
+    return got
 
 
 def test_the_default_recipe_distils_from_the_cached_top_k_and_reuses_it(
@@ -64,6 +69,8 @@ def test_top_k_with_the_whole_vocabulary_trains_as_the_full_kl(tiny_dir, calib, 
     monkeypatch.setenv("MASKPRUNE_CACHE", str(tmp_path / "cache"))
     assert _run(tiny_dir, calib, tmp_path / "full", "--dtype", "fp32", "--teacher-topk", "0") == 0, capsys.readouterr()
     assert _run(tiny_dir, calib, tmp_path / "topk", "--dtype", "fp32", "--teacher-topk", str(tiny.VOCAB)) == 0
+    whole = json.loads((tmp_path / "topk" / "maskprune_report.json").read_text())["recovery"]["teacher_topk_windows"]
+    assert whole["training"]["mass"] == pytest.approx(1.0, abs=1e-12)  # the whole vocabulary: no tail
     full = [json.loads(x) for x in (tmp_path / "full" / "recovery_metrics.jsonl").read_text().splitlines()]
     topk = [json.loads(x) for x in (tmp_path / "topk" / "recovery_metrics.jsonl").read_text().splitlines()]
     for a, b in zip(full, topk):  # the cache keeps log-probabilities in fp16: the same loss within its rounding

@@ -212,8 +212,9 @@ def _distill_section(ctx: RunContext, outcome: Outcome) -> dict:
         # 0: the full vocabulary; k: the cached top-k and the tail (val_kl too)
         "teacher_topk": ctx.teacher_topk.k if ctx.teacher_topk is not None else 0,
         "teacher_topk_cache": str(ctx.teacher_topk.path) if ctx.teacher_topk is not None else None,
-        "teacher_topk_windows": {  # windows read from the cache and computed by this run (teacher forwards)
-            name: {"read": top.read, "computed": top.computed}
+        "teacher_topk_windows": {  # windows read from the cache and computed by this run (teacher forwards), and the
+            # mean share of the teacher's probability the top-k held on them
+            name: {"read": top.read, "computed": top.computed, "mass": top.mass}
             for name, top in (("training", ctx.teacher_topk), ("held_out", ctx.val_teacher_topk))
             if top is not None
         },
