@@ -106,7 +106,7 @@ class Learner:
         """A separate dense teacher (``maskprune distill``); None: the model itself with masks and LoRA off."""
         self.teacher_topk, self.val_teacher_topk = teacher_topk, val_teacher_topk
         """With ``--teacher-topk``: the teacher's top-k on ``windows`` and ``val_windows``
-        (:class:`maskprune.teacher_cache.TeacherTopK`), used in place of any teacher forward."""
+        (:class:`maskprune.teacher_cache.WindowTopK`), used in place of any teacher forward."""
         if teacher_topk is not None and len(teacher_topk) != windows.shape[0]:
             raise ValueError(f"the teacher's top-k covers {len(teacher_topk)} windows, training has {windows.shape[0]}")
         self.val_every = cfg.resolved_val_every()

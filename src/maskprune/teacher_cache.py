@@ -17,7 +17,6 @@ exactly as the run that wrote it.
 
 from __future__ import annotations
 
-import dataclasses
 import hashlib
 import json
 import logging
@@ -31,7 +30,7 @@ import torch
 from .cache import cache_dir, source_fingerprint
 from .losses import teacher_topk
 
-__all__ = ["TeacherTopK", "TopKStore", "WindowTopK", "compute_teacher_topk", "teacher_key"]
+__all__ = ["TopKStore", "WindowTopK", "teacher_key"]
 
 log = logging.getLogger(__name__)
 
@@ -39,57 +38,11 @@ Rows = tuple[torch.Tensor, torch.Tensor, torch.Tensor]  # (logprob fp16 [.., T, 
 Passes = Callable[[torch.Tensor], Iterator[tuple[int, torch.Tensor]]]  # windows -> (batch index, logits [b, T, V])
 
 
-@dataclasses.dataclass(frozen=True)
-class TeacherTopK:
-    """The teacher's top-``k`` on ``N`` windows of ``T`` tokens, in memory: ``logprob [N, T, k]``, ``index [N, T,
-    k]``, ``tail [N, T]`` (log of the probability of every other token; -inf where ``k`` is the vocabulary)."""
-
-    logprob: torch.Tensor
-    index: torch.Tensor
-    tail: torch.Tensor
-    path: Path | None = None
-
-    @property
-    def k(self) -> int:
-        return int(self.index.shape[-1])
-
-    def __len__(self) -> int:
-        return int(self.index.shape[0])
-
-    def rows(self, windows: torch.Tensor, device: torch.device) -> Rows:
-        """The teacher of the windows with indices ``windows`` (a 1-d index tensor), on ``device``."""
-        return (
-            self.logprob[windows].to(device),
-            self.index[windows].to(device),
-            self.tail[windows].to(device),
-        )
-
-    @property
-    def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in (self.logprob, self.index, self.tail))
-
-
 def _rounded(logits: torch.Tensor, k: int) -> Rows:
     """The stored form of the top-``k`` of ``logits [b, T, V]``: fp16 log-probabilities, int32 ids, fp32 tail, on
     the host (what the cache holds, and so what every run trains on)."""
     lp, idx, rest = teacher_topk(logits, k)
     return lp.cpu().half(), idx.cpu().int(), rest.cpu().float()
-
-
-@torch.no_grad()
-def compute_teacher_topk(
-    logits_of: Callable[[], Iterable[tuple[int, torch.Tensor]]], windows: torch.Tensor, k: int, batch_size: int
-) -> TeacherTopK:
-    """The top-``k`` of the logits ``logits_of()`` yields, ``(batch index, logits [b, T, V])`` for consecutive
-    batches of ``batch_size`` windows (:meth:`maskprune.passes.Execution.logits`)."""
-    n, t = windows.shape
-    logprob = torch.empty(n, t, k, dtype=torch.float16)
-    index = torch.empty(n, t, k, dtype=torch.int32)
-    tail = torch.empty(n, t, dtype=torch.float32)
-    for j, logits in logits_of():
-        rows = slice(j * batch_size, j * batch_size + logits.shape[0])
-        logprob[rows], index[rows], tail[rows] = _rounded(logits, k)
-    return TeacherTopK(logprob, index, tail)
 
 
 def teacher_key(teacher: str, gguf_file: str | None, k: int, dtype: str) -> str:
