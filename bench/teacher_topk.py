@@ -27,8 +27,12 @@ from pathlib import Path
 
 
 def _table(model: str, a: argparse.Namespace, work: Path, name: str) -> dict:
-    """ppl@2048 on the first ``--ppl-tokens`` tokens and the tasks' accuracies of ``model`` (``maskprune eval``)."""
-    out = work / f"{name}-eval.json"
+    """ppl@2048 on the first ``--ppl-tokens`` tokens and the tasks' accuracies of ``model`` (``maskprune eval``); a
+    persistent ``--work`` keeps each protocol's evaluation under its own name and does not run it again."""
+    tag = f"ppl{a.ppl_tokens or 'all'}-{a.tasks.replace(',', '+') or 'none'}-n{a.limit or 'all'}"
+    out = work / f"{name}-eval-{tag}.json"
+    if out.is_file():
+        return _row(out, None)
     argv = [sys.executable, "-m", "maskprune", "-q", "eval", model, "--seq-len", "2048", "--tasks", a.tasks]
     argv += ["--data-dir", a.data_dir, "--out", str(out)]
     argv += ["--ppl-tokens", str(a.ppl_tokens)] if a.ppl_tokens else []
@@ -37,9 +41,14 @@ def _table(model: str, a: argparse.Namespace, work: Path, name: str) -> dict:
     proc = subprocess.run(argv, capture_output=True, text=True)
     if proc.returncode != 0:
         raise SystemExit(f"eval failed ({proc.returncode}): {' '.join(argv)}\n{proc.stderr[-3000:]}")
+    return _row(out, time.perf_counter() - start)
+
+
+def _row(out: Path, seconds: float | None) -> dict:
+    """The table's row of one evaluation (``seconds`` None: read from an earlier run)."""
     (m,) = json.loads(out.read_text())["models"].values()
     ppl = m["perplexity"]["2048"]
-    row = {"ppl_2048": ppl["ppl"], "ppl_windows": ppl["windows"], "eval_seconds": time.perf_counter() - start}
+    row = {"ppl_2048": ppl["ppl"], "ppl_windows": ppl["windows"], "eval_seconds": seconds}
     for task, r in (m.get("zeroshot") or {}).get("tasks", {}).items():
         row[f"{task}_acc"], row[f"{task}_n"] = r["acc"], r["n"]
     accs = [v for key, v in row.items() if key.endswith("_acc")]
