@@ -20,6 +20,13 @@ def pytest_xdist_auto_num_workers(config):
 
 
 @pytest.fixture(autouse=True)
+def _teacher_cache(tmp_path, monkeypatch):
+    """Each test's teacher top-k windows (every distilling run writes them by default) in its own temporary folder:
+    not the user's ``~/.cache/maskprune``, and no test reads windows another wrote."""
+    monkeypatch.setenv("MASKPRUNE_TEACHER_CACHE", str(tmp_path / "teacher-topk"))
+
+
+@pytest.fixture(autouse=True)
 def _one_thread():
     # Tiny models on 2 cores are fast and steady with one thread, erratic with two.
     torch.set_num_threads(1)

@@ -30,7 +30,7 @@ import torch
 from .cache import cache_dir, source_fingerprint
 from .losses import teacher_topk
 
-__all__ = ["TopKStore", "WindowTopK", "teacher_key"]
+__all__ = ["TopKStore", "WindowTopK", "teacher_cache_root", "teacher_key"]
 
 log = logging.getLogger(__name__)
 
@@ -43,6 +43,14 @@ def _rounded(logits: torch.Tensor, k: int) -> Rows:
     the host (what the cache holds, and so what every run trains on)."""
     lp, idx, rest = teacher_topk(logits, k)
     return lp.cpu().half(), idx.cpu().int(), rest.cpu().float()
+
+
+def teacher_cache_root() -> Path:
+    """Where the teacher's windows are kept: ``$MASKPRUNE_TEACHER_CACHE``, else ``<cache>/teacher-topk``
+    (:func:`maskprune.cache.cache_dir`). A large model's cache can take gigabytes (``k`` x 6 bytes a token): point it
+    at a large disk."""
+    root = os.environ.get("MASKPRUNE_TEACHER_CACHE")
+    return Path(root) if root else cache_dir() / "teacher-topk"
 
 
 def teacher_key(teacher: str, gguf_file: str | None, k: int, dtype: str) -> str:
@@ -58,7 +66,7 @@ class TopKStore:
     """The per-window files of one teacher, ``k`` and dtype (``key`` from :func:`teacher_key`)."""
 
     def __init__(self, key: str) -> None:
-        self.folder = cache_dir() / "teacher-topk" / key
+        self.folder = teacher_cache_root() / key
 
     @staticmethod
     def name(window: torch.Tensor) -> str:

@@ -24,7 +24,7 @@ def _sweep_argv(dense, calib, out, *extra) -> list[str]:
 def test_a_sweep_writes_every_size_shares_the_dense_work_and_picks(tiny_dir, calib, tmp_path, capsys, monkeypatch):
     from transformers import AutoModelForCausalLM
 
-    monkeypatch.setenv("MASKPRUNE_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setenv("MASKPRUNE_TEACHER_CACHE", str(tmp_path / "cache" / "teacher-topk"))
     data = write_all_formats(tmp_path / "data")
     out = tmp_path / "sweep"
     argv = _sweep_argv(tiny_dir, calib, out, "--max-ppl-ratio", "1000")

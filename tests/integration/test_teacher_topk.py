@@ -33,7 +33,7 @@ def test_the_default_recipe_distils_from_the_cached_top_k_and_reuses_it(
     import maskprune.stages.teacher as teacher_stage
     from maskprune.learner import window_batch
 
-    monkeypatch.setenv("MASKPRUNE_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setenv("MASKPRUNE_TEACHER_CACHE", str(tmp_path / "cache" / "teacher-topk"))
     caplog.set_level(logging.INFO, logger="maskprune")
     argv = ("--teacher-topk", "16", "--val-every", "3", "--batch-size", "2")
     assert _run(tiny_dir, calib, tmp_path / "a", *argv) == 0, capsys.readouterr()
@@ -58,7 +58,7 @@ def test_the_default_recipe_distils_from_the_cached_top_k_and_reuses_it(
         "held_out": {"read": val, "computed": 0},
     }
     monkeypatch.undo()
-    monkeypatch.setenv("MASKPRUNE_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setenv("MASKPRUNE_TEACHER_CACHE", str(tmp_path / "cache" / "teacher-topk"))
     assert _run(tiny_dir, calib, tmp_path / "c", *argv, "--seed", "1") == 0, capsys.readouterr()
     again = {i for t in range(3) for i in window_batch(16, 2, 1, t).tolist()}
     assert _windows(tmp_path / "c")["training"] == {"read": len(again & drawn), "computed": len(again - drawn)}
@@ -66,7 +66,7 @@ def test_the_default_recipe_distils_from_the_cached_top_k_and_reuses_it(
 
 
 def test_top_k_with_the_whole_vocabulary_trains_as_the_full_kl(tiny_dir, calib, tmp_path, monkeypatch, capsys):
-    monkeypatch.setenv("MASKPRUNE_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setenv("MASKPRUNE_TEACHER_CACHE", str(tmp_path / "cache" / "teacher-topk"))
     assert _run(tiny_dir, calib, tmp_path / "full", "--dtype", "fp32", "--teacher-topk", "0") == 0, capsys.readouterr()
     assert _run(tiny_dir, calib, tmp_path / "topk", "--dtype", "fp32", "--teacher-topk", str(tiny.VOCAB)) == 0
     whole = json.loads((tmp_path / "topk" / "maskprune_report.json").read_text())["recovery"]["teacher_topk_windows"]
@@ -103,7 +103,7 @@ def test_streamed_the_windows_the_steps_draw_are_computed_before_them(
     caplog.set_level(logging.INFO, logger="maskprune")
     for mode in ("on", "off"):
         caplog.clear()
-        monkeypatch.setenv("MASKPRUNE_CACHE", str(tmp_path / f"cache-{mode}"))
+        monkeypatch.setenv("MASKPRUNE_TEACHER_CACHE", str(tmp_path / f"cache-{mode}" / "teacher-topk"))
         argv = ("--teacher-topk", "16", "--batch-size", "2", "--dtype", "fp32", "--streaming", mode)
         assert _run(tiny_dir, calib, tmp_path / mode, *argv) == 0, capsys.readouterr()
         assert _windows(tmp_path / mode)["training"] == {"read": 0, "computed": 6}
