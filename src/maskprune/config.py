@@ -597,10 +597,11 @@ class TrainingConfig(_Group):
         """Distil from the teacher's ``K`` most likely tokens and the mass of the rest (``0``: the full vocabulary).
     null: ``DEFAULT_TEACHER_TOPK`` (at most the vocabulary) where the run distils the teacher's logits alone
     (``alpha`` 0: the default recipe's steps after its cut, prune's ``recover_steps``, ``maskprune distill``), 0
-    elsewhere (the measurement behind the default: docs/results.md). The teacher's top-``K`` log-probabilities are cached on disk window by window (keyed by the
-    teacher, ``K``, the dtype and each window's tokens): a run computes the windows it draws, and later runs that
-    draw them (a sweep's other sizes, resumes, other seeds where they overlap) read them, without loading the
-    teacher where every window is cached (``teacher_cache``); the loss is the exact KL over the ``K`` tokens and
+    elsewhere (the measurement behind the default: docs/results.md). The teacher's top-``K`` log-probabilities
+    are cached on disk window by window (keyed by the teacher, ``K``, the dtype and each window's tokens; under
+    ``$MASKPRUNE_TEACHER_CACHE`` where set): a run computes the windows it draws, and later runs that draw them (a
+    sweep's other sizes, resumes, other seeds where they overlap) read them, without loading the teacher where
+    every window is cached (``teacher_cache``); the loss is the exact KL over the ``K`` tokens and
     the tail (``losses.topk_kl``), and so is the validation's ``val_kl``.""",
     )
 
