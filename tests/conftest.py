@@ -20,10 +20,11 @@ def pytest_xdist_auto_num_workers(config):
 
 
 @pytest.fixture(autouse=True)
-def _teacher_cache(tmp_path, monkeypatch):
-    """Each test's teacher top-k windows (every distilling run writes them by default) in its own temporary folder:
-    not the user's ``~/.cache/maskprune``, and no test reads windows another wrote."""
-    monkeypatch.setenv("MASKPRUNE_TEACHER_CACHE", str(tmp_path / "teacher-topk"))
+def _teacher_cache(tmp_path_factory, monkeypatch):
+    """Each test's teacher top-k windows (every distilling run writes them by default) in a temporary folder of its
+    own, beside ``tmp_path`` (whose contents tests check): not the user's ``~/.cache/maskprune``, and no test reads
+    windows another wrote."""
+    monkeypatch.setenv("MASKPRUNE_TEACHER_CACHE", str(tmp_path_factory.mktemp("teacher-topk")))
 
 
 @pytest.fixture(autouse=True)

@@ -73,6 +73,9 @@ class TopKStore:
         """The file name of a window ``[T]``: a hash of its token ids."""
         return hashlib.sha256(window.to(torch.int64).contiguous().numpy().tobytes()).hexdigest()[:24]
 
+    def has(self, window: torch.Tensor) -> bool:
+        return (self.folder / f"{self.name(window)}.safetensors").is_file()
+
     def read(self, window: torch.Tensor) -> Rows | None:
         from safetensors.torch import load_file
 
@@ -100,9 +103,11 @@ class TopKStore:
 
 class WindowTopK:
     """The teacher's top-``k`` on the run's ``windows [N, T]``, window by window: read from ``store`` where it holds
-    them, else computed by ``logits(batch [b, T]) -> [b, T, V]`` (which may load the teacher on first use), kept in
-    the store and in memory. :meth:`rows` is what the learner asks; :meth:`fill` computes in one pass the windows
-    of a list that are missing (before training, where the teacher must not stay in memory)."""
+    them, else computed by ``logits(batch [b, T]) -> [b, T, V]`` (which may load the teacher on first use) and
+    kept in the store. Nothing is held in memory between steps: a step reads its batch's windows (a few MB), so a
+    run's memory does not grow with the windows it draws. :meth:`rows` is what the learner asks; :meth:`fill`
+    computes in one pass the windows of a list that are missing (before training, where the teacher must not stay
+    in memory)."""
 
     def __init__(
         self,
@@ -113,10 +118,10 @@ class WindowTopK:
         batch_size: int,
     ) -> None:
         self.windows, self.k, self.store, self._logits, self.batch_size = windows, k, store, logits, batch_size
-        self._held: dict[int, Rows] = {}
-        self.read = 0  # windows read from the store during this run
+        self._seen: set[int] = set()  # windows this run has used (read or computed), for the counts and the mass
+        self.read = 0  # windows this run read from the store (first use)
         self.computed = 0  # windows computed (teacher forwards) during this run
-        self._mass: list[float] = []  # per window held: the mean share of the teacher's probability in its top-k
+        self._mass: list[float] = []  # per window used: the mean share of the teacher's probability in its top-k
 
     @property
     def path(self) -> Path:
@@ -125,22 +130,15 @@ class WindowTopK:
     def __len__(self) -> int:
         return int(self.windows.shape[0])
 
-    def _missing(self, indices: Iterable[int]) -> list[int]:
-        out = []
-        for i in dict.fromkeys(int(j) for j in indices):
-            if i in self._held:
-                continue
-            got = self.store.read(self.windows[i])
-            if got is None:
-                out.append(i)
-            else:
-                self._hold(i, got)
-                self.read += 1
-        return out
-
-    def _hold(self, i: int, rows: Rows) -> None:
-        self._held[i] = rows
+    def _first_use(self, i: int, rows: Rows, computed: bool) -> None:
+        if i in self._seen:
+            return
+        self._seen.add(i)
         self._mass.append(float((-rows[2].double().exp()).add(1.0).mean()))
+        if computed:
+            self.computed += 1
+        else:
+            self.read += 1
 
     @property
     def mass(self) -> float | None:
@@ -148,35 +146,50 @@ class WindowTopK:
         of it; what the rest, the tail, holds is matched only as a whole)."""
         return sum(self._mass) / len(self._mass) if self._mass else None
 
-    def _keep(self, indices: list[int], logits: torch.Tensor) -> None:
+    def _compute(self, indices: list[int], logits: torch.Tensor) -> dict[int, Rows]:
         lp, idx, tail = _rounded(logits, self.k)
+        out = {}
         for j, i in enumerate(indices):
             rows = (lp[j].clone(), idx[j].clone(), tail[j].clone())
             self.store.write(self.windows[i], rows)
-            self._hold(i, rows)
-        self.computed += len(indices)
+            self._first_use(i, rows, computed=True)
+            out[i] = rows
+        return out
+
+    def _stored(self, indices: Iterable[int]) -> tuple[dict[int, Rows], list[int]]:
+        """``({index: rows} read from the store, [indices it lacks])``, each index once."""
+        got, missing = {}, []
+        for i in dict.fromkeys(int(j) for j in indices):
+            rows = self.store.read(self.windows[i])
+            if rows is None:
+                missing.append(i)
+            else:
+                self._first_use(i, rows, computed=False)
+                got[i] = rows
+        return got, missing
 
     @torch.no_grad()
     def rows(self, indices: torch.Tensor, device: torch.device) -> Rows:
         """The teacher of the windows with indices ``indices`` (1-d), on ``device``; missing windows computed now."""
-        missing = self._missing(indices.tolist())
+        got, missing = self._stored(indices.tolist())
         for s in range(0, len(missing), self.batch_size):
             part = missing[s : s + self.batch_size]
-            self._keep(part, self._logits(self.windows[part]))
-        got = [self._held[int(i)] for i in indices.tolist()]
-        return tuple(torch.stack([g[n] for g in got]).to(device) for n in range(3))  # type: ignore[return-value]
+            got.update(self._compute(part, self._logits(self.windows[part])))
+        batch = [got[int(i)] for i in indices.tolist()]
+        return tuple(torch.stack([g[n] for g in batch]).to(device) for n in range(3))  # type: ignore[return-value]
 
     @torch.no_grad()
     def fill(
         self, indices: Iterable[int], passes: Callable[[torch.Tensor], Iterator[tuple[int, torch.Tensor]]]
     ) -> None:
         """Compute the missing windows among ``indices`` in one pass ``passes(windows) -> (batch index, logits)``
-        over consecutive batches of ``batch_size`` (:meth:`maskprune.passes.Execution.logits`, streamed or not)."""
-        missing = self._missing(indices)
+        over consecutive batches of ``batch_size`` (:meth:`maskprune.passes.Execution.logits`, streamed or not);
+        what it computes goes to the store, not to memory."""
+        missing = [i for i in dict.fromkeys(int(j) for j in indices) if not self.store.has(self.windows[i])]
         if not missing:
             return
         for j, logits in passes(self.windows[missing]):
-            self._keep(missing[j * self.batch_size : j * self.batch_size + logits.shape[0]], logits)
+            self._compute(missing[j * self.batch_size : j * self.batch_size + logits.shape[0]], logits)
 
     def summary(self) -> str:
         mass = "" if self.mass is None else f"; the top-{self.k} hold {100 * self.mass:.1f} % of the teacher's mass"

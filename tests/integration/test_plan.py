@@ -141,4 +141,9 @@ def test_the_plan_of_a_top_k_teacher_keeps_it_where_it_computes_windows_lazily(t
     phases = {p["name"]: p for p in json.loads(capsys.readouterr().out)["phases"]}
     teacher = phases["distill"]["parts"]["teacher_weights_bf16"]
     assert (teacher > 0) == (streaming == "off")
-    assert phases["teacher_topk"]["parts"]["cache"] == (3 + 4) * 32 * (8 * 6 + 4)  # 3 steps of batch 1, 4 held out
+    assert phases["teacher_topk"]["parts"]["cache"] == 1 * 32 * (8 * 6 + 4)  # a batch's rows: the windows on disk
+    hidden = phases["teacher_topk"]["parts"]["streamed_hidden"]  # streamed, the pass holds its windows' activations
+    assert (hidden > 0) == (streaming == "on")
+    if streaming == "on":  # the windows the 3 steps of batch 1 draw and the 4 held out, not all 64
+        width = json.loads((tiny_dir / "config.json").read_text())["hidden_size"]
+        assert hidden / (2 * width) in ((3 + 4) * 32 * 2, (3 + 4) * 32 * 4)  # in and out, bf16 or fp32

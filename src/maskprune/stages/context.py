@@ -136,7 +136,7 @@ def setup(cfg: PruneConfig, progress: bool) -> RunContext:
     else:
         budget = cfg.budget_for(structure.dense_params)
         check_budget(structure, budget, shaped=cfg.searches_shape())
-    _check_context(cfg.data, cfg.evaluation, getattr(loaded.model.config, "max_position_embeddings", None))
+    check_context(cfg.data, cfg.evaluation, getattr(loaded.model.config, "max_position_embeddings", None))
     with phases("data"):
         windows, val_windows, eval_windows, bos = _data(cfg, loaded.tokenizer)
     log.info(
@@ -262,7 +262,10 @@ def _hold_out(windows: torch.Tensor, held_out: int, data: DataConfig) -> tuple[t
     return windows[:-held_out], windows[-held_out:]
 
 
-def _check_context(data: DataConfig, evaluation: EvalConfig, max_pos: int | None) -> None:
+def check_context(data: DataConfig, evaluation: EvalConfig, max_pos: int | None) -> None:
+    """Refuse a training or evaluation window longer than the model's context (``max_position_embeddings``); made
+    from the config before the plan (:func:`maskprune.stages.plan.check_request`) and again once the model is
+    loaded."""
     lengths = {"seq_len": data.seq_len}
     if evaluation.eval_data != "none":
         lengths["eval_seq_len"] = evaluation.eval_seq_len

@@ -580,10 +580,11 @@ class _Sizes:
         c = self.cfg
         return min(c.calib_samples, c.recover_steps * c.batch_size) + c.val_windows
 
-    def _cache_bytes(self) -> int:
+    def _rows_bytes(self) -> int:
+        """A batch's top-k rows in memory (fp16 log-probs, int32 ids, fp32 tail): the windows wait on disk
+        (``teacher_cache``; ``_drawn`` windows of ``seq_len x (6k + 4)`` bytes there), a step reads its batch."""
         c = self.cfg
-        k = c.resolved_teacher_topk()
-        return self._drawn() * c.seq_len * (k * 6 + 4)  # fp16 log-probs, int32 ids, fp32 tail
+        return c.batch_size * c.seq_len * (c.resolved_teacher_topk() * 6 + 4)
 
     def teacher_topk(self) -> Phase | None:
         """Streamed, every window the steps can draw in one pass before them; resident, the held-out windows only
@@ -593,7 +594,7 @@ class _Sizes:
             return None
         tokens = (self._drawn() if self.streamed else c.val_windows) * c.seq_len
         parts = {"runtime": self.base, "student_weights": int(self.weights * self.kept), "teacher_weights": self.held,
-                 "logits": self.logits(c.batch_size * c.seq_len, 3), "cache": self._cache_bytes(),
+                 "logits": self.logits(c.batch_size * c.seq_len, 3), "cache": self._rows_bytes(),
                  "streamed_hidden": self.stream(tokens)}  # fmt: skip
         return self._phase("teacher_topk", parts, self.f.forward_flops(tokens, c.seq_len))
 
@@ -616,7 +617,7 @@ class _Sizes:
         if c.resolved_teacher_topk():
             if self.streamed:
                 parts["logits_student_and_teacher_bf16"] //= 2
-            parts["teacher_topk_cache"] = self._cache_bytes()
+            parts["teacher_topk_cache"] = self._rows_bytes()
         total = c.recover_steps * tokens
         teacher_flops = 0 if c.resolved_teacher_topk() and self.streamed else f.forward_flops(total, c.seq_len)
         return self._phase("distill", parts, teacher_flops + 3 * self.kept * f.forward_flops(total, c.seq_len))
@@ -775,9 +776,9 @@ def _planned_device(name: str) -> torch.device:
 
 
 def check_request(cfg: PruneConfig, facts: ModelFacts) -> None:
-    """The checks of what the run asks that need the model's config only, made before anything is loaded: a fixed
-    hidden width or depth the model has (and its family's config accepts); where the shape is searched, a candidate
-    shape that meets the parameter budget."""
+    """The checks of what the run asks that need the model's config only, made before anything is loaded: windows
+    within the model's context; a fixed hidden width or depth the model has (and its family's config accepts);
+    where the shape is searched, a candidate shape that meets the parameter budget."""
     from ..errors import MaskPruneError
     from ..surgery import config_accepts
 
@@ -790,6 +791,9 @@ def check_request(cfg: PruneConfig, facts: ModelFacts) -> None:
                 fix=f"pick a smaller --{flag}, or drop it and let the shape search choose",
             )
 
+    from .context import check_context
+
+    check_context(cfg.data, cfg.evaluation, getattr(facts.config, "max_position_embeddings", None))
     within("keep-hidden", cfg.keep_hidden, facts.hidden, "hidden width")
     within("keep-layers", cfg.keep_layers, facts.layers, "depth")
     if cfg.keep_hidden is not None and not config_accepts(facts.config, hidden_size=cfg.keep_hidden):
