@@ -186,7 +186,7 @@ def _settings_section(report: dict, cfg: PruneConfig, recipe: str) -> str:
             + _refit_text(report.get("reconstruction"))
         )
     elif recipe == "distill":
-        how = f"Distillation: {_training_summary(report['distill'])}; {_loss_text(cfg)}"
+        how = f"Distillation: {_training_summary(report['distill'])}; {_loss_text(cfg, report['distill'])}"
     elif recipe == "prior":
         how = (
             f"`{cfg.mask_init}` scores on {min(cfg.prior_samples, cfg.calib_samples)} of {data}; "
@@ -241,8 +241,19 @@ def _lora_text(cfg: PruneConfig) -> str:
     return f"rank {cfg.lora_rank}, lr {cfg.lora_lr}" if cfg.lora else "off"
 
 
-def _loss_text(cfg: PruneConfig) -> str:
-    text = f"KL ({cfg.kl_direction}) to the teacher's logits"
+def _teacher_text(section: dict | None, whose: str = "the teacher's") -> str:
+    """What a distillation matched (its report ``section``): the teacher's logits, or its cached top-k and the
+    tail."""
+    k = (section or {}).get("teacher_topk")
+    if not k:
+        return f"{whose} logits"
+    mass = ((section.get("teacher_topk_windows") or {}).get("training") or {}).get("mass")
+    held = f", which held {100 * mass:.0f} % of its probability on the training windows" if mass else ""
+    return f"{whose} top {k} tokens and the mass of the rest{held}"
+
+
+def _loss_text(cfg: PruneConfig, section: dict | None = None) -> str:
+    text = f"KL ({cfg.kl_direction}) to {_teacher_text(section)}"
     if cfg.alpha:
         text += f" + {cfg.alpha} x layer MSE"
     return text + (f" + {cfg.ce_weight} x LM cross-entropy" if cfg.ce_weight else "")
@@ -327,9 +338,9 @@ def _recovery_text(rec: dict | None) -> str:
         if rec.get("cut_first")
         else "`--recover-steps`"
     )
+    teacher = _teacher_text(rec, "the dense model's")
     return (
         f"## Recovery after the cut\n\nThe exported model was then distilled from the dense `{rec['teacher']}` "
-        f"({via}, the code of `maskprune distill`): {_training_summary(rec)}; KL to the dense "
-        'model\'s logits. In the table below, "before recovery" is the cut model as exported, "exported" the '
-        "recovered one.\n\n"
+        f"({via}, the code of `maskprune distill`): {_training_summary(rec)}; KL to {teacher}. In the table "
+        'below, "before recovery" is the cut model as exported, "exported" the recovered one.\n\n'
     )

@@ -108,6 +108,10 @@ def planned(cfg: PruneConfig) -> PruneConfig:
         peak.name, peak.peak_bytes / 2**30, plan.max_memory / 2**30, plan.seconds / 60, plan.rate_flops / 1e9,
         "on" if plan.streamed else "off",
     )  # fmt: skip
+    if not plan.fits:  # windows longer than the model's context: that is the error to report, not their memory
+        from .stages.context import check_context
+
+        check_context(cfg.data, cfg.evaluation, getattr(facts.config, "max_position_embeddings", None))
     check_plan(plan)
     return cfg.replace(streaming="on" if plan.streamed else "off") if cfg.streaming == "auto" else cfg
 

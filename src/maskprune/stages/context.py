@@ -263,9 +263,9 @@ def _hold_out(windows: torch.Tensor, held_out: int, data: DataConfig) -> tuple[t
 
 
 def check_context(data: DataConfig, evaluation: EvalConfig, max_pos: int | None) -> None:
-    """Refuse a training or evaluation window longer than the model's context (``max_position_embeddings``); made
-    from the config before the plan (:func:`maskprune.stages.plan.check_request`) and again once the model is
-    loaded."""
+    """Refuse a training or evaluation window longer than the model's context (``max_position_embeddings``): once
+    the model is loaded, and from its config where the plan refuses the run (such windows are why it does not
+    fit)."""
     lengths = {"seq_len": data.seq_len}
     if evaluation.eval_data != "none":
         lengths["eval_seq_len"] = evaluation.eval_seq_len

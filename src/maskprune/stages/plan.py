@@ -776,9 +776,9 @@ def _planned_device(name: str) -> torch.device:
 
 
 def check_request(cfg: PruneConfig, facts: ModelFacts) -> None:
-    """The checks of what the run asks that need the model's config only, made before anything is loaded: windows
-    within the model's context; a fixed hidden width or depth the model has (and its family's config accepts);
-    where the shape is searched, a candidate shape that meets the parameter budget."""
+    """The checks of what the run asks that need the model's config only, made before anything is loaded: a fixed
+    hidden width or depth the model has (and its family's config accepts); where the shape is searched, a candidate
+    shape that meets the parameter budget."""
     from ..errors import MaskPruneError
     from ..surgery import config_accepts
 
@@ -791,9 +791,6 @@ def check_request(cfg: PruneConfig, facts: ModelFacts) -> None:
                 fix=f"pick a smaller --{flag}, or drop it and let the shape search choose",
             )
 
-    from .context import check_context
-
-    check_context(cfg.data, cfg.evaluation, getattr(facts.config, "max_position_embeddings", None))
     within("keep-hidden", cfg.keep_hidden, facts.hidden, "hidden width")
     within("keep-layers", cfg.keep_layers, facts.layers, "depth")
     if cfg.keep_hidden is not None and not config_accepts(facts.config, hidden_size=cfg.keep_hidden):
