@@ -41,7 +41,8 @@ def test_the_default_recipe_distils_from_the_cached_top_k_and_reuses_it(
     rec = r["recovery"]
     assert rec["teacher_topk"] == 16 and rec["steps"] == 3
     assert rec["validation"] and all(m["kl"] >= 0 for m in rec["validation"])  # the top-k KL on held-out windows
-    assert "KL to the dense model's top 16 tokens and the mass of the rest" in (tmp_path / "a" / "README.md").read_text()
+    card = (tmp_path / "a" / "README.md").read_text()
+    assert "KL to the dense model's top 16 tokens and the mass of the rest" in card
     drawn = {i for t in range(3) for i in window_batch(16, 2, 0, t).tolist()}  # 16 windows, batch 2, seed 0
     assert len(drawn) == 6  # 3 steps of 2 windows of one epoch: 6 of the 16, not all
     (folder,) = [p for p in (tmp_path / "cache" / "teacher-topk").iterdir() if p.is_dir()]
