@@ -813,6 +813,16 @@ class EvalConfig(_Group):
         None,
         """Examples per zero-shot task (null: all).""",
     )
+    eval_between: bool | None = _opt(
+        None,
+        """Also evaluate the models between stages: just after the cut (before the re-fit) and the cut's export before
+        the distillation (the report's ``after_cut`` and ``before_recovery``). Null: on for ``prune``, off for each
+        size of ``maskprune sweep`` (its table measures every size). A time budget (``--minutes``) still evaluates the
+        cut's export: its seconds are what the budget keeps for the final evaluation.""",
+    )
+
+    def resolved_eval_between(self) -> bool:
+        return True if self.eval_between is None else self.eval_between
 
     def problems(self) -> list[str]:
         problems = _at_least_one(self, ("eval_seq_len",))
@@ -949,6 +959,9 @@ class PruneConfig:
 
     def resolved_layerwise_calibration(self) -> bool:
         return self.cut.resolved_layerwise_calibration()
+
+    def resolved_eval_between(self) -> bool:
+        return self.evaluation.resolved_eval_between()
 
     def selection_fixed_at_start(self) -> bool:
         """Whether the default recipe's selection is the one-shot prior's, fixed at step 0 (nothing learns it)."""

@@ -60,7 +60,7 @@ def write_model_card(folder: Path, run: RunReport, command: list[str] | None = N
         _header(report, cfg, recipe, license_)
         + _shape_section(report, recipe)
         + _settings_section(report, cfg, recipe)
-        + _recovery_text(report.get("recovery"))
+        + _recovery_text(report.get("recovery"), bool((report.get("perplexity") or {}).get("before_recovery")))
         + _evaluation_section(report.get("perplexity") or {}, recipe)
         + f"## Reproduce\n\n```bash\n{cmd}\n```\n\n## License\n\n"
         + (f"`{license_}`, the base model's" if license_ else "The base model's license")
@@ -329,8 +329,9 @@ def _training_summary(d: dict) -> str:
     return text
 
 
-def _recovery_text(rec: dict | None) -> str:
-    """The model card's section on prune's recovery after the cut (``--recover-steps``), or nothing."""
+def _recovery_text(rec: dict | None, before_measured: bool = True) -> str:
+    """The model card's section on prune's recovery after the cut (``--recover-steps``), or nothing;
+    ``before_measured``: the cut model was evaluated before the recovery (``eval_between``)."""
     if not rec:
         return ""
     via = (
@@ -341,6 +342,11 @@ def _recovery_text(rec: dict | None) -> str:
     teacher = _teacher_text(rec, "the dense model's")
     return (
         f"## Recovery after the cut\n\nThe exported model was then distilled from the dense `{rec['teacher']}` "
-        f"({via}, the code of `maskprune distill`): {_training_summary(rec)}; KL to {teacher}. In the table "
-        'below, "before recovery" is the cut model as exported, "exported" the recovered one.\n\n'
+        f"({via}, the code of `maskprune distill`): {_training_summary(rec)}; KL to {teacher}. "
+        + (
+            'In the table below, "before recovery" is the cut model as exported, "exported" the recovered one.'
+            if before_measured
+            else "The cut model was not evaluated before the recovery (`--no-eval-between`, a sweep's default)."
+        )
+        + "\n\n"
     )

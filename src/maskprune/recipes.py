@@ -180,8 +180,8 @@ def prune_then_recover(
             "of its recovery (the one-shot cut itself is not checkpointed)",
             fix="run the same command without --resume to start over",
         )
-    if cut is None:
-        cut = _cut_stage(cut_cfg, cut_dir, progress)
+    if cut is None:  # its export is evaluated where the budget needs that measure, or eval_between asks it
+        cut = _cut_stage(cut_cfg, cut_dir, progress, intermediate=clock is None)
     if cfg.resume and not list_checkpoints(checkpoint_dir(out)):  # the cut finished, the recovery had no checkpoint
         rec_cfg = rec_cfg.replace(resume=False)
     rec = setup(rec_cfg, progress)
@@ -253,11 +253,12 @@ def _recovery_configs(cfg: PruneConfig, out: Path, cut_dir: Path) -> tuple[Prune
     return cut_cfg, rec_cfg
 
 
-def _cut_stage(cut_cfg: PruneConfig, cut_dir: Path, progress: bool) -> RunReport:
-    """The prune of prune + recovery, published as ``<out>.cut`` (the recovery's student) with its record."""
+def _cut_stage(cut_cfg: PruneConfig, cut_dir: Path, progress: bool, *, intermediate: bool) -> RunReport:
+    """The prune of prune + recovery, published as ``<out>.cut`` (the recovery's student) with its record;
+    ``intermediate``: its export evaluated only where ``eval_between`` asks (:func:`run_stage`)."""
     ctx = setup(cut_cfg, progress)
     with staging(cut_dir, overwrite=True) as folder:
-        cut = run_stage(ctx, folder)
+        cut = run_stage(ctx, folder, intermediate=intermediate)
         (folder / _STAGE_RECORD).write_text(json.dumps(cut.to_dict(), indent=1))
     shutil.rmtree(checkpoint_dir(cut_dir), ignore_errors=True)
     return cut

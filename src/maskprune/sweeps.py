@@ -5,9 +5,10 @@ Every size is a ``prune`` run of the same recipe and options into ``<out>/<label
 report and card). What does not depend on the size is done once and shared through ``<out>/.shared``
 (:mod:`maskprune.shared`): the dense model's evaluations, the shape search's reference logits, layer-skip KLs,
 metric statistics and channel energies; the teacher's cached top-k where the distillation uses one
-(``--teacher-topk``, :mod:`maskprune.teacher_cache`). Every size and the dense model are then measured on one
-table protocol (WikiText-2 perplexity at ``seq_len``, zero-shot ``tasks``), kept in the same store, so a resumed
-sweep measures nothing twice. A target (:class:`Target`) picks the smallest size that meets it.
+(``--teacher-topk``, :mod:`maskprune.teacher_cache`). A size's own run evaluates its final model only, not the
+models between its stages (``eval_between``, on with ``--eval-between``). Every size and the dense model are then
+measured on one table protocol (WikiText-2 perplexity at ``seq_len``, zero-shot ``tasks``), kept in the same store,
+so a resumed sweep measures nothing twice. A target (:class:`Target`) picks the smallest size that meets it.
 
 Written: ``sweep.json`` (the table, the target, the choice, the minutes), ``sweep.md``, ``sweep.png`` and
 ``index.html`` (:mod:`maskprune.sweepreport`). Resumable: a finished size is kept, a size cut off mid-run continues
@@ -241,8 +242,9 @@ def run_sweep(
             again = resumable(folder)
             log.info("sweep: %s %s", size.label, "resumed" if again else "...")
             size_cfg = size.config(cfg).replace(
-                out=str(folder), shared_cache=str(shared), resume=again, overwrite=False
-            )
+                out=str(folder), shared_cache=str(shared), resume=again, overwrite=False,
+                eval_between=False if cfg.eval_between is None else cfg.eval_between,  # the table measures each size
+            )  # fmt: skip
             report = run(size_cfg, progress=progress)
             run_seconds = time.perf_counter() - t0
         row = {**_evaluate(cfg, str(folder), None, table, shared, size.label, progress), "label": size.label}

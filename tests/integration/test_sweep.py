@@ -42,6 +42,10 @@ def test_a_sweep_writes_every_size_shares_the_dense_work_and_picks(tiny_dir, cal
         assert sum(p.numel() for p in model.parameters()) == report["params"]["exported"] == row["params"]
         assert report["roundtrip"]["max_abs_diff"] <= report["roundtrip"]["tolerance"]
         assert row["ppl_32"] > 1.0 and 0.0 <= row["piqa_acc"] <= 1.0 and row["minutes"] > 0
+        # a size's run evaluates its final model only: the table measures it (no eval_between by default)
+        ppl = report["perplexity"]
+        assert ppl["exported"] and ppl["after_cut"] is None and ppl["before_recovery"] is None
+        assert not {"eval_after_cut", "eval_exported"} & set(report["seconds"]["prune"])
     first = json.loads((out / "sparsity-0.20" / "maskprune_report.json").read_text())["shared"]
     second = json.loads((out / "sparsity-0.40" / "maskprune_report.json").read_text())["shared"]
     assert "reference_logits" in first["computed"] and "dense_perplexity" in first["computed"]
@@ -137,6 +141,26 @@ def test_a_run_that_reads_the_shared_work_reports_what_computing_it_gives(calib,
     a = torch.load(tmp_path / "plain" / "masks.pt", weights_only=True)
     b = torch.load(tmp_path / "second" / "masks.pt", weights_only=True)
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_without_eval_between_a_run_skips_only_the_evaluations_between_its_stages(tiny_dir, calib, tmp_path, capsys):
+    def run(name: str, *extra: str) -> dict:
+        out = tmp_path / name
+        argv = ["-q", "prune", str(tiny_dir), "--sparsity", "0.3", "--steps", "2", "--no-report", "--out", str(out)]
+        assert main([*argv, *tiny.small_run(calib), *extra]) == 0, capsys.readouterr().err
+        return json.loads((out / "maskprune_report.json").read_text())
+
+    plain, lean = run("plain"), run("lean", "--no-eval-between")
+    assert plain["perplexity"]["after_cut"] and plain["perplexity"]["before_recovery"]
+    assert lean["perplexity"]["after_cut"] is None and lean["perplexity"]["before_recovery"] is None
+    for key in ("dense", "exported"):  # what is measured is measured the same way
+        assert lean["perplexity"][key]["ppl"] == pytest.approx(plain["perplexity"][key]["ppl"], rel=1e-5)
+    assert {"eval_after_cut", "eval_exported"} <= set(plain["seconds"]["prune"])
+    assert not {"eval_after_cut", "eval_exported"} & set(lean["seconds"]["prune"])
+    assert "eval_exported" in lean["seconds"]["recovery"]
+    card = (tmp_path / "lean" / "README.md").read_text()  # the card shows what ran
+    assert "before recovery |" not in card and "not evaluated before the recovery" in card
+    assert "before recovery |" in (tmp_path / "plain" / "README.md").read_text()
 
 
 def test_a_size_the_model_cannot_take_is_refused_before_any_size_runs(tiny_dir, calib, tmp_path, capsys):

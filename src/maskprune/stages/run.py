@@ -33,12 +33,16 @@ __all__ = ["run_stage", "choose_units"]
 log = logging.getLogger(__name__)
 
 
-def run_stage(ctx: RunContext, folder: Path | None, student_eval: tuple | None = None) -> RunReport | dict:
+def run_stage(
+    ctx: RunContext, folder: Path | None, student_eval: tuple | None = None, *, intermediate: bool = False
+) -> RunReport | dict:
     """Evaluate the dense model (or take ``student_eval``, the (perplexity, zero-shot) of a distill student
     measured already), choose the units, cut, export into ``folder`` with ``masks.pt`` and ``metrics.jsonl``,
-    evaluate the export; the report. Secondary processes of a distributed run stop after learning and return
-    ``{"rank", "final_state"}``."""
+    evaluate the export; the report. ``intermediate``: the export is the next stage's input (prune + recovery's
+    cut), evaluated only where ``eval_between`` says so. Secondary processes of a distributed run stop after
+    learning and return ``{"rank", "final_state"}``."""
     cfg = ctx.cfg
+    evaluate_export = not intermediate or cfg.resolved_eval_between()
     report = RunReport(
         __version__,
         cfg,
@@ -81,9 +85,11 @@ def run_stage(ctx: RunContext, folder: Path | None, student_eval: tuple | None =
         "dense": ppl_dense,
         "before_cut": ppl_before_cut,
         "after_cut": ppl_after_cut,
-        "exported": ctx.ppl(exported.model, "exported"),
+        "exported": ctx.ppl(exported.model, "exported") if evaluate_export else None,
     }
-    report.zeroshot = {"dense": zs_dense, "exported": ctx.zeroshot(exported.model, "exported")} if ctx.tasks else None
+    if ctx.tasks:
+        report.zeroshot = {"dense": zs_dense, "exported": ctx.zeroshot(exported.model, "exported") if evaluate_export
+                           else None}  # fmt: skip
     report.parity = exported.parity.to_dict()
     report.roundtrip = {**exported.roundtrip.to_dict(), "dtype": str(exported.dtype).replace("torch.", "")}
     report.seconds = {**ctx.phases.seconds, "total": round(time.perf_counter() - ctx.started, 3)}
@@ -187,7 +193,12 @@ def _cut(ctx: RunContext, outcome: Outcome, ppl_dense: dict | None) -> tuple[dic
     """Harden the masks to the kept units; the perplexity just before and just after. Evaluations that would
     repeat one already made are not run again: a one-shot baseline's model before the cut is the dense model
     (masks at 1), a frozen selection is already the cut (hard masks), and a distillation cuts nothing (its model is
-    the one exported, evaluated then): none."""
+    the one exported, evaluated then): none. Without ``eval_between`` only what is known already is reported."""
+    if not ctx.cfg.resolved_eval_between():
+        with ctx.phases("cut"):
+            harden_(outcome.masks, outcome.kept)
+        before = ppl_dense if outcome.state is None and not ctx.cfg.has_teacher else None
+        return before, None
     if ctx.cfg.has_teacher:
         with ctx.phases("cut"):
             harden_(outcome.masks, outcome.kept)
