@@ -5,7 +5,7 @@
 2. ``maskprune sweep MODEL --sparsity LIST --steps N`` with the same options and protocol,
 
 each timed by the wall clock, after one untimed load of the model (a GGUF's conversion is cached on disk by the first
-run of all: neither arm pays it). Writes ``{"sizes": [{"sparsity", "params", "ppl_2048", "piqa_acc", "arc_easy_acc",
+run of all: neither arm pays it), each arm with its own, empty teacher top-k cache. Writes ``{"sizes": [{"sparsity", "params", "ppl_2048", "piqa_acc", "arc_easy_acc",
 "minutes"}], "one_run_minutes", "sweep_minutes", "cost_ratio_vs_one_run", ...}`` with the command, date and machine,
 and the ratios both ways: against the prune with its evaluation (what one point costs), and against the prune alone
 with the sweep's table evaluations taken out (what the sharing saves in the runs themselves).
@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
+import os
 import platform
 import shutil
 import subprocess
@@ -27,10 +28,13 @@ import time
 from pathlib import Path
 
 
-def _timed(cmd: list[str], log: Path) -> float:
+def _timed(cmd: list[str], log: Path, teacher_cache: Path | None = None) -> float:
+    """Seconds ``cmd`` took; ``teacher_cache``: its own teacher top-k folder (each arm computes its windows, as a
+    first run does: neither reads what the other computed)."""
+    env = {**os.environ, "MASKPRUNE_TEACHER_CACHE": str(teacher_cache)} if teacher_cache else None
     t = time.perf_counter()
     with log.open("w") as f:
-        rc = subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT).returncode
+        rc = subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT, env=env).returncode
     if rc not in (0, 1):  # sweep: 1 = no size met a target (none is given here)
         sys.exit(f"{' '.join(cmd)} failed ({rc}); see {log}")
     return time.perf_counter() - t
@@ -78,16 +82,18 @@ def main() -> None:
     sweep += ["--tasks", a.tasks, "--data-dir", a.data_dir, *limit, *options]
     warm = [*mp, "eval", model, "--ppl-tokens", "256", "--seq-len", "128", "--out", str(a.out / "warm.json")]
     _timed(warm, a.out / "warm.log")  # untimed: converts and caches a GGUF once, for both arms
-    prune_s = _timed(prune, a.out / "one-prune.log")
+    prune_s = _timed(prune, a.out / "one-prune.log", a.out / "one-teacher")
     eval_s = _timed(evaluate, a.out / "one-eval.log")
-    sweep_s = _timed(sweep, a.out / "sweep.log")
+    sweep_s = _timed(sweep, a.out / "sweep.log", a.out / "sweep-teacher")
     record = json.loads((a.out / "sweep" / "sweep.json").read_text())
     eval_min = sum(r["eval_minutes"] for r in record["sizes"]) + record["dense"]["eval_minutes"]
     one_min, sweep_min = (prune_s + eval_s) / 60, sweep_s / 60
     result = {
         "command": " ".join(sys.argv),
         "date": datetime.datetime.now().strftime("%Y-%m-%d %H:%M"),
-        "machine": {"cpu": _cpu(), "cores": __import__("os").cpu_count(), "platform": platform.platform()},
+        "commit": subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                                 cwd=Path(__file__).parent).stdout.strip(),  # fmt: skip
+        "machine": {"cpu": _cpu(), "cores": os.cpu_count(), "platform": platform.platform()},
         "commands": {"one_prune": " ".join(prune), "one_eval": " ".join(evaluate), "sweep": " ".join(sweep)},
         "sizes": [
             {
