@@ -54,6 +54,66 @@ def _cpu() -> str:
         return platform.processor()
 
 
+def _one_size(work: Path, model: str) -> dict:
+    """The one run's pruned model as its evaluation measured it (``one-eval.json``): the cells the sweep's size of
+    the same sparsity should match (the same recipe, steps, seed and windows; only the work sharing differs)."""
+    models = json.loads((work / "one-eval.json").read_text())["models"]
+    pruned = next(v for k, v in models.items() if k != model)
+    ppl = pruned["perplexity"].get("2048")
+    tasks = (pruned.get("zeroshot") or {}).get("tasks", {})
+    return {
+        "ppl_2048": ppl["ppl"] if ppl else None,
+        **{f"{t}_acc": e[e["average_uses"]] for t, e in tasks.items()},
+    }
+
+
+def markdown(result: dict) -> str:
+    """The result as the page a reader opens first: the cost, both ratios, the table, the one run's point."""
+
+    def pct(x):
+        return "-" if x is None else f"{100 * x:.1f}"
+
+    lines = [
+        f"# A 5-size sweep against one run (issue 37), {result['date']}",
+        "",
+        f"Machine: {result['machine']['cpu']}, {result['machine']['cores']} cores. Code {result.get('commit', '?')}.",
+        f"Command: `{result['command']}`",
+        "",
+        f"- one run (`prune` + `eval --compare`, the dense model and the pruned one): **{result['one_run_minutes']:.1f}"
+        f" minutes** (prune {result['one_run_prune_minutes']:.1f}, evaluation {result['one_run_eval_minutes']:.1f})",
+        f"- the sweep ({len(result['sizes'])} sizes, the table of every size and the dense model): **"
+        f"{result['sweep_minutes']:.1f} minutes** (of which the table's evaluations {result['sweep_eval_minutes']:.1f})",
+        f"- **cost ratio {result['cost_ratio_vs_one_run']:.2f}x** one run with its evaluation; "
+        f"**{result['cost_ratio_runs_only']:.2f}x** the prune alone with the table's evaluations taken out of the sweep",
+        "",
+        "| size | params | ppl@2048 | PIQA | ARC-e | minutes (run / table) | shape (L / hidden / heads / FFN) | teacher"
+        " windows read / computed |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- |",
+    ]
+    d = result["dense"]
+    lines.append(
+        f"| dense | {d['params'] / 1e6:.2f}M | {d['ppl_2048']:.2f} | {pct(d.get('piqa_acc'))} | "
+        f"{pct(d.get('arc_easy_acc'))} | - | - | - |"
+    )
+    for r in sorted(result["sizes"], key=lambda r: r["sparsity"]):
+        sh = r["shape"]
+        tw = (r.get("teacher_topk_windows") or {}).get("training") or {}
+        lines.append(
+            f"| {r['sparsity']:.2f} | {r['params'] / 1e6:.2f}M | {r['ppl_2048']:.2f} | {pct(r.get('piqa_acc'))} | "
+            f"{pct(r.get('arc_easy_acc'))} | {r['run_minutes']:.1f} / {r['eval_minutes']:.1f} | "
+            f"{sh['num_hidden_layers']} / {sh['hidden_size']} / {sh['num_attention_heads']} / "
+            f"{sh['intermediate_size']} | {tw.get('read', '-')} / {tw.get('computed', '-')} |"
+        )
+    one = result.get("one_run_size")
+    if one:
+        lines += [
+            "",
+            f"The one run's model ({result.get('one_sparsity', '?')}), on the same protocol: ppl@2048 "
+            f"{one['ppl_2048']:.2f}, PIQA {pct(one.get('piqa_acc'))}, ARC-e {pct(one.get('arc_easy_acc'))}.",
+        ]
+    return "\n".join(lines) + "\n"
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--out", type=Path, required=True, help="work folder (replaced)")
@@ -65,10 +125,19 @@ def main() -> None:
     ap.add_argument("--tasks", default="piqa,arc_easy")
     ap.add_argument("--limit", type=int, default=None)
     ap.add_argument("--ppl-tokens", type=int, default=None, help="the table's perplexity on the first N tokens")
+    ap.add_argument("--render", action="store_true", help="only write --results' markdown (and the one run's point)")
     ap.add_argument("rest", nargs=argparse.REMAINDER, help="-- MODEL [prune options]")
     a = ap.parse_args()
     rest = a.rest[1:] if a.rest[:1] == ["--"] else a.rest
     model, options = rest[0], rest[1:]
+    if a.render:
+        result = json.loads(a.results.read_text())
+        result.setdefault("one_sparsity", a.one)
+        if (a.out / "one-eval.json").is_file():
+            result["one_run_size"] = _one_size(a.out, model)
+        a.results.write_text(json.dumps(result, indent=1) + "\n")
+        a.results.with_suffix(".md").write_text(markdown(result))
+        return
     shutil.rmtree(a.out, ignore_errors=True)
     a.out.mkdir(parents=True)
     mp = [sys.executable, "-m", "maskprune", "-q"]
@@ -124,8 +193,11 @@ def main() -> None:
         "cost_ratio_vs_one_run": round(sweep_min / one_min, 3),
         "cost_ratio_runs_only": round((sweep_min - eval_min) / (prune_s / 60), 3),
     }
+    result["one_sparsity"] = a.one
+    result["one_run_size"] = _one_size(a.out, model)
     a.results.parent.mkdir(parents=True, exist_ok=True)
     a.results.write_text(json.dumps(result, indent=1) + "\n")
+    a.results.with_suffix(".md").write_text(markdown(result))
     print(json.dumps({k: v for k, v in result.items() if k not in ("sizes", "commands")}, indent=1))
 
 
