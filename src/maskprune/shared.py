@@ -37,10 +37,20 @@ class SharedWork:
     """The store of one run's dense model (``folder`` None: nothing is kept, every value is computed)."""
 
     def __init__(
-        self, folder: str | Path | None, model: str, gguf_file: str | None = None, device: str = "cpu"
+        self,
+        folder: str | Path | None,
+        model: str,
+        gguf_file: str | None = None,
+        device: str = "cpu",
+        *,
+        fingerprint: str | None = None,
     ) -> None:
+        """``fingerprint``: what identifies the model instead of :func:`source_fingerprint` (its path and files'
+        times), where something steadier does (a sweep's size: its run's report, kept when the folder moves)."""
         self.folder = Path(folder) if folder is not None else None
-        self._model = source_fingerprint(model, gguf_file) if folder is not None else ""
+        if fingerprint is None and folder is not None:
+            fingerprint = source_fingerprint(model, gguf_file)
+        self._model = fingerprint or ""
         self._device = device  # a value is read back onto the devices it was computed on: part of every key
         self.reads: list[str] = []  # names read from the store during this run (the report lists them)
         self.writes: list[str] = []

@@ -78,6 +78,7 @@ def sweep_figure(record: dict, path: Path) -> Path:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import FuncFormatter
 
     proto, dense, sizes = record["table_protocol"], record.get("dense") or {}, record["sizes"]
     ppl_key = f"ppl_{proto['seq_len']}"
@@ -109,6 +110,8 @@ def sweep_figure(record: dict, path: Path) -> Path:
         values = [v for _, v in pts] + ([dense[key]] if dense.get(key) else [])
         if key == ppl_key and values and min(values) > 0 and max(values) > 5 * min(values):
             ax.set_yscale("log")  # perplexities that span several fold: the small sizes would flatten the rest
+            ax.yaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))  # 10, 100: not 10^1, 10^2
+            ax.yaxis.set_minor_formatter(FuncFormatter(lambda v, _: f"{v:g}" if f"{v:.0e}"[0] in "25" else ""))
         ax.set_xlabel("parameters (millions)")
         ax.set_ylabel(title.split(" (")[0])
         ax.set_title(title, fontsize=10)

@@ -18,6 +18,7 @@ as ``prune --resume`` does.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import logging
 import math
@@ -313,13 +314,26 @@ def _evaluate(cfg: PruneConfig, model: str, gguf_file: str | None, table, shared
     shared store under a key of the model's files and the protocol."""
     from .shared import SharedWork
 
-    store = SharedWork(shared, model, gguf_file, cfg.device)
+    store = SharedWork(shared, model, gguf_file, cfg.device, fingerprint=_size_fingerprint(Path(model)))
     settings = {**table.settings(), "dtype": cfg.dtype}
     t0 = time.perf_counter()
     evaluation = store.get("table", settings, None, lambda: _measure(cfg, model, gguf_file, table, label, progress))
     row = table_row(label, evaluation, table.seq_len, table.tasks)
     row["eval_minutes"] = round((time.perf_counter() - t0) / 60, 3)
     return row
+
+
+def _size_fingerprint(folder: Path) -> str | None:
+    """What identifies a size's checkpoint for its table entry: the run's report (written once per run, with its
+    timings and the export's reload difference) and the weight files' names and sizes; not the folder's path or the
+    files' times, so a sweep copied or moved elsewhere and resumed measures nothing again. None for the dense model
+    (not a size: the path and times of its files, as every run's store keys it)."""
+    report = folder / "maskprune_report.json"
+    if not report.is_file():
+        return None
+    parts = ["sweep size", hashlib.sha256(report.read_bytes()).hexdigest()]
+    parts += [f"{p.name}:{p.stat().st_size}" for p in sorted(folder.glob("*.safetensors"))]
+    return "\n".join(parts)
 
 
 def _measure(cfg: PruneConfig, model: str, gguf_file: str | None, table: TableProtocol, label: str, progress) -> dict:

@@ -65,7 +65,7 @@ def test_a_sweep_writes_every_size_shares_the_dense_work_and_picks(tiny_dir, cal
     assert table.splitlines()[2].startswith("| dense |") and "| chosen |" in table
 
 
-def test_no_size_meets_the_target_exit_1_and_finished_sizes_are_kept(tiny_dir, calib, tmp_path, capsys):
+def test_no_size_meets_the_target_exit_1_and_finished_sizes_are_kept(tiny_dir, calib, tmp_path, capsys, monkeypatch):
     out = tmp_path / "sweep"
     assert main(_sweep_argv(tiny_dir, calib, out, "--sparsity", "0.3")) == 0, capsys.readouterr().err
     report = out / "sparsity-0.30" / "maskprune_report.json"
@@ -82,6 +82,19 @@ def test_no_size_meets_the_target_exit_1_and_finished_sizes_are_kept(tiny_dir, c
     assert record["chosen"] is None and [r["label"] for r in record["sizes"]] == ["sparsity-0.30", "sparsity-0.45"]
     other = _sweep_argv(tiny_dir, calib, out, "--sparsity", "0.3", "--resume", "--seed", "7")
     assert main(other) == 2 and "other options" in capsys.readouterr().err  # never keeps another run's size
+    # a sweep copied elsewhere (new paths, new file times) and resumed there measures no size again
+    import shutil
+
+    import maskprune.sweeps as sweeps
+
+    moved = tmp_path / "moved"
+    shutil.copytree(out, moved)
+    monkeypatch.setattr(sweeps, "_measure", lambda *a, **k: pytest.fail("measured again"))
+    loose = _sweep_argv(tiny_dir, calib, moved, "--sparsity", "0.3,0.45", "--resume", "--max-ppl-ratio", "1000")
+    assert main(loose) == 0, capsys.readouterr().err
+    again = json.loads((moved / "sweep.json").read_text())
+    assert again["chosen"] == "sparsity-0.45"
+    assert [r["ppl_32"] for r in again["sizes"]] == [r["ppl_32"] for r in record["sizes"]]
 
 
 def test_a_size_cut_off_after_its_cut_resumes_from_it(tiny_dir, calib, tmp_path, monkeypatch):
