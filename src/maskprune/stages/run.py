@@ -87,9 +87,8 @@ def run_stage(
         "after_cut": ppl_after_cut,
         "exported": ctx.ppl(exported.model, "exported") if evaluate_export else None,
     }
-    if ctx.tasks:
-        report.zeroshot = {"dense": zs_dense, "exported": ctx.zeroshot(exported.model, "exported") if evaluate_export
-                           else None}  # fmt: skip
+    zs_exported = ctx.zeroshot(exported.model, "exported") if evaluate_export else None
+    report.zeroshot = {"dense": zs_dense, "exported": zs_exported} if ctx.tasks else None
     report.parity = exported.parity.to_dict()
     report.roundtrip = {**exported.roundtrip.to_dict(), "dtype": str(exported.dtype).replace("torch.", "")}
     report.seconds = {**ctx.phases.seconds, "total": round(time.perf_counter() - ctx.started, 3)}
@@ -194,15 +193,10 @@ def _cut(ctx: RunContext, outcome: Outcome, ppl_dense: dict | None) -> tuple[dic
     repeat one already made are not run again: a one-shot baseline's model before the cut is the dense model
     (masks at 1), a frozen selection is already the cut (hard masks), and a distillation cuts nothing (its model is
     the one exported, evaluated then): none. Without ``eval_between`` only what is known already is reported."""
-    if not ctx.cfg.resolved_eval_between():
+    if ctx.cfg.has_teacher or not ctx.cfg.resolved_eval_between():
         with ctx.phases("cut"):
             harden_(outcome.masks, outcome.kept)
-        before = ppl_dense if outcome.state is None and not ctx.cfg.has_teacher else None
-        return before, None
-    if ctx.cfg.has_teacher:
-        with ctx.phases("cut"):
-            harden_(outcome.masks, outcome.kept)
-        return None, None
+        return (ppl_dense if outcome.state is None and not ctx.cfg.has_teacher else None), None
     ppl_before_cut = ppl_dense if outcome.state is None else ctx.ppl(outcome.model, "before_cut")
     with ctx.phases("cut"):
         harden_(outcome.masks, outcome.kept)
