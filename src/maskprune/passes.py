@@ -118,6 +118,13 @@ class LayerInputs:
         nxt = self.advanced(layer, li)
         self.hidden, self.layer = nxt.hidden, nxt.layer
 
+    def carried_(self, outputs: list[torch.Tensor], li: int, tuple_output: bool) -> None:
+        """Carry these inputs on in place with layer ``li``'s outputs on every batch computed by the caller (the
+        re-fit's, :func:`maskprune.sequential.reconstruct_layerwise_`): what :meth:`advance_` stores."""
+        self.hidden, self.layer = [self._store(h) for h in outputs], li + 1
+        if self.tuple_output is None:
+            self.tuple_output = tuple_output
+
     def _store(self, h: torch.Tensor) -> torch.Tensor:
         return h.to(device=self.store_device or h.device, dtype=self.store_dtype or h.dtype)
 

@@ -121,22 +121,47 @@ def reconstruct_layerwise_(
     o_proj and down_proj (:func:`maskprune.reconstruct.refit_kept_columns`): o_proj first, then down_proj on the
     inputs the re-fit attention gives, then the layer's outputs feed the next layer. ``model`` carries hard masks
     (attached, cut units at 0) and fp32 weights, changed in place. Returns the report's account: the relative
-    output error of each projection before and after the fit, per layer."""
+    output error of each projection before and after the fit, per layer.
+
+    A layer runs twice, not three times, where its down_proj's output is added to the layer's output, times a
+    constant ``c`` (1, or Granite's ``residual_multiplier``; probed once per run, :func:`_output_scale`), and its
+    kept down_proj inputs over every calibration token take at most ``MERGE_BYTES``: the down_proj pass runs the
+    whole layer, keeps those inputs ``a_K`` and the outputs, and the next layer's inputs are the outputs plus
+    ``c (W'_K - W_K) a_K`` (the same hidden states as running the re-fit layer again, up to fp32 rounding)."""
     from .reconstruct import refit_with_errors
 
     execution = execution or resident(model)
     errors: dict[str, list] = {"o_before": [], "o_after": [], "down_before": [], "down_after": []}
+    scale: float | None = None  # how down_proj's output reaches the layer's output (None: not linearly)
+    probed = False  # the family's layers share it: probed on the first
     for li, layer, inputs in execution.layerwise(model, adapter, windows, batch_size, "reconstruct layer by layer"):
         q_keep, _ = layout.kept_heads(kept.head[li])
         for role, cols in (("o", layout.columns(q_keep)), ("down", kept.ffn[li, 0])):
             proj = adapter.proj(layer, role)
-            grams = [_input_gram(layer, proj, inputs.calls(li))]  # handed over: the fit lets it go before its solve
             cols = cols.to(proj.weight.device)
+            calls = inputs.calls(li)
+            merged = None
+            if role == "down":
+                if not probed:
+                    (args, *rest), kwargs = calls[0]
+                    scale = _output_scale(layer, proj, ((args.to(proj.weight.device), *rest), kwargs))
+                    probed = True
+                tokens = sum(args[0].shape[:-1].numel() for args, _ in calls)
+                if scale is not None and tokens * cols.numel() * 4 <= MERGE_BYTES:
+                    merged = _Outputs()
+            grams = [_input_gram(layer, proj, calls, keep=cols, outputs=merged)]  # the fit lets it go first
+            old = proj.weight[:, cols].clone() if merged is not None else None
             fitted, before, after = refit_with_errors(proj.weight, grams, cols, ridge)
             errors[f"{role}_before"].append(before)
             errors[f"{role}_after"].append(after)
             proj.weight[:, cols] = fitted
-        inputs.advance_(layer, li)
+            if merged is not None:
+                delta = (proj.weight[:, cols] - old).T * scale  # [|K|, out]
+                outs = [h + (a @ delta).reshape(h.shape).to(h.dtype) for h, a in zip(merged.hidden, merged.kept)]
+                inputs.carried_(outs, li, merged.tuple_output)
+                del merged, outs
+            elif role == "down":
+                inputs.advance_(layer, li)
     return {
         "protocol": "ridge re-fit of the kept o_proj / down_proj columns to the uncut outputs, layer by layer on "
         "the cut prefix; error = |W'_K a_K - W a|^2 / |W a|^2 on the calibration windows",
@@ -150,23 +175,51 @@ class _Seen(Exception):
     """Raised by a hook once it has what it needs from a layer's forward: the rest of the layer need not run."""
 
 
-def _input_gram(layer: nn.Module, proj: nn.Module, calls: list) -> torch.Tensor:
+MERGE_BYTES = 1 << 30
+"""The most bytes of a layer's kept down_proj inputs (fp32, every calibration token) that the re-fit keeps to carry
+the layer on without running it a third time (:func:`reconstruct_layerwise_`); above it, the layer runs again."""
+
+
+class _Outputs:
+    """What a down_proj Gram pass that runs the whole layer keeps: per batch, the layer's outputs and the kept
+    columns of down_proj's input (fp32, ``[tokens, |K|]``)."""
+
+    def __init__(self) -> None:
+        self.hidden: list[torch.Tensor] = []
+        self.kept: list[torch.Tensor] = []
+        self.tuple_output = False
+
+
+def _input_gram(
+    layer: nn.Module,
+    proj: nn.Module,
+    calls: list,
+    *,
+    keep: torch.Tensor | None = None,
+    outputs: _Outputs | None = None,
+) -> torch.Tensor:
     """``sum_t a(t) a(t)^T`` of ``proj``'s input over the calibration calls, before any mask (float64). Each call's
     product is taken in the input's float dtype (at least fp32: on a CPU 2-3 times the float64 rate; a sum over one
-    batch's tokens) and summed over the calls in float64; the layer stops at ``proj``'s input."""
+    batch's tokens) and summed over the calls in float64; the layer stops at ``proj``'s input, unless ``outputs`` is
+    given: then the layer runs whole and ``outputs`` gets its outputs and the input's ``keep`` columns."""
     width = proj.weight.shape[1]
     gram = torch.zeros(width, width, dtype=torch.float64, device=proj.weight.device)
 
     def hook(_m, args):
         x = _at_least_fp32(args[0].detach().reshape(-1, width))
         add_product_(gram, x, x)
-        raise _Seen
+        if outputs is None:
+            raise _Seen
+        outputs.kept.append(x[:, keep])
 
     handle = proj.register_forward_pre_hook(hook, prepend=True)  # before the mask hook: the uncut input
     try:
         for args, kwargs in calls:
             with contextlib.suppress(_Seen):
-                layer(args[0].to(proj.weight.device), *args[1:], **kwargs)
+                out = layer(args[0].to(proj.weight.device), *args[1:], **kwargs)
+                if outputs is not None:
+                    outputs.tuple_output = isinstance(out, tuple)
+                    outputs.hidden.append(layer_output(out))
     finally:
         handle.remove()
     return gram
@@ -299,6 +352,14 @@ def _dense_outputs(
 def _writes_layer_output(layer, proj, call) -> bool:
     """Whether ``proj``'s output is added unchanged to ``layer``'s output (no norm or scale after it): an offset
     added to the projection's output must come out of the layer as it went in."""
+    scale = _output_scale(layer, proj, call)
+    return scale is not None and abs(scale - 1.0) <= 1e-3
+
+
+def _output_scale(layer, proj, call) -> float | None:
+    """``c`` where ``proj``'s output reaches ``layer``'s output as ``c`` times itself, added (1: unchanged; Granite's
+    ``residual_multiplier``), None where something else comes between (a norm): an offset added to the
+    projection's output must come out of the layer as ``c`` times the offset."""
     args, kwargs = call
     base = layer_output(layer(*args, **kwargs))
     offset: list[torch.Tensor] = []
@@ -313,8 +374,13 @@ def _writes_layer_output(layer, proj, call) -> bool:
         moved = layer_output(layer(*args, **kwargs))
     finally:
         handle.remove()
-    diff = (moved - base - offset[0]).abs().max()
-    return bool(diff <= 1e-3 * offset[0].abs().max())
+    if moved.shape != offset[0].shape:
+        return None
+    delta, wave = (moved - base).double(), offset[0].double()
+    scale = float((delta * wave).sum() / (wave * wave).sum())
+    if abs(scale) < 1e-6 or (delta - scale * wave).abs().max() > 1e-3 * abs(scale) * wave.abs().max():
+        return None
+    return scale
 
 
 def _fit_(proj, layer, calls: list, cols: torch.Tensor, target, ridge: float, errors: dict, role: str) -> None:

@@ -181,6 +181,70 @@ def test_streamed_and_resident_refit_give_the_same_weights():
         torch.testing.assert_close(results[1][name], results[0][name], rtol=0, atol=0, msg=name)
 
 
+@pytest.mark.parametrize("kind", FAMILIES)
+def test_the_plan_knows_from_the_config_which_families_the_refit_runs_a_third_time(kind):
+    """The plan's guess from the module tree (a post-FFN norm) agrees with the re-fit's probe on the weights."""
+    from maskprune.sequential import _output_scale
+    from maskprune.stages.plan import _ffn_output_normed
+
+    model, adapter = mixed(kind)
+    windows = torch.randint(0, tiny.VOCAB, (2, 16), generator=torch.Generator().manual_seed(0))
+    inputs = capture_layer_inputs(model, adapter, windows, 2)
+    layer = adapter.layers(model)[0]
+    with torch.no_grad():
+        scale = _output_scale(layer, adapter.proj(layer, "down"), inputs.calls(0)[0])
+    assert _ffn_output_normed(model) == (scale is None)
+    if kind == "granite":  # down_proj's output reaches the residual times residual_multiplier
+        assert scale == pytest.approx(model.config.residual_multiplier, rel=1e-4)
+
+
+@pytest.mark.parametrize("streamed", [False, True])
+@pytest.mark.parametrize("kind", ["llama_gqa", "granite", "gemma3"])
+def test_the_refit_carries_a_layer_on_without_running_it_again_where_down_proj_writes_its_output(
+    kind, streamed, monkeypatch
+):
+    """Where down_proj's output is added to the layer's output (Llama; Granite, times its residual multiplier; not
+    Gemma 3, whose FFN output is normed), the re-fit runs each layer twice, not three times: the next layer's
+    inputs are the down_proj pass's outputs plus c (W'_K - W_K) a_K. The weights and errors equal those of running
+    the re-fit layer again (MERGE_BYTES 0)."""
+    import maskprune.sequential as sq
+    from maskprune.cut import KeptUnits, hard_masks, kept_indices
+
+    results, runs = [], []
+    for merge in (0, 1 << 30):
+        monkeypatch.setattr(sq, "MERGE_BYTES", merge)
+        model, adapter = mixed(kind)
+        s = Structure.of(model, adapter, "query")
+        windows = torch.randint(0, tiny.VOCAB, (4, 16), generator=torch.Generator().manual_seed(0))
+        head, ffn = unit_scores("wanda-sp", model, adapter, s, windows, batch_size=2)
+        kept = KeptUnits(kept_indices(head, 1), kept_indices(ffn, 40))
+        masks = MaskSet(s).attach(model)
+        masks.set_values_("head", hard_masks(torch.ones_like(head), kept.head))
+        masks.set_values_("ffn", hard_masks(torch.ones_like(ffn), kept.ffn))
+        calls = [0]
+        handles = [
+            layer.register_forward_pre_hook(lambda *_: calls.__setitem__(0, calls[0] + 1))
+            for layer in adapter.layers(model)
+        ]
+        ex = Execution(torch.device("cpu"), streamed=streamed)
+        account = reconstruct_layerwise_(model, adapter, s.head, kept, windows, batch_size=2, ridge=1e-3, execution=ex)
+        for h in handles:
+            h.remove()
+        masks.detach()
+        runs.append(calls[0])
+        results.append(({k: v.clone() for k, v in model.state_dict().items()}, account["relative_error"]))
+    for name in results[0][0]:
+        # fp32 rounding of the carried states, amplified by fits on 64 tokens: ~1e-4 of the weights
+        torch.testing.assert_close(results[1][0][name], results[0][0][name], rtol=1e-3, atol=5e-4, msg=name)
+    for key, values in results[0][1].items():
+        assert results[1][1][key] == pytest.approx(values, rel=1e-4, abs=1e-9), key
+    layers, batches = len(adapter.layers(model)), 2
+    probe = 2  # the straightness probe: one batch, twice; each layer is also called once per batch while the
+    # first layer's inputs are captured (its forward replaced by a recorder)
+    assert runs[0] == (1 + 3) * layers * batches + probe
+    assert runs[1] == (1 + (3 if kind == "gemma3" else 2)) * layers * batches + probe
+
+
 @pytest.mark.parametrize("kind", ["gemma3", "llama_gqa"])
 def test_the_default_cut_streamed_and_resident_agree_through_the_cli(kind, calib, tmp_path, capsys):
     """The default recipe's cut (shape search over heads, FFN, hidden width and depth; scores; re-fit; export) in

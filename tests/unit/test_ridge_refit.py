@@ -124,11 +124,19 @@ def test_the_errors_a_block_of_rows_at_a_time_equal_the_whole_quadratic_forms(mo
     assert target_error(fitted, gk, cross, float((y**2).sum())) == pytest.approx(exact, rel=1e-9)
 
 
+@pytest.mark.parametrize("blocks", [False, True])
 @pytest.mark.parametrize("every", [False, True])
-def test_the_fit_with_its_errors_in_one_gram_equals_the_fit_and_the_errors_from_the_gram(every):
-    """refit_with_errors lets the Gram go before its solve and takes the error after the fit from the fit's equation;
-    the fit and both errors are those of refit_kept_columns and relative_error on the whole Gram."""
+def test_the_fit_with_its_errors_in_one_gram_equals_the_fit_and_the_errors_from_the_gram(every, blocks, monkeypatch):
+    """refit_with_errors lets the Gram go before its solve, takes the cross moment and tr(W G W^T) from one product
+    with the Gram, the error before the fit from the cut columns' block alone (a block of columns at a time) and the
+    error after the fit from the fit's equation; the fit and both errors are those of refit_kept_columns and
+    relative_error on the whole Gram, whatever the blocks."""
+    import maskprune.reconstruct as rc
     from maskprune.reconstruct import refit_with_errors
+
+    if blocks:  # uneven blocks of output rows and of cut columns
+        monkeypatch.setattr(rc, "ERROR_ROWS", 7)
+        monkeypatch.setattr(rc, "COLUMN_BLOCK", 5)
 
     g = torch.Generator().manual_seed(7)
     width, out = 96, 40

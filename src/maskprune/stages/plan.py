@@ -520,15 +520,22 @@ class _Sizes:
         if not c.reconstruct:
             return None
         tokens = c.resolved_cut_samples() * c.seq_len
-        grams = 0.0  # float64 work per layer and projection (o_proj, down_proj): Gram, cross moment, Cholesky and
-        # its solve, the errors before and after (each a product with the whole Gram)
+        grams = 0.0  # float64 work per layer and projection (o_proj, down_proj): the Gram, W G (the cross moment and
+        # tr(W G W^T)), the error before the fit (the cut columns' block), Cholesky and its solves
         for width in (f.heads * f.head_dim, f.intermediate):
             k = width * self.kept
-            grams += 2 * tokens * width**2 + 2 * f.hidden * width * k + k**3 / 3 + 2 * f.hidden * k**2
-            grams += 2 * 2 * f.hidden * width**2
+            grams += 2 * tokens * width**2 + 2 * f.hidden * width**2 + 2 * f.hidden * (width - k) ** 2
+            grams += k**3 / 3 + 2 * f.hidden * k**2
         grams *= f.layers * self.kept
         acts = self.act(c.batch_size * c.seq_len, 4 / self.ab)
         gram = int(3 * (f.intermediate * self.kept) ** 2 * 8)  # the kept inputs' Gram, its ridge copy, the solve's
+        # the kept down_proj inputs (fp32) kept to carry a layer on without a third run, where down_proj writes the
+        # layer's output (not after Gemma's / OLMo 2's post-FFN norm) and they fit sequential.MERGE_BYTES
+        from ..sequential import MERGE_BYTES
+
+        kept_inputs = int(tokens * f.intermediate * self.kept * 4)
+        merged = kept_inputs <= MERGE_BYTES and not _ffn_output_normed(f.meta)
+        gram += kept_inputs if merged else 0
         if self.on_disk:  # the layers of the cut model and of its dense twin read in turn, one at a time, in fp32;
             # the embeddings at the start, the Grams in the layer loop (never both)
             layer_part = self.read(self.layer_slot, 4) + gram
@@ -542,7 +549,8 @@ class _Sizes:
             weights = f.params * 4 + (self.weights if self.wb != 4 else 0)
             parts = {"runtime": self.base, "weights_fp32": weights, "layer_inputs": 2 * tokens * f.hidden * 4,
                      "gram_fp64": gram, "activations": acts}  # fmt: skip
-        flops = 3 * self.kept * f.forward_flops(tokens, c.seq_len, head=False) + 2 * grams  # float64: half the rate
+        runs = 2 if merged else 3  # each kept layer: to o_proj's input, whole (down_proj's Gram), [whole again]
+        flops = runs * self.kept * f.forward_flops(tokens, c.seq_len, head=False) + 2 * grams  # float64: half the rate
         return self._phase("reconstruct", parts, flops, passes=2)  # the dense twin's layers and the cut's
 
     @property
@@ -835,4 +843,19 @@ def check_plan(plan: RunPlan) -> None:
         expected=f"at most {format_bytes(plan.limit(worst))} (--max-memory, default: the memory free now)",
         found=", ".join(f"{k} {format_bytes(v)}" for k, v in sorted(worst.parts.items(), key=lambda kv: -kv[1]) if v),
         fix="; ".join(plan.advice) + " (see `maskprune plan MODEL ...` for every phase)",
+    )
+
+
+def _ffn_output_normed(meta) -> bool:
+    """Whether the model's decoder layers norm the FFN's output before the residual (Gemma 2 / 3's and OLMo 2's
+    ``post_feedforward_layernorm``), from the model on the meta device (False where there is none): the re-fit then
+    runs each layer a third time (:func:`maskprune.sequential.reconstruct_layerwise_` probes it on the weights)."""
+    if meta is None:
+        return False
+    from ..arch import adapter_for
+
+    layer = adapter_for(meta).layers(meta)[0]
+    return any(
+        "norm" in name and "post" in name and any(w in name for w in ("feedforward", "ffn", "mlp"))
+        for name, _ in layer.named_children()
     )
