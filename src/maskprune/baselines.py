@@ -217,6 +217,13 @@ def activation_stats(
     finally:
         for h in handles:
             h.remove()
+    # a layer that did not run (its cut emulated by passing its input through) has none: zeros, as for the gradients
+    for li, layer in enumerate(adapter.layers(model)):
+        for role in ("o", "down"):
+            if (li, role) not in stats["sum"]:
+                width = adapter.proj(layer, role).weight.shape[1]
+                stats["sum"][(li, role)] = torch.zeros(width)
+                stats["sumsq"][(li, role)] = torch.zeros(width)
     return stats
 
 

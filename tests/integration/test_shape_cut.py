@@ -42,10 +42,20 @@ def test_depth_and_hidden_cuts_export_stock_in_parity(kind, tied, tmp_path):
     probe = torch.randint(0, tiny.VOCAB, (2, 24))
     keep_hidden = torch.randperm(64, generator=torch.Generator().manual_seed(1))[:40]
     keep_layers = [0, 2, 3]
+    ran: list[int] = []  # the projections that compute, by layer: a dropped layer does not run at all
+    watch = [
+        adapter.proj(layer, "q").register_forward_pre_hook(lambda *_a, i=i: ran.append(i))
+        for i, layer in enumerate(adapter.layers(model))
+    ]
     with torch.no_grad():
         dense = model(input_ids=probe).logits.float()
         with emulated_cut(model, adapter, keep_layers=keep_layers, keep_hidden=keep_hidden):
+            ran.clear()
             reference = model(input_ids=probe).logits.float()
+            assert sorted(set(ran)) == keep_layers
+    for h in watch:
+        h.remove()
+    assert "forward" not in adapter.layers(model)[1].__dict__  # the dropped layer's forward is its class's again
     assert (dense - reference).abs().max() > 0.1  # the emulation changes the function: the check below can fail
     cut = copy.deepcopy(model)
     drop_layers_(cut, adapter, keep_layers)

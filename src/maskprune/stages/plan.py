@@ -489,12 +489,13 @@ class _Sizes:
         screen = -(-c.shape_screen_samples // c.batch_size) * c.batch_size if c.shape_screen_samples else 0
         screen = screen if screen < n_win else 0
         streamed_split_passes = self.streamed  # all of a shape's splits in one pass over the layers
-        for _layers, _params, splits in _search_candidates(c, f):
+        for layers, _params, splits in _search_candidates(c, f):  # a candidate's dropped layers do not run
             if screen:
-                flops += splits * f.forward_flops(screen * t, t) + f.forward_flops((n_win - screen) * t, t)
+                flops += splits * f.forward_flops(screen * t, t, layers=layers)
+                flops += f.forward_flops((n_win - screen) * t, t, layers=layers)
                 passes += 2 if streamed_split_passes else splits + 1
             else:
-                flops += splits * f.forward_flops(tokens, t)
+                flops += splits * f.forward_flops(tokens, t, layers=layers)
                 passes += 1 if streamed_split_passes else splits
         # each candidate is emulated on the dense model (no copy): the norms' weights are saved and put back
         parts = {"runtime": self.base, "weights": self.held, "norm_weights_saved": 2 * f.layers * f.hidden * self.wb,
