@@ -31,6 +31,7 @@ __all__ = [
     "hidden_channel_scores",
     "NormEnergies",
     "layer_skip_kl",
+    "reference_and_layer_skip_kl",
     "teacher_logits",
     "layer_params",
     "hidden_channel_params",
@@ -130,19 +131,38 @@ def layer_skip_kl(
     """``[L]``: the KL to ``reference`` (the dense logits) with each layer skipped alone (higher = keep), every skip in
     one pass sharing the dense prefix (:func:`_layer_skip_kl_together`), resident or streamed."""
     ex = execution or resident(model)
-    return _layer_skip_kl_together(model, adapter, windows, reference, batch_size, direction, autocast, ex)
+    return _layer_skip_kl_together(model, adapter, windows, reference, batch_size, direction, autocast, ex)[0]
+
+
+def reference_and_layer_skip_kl(
+    model: nn.Module,
+    adapter: DecoderAdapter,
+    windows: torch.Tensor,
+    batch_size: int,
+    *,
+    direction: KLDirection = "teacher_student",
+    autocast: torch.dtype | None = None,
+    execution: Execution | None = None,
+) -> tuple[list, torch.Tensor]:
+    """``(the dense logits per batch, as :func:`teacher_logits` gives them; the layer-skip KLs to them)`` from one
+    pass: the dense model's own run through the layers is the skips' shared prefix, so its logits cost a head, not
+    a forward."""
+    ex = execution or resident(model)
+    kls, reference = _layer_skip_kl_together(model, adapter, windows, None, batch_size, direction, autocast, ex)
+    return reference, kls
 
 
 @torch.no_grad()
 def _layer_skip_kl_together(
-    model: nn.Module, adapter: DecoderAdapter, windows, reference: list, batch_size: int, direction, autocast, ex
-) -> torch.Tensor:
+    model: nn.Module, adapter: DecoderAdapter, windows, reference: list | None, batch_size: int, direction, autocast, ex
+) -> tuple[torch.Tensor, list]:
     """:func:`layer_skip_kl` in one pass: each layer is visited (read from disk, where it waits there) once and runs
     on the dense hidden states and on those of every model that skipped an earlier layer; the model that skips
     layer ``i`` starts from layer ``i``'s inputs (a skipped layer passes its input through), so the dense prefix is
     shared. Layer runs fall from ``L`` passes of ``L`` layers to ``L (L + 1) / 2``, layer reads to ``L``; the
     variants' hidden states are held at once (``L`` times a pass's). The same numbers as skipping each layer in its
-    own pass (tested): every layer runs on the same batches and inputs."""
+    own pass (tested): every layer runs on the same batches and inputs. Returns ``(KLs, reference)``; where
+    ``reference`` is None it is the dense run's own logits (bf16 on the host, as :func:`teacher_logits`)."""
     layers = adapter.layers(model)
     cast = torch.autocast(ex.device.type, dtype=autocast or torch.float32, enabled=autocast is not None)
     with cast:
@@ -158,13 +178,20 @@ def _layer_skip_kl_together(
             dense = following
         scores = []
         with held(adapter.lm_head(model)):  # the head read once for every variant
+            if reference is None:
+                reference = [
+                    logits.to(torch.bfloat16).cpu()
+                    for _, logits in dense.replay(model, adapter, model, windows, batch_size)
+                ]
+            tuple_output = dense.tuple_output
+            del dense  # the dense states go before the variants' logits
             for v in skipped:
-                v.tuple_output = dense.tuple_output
+                v.tuple_output = tuple_output
                 replayed = v.replay(model, adapter, model, windows, batch_size)
                 scores.append(
                     fit_of_batches(replayed, windows, reference, batch_size, direction=direction, nll=False)[0]
                 )
-    return torch.tensor(scores)
+    return torch.tensor(scores), reference
 
 
 class NormEnergies:

@@ -113,7 +113,7 @@ def test_streamed_logits_equal_the_models_own(kind):
 def test_every_layer_skip_in_one_streamed_pass_equals_one_pass_per_skip(kind):
     """The streamed layer importance shares the dense prefix and visits each layer once; the resident one runs the
     model once per skipped layer: the same KLs, on every layer type."""
-    from maskprune.axis_scores import layer_skip_kl, teacher_logits
+    from maskprune.axis_scores import layer_skip_kl, reference_and_layer_skip_kl, teacher_logits
 
     model, adapter = mixed(kind)
     windows = torch.randint(0, tiny.VOCAB, (5, 24))
@@ -123,6 +123,13 @@ def test_every_layer_skip_in_one_streamed_pass_equals_one_pass_per_skip(kind):
     together = layer_skip_kl(model, adapter, windows, reference, 2, execution=Execution(cpu, streamed=True))
     torch.testing.assert_close(together, one_each, rtol=1e-6, atol=1e-8)
     assert one_each.argmax() == 0  # the tiny models' first layer matters most: the scores are not all alike
+    for streamed in (False, True):  # the dense logits from the same pass: the skips' shared prefix, then the head
+        own, kls = reference_and_layer_skip_kl(model, adapter, windows, 2, execution=Execution(cpu, streamed=streamed))
+        assert len(own) == len(reference)
+        for mine, theirs in zip(own, reference):
+            assert mine.dtype == theirs.dtype == torch.bfloat16
+            torch.testing.assert_close(mine.float(), theirs.float(), rtol=0, atol=0)
+        torch.testing.assert_close(kls, one_each, rtol=1e-6, atol=1e-8)
 
 
 def test_streamed_forward_runs_the_hooks_a_resident_forward_runs():

@@ -48,8 +48,8 @@ def test_a_sweep_writes_every_size_shares_the_dense_work_and_picks(tiny_dir, cal
         assert not {"eval_after_cut", "eval_exported"} & set(report["seconds"]["prune"])
     first = json.loads((out / "sparsity-0.20" / "maskprune_report.json").read_text())["shared"]
     second = json.loads((out / "sparsity-0.40" / "maskprune_report.json").read_text())["shared"]
-    assert "reference_logits" in first["computed"] and "dense_perplexity" in first["computed"]
-    assert {"reference_logits", "dense_statistics", "dense_perplexity"} <= set(second["read"])
+    assert "reference_and_layer_skip_kl" in first["computed"] and "dense_perplexity" in first["computed"]
+    assert {"reference_and_layer_skip_kl", "dense_statistics", "dense_perplexity"} <= set(second["read"])
     assert not second["computed"]
     teacher = [  # the teacher's top-k: the second size draws the first size's windows and reads them
         json.loads((out / label / "maskprune_report.json").read_text())["recovery"]["teacher_topk_windows"]
@@ -142,7 +142,7 @@ def test_a_run_that_reads_the_shared_work_reports_what_computing_it_gives(calib,
     store = ["--shared-cache", str(tmp_path / "shared")]
     plain, first, second = run("plain"), run("first", *store), run("second", *store)
     assert "shared" not in plain and not first["shared"]["read"]
-    facts = {"dense_perplexity", "reference_logits", "layer_skip_kl", "dense_statistics"}
+    facts = {"dense_perplexity", "reference_and_layer_skip_kl", "dense_statistics"}
     assert set(second["shared"]["read"]) == facts
     def ppl(r: dict) -> dict:
         return {k: v["ppl"] for k, v in r["perplexity"].items() if isinstance(v, dict)}

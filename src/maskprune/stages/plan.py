@@ -474,13 +474,13 @@ class _Sizes:
             return None
         t, n_cut = c.seq_len, c.resolved_cut_samples()
         tokens = min(c.split_search_samples, c.calib_samples) * t
+        head = f.forward_flops(tokens, t) - f.forward_flops(tokens, t, head=False)
         flops = f.forward_flops(tokens, t)  # the dense reference
         passes = 2.0  # the reference; the hidden energies and the metric's statistics (one pass)
         variants = 0
-        if "layers" in axes:  # every skip in one pass: L (L + 1) / 2 layer runs, L heads
-            flops += (f.layers + 1) / 2 * f.forward_flops(tokens, t, head=False)
-            flops += f.layers * (f.forward_flops(tokens, t) - f.forward_flops(tokens, t, head=False))
-            passes += 1
+        if "layers" in axes:  # every skip in one pass: L (L + 1) / 2 layer runs (the dense run among them: the
+            # reference is its head), L + 1 heads
+            flops = (f.layers + 1) / 2 * f.forward_flops(tokens, t, head=False) + (f.layers + 1) * head
             variants = f.layers * tokens * f.hidden * self.ab  # every variant's hidden states at the last layer
         flops += f.forward_flops(n_cut * t, t, head=False)  # hidden energies and the metric's statistics
         # each candidate is scored from those statistics (no pass); every split is measured on the screening windows,

@@ -31,7 +31,7 @@ from ..axis_scores import (
     fit_to,
     hidden_channel_params,
     layer_params,
-    layer_skip_kl,
+    reference_and_layer_skip_kl,
     teacher_logits,
 )
 from ..baselines import BASELINES, LAYER_SCORERS, scoring_statistics
@@ -197,21 +197,20 @@ def _dense_facts(ctx: RunContext, win: torch.Tensor, axes, autocast) -> tuple:
     bs, direction, n_layers = cfg.batch_size, cfg.kl_direction, len(ad.layers(model))
     ex, shared = ctx.passes, ctx.shared  # the dense model's facts: computed once per model, data and settings
     common = {"batch_size": bs, "dtype": cfg.dtype, "streamed": ex.streamed}
-    reference = shared.get(
-        "reference_logits", common, win, lambda: teacher_logits(model, win, bs, autocast, execution=ex)
-    )
-    layer_kl = (
-        shared.get(
-            "layer_skip_kl",
+    if "layers" in axes:  # the dense logits from the skips' pass: its dense run is their shared prefix
+        reference, layer_kl = shared.get(
+            "reference_and_layer_skip_kl",
             {**common, "direction": direction},
             win,
-            lambda: layer_skip_kl(
-                model, ad, win, reference, bs, direction=direction, autocast=autocast, execution=ex
+            lambda: reference_and_layer_skip_kl(
+                model, ad, win, bs, direction=direction, autocast=autocast, execution=ex
             ),
         )
-        if "layers" in axes
-        else torch.zeros(n_layers)
-    )
+    else:
+        reference = shared.get(
+            "reference_logits", common, win, lambda: teacher_logits(model, win, bs, autocast, execution=ex)
+        )
+        layer_kl = torch.zeros(n_layers)
     channels, energies, stats = shared.get(
         "dense_statistics",
         {**common, "method": cfg.method, "hidden": "hidden" in axes},
