@@ -89,6 +89,13 @@ def test_a_gram_of_fp32_products_summed_in_float64_fits_as_the_float64_one(monke
         seq.add_product_(mixed, a, a)
         whole += a.T @ a
     torch.testing.assert_close(mixed, whole, rtol=1e-6, atol=0)  # the blocks are the whole product's rows
+    monkeypatch.setattr(seq, "GRAM_BLOCK", 48)  # the upper block triangle, mirrored: 256 = 5 x 48 + 16
+    half = torch.zeros(width, width, dtype=torch.float64)
+    for a in acts:
+        seq.add_gram_(half, a)
+    assert half[200:, :48].abs().max() == 0  # below the diagonal blocks: nothing computed before the mirror
+    torch.testing.assert_close(seq.mirror_(half), whole, rtol=1e-6, atol=0)
+    assert torch.equal(half, half.T)
     cross = torch.zeros(out, width, dtype=torch.float64)
     seq.add_product_(cross, acts[0][:, :out], acts[0])  # a moment with fewer rows than a block, and more columns
     torch.testing.assert_close(cross, (acts[0][:, :out].T @ acts[0]).double(), rtol=1e-6, atol=0)

@@ -525,7 +525,8 @@ class _Sizes:
         # tr(W G W^T)), the error before the fit (the cut columns' block), Cholesky and its solves
         for width in (f.heads * f.head_dim, f.intermediate):
             k = width * self.kept
-            grams += 2 * tokens * width**2 + 2 * f.hidden * width**2 + 2 * f.hidden * (width - k) ** 2
+            # the Gram's upper block triangle (sequential.add_gram_: block rows of 256) is about half the product
+            grams += tokens * width * (width + 256) + 2 * f.hidden * width**2 + 2 * f.hidden * (width - k) ** 2
             grams += k**3 / 3 + 2 * f.hidden * k**2
         grams *= f.layers * self.kept
         acts = self.act(c.batch_size * c.seq_len, 4 / self.ab)
