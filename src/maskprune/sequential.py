@@ -14,6 +14,7 @@ in the model's dtype: 75 MB for 256 x 128 tokens of SmolLM2 in fp32).
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 
 import torch
@@ -123,45 +124,50 @@ def reconstruct_layerwise_(
     (attached, cut units at 0) and fp32 weights, changed in place. Returns the report's account: the relative
     output error of each projection before and after the fit, per layer.
 
-    A layer runs twice, not three times, where its down_proj's output is added to the layer's output, times a
-    constant ``c`` (1, or Granite's ``residual_multiplier``; probed once per run, :func:`_output_scale`), and its
-    kept down_proj inputs over every calibration token take at most ``MERGE_BYTES``: the down_proj pass runs the
-    whole layer, keeps those inputs ``a_K`` and the outputs, and the next layer's inputs are the outputs plus
-    ``c (W'_K - W_K) a_K`` (the same hidden states as running the re-fit layer again, up to fp32 rounding)."""
+    Passes per layer, where what they keep fits ``MERGE_BYTES`` each (probed once per run on the first layer's first
+    batch, :func:`_probe`; else as in brackets): one to o_proj's input, which keeps that input (the attention's
+    context); one whole, for down_proj's Gram, whose attention is replayed from the kept context through the re-fit
+    o_proj (the context does not depend on o_proj: the queries, keys, values and scores are not computed again)
+    [the attention computed again]; and, where down_proj's output is added to the layer's output times a constant
+    ``c`` (1, or Granite's ``residual_multiplier``), none more: that pass keeps the kept down_proj inputs ``a_K``
+    and the outputs, and the next layer's inputs are the outputs plus ``c (W'_K - W_K) a_K`` (the same hidden states
+    as running the re-fit layer again, up to fp32 rounding) [a third pass, its attention replayed too]."""
     from .reconstruct import refit_with_errors
+
+    def fit_(proj, grams: list, cols: torch.Tensor, role: str) -> None:
+        fitted, before, after = refit_with_errors(proj.weight, grams, cols, ridge)  # lets the Gram go first
+        errors[f"{role}_before"].append(before)
+        errors[f"{role}_after"].append(after)
+        proj.weight[:, cols] = fitted
 
     execution = execution or resident(model)
     errors: dict[str, list] = {"o_before": [], "o_after": [], "down_before": [], "down_after": []}
-    scale: float | None = None  # how down_proj's output reaches the layer's output (None: not linearly)
-    probed = False  # the family's layers share it: probed on the first
+    probe: _Probe | None = None  # the family's layers share it: probed on the first
     for li, layer, inputs in execution.layerwise(model, adapter, windows, batch_size, "reconstruct layer by layer"):
+        calls = inputs.calls(li)
+        o_proj, down = adapter.proj(layer, "o"), adapter.proj(layer, "down")
+        device = o_proj.weight.device
+        if probe is None:
+            (h, *rest), kwargs = calls[0]
+            probe = _probe(layer, adapter, ((h.to(device), *rest), kwargs))
+        tokens = sum(args[0].shape[:-1].numel() for args, _ in calls)
         q_keep, _ = layout.kept_heads(kept.head[li])
-        for role, cols in (("o", layout.columns(q_keep)), ("down", kept.ffn[li, 0])):
-            proj = adapter.proj(layer, role)
-            cols = cols.to(proj.weight.device)
-            calls = inputs.calls(li)
-            merged = None
-            if role == "down":
-                if not probed:
-                    (args, *rest), kwargs = calls[0]
-                    scale = _output_scale(layer, proj, ((args.to(proj.weight.device), *rest), kwargs))
-                    probed = True
-                tokens = sum(args[0].shape[:-1].numel() for args, _ in calls)
-                if scale is not None and tokens * cols.numel() * 4 <= MERGE_BYTES:
-                    merged = _Outputs()
-            grams = [_input_gram(layer, proj, calls, keep=cols, outputs=merged)]  # the fit lets it go first
-            old = proj.weight[:, cols].clone() if merged is not None else None
-            fitted, before, after = refit_with_errors(proj.weight, grams, cols, ridge)
-            errors[f"{role}_before"].append(before)
-            errors[f"{role}_after"].append(after)
-            proj.weight[:, cols] = fitted
-            if merged is not None:
-                delta = (proj.weight[:, cols] - old).T * scale  # [|K|, out]
-                outs = [h + (a @ delta).reshape(h.shape).to(h.dtype) for h, a in zip(merged.hidden, merged.kept)]
-                inputs.carried_(outs, li, merged.tuple_output)
-                del merged, outs
-            elif role == "down":
+        o_cols, d_cols = layout.columns(q_keep).to(device), kept.ffn[li, 0].to(device)
+        replay = probe.attention is not None and tokens * o_proj.weight.shape[1] * 4 <= MERGE_BYTES
+        contexts: list[torch.Tensor] | None = [] if replay else None
+        fit_(o_proj, [_input_gram(layer, o_proj, calls, contexts=contexts)], o_cols, "o")
+        merged = _Outputs() if probe.scale is not None and tokens * d_cols.numel() * 4 <= MERGE_BYTES else None
+        with _replayed(adapter.attn(layer), o_proj, contexts, probe.attention):
+            old = down.weight[:, d_cols].clone() if merged is not None else None
+            fit_(down, [_input_gram(layer, down, calls, keep=d_cols, outputs=merged)], d_cols, "down")
+            if merged is None:
                 inputs.advance_(layer, li)
+        del contexts
+        if merged is not None:
+            delta = (down.weight[:, d_cols] - old).T * probe.scale  # [|K|, out]
+            outs = [h + (a @ delta).reshape(h.shape).to(h.dtype) for h, a in zip(merged.hidden, merged.kept)]
+            inputs.carried_(outs, li, merged.tuple_output)
+            del merged, outs
     return {
         "protocol": "ridge re-fit of the kept o_proj / down_proj columns to the uncut outputs, layer by layer on "
         "the cut prefix; error = |W'_K a_K - W a|^2 / |W a|^2 on the calibration windows",
@@ -169,6 +175,69 @@ def reconstruct_layerwise_(
         "windows": int(windows.shape[0]),
         "relative_error": errors,
     }
+
+
+@dataclasses.dataclass(frozen=True)
+class _Probe:
+    """How a family's decoder layer is wired, for the re-fit: ``scale``, the constant down_proj's output reaches the
+    layer's output times (None: not linearly, a norm between); ``attention``, how many outputs the attention module
+    returns beside o_proj's (-1: o_proj's output alone; None: its output is not o_proj's, it is not replayed)."""
+
+    scale: float | None
+    attention: int | None
+
+
+def _probe(layer: nn.Module, adapter: DecoderAdapter, call) -> _Probe:
+    """:class:`_Probe` of ``layer`` on one call: down_proj's scale (:func:`_output_scale`); the attention replayed
+    from o_proj's input (:func:`_replayed`) must give the layer's output exactly as the attention computed."""
+    args, kwargs = call
+    attn, o_proj = adapter.attn(layer), adapter.proj(layer, "o")
+    seen: dict = {"ctx": []}
+    handles = [
+        o_proj.register_forward_pre_hook(lambda _m, a: seen["ctx"].append(a[0].detach().clone()), prepend=True),
+        attn.register_forward_hook(lambda _m, _a, out: seen.__setitem__("out", out)),
+    ]
+    try:
+        reference = layer_output(layer(*args, **kwargs))
+    finally:
+        for h in handles:
+            h.remove()
+    out = seen.get("out")
+    extra = len(out) - 1 if isinstance(out, tuple) else -1
+    attention = None
+    if len(seen["ctx"]) == 1 and out is not None:
+        with _replayed(attn, o_proj, seen["ctx"], extra):
+            replayed = layer_output(layer(*args, **kwargs))
+        attention = extra if torch.equal(replayed, reference) else None
+    return _Probe(_output_scale(layer, adapter.proj(layer, "down"), call), attention)
+
+
+@contextlib.contextmanager
+def _replayed(attn: nn.Module, o_proj: nn.Module, contexts: list[torch.Tensor] | None, extra: int | None):
+    """While open, ``attn``'s forward is o_proj (as it is now, with its hooks) on the kept ``contexts``, one per call
+    in turn (every pass calls the layer on the batches in order), followed by ``extra`` Nones where the module
+    returns more (its attention weights: the decoder layers discard them); nothing changes where ``contexts`` is
+    None."""
+    if contexts is None or extra is None:
+        yield
+        return
+    turn = [0]
+
+    def forward(*_args, **_kwargs):
+        ctx = contexts[turn[0] % len(contexts)]
+        turn[0] += 1
+        out = o_proj(ctx.to(o_proj.weight.device))
+        return out if extra < 0 else (out, *([None] * extra))
+
+    saved = attn.__dict__.get("forward")
+    attn.forward = forward
+    try:
+        yield
+    finally:
+        if saved is None:
+            attn.__dict__.pop("forward", None)
+        else:
+            attn.forward = saved
 
 
 class _Seen(Exception):
@@ -197,15 +266,19 @@ def _input_gram(
     *,
     keep: torch.Tensor | None = None,
     outputs: _Outputs | None = None,
+    contexts: list[torch.Tensor] | None = None,
 ) -> torch.Tensor:
     """``sum_t a(t) a(t)^T`` of ``proj``'s input over the calibration calls, before any mask (float64). Each call's
     product is taken in the input's float dtype (at least fp32: on a CPU 2-3 times the float64 rate; a sum over one
     batch's tokens) and summed over the calls in float64; the layer stops at ``proj``'s input, unless ``outputs`` is
-    given: then the layer runs whole and ``outputs`` gets its outputs and the input's ``keep`` columns."""
+    given: then the layer runs whole and ``outputs`` gets its outputs and the input's ``keep`` columns. ``contexts``:
+    gets each call's whole input (uncut)."""
     width = proj.weight.shape[1]
     gram = torch.zeros(width, width, dtype=torch.float64, device=proj.weight.device)
 
     def hook(_m, args):
+        if contexts is not None:
+            contexts.append(args[0].detach().clone())
         x = _at_least_fp32(args[0].detach().reshape(-1, width))
         add_gram_(gram, x)
         if outputs is None:

@@ -207,17 +207,18 @@ def test_the_plan_knows_from_the_config_which_families_the_refit_runs_a_third_ti
 
 @pytest.mark.parametrize("streamed", [False, True])
 @pytest.mark.parametrize("kind", ["llama_gqa", "granite", "gemma3"])
-def test_the_refit_carries_a_layer_on_without_running_it_again_where_down_proj_writes_its_output(
+def test_the_refit_computes_a_layers_attention_once_and_runs_it_twice_where_down_proj_writes_its_output(
     kind, streamed, monkeypatch
 ):
-    """Where down_proj's output is added to the layer's output (Llama; Granite, times its residual multiplier; not
-    Gemma 3, whose FFN output is normed), the re-fit runs each layer twice, not three times: the next layer's
-    inputs are the down_proj pass's outputs plus c (W'_K - W_K) a_K. The weights and errors equal those of running
-    the re-fit layer again (MERGE_BYTES 0)."""
+    """The re-fit keeps o_proj's input from its first pass and replays the attention from it (through the re-fit
+    o_proj) in the later passes: the queries are computed once a layer. Where down_proj's output is added to the
+    layer's output (Llama; Granite, times its residual multiplier; not Gemma 3, whose FFN output is normed), the
+    layer runs twice, not three times: the next layer's inputs are the down_proj pass's outputs plus
+    c (W'_K - W_K) a_K. The weights and errors equal those of computing everything again (MERGE_BYTES 0)."""
     import maskprune.sequential as sq
     from maskprune.cut import KeptUnits, hard_masks, kept_indices
 
-    results, runs = [], []
+    results, runs, queries = [], [], []
     for merge in (0, 1 << 30):
         monkeypatch.setattr(sq, "MERGE_BYTES", merge)
         model, adapter = mixed(kind)
@@ -228,28 +229,37 @@ def test_the_refit_carries_a_layer_on_without_running_it_again_where_down_proj_w
         masks = MaskSet(s).attach(model)
         masks.set_values_("head", hard_masks(torch.ones_like(head), kept.head))
         masks.set_values_("ffn", hard_masks(torch.ones_like(ffn), kept.ffn))
-        calls = [0]
-        handles = [
-            layer.register_forward_pre_hook(lambda *_: calls.__setitem__(0, calls[0] + 1))
-            for layer in adapter.layers(model)
-        ]
+        calls = [0, 0]
+
+        def count(k):
+            return lambda *_: calls.__setitem__(k, calls[k] + 1)
+
+        handles = [layer.register_forward_pre_hook(count(0)) for layer in adapter.layers(model)]
+        handles += [adapter.proj(layer, "q").register_forward_pre_hook(count(1)) for layer in adapter.layers(model)]
         ex = Execution(torch.device("cpu"), streamed=streamed)
         account = reconstruct_layerwise_(model, adapter, s.head, kept, windows, batch_size=2, ridge=1e-3, execution=ex)
         for h in handles:
             h.remove()
         masks.detach()
         runs.append(calls[0])
+        queries.append(calls[1])
         results.append(({k: v.clone() for k, v in model.state_dict().items()}, account["relative_error"]))
     for name in results[0][0]:
         # fp32 rounding of the carried states, amplified by fits on 64 tokens: ~1e-4 of the weights
         torch.testing.assert_close(results[1][0][name], results[0][0][name], rtol=1e-3, atol=5e-4, msg=name)
     for key, values in results[0][1].items():
         assert results[1][1][key] == pytest.approx(values, rel=1e-4, abs=1e-9), key
+    if kind == "gemma3":  # no rounding where no layer is carried on: the replayed attention is exactly the computed
+        for name in results[0][0]:
+            assert torch.equal(results[1][0][name], results[0][0][name]), name
     layers, batches = len(adapter.layers(model)), 2
-    probe = 2  # the straightness probe: one batch, twice; each layer is also called once per batch while the
-    # first layer's inputs are captured (its forward replaced by a recorder)
-    assert runs[0] == (1 + 3) * layers * batches + probe
-    assert runs[1] == (1 + (3 if kind == "gemma3" else 2)) * layers * batches + probe
+    # the probes: one batch, the layer run 4 times (as is, with its attention replayed, and twice for down_proj's
+    # scale), the queries 3 times; each layer is also called once per batch while the first layer's inputs are
+    # captured (its forward replaced by a recorder, no queries)
+    assert runs[0] == (1 + 3) * layers * batches + 4
+    assert queries[0] == 3 * layers * batches + 3
+    assert runs[1] == (1 + (3 if kind == "gemma3" else 2)) * layers * batches + 4
+    assert queries[1] == layers * batches + 3
 
 
 @pytest.mark.parametrize("kind", ["gemma3", "llama_gqa"])

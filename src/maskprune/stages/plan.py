@@ -538,6 +538,8 @@ class _Sizes:
         kept_inputs = int(tokens * f.intermediate * self.kept * 4)
         merged = kept_inputs <= MERGE_BYTES and not _ffn_output_normed(f.meta)
         gram += kept_inputs if merged else 0
+        contexts = int(tokens * f.heads * f.head_dim * 4)  # o_proj's inputs, kept to replay the attention
+        gram += contexts if contexts <= MERGE_BYTES else 0
         if self.on_disk:  # the layers of the cut model and of its dense twin read in turn, one at a time, in fp32;
             # the embeddings at the start, the Grams in the layer loop (never both)
             layer_part = self.read(self.layer_slot, 4) + gram
@@ -551,8 +553,12 @@ class _Sizes:
             weights = f.params * 4 + (self.weights if self.wb != 4 else 0)
             parts = {"runtime": self.base, "weights_fp32": weights, "layer_inputs": 2 * tokens * f.hidden * 4,
                      "gram_fp64": gram, "activations": acts}  # fmt: skip
-        runs = 2 if merged else 3  # each kept layer: to o_proj's input, whole (down_proj's Gram), [whole again]
-        flops = runs * self.kept * f.forward_flops(tokens, c.seq_len, head=False) + 2 * grams  # float64: half the rate
+        # each kept layer: to o_proj's input (the attention, computed once), whole with the attention replayed from
+        # that input (down_proj's Gram), [the same again where not merged]
+        dense = f.forward_flops(tokens, c.seq_len, head=False)
+        attention = f.layers * tokens * (2 * f.hidden * (f.heads + 2 * f.kv_heads) * f.head_dim + 2 * c.seq_len
+                                         * f.heads * f.head_dim)  # fmt: skip
+        flops = self.kept * (dense + (0 if merged else dense - attention)) + 2 * grams  # float64: half the rate
         return self._phase("reconstruct", parts, flops, passes=2)  # the dense twin's layers and the cut's
 
     @property
