@@ -9,7 +9,8 @@ least 2x cheaper with the same chosen shapes.
         --pair "smollm2-135m 50%" /tmp/b36/old-smol-0.5 /tmp/b36/new-smol-0.5 ...
 
 Each run folder is a `maskprune prune ... --steps 0 --out DIR` (its maskprune_report.json is read); the runs of a
-pair must be made on the same machine, one at a time, quiet. `--held-out N` also measures each exported model's KL
+pair must be made on the same machine, one at a time, quiet. A BEFORE of `-` takes the case's "before" from an
+earlier record of this script (`--baseline FILE`, the same machine): for a "before" too long to run again. `--held-out N` also measures each exported model's KL
 to the dense one on the last N of the run's calibration windows (the cut scores and ranks on the first
 `cut_samples`, so these are unseen by it): which of two different choices is the better model.
 """
@@ -77,14 +78,21 @@ def held_out_kl(folders: list[Path], windows: int) -> list[float]:
     return out
 
 
-def compare(label: str, before: Path, after: Path, held_out: int = 0) -> dict:
-    old = summary(json.loads((before / "maskprune_report.json").read_text()))
+def compare(label: str, before: Path | dict, after: Path, held_out: int = 0, source: str = "") -> dict:
+    """One case: ``before`` a run folder, or (``source`` says where from) a recorded summary of one."""
     new = summary(json.loads((after / "maskprune_report.json").read_text()))
-    if held_out:
-        old["held_out_kl"], new["held_out_kl"] = held_out_kl([before, after], held_out)
+    if isinstance(before, dict):
+        old = before
+        if held_out:
+            (new["held_out_kl"],) = held_out_kl([after], held_out)
+    else:
+        old = summary(json.loads((before / "maskprune_report.json").read_text()))
+        if held_out:
+            old["held_out_kl"], new["held_out_kl"] = held_out_kl([before, after], held_out)
     same = all(old[k] == new[k] for k in ("layers", "hidden_size", "k_head"))
     return {
         "case": label,
+        **({"before_from": source} if source else {}),
         "before": old,
         "after": new,
         "same_shape": same,
@@ -121,8 +129,26 @@ def main() -> None:
     ap.add_argument("--out", type=Path, required=True)
     ap.add_argument("--command", default="", help="the command that made the runs (recorded)")
     ap.add_argument("--held-out", type=int, default=0, help="windows (the last of the calibration) for held-out KL")
+    ap.add_argument(
+        "--baseline",
+        type=Path,
+        help="an earlier record of this script: a pair whose BEFORE is '-' takes the 'before' of its case there "
+        "(made on the same machine; recorded as before_from)",
+    )
     args = ap.parse_args()
-    rows = [compare(label, Path(b), Path(a), args.held_out) for label, b, a in args.pair]
+    recorded = {c["case"]: c["before"] for c in json.loads(args.baseline.read_text())["cases"]} if args.baseline else {}
+
+    def before(label: str, b: str):
+        if b != "-":
+            return Path(b), ""
+        if label not in recorded:
+            raise SystemExit(f"--pair {label!r} - ...: no case {label!r} in --baseline {args.baseline}")
+        return recorded[label], f"{args.baseline} (the 'before' of case {label!r})"
+
+    rows = []
+    for label, b, a in args.pair:
+        old, source = before(label, b)
+        rows.append(compare(label, old, Path(a), args.held_out, source))
     result = {
         "date": time.strftime("%Y-%m-%d"),
         "machine": {"platform": platform.platform(), "processor": platform.processor()},
