@@ -167,19 +167,26 @@ def test_layerwise_scores_with_nothing_cut_are_the_one_pass_scores_on_every_laye
         masks.detach()
 
 
-def test_streamed_and_resident_refit_give_the_same_weights():
+def _wanda_cut(model, adapter):
+    """``(structure, windows, kept units, attached hard masks)``: a Wanda-sp cut of ``model`` to 1 head unit a row and
+    40 FFN channels a layer, on 4 random windows of 16 tokens."""
     from maskprune.cut import KeptUnits, hard_masks, kept_indices
 
+    s = Structure.of(model, adapter, "query")
+    windows = torch.randint(0, tiny.VOCAB, (4, 16), generator=torch.Generator().manual_seed(0))
+    head, ffn = unit_scores("wanda-sp", model, adapter, s, windows, batch_size=2)
+    kept = KeptUnits(kept_indices(head, 1), kept_indices(ffn, 40))
+    masks = MaskSet(s).attach(model)
+    masks.set_values_("head", hard_masks(torch.ones_like(head), kept.head))
+    masks.set_values_("ffn", hard_masks(torch.ones_like(ffn), kept.ffn))
+    return s, windows, kept, masks
+
+
+def test_streamed_and_resident_refit_give_the_same_weights():
     results = []
     for streamed in (False, True):
         model, adapter = mixed("gemma3")
-        s = Structure.of(model, adapter, "query")
-        windows = torch.randint(0, tiny.VOCAB, (4, 16), generator=torch.Generator().manual_seed(0))
-        head, ffn = unit_scores("wanda-sp", model, adapter, s, windows, batch_size=2)
-        kept = KeptUnits(kept_indices(head, 1), kept_indices(ffn, 40))
-        masks = MaskSet(s).attach(model)
-        masks.set_values_("head", hard_masks(torch.ones_like(head), kept.head))
-        masks.set_values_("ffn", hard_masks(torch.ones_like(ffn), kept.ffn))
+        s, windows, kept, masks = _wanda_cut(model, adapter)
         ex = Execution(torch.device("cpu"), streamed=streamed)
         reconstruct_layerwise_(model, adapter, s.head, kept, windows, batch_size=2, ridge=1e-3, execution=ex)
         masks.detach()
@@ -216,19 +223,12 @@ def test_the_refit_computes_a_layers_attention_once_and_runs_it_twice_where_down
     layer runs twice, not three times: the next layer's inputs are the down_proj pass's outputs plus
     c (W'_K - W_K) a_K. The weights and errors equal those of computing everything again (MERGE_BYTES 0)."""
     import maskprune.sequential as sq
-    from maskprune.cut import KeptUnits, hard_masks, kept_indices
 
     results, runs, queries = [], [], []
     for merge in (0, 1 << 30):
         monkeypatch.setattr(sq, "MERGE_BYTES", merge)
         model, adapter = mixed(kind)
-        s = Structure.of(model, adapter, "query")
-        windows = torch.randint(0, tiny.VOCAB, (4, 16), generator=torch.Generator().manual_seed(0))
-        head, ffn = unit_scores("wanda-sp", model, adapter, s, windows, batch_size=2)
-        kept = KeptUnits(kept_indices(head, 1), kept_indices(ffn, 40))
-        masks = MaskSet(s).attach(model)
-        masks.set_values_("head", hard_masks(torch.ones_like(head), kept.head))
-        masks.set_values_("ffn", hard_masks(torch.ones_like(ffn), kept.ffn))
+        s, windows, kept, masks = _wanda_cut(model, adapter)
         calls = [0, 0]
 
         def count(k):
