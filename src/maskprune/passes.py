@@ -36,7 +36,7 @@ from tqdm.auto import tqdm
 from .arch import DecoderAdapter
 from .offload import PATCHED, held, home_device, is_offloaded
 
-__all__ = ["Execution", "LayerInputs", "capture_layer_inputs", "layer_output", "patched_layers"]
+__all__ = ["Execution", "LayerInputs", "capture_layer_inputs", "layer_output", "patched_forward", "patched_layers"]
 
 log = logging.getLogger(__name__)
 
@@ -47,23 +47,33 @@ def layer_output(out) -> torch.Tensor:
 
 
 @contextlib.contextmanager
-def patched_layers(layers: nn.ModuleList, make: Callable[[int], Callable]) -> Iterator[None]:
-    """Every layer's ``forward`` replaced by ``make(i)`` for the duration (its weights are never read, so a layer
-    may be on another device, or on none); an instance-level ``forward`` already there (accelerate's hooks) is put
-    back after."""
-    saved = [layer.__dict__.get("forward") for layer in layers]
+def patched_forward(module: nn.Module, forward: Callable, *, unread: bool = False) -> Iterator[None]:
+    """``module``'s ``forward`` replaced by ``forward`` for the duration; an instance-level ``forward`` already there
+    (accelerate's hooks, an outer patch) is put back after. ``unread``: the module's weights are not read for it
+    (where they wait on disk)."""
+    saved = module.__dict__.get("forward")
+    module.forward = forward
+    if unread:
+        setattr(module, PATCHED, True)
     try:
-        for i, layer in enumerate(layers):
-            layer.forward = make(i)
-            setattr(layer, PATCHED, True)  # a layer whose weights wait on disk is not read for it
         yield
     finally:
-        for layer, old in zip(layers, saved):
-            layer.__dict__.pop(PATCHED, None)
-            if old is None:
-                layer.__dict__.pop("forward", None)
-            else:
-                layer.forward = old
+        if unread:
+            module.__dict__.pop(PATCHED, None)
+        if saved is None:
+            module.__dict__.pop("forward", None)
+        else:
+            module.forward = saved
+
+
+@contextlib.contextmanager
+def patched_layers(layers: nn.ModuleList, make: Callable[[int], Callable]) -> Iterator[None]:
+    """Every layer's ``forward`` replaced by ``make(i)`` for the duration (its weights are never read, so a layer
+    may be on another device, or on none): :func:`patched_forward` each."""
+    with contextlib.ExitStack() as stack:
+        for i, layer in enumerate(layers):
+            stack.enter_context(patched_forward(layer, make(i), unread=True))
+        yield
 
 
 def _split_hidden(args: tuple, kwargs: dict) -> tuple[torch.Tensor, tuple, dict]:

@@ -27,7 +27,7 @@ from .compensate import Parts, layer_delta
 from .cut import CutPlan, hard_masks, kept_indices
 from .masks import MaskSet
 from .offload import held, home_device
-from .passes import Execution, LayerInputs, layer_output, resident
+from .passes import Execution, LayerInputs, layer_output, patched_forward, resident
 from .structure import Structure
 
 log = logging.getLogger(__name__)
@@ -134,11 +134,14 @@ def reconstruct_layerwise_(
     as running the re-fit layer again, up to fp32 rounding) [a third pass, its attention replayed too]."""
     from .reconstruct import refit_with_errors
 
-    def fit_(proj, grams: list, cols: torch.Tensor, role: str) -> None:
+    def fit_(proj, grams: list, cols: torch.Tensor, role: str) -> torch.Tensor:
+        """Re-fit ``proj``'s kept columns in place; returns the change ``W'_K - W_K``."""
         fitted, before, after = refit_with_errors(proj.weight, grams, cols, ridge)  # lets the Gram go first
         errors[f"{role}_before"].append(before)
         errors[f"{role}_after"].append(after)
+        change = fitted - proj.weight[:, cols]
         proj.weight[:, cols] = fitted
+        return change
 
     execution = execution or resident(model)
     errors: dict[str, list] = {"o_before": [], "o_after": [], "down_before": [], "down_after": []}
@@ -158,13 +161,12 @@ def reconstruct_layerwise_(
         fit_(o_proj, [_input_gram(layer, o_proj, calls, contexts=contexts)], o_cols, "o")
         merged = _Outputs() if probe.scale is not None and tokens * d_cols.numel() * 4 <= MERGE_BYTES else None
         with _replayed(adapter.attn(layer), o_proj, contexts, probe.attention):
-            old = down.weight[:, d_cols].clone() if merged is not None else None
-            fit_(down, [_input_gram(layer, down, calls, keep=d_cols, outputs=merged)], d_cols, "down")
+            change = fit_(down, [_input_gram(layer, down, calls, keep=d_cols, outputs=merged)], d_cols, "down")
             if merged is None:
                 inputs.advance_(layer, li)
         del contexts
         if merged is not None:
-            delta = (down.weight[:, d_cols] - old).T * probe.scale  # [|K|, out]
+            delta = change.T * probe.scale  # [|K|, out]
             outs = [h + (a @ delta).reshape(h.shape).to(h.dtype) for h, a in zip(merged.hidden, merged.kept)]
             inputs.carried_(outs, li, merged.tuple_output)
             del merged, outs
@@ -229,15 +231,8 @@ def _replayed(attn: nn.Module, o_proj: nn.Module, contexts: list[torch.Tensor] |
         out = o_proj(ctx.to(o_proj.weight.device))
         return out if extra < 0 else (out, *([None] * extra))
 
-    saved = attn.__dict__.get("forward")
-    attn.forward = forward
-    try:
+    with patched_forward(attn, forward):
         yield
-    finally:
-        if saved is None:
-            attn.__dict__.pop("forward", None)
-        else:
-            attn.forward = saved
 
 
 class _Seen(Exception):
@@ -245,8 +240,9 @@ class _Seen(Exception):
 
 
 MERGE_BYTES = 1 << 30
-"""The most bytes of a layer's kept down_proj inputs (fp32, every calibration token) that the re-fit keeps to carry
-the layer on without running it a third time (:func:`reconstruct_layerwise_`); above it, the layer runs again."""
+"""The most bytes, each, of what the re-fit keeps of a layer over every calibration token (fp32): o_proj's inputs, to
+replay the attention, and the kept down_proj inputs, to carry the layer on without a third run
+(:func:`reconstruct_layerwise_`); above it, that part is computed again."""
 
 
 class _Outputs:

@@ -24,7 +24,8 @@ from torch import nn
 
 from .arch import DecoderAdapter, _base_linear
 from .errors import MaskPruneError
-from .offload import PATCHED, held, home_device
+from .offload import held, home_device
+from .passes import patched_forward
 
 log = logging.getLogger(__name__)
 
@@ -276,15 +277,13 @@ def emulated_cut(
     swapped: list[tuple[nn.Module, str, nn.Module]] = []
     layers = adapter.layers(model)
     hidden = int(model.config.hidden_size)
-    passing: list[tuple[nn.Module, object]] = []  # dropped layers and the instance forward they had (accelerate's)
+    passing = contextlib.ExitStack()  # the dropped layers' forwards, put back on exit
     try:
         if keep_layers is not None:
             kept = set(int(i) for i in keep_layers)
             for i, layer in enumerate(layers):
                 if i not in kept:  # not run at all (nor read, where its weights wait on disk)
-                    passing.append((layer, layer.__dict__.get("forward")))
-                    layer.forward = _pass_through
-                    setattr(layer, PATCHED, True)
+                    passing.enter_context(patched_forward(layer, _pass_through, unread=True))
         if keep_hidden is not None:
             keep = torch.as_tensor(keep_hidden, dtype=torch.long).sort().values
             emb = adapter.embedding(model)
@@ -310,12 +309,7 @@ def emulated_cut(
             h.remove()
         for owner, name, norm in swapped:
             setattr(owner, name, norm)
-        for layer, old in passing:
-            layer.__dict__.pop(PATCHED, None)
-            if old is None:
-                layer.__dict__.pop("forward", None)
-            else:
-                layer.forward = old
+        passing.close()
 
 
 def _pass_through(*args, **kwargs):
